@@ -1,0 +1,112 @@
+"""The ``genrec`` command: data statistics, training, evaluation."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from genrec import config as config_lib
+from genrec.data.errors import DataError
+
+
+def _print_metrics(title: str, metrics: dict) -> None:
+    print(title)
+    for key, value in metrics.items():
+        print(f"  {key:>22}  {value:.4f}" if isinstance(value, float) else f"  {key:>22}  {value}")
+
+
+def cmd_data_stats(args) -> int:
+    from genrec.data.preprocess import PrepConfig, prepare
+
+    seq = prepare(args.dataset, args.data_dir, PrepConfig(args.label_threshold, args.request_window_s),
+                  allow_download=not args.no_download)
+    stats = seq.stats()
+    print(f"{args.dataset}")
+    for key in ("users", "items", "events", "requests"):
+        print(f"  {key:>9}: {stats[key]:,}")
+    print(f"  label rate: {stats['label_rate']:.4f} (rating > {args.label_threshold})")
+    print(f"  sequence length: mean {stats['mean_sequence_length']:.1f}, max {stats['max_sequence_length']}")
+    for key in ("duplicate_events_dropped", "short_users_dropped", "users_without_events", "items_without_metadata"):
+        print(f"  {key}: {stats[key]}")
+    return 0
+
+
+def cmd_train(args) -> int:
+    from genrec.train.trainer import Trainer
+
+    overrides = list(args.set or [])
+    if args.out_dir:
+        overrides.append(f"train.out_dir={args.out_dir}")
+    cfg = config_lib.load(args.config, overrides)
+    result = Trainer(cfg).fit(resume=not args.no_resume)
+    _print_metrics(f"test metrics ({cfg.model}, {cfg.data.dataset}, {cfg.data.protocol}):", result["test"])
+    return 0
+
+
+def cmd_eval(args) -> int:
+    import torch
+
+    from genrec.train import checkpoint
+    from genrec.train.trainer import Trainer
+
+    ckpt = Path(args.checkpoint)
+    run_dir = ckpt if (ckpt / "config.yaml").is_file() else ckpt.parent.parent
+    if not (run_dir / "config.yaml").is_file():
+        raise SystemExit(f"{ckpt}: no config.yaml in the run folder; pass a run folder or a checkpoint in it")
+    cfg = config_lib.load(run_dir / "config.yaml", args.set or [])
+    trainer = Trainer(cfg)
+    weights = ckpt / "best" if (ckpt / "best" / "model.safetensors").is_file() else ckpt
+    if not (weights / "model.safetensors").is_file():
+        raise SystemExit(f"{weights}: no model.safetensors")
+    checkpoint.load_weights(trainer.model, weights)
+    trainer.model.to(trainer.device)
+    with torch.no_grad():
+        metrics = trainer.evaluate(args.split)
+    _print_metrics(f"{args.split} metrics ({weights}):", metrics)
+    if args.json:
+        print(json.dumps(metrics))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="genrec", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    data = sub.add_parser("data", help="dataset tools").add_subparsers(dest="data_command", required=True)
+    stats = data.add_parser("stats", help="users, items, events, requests and label rate of a dataset")
+    stats.add_argument("dataset")
+    stats.add_argument("--data-dir", default=None, help="dataset root (default $GENREC_DATA)")
+    stats.add_argument("--label-threshold", type=float, default=3.0)
+    stats.add_argument("--request-window-s", type=int, default=0)
+    stats.add_argument("--no-download", action="store_true")
+    stats.set_defaults(func=cmd_data_stats)
+
+    train = sub.add_parser("train", help="train and evaluate a model")
+    train.add_argument("--config", default=None, help="YAML run config")
+    train.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="overrides, e.g. train.lr=3e-4")
+    train.add_argument("--out-dir", default=None)
+    train.add_argument("--no-resume", action="store_true", help="ignore checkpoints in out_dir")
+    train.set_defaults(func=cmd_train)
+
+    ev = sub.add_parser("eval", help="evaluate a trained run or checkpoint")
+    ev.add_argument("--checkpoint", required=True, help="run folder (uses best/) or a checkpoint folder")
+    ev.add_argument("--split", default="test", choices=["train", "valid", "test"])
+    ev.add_argument("--set", nargs="*", metavar="KEY=VALUE")
+    ev.add_argument("--json", action="store_true")
+    ev.set_defaults(func=cmd_eval)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except DataError as err:
+        print(f"genrec: data error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,149 @@
+"""Jagged batches: sequences packed end to end with offsets, never padded to a global maximum.
+
+:class:`JaggedBatch` is the one structure every model reads. ``offsets`` delimit the sequences in
+the flat ``[T]`` tensors (``T`` = total events in the batch). Request ids are renumbered from 0
+inside each window. ``target_mask`` marks the events a model is trained or scored on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from genrec.data.preprocess import Sequences
+
+
+@dataclass
+class JaggedBatch:
+    offsets: torch.Tensor  # [B+1] int64
+    items: torch.Tensor  # [T] int64, 1..num_items
+    actions: torch.Tensor  # [T] int64, multi-class action (rating class)
+    labels: torch.Tensor  # [T] float32, binary label
+    timestamps: torch.Tensor  # [T] int64
+    request_ids: torch.Tensor  # [T] int64, from 0 within each sequence
+    target_mask: torch.Tensor  # [T] bool
+    users: torch.Tensor  # [B] int64 dense user index
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.offsets) - 1
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        return self.offsets[1:] - self.offsets[:-1]
+
+    @property
+    def max_len(self) -> int:
+        return int(self.lengths.max()) if self.batch_size else 0
+
+    @property
+    def num_events(self) -> int:
+        return int(self.offsets[-1])
+
+    def to(self, device: torch.device | str) -> JaggedBatch:
+        return JaggedBatch(**{f.name: getattr(self, f.name).to(device, non_blocking=True) for f in fields(self)})
+
+    def sequence_index(self) -> torch.Tensor:
+        """``[T]`` index of the sequence each event belongs to."""
+        return torch.repeat_interleave(torch.arange(self.batch_size, device=self.offsets.device), self.lengths)
+
+    def positions(self) -> torch.Tensor:
+        """``[T]`` position of each event inside its sequence (0-based)."""
+        return torch.arange(self.num_events, device=self.offsets.device) - self.offsets[:-1][self.sequence_index()]
+
+
+class WindowDataset(Dataset):
+    """One item per window of :func:`genrec.data.splits.windows`."""
+
+    def __init__(self, seq: Sequences, windows: np.ndarray):
+        self.seq = seq
+        self.windows = windows
+
+    def __len__(self) -> int:
+        return len(self.windows)
+
+    def lengths(self) -> np.ndarray:
+        return self.windows[:, 2] - self.windows[:, 1]
+
+    def num_targets(self) -> int:
+        return int((self.windows[:, 2] - self.windows[:, 3]).sum())
+
+    def __getitem__(self, i: int) -> tuple:
+        user, s, e, t = (int(x) for x in self.windows[i])
+        q = self.seq
+        return (user, q.items[s:e], q.actions[s:e], q.labels[s:e], q.timestamps[s:e], q.request_ids[s:e], t - s)
+
+
+def collate(samples: list[tuple]) -> JaggedBatch:
+    lengths = np.array([len(s[1]) for s in samples])
+    offsets = np.zeros(len(samples) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    target = np.zeros(offsets[-1], dtype=bool)
+    for (_, items, *_rest, first_target), o in zip(samples, offsets[:-1], strict=True):
+        target[o + first_target: o + len(items)] = True
+    requests = np.concatenate([s[5] - s[5][0] for s in samples])
+    return JaggedBatch(
+        offsets=torch.from_numpy(offsets),
+        items=torch.from_numpy(np.concatenate([s[1] for s in samples]).astype(np.int64)),
+        actions=torch.from_numpy(np.concatenate([s[2] for s in samples]).astype(np.int64)),
+        labels=torch.from_numpy(np.concatenate([s[3] for s in samples]).astype(np.float32)),
+        timestamps=torch.from_numpy(np.concatenate([s[4] for s in samples]).astype(np.int64)),
+        request_ids=torch.from_numpy(requests.astype(np.int64)),
+        target_mask=torch.from_numpy(target),
+        users=torch.tensor([s[0] for s in samples], dtype=torch.int64),
+    )
+
+
+class BucketBatchSampler(Sampler[list[int]]):
+    """Length-bucketed batches, deterministic given (seed, epoch).
+
+    Training: shuffle, cut into chunks of ``bucket_batches`` batches, sort each chunk by length so a
+    batch holds similar lengths (little wasted work in dense backends), then shuffle the batch order.
+    Evaluation (``shuffle=False``): batches of similar length in a fixed order.
+    ``start_batch`` skips the first batches of the epoch, for resuming mid-epoch.
+    """
+
+    def __init__(self, lengths: np.ndarray, batch_size: int, *, shuffle: bool, seed: int = 0,
+                 bucket_batches: int = 32):
+        self.lengths = np.asarray(lengths)
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.seed = seed
+        self.bucket_batches = bucket_batches
+        self.epoch = 0
+        self.start_batch = 0
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.epoch = epoch
+        self.start_batch = start_batch
+
+    def batches(self) -> list[list[int]]:
+        n = len(self.lengths)
+        if not self.shuffle:
+            order = np.argsort(self.lengths, kind="stable")
+            return [order[i: i + self.batch_size].tolist() for i in range(0, n, self.batch_size)]
+        rng = np.random.default_rng([self.seed, self.epoch])
+        order = rng.permutation(n)
+        chunk = self.batch_size * self.bucket_batches
+        batches = []
+        for c in range(0, n, chunk):
+            part = order[c: c + chunk]
+            part = part[np.argsort(self.lengths[part], kind="stable")]
+            batches += [part[i: i + self.batch_size].tolist() for i in range(0, len(part), self.batch_size)]
+        return [batches[i] for i in rng.permutation(len(batches))]
+
+    def __iter__(self):
+        yield from self.batches()[self.start_batch:]
+
+    def __len__(self) -> int:
+        return -(-len(self.lengths) // self.batch_size) - self.start_batch
+
+
+def make_loader(dataset: WindowDataset, batch_size: int, *, shuffle: bool, seed: int = 0,
+                num_workers: int = 0) -> DataLoader:
+    sampler = BucketBatchSampler(dataset.lengths(), batch_size, shuffle=shuffle, seed=seed)
+    return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=num_workers,
+                      persistent_workers=False)

@@ -1,0 +1,21 @@
+"""Model registry: every model is selectable by name in the run config (``model: sasrec``)."""
+
+from __future__ import annotations
+
+from genrec.config import model_config
+from genrec.models.base import DatasetInfo, RecModel
+from genrec.models.sasrec import SASRec, SASRecConfig
+
+MODELS: dict[str, tuple[type[RecModel], type]] = {
+    "sasrec": (SASRec, SASRecConfig),
+}
+
+
+def build_model(name: str, args: dict, info: DatasetInfo, max_len: int) -> RecModel:
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; known: {', '.join(sorted(MODELS))}")
+    cls, cfg_cls = MODELS[name]
+    args = dict(args)
+    if "max_len" in {f for f in cfg_cls.__dataclass_fields__}:
+        args.setdefault("max_len", max_len)
+    return cls(model_config(cfg_cls, args, f"model_args ({name})"), info)

@@ -1,0 +1,75 @@
+"""The contract every genrec model fulfils, so one trainer and one evaluator serve them all."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from genrec.data.batching import JaggedBatch
+
+
+@dataclass
+class DatasetInfo:
+    """What a model may know about the dataset before training: sizes and item side features."""
+
+    num_items: int  # dense ids 1..num_items, 0 = padding
+    num_actions: int  # rating classes
+    num_users: int
+    item_genres: np.ndarray  # [num_items + 1, G] multi-hot (row 0 padding)
+    rating_values: list[float]
+
+
+class RecModel(nn.Module):
+    """Base class: ``forward`` returns the training losses; scoring methods serve evaluation.
+
+    ``tasks`` says which of ``"ranking"`` (P(label = 1) of a target event, read through
+    :meth:`rank_logits`) and ``"retrieval"`` (next item over the whole catalogue, read through
+    :meth:`retrieval_queries` and :meth:`item_embeddings`) the model is evaluated on. Scores are
+    returned for the events of ``batch.target_mask`` in flat order.
+    """
+
+    tasks: tuple[str, ...] = ()
+
+    def forward(self, batch: JaggedBatch) -> dict[str, torch.Tensor]:  # {"loss": ..., parts...}
+        raise NotImplementedError
+
+    def rank_logits(self, batch: JaggedBatch) -> torch.Tensor:  # [num_targets]
+        raise NotImplementedError
+
+    def retrieval_queries(self, batch: JaggedBatch) -> torch.Tensor:  # [num_targets, D]
+        raise NotImplementedError
+
+    def item_embeddings(self) -> torch.Tensor:  # [num_items + 1, D]
+        raise NotImplementedError
+
+
+def sampled_softmax_loss(queries: torch.Tensor, positives: torch.Tensor, item_table: torch.Tensor,
+                         num_negatives: int, num_items: int) -> torch.Tensor:
+    """Sampled softmax over the true next item and ``num_negatives`` uniform catalogue negatives.
+
+    Negatives are shared across the batch (one ``[K, D]`` gather); a negative equal to a row's
+    positive ("accidental hit") is masked out. Uniform sampling needs no logQ correction.
+    queries ``[N, D]``, positives ``[N]`` item ids, item_table ``[num_items + 1, D]``.
+    """
+    negatives = torch.randint(1, num_items + 1, (num_negatives,), device=queries.device)  # [K]
+    pos_logit = (queries * item_table[positives]).sum(-1, keepdim=True)  # [N, 1]
+    neg_logit = queries @ item_table[negatives].T  # [N, K]
+    neg_logit = neg_logit.masked_fill(negatives[None, :] == positives[:, None], float("-inf"))
+    logits = torch.cat([pos_logit, neg_logit], dim=1)
+    return nn.functional.cross_entropy(logits.float(), torch.zeros(len(queries), dtype=torch.long,
+                                                                   device=queries.device))
+
+
+def pad_jagged(values: torch.Tensor, offsets: torch.Tensor, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Jagged ``[T, ...]`` -> padded ``[B, max_len, ...]`` (right padding) and the valid mask ``[B, max_len]``."""
+    batch = len(offsets) - 1
+    lengths = offsets[1:] - offsets[:-1]
+    seq = torch.repeat_interleave(torch.arange(batch, device=values.device), lengths)
+    pos = torch.arange(len(values), device=values.device) - offsets[:-1][seq]
+    out = values.new_zeros((batch, max_len, *values.shape[1:]))
+    out[seq, pos] = values
+    valid = torch.arange(max_len, device=values.device)[None, :] < lengths[:, None]
+    return out, valid

@@ -1,0 +1,1 @@
+"""Training: the trainer loop, schedules and checkpoints."""

@@ -1,0 +1,65 @@
+"""Protocols: leave-one-out and temporal windows; tiling uses every target exactly once."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from genrec.data.preprocess import prepare
+from genrec.data.splits import SplitConfig, tile, windows
+
+
+def test_tile_matches_the_docstring_example():
+    assert tile(0, 0, 8, 0, max_len=4, stride=2) == [(0, 0, 4, 0), (0, 2, 6, 4), (0, 4, 8, 6)]
+
+
+@pytest.mark.parametrize("n,first,max_len,stride", [(1, 0, 4, 2), (13, 0, 5, 3), (13, 9, 5, 1), (50, 20, 7, 7)])
+def test_tile_partitions_targets_and_keeps_context(n, first, max_len, stride):
+    ws = tile(3, 0, n, first, max_len, stride)
+    targets = [i for _, s, e, t in ws for i in range(t, e)]
+    assert targets == list(range(first, n))
+    for _, s, e, t in ws:
+        assert e - s <= max_len and s <= t < e
+        assert s == 0 or t - s >= max_len - stride  # enough history unless at the sequence start
+
+
+@pytest.fixture(scope="module")
+def seq(shared_data):
+    return prepare("ml-latest-small", shared_data)
+
+
+def test_leave_one_out_targets_last_and_second_to_last(seq):
+    cfg = SplitConfig("loo")
+    test = windows(seq, "test", cfg, max_len=50)
+    valid = windows(seq, "valid", cfg, max_len=50)
+    ends = seq.user_offsets[1:]
+    assert len(test) == len(valid) == seq.num_users
+    np.testing.assert_array_equal(test[:, 2], ends)
+    np.testing.assert_array_equal(test[:, 3], ends - 1)
+    np.testing.assert_array_equal(valid[:, 2], ends - 1)
+    assert (test[:, 2] - test[:, 1] <= 50).all()
+    train = windows(seq, "train", cfg, max_len=50)
+    assert (train[:, 2] - train[:, 3]).sum() == len(seq.items) - 2 * seq.num_users
+    for u, _s, e, _t in train[:50]:
+        assert e <= seq.user_offsets[u + 1] - 2
+
+
+def test_temporal_split_cuts_by_global_time(seq):
+    cfg = SplitConfig("temporal", 0.8, 0.9)
+    t_val, t_test = np.quantile(seq.timestamps, [0.8, 0.9])
+    target_times = {}
+    for split in ("train", "valid", "test"):
+        w = windows(seq, split, cfg, max_len=100)
+        idx = np.concatenate([np.arange(t, e) for _, _, e, t in w])
+        target_times[split] = seq.timestamps[idx]
+        assert len(np.unique(idx)) == len(idx)
+    assert target_times["train"].max() < t_val
+    assert t_val <= target_times["valid"].min() and target_times["valid"].max() < t_test
+    assert target_times["test"].min() >= t_test
+    total = sum(len(v) for v in target_times.values())
+    assert total == len(seq.items)
+
+
+def test_unknown_protocol_is_rejected(seq):
+    with pytest.raises(ValueError, match="protocol"):
+        windows(seq, "train", SplitConfig("random"), max_len=10)
