@@ -95,7 +95,10 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         if option is str and isinstance(value, str):
             return value
         if typing.get_origin(option) is tuple and isinstance(value, (list, tuple)):
-            return tuple(_coerce(v, t, where) for v, t in zip(value, typing.get_args(option), strict=True))
+            args = typing.get_args(option)
+            if len(args) == 2 and args[1] is Ellipsis:
+                args = (args[0],) * len(value)
+            return tuple(_coerce(v, t, where) for v, t in zip(value, args, strict=True))
         if option is dict and isinstance(value, dict) or typing.get_origin(option) is dict and isinstance(value, dict):
             return value
     raise ValueError(f"{where}: {value!r} is not a valid {hint}")

@@ -43,7 +43,9 @@ def meta(command: list[str] | None = None, device: str | None = None) -> dict:
 
 def _fmt(value) -> str:
     if isinstance(value, float):
-        return "nan" if math.isnan(value) else f"{value:.4f}"
+        if math.isnan(value):
+            return "nan"
+        return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.4f}"
     return str(value)
 
 

@@ -4,10 +4,18 @@ from __future__ import annotations
 
 from genrec.config import model_config
 from genrec.models.base import DatasetInfo, RecModel
+from genrec.models.dfgr import DFGR, DFGRConfig
+from genrec.models.genrank import GenRank, GenRankConfig
+from genrec.models.hstu import HSTU, HSTUConfig
 from genrec.models.sasrec import SASRec, SASRecConfig
+from genrec.models.sfgr import SFGR, SFGRConfig
 
 MODELS: dict[str, tuple[type[RecModel], type]] = {
     "sasrec": (SASRec, SASRecConfig),
+    "hstu": (HSTU, HSTUConfig),
+    "genrank": (GenRank, GenRankConfig),
+    "dfgr": (DFGR, DFGRConfig),
+    "sfgr": (SFGR, SFGRConfig),
 }
 
 

@@ -1,0 +1,98 @@
+"""GenRank (Huang et al., KDD'25 workshop, paper 004; DESIGN §2.2).
+
+Action-oriented organisation: one token per event,
+``e_i = φ(x_i) + ψ(a_i) + E_pos(i) + E_req(r_i) + E_gap(bucket(t_i − t_prev_request))``.
+Candidates replace ψ(a) with a learned mask action M and share one position per request (the
+position the request starts at). Training appends one candidate token per target event after the
+history tokens; the candidate mask (``dual_flow`` rule) lets a candidate read the history of earlier
+requests and itself, never other candidates and never its own request's actions. Softmax attention
+with ALiBi over positions (no O(N²) learned bias), loss only at candidate positions.
+Features: item id, action, position, request index, time since the previous request.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from genrec.data.batching import JaggedBatch
+from genrec.models.base import DatasetInfo
+from genrec.models.generative import GenerativeRanker
+from genrec.nn.embeddings import ActionEmbedding, TimeGapEmbedding
+from genrec.nn.events import Events
+from genrec.nn.softmax import SoftmaxBlock
+from genrec.ops.dispatch import get_backend
+from genrec.ops.layout import TokenLayout
+
+
+@dataclass
+class GenRankConfig:
+    d_model: int = 64
+    num_layers: int = 2
+    num_heads: int = 2
+    dropout: float = 0.1
+    max_len: int = 200  # events: size of the position and request-index tables
+    alibi: bool = True
+    attention_backend: str = "reference"
+    extra_thresholds: tuple[float, ...] = ()
+    multiclass_weight: float = 0.0
+
+
+class GenRank(GenerativeRanker):
+    def __init__(self, cfg: GenRankConfig, info: DatasetInfo):
+        super().__init__(cfg.d_model, info, cfg.extra_thresholds, cfg.multiclass_weight)
+        self.cfg = cfg
+        self.backend = get_backend(cfg.attention_backend)
+        self.item_emb = nn.Embedding(info.num_items + 1, cfg.d_model, padding_idx=0)
+        self.action_emb = ActionEmbedding(info.num_actions, cfg.d_model)  # placeholder = mask action M
+        self.pos_emb = nn.Embedding(cfg.max_len + 1, cfg.d_model)
+        self.req_emb = nn.Embedding(cfg.max_len + 1, cfg.d_model)
+        self.gap_emb = TimeGapEmbedding(cfg.d_model)
+        for table in (self.item_emb, self.pos_emb, self.req_emb):
+            nn.init.normal_(table.weight, std=0.02)
+        self.blocks = nn.ModuleList(SoftmaxBlock(cfg.d_model, cfg.num_heads, cfg.dropout, cfg.alibi)
+                                    for _ in range(cfg.num_layers))
+        self.norm = nn.LayerNorm(cfg.d_model)
+
+    def _embed(self, items, actions, hidden, position, request, timestamp, prev_request_time) -> torch.Tensor:
+        return (self.item_emb(items) + self.action_emb(actions, hidden) + self.pos_emb(position)
+                + self.req_emb(request.clamp(max=self.cfg.max_len)) + self.gap_emb(timestamp, prev_request_time))
+
+    def _run(self, history: torch.Tensor, candidates: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
+        x = torch.cat([history, candidates], dim=1)  # [B, N + M, D]
+        for block in self.blocks:
+            x = block(x, layout, self.backend)
+        return self.norm(x[:, history.shape[1]:])  # candidate outputs [B, M, D]
+
+    def target_hidden(self, batch: JaggedBatch) -> torch.Tensor:
+        ev = Events.from_batch(batch)
+        history = self._embed(ev.items, ev.actions, None, ev.position, ev.request, ev.timestamp, ev.prev_request_time)
+        candidates = self._embed(ev.items, ev.actions, torch.ones_like(ev.valid), ev.request_start, ev.request,
+                                 ev.timestamp, ev.prev_request_time)
+        layout = TokenLayout(
+            valid=torch.cat([ev.valid, ev.target], 1), request=torch.cat([ev.request, ev.request], 1),
+            event=torch.cat([ev.position, ev.position], 1),
+            fake=torch.cat([torch.zeros_like(ev.valid), torch.ones_like(ev.valid)], 1),
+            position=torch.cat([ev.position, ev.request_start], 1),
+            timestamp=torch.cat([ev.timestamp, ev.timestamp], 1), rule="dual_flow")
+        return self._run(history, candidates, layout)[ev.target]
+
+    def serve_logits(self, history: JaggedBatch, candidates: torch.Tensor, request_time: torch.Tensor) -> torch.Tensor:
+        """Score ``candidates`` ``[B, M]`` of the next request at ``request_time`` ``[B]`` after ``history``."""
+        ev = Events.from_batch(history)
+        b, m = candidates.shape
+        hist = self._embed(ev.items, ev.actions, None, ev.position, ev.request, ev.timestamp, ev.prev_request_time)
+        lengths = history.lengths[:, None].expand(b, m)
+        next_request = (ev.request.masked_fill(~ev.valid, -1).max(1).values + 1)[:, None].expand(b, m)
+        last_time = ev.timestamp.gather(1, (history.lengths - 1)[:, None]).expand(b, m)
+        times = request_time[:, None].expand(b, m)
+        ones = torch.ones_like(candidates, dtype=torch.bool)
+        cand = self._embed(candidates, torch.zeros_like(candidates), ones, lengths, next_request, times, last_time)
+        layout = TokenLayout(
+            valid=torch.cat([ev.valid, ones], 1), request=torch.cat([ev.request, next_request], 1),
+            event=torch.cat([ev.position, lengths], 1), fake=torch.cat([torch.zeros_like(ev.valid), ones], 1),
+            position=torch.cat([ev.position, lengths], 1), timestamp=torch.cat([ev.timestamp, times], 1),
+            rule="dual_flow")
+        return self.heads.main_logit(self.heads(self._run(hist, cand, layout).reshape(b * m, -1))).view(b, m)

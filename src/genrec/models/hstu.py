@@ -1,0 +1,68 @@
+"""HSTU / "MetaGR" generative ranking (Zhai et al. 2024; DESIGN §2.1), the baseline of DFGR and GenRank.
+
+Tokens interleave items and actions, ``[x0 a0 x1 a1 ...]`` (2N tokens). The output at item token
+``x_k`` predicts action ``a_k``. Masking (``request_causal``): a token reads all tokens of earlier
+requests and its own event's tokens up to itself, so ``x_k`` never sees ``a_k`` nor the actions of
+events in its request, at any depth. Item tokens take the position of their request's first event
+(candidates of a request are interchangeable, as in M-FALCON serving); action tokens their own.
+Features: item id, action, position and time through the relative bias.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from genrec.data.batching import JaggedBatch
+from genrec.models.base import DatasetInfo
+from genrec.models.generative import GenerativeRanker
+from genrec.nn.embeddings import ActionEmbedding
+from genrec.nn.events import Events
+from genrec.nn.hstu import HSTUBlock
+from genrec.ops.dispatch import get_backend
+from genrec.ops.layout import TokenLayout
+
+
+@dataclass
+class HSTUConfig:
+    d_model: int = 64
+    num_layers: int = 2
+    num_heads: int = 2
+    dropout: float = 0.1
+    max_len: int = 200  # events; the attention scale is 1 / (2 * max_len) tokens
+    attention_backend: str = "reference"
+    extra_thresholds: tuple[float, ...] = ()
+    multiclass_weight: float = 0.0
+
+
+class HSTU(GenerativeRanker):
+    def __init__(self, cfg: HSTUConfig, info: DatasetInfo):
+        super().__init__(cfg.d_model, info, cfg.extra_thresholds, cfg.multiclass_weight)
+        self.cfg = cfg
+        self.backend = get_backend(cfg.attention_backend)
+        self.item_emb = nn.Embedding(info.num_items + 1, cfg.d_model, padding_idx=0)
+        self.action_emb = ActionEmbedding(info.num_actions, cfg.d_model)
+        nn.init.normal_(self.item_emb.weight, std=0.02)
+        self.blocks = nn.ModuleList(
+            HSTUBlock(cfg.d_model, cfg.num_heads, cfg.dropout, 1.0 / (2 * cfg.max_len),
+                      num_position_buckets=cfg.max_len + 1) for _ in range(cfg.num_layers))
+        self.norm = nn.LayerNorm(cfg.d_model)
+
+    def target_hidden(self, batch: JaggedBatch) -> torch.Tensor:
+        ev = Events.from_batch(batch)
+        b, n = ev.items.shape
+
+        def interleave(item_side: torch.Tensor, action_side: torch.Tensor) -> torch.Tensor:
+            return torch.stack([item_side, action_side], dim=2).reshape(b, 2 * n, *item_side.shape[2:])
+
+        x = interleave(self.item_emb(ev.items), self.action_emb(ev.actions))  # [B, 2N, D]
+        layout = TokenLayout(
+            valid=interleave(ev.valid, ev.valid), request=interleave(ev.request, ev.request),
+            event=interleave(ev.position, ev.position), fake=torch.zeros_like(interleave(ev.valid, ev.valid)),
+            position=interleave(ev.request_start, ev.position), timestamp=interleave(ev.timestamp, ev.timestamp),
+            rule="request_causal")
+        for block in self.blocks:
+            x = block(x, layout, self.backend)
+        return self.norm(x[:, 0::2][ev.target])  # item tokens at targets, [N_t, D]

@@ -1,0 +1,44 @@
+"""The HSTU block (Zhai et al. 2024, §3.1): pointwise projection, pointwise aggregated attention with
+a relative position + time bias, and a gated output.
+
+    U, V, Q, K = split(SiLU(W1 · LN(X)))
+    A = SiLU(Q Kᵀ / √d + rab(p, t)) · scale ⊙ mask
+    Y = X + W2 · (LN(A V) ⊙ U)
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from genrec.ops.layout import TokenLayout
+
+
+class HSTUBlock(nn.Module):
+    def __init__(self, dim: int, num_heads: int, dropout: float, attn_scale: float,
+                 num_position_buckets: int = 256, num_time_buckets: int = 32):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"d_model {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.attn_scale = attn_scale
+        self.norm_in = nn.LayerNorm(dim)
+        self.uvqk = nn.Linear(dim, 4 * dim)
+        self.norm_attn = nn.LayerNorm(dim)
+        self.out = nn.Linear(dim, dim)
+        self.dropout = nn.Dropout(dropout)
+        self.rel_pos = nn.Parameter(torch.zeros(num_heads, num_position_buckets))
+        self.rel_time = nn.Parameter(torch.zeros(num_heads, num_time_buckets))
+
+    def forward(self, x: torch.Tensor, layout: TokenLayout, backend) -> torch.Tensor:
+        b, n, d = x.shape
+        u, v, q, k = F.silu(self.uvqk(self.norm_in(x))).chunk(4, dim=-1)  # each [B, L, D]
+
+        def heads(t: torch.Tensor) -> torch.Tensor:
+            return t.view(b, n, self.num_heads, d // self.num_heads).transpose(1, 2)  # [B, H, L, Dh]
+
+        a = backend.hstu_attention(heads(q), heads(k), heads(v), layout, self.rel_pos, self.rel_time,
+                                   self.attn_scale)  # [B, H, L, Dh]
+        a = a.transpose(1, 2).reshape(b, n, d)
+        return x + self.dropout(self.out(self.norm_attn(a) * u))

@@ -1,0 +1,1 @@
+"""Attention ops: masks as pure functions, the dense ``reference`` backend (CPU oracle), and a dispatcher."""

@@ -1,0 +1,35 @@
+"""Token layouts: the per-token metadata from which every mask and attention bias is derived.
+
+Models never hand a dense ``[L, L]`` mask to an attention backend; they hand a :class:`TokenLayout`
+and a mask *rule*. The reference backend materialises the mask from it; a fused GPU kernel evaluates
+the same predicate per tile without storing it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+RULES = ("causal", "request_causal", "dual_flow")
+
+
+@dataclass
+class TokenLayout:
+    """Padded ``[B, L]`` metadata of a token sequence (L tokens, right padding)."""
+
+    valid: torch.Tensor  # [B, L] bool
+    request: torch.Tensor  # [B, L] int64 request index of the token's event
+    event: torch.Tensor  # [B, L] int64 event index (position of the event in its sequence)
+    fake: torch.Tensor  # [B, L] bool: fake-flow / candidate token (its action is hidden)
+    position: torch.Tensor  # [B, L] int64 position used by position embeddings and biases
+    timestamp: torch.Tensor  # [B, L] int64 seconds
+    rule: str = "causal"
+
+    def __post_init__(self):
+        if self.rule not in RULES:
+            raise ValueError(f"unknown mask rule {self.rule!r}; known: {RULES}")
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.valid.shape)

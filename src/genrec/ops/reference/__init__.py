@@ -1,0 +1,1 @@
+"""Dense PyTorch implementations: the oracle every fast kernel is checked against."""

@@ -1,0 +1,54 @@
+"""Reference attention: dense masks and biases materialised from the token layout.
+
+``hstu_attention``: HSTU's pointwise aggregated attention (Zhai et al. 2024, eq. 2),
+``A = SiLU(alpha * Q K^T + rab) * scale ⊙ mask``, ``out = A V``. No softmax, so the mass a query
+gathers grows with its history; ``scale`` is a constant (1 / max tokens), identical in training
+and serving, so the two agree.
+
+``softmax_attention``: scaled dot-product softmax attention with an optional ALiBi bias
+(Press et al. 2021): ``-slope_h * (position_q - position_k)``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from genrec.ops.layout import TokenLayout
+from genrec.ops.masks import build_mask, time_bucket
+
+
+def relative_bias(layout: TokenLayout, rel_pos: torch.Tensor, rel_time: torch.Tensor) -> torch.Tensor:
+    """HSTU's relative attention bias ``[B, H, L, L]``: a learned value per head for the position
+    distance (clamped to the table) plus one per log-2 bucket of the time difference."""
+    dist = (layout.position[:, :, None] - layout.position[:, None, :]).clamp(0, rel_pos.shape[1] - 1)  # [B, L, L]
+    dt = time_bucket(layout.timestamp[:, :, None] - layout.timestamp[:, None, :], rel_time.shape[1])
+    return rel_pos[:, dist].permute(1, 0, 2, 3) + rel_time[:, dt].permute(1, 0, 2, 3)
+
+
+def hstu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLayout,
+                   rel_pos: torch.Tensor, rel_time: torch.Tensor, scale: float) -> torch.Tensor:
+    """q, k, v ``[B, H, L, Dh]`` -> ``[B, H, L, Dh]``."""
+    mask = build_mask(layout)[:, None]  # [B, 1, L, L]
+    scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]) + relative_bias(layout, rel_pos, rel_time)
+    weights = F.silu(scores) * scale * mask
+    return weights @ v
+
+
+def alibi_slopes(num_heads: int) -> torch.Tensor:
+    """Geometric slopes 2^(-8/H), 2^(-16/H), ... of the ALiBi paper."""
+    return torch.tensor([2 ** (-8 * (h + 1) / num_heads) for h in range(num_heads)])
+
+
+def softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLayout,
+                      alibi: torch.Tensor | None = None) -> torch.Tensor:
+    """q, k, v ``[B, H, L, Dh]`` -> ``[B, H, L, Dh]``; ``alibi`` slopes ``[H]`` or None."""
+    mask = build_mask(layout)[:, None]  # [B, 1, L, L]
+    scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    if alibi is not None:
+        dist = (layout.position[:, :, None] - layout.position[:, None, :]).abs().to(q.dtype)  # [B, L, L]
+        scores = scores - alibi.to(q.dtype)[None, :, None, None] * dist[:, None]
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.softmax(scores, dim=-1) @ v

@@ -1,0 +1,66 @@
+"""Masks against the drawings in their docstrings (three events; e1 and e2 share request r1)."""
+
+from __future__ import annotations
+
+import torch
+
+from genrec.ops.layout import TokenLayout
+from genrec.ops.masks import build_mask, causal_mask, dual_flow_mask, request_causal_mask, time_bucket
+
+
+def _draw(rows: list[str]) -> torch.Tensor:
+    return torch.tensor([[c == "x" for c in r.split()] for r in rows])
+
+
+def _layout(request, event, fake, rule, valid=None):
+    t = torch.tensor
+    n = len(request)
+    return TokenLayout(valid=t([valid or [True] * n]), request=t([request]), event=t([event]),
+                       fake=t([fake]), position=t([event]), timestamp=t([[0] * n]), rule=rule)
+
+
+def test_causal_mask_drawing():
+    layout = _layout([0, 1, 1], [0, 1, 2], [False] * 3, "causal")
+    assert torch.equal(causal_mask(layout)[0], _draw(["x . .", "x x .", "x x x"]))
+
+
+def test_hstu_interleaved_mask_drawing():
+    layout = _layout([0, 0, 1, 1, 1, 1], [0, 0, 1, 1, 2, 2], [False] * 6, "request_causal")
+    expected = _draw([
+        "x . . . . .",
+        "x x . . . .",
+        "x x x . . .",
+        "x x x x . .",
+        "x x . . x .",
+        "x x . . x x",
+    ])
+    assert torch.equal(request_causal_mask(layout)[0], expected)
+
+
+def test_dual_flow_cross_triangle_drawing():
+    layout = _layout([0, 1, 1, 0, 1, 1], [0, 1, 2, 0, 1, 2], [False] * 3 + [True] * 3, "dual_flow")
+    expected = _draw([
+        "x . . . . .",
+        "x x . . . .",
+        "x x x . . .",
+        ". . . x . .",
+        "x . . . x .",
+        "x . . . . x",
+    ])
+    assert torch.equal(dual_flow_mask(layout)[0], expected)
+
+
+def test_fake_flow_never_sees_own_request_actions():
+    layout = _layout([0, 0, 1, 0, 0, 1], [0, 1, 2, 0, 1, 2], [False] * 3 + [True] * 3, "dual_flow")
+    mask = dual_flow_mask(layout)[0]
+    assert not mask[4, 0] and not mask[4, 1]  # F1 shares request r0 with R0 and R1
+    assert mask[5, 0] and mask[5, 1] and not mask[5, 2]
+
+
+def test_padding_is_masked_and_padded_queries_read_only_themselves():
+    layout = _layout([0, 1, 2], [0, 1, 2], [False] * 3, "causal", valid=[True, True, False])
+    assert torch.equal(build_mask(layout)[0], _draw(["x . .", "x x .", ". . x"]))
+
+
+def test_time_buckets_are_log2():
+    assert time_bucket(torch.tensor([0, 1, 2, 3, 4, 10**9]), 32).tolist() == [0, 1, 1, 2, 2, 29]
