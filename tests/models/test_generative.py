@@ -119,10 +119,10 @@ def test_serving_scores_candidates_independently(name):
     batch = make_batch([11], seed=4)
     history = JaggedBatch(**{k: v for k, v in vars(batch).items()})
     cands = torch.tensor([[3, 7, 9, 21]])
+    when = torch.tensor([batch.timestamps.max() + 60])
     with torch.no_grad():
-        together = model.serve_logits(history, cands, torch.tensor([batch.timestamps.max() + 60]))
-        alone = torch.stack([model.serve_logits(history, cands[:, j: j + 1], torch.tensor([batch.timestamps.max() + 60]))
-                             for j in range(4)], dim=-1).view(1, 4)
+        together = model.serve_logits(history, cands, when)
+        alone = torch.stack([model.serve_logits(history, cands[:, j: j + 1], when) for j in range(4)], -1).view(1, 4)
     assert torch.allclose(together, alone, atol=1e-12)
 
 
