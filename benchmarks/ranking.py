@@ -28,6 +28,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def run_one(model: str, protocol: str, seed: int, args) -> dict:
     out = Path(args.runs) / args.dataset / f"{model}-{protocol}-{seed}"
+    done = out / "benchmark_row.json"
+    if args.reuse and done.is_file():  # a finished run of an interrupted grid
+        return json.loads(done.read_text())
     overrides = [f"model={model}", f"data.dataset={args.dataset}", f"data.protocol={protocol}", f"train.seed={seed}",
                  f"train.device={args.device}", "train.tensorboard=false", *args.set]
     cmd = [sys.executable, "-m", "genrec.cli", "train", "--config", str(ROOT / "configs" / "ranking.yaml"),
@@ -43,11 +46,14 @@ def run_one(model: str, protocol: str, seed: int, args) -> dict:
     cfg = load(ROOT / "configs" / "ranking.yaml", overrides)
     d, layers, n = cfg.model_args["d_model"], cfg.model_args["num_layers"], cfg.data.max_len
     test = metrics["test"]
-    return {"model": model, "dataset": args.dataset, "protocol": protocol, "seed": seed,
+    row = {"model": model, "dataset": args.dataset, "protocol": protocol, "seed": seed,
             "auc": test["auc"], "gauc": test["gauc"], "logloss": test["logloss"],
             "ranking_targets": test["ranking_targets"], "best_epoch": metrics["best_epoch"],
             "steps": metrics["steps"], "wall_s": wall, "train_events_per_s": statistics.median(speeds),
             "train_flops_per_event": flops(model, n, d, layers)["per_unit"], "d": d, "layers": layers, "n": n}
+    done.write_text(json.dumps(row))
+    print(f"[ranking] {model} {protocol} seed {seed}: auc {row['auc']:.4f} in {wall:.0f}s", flush=True)
+    return row
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -61,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", default="runs/ranking")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     parser.add_argument("--set", nargs="*", default=[], help="extra config overrides for every run")
+    parser.add_argument("--reuse", action="store_true", help="reuse finished runs under --runs")
     args = parser.parse_args(argv)
     grid = [(m, p, int(s)) for m in args.models.split(",") for p in args.protocols.split(",")
             for s in args.seeds.split(",")]
