@@ -7,7 +7,7 @@ the same predicate per tile without storing it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -25,6 +25,13 @@ class TokenLayout:
     position: torch.Tensor  # [B, L] int64 position used by position embeddings and biases
     timestamp: torch.Tensor  # [B, L] int64 seconds
     rule: str = "causal"
+    _cache: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def cached(self, key: tuple, build):
+        """Pairwise index tensors (distances, time buckets) are built once per forward, not per layer."""
+        if key not in self._cache:
+            self._cache[key] = build()
+        return self._cache[key]
 
     def __post_init__(self):
         if self.rule not in RULES:

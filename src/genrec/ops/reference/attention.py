@@ -22,16 +22,23 @@ from genrec.ops.masks import build_mask, time_bucket
 
 def relative_bias(layout: TokenLayout, rel_pos: torch.Tensor, rel_time: torch.Tensor) -> torch.Tensor:
     """HSTU's relative attention bias ``[B, H, L, L]``: a learned value per head for the position
-    distance (clamped to the table) plus one per log-2 bucket of the time difference."""
-    dist = (layout.position[:, :, None] - layout.position[:, None, :]).clamp(0, rel_pos.shape[1] - 1)  # [B, L, L]
-    dt = time_bucket(layout.timestamp[:, :, None] - layout.timestamp[:, None, :], rel_time.shape[1])
-    return rel_pos[:, dist].permute(1, 0, 2, 3) + rel_time[:, dt].permute(1, 0, 2, 3)
+    distance (clamped to the table) plus one per log-2 bucket of the time difference.
+
+    The lookups go through ``F.embedding``: its backward sorts the indices, where a plain gather's
+    backward scatter-adds B·L² values into a few hundred table slots (atomic contention on GPU)."""
+    num_pos, num_time = rel_pos.shape[1], rel_time.shape[1]
+    dist = layout.cached(("dist", num_pos), lambda: (
+        layout.position[:, :, None] - layout.position[:, None, :]).clamp(0, num_pos - 1))  # [B, L, L]
+    dt = layout.cached(("dt", num_time), lambda: time_bucket(
+        layout.timestamp[:, :, None] - layout.timestamp[:, None, :], num_time))  # [B, L, L]
+    bias = F.embedding(dist, rel_pos.T) + F.embedding(dt, rel_time.T)  # [B, L, L, H]
+    return bias.permute(0, 3, 1, 2)
 
 
 def hstu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLayout,
                    rel_pos: torch.Tensor, rel_time: torch.Tensor, scale: float) -> torch.Tensor:
     """q, k, v ``[B, H, L, Dh]`` -> ``[B, H, L, Dh]``."""
-    mask = build_mask(layout)[:, None]  # [B, 1, L, L]
+    mask = layout.cached(("mask",), lambda: build_mask(layout))[:, None]  # [B, 1, L, L]
     scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]) + relative_bias(layout, rel_pos, rel_time)
     weights = F.silu(scores) * scale * mask
     return weights @ v
@@ -45,7 +52,7 @@ def alibi_slopes(num_heads: int) -> torch.Tensor:
 def softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLayout,
                       alibi: torch.Tensor | None = None) -> torch.Tensor:
     """q, k, v ``[B, H, L, Dh]`` -> ``[B, H, L, Dh]``; ``alibi`` slopes ``[H]`` or None."""
-    mask = build_mask(layout)[:, None]  # [B, 1, L, L]
+    mask = layout.cached(("mask",), lambda: build_mask(layout))[:, None]  # [B, 1, L, L]
     scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
     if alibi is not None:
         dist = (layout.position[:, :, None] - layout.position[:, None, :]).abs().to(q.dtype)  # [B, L, L]
