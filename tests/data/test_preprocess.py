@@ -100,3 +100,27 @@ def test_prepared_real_dataset_matches_published_counts(shared_data):
     stats = prepare("ml-latest-small", shared_data).stats()
     assert (stats["users"], stats["items"], stats["events"]) == (610, 9_724, 100_836)
     assert 0.5 < stats["label_rate"] < 0.7
+
+
+def test_concurrent_prepares_of_one_dataset_do_not_collide(tmp_path, monkeypatch):
+    import threading
+
+    monkeypatch.setenv("GENREC_CACHE", str(tmp_path / "cache"))
+    root = tmp_path / "root"
+    write_ml1m(root / "ml-1m")
+    results, errors = [], []
+
+    def work():
+        try:
+            results.append(prepare("ml-1m", root, log=lambda *_: None))
+        except Exception as err:  # noqa: BLE001 - the test reports any failure
+            errors.append(err)
+
+    threads = [threading.Thread(target=work) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(results) == 6
+    assert all(np.array_equal(r.items, results[0].items) for r in results)
+    assert not list((tmp_path / "cache" / "prepared").glob("*.tmp*"))

@@ -17,6 +17,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
+import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -209,8 +211,10 @@ def cache_root() -> Path:
 
 
 def _save(seq: Sequences, folder: Path) -> None:
-    tmp = folder.with_name(folder.name + ".tmp")
-    tmp.mkdir(parents=True, exist_ok=True)
+    """Write into a private temporary folder, then rename: concurrent preparers never collide, and
+    the first complete result to land wins."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=folder.name + ".tmp-"))
     off = pa.array(seq.user_offsets.astype(np.int32))
 
     def lists(values: np.ndarray) -> pa.ListArray:
@@ -225,11 +229,14 @@ def _save(seq: Sequences, folder: Path) -> None:
         "item": pa.array(seq.item_raw), "genres": pa.array(seq.item_genres, type=pa.list_(pa.string())),
     }), tmp / "items.parquet")
     (tmp / "meta.json").write_text(json.dumps({"rating_values": seq.rating_values, "report": seq.report}))
-    if folder.exists():
-        import shutil
-
-        shutil.rmtree(folder)
-    os.replace(tmp, folder)
+    try:
+        os.replace(tmp, folder)
+    except OSError:  # another process landed the same result first (or left a partial folder)
+        if not (folder / "meta.json").is_file():
+            shutil.rmtree(folder, ignore_errors=True)
+            os.replace(tmp, folder)
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _load(folder: Path) -> Sequences:
