@@ -19,7 +19,8 @@ import torch
 def meta(command: list[str] | None = None, device: str | None = None) -> dict:
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                check=False).stdout.strip() or None
+                                check=False).stdout.strip()
+        commit = commit if len(commit) == 40 else None  # outside a checkout git echoes the argument
     except OSError:
         commit = None
     try:
