@@ -114,8 +114,8 @@ def build_sequences(raw: RawData, cfg: PrepConfig, log=print) -> Sequences:
     ev = raw.events
     if ev.num_rows == 0:
         raise DataError(raw.source, "no rating events")
-    user_code, _ = _dense(ev.column("user"))
-    item_code, _ = _dense(ev.column("item"))
+    user_code, user_raw_all = _dense(ev.column("user"))
+    item_code, item_raw_all = _dense(ev.column("item"))
     ts = ev.column("timestamp").to_numpy()
     rating = ev.column("rating").to_numpy().astype(np.float32)
     row = np.arange(ev.num_rows)
@@ -155,8 +155,6 @@ def build_sequences(raw: RawData, cfg: PrepConfig, log=print) -> Sequences:
     # Re-index users and items densely over what remains (items in raw-id order).
     users_left, user_dense = np.unique(user_code, return_inverse=True)
     items_left, item_dense = np.unique(item_code, return_inverse=True)
-    user_raw_all = _dense(ev.column("user"))[1]
-    item_raw_all = _dense(ev.column("item"))[1]
     user_raw = [user_raw_all[i] for i in users_left]
     item_raw = [item_raw_all[i] for i in items_left]
     meta_index = {k: i for i, k in enumerate(raw.items.column("item").to_pylist())}

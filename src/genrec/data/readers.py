@@ -227,8 +227,8 @@ def read_movielens_1m(path: str | Path) -> RawData:
     label = src.label("ratings.dat")
     ratings = parse_table(src.read("ratings.dat"), label, ["user", "item", "rating", "timestamp"],
                           separator="::", encoding="latin-1", header=None, quoting=False)
-    to_number(ratings, "user", label, "int")
-    to_number(ratings, "item", label, "int")
+    for column in ("user", "item"):  # MovieLens ids are integers: reject anything else with its line
+        to_number(ratings, column, label, "int")
     events = _events(ratings, label, "user", "item", "rating", "timestamp", (1, 5))
     movies = parse_table(src.read("movies.dat"), src.label("movies.dat"), ["item", "title", "genres"],
                          separator="::", encoding="latin-1", header=None, quoting=False)
@@ -250,8 +250,8 @@ def read_movielens_csv(path: str | Path) -> RawData:
     header = ["userId", "movieId", "rating", "timestamp"]
     ratings = parse_table(src.read("ratings.csv"), label, header,
                           separator=",", encoding="utf-8", header=header, quoting=False)
-    to_number(ratings, "userId", label, "int")
-    to_number(ratings, "movieId", label, "int")
+    for column in ("userId", "movieId"):  # MovieLens ids are integers: reject anything else with its line
+        to_number(ratings, column, label, "int")
     events = _events(ratings, label, "userId", "movieId", "rating", "timestamp", (0.5, 5))
     movie_header = ["movieId", "title", "genres"]
     movies = parse_table(src.read("movies.csv"), src.label("movies.csv"), movie_header,

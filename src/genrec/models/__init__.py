@@ -24,6 +24,6 @@ def build_model(name: str, args: dict, info: DatasetInfo, max_len: int) -> RecMo
         raise ValueError(f"unknown model {name!r}; known: {', '.join(sorted(MODELS))}")
     cls, cfg_cls = MODELS[name]
     args = dict(args)
-    if "max_len" in {f for f in cfg_cls.__dataclass_fields__}:
+    if "max_len" in cfg_cls.__dataclass_fields__:  # positional tables must cover the data's max_len
         args.setdefault("max_len", max_len)
     return cls(model_config(cfg_cls, args, f"model_args ({name})"), info)
