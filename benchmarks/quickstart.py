@@ -6,7 +6,7 @@ copy in ../shared/datasets). Writes ``benchmarks/results/quickstart_<dataset>.{j
     python benchmarks/quickstart.py [--dataset NAME] [--models sasrec,hstu,dfgr] [--epochs N]
 
 SASRec (retrieval + ranking, leave-one-out) and the generative rankers HSTU vs DFGR (temporal split,
-configs/ranking.yaml, 5 epochs so that all three fit in about ten minutes on 2 CPU cores).
+configs/ranking.yaml, 5 epochs so that all three fit in about twelve minutes on 2 CPU cores).
 """
 
 from __future__ import annotations
