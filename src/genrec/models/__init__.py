@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from genrec.config import model_config
 from genrec.models.base import DatasetInfo, RecModel
+from genrec.models.bprmf import BPRMF, BPRMFConfig
 from genrec.models.dfgr import DFGR, DFGRConfig
 from genrec.models.genrank import GenRank, GenRankConfig
+from genrec.models.gru4rec import GRU4Rec, GRU4RecConfig
 from genrec.models.hstu import HSTU, HSTUConfig
+from genrec.models.narm import NARM, NARMConfig
 from genrec.models.sasrec import SASRec, SASRecConfig
 from genrec.models.sfgr import SFGR, SFGRConfig
 
@@ -16,6 +19,9 @@ MODELS: dict[str, tuple[type[RecModel], type]] = {
     "genrank": (GenRank, GenRankConfig),
     "dfgr": (DFGR, DFGRConfig),
     "sfgr": (SFGR, SFGRConfig),
+    "gru4rec": (GRU4Rec, GRU4RecConfig),
+    "narm": (NARM, NARMConfig),
+    "bprmf": (BPRMF, BPRMFConfig),
 }
 
 

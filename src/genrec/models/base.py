@@ -73,3 +73,10 @@ def pad_jagged(values: torch.Tensor, offsets: torch.Tensor, max_len: int) -> tup
     out[seq, pos] = values
     valid = torch.arange(max_len, device=values.device)[None, :] < lengths[:, None]
     return out, valid
+
+
+def states_before(h: torch.Tensor, start: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """``[B, L, D]`` states after reading events ``0..i`` -> ``[T, D]`` jagged states *before* each
+    event (a learned ``start`` vector before the first): the query a next-item model uses for event i."""
+    before = torch.cat([start.expand(len(h), 1, -1), h[:, :-1]], dim=1)  # [B, L, D]
+    return before[valid]

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from genrec.data.batching import JaggedBatch
-from genrec.models.base import DatasetInfo, RecModel, pad_jagged, sampled_softmax_loss
+from genrec.models.base import DatasetInfo, RecModel, pad_jagged, sampled_softmax_loss, states_before
 
 
 @dataclass
@@ -95,9 +95,7 @@ class SASRec(RecModel):
         x = self.drop(x)
         for block in self.blocks:
             x = block(x)
-        h = self.ln_f(x)  # [B, L, D]; h[:, i] has read events 0..i
-        before = torch.cat([self.start.expand(len(h), 1, -1), h[:, :-1]], dim=1)  # [B, L, D]
-        return before[valid]  # [T, D] jagged
+        return states_before(self.ln_f(x), self.start, valid)  # [T, D] jagged
 
     def _rank(self, h: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         e = self.item_emb(items)

@@ -1,0 +1,49 @@
+"""GRU4Rec (Hidasi et al., ICLR 2016): a GRU over the item sequence; its state before event k is the
+query for item k, trained with sampled softmax over uniform catalogue negatives (as SASRec here).
+Features used: item ids and their order only. A retrieval baseline of the UniGRF paper (Table 2).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from genrec.data.batching import JaggedBatch
+from genrec.models.base import DatasetInfo, RecModel, pad_jagged, sampled_softmax_loss, states_before
+
+
+@dataclass
+class GRU4RecConfig:
+    d_model: int = 64
+    num_layers: int = 1
+    dropout: float = 0.2
+    num_negatives: int = 128
+
+
+class GRU4Rec(RecModel):
+    tasks = ("retrieval",)
+
+    def __init__(self, cfg: GRU4RecConfig, info: DatasetInfo):
+        super().__init__()
+        self.cfg = cfg
+        self.num_items = info.num_items
+        self.item_emb = nn.Embedding(info.num_items + 1, cfg.d_model, padding_idx=0)
+        nn.init.normal_(self.item_emb.weight, std=0.02)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.gru = nn.GRU(cfg.d_model, cfg.d_model, cfg.num_layers, batch_first=True)
+        self.start = nn.Parameter(torch.zeros(cfg.d_model))
+
+    def retrieval_queries(self, batch: JaggedBatch) -> torch.Tensor:
+        x, valid = pad_jagged(self.item_emb(batch.items), batch.offsets, batch.max_len)  # [B, L, D]
+        h, _ = self.gru(self.drop(x))  # right padding: a real step never reads a padded one
+        return states_before(h, self.start, valid)[batch.target_mask]
+
+    def item_embeddings(self) -> torch.Tensor:
+        return self.item_emb.weight
+
+    def forward(self, batch: JaggedBatch) -> dict[str, torch.Tensor]:
+        loss = sampled_softmax_loss(self.retrieval_queries(batch), batch.items[batch.target_mask],
+                                    self.item_emb.weight, self.cfg.num_negatives, self.num_items)
+        return {"loss": loss, "retrieval_loss": loss.detach()}
