@@ -1,10 +1,14 @@
-"""Generative ranking results: HSTU, GenRank, DFGR, SFGR x protocols x seeds, same width/depth/steps.
+"""A grid of runs: models x protocols x seeds from one config, same width/depth/steps for all.
 
-Writes ``benchmarks/results/<dataset>_ranking.{json,md}``: one row per (model, protocol, seed) with
-AUC, GAUC, LogLoss, wall-clock, training events/s and the analytic training FLOPs per event, and a
-mean ± std table. Runs wherever the dataset is (ML-1M / ML-20M when present: same command).
+Writes ``benchmarks/results/<dataset>_<name>.{json,md}``: one row per (model, protocol, seed) with
+the test metrics the model reports (ranking: AUC, GAUC, LogLoss; retrieval: HR@K, NDCG@K, MRR),
+wall-clock, training events/s and, for the generative rankers, the analytic training FLOPs per
+event, plus a mean ± std table. Runs wherever the dataset is (ML-1M / ML-20M when present).
 
     python benchmarks/ranking.py [--dataset ml-latest-small] [--seeds 0,1,2] [--jobs 4] [--device auto]
+    python benchmarks/ranking.py --name ctr --config configs/ctr.yaml --models din,dien,dcnv2,deepfm,gdcn
+    python benchmarks/ranking.py --name retrieval --config configs/retrieval.yaml \
+        --models sasrec,gru4rec,narm,bprmf --protocols loo
 """
 
 from __future__ import annotations
@@ -21,19 +25,19 @@ from pathlib import Path
 
 from genrec import results
 from genrec.config import load
-from genrec.flops import flops
+from genrec.flops import LINEAR_PER_TOKEN, flops
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def run_one(model: str, protocol: str, seed: int, args) -> dict:
-    out = Path(args.runs) / args.dataset / f"{model}-{protocol}-{seed}"
+    out = Path(args.runs) / args.dataset / args.name / f"{model}-{protocol}-{seed}"
     done = out / "benchmark_row.json"
     if args.reuse and done.is_file():  # a finished run of an interrupted grid
         return json.loads(done.read_text())
     overrides = [f"model={model}", f"data.dataset={args.dataset}", f"data.protocol={protocol}", f"train.seed={seed}",
                  f"train.device={args.device}", "train.tensorboard=false", *args.set]
-    cmd = [sys.executable, "-m", "genrec.cli", "train", "--config", str(ROOT / "configs" / "ranking.yaml"),
+    cmd = [sys.executable, "-m", "genrec.cli", "train", "--config", str(args.config),
            "--no-resume", "--out-dir", str(out), "--set", *overrides]
     start = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -43,22 +47,26 @@ def run_one(model: str, protocol: str, seed: int, args) -> dict:
     metrics = json.loads((out / "metrics.json").read_text())
     with open(out / "train_log.csv") as f:
         speeds = [float(r["events_per_s"]) for r in csv.DictReader(f)]
-    cfg = load(ROOT / "configs" / "ranking.yaml", overrides)
-    d, layers, n = cfg.model_args["d_model"], cfg.model_args["num_layers"], cfg.data.max_len
-    test = metrics["test"]
-    row = {"model": model, "dataset": args.dataset, "protocol": protocol, "seed": seed,
-            "auc": test["auc"], "gauc": test["gauc"], "logloss": test["logloss"],
-            "ranking_targets": test["ranking_targets"], "best_epoch": metrics["best_epoch"],
-            "steps": metrics["steps"], "wall_s": wall, "train_events_per_s": statistics.median(speeds),
-            "train_flops_per_event": flops(model, n, d, layers)["per_unit"], "d": d, "layers": layers, "n": n}
+    cfg = load(args.config, overrides)
+    d, n = cfg.model_args["d_model"], cfg.data.max_len
+    row = {"model": model, "dataset": args.dataset, "protocol": protocol, "seed": seed} | metrics["test"] | {
+        "best_epoch": metrics["best_epoch"], "steps": metrics["steps"], "wall_s": wall,
+        "train_events_per_s": statistics.median(speeds), "d": d, "n": n}
+    if model in LINEAR_PER_TOKEN:
+        layers = cfg.model_args["num_layers"]
+        row |= {"layers": layers, "train_flops_per_event": flops(model, n, d, layers)["per_unit"]}
     done.write_text(json.dumps(row))
-    print(f"[ranking] {model} {protocol} seed {seed}: auc {row['auc']:.4f} in {wall:.0f}s", flush=True)
+    main_metric = "auc" if "auc" in row else "ndcg@10"
+    print(f"[{args.name}] {model} {protocol} seed {seed}: {main_metric} {row[main_metric]:.4f} in {wall:.0f}s",
+          flush=True)
     return row
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--dataset", default="ml-latest-small")
+    parser.add_argument("--name", default="ranking", help="result file: <dataset>_<name>.{json,md}")
+    parser.add_argument("--config", default=str(ROOT / "configs" / "ranking.yaml"))
     parser.add_argument("--models", default="hstu,genrank,dfgr,sfgr")
     parser.add_argument("--protocols", default="loo,temporal")
     parser.add_argument("--seeds", default="0,1,2")
@@ -73,12 +81,14 @@ def main(argv: list[str] | None = None) -> int:
             for s in args.seeds.split(",")]
     with ThreadPoolExecutor(args.jobs) as pool:
         rows = list(pool.map(lambda job: run_one(*job, args), grid))
-    metrics = ["auc", "gauc", "logloss", "wall_s", "train_events_per_s", "train_flops_per_event"]
+    candidates = ["auc", "gauc", "logloss", "hr@10", "hr@50", "ndcg@10", "ndcg@50", "mrr", "wall_s",
+                  "train_events_per_s", "train_flops_per_event"]
+    metrics = [m for m in candidates if any(m in r for r in rows)]
     summary = results.summary(rows, ["model", "protocol"], metrics)
     table = results.markdown_table(summary, ["model", "protocol", "runs", *metrics], std=True)
     argv_used = argv if argv is not None else sys.argv[1:]
     meta = results.meta(["python", "benchmarks/ranking.py", *argv_used])
-    results.write(Path(args.out) / f"{args.dataset}_ranking", rows, table, meta)
+    results.write(Path(args.out) / f"{args.dataset}_{args.name}", rows, table, meta)
     print(table)
     return 0
 

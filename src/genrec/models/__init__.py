@@ -5,7 +5,12 @@ from __future__ import annotations
 from genrec.config import model_config
 from genrec.models.base import DatasetInfo, RecModel
 from genrec.models.bprmf import BPRMF, BPRMFConfig
+from genrec.models.dcnv2 import DCNv2, DCNv2Config
+from genrec.models.deepfm import DeepFM, DeepFMConfig
 from genrec.models.dfgr import DFGR, DFGRConfig
+from genrec.models.dien import DIEN, DIENConfig
+from genrec.models.din import DIN, DINConfig
+from genrec.models.gdcn import GDCN, GDCNConfig
 from genrec.models.genrank import GenRank, GenRankConfig
 from genrec.models.gru4rec import GRU4Rec, GRU4RecConfig
 from genrec.models.hstu import HSTU, HSTUConfig
@@ -22,6 +27,11 @@ MODELS: dict[str, tuple[type[RecModel], type]] = {
     "gru4rec": (GRU4Rec, GRU4RecConfig),
     "narm": (NARM, NARMConfig),
     "bprmf": (BPRMF, BPRMFConfig),
+    "din": (DIN, DINConfig),
+    "dien": (DIEN, DIENConfig),
+    "dcnv2": (DCNv2, DCNv2Config),
+    "deepfm": (DeepFM, DeepFMConfig),
+    "gdcn": (GDCN, GDCNConfig),
 }
 
 
