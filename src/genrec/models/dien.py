@@ -45,14 +45,14 @@ class DIEN(CTRRanker):
         d = cfg.d_model
         self.features = CTRFeatureEmbedding(info, d, cfg.history)
         self.extractor = nn.GRU(d, d, batch_first=True)
-        self.attention = nn.Bilinear(d, d, 1)
+        self.attention = nn.Linear(d, d, bias=False)  # bilinear score e_tᵀ W h_j
         self.evolver = AUGRUCell(d)
         self.head = mlp([4 * d, cfg.hidden, cfg.hidden // 2, 1], cfg.dropout)
 
     def logits(self, x: CTRInputs) -> torch.Tensor:
         interests, _ = self.extractor(x.history)  # [N, H, D]; history is left-padded with zeros
-        target = x.target[:, None, :].expand_as(interests).contiguous()
-        scores = self.attention(interests, target).squeeze(-1).masked_fill(~x.history_mask, float("-inf"))
+        scores = (self.attention(interests) * x.target[:, None, :]).sum(-1)  # [N, H]
+        scores = scores.masked_fill(~x.history_mask, float("-inf"))
         attention = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # [N, H]; rows with no history -> 0
         h = torch.zeros_like(x.target)
         for step in range(interests.shape[1]):
