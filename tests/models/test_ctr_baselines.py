@@ -11,6 +11,7 @@ from genrec.config import load
 from genrec.data.batching import JaggedBatch
 from genrec.models import build_model
 from genrec.train.trainer import Trainer
+from tests.helpers import loss_before_and_after_fitting
 from tests.models.test_generative import INFO, make_batch
 
 CTR = ["din", "dien", "dcnv2", "deepfm", "gdcn"]
@@ -57,20 +58,7 @@ def test_training_lowers_the_loss_on_real_data(name, tmp_path, shared_data):
                       "data.protocol=temporal", "model_args.d_model=16", "model_args.history=10", "train.lr=0.01",
                       "train.progress=false", "train.tensorboard=false", f"train.out_dir={tmp_path}"])
     trainer = Trainer(cfg)
-    batch = next(iter(trainer.loader("train")))
-
-    def loss() -> float:
-        trainer.model.eval()
-        with torch.no_grad():
-            value = float(trainer.model(batch)["loss"])
-        trainer.model.train()
-        return value
-
-    first = loss()
-    for _ in range(30):
-        trainer.optimizer.zero_grad()
-        trainer.model(batch)["loss"].backward()
-        trainer.optimizer.step()
-    assert loss() < 0.9 * first
+    first, last = loss_before_and_after_fitting(trainer)
+    assert last < 0.9 * first
     metrics = trainer.evaluate("valid")
     assert 0.0 <= metrics["auc"] <= 1.0 and np.isfinite(metrics["logloss"])

@@ -16,6 +16,7 @@ import torch
 from genrec.config import load
 from genrec.train import checkpoint
 from genrec.train.trainer import Trainer, lr_at
+from tests.helpers import loss_before_and_after_fitting
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -36,22 +37,8 @@ def _small(tmp_path, shared_data, *extra):
 
 def test_training_lowers_the_loss_on_real_data(tmp_path, shared_data):
     trainer = Trainer(_small(tmp_path, shared_data, "train.lr=0.01"))
-    batch = next(iter(trainer.loader("train")))
-
-    def loss() -> float:  # same negatives, no dropout: only the weights differ between calls
-        trainer.model.eval()
-        torch.manual_seed(0)
-        with torch.no_grad():
-            value = float(trainer.model(batch)["loss"])
-        trainer.model.train()
-        return value
-
-    first = loss()
-    for _ in range(30):
-        trainer.optimizer.zero_grad()
-        trainer.model(batch)["loss"].backward()
-        trainer.optimizer.step()
-    assert loss() < 0.8 * first
+    first, last = loss_before_and_after_fitting(trainer)
+    assert last < 0.8 * first
 
 
 def test_checkpoint_round_trip_restores_weights_and_optimizer(tmp_path, shared_data):
