@@ -46,6 +46,21 @@ class RecModel(nn.Module):
         raise NotImplementedError
 
 
+class NextItemModel(RecModel):
+    """A retrieval-only model whose query is scored against its own item table ``item_emb`` and
+    trained by :func:`sampled_softmax_loss` with ``cfg.num_negatives`` (GRU4Rec, NARM)."""
+
+    tasks = ("retrieval",)
+
+    def item_embeddings(self) -> torch.Tensor:
+        return self.item_emb.weight
+
+    def forward(self, batch: JaggedBatch) -> dict[str, torch.Tensor]:
+        loss = sampled_softmax_loss(self.retrieval_queries(batch), batch.items[batch.target_mask],
+                                    self.item_emb.weight, self.cfg.num_negatives, self.num_items)
+        return {"loss": loss, "retrieval_loss": loss.detach()}
+
+
 def sampled_softmax_loss(queries: torch.Tensor, positives: torch.Tensor, item_table: torch.Tensor,
                          num_negatives: int, num_items: int) -> torch.Tensor:
     """Sampled softmax over the true next item and ``num_negatives`` uniform catalogue negatives.

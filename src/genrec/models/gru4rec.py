@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from genrec.data.batching import JaggedBatch
-from genrec.models.base import DatasetInfo, RecModel, pad_jagged, sampled_softmax_loss, states_before
+from genrec.models.base import DatasetInfo, NextItemModel, pad_jagged, states_before
 
 
 @dataclass
@@ -22,9 +22,7 @@ class GRU4RecConfig:
     num_negatives: int = 128
 
 
-class GRU4Rec(RecModel):
-    tasks = ("retrieval",)
-
+class GRU4Rec(NextItemModel):
     def __init__(self, cfg: GRU4RecConfig, info: DatasetInfo):
         super().__init__()
         self.cfg = cfg
@@ -39,11 +37,3 @@ class GRU4Rec(RecModel):
         x, valid = pad_jagged(self.item_emb(batch.items), batch.offsets, batch.max_len)  # [B, L, D]
         h, _ = self.gru(self.drop(x))  # right padding: a real step never reads a padded one
         return states_before(h, self.start, valid)[batch.target_mask]
-
-    def item_embeddings(self) -> torch.Tensor:
-        return self.item_emb.weight
-
-    def forward(self, batch: JaggedBatch) -> dict[str, torch.Tensor]:
-        loss = sampled_softmax_loss(self.retrieval_queries(batch), batch.items[batch.target_mask],
-                                    self.item_emb.weight, self.cfg.num_negatives, self.num_items)
-        return {"loss": loss, "retrieval_loss": loss.detach()}

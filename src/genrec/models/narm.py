@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from genrec.data.batching import JaggedBatch
-from genrec.models.base import DatasetInfo, RecModel, pad_jagged, sampled_softmax_loss, states_before
+from genrec.models.base import DatasetInfo, NextItemModel, pad_jagged, states_before
 
 
 @dataclass
@@ -22,9 +22,7 @@ class NARMConfig:
     num_negatives: int = 128
 
 
-class NARM(RecModel):
-    tasks = ("retrieval",)
-
+class NARM(NextItemModel):
     def __init__(self, cfg: NARMConfig, info: DatasetInfo):
         super().__init__()
         self.cfg = cfg
@@ -49,11 +47,3 @@ class NARM(RecModel):
         local = (scores * causal) @ h  # [B, L, D]: weighted sum over states j <= i
         query = self.out(self.drop(torch.cat([h, local], dim=-1)))  # [B, L, D]
         return states_before(query, self.start, valid)[batch.target_mask]
-
-    def item_embeddings(self) -> torch.Tensor:
-        return self.item_emb.weight
-
-    def forward(self, batch: JaggedBatch) -> dict[str, torch.Tensor]:
-        loss = sampled_softmax_loss(self.retrieval_queries(batch), batch.items[batch.target_mask],
-                                    self.item_emb.weight, self.cfg.num_negatives, self.num_items)
-        return {"loss": loss, "retrieval_loss": loss.detach()}
