@@ -14,51 +14,37 @@ event, plus a mean ± std table. Runs wherever the dataset is (ML-1M / ML-20M wh
 from __future__ import annotations
 
 import argparse
-import csv
-import json
-import statistics
-import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from genrec import results
 from genrec.config import load
 from genrec.flops import LINEAR_PER_TOKEN, flops
+from genrec.grid import train_run
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def run_one(model: str, protocol: str, seed: int, args) -> dict:
     out = Path(args.runs) / args.dataset / args.name / f"{model}-{protocol}-{seed}"
-    done = out / "benchmark_row.json"
-    if args.reuse and done.is_file():  # a finished run of an interrupted grid
-        return json.loads(done.read_text())
     overrides = [f"model={model}", f"data.dataset={args.dataset}", f"data.protocol={protocol}", f"train.seed={seed}",
                  f"train.device={args.device}", "train.tensorboard=false", *args.set]
-    cmd = [sys.executable, "-m", "genrec.cli", "train", "--config", str(args.config),
-           "--no-resume", "--out-dir", str(out), "--set", *overrides]
-    start = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    wall = time.perf_counter() - start
-    if proc.returncode != 0:
-        raise RuntimeError(f"{model}/{protocol}/{seed} failed:\n{proc.stderr[-3000:]}")
-    metrics = json.loads((out / "metrics.json").read_text())
-    with open(out / "train_log.csv") as f:
-        speeds = [float(r["events_per_s"]) for r in csv.DictReader(f)]
     cfg = load(args.config, overrides)
     d, n = cfg.model_args["d_model"], cfg.data.max_len
-    row = {"model": model, "dataset": args.dataset, "protocol": protocol, "seed": seed} | metrics["test"] | {
-        "best_epoch": metrics["best_epoch"], "steps": metrics["steps"], "wall_s": wall,
-        "train_events_per_s": statistics.median(speeds), "d": d, "n": n}
-    if model in LINEAR_PER_TOKEN:
-        layers = cfg.model_args["num_layers"]
-        row |= {"layers": layers, "train_flops_per_event": flops(model, n, d, layers)["per_unit"]}
-    done.write_text(json.dumps(row))
+
+    def row_of(metrics: dict, extras: dict) -> dict:
+        row = {"model": model, "dataset": args.dataset, "protocol": protocol, "seed": seed} | metrics["test"] | {
+            "best_epoch": metrics["best_epoch"], "steps": metrics["steps"]} | extras | {"d": d, "n": n}
+        if model in LINEAR_PER_TOKEN:
+            layers = cfg.model_args["num_layers"]
+            row |= {"layers": layers, "train_flops_per_event": flops(model, n, d, layers)["per_unit"]}
+        return row
+
+    row = train_run(args.config, overrides, out, f"{model}/{protocol}/{seed}", args.reuse, row_of)
     main_metric = "auc" if "auc" in row else "ndcg@10"
-    print(f"[{args.name}] {model} {protocol} seed {seed}: {main_metric} {row[main_metric]:.4f} in {wall:.0f}s",
-          flush=True)
+    print(f"[{args.name}] {model} {protocol} seed {seed}: {main_metric} {row[main_metric]:.4f} in "
+          f"{row['wall_s']:.0f}s", flush=True)
     return row
 
 

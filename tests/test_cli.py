@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import csv
+import json
 import subprocess
 import sys
+
+import pytest
 
 from genrec.cli import main
 
@@ -31,3 +35,28 @@ def test_train_then_eval_from_checkpoint(tmp_path, shared_data, capsys):
     assert (out / "best" / "model.safetensors").is_file() and (out / "train_log.csv").is_file()
     assert main(["eval", "--checkpoint", str(out), "--split", "valid"]) == 0
     assert "valid metrics" in capsys.readouterr().out
+
+
+def test_unigrf_trains_mines_and_recommends(tmp_path, shared_data, capsys):
+    out = tmp_path / "unigrf"
+    args = [f"data.data_dir={shared_data}", "data.max_len=20", "model=unigrf", "model_args.backbone=llama",
+            "model_args.d_model=16", "model_args.favourite_threshold=0.5", "train.epochs=2", "train.patience=5",
+            "train.early_stop_metric=auc+ndcg@10", "train.progress=false", "train.tensorboard=false"]
+    assert main(["train", "--out-dir", str(out), "--set", *args]) == 0
+    assert "hr@10" in capsys.readouterr().out
+    with open(out / "val_log.csv") as f:
+        epochs = list(csv.DictReader(f))
+    assert [float(e["mined_users"]) for e in epochs] == [0.0, 610.0]  # mining starts after the first epoch
+    with open(out / "train_log.csv") as f:
+        steps = list(csv.DictReader(f))
+    assert all(float(s["w_retrieval"]) + float(s["w_ranking"]) == pytest.approx(2.0) for s in steps)
+
+    assert main(["recommend", "--checkpoint", str(out), "--user", "1", "--k", "5", "--json"]) == 0
+    printed = capsys.readouterr().out
+    recs = json.loads(printed.strip().splitlines()[-1])
+    assert len(recs) == 5 and "Toy Story (1995)" not in printed  # user 1 rated Toy Story: left out
+    assert [r["score"] for r in recs] == sorted((r["score"] for r in recs), reverse=True)
+    assert all(0.0 < r["p_like"] < 1.0 and r["title"] for r in recs)
+    assert main(["recommend", "--checkpoint", str(out), "--user", "1", "--k", "3", "--include-seen"]) == 0
+    with pytest.raises(SystemExit, match="user 'nobody' is not in the dataset"):
+        main(["recommend", "--checkpoint", str(out), "--user", "nobody"])

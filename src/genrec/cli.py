@@ -1,4 +1,4 @@
-"""The ``genrec`` command: data statistics, training, evaluation."""
+"""The ``genrec`` command: data statistics, training, evaluation, recommendation."""
 
 from __future__ import annotations
 
@@ -45,28 +45,56 @@ def cmd_train(args) -> int:
     return 0
 
 
-def cmd_eval(args) -> int:
-    import torch
-
+def _load_run(path: str, overrides: list[str]):
+    """A trainer for the run folder (or a checkpoint inside it) with its best weights loaded."""
     from genrec.train import checkpoint
     from genrec.train.trainer import Trainer
 
-    ckpt = Path(args.checkpoint)
+    ckpt = Path(path)
     run_dir = ckpt if (ckpt / "config.yaml").is_file() else ckpt.parent.parent
     if not (run_dir / "config.yaml").is_file():
         raise SystemExit(f"{ckpt}: no config.yaml in the run folder; pass a run folder or a checkpoint in it")
-    cfg = config_lib.load(run_dir / "config.yaml", args.set or [])
+    cfg = config_lib.load(run_dir / "config.yaml", overrides)
     trainer = Trainer(cfg)
     weights = ckpt / "best" if (ckpt / "best" / "model.safetensors").is_file() else ckpt
     if not (weights / "model.safetensors").is_file():
         raise SystemExit(f"{weights}: no model.safetensors")
     checkpoint.load_weights(trainer.model, weights)
     trainer.model.to(trainer.device)
+    return trainer, weights
+
+
+def cmd_eval(args) -> int:
+    import torch
+
+    trainer, weights = _load_run(args.checkpoint, args.set or [])
     with torch.no_grad():
         metrics = trainer.evaluate(args.split)
     _print_metrics(f"{args.split} metrics ({weights}):", metrics)
     if args.json:
         print(json.dumps(metrics))
+    return 0
+
+
+def cmd_recommend(args) -> int:
+    from genrec.serve.recommend import recommend, user_index
+
+    trainer, weights = _load_run(args.checkpoint, args.set or [])
+    try:
+        user = user_index(trainer.seq, args.user)
+        recs = recommend(trainer.model, trainer.seq, user, args.k, trainer.cfg.data.max_len, trainer.device,
+                         include_seen=args.include_seen)
+    except ValueError as err:
+        raise SystemExit(f"genrec recommend: {err}") from None
+    n = int(trainer.seq.user_offsets[user + 1] - trainer.seq.user_offsets[user])
+    print(f"top {len(recs)} for user {args.user} ({n} rated items{'' if args.include_seen else ', left out'}; "
+          f"{weights})")
+    print(f"{'rank':>4}  {'item':>8}  {'score':>8}  {'P(like)':>7}  title")
+    for rank, r in enumerate(recs, start=1):
+        p = "" if r.p_like is None else f"{r.p_like:.3f}"
+        print(f"{rank:>4}  {r.item:>8}  {r.score:>8.3f}  {p:>7}  {r.title} [{'|'.join(r.genres)}]")
+    if args.json:
+        print(json.dumps([r.__dict__ for r in recs]))
     return 0
 
 
@@ -96,6 +124,15 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--set", nargs="*", metavar="KEY=VALUE")
     ev.add_argument("--json", action="store_true")
     ev.set_defaults(func=cmd_eval)
+
+    rec = sub.add_parser("recommend", help="top-K items for a user from a trained retrieval model")
+    rec.add_argument("--checkpoint", required=True, help="run folder (uses best/) or a checkpoint folder")
+    rec.add_argument("--user", required=True, help="raw user id as in the dataset")
+    rec.add_argument("--k", type=int, default=10)
+    rec.add_argument("--include-seen", action="store_true", help="also recommend items the user has rated")
+    rec.add_argument("--set", nargs="*", metavar="KEY=VALUE")
+    rec.add_argument("--json", action="store_true")
+    rec.set_defaults(func=cmd_recommend)
     return parser
 
 

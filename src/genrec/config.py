@@ -55,12 +55,14 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # "auto" picks cuda when available
     bf16: bool = True  # autocast to bf16 on GPU (ignored on CPU)
-    early_stop_metric: str = "auc"  # validation metric to select and stop on
+    deterministic: bool = True  # CPU: deterministic kernels, so repeated and resumed runs are bit-identical
+    early_stop_metric: str = "auc"  # validation metric to select and stop on; "a+b" sums metrics
     early_stop_mode: str = "max"
     patience: int = 5  # epochs without improvement before stopping
     checkpoint_every_steps: int = 0  # 0: checkpoint at the end of each epoch only
     keep_checkpoints: int = 2
     out_dir: str = "runs/default"
+    init_from: str | None = None  # folder with a model.safetensors to start from (fine-tuning)
     tensorboard: bool = True
     progress: bool = True
 

@@ -31,7 +31,7 @@ from genrec.data import registry
 from genrec.data.errors import DataError
 from genrec.data.readers import RawData
 
-PREP_VERSION = 1  # bump when the preprocessing output changes, to invalidate caches
+PREP_VERSION = 2  # bump when the preprocessing output changes, to invalidate caches
 
 
 @dataclass(frozen=True)
@@ -56,6 +56,7 @@ class Sequences:
     user_raw: list[str]
     item_raw: list[str]  # item_raw[i - 1] is dense item i
     item_genres: list[list[str]]  # per dense item i at [i - 1]
+    item_titles: list[str]  # per dense item i at [i - 1] ("" without metadata)
     rating_values: list[float]
     report: dict = field(default_factory=dict)  # counts of every policy applied
 
@@ -159,12 +160,14 @@ def build_sequences(raw: RawData, cfg: PrepConfig, log=print) -> Sequences:
     item_raw = [item_raw_all[i] for i in items_left]
     meta_index = {k: i for i, k in enumerate(raw.items.column("item").to_pylist())}
     genre_lists = raw.items.column("genres").to_pylist()
-    item_genres, missing_meta = [], 0
+    title_list = raw.items.column("title").to_pylist()
+    item_genres, item_titles, missing_meta = [], [], 0
     for raw_id in item_raw:
         j = meta_index.get(raw_id)
         missing_meta += j is None
         gs = [] if j is None else [g for g in (genre_lists[j] or []) if g and g != "(no genres listed)"]
         item_genres.append(gs)
+        item_titles.append("" if j is None else title_list[j] or "")
     report["items_without_metadata"] = missing_meta
     if missing_meta and raw.items.num_rows:
         log(f"[data] {raw.source}: {missing_meta} rated items have no metadata row (no genres)")
@@ -190,6 +193,7 @@ def build_sequences(raw: RawData, cfg: PrepConfig, log=print) -> Sequences:
         user_raw=[str(u) for u in user_raw],
         item_raw=[str(i) for i in item_raw],
         item_genres=item_genres,
+        item_titles=item_titles,
         rating_values=[float(v) for v in rating_values],
         report=report,
     )
@@ -225,6 +229,7 @@ def _save(seq: Sequences, folder: Path) -> None:
     }), tmp / "sequences.parquet")
     pq.write_table(pa.table({
         "item": pa.array(seq.item_raw), "genres": pa.array(seq.item_genres, type=pa.list_(pa.string())),
+        "title": pa.array(seq.item_titles, type=pa.string()),
     }), tmp / "items.parquet")
     (tmp / "meta.json").write_text(json.dumps({"rating_values": seq.rating_values, "report": seq.report}))
     try:
@@ -249,7 +254,7 @@ def _load(folder: Path) -> Sequences:
     return Sequences(offsets, flat("items"), flat("ratings"), flat("actions"), flat("labels"),
                      flat("timestamps"), flat("request_ids"), t.column("user").to_pylist(),
                      items.column("item").to_pylist(), items.column("genres").to_pylist(),
-                     meta["rating_values"], meta["report"])
+                     items.column("title").to_pylist(), meta["rating_values"], meta["report"])
 
 
 def prepare(name: str, data_dir: str | Path | None = None, cfg: PrepConfig = PrepConfig(), *,

@@ -17,6 +17,7 @@ from genrec.models.hstu import HSTU, HSTUConfig
 from genrec.models.narm import NARM, NARMConfig
 from genrec.models.sasrec import SASRec, SASRecConfig
 from genrec.models.sfgr import SFGR, SFGRConfig
+from genrec.models.unigrf import UniGRF, UniGRFConfig
 
 MODELS: dict[str, tuple[type[RecModel], type]] = {
     "sasrec": (SASRec, SASRecConfig),
@@ -24,6 +25,7 @@ MODELS: dict[str, tuple[type[RecModel], type]] = {
     "genrank": (GenRank, GenRankConfig),
     "dfgr": (DFGR, DFGRConfig),
     "sfgr": (SFGR, SFGRConfig),
+    "unigrf": (UniGRF, UniGRFConfig),
     "gru4rec": (GRU4Rec, GRU4RecConfig),
     "narm": (NARM, NARMConfig),
     "bprmf": (BPRMF, BPRMFConfig),

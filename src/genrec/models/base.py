@@ -45,6 +45,12 @@ class RecModel(nn.Module):
     def item_embeddings(self) -> torch.Tensor:  # [num_items + 1, D]
         raise NotImplementedError
 
+    def before_epoch(self, epoch: int, history_loader, device: torch.device) -> dict[str, float]:
+        """Called before every epoch's first step with batches of each user's latest training window
+        (UniGRF mines training samples here); returns statistics to log with the epoch. State it
+        changes must live in buffers, so resume is exact."""
+        return {}
+
 
 class NextItemModel(RecModel):
     """A retrieval-only model whose query is scored against its own item table ``item_emb`` and

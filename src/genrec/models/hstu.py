@@ -3,8 +3,7 @@
 Tokens interleave items and actions, ``[x0 a0 x1 a1 ...]`` (2N tokens). The output at item token
 ``x_k`` predicts action ``a_k``. Masking (``request_causal``): a token reads all tokens of earlier
 requests and its own event's tokens up to itself, so ``x_k`` never sees ``a_k`` nor the actions of
-events in its request, at any depth. Item tokens take the position of their request's first event
-(candidates of a request are interchangeable, as in M-FALCON serving); action tokens their own.
+events in its request, at any depth (layout: :func:`genrec.nn.events.item_action_layout`).
 Features: item id, action, position and time through the relative bias.
 """
 
@@ -19,10 +18,9 @@ from genrec.data.batching import JaggedBatch
 from genrec.models.base import DatasetInfo
 from genrec.models.generative import GenerativeRanker
 from genrec.nn.embeddings import ActionEmbedding
-from genrec.nn.events import Events
+from genrec.nn.events import Events, interleave, item_action_layout
 from genrec.nn.hstu import HSTUBlock
 from genrec.ops.dispatch import get_backend
-from genrec.ops.layout import TokenLayout
 
 
 @dataclass
@@ -52,17 +50,8 @@ class HSTU(GenerativeRanker):
 
     def target_hidden(self, batch: JaggedBatch) -> torch.Tensor:
         ev = Events.from_batch(batch)
-        b, n = ev.items.shape
-
-        def interleave(item_side: torch.Tensor, action_side: torch.Tensor) -> torch.Tensor:
-            return torch.stack([item_side, action_side], dim=2).reshape(b, 2 * n, *item_side.shape[2:])
-
         x = interleave(self.item_emb(ev.items), self.action_emb(ev.actions))  # [B, 2N, D]
-        layout = TokenLayout(
-            valid=interleave(ev.valid, ev.valid), request=interleave(ev.request, ev.request),
-            event=interleave(ev.position, ev.position), fake=torch.zeros_like(interleave(ev.valid, ev.valid)),
-            position=interleave(ev.request_start, ev.position), timestamp=interleave(ev.timestamp, ev.timestamp),
-            rule="request_causal")
+        layout = item_action_layout(ev)
         for block in self.blocks:
             x = block(x, layout, self.backend)
         return self.norm(x[:, 0::2][ev.target])  # item tokens at targets, [N_t, D]

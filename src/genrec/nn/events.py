@@ -8,6 +8,7 @@ import torch
 
 from genrec.data.batching import JaggedBatch
 from genrec.models.base import pad_jagged
+from genrec.ops.layout import TokenLayout
 
 
 @dataclass
@@ -40,3 +41,22 @@ class Events:
                                 torch.full_like(prev_index, -1))
         return cls(pad["items"], pad["actions"], pad["labels"], pad["request_ids"], pad["timestamps"], valid,
                    pad["target_mask"] & valid, position, request_start, prev_time)
+
+
+def interleave(item_side: torch.Tensor, action_side: torch.Tensor) -> torch.Tensor:
+    """``[B, N, ...]`` item-side and action-side tensors -> ``[B, 2N, ...]`` in order ``x0 a0 x1 a1 ...``."""
+    b, n = item_side.shape[:2]
+    return torch.stack([item_side, action_side], dim=2).reshape(b, 2 * n, *item_side.shape[2:])
+
+
+def item_action_layout(ev: Events) -> TokenLayout:
+    """The ``[x0 a0 x1 a1 ...]`` token layout of HSTU and UniGRF under the ``request_causal`` rule.
+
+    Item tokens take the position of their request's first event (candidates of a request are
+    interchangeable, as in M-FALCON serving); action tokens their own.
+    """
+    return TokenLayout(
+        valid=interleave(ev.valid, ev.valid), request=interleave(ev.request, ev.request),
+        event=interleave(ev.position, ev.position), fake=torch.zeros_like(interleave(ev.valid, ev.valid)),
+        position=interleave(ev.request_start, ev.position), timestamp=interleave(ev.timestamp, ev.timestamp),
+        rule="request_causal")

@@ -16,6 +16,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 import torch
 import yaml
 from tqdm import tqdm
@@ -62,6 +63,11 @@ class CsvLog:
 
     def write(self, row: dict) -> None:
         new = not self.path.exists()
+        if not new:
+            with open(self.path, newline="") as f:
+                header = next(csv.reader(f), [])
+            if header != list(row):
+                raise ValueError(f"{self.path}: row columns {list(row)} differ from the header {header}")
         with open(self.path, "a", newline="") as f:
             w = csv.DictWriter(f, fieldnames=list(row))
             if new:
@@ -80,6 +86,10 @@ class Trainer:
         self.log = log
         d, t = cfg.data, cfg.train
         self.device = resolve_device(t.device)
+        if t.deterministic and self.device.type == "cpu":
+            # multithreaded CPU kernels (e.g. index accumulation) otherwise sum in scheduling order,
+            # and two runs of one config drift apart in the last bits. GPU runs keep the fast kernels.
+            torch.use_deterministic_algorithms(True)
         self.out = Path(t.out_dir)
         self.seq = prepare(d.dataset, d.data_dir, PrepConfig(d.label_threshold, d.request_window_s,
                            d.min_user_events, d.duplicates), allow_download=d.allow_download, log=log)
@@ -90,7 +100,12 @@ class Trainer:
             if len(self.data[s]) == 0:
                 raise ValueError(f"split {s!r} of {d.dataset} under protocol {d.protocol!r} has no targets")
         torch.manual_seed(t.seed)
-        self.model: RecModel = build_model(cfg.model, cfg.model_args, self.info, d.max_len).to(self.device)
+        self.model: RecModel = build_model(cfg.model, cfg.model_args, self.info, d.max_len)
+        if t.init_from:
+            if not (Path(t.init_from) / "model.safetensors").is_file():
+                raise FileNotFoundError(f"train.init_from: no model.safetensors in {t.init_from}")
+            checkpoint.load_weights(self.model, Path(t.init_from))
+        self.model.to(self.device)
         decay = [p for n, p in self.model.named_parameters() if p.ndim >= 2 and "emb" not in n]
         other = [p for n, p in self.model.named_parameters() if not (p.ndim >= 2 and "emb" not in n)]
         self.optimizer = torch.optim.AdamW(
@@ -103,6 +118,35 @@ class Trainer:
         train = split == "train"
         return make_loader(self.data[split], d.batch_size if train else d.eval_batch_size, shuffle=train,
                            seed=self.cfg.train.seed, num_workers=d.num_workers)
+
+    def history_loader(self):
+        """Each user's latest training window, in order: the training history as it ends."""
+        w = self.data["train"].windows  # grouped by user, in time order within a user
+        last = np.flatnonzero(np.append(w[1:, 0] != w[:-1, 0], True))
+        return make_loader(WindowDataset(self.seq, w[last]), self.cfg.data.eval_batch_size, shuffle=False,
+                           num_workers=self.cfg.data.num_workers)
+
+    def stop_value(self, metrics: dict) -> float:
+        """The early-stopping metric; ``"auc+ndcg@10"`` sums several (a unified model has two tasks)."""
+        names = self.cfg.train.early_stop_metric.split("+")
+        missing = [n for n in names if n not in metrics]
+        if missing:
+            raise ValueError(f"early_stop_metric {self.cfg.train.early_stop_metric!r}: {missing} not reported by "
+                             f"model {self.cfg.model!r}; it reports {sorted(metrics)}")
+        return sum(metrics[n] for n in names)
+
+    def before_epoch(self, state: dict) -> None:
+        """The model's per-epoch hook, seeded by (seed, epoch) and timed; its stats go to the epoch's
+        validation row. Skipped when resuming mid-epoch: the mined state came back with the weights."""
+        if state["batch_in_epoch"]:
+            return
+        t0 = time.perf_counter()
+        torch.manual_seed(self.cfg.train.seed * 1_000_003 - 1 - state["epoch"])
+        stats = self.model.before_epoch(state["epoch"], self.history_loader(), self.device)
+        state["epoch_stats"] = stats | ({"before_epoch_s": time.perf_counter() - t0} if stats else {})
+        if stats:
+            self.log(f"[train] epoch {state['epoch']} before_epoch " + " ".join(
+                f"{k}={v:.4g}" for k, v in state["epoch_stats"].items()))
 
     def evaluate(self, split: str) -> dict:
         return evaluate(self.model, self.loader(split), self.device, autocast=self.autocast)
@@ -121,10 +165,11 @@ class Trainer:
         steps_per_epoch = len(sampler.batches())
         total = t.max_steps or steps_per_epoch * t.epochs
         state = {"epoch": 0, "batch_in_epoch": 0, "global_step": 0, "best": None, "best_epoch": -1,
-                 "bad_epochs": 0, "done": False, "history": []}
+                 "bad_epochs": 0, "done": False, "history": [], "epoch_stats": {}}
         last = checkpoint.latest(self.out) if resume else None
         if last is not None:
             state = checkpoint.load(last, self.model, self.optimizer)
+            state.setdefault("epoch_stats", {})
             self.log(f"[train] resumed from {last} (epoch {state['epoch']}, step {state['global_step']})")
         step_log, val_log = CsvLog(self.out / "train_log.csv"), CsvLog(self.out / "val_log.csv")
         step_log.truncate_after(state["global_step"])
@@ -137,6 +182,7 @@ class Trainer:
 
         while not state["done"] and state["epoch"] < t.epochs:
             self.model.train()
+            self.before_epoch(state)
             sampler.set_epoch(state["epoch"], state["batch_in_epoch"])
             bar = tqdm(loader, desc=f"epoch {state['epoch']}", disable=not t.progress, leave=False,
                        initial=state["batch_in_epoch"], total=steps_per_epoch)
@@ -172,15 +218,13 @@ class Trainer:
                     break
             bar.close()
             metrics = self.evaluate("valid")
-            if t.early_stop_metric not in metrics:
-                raise ValueError(f"early_stop_metric {t.early_stop_metric!r} is not reported by model "
-                                 f"{self.cfg.model!r}; it reports {sorted(metrics)}")
-            value = metrics[t.early_stop_metric]
+            value = self.stop_value(metrics)
             if self._better(value, state["best"]):
                 state.update(best=value, best_epoch=state["epoch"], bad_epochs=0)
                 checkpoint.save_weights(self.model, self.out / "best")
             else:
                 state["bad_epochs"] += 1
+            metrics |= state["epoch_stats"]
             val_log.write({"step": state["global_step"], "epoch": state["epoch"]} | metrics)
             if writer is not None:
                 for k, v in metrics.items():
@@ -200,6 +244,6 @@ class Trainer:
             checkpoint.load_weights(self.model, self.out / "best")
         result = {"valid": self.evaluate("valid"), "test": self.evaluate("test"),
                   "best_epoch": state["best_epoch"], "steps": state["global_step"],
-                  "config": asdict(self.cfg)}
+                  "history": state["history"], "config": asdict(self.cfg)}
         (self.out / "metrics.json").write_text(json.dumps(result, indent=1))
         return result

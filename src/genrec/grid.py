@@ -1,0 +1,38 @@
+"""Benchmark grids: one training run per subprocess, resumable across an interrupted grid.
+
+Each run is ``genrec train`` in its own process (no state shared between runs), writes its folder
+under ``out`` and, once finished, a ``benchmark_row.json`` there, so ``reuse`` skips finished runs.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def train_run(config: str | Path, overrides: list[str], out: Path, label: str, reuse: bool,
+              row_of) -> dict:
+    """Train ``config`` with ``overrides`` into ``out``; ``row_of(metrics, extras)`` builds the result
+    row from ``metrics.json`` and ``{"wall_s", "train_events_per_s"}``. A failed run raises with its
+    stderr tail."""
+    done = out / "benchmark_row.json"
+    if reuse and done.is_file():
+        return json.loads(done.read_text())
+    cmd = [sys.executable, "-m", "genrec.cli", "train", "--config", str(config), "--no-resume",
+           "--out-dir", str(out), "--set", *overrides]
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise RuntimeError(f"{label} failed:\n{proc.stderr[-3000:]}")
+    metrics = json.loads((out / "metrics.json").read_text())
+    with open(out / "train_log.csv") as f:
+        speeds = [float(r["events_per_s"]) for r in csv.DictReader(f)]
+    row = row_of(metrics, {"wall_s": wall, "train_events_per_s": statistics.median(speeds)})
+    done.write_text(json.dumps(row))
+    return row

@@ -1,0 +1,336 @@
+"""UniGRF (Zhang et al. 2025, paper 003; DESIGN §2.4): one generative model for retrieval and ranking.
+
+Tokens interleave items and binary feedback, ``[x0 b0 x1 b1 ...]``, under the ``request_causal``
+rule (:func:`genrec.nn.events.item_action_layout`):
+
+* the output at item token ``x_k`` feeds a small MLP: P(b_k = 1), the ranking task (BCE);
+* the output at feedback token ``b_{k-1}`` (a learned start vector for a window's first event) is
+  the query for item ``x_k``, the retrieval task: sampled softmax by dot product against the item
+  table, with uniform catalogue negatives, optional in-batch negatives and optional logQ correction.
+
+``x_k`` never reads ``b_k`` nor any other event of its own request, so neither task sees a label or
+an item it predicts (tested). Backbones: HSTU blocks or Llama blocks (``backbone``).
+
+Two modules couple the tasks (unified objective only):
+
+* the ranking-driven enhancer (:meth:`UniGRF.before_epoch`): once per epoch, for every user, score
+  ``enhancer_pool`` random unseen items with both heads from the end of the user's training window;
+  the top ``hard_negatives`` by :func:`relative_score` become that user's hard negatives for the
+  next epoch (inside a fixed total of ``num_negatives``), and items whose ranking probability
+  exceeds ``favourite_threshold`` (τ) are relabelled as positives of the window's last query and
+  never used as that user's negatives;
+* the gradient-guided adaptive weighter (:class:`AdaptiveWeighter`).
+
+``objective: retrieval`` / ``ranking`` trains one task on the same code path: the paper's separate
+HSTU / Llama baselines and, chained through ``train.init_from``, its fine-tuning variants HSTU-FT-a/b.
+Mined negatives, favourites, loss history and item counts are buffers, so checkpoints resume exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from genrec.data.batching import JaggedBatch
+from genrec.models.base import DatasetInfo, RecModel, states_before
+from genrec.nn.ctr import mlp
+from genrec.nn.events import Events, interleave, item_action_layout
+from genrec.nn.hstu import HSTUBlock
+from genrec.nn.llama import LlamaBlock
+from genrec.ops.dispatch import get_backend
+from genrec.ops.layout import TokenLayout
+
+OBJECTIVES = {"unified": ("ranking", "retrieval"), "retrieval": ("retrieval",), "ranking": ("ranking",)}
+
+
+@dataclass
+class UniGRFConfig:
+    backbone: str = "hstu"  # "hstu" | "llama"
+    objective: str = "unified"  # "unified" | "retrieval" | "ranking"
+    d_model: int = 64
+    num_layers: int = 2
+    num_heads: int = 2
+    dropout: float = 0.2
+    max_len: int = 200
+    attention_backend: str = "reference"
+    num_negatives: int = 128  # per query, hard negatives included (paper §5.4: 128 on ML-1M)
+    in_batch_negatives: bool = False
+    logq_correction: bool = False  # subtract log(expected count under the samplers) from sampled logits
+    hard_negatives: int = 10  # m of the enhancer (paper Fig. 2: ~10 on ML-1M); 0 turns mining off
+    favourite_threshold: float = 0.95  # τ; >= 1 turns relabelling off
+    max_favourites: int = 10  # per user and epoch, the highest ranking probabilities first
+    enhancer_pool: int = 128  # distinct random items scored per user per epoch (at most the catalogue)
+    weighter: bool = True
+    weighter_temperature: float = 0.05  # T: smaller is more aggressive (the paper gives no value)
+    weighter_smoothing: float = 0.9  # μ of the loss moving average; 0 = the paper's raw L(t) / L(t-1)
+    alpha: float = 1.0  # retrieval loss scale
+    beta: float = 1.0  # ranking loss scale
+
+
+def relative_score(s_ret: torch.Tensor, s_rank: torch.Tensor) -> torch.Tensor:
+    """Hard-to-detect disliked items (paper eq. 8): large when retrieval likes an item (σ(q·e) high)
+    that ranking dislikes (σ(MLP) low): ``s_ret · log(1 + s_ret / s_rank)``."""
+    return s_ret * torch.log1p(s_ret / s_rank.clamp(min=1e-6))
+
+
+def adaptive_weights(current: torch.Tensor, previous: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Paper eqs. 9-11: ``r = L(t) / L(t-1)`` per task, ``w = 2 · softmax(r / T)``.
+
+    The task whose loss falls slower (larger r) gets the larger weight. Before a previous value
+    exists r = 1 for both, so w = (1, 1).
+    """
+    ratio = torch.where(torch.isnan(previous), torch.ones_like(current), current / previous)
+    return 2 * torch.softmax(ratio / temperature, dim=0)
+
+
+class AdaptiveWeighter(nn.Module):
+    """Per step, ``L(t)`` is an exponential moving average of each task's batch loss (``smoothing``
+    μ; μ = 0 is the paper's raw step-to-step ratio, which on small batches is mostly batch-to-batch
+    noise). The average is a buffer, so a resumed run continues the same sequence."""
+
+    def __init__(self, temperature: float, smoothing: float):
+        super().__init__()
+        if not 0 <= smoothing < 1:
+            raise ValueError(f"weighter_smoothing={smoothing} must lie in [0, 1)")
+        self.temperature = temperature
+        self.smoothing = smoothing
+        self.register_buffer("smoothed", torch.full((2,), float("nan")))
+
+    def forward(self, losses: torch.Tensor) -> torch.Tensor:  # [2] (retrieval, ranking) -> weights [2]
+        current = losses.detach().float()
+        previous = self.smoothed.clone()
+        if self.training:
+            first = torch.isnan(previous)
+            self.smoothed.copy_(torch.where(first, current, self.smoothing * previous + (1 - self.smoothing) * current))
+        return adaptive_weights(self.smoothed, previous, self.temperature)
+
+
+class UniGRF(RecModel):
+    def __init__(self, cfg: UniGRFConfig, info: DatasetInfo):
+        super().__init__()
+        if cfg.objective not in OBJECTIVES:
+            raise ValueError(f"model_args.objective {cfg.objective!r}: expected one of {sorted(OBJECTIVES)}")
+        if cfg.objective != "unified" and (cfg.hard_negatives or cfg.favourite_threshold < 1 or cfg.weighter):
+            raise ValueError("the enhancer and weighter couple both tasks: with objective "
+                             f"{cfg.objective!r} set hard_negatives=0, favourite_threshold=1 and weighter=false")
+        if not 0 <= cfg.hard_negatives < cfg.num_negatives:
+            raise ValueError(f"hard_negatives={cfg.hard_negatives} must lie in [0, num_negatives={cfg.num_negatives})")
+        self.pool_size = min(cfg.enhancer_pool, info.num_items)  # a small catalogue is scored whole
+        if self.pool_size < max(cfg.hard_negatives, cfg.max_favourites):
+            raise ValueError(f"enhancer_pool={cfg.enhancer_pool} ({info.num_items} items) must cover "
+                             f"hard_negatives={cfg.hard_negatives} and max_favourites={cfg.max_favourites}")
+        self.cfg = cfg
+        self.tasks = OBJECTIVES[cfg.objective]
+        self.num_items = info.num_items
+        self.backend = get_backend(cfg.attention_backend)
+        d = cfg.d_model
+        self.item_emb = nn.Embedding(info.num_items + 1, d, padding_idx=0)
+        self.feedback_emb = nn.Embedding(2, d)
+        nn.init.normal_(self.item_emb.weight, std=0.02)
+        nn.init.normal_(self.feedback_emb.weight, std=0.02)
+        if cfg.backbone == "hstu":
+            self.blocks = nn.ModuleList(HSTUBlock(d, cfg.num_heads, cfg.dropout, 1.0 / (2 * cfg.max_len),
+                                                  num_position_buckets=cfg.max_len + 1)
+                                        for _ in range(cfg.num_layers))
+            self.norm = nn.LayerNorm(d)
+        elif cfg.backbone == "llama":
+            self.blocks = nn.ModuleList(LlamaBlock(d, cfg.num_heads, cfg.dropout) for _ in range(cfg.num_layers))
+            self.norm = nn.RMSNorm(d)
+        else:
+            raise ValueError(f"model_args.backbone {cfg.backbone!r}: expected 'hstu' or 'llama'")
+        self.start = nn.Parameter(torch.zeros(d))  # retrieval query before a window's first event
+        self.rank_head = mlp([d, d, 1], cfg.dropout)
+        self.weighter = AdaptiveWeighter(cfg.weighter_temperature, cfg.weighter_smoothing) if cfg.weighter else None
+        users = info.num_users + 1
+        self.register_buffer("hard", torch.zeros(users, cfg.hard_negatives, dtype=torch.long))  # 0 = none yet
+        self.register_buffer("favourites", torch.zeros(users, cfg.max_favourites, dtype=torch.long))  # 0 = none
+        self.register_buffer("item_counts", torch.zeros(info.num_items + 1))  # training positives seen
+
+    # ----------------------------------------------------------------------------------- encoder
+    def _encode(self, ev: Events, candidates: torch.Tensor | None = None,
+                request_time: torch.Tensor | None = None) -> torch.Tensor:
+        """Hidden states ``[B, 2N + M, D]`` of ``[x0 b0 ... x_{N-1} b_{N-1}]`` followed by ``M``
+        candidate item tokens, all in one new request after each row's last event (each reads the
+        history and itself only: the M-FALCON candidate mask)."""
+        x = interleave(self.item_emb(ev.items), self.feedback_emb(ev.labels.long()))  # [B, 2N, D]
+        layout = item_action_layout(ev)
+        if candidates is not None:
+            x, layout = self._append_candidates(x, layout, ev, candidates, request_time)
+        for block in self.blocks:
+            x = block(x, layout, self.backend)
+        return self.norm(x)
+
+    def _append_candidates(self, x: torch.Tensor, layout: TokenLayout, ev: Events, candidates: torch.Tensor,
+                           request_time: torch.Tensor | None) -> tuple[torch.Tensor, TokenLayout]:
+        b, m = candidates.shape
+        n = ev.items.shape[1]
+        last = ev.valid.sum(1) - 1  # [B] index of each row's last event
+        rows = torch.arange(b, device=x.device)
+        time = ev.timestamp[rows, last] if request_time is None else request_time
+
+        def column(value: torch.Tensor) -> torch.Tensor:  # [B] -> [B, M]
+            return value[:, None].expand(b, m)
+
+        extra = TokenLayout(
+            valid=torch.ones_like(candidates, dtype=torch.bool), request=column(ev.request[rows, last] + 1),
+            event=n + torch.arange(m, device=x.device).expand(b, m),
+            fake=torch.zeros_like(candidates, dtype=torch.bool), position=column(last + 1), timestamp=column(time),
+            rule=layout.rule)
+        joined = TokenLayout(**{f: torch.cat([getattr(layout, f), getattr(extra, f)], dim=1)
+                                for f in ("valid", "request", "event", "fake", "position", "timestamp")},
+                             rule=layout.rule)
+        return torch.cat([x, self.item_emb(candidates)], dim=1), joined
+
+    def _heads(self, batch: JaggedBatch, ev: Events, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Ranking logits ``[N_t]`` at the target item tokens, retrieval queries ``[N_t, D]`` from the
+        feedback token before each target."""
+        rank = self.rank_head(h[:, 0::2][ev.target]).squeeze(-1)
+        queries = states_before(h[:, 1::2], self.start, ev.valid)[batch.target_mask]
+        return rank, queries
+
+    # ----------------------------------------------------------------------------------- scoring
+    def rank_logits(self, batch: JaggedBatch) -> torch.Tensor:
+        ev = Events.from_batch(batch)
+        return self.rank_head(self._encode(ev)[:, 0::2][ev.target]).squeeze(-1)
+
+    def retrieval_queries(self, batch: JaggedBatch) -> torch.Tensor:
+        ev = Events.from_batch(batch)
+        return states_before(self._encode(ev)[:, 1::2], self.start, ev.valid)[batch.target_mask]
+
+    def item_embeddings(self) -> torch.Tensor:
+        return self.item_emb.weight
+
+    def score_candidates(self, batch: JaggedBatch, candidates: torch.Tensor,
+                         request_time: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Retrieve-and-rank after each whole sequence of ``batch``: the next-item query ``[B, D]`` and
+        the ranking logits ``[B, M]`` of ``candidates [B, M]`` shown together in one new request."""
+        ev = Events.from_batch(batch)
+        n = ev.items.shape[1]
+        h = self._encode(ev, candidates, request_time)  # [B, 2N + M, D]
+        last = ev.valid.sum(1) - 1
+        query = h[:, 1: 2 * n: 2][torch.arange(len(last), device=h.device), last]  # [B, D]
+        return query, self.rank_head(h[:, 2 * n:]).squeeze(-1)
+
+    # ----------------------------------------------------------------------------------- training
+    def forward(self, batch: JaggedBatch) -> dict[str, torch.Tensor]:
+        ev = Events.from_batch(batch)
+        h = self._encode(ev)
+        rank, queries = self._heads(batch, ev, h)
+        out: dict[str, torch.Tensor] = {}
+        parts = []
+        if "retrieval" in self.tasks:
+            users = batch.users[batch.sequence_index()][batch.target_mask]
+            positives = batch.items[batch.target_mask]
+            queries, positives, users = self._with_favourites(batch, ev, h, queries, positives, users)
+            if self.training:
+                self.item_counts += torch.bincount(positives, minlength=self.num_items + 1).to(self.item_counts)
+            retrieval = self.retrieval_loss(queries, positives, users)
+            out["retrieval_loss"] = retrieval.detach()
+            parts.append(self.cfg.alpha * retrieval)
+        if "ranking" in self.tasks:
+            ranking = F.binary_cross_entropy_with_logits(rank.float(), batch.labels[batch.target_mask])
+            out["ranking_loss"] = ranking.detach()
+            parts.append(self.cfg.beta * ranking)
+        if self.weighter is not None:
+            weights = self.weighter(torch.stack([out["retrieval_loss"], out["ranking_loss"]]))
+            out |= {"w_retrieval": weights[0], "w_ranking": weights[1]}
+            parts = [w * p for w, p in zip(weights, parts, strict=True)]
+        out["loss"] = sum(parts)
+        return out
+
+    def _with_favourites(self, batch: JaggedBatch, ev: Events, h: torch.Tensor, queries: torch.Tensor,
+                         positives: torch.Tensor, users: torch.Tensor):
+        """Append one retrieval row per potential favourite: the query after the window's last event,
+        the favourite as its positive."""
+        fav = self.favourites[batch.users]  # [B, F]
+        if not bool((fav > 0).any()):
+            return queries, positives, users
+        last = ev.valid.sum(1) - 1
+        end_query = h[:, 1::2][torch.arange(len(last), device=h.device), last]  # [B, D]
+        row, slot = torch.nonzero(fav > 0, as_tuple=True)
+        return (torch.cat([queries, end_query[row]]), torch.cat([positives, fav[row, slot]]),
+                torch.cat([users, batch.users[row]]))
+
+    def retrieval_loss(self, queries: torch.Tensor, positives: torch.Tensor, users: torch.Tensor) -> torch.Tensor:
+        """Sampled softmax of each query ``[N, D]`` over its positive and ``num_negatives`` negatives:
+        ``num_negatives - m`` uniform catalogue items shared by the batch plus the user's ``m`` mined
+        hard negatives (uniform draws until mined), plus the batch's other positives if
+        ``in_batch_negatives``. Negatives equal to the row's positive or to one of the user's
+        favourites are masked out."""
+        cfg, table = self.cfg, self.item_emb.weight
+        n, device = len(queries), queries.device
+        m = cfg.hard_negatives
+        uniform = torch.randint(1, self.num_items + 1, (cfg.num_negatives - m,), device=device)  # [K - m]
+        hard = self.hard[users]  # [N, m]
+        hard = torch.where(hard > 0, hard, torch.randint_like(hard, 1, self.num_items + 1))
+        pos_logit = (queries * table[positives]).sum(-1, keepdim=True)  # [N, 1]
+        logits = [queries @ table[uniform].T, torch.einsum("nd,nmd->nm", queries, table[hard])]  # [N, K-m], [N, m]
+        ids = [uniform.expand(n, -1), hard]
+        if cfg.in_batch_negatives:
+            logits.append(queries @ table[positives].T)  # [N, N]
+            ids.append(positives.expand(n, -1))
+        if cfg.logq_correction:
+            log_q = self._log_expected_count(n, len(uniform))
+            pos_logit = pos_logit - log_q[positives][:, None]
+            logits[0] = logits[0] - log_q[uniform]
+            if cfg.in_batch_negatives:
+                logits[2] = logits[2] - log_q[positives][None, :]
+        neg_logit, neg_ids = torch.cat(logits, dim=1), torch.cat(ids, dim=1)  # [N, C]
+        drop = neg_ids == positives[:, None]
+        fav = self.favourites[users]  # [N, F]
+        drop |= ((neg_ids[:, :, None] == fav[:, None, :]) & (fav[:, None, :] > 0)).any(-1)
+        neg_logit = neg_logit.masked_fill(drop, float("-inf"))
+        logits_all = torch.cat([pos_logit, neg_logit], dim=1).float()
+        return F.cross_entropy(logits_all, torch.zeros(n, dtype=torch.long, device=device))
+
+    def _log_expected_count(self, batch_rows: int, uniform: int) -> torch.Tensor:
+        """``[I + 1]`` log of each item's expected count among the sampled candidates: ``uniform / I``
+        from the catalogue sampler plus ``batch_rows · p(item)`` from the batch (popularity estimated
+        from the training positives seen so far, add-one smoothed)."""
+        count = uniform / self.num_items
+        if self.cfg.in_batch_negatives:
+            p = (self.item_counts + 1) / (self.item_counts.sum() + self.num_items)
+            count = count + batch_rows * p
+        return torch.log(torch.as_tensor(count, device=self.item_counts.device).expand(self.num_items + 1))
+
+    # ----------------------------------------------------------------------------------- enhancer
+    @property
+    def enhancer_on(self) -> bool:
+        return self.cfg.hard_negatives > 0 or self.cfg.favourite_threshold < 1
+
+    @torch.no_grad()
+    def before_epoch(self, epoch: int, history_loader, device: torch.device) -> dict[str, float]:
+        """Ranking-driven enhancer: mine hard negatives and potential favourites for the next epoch
+        from the model as it stands (no mining before the first epoch: an untrained ranker says nothing)."""
+        if not self.enhancer_on:
+            return {}
+        if epoch == 0:
+            return {"mined_users": 0.0, "favourites": 0.0}
+        was_training = self.training
+        self.eval()
+        pool_size = self.pool_size
+        mined = torch.zeros(len(self.hard), dtype=torch.bool, device=device)
+        for batch in history_loader:
+            batch = batch.to(device)
+            # [B, P] distinct random items per row
+            pool = torch.rand(batch.batch_size, self.num_items, device=device).topk(pool_size, dim=1).indices + 1
+            query, rank = self.score_candidates(batch, pool)  # [B, D], [B, P]
+            s_ret = torch.sigmoid((query[:, None, :] * self.item_emb(pool)).sum(-1).float())
+            s_rank = torch.sigmoid(rank.float())
+            ev = Events.from_batch(batch)
+            seen = ((pool[:, :, None] == ev.items[:, None, :]) & ev.valid[:, None, :]).any(-1)  # [B, P]
+            if self.cfg.hard_negatives:
+                score = relative_score(s_ret, s_rank).masked_fill(seen, float("-inf"))
+                top = score.topk(self.cfg.hard_negatives, dim=1)
+                self.hard[batch.users] = torch.where(top.values > float("-inf"), pool.gather(1, top.indices), 0)
+            liked = s_rank.masked_fill(seen, 0.0)
+            top = liked.topk(min(self.cfg.max_favourites, pool_size), dim=1)
+            fav = torch.where(top.values > self.cfg.favourite_threshold, pool.gather(1, top.indices), 0)
+            self.favourites[batch.users] = F.pad(fav, (0, self.cfg.max_favourites - fav.shape[1]))
+            mined[batch.users] = True
+        self.train(was_training)
+        return {"mined_users": float(mined.sum()), "favourites": float((self.favourites > 0).sum())}
+

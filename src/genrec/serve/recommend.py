@@ -1,0 +1,62 @@
+"""Top-K recommendation for one user from a trained retrieval model (``genrec recommend``).
+
+The query is the model's retrieval query for a next event appended after the user's latest
+``max_len`` events (a placeholder: every retrieval model's query for event k reads only events
+before k, which the leakage tests check). The whole catalogue is scored; items the user has already
+rated are left out unless ``include_seen``. A model that can rank candidates after a history
+(UniGRF's :meth:`score_candidates`) also gives P(like) for each recommended item, so one model
+retrieves and ranks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from genrec.data.batching import collate
+from genrec.data.preprocess import Sequences
+from genrec.models.base import RecModel
+
+
+@dataclass
+class Recommendation:
+    item: str  # raw item id
+    title: str
+    genres: list[str]
+    score: float  # retrieval score (dot product)
+    p_like: float | None  # ranking probability, where the model ranks
+
+
+def user_index(seq: Sequences, raw_user: str) -> int:
+    try:
+        return seq.user_raw.index(str(raw_user))
+    except ValueError:
+        raise ValueError(f"user {raw_user!r} is not in the dataset ({seq.num_users} users)") from None
+
+
+@torch.no_grad()
+def recommend(model: RecModel, seq: Sequences, user: int, k: int, max_len: int, device: torch.device,
+              include_seen: bool = False) -> list[Recommendation]:
+    if "retrieval" not in model.tasks:
+        raise ValueError(f"{type(model).__name__} is not trained for retrieval (tasks: {model.tasks})")
+    s, e = int(seq.user_offsets[user]), int(seq.user_offsets[user + 1])
+    s = max(s, e - max_len + 1)  # room for the placeholder event
+    history = (user, seq.items[s:e], seq.actions[s:e], seq.labels[s:e], seq.timestamps[s:e], seq.request_ids[s:e], 0)
+    placeholder = (user, np.append(seq.items[s:e], 1), np.append(seq.actions[s:e], 0),
+                   np.append(seq.labels[s:e], 0), np.append(seq.timestamps[s:e], seq.timestamps[e - 1]),
+                   np.append(seq.request_ids[s:e], seq.request_ids[e - 1] + 1), e - s)
+    model.eval()
+    query = model.retrieval_queries(collate([placeholder]).to(device)).float()  # [1, D]
+    scores = (query @ model.item_embeddings().float().T)[0]  # [I + 1]
+    scores[0] = float("-inf")
+    if not include_seen:
+        scores[torch.from_numpy(seq.items[int(seq.user_offsets[user]):e].astype(np.int64)).to(device)] = float("-inf")
+    top = scores.topk(min(k, int(torch.isfinite(scores).sum())))
+    p_like = [None] * len(top.indices)
+    if hasattr(model, "score_candidates"):
+        _, logits = model.score_candidates(collate([history]).to(device), top.indices[None])
+        p_like = torch.sigmoid(logits.float())[0].tolist()
+    return [Recommendation(seq.item_raw[i - 1], seq.item_titles[i - 1], seq.item_genres[i - 1], float(v), p)
+            for i, v, p in zip(top.indices.tolist(), top.values.tolist(), p_like, strict=True)]
