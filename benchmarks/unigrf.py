@@ -60,7 +60,7 @@ PAPER_ROWS = {"UniGRF-HSTU": ("unigrf-hstu",) * 2, "UniGRF-Llama": ("unigrf-llam
 
 def run_dir(args, variant: str, seed: int) -> Path:
     name = f"{variant.replace('/', '').replace(' ', '-')}-{seed}"
-    return Path(args.runs) / args.dataset / f"unigrf-{args.protocol}" / name
+    return Path(args.runs) / args.dataset / f"unigrf-{args.protocol}{args.tag}" / name
 
 
 def run_one(variant: str, seed: int, args) -> dict:
@@ -140,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", default="runs")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     parser.add_argument("--set", nargs="*", default=[], help="extra config overrides for every run")
+    parser.add_argument("--tag", default="", help="suffix of the result file and run folder, e.g. _beta5")
     parser.add_argument("--reuse", action="store_true", help="reuse finished runs under --runs")
     args = parser.parse_args(argv)
     variants = args.variants.split(",")
@@ -164,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     text = (f"{table}\nPaper-style rows (ours, {args.dataset}, {args.protocol}, mean ± std over seeds {args.seeds}) "
             f"beside the paper's ML-1M figures:\n\n{paper}")
     argv_used = argv if argv is not None else sys.argv[1:]
-    out = Path(args.out) / f"{args.dataset}_unigrf{'' if args.protocol == 'loo' else '_' + args.protocol}"
+    out = Path(args.out) / f"{args.dataset}_unigrf{'' if args.protocol == 'loo' else '_' + args.protocol}{args.tag}"
     results.write(out, rows, text, results.meta(["python", "benchmarks/unigrf.py", *argv_used]))
     if {"unigrf-hstu", "w/o weighter"} <= set(variants):
         plot(rows, args, out.with_name(out.name + "_weighter.png"))

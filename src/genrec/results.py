@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import json
 import math
+import os
 import platform
 import shlex
 import statistics
@@ -17,12 +18,16 @@ import torch
 
 
 def meta(command: list[str] | None = None, device: str | None = None) -> dict:
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                check=False).stdout.strip()
-        commit = commit if len(commit) == 40 else None  # outside a checkout git echoes the argument
-    except OSError:
-        commit = None
+    commit = os.environ.get("GENREC_COMMIT")  # set where the code was copied without its git history
+    if not commit:
+        try:
+            commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                    check=False).stdout.strip()
+            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                                   text=True, check=False).stdout.strip()
+            commit = None if len(commit) != 40 else commit + ("-dirty" if dirty else "")
+        except OSError:
+            commit = None
     try:
         import triton
 
