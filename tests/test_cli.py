@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
+import math
 import subprocess
 import sys
+import zipfile
+from pathlib import Path
 
 import pytest
 
 from genrec.cli import main
+from tests.conftest import write_ml1m
 
 
 def test_data_stats_reports_published_counts(shared_data, capsys):
@@ -60,3 +65,24 @@ def test_unigrf_trains_mines_and_recommends(tmp_path, shared_data, capsys):
     assert main(["recommend", "--checkpoint", str(out), "--user", "1", "--k", "3", "--include-seen"]) == 0
     with pytest.raises(SystemExit, match="user 'nobody' is not in the dataset"):
         main(["recommend", "--checkpoint", str(out), "--user", "nobody"])
+
+
+def test_unigrf_config_runs_unchanged_on_ml1m_files(tmp_path, shared_data, capsys):
+    """configs/unigrf.yaml on MovieLens-1M's published format (``::`` files, whole-star ratings), written
+    here from the first 15 users of the real ml-latest-small ratings; only dataset, folder and length
+    of training are set."""
+    with zipfile.ZipFile(shared_data / "ml-latest-small" / "ml-latest-small.zip") as z:
+        ratings = list(csv.reader(io.TextIOWrapper(z.open("ml-latest-small/ratings.csv"), "utf-8")))[1:]
+        movies = list(csv.reader(io.TextIOWrapper(z.open("ml-latest-small/movies.csv"), "utf-8")))[1:]
+    kept = [r for r in ratings if int(r[0]) <= 15]
+    lines = "".join(f"{u}::{i}::{math.ceil(float(x))}::{t}\n" for u, i, x, t in kept)
+    titles = "".join(f"{i}::{title}::{genres}\n" for i, title, genres in movies)
+    latin1 = titles.encode("latin-1", "replace").decode("latin-1")  # ML-1M files are latin-1
+    write_ml1m(tmp_path / "ml-1m" / "ml-1m", ratings=lines, movies=latin1, users=None)
+    out = tmp_path / "run"
+    config = Path(__file__).resolve().parents[1] / "configs" / "unigrf.yaml"
+    assert main(["train", "--config", str(config), "--out-dir", str(out), "--set", "data.dataset=ml-1m",
+                 f"data.data_dir={tmp_path}", "train.epochs=2", "train.device=cpu"]) == 0
+    assert "hr@10" in capsys.readouterr().out
+    history = json.loads((out / "metrics.json").read_text())["history"]
+    assert [h["mined_users"] for h in history] == [0.0, 15.0]
