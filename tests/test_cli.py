@@ -40,6 +40,9 @@ def test_train_then_eval_from_checkpoint(tmp_path, shared_data, capsys):
     assert (out / "best" / "model.safetensors").is_file() and (out / "train_log.csv").is_file()
     assert main(["eval", "--checkpoint", str(out), "--split", "valid"]) == 0
     assert "valid metrics" in capsys.readouterr().out
+    assert main(["recommend", "--checkpoint", str(out), "--user", "7", "--k", "4", "--json"]) == 0
+    recs = json.loads(capsys.readouterr().out.strip().splitlines()[-1])  # SASRec retrieves, does not rank
+    assert len(recs) == 4 and all(r["p_like"] is None for r in recs)
 
 
 def test_unigrf_trains_mines_and_recommends(tmp_path, shared_data, capsys):
