@@ -21,7 +21,7 @@ from pathlib import Path
 from genrec import results
 from genrec.config import load
 from genrec.flops import LINEAR_PER_TOKEN, flops
-from genrec.grid import train_run
+from genrec.grid import add_grid_arguments, train_run
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -50,18 +50,11 @@ def run_one(model: str, protocol: str, seed: int, args) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--dataset", default="ml-latest-small")
+    add_grid_arguments(parser, runs="runs/ranking", out=str(ROOT / "benchmarks" / "results"))
     parser.add_argument("--name", default="ranking", help="result file: <dataset>_<name>.{json,md}")
     parser.add_argument("--config", default=str(ROOT / "configs" / "ranking.yaml"))
     parser.add_argument("--models", default="hstu,genrank,dfgr,sfgr")
     parser.add_argument("--protocols", default="loo,temporal")
-    parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--jobs", type=int, default=1, help="runs in parallel (one process each)")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--runs", default="runs/ranking")
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
-    parser.add_argument("--set", nargs="*", default=[], help="extra config overrides for every run")
-    parser.add_argument("--reuse", action="store_true", help="reuse finished runs under --runs")
     args = parser.parse_args(argv)
     grid = [(m, p, int(s)) for m in args.models.split(",") for p in args.protocols.split(",")
             for s in args.seeds.split(",")]

@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from genrec import results
-from genrec.grid import train_run
+from genrec.grid import add_grid_arguments, train_run
 
 ROOT = Path(__file__).resolve().parent.parent
 SINGLE = ["model_args.hard_negatives=0", "model_args.favourite_threshold=1.0", "model_args.weighter=false"]
@@ -130,18 +130,11 @@ def plot(rows: list[dict], args, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--dataset", default="ml-latest-small")
+    add_grid_arguments(parser, runs="runs", out=str(ROOT / "benchmarks" / "results"))
     parser.add_argument("--protocol", default="loo", choices=["loo", "temporal"],
                         help="loo is the paper's; temporal gives ~10k test targets instead of one per user")
-    parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--variants", default=",".join(VARIANTS))
-    parser.add_argument("--jobs", type=int, default=1, help="runs in parallel (one process each)")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--runs", default="runs")
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
-    parser.add_argument("--set", nargs="*", default=[], help="extra config overrides for every run")
     parser.add_argument("--tag", default="", help="suffix of the result file and run folder, e.g. _beta5")
-    parser.add_argument("--reuse", action="store_true", help="reuse finished runs under --runs")
     args = parser.parse_args(argv)
     variants = args.variants.split(",")
     unknown = set(variants) - set(VARIANTS)

@@ -6,6 +6,7 @@ under ``out`` and, once finished, a ``benchmark_row.json`` there, so ``reuse`` s
 
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 import statistics
@@ -36,3 +37,15 @@ def train_run(config: str | Path, overrides: list[str], out: Path, label: str, r
     row = row_of(metrics, {"wall_s": wall, "train_events_per_s": statistics.median(speeds)})
     done.write_text(json.dumps(row))
     return row
+
+
+def add_grid_arguments(parser: argparse.ArgumentParser, runs: str, out: str) -> None:
+    """The options every grid script takes: data, seeds, parallelism, device, folders, overrides."""
+    parser.add_argument("--dataset", default="ml-latest-small")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--jobs", type=int, default=1, help="runs in parallel (one process each)")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--runs", default=runs)
+    parser.add_argument("--out", default=out)
+    parser.add_argument("--set", nargs="*", default=[], help="extra config overrides for every run")
+    parser.add_argument("--reuse", action="store_true", help="reuse finished runs under --runs")

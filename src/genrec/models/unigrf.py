@@ -184,21 +184,28 @@ class UniGRF(RecModel):
                              rule=layout.rule)
         return torch.cat([x, self.item_emb(candidates)], dim=1), joined
 
-    def _heads(self, batch: JaggedBatch, ev: Events, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Ranking logits ``[N_t]`` at the target item tokens, retrieval queries ``[N_t, D]`` from the
-        feedback token before each target."""
-        rank = self.rank_head(h[:, 0::2][ev.target]).squeeze(-1)
-        queries = states_before(h[:, 1::2], self.start, ev.valid)[batch.target_mask]
-        return rank, queries
+    def _rank(self, ev: Events, h: torch.Tensor) -> torch.Tensor:
+        """Ranking logits ``[N_t]`` at the target item tokens."""
+        return self.rank_head(h[:, 0::2][ev.target]).squeeze(-1)
+
+    def _queries(self, batch: JaggedBatch, ev: Events, h: torch.Tensor) -> torch.Tensor:
+        """Retrieval queries ``[N_t, D]``: the feedback token's output before each target."""
+        return states_before(h[:, 1::2], self.start, ev.valid)[batch.target_mask]
+
+    @staticmethod
+    def _end_query(ev: Events, h: torch.Tensor) -> torch.Tensor:
+        """``[B, D]``: the query for the item after each row's last event (its feedback token)."""
+        last = ev.valid.sum(1) - 1
+        return h[:, 1::2][torch.arange(len(last), device=h.device), last]
 
     # ----------------------------------------------------------------------------------- scoring
     def rank_logits(self, batch: JaggedBatch) -> torch.Tensor:
         ev = Events.from_batch(batch)
-        return self.rank_head(self._encode(ev)[:, 0::2][ev.target]).squeeze(-1)
+        return self._rank(ev, self._encode(ev))
 
     def retrieval_queries(self, batch: JaggedBatch) -> torch.Tensor:
         ev = Events.from_batch(batch)
-        return states_before(self._encode(ev)[:, 1::2], self.start, ev.valid)[batch.target_mask]
+        return self._queries(batch, ev, self._encode(ev))
 
     def item_embeddings(self) -> torch.Tensor:
         return self.item_emb.weight
@@ -208,29 +215,27 @@ class UniGRF(RecModel):
         """Retrieve-and-rank after each whole sequence of ``batch``: the next-item query ``[B, D]`` and
         the ranking logits ``[B, M]`` of ``candidates [B, M]`` shown together in one new request."""
         ev = Events.from_batch(batch)
-        n = ev.items.shape[1]
         h = self._encode(ev, candidates, request_time)  # [B, 2N + M, D]
-        last = ev.valid.sum(1) - 1
-        query = h[:, 1: 2 * n: 2][torch.arange(len(last), device=h.device), last]  # [B, D]
-        return query, self.rank_head(h[:, 2 * n:]).squeeze(-1)
+        return self._end_query(ev, h), self.rank_head(h[:, 2 * ev.items.shape[1]:]).squeeze(-1)
 
     # ----------------------------------------------------------------------------------- training
     def forward(self, batch: JaggedBatch) -> dict[str, torch.Tensor]:
         ev = Events.from_batch(batch)
         h = self._encode(ev)
-        rank, queries = self._heads(batch, ev, h)
+        rank = self._rank(ev, h) if "ranking" in self.tasks else None  # first: its dropout draws precede the negatives'
         out: dict[str, torch.Tensor] = {}
         parts = []
         if "retrieval" in self.tasks:
             users = batch.users[batch.sequence_index()][batch.target_mask]
             positives = batch.items[batch.target_mask]
-            queries, positives, users = self._with_favourites(batch, ev, h, queries, positives, users)
+            queries, positives, users = self._with_favourites(batch, ev, h, self._queries(batch, ev, h), positives,
+                                                              users)
             if self.training:
                 self.item_counts += torch.bincount(positives, minlength=self.num_items + 1).to(self.item_counts)
             retrieval = self.retrieval_loss(queries, positives, users)
             out["retrieval_loss"] = retrieval.detach()
             parts.append(self.cfg.alpha * retrieval)
-        if "ranking" in self.tasks:
+        if rank is not None:
             ranking = F.binary_cross_entropy_with_logits(rank.float(), batch.labels[batch.target_mask])
             out["ranking_loss"] = ranking.detach()
             parts.append(self.cfg.beta * ranking)
@@ -248,10 +253,8 @@ class UniGRF(RecModel):
         fav = self.favourites[batch.users]  # [B, F]
         if not bool((fav > 0).any()):
             return queries, positives, users
-        last = ev.valid.sum(1) - 1
-        end_query = h[:, 1::2][torch.arange(len(last), device=h.device), last]  # [B, D]
         row, slot = torch.nonzero(fav > 0, as_tuple=True)
-        return (torch.cat([queries, end_query[row]]), torch.cat([positives, fav[row, slot]]),
+        return (torch.cat([queries, self._end_query(ev, h)[row]]), torch.cat([positives, fav[row, slot]]),
                 torch.cat([users, batch.users[row]]))
 
     def retrieval_loss(self, queries: torch.Tensor, positives: torch.Tensor, users: torch.Tensor) -> torch.Tensor:

@@ -43,10 +43,10 @@ def recommend(model: RecModel, seq: Sequences, user: int, k: int, max_len: int, 
         raise ValueError(f"{type(model).__name__} is not trained for retrieval (tasks: {model.tasks})")
     s, e = int(seq.user_offsets[user]), int(seq.user_offsets[user + 1])
     s = max(s, e - max_len + 1)  # room for the placeholder event
-    history = (user, seq.items[s:e], seq.actions[s:e], seq.labels[s:e], seq.timestamps[s:e], seq.request_ids[s:e], 0)
-    placeholder = (user, np.append(seq.items[s:e], 1), np.append(seq.actions[s:e], 0),
-                   np.append(seq.labels[s:e], 0), np.append(seq.timestamps[s:e], seq.timestamps[e - 1]),
-                   np.append(seq.request_ids[s:e], seq.request_ids[e - 1] + 1), e - s)
+    window = [seq.items[s:e], seq.actions[s:e], seq.labels[s:e], seq.timestamps[s:e], seq.request_ids[s:e]]
+    history = (user, *window, 0)
+    next_event = [1, 0, 0, seq.timestamps[e - 1], seq.request_ids[e - 1] + 1]  # item 1 stands in; never read
+    placeholder = (user, *(np.append(a, v) for a, v in zip(window, next_event, strict=True)), e - s)
     model.eval()
     query = model.retrieval_queries(collate([placeholder]).to(device)).float()  # [1, D]
     scores = (query @ model.item_embeddings().float().T)[0]  # [I + 1]
