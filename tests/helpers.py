@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
+
+from genrec.data.batching import JaggedBatch
 
 
 def loss_before_and_after_fitting(trainer, steps: int = 30) -> tuple[float, float]:
@@ -24,3 +27,33 @@ def loss_before_and_after_fitting(trainer, steps: int = 30) -> tuple[float, floa
         trainer.model(batch)["loss"].backward()
         trainer.optimizer.step()
     return first, loss()
+
+
+def make_batch(lengths: list[int], seed: int, all_targets: bool = True) -> JaggedBatch:
+    """Random ragged sequences; requests of 1-3 events with equal timestamps."""
+    rng = np.random.default_rng(seed)
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    requests, times = [], []
+    for n in lengths:
+        r, t, left = [], [], 0
+        req, now = -1, 1_000_000
+        for _ in range(n):
+            if left == 0:
+                req, left = req + 1, int(rng.integers(1, 4))
+                now += int(rng.integers(1, 100_000))
+            r.append(req)
+            t.append(now)
+            left -= 1
+        requests += r
+        times += t
+    total = int(offsets[-1])
+    actions = rng.integers(0, 5, total)
+    target = np.ones(total, bool)
+    if not all_targets:
+        for s, e in zip(offsets[:-1], offsets[1:], strict=True):
+            target[s: s + (e - s) // 2] = False
+    return JaggedBatch(
+        offsets=torch.tensor(offsets), items=torch.tensor(rng.integers(1, 41, total)),
+        actions=torch.tensor(actions), labels=torch.tensor((actions >= 3).astype(np.float32)),
+        timestamps=torch.tensor(times), request_ids=torch.tensor(requests), target_mask=torch.tensor(target),
+        users=torch.arange(len(lengths)))

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from genrec.models import MODELS, build_model
-from tests.models.test_generative import INFO, make_batch
+from tests.helpers import make_batch
+from tests.models.test_generative import INFO
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))

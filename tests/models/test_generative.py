@@ -9,40 +9,11 @@ import torch
 from genrec.data.batching import JaggedBatch
 from genrec.models import build_model
 from genrec.models.base import DatasetInfo
+from tests.helpers import make_batch
 
 GENERATIVE = ["hstu", "genrank", "dfgr", "sfgr"]
 INFO = DatasetInfo(num_items=40, num_actions=5, num_users=10, item_genres=np.zeros((41, 1), np.float32),
                    rating_values=[1.0, 2.0, 3.0, 4.0, 5.0])
-
-
-def make_batch(lengths: list[int], seed: int, all_targets: bool = True) -> JaggedBatch:
-    """Random ragged sequences; requests of 1-3 events with equal timestamps."""
-    rng = np.random.default_rng(seed)
-    offsets = np.concatenate([[0], np.cumsum(lengths)])
-    requests, times = [], []
-    for n in lengths:
-        r, t, left = [], [], 0
-        req, now = -1, 1_000_000
-        for _ in range(n):
-            if left == 0:
-                req, left = req + 1, int(rng.integers(1, 4))
-                now += int(rng.integers(1, 100_000))
-            r.append(req)
-            t.append(now)
-            left -= 1
-        requests += r
-        times += t
-    total = int(offsets[-1])
-    actions = rng.integers(0, 5, total)
-    target = np.ones(total, bool)
-    if not all_targets:
-        for s, e in zip(offsets[:-1], offsets[1:], strict=True):
-            target[s: s + (e - s) // 2] = False
-    return JaggedBatch(
-        offsets=torch.tensor(offsets), items=torch.tensor(rng.integers(1, 41, total)),
-        actions=torch.tensor(actions), labels=torch.tensor((actions >= 3).astype(np.float32)),
-        timestamps=torch.tensor(times), request_ids=torch.tensor(requests), target_mask=torch.tensor(target),
-        users=torch.arange(len(lengths)))
 
 
 def make_model(name: str, dtype=torch.float64, **args):

@@ -10,8 +10,8 @@ from genrec.config import load
 from genrec.data.batching import JaggedBatch
 from genrec.models import build_model
 from genrec.train.trainer import Trainer
-from tests.helpers import loss_before_and_after_fitting
-from tests.models.test_generative import INFO, make_batch
+from tests.helpers import loss_before_and_after_fitting, make_batch
+from tests.models.test_generative import INFO
 
 RETRIEVAL = ["sasrec", "gru4rec", "narm", "bprmf"]
 

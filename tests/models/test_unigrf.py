@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from genrec.data.batching import JaggedBatch
 from genrec.models import build_model
 from genrec.models.unigrf import AdaptiveWeighter, adaptive_weights, relative_score
-from tests.models.test_generative import INFO, make_batch
+from tests.helpers import make_batch
+from tests.models.test_generative import INFO
 
 BACKBONES = ["hstu", "llama"]
 

@@ -55,6 +55,18 @@ class JaggedBatch:
         return torch.arange(self.num_events, device=self.offsets.device) - self.offsets[:-1][self.sequence_index()]
 
 
+def pad_jagged(values: torch.Tensor, offsets: torch.Tensor, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Jagged ``[T, ...]`` -> padded ``[B, max_len, ...]`` (right padding) and the valid mask ``[B, max_len]``."""
+    batch = len(offsets) - 1
+    lengths = offsets[1:] - offsets[:-1]
+    seq = torch.repeat_interleave(torch.arange(batch, device=values.device), lengths)
+    pos = torch.arange(len(values), device=values.device) - offsets[:-1][seq]
+    out = values.new_zeros((batch, max_len, *values.shape[1:]))
+    out[seq, pos] = values
+    valid = torch.arange(max_len, device=values.device)[None, :] < lengths[:, None]
+    return out, valid
+
+
 class WindowDataset(Dataset):
     """One item per window of :func:`genrec.data.splits.windows`."""
 

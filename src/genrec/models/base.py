@@ -84,18 +84,6 @@ def sampled_softmax_loss(queries: torch.Tensor, positives: torch.Tensor, item_ta
                                                                    device=queries.device))
 
 
-def pad_jagged(values: torch.Tensor, offsets: torch.Tensor, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Jagged ``[T, ...]`` -> padded ``[B, max_len, ...]`` (right padding) and the valid mask ``[B, max_len]``."""
-    batch = len(offsets) - 1
-    lengths = offsets[1:] - offsets[:-1]
-    seq = torch.repeat_interleave(torch.arange(batch, device=values.device), lengths)
-    pos = torch.arange(len(values), device=values.device) - offsets[:-1][seq]
-    out = values.new_zeros((batch, max_len, *values.shape[1:]))
-    out[seq, pos] = values
-    valid = torch.arange(max_len, device=values.device)[None, :] < lengths[:, None]
-    return out, valid
-
-
 def states_before(h: torch.Tensor, start: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """``[B, L, D]`` states after reading events ``0..i`` -> ``[T, D]`` jagged states *before* each
     event (a learned ``start`` vector before the first): the query a next-item model uses for event i."""

@@ -11,6 +11,7 @@ So no fake token ever sees its own action or its request's actions, at any depth
 predictions are taken on fake-flow outputs at the target events. Fake tokens take the position of
 their request's first event, so that training and serving (history + candidates) agree exactly.
 Attention cost per layer: N²/2 (real causal) + N²/2 (fake cross) ≈ N², against HSTU's (2N)²/2.
+Serving runs the history through the real flow once (KV cache) and scores candidates as fake tokens.
 Features: item id, action, position and time through HSTU's relative bias.
 """
 
@@ -23,9 +24,9 @@ from torch import nn
 
 from genrec.data.batching import JaggedBatch
 from genrec.models.base import DatasetInfo
-from genrec.models.generative import GenerativeRanker
+from genrec.models.generative import CachedServingRanker
 from genrec.nn.embeddings import ActionEmbedding
-from genrec.nn.events import Events
+from genrec.nn.events import Events, dual_flow_layout, event_layout
 from genrec.nn.hstu import HSTUBlock
 from genrec.ops.dispatch import get_backend
 from genrec.ops.layout import TokenLayout
@@ -43,7 +44,9 @@ class DFGRConfig:
     multiclass_weight: float = 0.0
 
 
-class DFGR(GenerativeRanker):
+class DFGR(CachedServingRanker):
+    candidates_are_fake = True
+
     def __init__(self, cfg: DFGRConfig, info: DatasetInfo):
         super().__init__(cfg.d_model, info, cfg.extra_thresholds, cfg.multiclass_weight)
         self.cfg = cfg
@@ -56,38 +59,19 @@ class DFGR(GenerativeRanker):
             for _ in range(cfg.num_layers))
         self.norm = nn.LayerNorm(cfg.d_model)
 
-    def _run(self, real_flow: torch.Tensor, fake_flow: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
-        x = torch.cat([real_flow, fake_flow], dim=1)  # [B, N + M, D]
-        for block in self.blocks:
-            x = block(x, layout, self.backend)
-        return self.norm(x[:, real_flow.shape[1]:])  # fake-flow outputs [B, M, D]
+    def history_tokens(self, ev: Events) -> tuple[torch.Tensor, TokenLayout]:
+        return self.item_emb(ev.items) + self.action_emb(ev.actions), event_layout(ev, "dual_flow")  # real flow
+
+    def candidate_tokens(self, candidates: torch.Tensor) -> torch.Tensor:
+        hidden = torch.ones_like(candidates, dtype=torch.bool)
+        return self.item_emb(candidates) + self.action_emb(torch.zeros_like(candidates), hidden)  # fake flow
 
     def target_hidden(self, batch: JaggedBatch) -> torch.Tensor:
         ev = Events.from_batch(batch)
-        real_flow = self.item_emb(ev.items) + self.action_emb(ev.actions)  # [B, N, D]
+        real_flow, _ = self.history_tokens(ev)
         fake_flow = self.item_emb(ev.items) + self.action_emb(ev.actions, hidden=torch.ones_like(ev.valid))
-        layout = TokenLayout(
-            valid=torch.cat([ev.valid, ev.valid], 1), request=torch.cat([ev.request, ev.request], 1),
-            event=torch.cat([ev.position, ev.position], 1),
-            fake=torch.cat([torch.zeros_like(ev.valid), torch.ones_like(ev.valid)], 1),
-            position=torch.cat([ev.position, ev.request_start], 1),
-            timestamp=torch.cat([ev.timestamp, ev.timestamp], 1), rule="dual_flow")
-        return self._run(real_flow, fake_flow, layout)[ev.target]
-
-    def serve_logits(self, history: JaggedBatch, candidates: torch.Tensor, request_time: torch.Tensor) -> torch.Tensor:
-        """Score ``candidates`` ``[B, M]`` (item ids) of the next request at ``request_time`` ``[B]``,
-        reading each user's ``history`` (all earlier events) through the real flow only."""
-        ev = Events.from_batch(history)
-        b, m = candidates.shape
-        real_flow = self.item_emb(ev.items) + self.action_emb(ev.actions)
-        fake_flow = self.item_emb(candidates) + self.action_emb(torch.zeros_like(candidates),
-                                                                hidden=torch.ones_like(candidates, dtype=torch.bool))
-        lengths = history.lengths[:, None].expand(b, m)
-        next_request = (ev.request.masked_fill(~ev.valid, -1).max(1).values + 1)[:, None].expand(b, m)
-        layout = TokenLayout(
-            valid=torch.cat([ev.valid, torch.ones_like(candidates, dtype=torch.bool)], 1),
-            request=torch.cat([ev.request, next_request], 1), event=torch.cat([ev.position, lengths], 1),
-            fake=torch.cat([torch.zeros_like(ev.valid), torch.ones_like(candidates, dtype=torch.bool)], 1),
-            position=torch.cat([ev.position, lengths], 1),
-            timestamp=torch.cat([ev.timestamp, request_time[:, None].expand(b, m)], 1), rule="dual_flow")
-        return self.heads.main_logit(self.heads(self._run(real_flow, fake_flow, layout).reshape(b * m, -1))).view(b, m)
+        x = torch.cat([real_flow, fake_flow], dim=1)  # [B, 2N, D]
+        layout = dual_flow_layout(ev)
+        for block in self.blocks:
+            x = block(x, layout, self.backend)
+        return self.norm(x[:, real_flow.shape[1]:])[ev.target]  # fake-flow outputs at the targets

@@ -11,7 +11,10 @@ import torch
 
 from genrec.data.batching import JaggedBatch
 from genrec.models.base import DatasetInfo, RecModel
+from genrec.nn.events import Events, append_candidates
 from genrec.nn.heads import ActionHeads
+from genrec.ops.layout import TokenLayout
+from genrec.serve.kv_cache import KVCache
 
 
 class GenerativeRanker(RecModel):
@@ -30,3 +33,47 @@ class GenerativeRanker(RecModel):
 
     def rank_logits(self, batch: JaggedBatch) -> torch.Tensor:
         return self.heads.main_logit(self.heads(self.target_hidden(batch)))
+
+
+class CachedServingRanker(GenerativeRanker):
+    """Serving for rankers built of HSTU blocks (HSTU, DFGR): the history runs once and leaves a
+    per-layer KV cache; candidates of the next request are then scored against it in micro-batches,
+    each candidate reading the history and itself only (the M-FALCON candidate mask). A subclass says
+    how events become history tokens and how candidates become tokens."""
+
+    candidates_are_fake = False  # dual-flow models score candidates as fake-flow tokens
+
+    def history_tokens(self, ev: Events) -> tuple[torch.Tensor, TokenLayout]:  # [B, N_tok, D] and layout
+        raise NotImplementedError
+
+    def candidate_tokens(self, candidates: torch.Tensor) -> torch.Tensor:  # [B, M] ids -> [B, M, D]
+        raise NotImplementedError
+
+    def encode_history(self, history: JaggedBatch, capacity: int) -> KVCache:
+        """Run ``history`` through every layer once; the cache has room for ``capacity`` candidates."""
+        ev = Events.from_batch(history)
+        x, layout = self.history_tokens(ev)
+        cache = KVCache.empty(ev, layout, len(self.blocks), capacity)
+        for block, layer in zip(self.blocks, cache.layers, strict=True):
+            x = block(x, layout, self.backend, layer)
+        cache.commit()
+        return cache
+
+    def score_cached(self, cache: KVCache, candidates: torch.Tensor,
+                     request_time: torch.Tensor | None = None) -> torch.Tensor:
+        """Main-task logits ``[B, M]`` of ``candidates`` ``[B, M]`` (M <= the cache's capacity) as the
+        next request at ``request_time`` ``[B]`` (default: the last event's time)."""
+        b, m = candidates.shape
+        layout = append_candidates(cache.layout, cache.events, m, request_time, fake=self.candidates_are_fake)
+        x = self.candidate_tokens(candidates)
+        for block, layer in zip(self.blocks, cache.layers, strict=True):
+            x = block(x, layout, self.backend, layer)
+        return self.heads.main_logit(self.heads(self.norm(x).reshape(b * m, -1))).view(b, m)
+
+    def serve_logits(self, history: JaggedBatch, candidates: torch.Tensor, request_time: torch.Tensor,
+                     micro_batch: int | None = None) -> torch.Tensor:
+        """Cold scoring: encode ``history``, then score ``candidates`` ``[B, M]`` in micro-batches."""
+        step = micro_batch or candidates.shape[1]
+        cache = self.encode_history(history, step)
+        return torch.cat([self.score_cached(cache, candidates[:, i:i + step], request_time)
+                          for i in range(0, candidates.shape[1], step)], dim=1)

@@ -21,7 +21,7 @@ from genrec.data.batching import JaggedBatch
 from genrec.models.base import DatasetInfo
 from genrec.models.generative import GenerativeRanker
 from genrec.nn.embeddings import ActionEmbedding, TimeGapEmbedding
-from genrec.nn.events import Events
+from genrec.nn.events import Events, append_candidates, dual_flow_layout, event_layout
 from genrec.nn.softmax import SoftmaxBlock
 from genrec.ops.dispatch import get_backend
 from genrec.ops.layout import TokenLayout
@@ -71,28 +71,17 @@ class GenRank(GenerativeRanker):
         history = self._embed(ev.items, ev.actions, None, ev.position, ev.request, ev.timestamp, ev.prev_request_time)
         candidates = self._embed(ev.items, ev.actions, torch.ones_like(ev.valid), ev.request_start, ev.request,
                                  ev.timestamp, ev.prev_request_time)
-        layout = TokenLayout(
-            valid=torch.cat([ev.valid, ev.target], 1), request=torch.cat([ev.request, ev.request], 1),
-            event=torch.cat([ev.position, ev.position], 1),
-            fake=torch.cat([torch.zeros_like(ev.valid), torch.ones_like(ev.valid)], 1),
-            position=torch.cat([ev.position, ev.request_start], 1),
-            timestamp=torch.cat([ev.timestamp, ev.timestamp], 1), rule="dual_flow")
-        return self._run(history, candidates, layout)[ev.target]
+        return self._run(history, candidates, dual_flow_layout(ev, fake_valid=ev.target))[ev.target]
 
     def serve_logits(self, history: JaggedBatch, candidates: torch.Tensor, request_time: torch.Tensor) -> torch.Tensor:
         """Score ``candidates`` ``[B, M]`` of the next request at ``request_time`` ``[B]`` after ``history``."""
         ev = Events.from_batch(history)
         b, m = candidates.shape
+        n = ev.items.shape[1]
         hist = self._embed(ev.items, ev.actions, None, ev.position, ev.request, ev.timestamp, ev.prev_request_time)
-        lengths = history.lengths[:, None].expand(b, m)
-        next_request = (ev.request.masked_fill(~ev.valid, -1).max(1).values + 1)[:, None].expand(b, m)
-        last_time = ev.timestamp.gather(1, (history.lengths - 1)[:, None]).expand(b, m)
-        times = request_time[:, None].expand(b, m)
+        layout = append_candidates(event_layout(ev, "dual_flow"), ev, m, request_time, fake=True)
+        last_time = ev.timestamp.gather(1, (history.lengths - 1)[:, None]).expand(b, m)  # the previous request
         ones = torch.ones_like(candidates, dtype=torch.bool)
-        cand = self._embed(candidates, torch.zeros_like(candidates), ones, lengths, next_request, times, last_time)
-        layout = TokenLayout(
-            valid=torch.cat([ev.valid, ones], 1), request=torch.cat([ev.request, next_request], 1),
-            event=torch.cat([ev.position, lengths], 1), fake=torch.cat([torch.zeros_like(ev.valid), ones], 1),
-            position=torch.cat([ev.position, lengths], 1), timestamp=torch.cat([ev.timestamp, times], 1),
-            rule="dual_flow")
+        cand = self._embed(candidates, torch.zeros_like(candidates), ones, layout.position[:, n:],
+                           layout.request[:, n:], layout.timestamp[:, n:], last_time)
         return self.heads.main_logit(self.heads(self._run(hist, cand, layout).reshape(b * m, -1))).view(b, m)

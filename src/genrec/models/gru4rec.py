@@ -10,8 +10,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from genrec.data.batching import JaggedBatch
-from genrec.models.base import DatasetInfo, NextItemModel, pad_jagged, states_before
+from genrec.data.batching import JaggedBatch, pad_jagged
+from genrec.models.base import DatasetInfo, NextItemModel, states_before
 
 
 @dataclass

@@ -4,7 +4,8 @@ Tokens interleave items and actions, ``[x0 a0 x1 a1 ...]`` (2N tokens). The outp
 ``x_k`` predicts action ``a_k``. Masking (``request_causal``): a token reads all tokens of earlier
 requests and its own event's tokens up to itself, so ``x_k`` never sees ``a_k`` nor the actions of
 events in its request, at any depth (layout: :func:`genrec.nn.events.item_action_layout`).
-Features: item id, action, position and time through the relative bias.
+Features: item id, action, position and time through the relative bias. Serving appends candidates
+as item tokens of the next request, against a KV cache of the history (:class:`CachedServingRanker`).
 """
 
 from __future__ import annotations
@@ -16,11 +17,12 @@ from torch import nn
 
 from genrec.data.batching import JaggedBatch
 from genrec.models.base import DatasetInfo
-from genrec.models.generative import GenerativeRanker
+from genrec.models.generative import CachedServingRanker
 from genrec.nn.embeddings import ActionEmbedding
 from genrec.nn.events import Events, interleave, item_action_layout
 from genrec.nn.hstu import HSTUBlock
 from genrec.ops.dispatch import get_backend
+from genrec.ops.layout import TokenLayout
 
 
 @dataclass
@@ -35,7 +37,7 @@ class HSTUConfig:
     multiclass_weight: float = 0.0
 
 
-class HSTU(GenerativeRanker):
+class HSTU(CachedServingRanker):
     def __init__(self, cfg: HSTUConfig, info: DatasetInfo):
         super().__init__(cfg.d_model, info, cfg.extra_thresholds, cfg.multiclass_weight)
         self.cfg = cfg
@@ -48,10 +50,15 @@ class HSTU(GenerativeRanker):
                       num_position_buckets=cfg.max_len + 1) for _ in range(cfg.num_layers))
         self.norm = nn.LayerNorm(cfg.d_model)
 
+    def history_tokens(self, ev: Events) -> tuple[torch.Tensor, TokenLayout]:
+        return interleave(self.item_emb(ev.items), self.action_emb(ev.actions)), item_action_layout(ev)  # [B, 2N, D]
+
+    def candidate_tokens(self, candidates: torch.Tensor) -> torch.Tensor:
+        return self.item_emb(candidates)  # item tokens of the next request
+
     def target_hidden(self, batch: JaggedBatch) -> torch.Tensor:
         ev = Events.from_batch(batch)
-        x = interleave(self.item_emb(ev.items), self.action_emb(ev.actions))  # [B, 2N, D]
-        layout = item_action_layout(ev)
+        x, layout = self.history_tokens(ev)
         for block in self.blocks:
             x = block(x, layout, self.backend)
         return self.norm(x[:, 0::2][ev.target])  # item tokens at targets, [N_t, D]

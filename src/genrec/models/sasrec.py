@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from genrec.data.batching import JaggedBatch
-from genrec.models.base import DatasetInfo, RecModel, pad_jagged, sampled_softmax_loss, states_before
+from genrec.data.batching import JaggedBatch, pad_jagged
+from genrec.models.base import DatasetInfo, RecModel, sampled_softmax_loss, states_before
 
 
 @dataclass

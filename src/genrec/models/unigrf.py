@@ -37,11 +37,10 @@ from torch import nn
 from genrec.data.batching import JaggedBatch
 from genrec.models.base import DatasetInfo, RecModel, states_before
 from genrec.nn.ctr import mlp
-from genrec.nn.events import Events, interleave, item_action_layout
+from genrec.nn.events import Events, append_candidates, interleave, item_action_layout
 from genrec.nn.hstu import HSTUBlock
 from genrec.nn.llama import LlamaBlock
 from genrec.ops.dispatch import get_backend
-from genrec.ops.layout import TokenLayout
 
 OBJECTIVES = {"unified": ("ranking", "retrieval"), "retrieval": ("retrieval",), "ranking": ("ranking",)}
 
@@ -158,31 +157,11 @@ class UniGRF(RecModel):
         x = interleave(self.item_emb(ev.items), self.feedback_emb(ev.labels.long()))  # [B, 2N, D]
         layout = item_action_layout(ev)
         if candidates is not None:
-            x, layout = self._append_candidates(x, layout, ev, candidates, request_time)
+            x = torch.cat([x, self.item_emb(candidates)], dim=1)
+            layout = append_candidates(layout, ev, candidates.shape[1], request_time)
         for block in self.blocks:
             x = block(x, layout, self.backend)
         return self.norm(x)
-
-    def _append_candidates(self, x: torch.Tensor, layout: TokenLayout, ev: Events, candidates: torch.Tensor,
-                           request_time: torch.Tensor | None) -> tuple[torch.Tensor, TokenLayout]:
-        b, m = candidates.shape
-        n = ev.items.shape[1]
-        last = ev.valid.sum(1) - 1  # [B] index of each row's last event
-        rows = torch.arange(b, device=x.device)
-        time = ev.timestamp[rows, last] if request_time is None else request_time
-
-        def column(value: torch.Tensor) -> torch.Tensor:  # [B] -> [B, M]
-            return value[:, None].expand(b, m)
-
-        extra = TokenLayout(
-            valid=torch.ones_like(candidates, dtype=torch.bool), request=column(ev.request[rows, last] + 1),
-            event=n + torch.arange(m, device=x.device).expand(b, m),
-            fake=torch.zeros_like(candidates, dtype=torch.bool), position=column(last + 1), timestamp=column(time),
-            rule=layout.rule)
-        joined = TokenLayout(**{f: torch.cat([getattr(layout, f), getattr(extra, f)], dim=1)
-                                for f in ("valid", "request", "event", "fake", "position", "timestamp")},
-                             rule=layout.rule)
-        return torch.cat([x, self.item_emb(candidates)], dim=1), joined
 
     def _rank(self, ev: Events, h: torch.Tensor) -> torch.Tensor:
         """Ranking logits ``[N_t]`` at the target item tokens."""

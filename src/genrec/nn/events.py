@@ -6,8 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from genrec.data.batching import JaggedBatch
-from genrec.models.base import pad_jagged
+from genrec.data.batching import JaggedBatch, pad_jagged
 from genrec.ops.layout import TokenLayout
 
 
@@ -60,3 +59,45 @@ def item_action_layout(ev: Events) -> TokenLayout:
         event=interleave(ev.position, ev.position), fake=torch.zeros_like(interleave(ev.valid, ev.valid)),
         position=interleave(ev.request_start, ev.position), timestamp=interleave(ev.timestamp, ev.timestamp),
         rule="request_causal")
+
+
+def dual_flow_layout(ev: Events, fake_valid: torch.Tensor | None = None) -> TokenLayout:
+    """The ``[real flow | fake flow]`` layout (``dual_flow`` rule) of DFGR training, and of GenRank's
+    training with one candidate token per target (``fake_valid = ev.target``). Fake tokens take the
+    position of their request's first event, as candidates do at serving time."""
+    return TokenLayout(
+        valid=torch.cat([ev.valid, ev.valid if fake_valid is None else fake_valid], 1),
+        request=torch.cat([ev.request, ev.request], 1), event=torch.cat([ev.position, ev.position], 1),
+        fake=torch.cat([torch.zeros_like(ev.valid), torch.ones_like(ev.valid)], 1),
+        position=torch.cat([ev.position, ev.request_start], 1),
+        timestamp=torch.cat([ev.timestamp, ev.timestamp], 1), rule="dual_flow")
+
+
+
+def event_layout(ev: Events, rule: str) -> TokenLayout:
+    """One token per event: the history (real flow) of DFGR and GenRank serving."""
+    return TokenLayout(valid=ev.valid, request=ev.request, event=ev.position, fake=torch.zeros_like(ev.valid),
+                       position=ev.position, timestamp=ev.timestamp, rule=rule)
+
+
+def append_candidates(layout: TokenLayout, ev: Events, num_candidates: int,
+                      request_time: torch.Tensor | None = None, fake: bool = False) -> TokenLayout:
+    """``layout`` followed by ``M`` candidate tokens that form each row's next request, at
+    ``request_time`` ``[B]`` (default: the last event's time). Candidates take the request's start
+    position (the history length) and distinct new event indices, so under either rule a candidate
+    reads the history and itself only: the M-FALCON candidate mask. ``fake`` marks them as the
+    fake flow (``dual_flow``: DFGR, GenRank); item tokens of the interleaved layout are not fake."""
+    b, m = ev.valid.shape[0], num_candidates
+    last = ev.valid.sum(1) - 1  # [B] index of each row's last event
+    rows = torch.arange(b, device=ev.valid.device)
+    time = ev.timestamp[rows, last] if request_time is None else request_time
+
+    def column(value: torch.Tensor) -> torch.Tensor:  # [B] -> [B, M]
+        return value[:, None].expand(b, m)
+
+    flag = torch.full((b, m), fake, dtype=torch.bool, device=rows.device)
+    extra = {"valid": torch.ones_like(flag), "request": column(ev.request[rows, last] + 1),
+             "event": ev.valid.shape[1] + torch.arange(m, device=rows.device).expand(b, m), "fake": flag,
+             "position": column(last + 1), "timestamp": column(time)}
+    return TokenLayout(**{name: torch.cat([getattr(layout, name), value], dim=1) for name, value in extra.items()},
+                       rule=layout.rule)

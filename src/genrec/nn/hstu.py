@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from genrec.ops.layout import TokenLayout
+from genrec.serve.kv_cache import LayerCache
 
 
 class HSTUBlock(nn.Module):
@@ -31,14 +32,19 @@ class HSTUBlock(nn.Module):
         self.rel_pos = nn.Parameter(torch.zeros(num_heads, num_position_buckets))
         self.rel_time = nn.Parameter(torch.zeros(num_heads, num_time_buckets))
 
-    def forward(self, x: torch.Tensor, layout: TokenLayout, backend) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, layout: TokenLayout, backend, cache: LayerCache | None = None) -> torch.Tensor:
+        """``x`` ``[B, n, D]``: all of the layout's tokens, or with a ``cache`` the new tokens after the
+        cached ones (their keys and values are added to it)."""
         b, n, d = x.shape
-        u, v, q, k = F.silu(self.uvqk(self.norm_in(x))).chunk(4, dim=-1)  # each [B, L, D]
+        u, v, q, k = F.silu(self.uvqk(self.norm_in(x))).chunk(4, dim=-1)  # each [B, n, D]
+        q_offset = 0
+        if cache is not None:
+            k, v, q_offset = cache.write(k, v)  # [B, q_offset + n, D]
 
         def heads(t: torch.Tensor) -> torch.Tensor:
-            return t.view(b, n, self.num_heads, d // self.num_heads).transpose(1, 2)  # [B, H, L, Dh]
+            return t.view(b, t.shape[1], self.num_heads, d // self.num_heads).transpose(1, 2)  # [B, H, L, Dh]
 
         a = backend.hstu_attention(heads(q), heads(k), heads(v), layout, self.rel_pos, self.rel_time,
-                                   self.attn_scale)  # [B, H, L, Dh]
+                                   self.attn_scale, q_offset)  # [B, H, n, Dh]
         a = a.transpose(1, 2).reshape(b, n, d)
         return x + self.dropout(self.out(self.norm_attn(a) * u))

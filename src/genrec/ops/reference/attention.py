@@ -36,10 +36,15 @@ def relative_bias(layout: TokenLayout, rel_pos: torch.Tensor, rel_time: torch.Te
 
 
 def hstu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLayout,
-                   rel_pos: torch.Tensor, rel_time: torch.Tensor, scale: float) -> torch.Tensor:
-    """q, k, v ``[B, H, L, Dh]`` -> ``[B, H, L, Dh]``."""
-    mask = layout.cached(("mask",), lambda: build_mask(layout))[:, None]  # [B, 1, L, L]
-    scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]) + relative_bias(layout, rel_pos, rel_time)
+                   rel_pos: torch.Tensor | None, rel_time: torch.Tensor | None, scale: float,
+                   q_offset: int = 0) -> torch.Tensor:
+    """k, v ``[B, H, L, Dh]``; q ``[B, H, L - q_offset, Dh]``: the queries are the layout's tokens
+    ``q_offset..L-1`` (all of them by default; the new tokens after a KV cache otherwise).
+    Returns ``[B, H, L - q_offset, Dh]``. ``rel_pos = rel_time = None``: no relative bias."""
+    mask = layout.cached(("mask",), lambda: build_mask(layout))[:, None, q_offset:]  # [B, 1, Lq, L]
+    scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    if rel_pos is not None:
+        scores = scores + relative_bias(layout, rel_pos, rel_time)[:, :, q_offset:]
     weights = F.silu(scores) * scale * mask
     return weights @ v
 
@@ -50,12 +55,14 @@ def alibi_slopes(num_heads: int) -> torch.Tensor:
 
 
 def softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLayout,
-                      alibi: torch.Tensor | None = None) -> torch.Tensor:
-    """q, k, v ``[B, H, L, Dh]`` -> ``[B, H, L, Dh]``; ``alibi`` slopes ``[H]`` or None."""
-    mask = layout.cached(("mask",), lambda: build_mask(layout))[:, None]  # [B, 1, L, L]
+                      alibi: torch.Tensor | None = None, q_offset: int = 0) -> torch.Tensor:
+    """k, v ``[B, H, L, Dh]``, q ``[B, H, L - q_offset, Dh]`` (as in :func:`hstu_attention`) ->
+    ``[B, H, L - q_offset, Dh]``; ``alibi`` slopes ``[H]`` or None."""
+    mask = layout.cached(("mask",), lambda: build_mask(layout))[:, None, q_offset:]  # [B, 1, Lq, L]
     scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
     if alibi is not None:
-        dist = (layout.position[:, :, None] - layout.position[:, None, :]).abs().to(q.dtype)  # [B, L, L]
+        pos = layout.position
+        dist = (pos[:, q_offset:, None] - pos[:, None, :]).abs().to(q.dtype)  # [B, Lq, L]
         scores = scores - alibi.to(q.dtype)[None, :, None, None] * dist[:, None]
     scores = scores.masked_fill(~mask, float("-inf"))
     return torch.softmax(scores, dim=-1) @ v

@@ -1,0 +1,319 @@
+"""GPU speed of genrec's generative rankers and fused attention kernels, in one run (issue 6).
+
+Three parts, each a table in the result file:
+
+* ``kernel``: our Triton HSTU attention (causal, without and with the relative position/time bias),
+  the dual-flow attention of DFGR, and ALiBi softmax attention through ``flex_attention``, each
+  forward and forward+backward, beside PyTorch's causal ``scaled_dot_product_attention`` (flash
+  backend) on the same tensors and a bf16 matrix product measured in the same run. bf16, 4 heads,
+  head dim 128, ``--kernel-tokens`` tokens per batch in equal-length sequences (the HSTU authors'
+  benchmark shapes). TFLOP/s count the pairs the mask allows (4·Dh FLOPs per pair forward, 2.5x that
+  backward); ``vs_sdpa`` is our time over SDPA's on the same N (both causal over N tokens; the
+  dual-flow row's N tokens are N/2 real + N/2 fake).
+* ``train``: one optimizer step (AdamW, bf16 autocast) of HSTU, GenRank and DFGR (d=512, 8 heads,
+  4 layers, backend ``triton``) on synthetic equal-length sequences; events/s and peak memory.
+* ``infer``: per-request latency of scoring M candidates after an N-event history, one request at a
+  time: ``cold`` runs the history once (KV cache) then the candidates in micro-batches of at most
+  512 (M-FALCON); ``cached`` scores against a history cache built earlier. p50/p99 over requests.
+
+    python benchmarks/speed.py [--parts kernel,train,infer] [--ns 256,512,...,8192]
+
+Writes ``benchmarks/results/speed_<device>.{json,md}``. Needs a CUDA device.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from genrec import results
+from genrec.data.batching import JaggedBatch
+from genrec.models import build_model
+from genrec.models.base import DatasetInfo
+from genrec.ops.layout import TokenLayout
+
+ROOT = Path(__file__).resolve().parent.parent
+NUM_ITEMS = 100_000
+
+
+def bench_ms(fn, warmup_ms: int = 100, rep_ms: int = 400) -> float:
+    import triton.testing
+
+    return triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median")
+
+
+def matmul_peak_tflops() -> float:
+    a, b = (torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    return 2 * 8192**3 / bench_ms(lambda: a @ b) / 1e9
+
+
+# ---------------------------------------------------------------------------------------- kernels
+def _kernel_layout(batch: int, n: int, rule: str) -> tuple[TokenLayout, int]:
+    """Equal-length sequences of n tokens, one event per request, and the number of allowed pairs
+    per sequence. ``dual_flow``: n/2 real then n/2 fake tokens."""
+    dev = "cuda"
+    if rule == "dual_flow":
+        e = torch.arange(n // 2, device=dev).repeat(2).expand(batch, n)
+        fake = (torch.arange(n, device=dev) >= n // 2).expand(batch, n)
+        half = n // 2
+        pairs = half * (half + 1) // 2 + half * (half - 1) // 2 + half
+    else:
+        e = torch.arange(n, device=dev).expand(batch, n)
+        fake = torch.zeros(batch, n, dtype=torch.bool, device=dev)
+        pairs = n * (n + 1) // 2
+    layout = TokenLayout(valid=torch.ones(batch, n, dtype=torch.bool, device=dev), request=e, event=e, fake=fake,
+                         position=e, timestamp=e * 3600, rule=rule)
+    return layout, pairs
+
+
+def _kernel_variants(backend, batch: int, n: int, rel_pos, rel_time, slopes) -> dict:
+    """name -> (attention function of q, k, v; allowed pairs per sequence)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    def sdpa(q, k, v):
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    causal, causal_pairs = _kernel_layout(batch, n, "causal")
+    dual, dual_pairs = _kernel_layout(batch, n, "dual_flow")
+    return {
+        "sdpa_flash_causal": (sdpa, causal_pairs),
+        "hstu_causal": (lambda q, k, v: backend.hstu_attention(q, k, v, causal, None, None, 1.0 / n), causal_pairs),
+        "hstu_causal_rab": (lambda q, k, v: backend.hstu_attention(q, k, v, causal, rel_pos, rel_time, 1.0 / n),
+                            causal_pairs),
+        "dual_flow": (lambda q, k, v: backend.hstu_attention(q, k, v, dual, None, None, 1.0 / n), dual_pairs),
+        "flex_alibi_causal": (lambda q, k, v: backend.softmax_attention(q, k, v, causal, slopes), causal_pairs),
+    }
+
+
+def kernel_rows(ns: list[int], tokens: int, heads: int, dim: int, peak: float) -> list[dict]:
+    from genrec.ops.reference.attention import alibi_slopes
+    from genrec.ops.triton import backend
+
+    rows = []
+    for n in ns:
+        batch = max(tokens // n, 1)
+        gen = torch.Generator(device="cuda").manual_seed(n)
+        q, k, v, do = (torch.randn(batch, n, heads, dim, device="cuda", dtype=torch.bfloat16, generator=gen)
+                       .transpose(1, 2) for _ in range(4))  # [B, H, N, Dh] views of [B, N, H, Dh], as in the models
+        rel_pos = (torch.randn(heads, n + 1, device="cuda") * 0.1).requires_grad_()
+        rel_time = (torch.randn(heads, 32, device="cuda") * 0.1).requires_grad_()
+        slopes = alibi_slopes(heads).cuda()
+
+        variants = _kernel_variants(backend, batch, n, rel_pos, rel_time, slopes)
+        sdpa_ms = {}
+        for name, (fn, pairs) in variants.items():
+            leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+            fwd_ms = bench_ms(lambda fn=fn, leaves=leaves: fn(*leaves))
+            out = fn(*leaves)
+            both_ms = bench_ms(lambda fn=fn, leaves=leaves, do=do: torch.autograd.grad(fn(*leaves), leaves, do))
+            del out
+            if name.startswith("sdpa"):
+                sdpa_ms = {"fwd": fwd_ms, "fwd_bwd": both_ms}
+            fwd_flops = 4 * dim * pairs * batch * heads
+            rows.append({"bench": "kernel", "kernel": name, "n": n, "batch": batch, "heads": heads, "dh": dim,
+                         "fwd_ms": fwd_ms, "fwd_tflops": fwd_flops / fwd_ms / 1e9,
+                         "fwd_bwd_ms": both_ms, "fwd_bwd_tflops": 3.5 * fwd_flops / both_ms / 1e9,
+                         "fwd_vs_sdpa": fwd_ms / sdpa_ms["fwd"], "fwd_bwd_vs_sdpa": both_ms / sdpa_ms["fwd_bwd"],
+                         "fwd_frac_of_matmul_peak": fwd_flops / fwd_ms / 1e9 / peak})
+            print(f"kernel {name:18s} N={n:5d} fwd {fwd_ms:7.3f} ms fwd+bwd {both_ms:7.3f} ms "
+                  f"ratio {rows[-1]['fwd_bwd_vs_sdpa']:.2f}", flush=True)
+    return rows
+
+
+# ------------------------------------------------------------------------------------ models
+def synthetic_batch(batch: int, n: int, seed: int) -> JaggedBatch:
+    """``batch`` sequences of ``n`` events: requests of 1-3 events, minutes to days apart."""
+    rng = np.random.default_rng(seed)
+    total = batch * n
+    new_request = rng.random(total) < 0.5
+    new_request[:: n] = True
+    request = np.concatenate([np.cumsum(r) - 1 for r in new_request.reshape(batch, n)])
+    gaps = np.where(new_request, rng.integers(60, 86_400 * 3, total), 0).reshape(batch, n)
+    actions = rng.integers(0, 5, total)
+    t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).cuda()  # noqa: E731
+    return JaggedBatch(offsets=t(np.arange(batch + 1) * n), items=t(rng.integers(1, NUM_ITEMS + 1, total)),
+                       actions=t(actions), labels=t((actions >= 3).astype(np.float32)),
+                       timestamps=t((1_600_000_000 + np.cumsum(gaps, axis=1)).ravel()),
+                       request_ids=t(request), target_mask=t(np.ones(total, bool)), users=t(np.arange(batch)))
+
+
+INFO = DatasetInfo(num_items=NUM_ITEMS, num_actions=5, num_users=1, item_genres=np.zeros((1, 1), np.float32),
+                   rating_values=[1.0, 2.0, 3.0, 4.0, 5.0])
+
+
+def make_model(name: str, n: int, args) -> torch.nn.Module:
+    model_args = {"d_model": args.d, "num_heads": args.heads, "num_layers": args.layers, "dropout": 0.0,
+                  "attention_backend": "triton"}
+    return build_model(name, model_args, INFO, n).cuda()
+
+
+def _train_step_seconds(model: torch.nn.Module, data: list[JaggedBatch], steps: int) -> float:
+    """Median wall time of one AdamW step under bf16 autocast, after 3 warm-up (and compile) steps;
+    resets the peak-memory counter after the warm-up."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def step(i: int) -> None:
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(data[i % len(data)])["loss"]
+        loss.backward()
+        opt.step()
+
+    for i in range(3):
+        step(i)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    times = []
+    for i in range(steps):
+        start = time.perf_counter()
+        step(i)
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def train_rows(ns: list[int], args) -> list[dict]:
+    rows = []
+    for n in ns:
+        batch = max(args.train_events // n, 1)
+        data = [synthetic_batch(batch, n, seed) for seed in range(3)]
+        for name in ("hstu", "genrank", "dfgr"):
+            torch.manual_seed(0)
+            model = make_model(name, n, args).train()
+            seconds = _train_step_seconds(model, data, args.train_steps)
+            rows.append({"bench": "train", "model": name, "n": n, "batch": batch, "d": args.d, "layers": args.layers,
+                         "heads": args.heads, "step_ms": seconds * 1e3, "train_events_per_s": batch * n / seconds,
+                         "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30})
+            print(f"train {name:8s} N={n:5d} B={batch:4d} {seconds * 1e3:8.2f} ms/step "
+                  f"{rows[-1]['train_events_per_s']:12.0f} events/s", flush=True)
+            del model
+            torch.cuda.empty_cache()
+    return rows
+
+
+@torch.no_grad()
+def _request_latencies(model, history: JaggedBatch, requests: list[torch.Tensor], when: torch.Tensor,
+                       micro: int) -> dict[str, list[float]]:
+    """Milliseconds per request (the first 3 warm up and are dropped), cold and against a cache."""
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        cache = model.encode_history(history, micro)
+
+        def cached(cands: torch.Tensor) -> torch.Tensor:
+            return torch.cat([model.score_cached(cache, cands[:, i:i + micro], when)
+                              for i in range(0, cands.shape[1], micro)], 1)
+
+        modes = {"cold": lambda cands: model.serve_logits(history, cands, when, micro_batch=micro), "cached": cached}
+        out = {}
+        for mode, fn in modes.items():
+            latencies = []
+            for i, cands in enumerate(requests):
+                torch.cuda.synchronize()
+                start = time.perf_counter()
+                fn(cands)
+                torch.cuda.synchronize()
+                if i >= 3:
+                    latencies.append((time.perf_counter() - start) * 1e3)
+            out[mode] = latencies
+    return out
+
+
+def infer_rows(ns: list[int], ms: list[int], args) -> list[dict]:
+    rows = []
+    for n in ns:
+        history = synthetic_batch(1, n, seed=n)
+        when = history.timestamps[-1:] + 3600
+        for name in ("hstu", "dfgr"):
+            torch.manual_seed(0)
+            model = make_model(name, n, args).eval()
+            for m in ms:
+                micro = min(m, args.micro_batch)
+                gen = torch.Generator(device="cuda").manual_seed(m)
+                requests = [torch.randint(1, NUM_ITEMS + 1, (1, m), device="cuda", generator=gen)
+                            for _ in range(args.requests + 3)]
+                for mode, latencies in _request_latencies(model, history, requests, when, micro).items():
+                    p50, p99 = float(np.percentile(latencies, 50)), float(np.percentile(latencies, 99))
+                    rows.append({"bench": "infer", "model": name, "mode": mode, "n": n, "m": m,
+                                 "micro_batch": micro, "d": args.d, "layers": args.layers, "heads": args.heads,
+                                 "p50_ms": p50, "p99_ms": p99, "infer_candidates_per_s": m / p50 * 1e3})
+                    print(f"infer {name:5s} {mode:6s} N={n:5d} M={m:5d} p50 {p50:8.3f} ms p99 {p99:8.3f} ms",
+                          flush=True)
+            del model
+    return rows
+
+
+def ratios(rows: list[dict]) -> list[dict]:
+    """DFGR over HSTU, per shape: training events/s and inference candidates/s (same mode)."""
+    out = []
+    by = {(r["bench"], r["model"], r.get("mode"), r["n"], r.get("m")): r for r in rows if r["bench"] != "kernel"}
+    for (bench, model, mode, n, m), r in by.items():
+        if model != "dfgr":
+            continue
+        base = by.get((bench, "hstu", mode, n, m))
+        key = "train_events_per_s" if bench == "train" else "infer_candidates_per_s"
+        if base:
+            out.append({"bench": bench, "mode": mode or "train", "n": n, "m": m or "",
+                        "dfgr_over_hstu": r[key] / base[key]})
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--parts", default="kernel,train,infer")
+    parser.add_argument("--ns", default="256,512,1024,2048,4096,8192")
+    parser.add_argument("--kernel-ns", default="1024,2048,4096,8192")
+    parser.add_argument("--kernel-tokens", type=int, default=131_072)
+    parser.add_argument("--ms", default="64,512,2048")
+    parser.add_argument("--d", type=int, default=512)
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--train-events", type=int, default=32_768)
+    parser.add_argument("--train-steps", type=int, default=10)
+    parser.add_argument("--requests", type=int, default=30)
+    parser.add_argument("--micro-batch", type=int, default=512)
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("benchmarks/speed.py measures GPU kernels and needs a CUDA device")
+    parts = args.parts.split(",")
+    ns = [int(x) for x in args.ns.split(",")]
+    peak = matmul_peak_tflops()
+    print(f"bf16 matmul peak: {peak:.0f} TFLOP/s", flush=True)
+    rows: list[dict] = [{"bench": "matmul", "n": 8192, "tflops": peak}]
+    if "kernel" in parts:
+        rows += kernel_rows([int(x) for x in args.kernel_ns.split(",")], args.kernel_tokens, 4, 128, peak)
+    if "train" in parts:
+        rows += train_rows(ns, args)
+    if "infer" in parts:
+        rows += infer_rows(ns, [int(x) for x in args.ms.split(",")], args)
+    rows += [{"bench": "ratio", **r} for r in ratios(rows)]
+    tables = [f"bf16 matmul peak (8192³, same run): {peak:.0f} TFLOP/s"]
+    columns = {
+        "kernel": ["kernel", "n", "batch", "fwd_ms", "fwd_tflops", "fwd_frac_of_matmul_peak", "fwd_bwd_ms",
+                   "fwd_bwd_tflops", "fwd_vs_sdpa", "fwd_bwd_vs_sdpa"],
+        "train": ["model", "n", "batch", "step_ms", "train_events_per_s", "peak_mem_gb"],
+        "infer": ["model", "mode", "n", "m", "micro_batch", "p50_ms", "p99_ms", "infer_candidates_per_s"],
+        "ratio": ["bench", "mode", "n", "m", "dfgr_over_hstu"],
+    }
+    for bench, cols in columns.items():
+        part = [r for r in rows if r["bench"] == bench]
+        if part:
+            tables.append(f"### {bench}\n\n" + results.markdown_table(part, cols))
+    meta = results.meta(["python", "benchmarks/speed.py", *(argv if argv is not None else sys.argv[1:])])
+    meta["shapes"] = {"kernel_heads": 4, "kernel_dh": 128, "kernel_tokens": args.kernel_tokens, "d": args.d,
+                      "heads": args.heads, "layers": args.layers, "train_events": args.train_events}
+    device = torch.cuda.get_device_name().replace(" ", "_")
+    results.write(Path(args.out) / f"speed_{device}", rows, "\n\n".join(tables), meta)
+    print("\n\n".join(tables))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

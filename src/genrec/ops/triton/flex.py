@@ -1,0 +1,70 @@
+"""Softmax attention (GenRank, UniGRF-Llama) through PyTorch's ``flex_attention``: the mask rule and
+ALiBi are small functions of the token metadata that Inductor compiles into one fused Triton kernel,
+forward and backward, skipping tiles the block mask marks empty.
+
+The sequence length is padded to a multiple of 128 (as padded tokens: ``valid`` False) so that
+batches of nearby lengths reuse one compiled kernel instead of compiling one per length.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+from genrec.ops.layout import TokenLayout
+from genrec.ops.triton.tiles import FAKE, VALID, KernelMeta
+
+PAD = 128
+_flex = torch.compile(flex_attention, dynamic=False)
+
+
+def _mask_mod(meta: KernelMeta, rule: str, q_offset: int):
+    req, evt, flags = meta.request, meta.event, meta.flags
+
+    def allowed(b, h, qi, ki):
+        q = qi + q_offset
+        valid = ((flags[b, q] & VALID) != 0) & ((flags[b, ki] & VALID) != 0)
+        if rule == "causal":
+            rule_ok = ki <= q
+        elif rule == "request_causal":
+            rule_ok = (req[b, ki] < req[b, q]) | ((evt[b, ki] == evt[b, q]) & (ki <= q))
+        else:
+            k_real = (flags[b, ki] & FAKE) == 0
+            q_fake = (flags[b, q] & FAKE) != 0
+            earlier_or_self = (k_real & (req[b, ki] < req[b, q])) | (ki == q)
+            rule_ok = torch.where(q_fake, earlier_or_self, k_real & (evt[b, ki] <= evt[b, q]))
+        return valid & rule_ok
+
+    return allowed
+
+
+def _padded_meta(layout: TokenLayout, length: int) -> KernelMeta:
+    meta = KernelMeta.from_layout(layout)
+    pad = length - meta.flags.shape[1]
+    return KernelMeta(*(F.pad(t, (0, pad)) for t in (meta.request, meta.event, meta.flags, meta.position,
+                                                        meta.timestamp)))
+
+
+def softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLayout,
+                      alibi: torch.Tensor | None = None, q_offset: int = 0) -> torch.Tensor:
+    """As :func:`genrec.ops.reference.attention.softmax_attention`; padded queries give zeros."""
+    b, h, lq, d = q.shape
+    seq = k.shape[2]
+    length = -(-seq // PAD) * PAD
+    q_len = length - q_offset
+    meta = layout.cached(("flex_meta", length), lambda: _padded_meta(layout, length))
+    block_mask = layout.cached(("flex_block_mask", length, q_offset), lambda: create_block_mask(
+        _mask_mod(meta, layout.rule, q_offset), b, None, q_len, length, device=q.device))
+    score_mod = None
+    if alibi is not None:
+        slopes, pos = alibi.float(), meta.position
+
+        def score_mod(score, b_, h_, qi, ki):
+            return score - slopes[h_] * (pos[b_, qi + q_offset] - pos[b_, ki]).abs()
+
+    def pad(t: torch.Tensor, n: int) -> torch.Tensor:
+        return F.pad(t, (0, 0, 0, n - t.shape[2]))
+
+    out = _flex(pad(q, q_len), pad(k, length), pad(v, length), score_mod=score_mod, block_mask=block_mask)
+    return out[:, :, :lq]

@@ -1,0 +1,255 @@
+"""Fused HSTU pointwise attention in Triton, forward and backward, for every mask rule.
+
+Computes what :func:`genrec.ops.reference.attention.hstu_attention` computes,
+``out = (SiLU(Q Kᵀ/√d + rab) · scale ⊙ mask) V``, without materialising the ``L × L`` scores, mask or
+bias: each program owns one query tile (forward) or one key tile (backward), visits only the tiles
+the block-sparse schedule lists (:mod:`genrec.ops.triton.tiles`) and evaluates the mask rule and the
+relative position / time bias per element from int32 token metadata. The DFGR dual-flow mask (real
+causal + fake cross-triangle) is one rule among three, so the whole ``[real | fake]`` sequence is one
+launch.
+
+Backward is one kernel per key tile (dK, dV in registers; dQ and the bias gradients by fp32 atomic
+adds), the FlashAttention-2 split: five matrix products per tile pair, as in the forward pass plus
+three. ``q_offset`` makes the queries the layout's tokens ``q_offset..L-1`` against all ``L`` keys:
+that is attention over a KV cache (history keys, then the new tokens).
+
+Padded tokens (``valid`` False) produce zero output and receive zero gradient; the reference lets
+them read themselves, which no model uses.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from genrec.ops.layout import TokenLayout
+from genrec.ops.triton.tiles import FAKE, RULE_IDS, VALID, KernelMeta, tile_lists, tile_pairs
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages); BLOCK_M runs over queries, BLOCK_N over keys.
+FWD_TILES = {"small": (64, 64, 4, 3), "large": (128, 64, 8, 3)}
+BWD_TILES = {"small": (64, 64, 4, 2), "large": (64, 128, 8, 2)}
+VALID_BIT: tl.constexpr = tl.constexpr(VALID)
+FAKE_BIT: tl.constexpr = tl.constexpr(FAKE)
+
+
+@triton.jit
+def _allowed(q_idx, k_idx, q_req, k_req, q_evt, k_evt, q_flag, k_flag, RULE: tl.constexpr):
+    """The mask rules of genrec.ops.masks, per element (arguments broadcast against each other)."""
+    valid = ((q_flag & VALID_BIT) != 0) & ((k_flag & VALID_BIT) != 0)
+    if RULE == 0:  # causal
+        allowed = k_idx <= q_idx
+    elif RULE == 1:  # request_causal
+        allowed = (k_req < q_req) | ((k_evt == q_evt) & (k_idx <= q_idx))
+    else:  # dual_flow
+        k_real = (k_flag & FAKE_BIT) == 0
+        q_fake = (q_flag & FAKE_BIT) != 0
+        allowed = tl.where(q_fake, (k_real & (k_req < q_req)) | (k_idx == q_idx), k_real & (k_evt <= q_evt))
+    return allowed & valid
+
+
+@triton.jit
+def _bias_index(q_pos, k_pos, q_ts, k_ts, NUM_POS, NUM_TIME):
+    """Indices into the position and time tables: clamped distance and floor(log2(1 + Δt)) buckets.
+    The log is read off the float exponent and corrected by one where rounding carried it up, so it
+    is exact for every int32 difference (the reference computes it in float64)."""
+    pos_idx = tl.minimum(tl.maximum(q_pos - k_pos, 0), NUM_POS - 1)
+    x = tl.maximum(q_ts - k_ts, 0) + 1
+    e = ((x.to(tl.float32).to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
+    e = tl.minimum(e, 30)
+    e = tl.where((tl.full(e.shape, 1, tl.int32) << e) > x, e - 1, e)
+    return pos_idx, tl.minimum(e, NUM_TIME - 1)
+
+
+@triton.jit
+def _hstu_fwd(Q, K, V, O, REQ, EVT, FLAG, POS, TS, REL_POS, REL_TIME, KV_COUNT, KV_INDEX,
+              s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ob, s_oh, s_om,
+              s_cb, s_ib, s_iq, H, LQ, L, Q_OFFSET, NUM_POS, NUM_TIME, alpha, scale,
+              RULE: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, D: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    tile, bh = tl.program_id(0), tl.program_id(1)
+    b, h = bh // H, bh % H
+    rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)  # query rows 0..LQ-1
+    cols = tl.arange(0, D)
+    q = tl.load(Q + b * s_qb + h * s_qh + rows[:, None] * s_qm + cols[None, :], mask=rows[:, None] < LQ, other=0.0)
+    q_tok = rows + Q_OFFSET
+    q_in = rows < LQ
+    meta = b * L + q_tok
+    q_req = tl.load(REQ + meta, mask=q_in, other=0)[:, None]
+    q_evt = tl.load(EVT + meta, mask=q_in, other=0)[:, None]
+    q_flag = tl.load(FLAG + meta, mask=q_in, other=0)[:, None]
+    if HAS_BIAS:
+        q_pos = tl.load(POS + meta, mask=q_in, other=0)[:, None]
+        q_ts = tl.load(TS + meta, mask=q_in, other=0)[:, None]
+    acc = tl.zeros((BLOCK_M, D), dtype=tl.float32)
+    count = tl.load(KV_COUNT + b * s_cb + tile)
+    for i in range(0, count):
+        k_tile = tl.load(KV_INDEX + b * s_ib + tile * s_iq + i)
+        keys = k_tile * BLOCK_N + tl.arange(0, BLOCK_N)
+        k_in = keys < L
+        k = tl.load(K + b * s_kb + h * s_kh + keys[:, None] * s_kn + cols[None, :], mask=k_in[:, None], other=0.0)
+        v = tl.load(V + b * s_vb + h * s_vh + keys[:, None] * s_vn + cols[None, :], mask=k_in[:, None], other=0.0)
+        kmeta = b * L + keys
+        k_req = tl.load(REQ + kmeta, mask=k_in, other=0)[None, :]
+        k_evt = tl.load(EVT + kmeta, mask=k_in, other=0)[None, :]
+        k_flag = tl.load(FLAG + kmeta, mask=k_in, other=0)[None, :]
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * alpha  # [BLOCK_M, BLOCK_N]
+        if HAS_BIAS:
+            k_pos = tl.load(POS + kmeta, mask=k_in, other=0)[None, :]
+            k_ts = tl.load(TS + kmeta, mask=k_in, other=0)[None, :]
+            pos_idx, time_idx = _bias_index(q_pos, k_pos, q_ts, k_ts, NUM_POS, NUM_TIME)
+            s += tl.load(REL_POS + h * NUM_POS + pos_idx) + tl.load(REL_TIME + h * NUM_TIME + time_idx)
+        a = s * tl.sigmoid(s) * scale
+        a = tl.where(_allowed(q_tok[:, None], keys[None, :], q_req, k_req, q_evt, k_evt, q_flag, k_flag, RULE), a, 0.0)
+        acc += tl.dot(a.to(v.dtype), v, input_precision=PRECISION)
+    tl.store(O + b * s_ob + h * s_oh + rows[:, None] * s_om + cols[None, :], acc.to(O.dtype.element_ty),
+             mask=rows[:, None] < LQ)
+
+
+@triton.jit
+def _hstu_bwd(Q, K, V, DO, DQ, DK, DV, REQ, EVT, FLAG, POS, TS, REL_POS, REL_TIME, D_REL_POS, D_REL_TIME,
+              Q_COUNT, Q_INDEX, s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_db, s_dh, s_dm,
+              s_gb, s_gh, s_gm, s_kgb, s_kgh, s_kgn, s_cb, s_ib, s_iq, H, LQ, L, Q_OFFSET, NUM_POS,
+              NUM_TIME, alpha, scale, RULE: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
+              D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One key tile per program; scores are held transposed, ``[BLOCK_N keys, BLOCK_M queries]``."""
+    tile, bh = tl.program_id(0), tl.program_id(1)
+    b, h = bh // H, bh % H
+    keys = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = tl.arange(0, D)
+    k_in = keys < L
+    k = tl.load(K + b * s_kb + h * s_kh + keys[:, None] * s_kn + cols[None, :], mask=k_in[:, None], other=0.0)
+    v = tl.load(V + b * s_vb + h * s_vh + keys[:, None] * s_vn + cols[None, :], mask=k_in[:, None], other=0.0)
+    kmeta = b * L + keys
+    k_req = tl.load(REQ + kmeta, mask=k_in, other=0)[:, None]
+    k_evt = tl.load(EVT + kmeta, mask=k_in, other=0)[:, None]
+    k_flag = tl.load(FLAG + kmeta, mask=k_in, other=0)[:, None]
+    if HAS_BIAS:
+        k_pos = tl.load(POS + kmeta, mask=k_in, other=0)[:, None]
+        k_ts = tl.load(TS + kmeta, mask=k_in, other=0)[:, None]
+    dk = tl.zeros((BLOCK_N, D), dtype=tl.float32)
+    dv = tl.zeros((BLOCK_N, D), dtype=tl.float32)
+    count = tl.load(Q_COUNT + b * s_cb + tile)
+    for i in range(0, count):
+        q_tile = tl.load(Q_INDEX + b * s_ib + tile * s_iq + i)
+        rows = q_tile * BLOCK_M + tl.arange(0, BLOCK_M)
+        q_in = rows < LQ
+        q = tl.load(Q + b * s_qb + h * s_qh + rows[:, None] * s_qm + cols[None, :], mask=q_in[:, None], other=0.0)
+        do = tl.load(DO + b * s_db + h * s_dh + rows[:, None] * s_dm + cols[None, :], mask=q_in[:, None], other=0.0)
+        q_tok = rows + Q_OFFSET
+        meta = b * L + q_tok
+        q_req = tl.load(REQ + meta, mask=q_in, other=0)[None, :]
+        q_evt = tl.load(EVT + meta, mask=q_in, other=0)[None, :]
+        q_flag = tl.load(FLAG + meta, mask=q_in, other=0)[None, :]
+        s = tl.dot(k, tl.trans(q), input_precision=PRECISION) * alpha  # [BLOCK_N, BLOCK_M]
+        if HAS_BIAS:
+            q_pos = tl.load(POS + meta, mask=q_in, other=0)[None, :]
+            q_ts = tl.load(TS + meta, mask=q_in, other=0)[None, :]
+            pos_idx, time_idx = _bias_index(q_pos, k_pos, q_ts, k_ts, NUM_POS, NUM_TIME)
+            s += tl.load(REL_POS + h * NUM_POS + pos_idx) + tl.load(REL_TIME + h * NUM_TIME + time_idx)
+        allowed = _allowed(q_tok[None, :], keys[:, None], q_req, k_req, q_evt, k_evt, q_flag, k_flag, RULE)
+        sig = tl.sigmoid(s)
+        a = tl.where(allowed, s * sig * scale, 0.0)
+        dv += tl.dot(a.to(do.dtype), do, input_precision=PRECISION)
+        da = tl.dot(v, tl.trans(do), input_precision=PRECISION)  # [BLOCK_N, BLOCK_M]
+        ds = tl.where(allowed, da * scale * sig * (1.0 + s * (1.0 - sig)), 0.0)  # d loss / d s
+        if HAS_BIAS:
+            tl.atomic_add(D_REL_POS + h * NUM_POS + pos_idx, ds, mask=allowed)
+            tl.atomic_add(D_REL_TIME + h * NUM_TIME + time_idx, ds, mask=allowed)
+        dk += tl.dot(ds.to(q.dtype), q, input_precision=PRECISION)
+        dq = tl.dot(tl.trans(ds).to(k.dtype), k, input_precision=PRECISION) * alpha  # [BLOCK_M, D]
+        tl.atomic_add(DQ + b * s_gb + h * s_gh + rows[:, None] * s_gm + cols[None, :], dq, mask=q_in[:, None])
+    out = b * s_kgb + h * s_kgh + keys[:, None] * s_kgn + cols[None, :]
+    tl.store(DK + out, (dk * alpha).to(DK.dtype.element_ty), mask=k_in[:, None])
+    tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=k_in[:, None])
+
+
+def _tiles(head_dim: int, table: dict) -> tuple[int, int, int, int]:
+    return table["large" if head_dim >= 128 else "small"]
+
+
+def _schedule(layout: TokenLayout, meta: KernelMeta, block_q: int, block_k: int, q_offset: int, transpose: bool):
+    """Per query tile the key tiles to visit (forward), or per key tile the query tiles (backward)."""
+    def build():
+        pairs = tile_pairs(meta, layout.rule, block_q, block_k, q_offset)
+        return tile_lists(pairs.transpose(1, 2) if transpose else pairs)
+    return layout.cached(("triton_tiles", block_q, block_k, q_offset, transpose), build)
+
+
+def _bias_args(rel_pos, rel_time, device):
+    if rel_pos is None:
+        empty = torch.zeros(1, device=device, dtype=torch.float32)
+        return empty, empty, 1, 1
+    return rel_pos.float().contiguous(), rel_time.float().contiguous(), rel_pos.shape[1], rel_time.shape[1]
+
+
+class _HSTUAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, rel_pos, rel_time, layout: TokenLayout, scale: float, q_offset: int):
+        b, h, lq, d = q.shape
+        seq = k.shape[2]
+        if d not in (16, 32, 64, 128, 256):
+            raise ValueError(f"the triton backend needs a head dim that is a power of two in 16..256, got {d}")
+        meta = layout.cached(("triton_meta",), lambda: KernelMeta.from_layout(layout))
+        block_m, block_n, warps, stages = _tiles(d, FWD_TILES)
+        count, index = _schedule(layout, meta, block_m, block_n, q_offset, transpose=False)
+        pos_table, time_table, num_pos, num_time = _bias_args(rel_pos, rel_time, q.device)
+        out = torch.empty(b, lq, h, d, device=q.device, dtype=q.dtype).transpose(1, 2)  # [B, H, LQ, Dh]
+        precision = "ieee" if q.dtype == torch.float32 else "tf32"
+        alpha = 1.0 / math.sqrt(d)
+        grid = (triton.cdiv(lq, block_m), b * h)
+        _hstu_fwd[grid](q, k, v, out, meta.request, meta.event, meta.flags, meta.position, meta.timestamp,
+                        pos_table, time_table, count, index, q.stride(0), q.stride(1), q.stride(2),
+                        k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+                        out.stride(0), out.stride(1), out.stride(2), count.stride(0), index.stride(0),
+                        index.stride(1), h, lq, seq, q_offset, num_pos, num_time, alpha, scale,
+                        RULE=RULE_IDS[layout.rule], HAS_BIAS=rel_pos is not None, PRECISION=precision, D=d,
+                        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
+        ctx.save_for_backward(q, k, v, pos_table, time_table)
+        ctx.layout, ctx.meta, ctx.scale, ctx.q_offset = layout, meta, scale, q_offset
+        ctx.has_bias = rel_pos is not None
+        ctx.bias_dtype = rel_pos.dtype if rel_pos is not None else None
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, pos_table, time_table = ctx.saved_tensors
+        layout, meta = ctx.layout, ctx.meta
+        b, h, lq, d = q.shape
+        seq = k.shape[2]
+        if grad_out.stride(-1) != 1:
+            grad_out = grad_out.contiguous()
+        block_m, block_n, warps, stages = _tiles(d, BWD_TILES)
+        count, index = _schedule(layout, meta, block_m, block_n, ctx.q_offset, transpose=True)
+        dq = torch.zeros(b, h, lq, d, device=q.device, dtype=torch.float32)
+        dk = torch.empty(b, seq, h, d, device=q.device, dtype=k.dtype).transpose(1, 2)
+        dv = torch.empty(b, seq, h, d, device=q.device, dtype=v.dtype).transpose(1, 2)
+        d_pos, d_time = torch.zeros_like(pos_table), torch.zeros_like(time_table)
+        precision = "ieee" if q.dtype == torch.float32 else "tf32"
+        grid = (triton.cdiv(seq, block_n), b * h)
+        _hstu_bwd[grid](q, k, v, grad_out, dq, dk, dv, meta.request, meta.event, meta.flags, meta.position,
+                        meta.timestamp, pos_table, time_table, d_pos, d_time, count, index,
+                        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+                        v.stride(0), v.stride(1), v.stride(2), grad_out.stride(0), grad_out.stride(1),
+                        grad_out.stride(2), dq.stride(0), dq.stride(1), dq.stride(2),
+                        dk.stride(0), dk.stride(1), dk.stride(2), count.stride(0), index.stride(0), index.stride(1),
+                        h, lq, seq, ctx.q_offset, pos_table.shape[-1] if ctx.has_bias else 1,
+                        time_table.shape[-1] if ctx.has_bias else 1, 1.0 / math.sqrt(d), ctx.scale,
+                        RULE=RULE_IDS[layout.rule], HAS_BIAS=ctx.has_bias, PRECISION=precision, D=d,
+                        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
+        if not ctx.has_bias:
+            return dq.to(q.dtype), dk, dv, None, None, None, None, None
+        return (dq.to(q.dtype), dk, dv, d_pos.to(ctx.bias_dtype), d_time.to(ctx.bias_dtype), None, None, None)
+
+
+def hstu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLayout,
+                   rel_pos: torch.Tensor | None, rel_time: torch.Tensor | None, scale: float,
+                   q_offset: int = 0) -> torch.Tensor:
+    """q ``[B, H, L - q_offset, Dh]``, k, v ``[B, H, L, Dh]`` -> ``[B, H, L - q_offset, Dh]``.
+    Inner strides must be 1 (any head/sequence strides: the heads of a fused projection are views)."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.stride(-1) != 1:
+            raise ValueError(f"triton hstu_attention needs unit stride in the head dim of {name}")
+    return _HSTUAttention.apply(q, k, v, rel_pos, rel_time, layout, scale, q_offset)

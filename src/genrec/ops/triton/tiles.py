@@ -1,0 +1,94 @@
+"""What the fused kernels read instead of a dense mask: per-token int32 metadata and, per query
+tile, the list of key tiles that may hold an allowed pair (the block-sparse schedule).
+
+Both are plain PyTorch and run anywhere, so the schedule is tested on CPU against the dense masks of
+:mod:`genrec.ops.masks`: a tile pair is listed whenever the rule allows any pair in it (tiles are
+skipped, never pairs; the kernel evaluates the exact rule per element). A tile pair is judged from
+per-tile minima and maxima of the metadata, which is exact for the sorted layouts the models build
+and conservative (extra work, never a wrong answer) otherwise.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from genrec.ops.layout import TokenLayout
+
+VALID, FAKE = 1, 2  # bits of KernelMeta.flags
+RULE_IDS = {"causal": 0, "request_causal": 1, "dual_flow": 2}
+_BIG = 2**30
+
+
+@dataclass
+class KernelMeta:
+    """``[B, L]`` int32 contiguous copies of the layout fields a kernel reads per token."""
+
+    request: torch.Tensor
+    event: torch.Tensor
+    flags: torch.Tensor  # VALID | FAKE bits
+    position: torch.Tensor
+    timestamp: torch.Tensor  # seconds since the batch's earliest timestamp
+
+    @classmethod
+    def from_layout(cls, layout: TokenLayout) -> KernelMeta:
+        ts = layout.timestamp - layout.timestamp.min()
+        if int(ts.max()) >= 2**31:
+            raise ValueError("timestamps of one batch span more than 2^31 s; the kernels keep int32 time differences")
+        flags = layout.valid.int() * VALID + layout.fake.int() * FAKE
+
+        def i32(t: torch.Tensor) -> torch.Tensor:
+            return t.to(torch.int32).contiguous()
+
+        return cls(i32(layout.request), i32(layout.event), i32(flags), i32(layout.position), i32(ts))
+
+
+def _chunks(t: torch.Tensor, size: int, fill: int) -> torch.Tensor:
+    """``[B, L]`` -> ``[B, ceil(L / size), size]``, padded with ``fill``."""
+    pad = -t.shape[1] % size
+    return F.pad(t, (0, pad), value=fill).view(t.shape[0], -1, size)
+
+
+def _stats(meta: KernelMeta, start: int, size: int) -> dict[str, torch.Tensor]:
+    """Per-tile minima / maxima over the tokens ``start..L-1`` cut into tiles of ``size``.
+    Empty sets give +_BIG for a minimum and -_BIG for a maximum, so every comparison with them fails."""
+    sl = slice(start, None)
+    idx = torch.arange(start, meta.flags.shape[1], device=meta.flags.device, dtype=torch.int32)
+    idx = idx.expand_as(meta.flags[:, sl])
+    valid = (meta.flags[:, sl] & VALID) != 0
+    fake = valid & ((meta.flags[:, sl] & FAKE) != 0)
+    real = valid & ~fake
+    out = {}
+    for name, value in (("idx", idx), ("req", meta.request[:, sl]), ("evt", meta.event[:, sl])):
+        for subset, where in (("", valid), ("real_", real), ("fake_", fake)):
+            out[f"{subset}{name}_min"] = _chunks(torch.where(where, value, _BIG), size, _BIG).amin(-1)
+            out[f"{subset}{name}_max"] = _chunks(torch.where(where, value, -_BIG), size, -_BIG).amax(-1)
+    return out
+
+
+def tile_pairs(meta: KernelMeta, rule: str, block_q: int, block_k: int, q_offset: int = 0) -> torch.Tensor:
+    """``[B, nQ, nK]`` bool: may query tile i (tokens ``q_offset + i*block_q ...``) read key tile j?"""
+    q = {k: v[:, :, None] for k, v in _stats(meta, q_offset, block_q).items()}
+    k = {k: v[:, None, :] for k, v in _stats(meta, 0, block_k).items()}
+    if rule == "causal":
+        return k["idx_min"] <= q["idx_max"]
+    if rule == "request_causal":
+        own_event = (k["evt_min"] <= q["evt_max"]) & (k["evt_max"] >= q["evt_min"]) & (k["idx_min"] <= q["idx_max"])
+        return (k["req_min"] < q["req_max"]) | own_event
+    if rule == "dual_flow":
+        real_causal = k["real_evt_min"] <= q["real_evt_max"]
+        earlier = k["real_req_min"] < q["fake_req_max"]
+        itself = (k["idx_min"] <= q["fake_idx_max"]) & (k["idx_max"] >= q["fake_idx_min"])
+        return real_causal | earlier | itself
+    raise ValueError(f"unknown mask rule {rule!r}")
+
+
+def tile_lists(pairs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[B, nQ, nK]`` pairs -> per query tile the count ``[B, nQ]`` and the ascending indices
+    ``[B, nQ, max count]`` (int32) of the key tiles to visit."""
+    order = torch.sort((~pairs).to(torch.int8), dim=-1, stable=True).indices
+    count = pairs.sum(-1)
+    width = max(int(count.max()), 1) if count.numel() else 1
+    return count.to(torch.int32).contiguous(), order[..., :width].to(torch.int32).contiguous()

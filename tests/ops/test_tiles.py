@@ -1,0 +1,50 @@
+"""The block-sparse schedule the fused kernels follow, against the dense masks (plain PyTorch)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from genrec.nn.events import Events, append_candidates, dual_flow_layout, event_layout, item_action_layout
+from genrec.ops.masks import build_mask
+from genrec.ops.triton.tiles import KernelMeta, tile_lists, tile_pairs
+from tests.helpers import make_batch
+
+
+def _layouts():
+    ev = Events.from_batch(make_batch([37, 90, 5, 61, 1], seed=2, all_targets=False))
+    history = event_layout(ev, "dual_flow")
+    return {"causal": (event_layout(ev, "causal"), 0), "request_causal": (item_action_layout(ev), 0),
+            "dual_flow": (dual_flow_layout(ev), 0), "genrank_candidates": (dual_flow_layout(ev, ev.target), 0),
+            "hstu_cache": (append_candidates(item_action_layout(ev), ev, 9), 2 * ev.valid.shape[1]),
+            "dfgr_cache": (append_candidates(history, ev, 9, fake=True), history.shape[1])}
+
+
+def _dense_tiles(mask: torch.Tensor, bq: int, bk: int) -> torch.Tensor:
+    """[B, Lq, L] -> [B, nQ, nK]: does the tile hold an allowed pair?"""
+    b, lq, seq = mask.shape
+    padded = torch.nn.functional.pad(mask, (0, -seq % bk, 0, -lq % bq))
+    return padded.view(b, padded.shape[1] // bq, bq, padded.shape[2] // bk, bk).any(4).any(2)
+
+
+@pytest.mark.parametrize("name", list(_layouts()))
+@pytest.mark.parametrize("tiles", [(16, 16), (32, 16), (16, 64)])
+def test_schedule_lists_every_tile_with_an_allowed_pair(name, tiles):
+    layout, q_offset = _layouts()[name]
+    valid = layout.valid
+    mask = build_mask(layout) & valid[:, :, None] & valid[:, None, :]  # no padded self-reads
+    needed = _dense_tiles(mask[:, q_offset:], *tiles)
+    pairs = tile_pairs(KernelMeta.from_layout(layout), layout.rule, *tiles, q_offset)
+    assert pairs.shape == needed.shape
+    assert not (needed & ~pairs).any(), "a tile with allowed pairs would be skipped"
+    assert pairs.sum() <= 1.5 * needed.sum(), "the schedule visits far more tiles than the mask needs"
+    count, index = tile_lists(pairs)
+    for b, i in torch.nonzero(count).tolist():
+        listed = index[b, i, : count[b, i]].long()
+        assert torch.equal(listed, torch.nonzero(pairs[b, i]).flatten())
+
+
+def test_schedule_skips_the_upper_triangle():
+    layout, _ = _layouts()["causal"]
+    pairs = tile_pairs(KernelMeta.from_layout(layout), "causal", 16, 16)
+    assert not torch.triu(pairs, diagonal=1).any() and pairs.diagonal(dim1=1, dim2=2)[:, :1].all()
