@@ -24,6 +24,7 @@ Writes ``benchmarks/results/speed_<device>.{json,md}``. Needs a CUDA device.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import time
@@ -252,7 +253,8 @@ def infer_rows(ns: list[int], ms: list[int], args) -> list[dict]:
 def ratios(rows: list[dict]) -> list[dict]:
     """DFGR over HSTU, per shape: training events/s and inference candidates/s (same mode)."""
     out = []
-    by = {(r["bench"], r["model"], r.get("mode"), r["n"], r.get("m")): r for r in rows if r["bench"] != "kernel"}
+    by = {(r["bench"], r["model"], r.get("mode"), r["n"], r.get("m")): r for r in rows
+          if r["bench"] in ("train", "infer")}
     for (bench, model, mode, n, m), r in by.items():
         if model != "dfgr":
             continue
@@ -278,10 +280,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-steps", type=int, default=10)
     parser.add_argument("--requests", type=int, default=30)
     parser.add_argument("--micro-batch", type=int, default=512)
+    parser.add_argument("--tiles", help="JSON of HSTU kernel tiles from benchmarks/tune_hstu_kernel.py")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/speed.py measures GPU kernels and needs a CUDA device")
+    from genrec.ops.triton import hstu
+
+    if args.tiles:
+        tiles = json.loads(Path(args.tiles).read_text())
+        hstu.FWD_TILES["large"], hstu.BWD_TILES["large"] = tuple(tiles["fwd"]), tuple(tiles["bwd"])
+        hstu.DQ_SEPARATE = tiles["dq"] is not None
+        if tiles["dq"]:
+            hstu.DQ_TILES["large"] = tuple(tiles["dq"])
     parts = args.parts.split(",")
     ns = [int(x) for x in args.ns.split(",")]
     peak = matmul_peak_tflops()
@@ -307,6 +318,8 @@ def main(argv: list[str] | None = None) -> int:
         if part:
             tables.append(f"### {bench}\n\n" + results.markdown_table(part, cols))
     meta = results.meta(["python", "benchmarks/speed.py", *(argv if argv is not None else sys.argv[1:])])
+    meta["hstu_tiles"] = {"fwd": hstu.FWD_TILES, "bwd": hstu.BWD_TILES, "dq": hstu.DQ_TILES,
+                          "dq_separate": hstu.DQ_SEPARATE}
     meta["shapes"] = {"kernel_heads": 4, "kernel_dh": 128, "kernel_tokens": args.kernel_tokens, "d": args.d,
                       "heads": args.heads, "layers": args.layers, "train_events": args.train_events}
     device = torch.cuda.get_device_name().replace(" ", "_")

@@ -31,6 +31,8 @@ from genrec.ops.triton.tiles import FAKE, RULE_IDS, VALID, KernelMeta, tile_list
 # (BLOCK_M, BLOCK_N, num_warps, num_stages); BLOCK_M runs over queries, BLOCK_N over keys.
 FWD_TILES = {"small": (64, 64, 4, 3), "large": (128, 64, 8, 3)}
 BWD_TILES = {"small": (64, 64, 4, 2), "large": (64, 128, 8, 2)}
+DQ_TILES = {"small": (64, 64, 4, 3), "large": (128, 64, 8, 2)}
+DQ_SEPARATE = False  # dQ by its own kernel (no atomics) instead of fp32 atomic adds in the dK/dV kernel
 VALID_BIT: tl.constexpr = tl.constexpr(VALID)
 FAKE_BIT: tl.constexpr = tl.constexpr(FAKE)
 
@@ -113,7 +115,7 @@ def _hstu_bwd(Q, K, V, DO, DQ, DK, DV, REQ, EVT, FLAG, POS, TS, REL_POS, REL_TIM
               Q_COUNT, Q_INDEX, s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_db, s_dh, s_dm,
               s_gb, s_gh, s_gm, s_kgb, s_kgh, s_kgn, s_cb, s_ib, s_iq, H, LQ, L, Q_OFFSET, NUM_POS,
               NUM_TIME, alpha, scale, RULE: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
-              D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+              DQ_ATOMIC: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One key tile per program; scores are held transposed, ``[BLOCK_N keys, BLOCK_M queries]``."""
     tile, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
@@ -157,13 +159,69 @@ def _hstu_bwd(Q, K, V, DO, DQ, DK, DV, REQ, EVT, FLAG, POS, TS, REL_POS, REL_TIM
         ds = tl.where(allowed, da * scale * sig * (1.0 + s * (1.0 - sig)), 0.0)  # d loss / d s
         if HAS_BIAS:
             tl.atomic_add(D_REL_POS + h * NUM_POS + pos_idx, ds, mask=allowed)
-            tl.atomic_add(D_REL_TIME + h * NUM_TIME + time_idx, ds, mask=allowed)
+            # A tile spans few log-time buckets: one tile sum and one atomic per bucket present, where
+            # per-element atomics on ~32 addresses would serialise.
+            t_lo = tl.min(tl.where(allowed, time_idx, NUM_TIME))
+            t_hi = tl.max(tl.where(allowed, time_idx, -1))
+            for t in range(t_lo, t_hi + 1):
+                tl.atomic_add(D_REL_TIME + h * NUM_TIME + t, tl.sum(tl.where(time_idx == t, ds, 0.0)))
         dk += tl.dot(ds.to(q.dtype), q, input_precision=PRECISION)
-        dq = tl.dot(tl.trans(ds).to(k.dtype), k, input_precision=PRECISION) * alpha  # [BLOCK_M, D]
-        tl.atomic_add(DQ + b * s_gb + h * s_gh + rows[:, None] * s_gm + cols[None, :], dq, mask=q_in[:, None])
+        if DQ_ATOMIC:
+            dq = tl.dot(tl.trans(ds).to(k.dtype), k, input_precision=PRECISION) * alpha  # [BLOCK_M, D]
+            tl.atomic_add(DQ + b * s_gb + h * s_gh + rows[:, None] * s_gm + cols[None, :], dq, mask=q_in[:, None])
     out = b * s_kgb + h * s_kgh + keys[:, None] * s_kgn + cols[None, :]
     tl.store(DK + out, (dk * alpha).to(DK.dtype.element_ty), mask=k_in[:, None])
     tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=k_in[:, None])
+
+
+@triton.jit
+def _hstu_bwd_dq(Q, K, V, DO, DQ, REQ, EVT, FLAG, POS, TS, REL_POS, REL_TIME, KV_COUNT, KV_INDEX,
+                 s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_db, s_dh, s_dm, s_gb, s_gh, s_gm,
+                 s_cb, s_ib, s_iq, H, LQ, L, Q_OFFSET, NUM_POS, NUM_TIME, alpha, scale,
+                 RULE: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, D: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """dQ without atomics: one query tile per program over the forward schedule (recomputes the
+    scores once more: two extra matrix products per tile pair)."""
+    tile, bh = tl.program_id(0), tl.program_id(1)
+    b, h = bh // H, bh % H
+    rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, D)
+    q_in = rows < LQ
+    q = tl.load(Q + b * s_qb + h * s_qh + rows[:, None] * s_qm + cols[None, :], mask=q_in[:, None], other=0.0)
+    do = tl.load(DO + b * s_db + h * s_dh + rows[:, None] * s_dm + cols[None, :], mask=q_in[:, None], other=0.0)
+    q_tok = rows + Q_OFFSET
+    meta = b * L + q_tok
+    q_req = tl.load(REQ + meta, mask=q_in, other=0)[:, None]
+    q_evt = tl.load(EVT + meta, mask=q_in, other=0)[:, None]
+    q_flag = tl.load(FLAG + meta, mask=q_in, other=0)[:, None]
+    if HAS_BIAS:
+        q_pos = tl.load(POS + meta, mask=q_in, other=0)[:, None]
+        q_ts = tl.load(TS + meta, mask=q_in, other=0)[:, None]
+    dq = tl.zeros((BLOCK_M, D), dtype=tl.float32)
+    count = tl.load(KV_COUNT + b * s_cb + tile)
+    for i in range(0, count):
+        k_tile = tl.load(KV_INDEX + b * s_ib + tile * s_iq + i)
+        keys = k_tile * BLOCK_N + tl.arange(0, BLOCK_N)
+        k_in = keys < L
+        k = tl.load(K + b * s_kb + h * s_kh + keys[:, None] * s_kn + cols[None, :], mask=k_in[:, None], other=0.0)
+        v = tl.load(V + b * s_vb + h * s_vh + keys[:, None] * s_vn + cols[None, :], mask=k_in[:, None], other=0.0)
+        kmeta = b * L + keys
+        k_req = tl.load(REQ + kmeta, mask=k_in, other=0)[None, :]
+        k_evt = tl.load(EVT + kmeta, mask=k_in, other=0)[None, :]
+        k_flag = tl.load(FLAG + kmeta, mask=k_in, other=0)[None, :]
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * alpha  # [BLOCK_M, BLOCK_N]
+        if HAS_BIAS:
+            k_pos = tl.load(POS + kmeta, mask=k_in, other=0)[None, :]
+            k_ts = tl.load(TS + kmeta, mask=k_in, other=0)[None, :]
+            pos_idx, time_idx = _bias_index(q_pos, k_pos, q_ts, k_ts, NUM_POS, NUM_TIME)
+            s += tl.load(REL_POS + h * NUM_POS + pos_idx) + tl.load(REL_TIME + h * NUM_TIME + time_idx)
+        allowed = _allowed(q_tok[:, None], keys[None, :], q_req, k_req, q_evt, k_evt, q_flag, k_flag, RULE)
+        sig = tl.sigmoid(s)
+        da = tl.dot(do, tl.trans(v), input_precision=PRECISION)  # [BLOCK_M, BLOCK_N]
+        ds = tl.where(allowed, da * scale * sig * (1.0 + s * (1.0 - sig)), 0.0)
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+    tl.store(DQ + b * s_gb + h * s_gh + rows[:, None] * s_gm + cols[None, :], (dq * alpha).to(DQ.dtype.element_ty),
+             mask=q_in[:, None])
 
 
 def _tiles(head_dim: int, table: dict) -> tuple[int, int, int, int]:
@@ -223,11 +281,14 @@ class _HSTUAttention(torch.autograd.Function):
             grad_out = grad_out.contiguous()
         block_m, block_n, warps, stages = _tiles(d, BWD_TILES)
         count, index = _schedule(layout, meta, block_m, block_n, ctx.q_offset, transpose=True)
-        dq = torch.zeros(b, h, lq, d, device=q.device, dtype=torch.float32)
+        dq = (torch.empty if DQ_SEPARATE else torch.zeros)(b, h, lq, d, device=q.device, dtype=torch.float32)
         dk = torch.empty(b, seq, h, d, device=q.device, dtype=k.dtype).transpose(1, 2)
         dv = torch.empty(b, seq, h, d, device=q.device, dtype=v.dtype).transpose(1, 2)
         d_pos, d_time = torch.zeros_like(pos_table), torch.zeros_like(time_table)
         precision = "ieee" if q.dtype == torch.float32 else "tf32"
+        num_pos = pos_table.shape[-1] if ctx.has_bias else 1
+        num_time = time_table.shape[-1] if ctx.has_bias else 1
+        common = dict(RULE=RULE_IDS[layout.rule], HAS_BIAS=ctx.has_bias, PRECISION=precision, D=d)
         grid = (triton.cdiv(seq, block_n), b * h)
         _hstu_bwd[grid](q, k, v, grad_out, dq, dk, dv, meta.request, meta.event, meta.flags, meta.position,
                         meta.timestamp, pos_table, time_table, d_pos, d_time, count, index,
@@ -235,10 +296,20 @@ class _HSTUAttention(torch.autograd.Function):
                         v.stride(0), v.stride(1), v.stride(2), grad_out.stride(0), grad_out.stride(1),
                         grad_out.stride(2), dq.stride(0), dq.stride(1), dq.stride(2),
                         dk.stride(0), dk.stride(1), dk.stride(2), count.stride(0), index.stride(0), index.stride(1),
-                        h, lq, seq, ctx.q_offset, pos_table.shape[-1] if ctx.has_bias else 1,
-                        time_table.shape[-1] if ctx.has_bias else 1, 1.0 / math.sqrt(d), ctx.scale,
-                        RULE=RULE_IDS[layout.rule], HAS_BIAS=ctx.has_bias, PRECISION=precision, D=d,
-                        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
+                        h, lq, seq, ctx.q_offset, num_pos, num_time, 1.0 / math.sqrt(d), ctx.scale,
+                        DQ_ATOMIC=not DQ_SEPARATE, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
+                        num_stages=stages, **common)
+        if DQ_SEPARATE:
+            block_m, block_n, warps, stages = _tiles(d, DQ_TILES)
+            count, index = _schedule(layout, meta, block_m, block_n, ctx.q_offset, transpose=False)
+            _hstu_bwd_dq[(triton.cdiv(lq, block_m), b * h)](
+                q, k, v, grad_out, dq, meta.request, meta.event, meta.flags, meta.position, meta.timestamp,
+                pos_table, time_table, count, index, q.stride(0), q.stride(1), q.stride(2),
+                k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+                grad_out.stride(0), grad_out.stride(1), grad_out.stride(2), dq.stride(0), dq.stride(1), dq.stride(2),
+                count.stride(0), index.stride(0), index.stride(1), h, lq, seq, ctx.q_offset, num_pos, num_time,
+                1.0 / math.sqrt(d), ctx.scale, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages,
+                **common)
         if not ctx.has_bias:
             return dq.to(q.dtype), dk, dv, None, None, None, None, None
         return (dq.to(q.dtype), dk, dv, d_pos.to(ctx.bias_dtype), d_time.to(ctx.bias_dtype), None, None, None)

@@ -1,0 +1,84 @@
+"""Pick the tile shapes of the fused HSTU attention kernels on this GPU.
+
+Times the forward kernel and forward+backward for a set of (BLOCK_M, BLOCK_N, warps, stages) and
+both dQ strategies (fp32 atomics in the dK/dV kernel, or a separate dQ kernel), causal, bf16, 4 heads,
+head dim 128, 131,072 tokens per batch, at each N; keeps the configuration with the least summed
+time over the N. Writes ``benchmarks/results/hstu_tiles_<device>.json`` (read by
+``benchmarks/speed.py --tiles``) and prints the table.
+
+    python benchmarks/tune_hstu_kernel.py [--ns 1024,8192]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from genrec import results
+
+ROOT = Path(__file__).resolve().parent.parent
+FWD = [(64, 64, 4, 3), (128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2),
+       (64, 128, 4, 3)]
+BWD = [(64, 128, 8, 2), (64, 64, 4, 2), (128, 128, 8, 2), (64, 128, 4, 3), (32, 128, 4, 2), (64, 128, 8, 3)]
+DQ = [(128, 64, 8, 2), (64, 64, 4, 3), (128, 128, 8, 2), (64, 128, 4, 3)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    from genrec.ops.triton import hstu
+    from speed import _kernel_layout, bench_ms
+
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--ns", default="1024,8192")
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    args = parser.parse_args(argv)
+    heads, dim, tokens = 4, 128, 131_072
+    cases = []
+    for n in (int(x) for x in args.ns.split(",")):
+        batch = tokens // n
+        q, k, v, do = (torch.randn(batch, n, heads, dim, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
+                       for _ in range(4))
+        cases.append((n, [t.requires_grad_() for t in (q, k, v)], do, _kernel_layout(batch, n, "causal")[0]))
+
+    def fwd_ms(n, leaves, do, layout):
+        return bench_ms(lambda: hstu.hstu_attention(*leaves, layout, None, None, 1.0 / n), 50, 200)
+
+    def both_ms(n, leaves, do, layout):
+        return bench_ms(lambda: torch.autograd.grad(hstu.hstu_attention(*leaves, layout, None, None, 1.0 / n),
+                                                    leaves, do), 50, 200)
+
+    rows = []
+    for tiles in FWD:
+        hstu.FWD_TILES["large"] = tiles
+        rows.append({"part": "fwd", "tiles": str(tiles), "dq": "", **{f"n{c[0]}_ms": fwd_ms(*c) for c in cases}})
+        print(rows[-1], flush=True)
+    best_fwd = min((r for r in rows if r["part"] == "fwd"), key=lambda r: sum(r[f"n{c[0]}_ms"] for c in cases))
+    hstu.FWD_TILES["large"] = eval(best_fwd["tiles"])  # noqa: S307 (our own repr of a tuple)
+    for separate in (False, True):
+        hstu.DQ_SEPARATE = separate
+        for tiles in BWD:
+            hstu.BWD_TILES["large"] = tiles
+            for dq in DQ if separate else [None]:
+                if dq:
+                    hstu.DQ_TILES["large"] = dq
+                rows.append({"part": "fwd+bwd", "tiles": str(tiles), "dq": str(dq) if dq else "atomic",
+                             **{f"n{c[0]}_ms": both_ms(*c) for c in cases}})
+                print(rows[-1], flush=True)
+    best_bwd = min((r for r in rows if r["part"] == "fwd+bwd"), key=lambda r: sum(r[f"n{c[0]}_ms"] for c in cases))
+    choice = {"fwd": eval(best_fwd["tiles"]), "bwd": eval(best_bwd["tiles"]),  # noqa: S307
+              "dq": None if best_bwd["dq"] == "atomic" else eval(best_bwd["dq"])}  # noqa: S307
+    device = torch.cuda.get_device_name().replace(" ", "_")
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / f"hstu_tiles_{device}.json").write_text(json.dumps(choice) + "\n")
+    table = results.markdown_table(rows, ["part", "tiles", "dq", *[f"n{c[0]}_ms" for c in cases]])
+    meta = results.meta(["python", "benchmarks/tune_hstu_kernel.py", *(argv if argv is not None else sys.argv[1:])])
+    results.write(Path(args.out) / f"hstu_tuning_{device}", rows, table, meta)
+    print(table, "\nchosen:", choice)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
