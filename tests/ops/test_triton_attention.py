@@ -75,16 +75,24 @@ def _check(layout, dtype, bias, q_offset=0):
         assert _rel_error(g, w) <= TOLERANCE[dtype], name
 
 
+@pytest.fixture(params=[False, True], ids=["dq_atomic", "dq_kernel"])
+def dq_mode(request, monkeypatch):
+    """Both dQ strategies of the backward pass."""
+    from genrec.ops.triton import hstu
+
+    monkeypatch.setattr(hstu, "DQ_SEPARATE", request.param)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("kind", LAYOUTS)
 @pytest.mark.parametrize("bias", [True, False])
-def test_hstu_attention_matches_reference(kind, dtype, bias):
+def test_hstu_attention_matches_reference(kind, dtype, bias, dq_mode):
     _check(_layout(kind, [37, 90, 5, 61] if CUDA else [37, 9, 21], seed=len(kind) + int(bias)), dtype, bias)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("kind", ["request_causal", "dual_flow"])
-def test_hstu_attention_after_a_kv_cache_matches_reference(kind, dtype):
+def test_hstu_attention_after_a_kv_cache_matches_reference(kind, dtype, dq_mode):
     """Queries = the 7 candidates appended after each history (HSTU and DFGR serving)."""
     ev = Events.from_batch(make_batch([37, 9, 21], seed=11).to(DEVICE))
     history = item_action_layout(ev) if kind == "request_causal" else event_layout(ev, "dual_flow")
