@@ -7,7 +7,7 @@ import torch
 
 from genrec.nn.events import Events, append_candidates, dual_flow_layout, event_layout, item_action_layout
 from genrec.ops.masks import build_mask
-from genrec.ops.triton.tiles import KernelMeta, tile_lists, tile_pairs
+from genrec.ops.triton.tiles import KernelMeta, tile_full, tile_lists, tile_pairs
 from tests.helpers import make_batch
 
 
@@ -38,13 +38,19 @@ def test_schedule_lists_every_tile_with_an_allowed_pair(name, tiles):
     assert pairs.shape == needed.shape
     assert not (needed & ~pairs).any(), "a tile with allowed pairs would be skipped"
     assert pairs.sum() <= 1.5 * needed.sum(), "the schedule visits far more tiles than the mask needs"
-    count, index = tile_lists(pairs)
+    full = tile_full(KernelMeta.from_layout(layout), layout.rule, *tiles, q_offset)
+    everything = _dense_tiles(~mask[:, q_offset:], *tiles)  # a pair the rule forbids, or padding
+    assert not (full & everything).any(), "a tile marked full holds a masked pair: the kernel would read it"
+    count, index, listed_full = tile_lists(pairs, full)
     for b, i in torch.nonzero(count).tolist():
         listed = index[b, i, : count[b, i]].long()
         assert torch.equal(listed, torch.nonzero(pairs[b, i]).flatten())
+        assert torch.equal(listed_full[b, i, : count[b, i]].bool(), full[b, i, listed])
 
 
-def test_schedule_skips_the_upper_triangle():
+def test_schedule_skips_the_upper_triangle_and_marks_the_lower_full():
     layout, _ = _layouts()["causal"]
-    pairs = tile_pairs(KernelMeta.from_layout(layout), "causal", 16, 16)
+    meta = KernelMeta.from_layout(layout)
+    pairs, full = tile_pairs(meta, "causal", 16, 16), tile_full(meta, "causal", 16, 16)
     assert not torch.triu(pairs, diagonal=1).any() and pairs.diagonal(dim1=1, dim2=2)[:, :1].all()
+    assert full[1, 3, :3].all() and not full.diagonal(dim1=1, dim2=2).any()  # row 1 holds 90 events

@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from genrec.ops.layout import TokenLayout
-from genrec.ops.triton.tiles import FAKE, RULE_IDS, VALID, KernelMeta, tile_lists, tile_pairs
+from genrec.ops.triton.tiles import FAKE, RULE_IDS, VALID, KernelMeta, tile_full, tile_lists, tile_pairs
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages); BLOCK_M runs over queries, BLOCK_N over keys.
 FWD_TILES = {"small": (64, 64, 4, 3), "large": (128, 64, 8, 3)}
@@ -53,6 +53,22 @@ def _allowed(q_idx, k_idx, q_req, k_req, q_evt, k_evt, q_flag, k_flag, RULE: tl.
 
 
 @triton.jit
+def _allowed_row_tile(q_tok, keys, q_req, q_evt, q_flag, REQ, EVT, FLAG, kmeta, k_in, RULE: tl.constexpr):
+    """The rule on a [queries, keys] tile, loading the keys' metadata (only partial tiles need it)."""
+    k_req = tl.load(REQ + kmeta, mask=k_in, other=0)[None, :]
+    k_evt = tl.load(EVT + kmeta, mask=k_in, other=0)[None, :]
+    k_flag = tl.load(FLAG + kmeta, mask=k_in, other=0)[None, :]
+    return _allowed(q_tok[:, None], keys[None, :], q_req, k_req, q_evt, k_evt, q_flag, k_flag, RULE)
+
+
+@triton.jit
+def _sigmoid(x):
+    """1 / (1 + e^-x) with exp2 and the fast (non-IEEE) division: the elementwise work per score is
+    what separates this kernel from a matrix-product-bound one."""
+    return tl.fdiv(1.0, 1.0 + tl.exp2(-1.4426950408889634 * x), ieee_rounding=False)
+
+
+@triton.jit
 def _bias_index(q_pos, k_pos, q_ts, k_ts, NUM_POS, NUM_TIME):
     """Indices into the position and time tables: clamped distance and floor(log2(1 + Δt)) buckets.
     The log is read off the float exponent and corrected by one where rounding carried it up, so it
@@ -66,7 +82,7 @@ def _bias_index(q_pos, k_pos, q_ts, k_ts, NUM_POS, NUM_TIME):
 
 
 @triton.jit
-def _hstu_fwd(Q, K, V, O, REQ, EVT, FLAG, POS, TS, REL_POS, REL_TIME, KV_COUNT, KV_INDEX,
+def _hstu_fwd(Q, K, V, O, REQ, EVT, FLAG, POS, TS, REL_POS, REL_TIME, KV_COUNT, KV_INDEX, KV_FULL,
               s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ob, s_oh, s_om,
               s_cb, s_ib, s_iq, H, LQ, L, Q_OFFSET, NUM_POS, NUM_TIME, alpha, scale,
               RULE: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, D: tl.constexpr,
@@ -94,17 +110,16 @@ def _hstu_fwd(Q, K, V, O, REQ, EVT, FLAG, POS, TS, REL_POS, REL_TIME, KV_COUNT, 
         k = tl.load(K + b * s_kb + h * s_kh + keys[:, None] * s_kn + cols[None, :], mask=k_in[:, None], other=0.0)
         v = tl.load(V + b * s_vb + h * s_vh + keys[:, None] * s_vn + cols[None, :], mask=k_in[:, None], other=0.0)
         kmeta = b * L + keys
-        k_req = tl.load(REQ + kmeta, mask=k_in, other=0)[None, :]
-        k_evt = tl.load(EVT + kmeta, mask=k_in, other=0)[None, :]
-        k_flag = tl.load(FLAG + kmeta, mask=k_in, other=0)[None, :]
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * alpha  # [BLOCK_M, BLOCK_N]
         if HAS_BIAS:
             k_pos = tl.load(POS + kmeta, mask=k_in, other=0)[None, :]
             k_ts = tl.load(TS + kmeta, mask=k_in, other=0)[None, :]
             pos_idx, time_idx = _bias_index(q_pos, k_pos, q_ts, k_ts, NUM_POS, NUM_TIME)
             s += tl.load(REL_POS + h * NUM_POS + pos_idx) + tl.load(REL_TIME + h * NUM_TIME + time_idx)
-        a = s * tl.sigmoid(s) * scale
-        a = tl.where(_allowed(q_tok[:, None], keys[None, :], q_req, k_req, q_evt, k_evt, q_flag, k_flag, RULE), a, 0.0)
+        a = s * _sigmoid(s) * scale
+        if tl.load(KV_FULL + b * s_ib + tile * s_iq + i) == 0:  # else the rule allows the whole tile
+            allowed = _allowed_row_tile(q_tok, keys, q_req, q_evt, q_flag, REQ, EVT, FLAG, kmeta, k_in, RULE)
+            a = tl.where(allowed, a, 0.0)
         acc += tl.dot(a.to(v.dtype), v, input_precision=PRECISION)
     tl.store(O + b * s_ob + h * s_oh + rows[:, None] * s_om + cols[None, :], acc.to(O.dtype.element_ty),
              mask=rows[:, None] < LQ)
@@ -112,7 +127,7 @@ def _hstu_fwd(Q, K, V, O, REQ, EVT, FLAG, POS, TS, REL_POS, REL_TIME, KV_COUNT, 
 
 @triton.jit
 def _hstu_bwd(Q, K, V, DO, DQ, DK, DV, REQ, EVT, FLAG, POS, TS, REL_POS, REL_TIME, D_REL_POS, D_REL_TIME,
-              Q_COUNT, Q_INDEX, s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_db, s_dh, s_dm,
+              Q_COUNT, Q_INDEX, Q_FULL, s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_db, s_dh, s_dm,
               s_gb, s_gh, s_gm, s_kgb, s_kgh, s_kgn, s_cb, s_ib, s_iq, H, LQ, L, Q_OFFSET, NUM_POS,
               NUM_TIME, alpha, scale, RULE: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
               DQ_ATOMIC: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -142,17 +157,20 @@ def _hstu_bwd(Q, K, V, DO, DQ, DK, DV, REQ, EVT, FLAG, POS, TS, REL_POS, REL_TIM
         do = tl.load(DO + b * s_db + h * s_dh + rows[:, None] * s_dm + cols[None, :], mask=q_in[:, None], other=0.0)
         q_tok = rows + Q_OFFSET
         meta = b * L + q_tok
-        q_req = tl.load(REQ + meta, mask=q_in, other=0)[None, :]
-        q_evt = tl.load(EVT + meta, mask=q_in, other=0)[None, :]
-        q_flag = tl.load(FLAG + meta, mask=q_in, other=0)[None, :]
         s = tl.dot(k, tl.trans(q), input_precision=PRECISION) * alpha  # [BLOCK_N, BLOCK_M]
         if HAS_BIAS:
             q_pos = tl.load(POS + meta, mask=q_in, other=0)[None, :]
             q_ts = tl.load(TS + meta, mask=q_in, other=0)[None, :]
             pos_idx, time_idx = _bias_index(q_pos, k_pos, q_ts, k_ts, NUM_POS, NUM_TIME)
             s += tl.load(REL_POS + h * NUM_POS + pos_idx) + tl.load(REL_TIME + h * NUM_TIME + time_idx)
-        allowed = _allowed(q_tok[None, :], keys[:, None], q_req, k_req, q_evt, k_evt, q_flag, k_flag, RULE)
-        sig = tl.sigmoid(s)
+        if tl.load(Q_FULL + b * s_ib + tile * s_iq + i) == 0:
+            q_req = tl.load(REQ + meta, mask=q_in, other=0)[None, :]
+            q_evt = tl.load(EVT + meta, mask=q_in, other=0)[None, :]
+            q_flag = tl.load(FLAG + meta, mask=q_in, other=0)[None, :]
+            allowed = _allowed(q_tok[None, :], keys[:, None], q_req, k_req, q_evt, k_evt, q_flag, k_flag, RULE)
+        else:
+            allowed = tl.full((BLOCK_N, BLOCK_M), 1, tl.int1)
+        sig = _sigmoid(s)
         a = tl.where(allowed, s * sig * scale, 0.0)
         dv += tl.dot(a.to(do.dtype), do, input_precision=PRECISION)
         da = tl.dot(v, tl.trans(do), input_precision=PRECISION)  # [BLOCK_N, BLOCK_M]
@@ -175,7 +193,7 @@ def _hstu_bwd(Q, K, V, DO, DQ, DK, DV, REQ, EVT, FLAG, POS, TS, REL_POS, REL_TIM
 
 
 @triton.jit
-def _hstu_bwd_dq(Q, K, V, DO, DQ, REQ, EVT, FLAG, POS, TS, REL_POS, REL_TIME, KV_COUNT, KV_INDEX,
+def _hstu_bwd_dq(Q, K, V, DO, DQ, REQ, EVT, FLAG, POS, TS, REL_POS, REL_TIME, KV_COUNT, KV_INDEX, KV_FULL,
                  s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_db, s_dh, s_dm, s_gb, s_gh, s_gm,
                  s_cb, s_ib, s_iq, H, LQ, L, Q_OFFSET, NUM_POS, NUM_TIME, alpha, scale,
                  RULE: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, D: tl.constexpr,
@@ -206,22 +224,21 @@ def _hstu_bwd_dq(Q, K, V, DO, DQ, REQ, EVT, FLAG, POS, TS, REL_POS, REL_TIME, KV
         k = tl.load(K + b * s_kb + h * s_kh + keys[:, None] * s_kn + cols[None, :], mask=k_in[:, None], other=0.0)
         v = tl.load(V + b * s_vb + h * s_vh + keys[:, None] * s_vn + cols[None, :], mask=k_in[:, None], other=0.0)
         kmeta = b * L + keys
-        k_req = tl.load(REQ + kmeta, mask=k_in, other=0)[None, :]
-        k_evt = tl.load(EVT + kmeta, mask=k_in, other=0)[None, :]
-        k_flag = tl.load(FLAG + kmeta, mask=k_in, other=0)[None, :]
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * alpha  # [BLOCK_M, BLOCK_N]
         if HAS_BIAS:
             k_pos = tl.load(POS + kmeta, mask=k_in, other=0)[None, :]
             k_ts = tl.load(TS + kmeta, mask=k_in, other=0)[None, :]
             pos_idx, time_idx = _bias_index(q_pos, k_pos, q_ts, k_ts, NUM_POS, NUM_TIME)
             s += tl.load(REL_POS + h * NUM_POS + pos_idx) + tl.load(REL_TIME + h * NUM_TIME + time_idx)
-        allowed = _allowed(q_tok[:, None], keys[None, :], q_req, k_req, q_evt, k_evt, q_flag, k_flag, RULE)
-        sig = tl.sigmoid(s)
+        sig = _sigmoid(s)
         da = tl.dot(do, tl.trans(v), input_precision=PRECISION)  # [BLOCK_M, BLOCK_N]
-        ds = tl.where(allowed, da * scale * sig * (1.0 + s * (1.0 - sig)), 0.0)
+        ds = da * scale * sig * (1.0 + s * (1.0 - sig))
+        if tl.load(KV_FULL + b * s_ib + tile * s_iq + i) == 0:
+            allowed = _allowed_row_tile(q_tok, keys, q_req, q_evt, q_flag, REQ, EVT, FLAG, kmeta, k_in, RULE)
+            ds = tl.where(allowed, ds, 0.0)
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
-    tl.store(DQ + b * s_gb + h * s_gh + rows[:, None] * s_gm + cols[None, :], (dq * alpha).to(DQ.dtype.element_ty),
-             mask=q_in[:, None])
+    out = DQ + b * s_gb + h * s_gh + rows[:, None] * s_gm + cols[None, :]
+    tl.store(out, (dq * alpha).to(DQ.dtype.element_ty), mask=q_in[:, None])
 
 
 def _tiles(head_dim: int, table: dict) -> tuple[int, int, int, int]:
@@ -232,7 +249,8 @@ def _schedule(layout: TokenLayout, meta: KernelMeta, block_q: int, block_k: int,
     """Per query tile the key tiles to visit (forward), or per key tile the query tiles (backward)."""
     def build():
         pairs = tile_pairs(meta, layout.rule, block_q, block_k, q_offset)
-        return tile_lists(pairs.transpose(1, 2) if transpose else pairs)
+        full = tile_full(meta, layout.rule, block_q, block_k, q_offset)
+        return tile_lists(pairs.transpose(1, 2), full.transpose(1, 2)) if transpose else tile_lists(pairs, full)
     return layout.cached(("triton_tiles", block_q, block_k, q_offset, transpose), build)
 
 
@@ -252,14 +270,14 @@ class _HSTUAttention(torch.autograd.Function):
             raise ValueError(f"the triton backend needs a head dim that is a power of two in 16..256, got {d}")
         meta = layout.cached(("triton_meta",), lambda: KernelMeta.from_layout(layout))
         block_m, block_n, warps, stages = _tiles(d, FWD_TILES)
-        count, index = _schedule(layout, meta, block_m, block_n, q_offset, transpose=False)
+        count, index, full = _schedule(layout, meta, block_m, block_n, q_offset, transpose=False)
         pos_table, time_table, num_pos, num_time = _bias_args(rel_pos, rel_time, q.device)
         out = torch.empty(b, lq, h, d, device=q.device, dtype=q.dtype).transpose(1, 2)  # [B, H, LQ, Dh]
         precision = "ieee" if q.dtype == torch.float32 else "tf32"
         alpha = 1.0 / math.sqrt(d)
         grid = (triton.cdiv(lq, block_m), b * h)
         _hstu_fwd[grid](q, k, v, out, meta.request, meta.event, meta.flags, meta.position, meta.timestamp,
-                        pos_table, time_table, count, index, q.stride(0), q.stride(1), q.stride(2),
+                        pos_table, time_table, count, index, full, q.stride(0), q.stride(1), q.stride(2),
                         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
                         out.stride(0), out.stride(1), out.stride(2), count.stride(0), index.stride(0),
                         index.stride(1), h, lq, seq, q_offset, num_pos, num_time, alpha, scale,
@@ -280,7 +298,7 @@ class _HSTUAttention(torch.autograd.Function):
         if grad_out.stride(-1) != 1:
             grad_out = grad_out.contiguous()
         block_m, block_n, warps, stages = _tiles(d, BWD_TILES)
-        count, index = _schedule(layout, meta, block_m, block_n, ctx.q_offset, transpose=True)
+        count, index, full = _schedule(layout, meta, block_m, block_n, ctx.q_offset, transpose=True)
         dq = (torch.empty if DQ_SEPARATE else torch.zeros)(b, h, lq, d, device=q.device, dtype=torch.float32)
         dk = torch.empty(b, seq, h, d, device=q.device, dtype=k.dtype).transpose(1, 2)
         dv = torch.empty(b, seq, h, d, device=q.device, dtype=v.dtype).transpose(1, 2)
@@ -291,7 +309,7 @@ class _HSTUAttention(torch.autograd.Function):
         common = dict(RULE=RULE_IDS[layout.rule], HAS_BIAS=ctx.has_bias, PRECISION=precision, D=d)
         grid = (triton.cdiv(seq, block_n), b * h)
         _hstu_bwd[grid](q, k, v, grad_out, dq, dk, dv, meta.request, meta.event, meta.flags, meta.position,
-                        meta.timestamp, pos_table, time_table, d_pos, d_time, count, index,
+                        meta.timestamp, pos_table, time_table, d_pos, d_time, count, index, full,
                         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                         v.stride(0), v.stride(1), v.stride(2), grad_out.stride(0), grad_out.stride(1),
                         grad_out.stride(2), dq.stride(0), dq.stride(1), dq.stride(2),
@@ -301,10 +319,10 @@ class _HSTUAttention(torch.autograd.Function):
                         num_stages=stages, **common)
         if DQ_SEPARATE:
             block_m, block_n, warps, stages = _tiles(d, DQ_TILES)
-            count, index = _schedule(layout, meta, block_m, block_n, ctx.q_offset, transpose=False)
+            count, index, full = _schedule(layout, meta, block_m, block_n, ctx.q_offset, transpose=False)
             _hstu_bwd_dq[(triton.cdiv(lq, block_m), b * h)](
                 q, k, v, grad_out, dq, meta.request, meta.event, meta.flags, meta.position, meta.timestamp,
-                pos_table, time_table, count, index, q.stride(0), q.stride(1), q.stride(2),
+                pos_table, time_table, count, index, full, q.stride(0), q.stride(1), q.stride(2),
                 k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
                 grad_out.stride(0), grad_out.stride(1), grad_out.stride(2), dq.stride(0), dq.stride(1), dq.stride(2),
                 count.stride(0), index.stride(0), index.stride(1), h, lq, seq, ctx.q_offset, num_pos, num_time,

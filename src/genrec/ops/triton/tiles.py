@@ -60,7 +60,8 @@ def _stats(meta: KernelMeta, start: int, size: int) -> dict[str, torch.Tensor]:
     valid = (meta.flags[:, sl] & VALID) != 0
     fake = valid & ((meta.flags[:, sl] & FAKE) != 0)
     real = valid & ~fake
-    out = {}
+    out = {f"n_{subset}": _chunks(where.int(), size, 0).sum(-1)
+           for subset, where in (("valid", valid), ("real", real), ("fake", fake))}
     for name, value in (("idx", idx), ("req", meta.request[:, sl]), ("evt", meta.event[:, sl])):
         for subset, where in (("", valid), ("real_", real), ("fake_", fake)):
             out[f"{subset}{name}_min"] = _chunks(torch.where(where, value, _BIG), size, _BIG).amin(-1)
@@ -85,10 +86,30 @@ def tile_pairs(meta: KernelMeta, rule: str, block_q: int, block_k: int, q_offset
     raise ValueError(f"unknown mask rule {rule!r}")
 
 
-def tile_lists(pairs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``[B, nQ, nK]`` pairs -> per query tile the count ``[B, nQ]`` and the ascending indices
-    ``[B, nQ, max count]`` (int32) of the key tiles to visit."""
+def tile_full(meta: KernelMeta, rule: str, block_q: int, block_k: int, q_offset: int = 0) -> torch.Tensor:
+    """``[B, nQ, nK]`` bool: does the rule allow *every* pair of the tile pair (all tokens valid)?
+    The kernels skip the per-element mask there (the off-diagonal bulk of a causal mask)."""
+    q = {k: v[:, :, None] for k, v in _stats(meta, q_offset, block_q).items()}
+    k = {k: v[:, None, :] for k, v in _stats(meta, 0, block_k).items()}
+    complete = (q["n_valid"] == block_q) & (k["n_valid"] == block_k)
+    if rule == "causal":
+        return complete & (k["idx_max"] <= q["idx_min"])
+    if rule == "request_causal":
+        return complete & (k["req_max"] < q["req_min"])
+    if rule == "dual_flow":
+        all_real_k = k["n_real"] == block_k
+        real = (q["n_real"] == block_q) & (k["real_evt_max"] <= q["real_evt_min"])
+        fake = (q["n_fake"] == block_q) & (k["real_req_max"] < q["fake_req_min"])
+        return complete & all_real_k & (real | fake)
+    raise ValueError(f"unknown mask rule {rule!r}")
+
+
+def tile_lists(pairs: torch.Tensor, full: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``[B, nQ, nK]`` pairs and full flags -> per query tile the count ``[B, nQ]``, the ascending
+    indices ``[B, nQ, max count]`` of the key tiles to visit and whether each is full (int32)."""
     order = torch.sort((~pairs).to(torch.int8), dim=-1, stable=True).indices
     count = pairs.sum(-1)
     width = max(int(count.max()), 1) if count.numel() else 1
-    return count.to(torch.int32).contiguous(), order[..., :width].to(torch.int32).contiguous()
+    order = order[..., :width]
+    return (count.to(torch.int32).contiguous(), order.to(torch.int32).contiguous(),
+            full.gather(-1, order).to(torch.int32).contiguous())
