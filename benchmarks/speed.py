@@ -270,6 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--parts", default="kernel,train,infer")
     parser.add_argument("--ns", default="256,512,1024,2048,4096,8192")
+    parser.add_argument("--train-ns", help="history lengths of the training part (default: --ns)")
     parser.add_argument("--kernel-ns", default="1024,2048,4096,8192")
     parser.add_argument("--kernel-tokens", type=int, default=131_072)
     parser.add_argument("--ms", default="64,512,2048")
@@ -301,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     if "kernel" in parts:
         rows += kernel_rows([int(x) for x in args.kernel_ns.split(",")], args.kernel_tokens, 4, 128, peak)
     if "train" in parts:
-        rows += train_rows(ns, args)
+        rows += train_rows([int(x) for x in args.train_ns.split(",")] if args.train_ns else ns, args)
     if "infer" in parts:
         rows += infer_rows(ns, [int(x) for x in args.ms.split(",")], args)
     rows += [{"bench": "ratio", **r} for r in ratios(rows)]
