@@ -261,9 +261,30 @@ def ratios(rows: list[dict]) -> list[dict]:
         base = by.get((bench, "hstu", mode, n, m))
         key = "train_events_per_s" if bench == "train" else "infer_candidates_per_s"
         if base:
-            out.append({"bench": bench, "mode": mode or "train", "n": n, "m": m or "",
+            out.append({"bench": "ratio", "part": bench, "mode": mode or "train", "n": n, "m": m or "",
                         "dfgr_over_hstu": r[key] / base[key]})
     return out
+
+
+def write(rows: list[dict], meta: dict, stem: Path) -> None:
+    """The JSON (measured rows + DFGR/HSTU ratios) and its Markdown tables."""
+    rows = [r for r in rows if "dfgr_over_hstu" not in r]  # ratios are derived, never measured
+    rows += ratios(rows)
+    peak = next(r["tflops"] for r in rows if r["bench"] == "matmul")
+    tables = [f"bf16 matmul peak (8192³, same run): {peak:.0f} TFLOP/s"]
+    columns = {
+        "kernel": ["kernel", "n", "batch", "fwd_ms", "fwd_tflops", "fwd_frac_of_matmul_peak", "fwd_bwd_ms",
+                   "fwd_bwd_tflops", "fwd_vs_sdpa", "fwd_bwd_vs_sdpa"],
+        "train": ["model", "n", "batch", "step_ms", "train_events_per_s", "peak_mem_gb"],
+        "infer": ["model", "mode", "n", "m", "micro_batch", "p50_ms", "p99_ms", "infer_candidates_per_s"],
+        "ratio": ["part", "mode", "n", "m", "dfgr_over_hstu"],
+    }
+    for bench, cols in columns.items():
+        part = [r for r in rows if r["bench"] == bench]
+        if part:
+            tables.append(f"### {bench}\n\n" + results.markdown_table(part, cols))
+    results.write(stem, rows, "\n\n".join(tables), meta)
+    print("\n\n".join(tables))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -283,7 +304,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--micro-batch", type=int, default=512)
     parser.add_argument("--tiles", help="JSON of HSTU kernel tiles from benchmarks/tune_hstu_kernel.py")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    parser.add_argument("--tables", metavar="JSON", help="only rewrite the ratios and tables of a result file")
     args = parser.parse_args(argv)
+    if args.tables:
+        data = json.loads(Path(args.tables).read_text())
+        write(data["rows"], data["meta"], Path(args.tables).with_suffix(""))
+        return 0
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/speed.py measures GPU kernels and needs a CUDA device")
     from genrec.ops.triton import hstu
@@ -296,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
             hstu.DQ_TILES["large"] = tuple(tiles["dq"])
     parts = args.parts.split(",")
     ns = [int(x) for x in args.ns.split(",")]
-    peak = matmul_peak_tflops()
+    peak = matmul_peak_tflops()  # measured first, in the same run as everything it is compared with
     print(f"bf16 matmul peak: {peak:.0f} TFLOP/s", flush=True)
     rows: list[dict] = [{"bench": "matmul", "n": 8192, "tflops": peak}]
     if "kernel" in parts:
@@ -305,27 +331,12 @@ def main(argv: list[str] | None = None) -> int:
         rows += train_rows([int(x) for x in args.train_ns.split(",")] if args.train_ns else ns, args)
     if "infer" in parts:
         rows += infer_rows(ns, [int(x) for x in args.ms.split(",")], args)
-    rows += [{"bench": "ratio", **r} for r in ratios(rows)]
-    tables = [f"bf16 matmul peak (8192³, same run): {peak:.0f} TFLOP/s"]
-    columns = {
-        "kernel": ["kernel", "n", "batch", "fwd_ms", "fwd_tflops", "fwd_frac_of_matmul_peak", "fwd_bwd_ms",
-                   "fwd_bwd_tflops", "fwd_vs_sdpa", "fwd_bwd_vs_sdpa"],
-        "train": ["model", "n", "batch", "step_ms", "train_events_per_s", "peak_mem_gb"],
-        "infer": ["model", "mode", "n", "m", "micro_batch", "p50_ms", "p99_ms", "infer_candidates_per_s"],
-        "ratio": ["bench", "mode", "n", "m", "dfgr_over_hstu"],
-    }
-    for bench, cols in columns.items():
-        part = [r for r in rows if r["bench"] == bench]
-        if part:
-            tables.append(f"### {bench}\n\n" + results.markdown_table(part, cols))
     meta = results.meta(["python", "benchmarks/speed.py", *(argv if argv is not None else sys.argv[1:])])
     meta["hstu_tiles"] = {"fwd": hstu.FWD_TILES, "bwd": hstu.BWD_TILES, "dq": hstu.DQ_TILES,
                           "dq_separate": hstu.DQ_SEPARATE}
     meta["shapes"] = {"kernel_heads": 4, "kernel_dh": 128, "kernel_tokens": args.kernel_tokens, "d": args.d,
                       "heads": args.heads, "layers": args.layers, "train_events": args.train_events}
-    device = torch.cuda.get_device_name().replace(" ", "_")
-    results.write(Path(args.out) / f"speed_{device}", rows, "\n\n".join(tables), meta)
-    print("\n\n".join(tables))
+    write(rows, meta, Path(args.out) / f"speed_{torch.cuda.get_device_name().replace(' ', '_')}")
     return 0
 
 
