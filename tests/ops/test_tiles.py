@@ -54,3 +54,11 @@ def test_schedule_skips_the_upper_triangle_and_marks_the_lower_full():
     pairs, full = tile_pairs(meta, "causal", 16, 16), tile_full(meta, "causal", 16, 16)
     assert not torch.triu(pairs, diagonal=1).any() and pairs.diagonal(dim1=1, dim2=2)[:, :1].all()
     assert full[1, 3, :3].all() and not full.diagonal(dim1=1, dim2=2).any()  # row 1 holds 90 events
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only refusal")
+def test_asking_for_the_triton_backend_without_a_gpu_is_a_clear_error():
+    from genrec.ops.dispatch import get_backend
+
+    with pytest.raises(ValueError, match="'triton' cannot run here: no CUDA device"):
+        get_backend("triton")
