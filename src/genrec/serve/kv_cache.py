@@ -55,7 +55,3 @@ class KVCache:
         """Freeze what was written so far as the history."""
         for layer in self.layers:
             layer.length = layer.keys.shape[1] - layer.capacity
-
-    @property
-    def capacity(self) -> int:
-        return self.layers[0].capacity

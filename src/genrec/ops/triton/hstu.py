@@ -8,9 +8,11 @@ relative position / time bias per element from int32 token metadata. The DFGR du
 causal + fake cross-triangle) is one rule among three, so the whole ``[real | fake]`` sequence is one
 launch.
 
-Backward is one kernel per key tile (dK, dV in registers; dQ and the bias gradients by fp32 atomic
-adds), the FlashAttention-2 split: five matrix products per tile pair, as in the forward pass plus
-three. ``q_offset`` makes the queries the layout's tokens ``q_offset..L-1`` against all ``L`` keys:
+Backward is one kernel per key tile (dK, dV in registers; dQ by fp32 atomic adds, the
+FlashAttention-2 split: five matrix products per tile pair), or with ``DQ_SEPARATE`` a second kernel
+per query tile for dQ (seven products, no atomics). The position-bias gradient is added per element
+by atomics, the time-bias gradient once per bucket present in a tile. ``q_offset`` makes the
+queries the layout's tokens ``q_offset..L-1`` against all ``L`` keys:
 that is attention over a KV cache (history keys, then the new tokens).
 
 Padded tokens (``valid`` False) produce zero output and receive zero gradient; the reference lets
