@@ -55,15 +55,6 @@ def _allowed(q_idx, k_idx, q_req, k_req, q_evt, k_evt, q_flag, k_flag, RULE: tl.
 
 
 @triton.jit
-def _allowed_row_tile(q_tok, keys, q_req, q_evt, q_flag, REQ, EVT, FLAG, kmeta, k_in, RULE: tl.constexpr):
-    """The rule on a [queries, keys] tile, loading the keys' metadata (only partial tiles need it)."""
-    k_req = tl.load(REQ + kmeta, mask=k_in, other=0)[None, :]
-    k_evt = tl.load(EVT + kmeta, mask=k_in, other=0)[None, :]
-    k_flag = tl.load(FLAG + kmeta, mask=k_in, other=0)[None, :]
-    return _allowed(q_tok[:, None], keys[None, :], q_req, k_req, q_evt, k_evt, q_flag, k_flag, RULE)
-
-
-@triton.jit
 def _sigmoid(x):
     """1 / (1 + e^-x) with exp2 and the fast (non-IEEE) division: the elementwise work per score is
     what separates this kernel from a matrix-product-bound one."""
@@ -84,6 +75,41 @@ def _bias_index(q_pos, k_pos, q_ts, k_ts, NUM_POS, NUM_TIME):
 
 
 @triton.jit
+def _load_tile(PTR, b, h, idx, cols, s_b, s_h, s_n, n):
+    """Rows ``idx`` (those < n; others 0) of head h of sequence b: ``[len(idx), D]``."""
+    return tl.load(PTR + b * s_b + h * s_h + idx[:, None] * s_n + cols[None, :], mask=idx[:, None] < n, other=0.0)
+
+
+@triton.jit
+def _rule_meta(REQ, EVT, FLAG, at, mask):
+    """Request, event and flags of tokens ``at``: what the mask rule reads."""
+    return (tl.load(REQ + at, mask=mask, other=0), tl.load(EVT + at, mask=mask, other=0),
+            tl.load(FLAG + at, mask=mask, other=0))
+
+
+@triton.jit
+def _bias_meta(POS, TS, at, mask, HAS_BIAS: tl.constexpr):
+    """Position and time of tokens ``at``: what the relative bias reads (not loaded without it)."""
+    if HAS_BIAS:
+        return tl.load(POS + at, mask=mask, other=0), tl.load(TS + at, mask=mask, other=0)
+    return at, at  # unread
+
+
+@triton.jit
+def _scores(x, y, q_pos, k_pos, q_ts, k_ts, REL_POS, REL_TIME, h, NUM_POS, NUM_TIME, alpha,
+            HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr):
+    """``x yᵀ · alpha`` plus the relative bias of the (broadcast) query/key positions and times, and
+    the bias indices (zeros without the bias). ``x, y`` = (q, k) for ``[queries, keys]`` tiles or
+    (k, q) for ``[keys, queries]`` tiles, with the metadata shaped to match."""
+    s = tl.dot(x, tl.trans(y), input_precision=PRECISION) * alpha
+    if HAS_BIAS:
+        pos_idx, time_idx = _bias_index(q_pos, k_pos, q_ts, k_ts, NUM_POS, NUM_TIME)
+        s += tl.load(REL_POS + h * NUM_POS + pos_idx) + tl.load(REL_TIME + h * NUM_TIME + time_idx)
+        return s, pos_idx, time_idx
+    return s, 0, 0
+
+
+@triton.jit
 def _hstu_fwd(Q, K, V, O, REQ, EVT, FLAG, POS, TS, REL_POS, REL_TIME, KV_COUNT, KV_INDEX, KV_FULL,
               s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ob, s_oh, s_om,
               s_cb, s_ib, s_iq, H, LQ, L, Q_OFFSET, NUM_POS, NUM_TIME, alpha, scale,
@@ -93,34 +119,25 @@ def _hstu_fwd(Q, K, V, O, REQ, EVT, FLAG, POS, TS, REL_POS, REL_TIME, KV_COUNT, 
     b, h = bh // H, bh % H
     rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)  # query rows 0..LQ-1
     cols = tl.arange(0, D)
-    q = tl.load(Q + b * s_qb + h * s_qh + rows[:, None] * s_qm + cols[None, :], mask=rows[:, None] < LQ, other=0.0)
+    q = _load_tile(Q, b, h, rows, cols, s_qb, s_qh, s_qm, LQ)
     q_tok = rows + Q_OFFSET
-    q_in = rows < LQ
-    meta = b * L + q_tok
-    q_req = tl.load(REQ + meta, mask=q_in, other=0)[:, None]
-    q_evt = tl.load(EVT + meta, mask=q_in, other=0)[:, None]
-    q_flag = tl.load(FLAG + meta, mask=q_in, other=0)[:, None]
-    if HAS_BIAS:
-        q_pos = tl.load(POS + meta, mask=q_in, other=0)[:, None]
-        q_ts = tl.load(TS + meta, mask=q_in, other=0)[:, None]
+    q_req, q_evt, q_flag = _rule_meta(REQ, EVT, FLAG, b * L + q_tok, rows < LQ)
+    q_pos, q_ts = _bias_meta(POS, TS, b * L + q_tok, rows < LQ, HAS_BIAS)
     acc = tl.zeros((BLOCK_M, D), dtype=tl.float32)
     count = tl.load(KV_COUNT + b * s_cb + tile)
     for i in range(0, count):
-        k_tile = tl.load(KV_INDEX + b * s_ib + tile * s_iq + i)
-        keys = k_tile * BLOCK_N + tl.arange(0, BLOCK_N)
+        keys = tl.load(KV_INDEX + b * s_ib + tile * s_iq + i) * BLOCK_N + tl.arange(0, BLOCK_N)
         k_in = keys < L
-        k = tl.load(K + b * s_kb + h * s_kh + keys[:, None] * s_kn + cols[None, :], mask=k_in[:, None], other=0.0)
-        v = tl.load(V + b * s_vb + h * s_vh + keys[:, None] * s_vn + cols[None, :], mask=k_in[:, None], other=0.0)
-        kmeta = b * L + keys
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * alpha  # [BLOCK_M, BLOCK_N]
-        if HAS_BIAS:
-            k_pos = tl.load(POS + kmeta, mask=k_in, other=0)[None, :]
-            k_ts = tl.load(TS + kmeta, mask=k_in, other=0)[None, :]
-            pos_idx, time_idx = _bias_index(q_pos, k_pos, q_ts, k_ts, NUM_POS, NUM_TIME)
-            s += tl.load(REL_POS + h * NUM_POS + pos_idx) + tl.load(REL_TIME + h * NUM_TIME + time_idx)
+        k = _load_tile(K, b, h, keys, cols, s_kb, s_kh, s_kn, L)
+        v = _load_tile(V, b, h, keys, cols, s_vb, s_vh, s_vn, L)
+        k_pos, k_ts = _bias_meta(POS, TS, b * L + keys, k_in, HAS_BIAS)
+        s, _, _ = _scores(q, k, q_pos[:, None], k_pos[None, :], q_ts[:, None], k_ts[None, :], REL_POS, REL_TIME,
+                          h, NUM_POS, NUM_TIME, alpha, HAS_BIAS, PRECISION)  # [BLOCK_M, BLOCK_N]
         a = s * _sigmoid(s) * scale
         if tl.load(KV_FULL + b * s_ib + tile * s_iq + i) == 0:  # else the rule allows the whole tile
-            allowed = _allowed_row_tile(q_tok, keys, q_req, q_evt, q_flag, REQ, EVT, FLAG, kmeta, k_in, RULE)
+            k_req, k_evt, k_flag = _rule_meta(REQ, EVT, FLAG, b * L + keys, k_in)
+            allowed = _allowed(q_tok[:, None], keys[None, :], q_req[:, None], k_req[None, :], q_evt[:, None],
+                               k_evt[None, :], q_flag[:, None], k_flag[None, :], RULE)
             a = tl.where(allowed, a, 0.0)
         acc += tl.dot(a.to(v.dtype), v, input_precision=PRECISION)
     tl.store(O + b * s_ob + h * s_oh + rows[:, None] * s_om + cols[None, :], acc.to(O.dtype.element_ty),
@@ -139,37 +156,27 @@ def _hstu_bwd(Q, K, V, DO, DQ, DK, DV, REQ, EVT, FLAG, POS, TS, REL_POS, REL_TIM
     keys = tile * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = tl.arange(0, D)
     k_in = keys < L
-    k = tl.load(K + b * s_kb + h * s_kh + keys[:, None] * s_kn + cols[None, :], mask=k_in[:, None], other=0.0)
-    v = tl.load(V + b * s_vb + h * s_vh + keys[:, None] * s_vn + cols[None, :], mask=k_in[:, None], other=0.0)
-    kmeta = b * L + keys
-    k_req = tl.load(REQ + kmeta, mask=k_in, other=0)[:, None]
-    k_evt = tl.load(EVT + kmeta, mask=k_in, other=0)[:, None]
-    k_flag = tl.load(FLAG + kmeta, mask=k_in, other=0)[:, None]
-    if HAS_BIAS:
-        k_pos = tl.load(POS + kmeta, mask=k_in, other=0)[:, None]
-        k_ts = tl.load(TS + kmeta, mask=k_in, other=0)[:, None]
+    k = _load_tile(K, b, h, keys, cols, s_kb, s_kh, s_kn, L)
+    v = _load_tile(V, b, h, keys, cols, s_vb, s_vh, s_vn, L)
+    k_req, k_evt, k_flag = _rule_meta(REQ, EVT, FLAG, b * L + keys, k_in)
+    k_pos, k_ts = _bias_meta(POS, TS, b * L + keys, k_in, HAS_BIAS)
     dk = tl.zeros((BLOCK_N, D), dtype=tl.float32)
     dv = tl.zeros((BLOCK_N, D), dtype=tl.float32)
     count = tl.load(Q_COUNT + b * s_cb + tile)
     for i in range(0, count):
-        q_tile = tl.load(Q_INDEX + b * s_ib + tile * s_iq + i)
-        rows = q_tile * BLOCK_M + tl.arange(0, BLOCK_M)
+        rows = tl.load(Q_INDEX + b * s_ib + tile * s_iq + i) * BLOCK_M + tl.arange(0, BLOCK_M)
         q_in = rows < LQ
-        q = tl.load(Q + b * s_qb + h * s_qh + rows[:, None] * s_qm + cols[None, :], mask=q_in[:, None], other=0.0)
-        do = tl.load(DO + b * s_db + h * s_dh + rows[:, None] * s_dm + cols[None, :], mask=q_in[:, None], other=0.0)
+        q = _load_tile(Q, b, h, rows, cols, s_qb, s_qh, s_qm, LQ)
+        do = _load_tile(DO, b, h, rows, cols, s_db, s_dh, s_dm, LQ)
         q_tok = rows + Q_OFFSET
         meta = b * L + q_tok
-        s = tl.dot(k, tl.trans(q), input_precision=PRECISION) * alpha  # [BLOCK_N, BLOCK_M]
-        if HAS_BIAS:
-            q_pos = tl.load(POS + meta, mask=q_in, other=0)[None, :]
-            q_ts = tl.load(TS + meta, mask=q_in, other=0)[None, :]
-            pos_idx, time_idx = _bias_index(q_pos, k_pos, q_ts, k_ts, NUM_POS, NUM_TIME)
-            s += tl.load(REL_POS + h * NUM_POS + pos_idx) + tl.load(REL_TIME + h * NUM_TIME + time_idx)
+        q_pos, q_ts = _bias_meta(POS, TS, meta, q_in, HAS_BIAS)
+        s, pos_idx, time_idx = _scores(k, q, q_pos[None, :], k_pos[:, None], q_ts[None, :], k_ts[:, None], REL_POS,
+                                       REL_TIME, h, NUM_POS, NUM_TIME, alpha, HAS_BIAS, PRECISION)
         if tl.load(Q_FULL + b * s_ib + tile * s_iq + i) == 0:
-            q_req = tl.load(REQ + meta, mask=q_in, other=0)[None, :]
-            q_evt = tl.load(EVT + meta, mask=q_in, other=0)[None, :]
-            q_flag = tl.load(FLAG + meta, mask=q_in, other=0)[None, :]
-            allowed = _allowed(q_tok[None, :], keys[:, None], q_req, k_req, q_evt, k_evt, q_flag, k_flag, RULE)
+            q_req, q_evt, q_flag = _rule_meta(REQ, EVT, FLAG, meta, q_in)
+            allowed = _allowed(q_tok[None, :], keys[:, None], q_req[None, :], k_req[:, None], q_evt[None, :],
+                               k_evt[:, None], q_flag[None, :], k_flag[:, None], RULE)
         else:
             allowed = tl.full((BLOCK_N, BLOCK_M), 1, tl.int1)
         sig = _sigmoid(s)
@@ -206,41 +213,32 @@ def _hstu_bwd_dq(Q, K, V, DO, DQ, REQ, EVT, FLAG, POS, TS, REL_POS, REL_TIME, KV
     b, h = bh // H, bh % H
     rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, D)
-    q_in = rows < LQ
-    q = tl.load(Q + b * s_qb + h * s_qh + rows[:, None] * s_qm + cols[None, :], mask=q_in[:, None], other=0.0)
-    do = tl.load(DO + b * s_db + h * s_dh + rows[:, None] * s_dm + cols[None, :], mask=q_in[:, None], other=0.0)
+    q = _load_tile(Q, b, h, rows, cols, s_qb, s_qh, s_qm, LQ)
+    do = _load_tile(DO, b, h, rows, cols, s_db, s_dh, s_dm, LQ)
     q_tok = rows + Q_OFFSET
-    meta = b * L + q_tok
-    q_req = tl.load(REQ + meta, mask=q_in, other=0)[:, None]
-    q_evt = tl.load(EVT + meta, mask=q_in, other=0)[:, None]
-    q_flag = tl.load(FLAG + meta, mask=q_in, other=0)[:, None]
-    if HAS_BIAS:
-        q_pos = tl.load(POS + meta, mask=q_in, other=0)[:, None]
-        q_ts = tl.load(TS + meta, mask=q_in, other=0)[:, None]
+    q_req, q_evt, q_flag = _rule_meta(REQ, EVT, FLAG, b * L + q_tok, rows < LQ)
+    q_pos, q_ts = _bias_meta(POS, TS, b * L + q_tok, rows < LQ, HAS_BIAS)
     dq = tl.zeros((BLOCK_M, D), dtype=tl.float32)
     count = tl.load(KV_COUNT + b * s_cb + tile)
     for i in range(0, count):
-        k_tile = tl.load(KV_INDEX + b * s_ib + tile * s_iq + i)
-        keys = k_tile * BLOCK_N + tl.arange(0, BLOCK_N)
+        keys = tl.load(KV_INDEX + b * s_ib + tile * s_iq + i) * BLOCK_N + tl.arange(0, BLOCK_N)
         k_in = keys < L
-        k = tl.load(K + b * s_kb + h * s_kh + keys[:, None] * s_kn + cols[None, :], mask=k_in[:, None], other=0.0)
-        v = tl.load(V + b * s_vb + h * s_vh + keys[:, None] * s_vn + cols[None, :], mask=k_in[:, None], other=0.0)
-        kmeta = b * L + keys
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * alpha  # [BLOCK_M, BLOCK_N]
-        if HAS_BIAS:
-            k_pos = tl.load(POS + kmeta, mask=k_in, other=0)[None, :]
-            k_ts = tl.load(TS + kmeta, mask=k_in, other=0)[None, :]
-            pos_idx, time_idx = _bias_index(q_pos, k_pos, q_ts, k_ts, NUM_POS, NUM_TIME)
-            s += tl.load(REL_POS + h * NUM_POS + pos_idx) + tl.load(REL_TIME + h * NUM_TIME + time_idx)
+        k = _load_tile(K, b, h, keys, cols, s_kb, s_kh, s_kn, L)
+        v = _load_tile(V, b, h, keys, cols, s_vb, s_vh, s_vn, L)
+        k_pos, k_ts = _bias_meta(POS, TS, b * L + keys, k_in, HAS_BIAS)
+        s, _, _ = _scores(q, k, q_pos[:, None], k_pos[None, :], q_ts[:, None], k_ts[None, :], REL_POS, REL_TIME,
+                          h, NUM_POS, NUM_TIME, alpha, HAS_BIAS, PRECISION)  # [BLOCK_M, BLOCK_N]
         sig = _sigmoid(s)
         da = tl.dot(do, tl.trans(v), input_precision=PRECISION)  # [BLOCK_M, BLOCK_N]
         ds = da * scale * sig * (1.0 + s * (1.0 - sig))
         if tl.load(KV_FULL + b * s_ib + tile * s_iq + i) == 0:
-            allowed = _allowed_row_tile(q_tok, keys, q_req, q_evt, q_flag, REQ, EVT, FLAG, kmeta, k_in, RULE)
+            k_req, k_evt, k_flag = _rule_meta(REQ, EVT, FLAG, b * L + keys, k_in)
+            allowed = _allowed(q_tok[:, None], keys[None, :], q_req[:, None], k_req[None, :], q_evt[:, None],
+                               k_evt[None, :], q_flag[:, None], k_flag[None, :], RULE)
             ds = tl.where(allowed, ds, 0.0)
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
     out = DQ + b * s_gb + h * s_gh + rows[:, None] * s_gm + cols[None, :]
-    tl.store(out, (dq * alpha).to(DQ.dtype.element_ty), mask=q_in[:, None])
+    tl.store(out, (dq * alpha).to(DQ.dtype.element_ty), mask=rows[:, None] < LQ)
 
 
 def _tiles(head_dim: int, table: dict) -> tuple[int, int, int, int]:

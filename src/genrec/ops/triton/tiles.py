@@ -105,11 +105,9 @@ def tile_full(meta: KernelMeta, rule: str, block_q: int, block_k: int, q_offset:
 
 
 def tile_lists(pairs: torch.Tensor, full: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``[B, nQ, nK]`` pairs and full flags -> per query tile the count ``[B, nQ]``, the ascending
-    indices ``[B, nQ, max count]`` of the key tiles to visit and whether each is full (int32)."""
+    """``[B, nQ, nK]`` pairs and full flags -> per query tile the count ``[B, nQ]``, the key tiles
+    ``[B, nQ, nK]`` with the ``count`` to visit first in ascending order, and whether each is full
+    (int32). Kept at full width: trimming to the largest count would cost a device-to-host sync."""
     order = torch.sort((~pairs).to(torch.int8), dim=-1, stable=True).indices
-    count = pairs.sum(-1)
-    width = max(int(count.max()), 1) if count.numel() else 1
-    order = order[..., :width]
-    return (count.to(torch.int32).contiguous(), order.to(torch.int32).contiguous(),
+    return (pairs.sum(-1).to(torch.int32).contiguous(), order.to(torch.int32).contiguous(),
             full.gather(-1, order).to(torch.int32).contiguous())
