@@ -8,9 +8,10 @@ relative position / time bias per element from int32 token metadata. The DFGR du
 causal + fake cross-triangle) is one rule among three, so the whole ``[real | fake]`` sequence is one
 launch.
 
-Backward is one kernel per key tile (dK, dV in registers; dQ by fp32 atomic adds, the
-FlashAttention-2 split: five matrix products per tile pair), or with ``DQ_SEPARATE`` a second kernel
-per query tile for dQ (seven products, no atomics). The position-bias gradient is added per element
+Backward: one kernel per key tile computes dK and dV in registers; dQ comes from a second kernel per
+query tile (``DQ_SEPARATE``, the default: seven matrix products per tile pair, no atomics), or from
+fp32 atomic adds in the first (the FlashAttention-2 split, five products; half as fast on the H100).
+The position-bias gradient is added per element
 by atomics, the time-bias gradient once per bucket present in a tile. ``q_offset`` makes the
 queries the layout's tokens ``q_offset..L-1`` against all ``L`` keys:
 that is attention over a KV cache (history keys, then the new tokens).
@@ -31,10 +32,14 @@ from genrec.ops.layout import TokenLayout
 from genrec.ops.triton.tiles import FAKE, RULE_IDS, VALID, KernelMeta, tile_full, tile_lists, tile_pairs
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages); BLOCK_M runs over queries, BLOCK_N over keys.
-FWD_TILES = {"small": (64, 64, 4, 3), "large": (128, 64, 8, 3)}
-BWD_TILES = {"small": (64, 64, 4, 2), "large": (64, 128, 8, 2)}
-DQ_TILES = {"small": (64, 64, 4, 3), "large": (128, 64, 8, 2)}
-DQ_SEPARATE = False  # dQ by its own kernel (no atomics) instead of fp32 atomic adds in the dK/dV kernel
+# "large" (head dim >= 128): chosen on the H100 by benchmarks/tune_hstu_kernel.py
+# (results/hstu_tuning_NVIDIA_H100_80GB_HBM3.md); "small" is the same shape family, not swept.
+FWD_TILES = {"small": (64, 64, 4, 3), "large": (64, 64, 4, 3)}
+BWD_TILES = {"small": (64, 64, 4, 2), "large": (64, 64, 4, 2)}
+DQ_TILES = {"small": (64, 64, 4, 3), "large": (128, 128, 8, 2)}
+# dQ by its own kernel (no atomics) rather than fp32 atomic adds in the dK/dV kernel: twice as fast
+# on the H100 despite two more matrix products per tile pair (same sweep).
+DQ_SEPARATE = True
 VALID_BIT: tl.constexpr = tl.constexpr(VALID)
 FAKE_BIT: tl.constexpr = tl.constexpr(FAKE)
 
@@ -96,17 +101,15 @@ def _bias_meta(POS, TS, at, mask, HAS_BIAS: tl.constexpr):
 
 
 @triton.jit
-def _scores(x, y, q_pos, k_pos, q_ts, k_ts, REL_POS, REL_TIME, h, NUM_POS, NUM_TIME, alpha,
+def _scores(x, y, pos_idx, time_idx, REL_POS, REL_TIME, h, NUM_POS, NUM_TIME, alpha,
             HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr):
-    """``x yᵀ · alpha`` plus the relative bias of the (broadcast) query/key positions and times, and
-    the bias indices (zeros without the bias). ``x, y`` = (q, k) for ``[queries, keys]`` tiles or
-    (k, q) for ``[keys, queries]`` tiles, with the metadata shaped to match."""
+    """``x yᵀ · alpha`` plus (with the bias) the table values at ``pos_idx, time_idx``. ``x, y`` =
+    (q, k) for ``[queries, keys]`` tiles or (k, q) for ``[keys, queries]`` tiles. Without the bias
+    the indices are never read and the compiler drops their computation."""
     s = tl.dot(x, tl.trans(y), input_precision=PRECISION) * alpha
     if HAS_BIAS:
-        pos_idx, time_idx = _bias_index(q_pos, k_pos, q_ts, k_ts, NUM_POS, NUM_TIME)
         s += tl.load(REL_POS + h * NUM_POS + pos_idx) + tl.load(REL_TIME + h * NUM_TIME + time_idx)
-        return s, pos_idx, time_idx
-    return s, 0, 0
+    return s
 
 
 @triton.jit
@@ -131,8 +134,10 @@ def _hstu_fwd(Q, K, V, O, REQ, EVT, FLAG, POS, TS, REL_POS, REL_TIME, KV_COUNT, 
         k = _load_tile(K, b, h, keys, cols, s_kb, s_kh, s_kn, L)
         v = _load_tile(V, b, h, keys, cols, s_vb, s_vh, s_vn, L)
         k_pos, k_ts = _bias_meta(POS, TS, b * L + keys, k_in, HAS_BIAS)
-        s, _, _ = _scores(q, k, q_pos[:, None], k_pos[None, :], q_ts[:, None], k_ts[None, :], REL_POS, REL_TIME,
-                          h, NUM_POS, NUM_TIME, alpha, HAS_BIAS, PRECISION)  # [BLOCK_M, BLOCK_N]
+        pos_idx, time_idx = _bias_index(q_pos[:, None], k_pos[None, :], q_ts[:, None], k_ts[None, :], NUM_POS,
+                                        NUM_TIME)
+        s = _scores(q, k, pos_idx, time_idx, REL_POS, REL_TIME, h, NUM_POS, NUM_TIME, alpha, HAS_BIAS,
+                    PRECISION)  # [BLOCK_M, BLOCK_N]
         a = s * _sigmoid(s) * scale
         if tl.load(KV_FULL + b * s_ib + tile * s_iq + i) == 0:  # else the rule allows the whole tile
             k_req, k_evt, k_flag = _rule_meta(REQ, EVT, FLAG, b * L + keys, k_in)
@@ -171,8 +176,10 @@ def _hstu_bwd(Q, K, V, DO, DQ, DK, DV, REQ, EVT, FLAG, POS, TS, REL_POS, REL_TIM
         q_tok = rows + Q_OFFSET
         meta = b * L + q_tok
         q_pos, q_ts = _bias_meta(POS, TS, meta, q_in, HAS_BIAS)
-        s, pos_idx, time_idx = _scores(k, q, q_pos[None, :], k_pos[:, None], q_ts[None, :], k_ts[:, None], REL_POS,
-                                       REL_TIME, h, NUM_POS, NUM_TIME, alpha, HAS_BIAS, PRECISION)
+        pos_idx, time_idx = _bias_index(q_pos[None, :], k_pos[:, None], q_ts[None, :], k_ts[:, None], NUM_POS,
+                                        NUM_TIME)
+        s = _scores(k, q, pos_idx, time_idx, REL_POS, REL_TIME, h, NUM_POS, NUM_TIME, alpha, HAS_BIAS,
+                    PRECISION)  # [BLOCK_N, BLOCK_M]
         if tl.load(Q_FULL + b * s_ib + tile * s_iq + i) == 0:
             q_req, q_evt, q_flag = _rule_meta(REQ, EVT, FLAG, meta, q_in)
             allowed = _allowed(q_tok[None, :], keys[:, None], q_req[None, :], k_req[:, None], q_evt[None, :],
@@ -226,8 +233,10 @@ def _hstu_bwd_dq(Q, K, V, DO, DQ, REQ, EVT, FLAG, POS, TS, REL_POS, REL_TIME, KV
         k = _load_tile(K, b, h, keys, cols, s_kb, s_kh, s_kn, L)
         v = _load_tile(V, b, h, keys, cols, s_vb, s_vh, s_vn, L)
         k_pos, k_ts = _bias_meta(POS, TS, b * L + keys, k_in, HAS_BIAS)
-        s, _, _ = _scores(q, k, q_pos[:, None], k_pos[None, :], q_ts[:, None], k_ts[None, :], REL_POS, REL_TIME,
-                          h, NUM_POS, NUM_TIME, alpha, HAS_BIAS, PRECISION)  # [BLOCK_M, BLOCK_N]
+        pos_idx, time_idx = _bias_index(q_pos[:, None], k_pos[None, :], q_ts[:, None], k_ts[None, :], NUM_POS,
+                                        NUM_TIME)
+        s = _scores(q, k, pos_idx, time_idx, REL_POS, REL_TIME, h, NUM_POS, NUM_TIME, alpha, HAS_BIAS,
+                    PRECISION)  # [BLOCK_M, BLOCK_N]
         sig = _sigmoid(s)
         da = tl.dot(do, tl.trans(v), input_precision=PRECISION)  # [BLOCK_M, BLOCK_N]
         ds = da * scale * sig * (1.0 + s * (1.0 - sig))
