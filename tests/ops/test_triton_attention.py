@@ -63,8 +63,8 @@ def _inputs(layout: TokenLayout, dtype, bias: bool, q_offset: int = 0, heads: in
     return q, k, v, tables, upstream * layout.valid[:, None, q_offset:, None]
 
 
-def _check(layout, dtype, bias, q_offset=0):
-    q, k, v, tables, upstream = _inputs(layout, dtype, bias, q_offset)
+def _check(layout, dtype, bias, q_offset=0, dim=32):
+    q, k, v, tables, upstream = _inputs(layout, dtype, bias, q_offset, dim=dim)
     want, want_grads = _run(reference, q.double(), k.double(), v.double(), layout, [t.double() for t in tables],
                             q_offset, upstream.double())
     got, got_grads = _run(triton_backend, q, k, v, layout, tables, q_offset, upstream)
@@ -83,11 +83,13 @@ def dq_mode(request, monkeypatch):
     monkeypatch.setattr(hstu, "DQ_SEPARATE", request.param)
 
 
+@pytest.mark.parametrize("dim", [32, 128] if CUDA else [32])  # the "small" and "large" tile tables
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("kind", LAYOUTS)
 @pytest.mark.parametrize("bias", [True, False])
-def test_hstu_attention_matches_reference(kind, dtype, bias, dq_mode):
-    _check(_layout(kind, [37, 90, 5, 61] if CUDA else [37, 9, 21], seed=len(kind) + int(bias)), dtype, bias)
+def test_hstu_attention_matches_reference(kind, dtype, bias, dq_mode, dim):
+    layout = _layout(kind, [37, 90, 5, 61] if CUDA else [37, 9, 21], seed=len(kind) + int(bias))
+    _check(layout, dtype, bias, dim=dim)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
