@@ -14,7 +14,12 @@ Three parts, each a table in the result file:
   4 layers, backend ``triton``) on synthetic equal-length sequences; events/s and peak memory.
 * ``infer``: per-request latency of scoring M candidates after an N-event history, one request at a
   time: ``cold`` runs the history once (KV cache) then the candidates in micro-batches of at most
-  512 (M-FALCON); ``cached`` scores against a history cache built earlier. p50/p99 over requests.
+  512 (M-FALCON); ``cached`` scores against a history cache built earlier. Each eagerly and replayed
+  as CUDA graphs (``_graph``, :mod:`genrec.serve.graphs`). p50/p99 over requests.
+* ``ratio``: DFGR over HSTU throughput per shape and mode, beside ``flop_ratio``: HSTU's FLOPs over
+  DFGR's for the same work (linear layers 10·d² per token, attention 4·d per pair the mask allows,
+  counted on the benchmark's own layouts; training 3x / 3.5x that). It is the ratio both would show
+  at equal efficiency: DFGR saves attention pairs, not linear-layer work.
 
     python benchmarks/speed.py [--parts kernel,train,infer] [--ns 256,512,...,8192]
 
@@ -38,7 +43,9 @@ from genrec import results
 from genrec.data.batching import JaggedBatch
 from genrec.models import build_model
 from genrec.models.base import DatasetInfo
+from genrec.nn.events import Events, append_candidates, dual_flow_layout, item_action_layout
 from genrec.ops.layout import TokenLayout
+from genrec.ops.masks import build_mask
 
 ROOT = Path(__file__).resolve().parent.parent
 NUM_ITEMS = 100_000
@@ -156,6 +163,35 @@ def make_model(name: str, n: int, args) -> torch.nn.Module:
     return build_model(name, model_args, INFO, n).cuda()
 
 
+def forward_flops(layout: TokenLayout, q_offset: int, d: int, layers: int) -> tuple[float, float]:
+    """Linear and attention FLOPs of one forward of HSTU blocks over the layout's tokens from
+    ``q_offset`` (a KV cache holds the others): 10·d² per token, 4·d per allowed pair."""
+    tokens = int(layout.valid[:, q_offset:].sum())
+    pairs = int(build_mask(layout)[:, q_offset:].sum())
+    return layers * 10 * d * d * tokens, layers * 4 * d * pairs
+
+
+TRAIN_LAYOUTS = {"hstu": item_action_layout, "dfgr": dual_flow_layout}
+
+
+def train_gflop_per_event(name: str, n: int, args) -> float | None:
+    """Training FLOPs per event (forward + backward: 3x linear, 3.5x attention) on one sequence."""
+    if name not in TRAIN_LAYOUTS:
+        return None
+    linear, attention = forward_flops(TRAIN_LAYOUTS[name](Events.from_batch(synthetic_batch(1, n, 0))), 0, args.d,
+                                      args.layers)
+    return (3 * linear + 3.5 * attention) / n / 1e9
+
+
+def infer_gflop_per_request(model, ev: Events, m: int, micro: int, cached: bool, args) -> float:
+    """Forward FLOPs of one request: the history (unless cached) and ceil(M / micro) micro-batches."""
+    history = model.history_tokens(ev)[1]
+    total = 0.0 if cached else sum(forward_flops(history, 0, args.d, args.layers))
+    chunk = append_candidates(history, ev, micro, fake=model.candidates_are_fake)
+    total += -(-m // micro) * sum(forward_flops(chunk, history.shape[1], args.d, args.layers))
+    return total / 1e9
+
+
 def _train_step_seconds(model: torch.nn.Module, data: list[JaggedBatch], steps: int) -> float:
     """Median wall time of one AdamW step under bf16 autocast, after 3 warm-up (and compile) steps;
     resets the peak-memory counter after the warm-up."""
@@ -192,7 +228,8 @@ def train_rows(ns: list[int], args) -> list[dict]:
             seconds = _train_step_seconds(model, data, args.train_steps)
             rows.append({"bench": "train", "model": name, "n": n, "batch": batch, "d": args.d, "layers": args.layers,
                          "heads": args.heads, "step_ms": seconds * 1e3, "train_events_per_s": batch * n / seconds,
-                         "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30})
+                         "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30,
+                         "gflop_per_event": train_gflop_per_event(name, n, args)})
             print(f"train {name:8s} N={n:5d} B={batch:4d} {seconds * 1e3:8.2f} ms/step "
                   f"{rows[-1]['train_events_per_s']:12.0f} events/s", flush=True)
             del model
@@ -200,29 +237,34 @@ def train_rows(ns: list[int], args) -> list[dict]:
     return rows
 
 
+def _timed_ms(fn, requests: list[torch.Tensor]) -> list[float]:
+    """Milliseconds per request; the first 3 warm up and are dropped."""
+    latencies = []
+    for i, cands in enumerate(requests):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn(cands)
+        torch.cuda.synchronize()
+        if i >= 3:
+            latencies.append((time.perf_counter() - start) * 1e3)
+    return latencies
+
+
 @torch.no_grad()
 def _request_latencies(model, history: JaggedBatch, requests: list[torch.Tensor], when: torch.Tensor,
                        micro: int) -> dict[str, list[float]]:
-    """Milliseconds per request (the first 3 warm up and are dropped), cold and against a cache."""
+    """Per mode the milliseconds of each request: cold and against a cache, eager and as CUDA graphs."""
+    from genrec.serve.graphs import GraphedServing
+
+    ev = Events.from_batch(history)
+    graphed = GraphedServing(model, ev, requests[0].shape[1], micro)
+    out = {}
     with torch.autocast("cuda", dtype=torch.bfloat16):
         cache = model.encode_history(history, micro)
-
-        def cached(cands: torch.Tensor) -> torch.Tensor:
-            return torch.cat([model.score_cached(cache, cands[:, i:i + micro], when)
-                              for i in range(0, cands.shape[1], micro)], 1)
-
-        modes = {"cold": lambda cands: model.serve_logits(history, cands, when, micro_batch=micro), "cached": cached}
-        out = {}
-        for mode, fn in modes.items():
-            latencies = []
-            for i, cands in enumerate(requests):
-                torch.cuda.synchronize()
-                start = time.perf_counter()
-                fn(cands)
-                torch.cuda.synchronize()
-                if i >= 3:
-                    latencies.append((time.perf_counter() - start) * 1e3)
-            out[mode] = latencies
+        out["cold"] = _timed_ms(lambda cands: model.serve_logits(history, cands, when, micro_batch=micro), requests)
+        out["cached"] = _timed_ms(lambda cands: model.score_micro_batches(cache, cands, when), requests)
+    out["cold_graph"] = _timed_ms(lambda cands: graphed.cold(ev, cands, when), requests)
+    out["cached_graph"] = _timed_ms(lambda cands: graphed.score(cands, when), requests)
     return out
 
 
@@ -239,11 +281,14 @@ def infer_rows(ns: list[int], ms: list[int], args) -> list[dict]:
                 gen = torch.Generator(device="cuda").manual_seed(m)
                 requests = [torch.randint(1, NUM_ITEMS + 1, (1, m), device="cuda", generator=gen)
                             for _ in range(args.requests + 3)]
+                ev = Events.from_batch(history)
                 for mode, latencies in _request_latencies(model, history, requests, when, micro).items():
                     p50, p99 = float(np.percentile(latencies, 50)), float(np.percentile(latencies, 99))
                     rows.append({"bench": "infer", "model": name, "mode": mode, "n": n, "m": m,
                                  "micro_batch": micro, "d": args.d, "layers": args.layers, "heads": args.heads,
-                                 "p50_ms": p50, "p99_ms": p99, "infer_candidates_per_s": m / p50 * 1e3})
+                                 "p50_ms": p50, "p99_ms": p99, "infer_candidates_per_s": m / p50 * 1e3,
+                                 "gflop_per_request": infer_gflop_per_request(model, ev, m, micro,
+                                                                              mode.startswith("cached"), args)})
                     print(f"infer {name:5s} {mode:6s} N={n:5d} M={m:5d} p50 {p50:8.3f} ms p99 {p99:8.3f} ms",
                           flush=True)
             del model
@@ -251,18 +296,24 @@ def infer_rows(ns: list[int], ms: list[int], args) -> list[dict]:
 
 
 def ratios(rows: list[dict]) -> list[dict]:
-    """DFGR over HSTU, per shape: training events/s and inference candidates/s (same mode)."""
+    """DFGR over HSTU, per shape: training events/s and inference candidates/s in the same mode, plus
+    DFGR serving from its cache against HSTU cold (M-FALCON); each beside the FLOP ratio."""
     out = []
     by = {(r["bench"], r["model"], r.get("mode"), r["n"], r.get("m")): r for r in rows
           if r["bench"] in ("train", "infer")}
-    for (bench, model, mode, n, m), r in by.items():
-        if model != "dfgr":
+    pairs = [(key, (key[0], "hstu", *key[2:])) for key in by if key[1] == "dfgr"]
+    pairs += [(key, ("infer", "hstu", key[2].replace("cached", "cold"), *key[3:])) for key in by
+              if key[1] == "dfgr" and key[2] and key[2].startswith("cached")]
+    for ours, theirs in pairs:
+        if theirs not in by:
             continue
-        base = by.get((bench, "hstu", mode, n, m))
-        key = "train_events_per_s" if bench == "train" else "infer_candidates_per_s"
-        if base:
-            out.append({"bench": "ratio", "part": bench, "mode": mode or "train", "n": n, "m": m or "",
-                        "dfgr_over_hstu": r[key] / base[key]})
+        r, base = by[ours], by[theirs]
+        speed, work = ("train_events_per_s", "gflop_per_event") if r["bench"] == "train" else \
+            ("infer_candidates_per_s", "gflop_per_request")
+        flop_ratio = base[work] / r[work] if r.get(work) and base.get(work) else None
+        mode = "train" if r["bench"] == "train" else (ours[2] if ours[2] == theirs[2] else f"{ours[2]} / {theirs[2]}")
+        out.append({"bench": "ratio", "part": r["bench"], "mode": mode, "n": r["n"], "m": r.get("m") or "",
+                    "dfgr_over_hstu": r[speed] / base[speed], "flop_ratio": flop_ratio})
     return out
 
 
@@ -277,7 +328,7 @@ def write(rows: list[dict], meta: dict, stem: Path) -> None:
                    "fwd_bwd_tflops", "fwd_vs_sdpa", "fwd_bwd_vs_sdpa"],
         "train": ["model", "n", "batch", "step_ms", "train_events_per_s", "peak_mem_gb"],
         "infer": ["model", "mode", "n", "m", "micro_batch", "p50_ms", "p99_ms", "infer_candidates_per_s"],
-        "ratio": ["part", "mode", "n", "m", "dfgr_over_hstu"],
+        "ratio": ["part", "mode", "n", "m", "dfgr_over_hstu", "flop_ratio"],
     }
     for bench, cols in columns.items():
         part = [r for r in rows if r["bench"] == bench]
@@ -305,6 +356,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tiles", help="JSON of HSTU kernel tiles from benchmarks/tune_hstu_kernel.py")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     parser.add_argument("--tables", metavar="JSON", help="only rewrite the ratios and tables of a result file")
+    parser.add_argument("--merge", metavar="JSON", help="keep that result file's rows of the parts not run now "
+                        "(one device call is limited in time: run the parts in turn)")
     args = parser.parse_args(argv)
     if args.tables:
         data = json.loads(Path(args.tables).read_text())
@@ -332,6 +385,10 @@ def main(argv: list[str] | None = None) -> int:
     if "infer" in parts:
         rows += infer_rows(ns, [int(x) for x in args.ms.split(",")], args)
     meta = results.meta(["python", "benchmarks/speed.py", *(argv if argv is not None else sys.argv[1:])])
+    if args.merge:
+        earlier = json.loads(Path(args.merge).read_text())
+        rows += [r for r in earlier["rows"] if r["bench"] in {"kernel", "train", "infer"} - set(parts)]
+        meta["merged"] = earlier["meta"]
     meta["hstu_tiles"] = {"fwd": hstu.FWD_TILES, "bwd": hstu.BWD_TILES, "dq": hstu.DQ_TILES,
                           "dq_separate": hstu.DQ_SEPARATE}
     meta["shapes"] = {"kernel_heads": 4, "kernel_dh": 128, "kernel_tokens": args.kernel_tokens, "d": args.d,

@@ -6,7 +6,7 @@ head dim 128, 131,072 tokens per batch, at each N; keeps the configuration with 
 time over the N. Writes ``benchmarks/results/hstu_tiles_<device>.json`` (read by
 ``benchmarks/speed.py --tiles``) and prints the table.
 
-    python benchmarks/tune_hstu_kernel.py [--ns 1024,8192]
+    python benchmarks/tune_hstu_kernel.py [--ns 1024,8192] [--parts fwd]   # fwd: hstu_tuning_fwd_<device>
 """
 
 from __future__ import annotations
@@ -23,8 +23,9 @@ from genrec import results
 
 ROOT = Path(__file__).resolve().parent.parent
 FWD = [(64, 64, 4, 3), (128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2),
-       (64, 128, 4, 3)]
-BWD = [(64, 128, 8, 2), (64, 64, 4, 2), (128, 128, 8, 2), (64, 128, 4, 3), (32, 128, 4, 2), (64, 128, 8, 3)]
+       (64, 128, 4, 3), (64, 64, 4, 4), (64, 64, 4, 2), (64, 64, 8, 3), (128, 128, 8, 4), (64, 32, 4, 3)]
+BWD = [(64, 64, 4, 2), (64, 64, 8, 2), (64, 64, 4, 3), (128, 128, 8, 2), (128, 128, 8, 1)]  # square, >= 64: the
+# position-bias gradient's reduction needs them
 DQ = [(128, 64, 8, 2), (64, 64, 4, 3), (128, 128, 8, 2), (64, 128, 4, 3)]
 
 
@@ -34,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--ns", default="1024,8192")
+    parser.add_argument("--parts", default="fwd,bwd", help="fwd: forward tiles only; bwd: also the backward's")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = parser.parse_args(argv)
     heads, dim, tokens = 4, 128, 131_072
@@ -64,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         print(rows[-1], flush=True)
     best_fwd = min((r for r in rows if r["part"] == "fwd"), key=lambda r: sum(r[f"n{c[0]}_ms"] for c in cases))
     hstu.FWD_TILES["large"] = eval(best_fwd["tiles"])  # noqa: S307 (our own repr of a tuple)
-    for separate in (False, True):
+    for separate in (False, True) if "bwd" in args.parts.split(",") else ():
         hstu.DQ_SEPARATE = separate
         for tiles in BWD:
             hstu.BWD_TILES["large"] = tiles
@@ -74,15 +76,19 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append({"part": "fwd+bwd", "tiles": str(tiles), "dq": str(dq) if dq else "atomic",
                              **{f"n{c[0]}_ms": both_ms(*c) for c in cases}})
                 print(rows[-1], flush=True)
-    best_bwd = min((r for r in rows if r["part"] == "fwd+bwd"), key=lambda r: sum(r[f"n{c[0]}_ms"] for c in cases))
-    choice = {"fwd": eval(best_fwd["tiles"]), "bwd": eval(best_bwd["tiles"]),  # noqa: S307
-              "dq": None if best_bwd["dq"] == "atomic" else eval(best_bwd["dq"])}  # noqa: S307
+    choice = {"fwd": eval(best_fwd["tiles"]), "bwd": hstu.BWD_TILES["large"],  # noqa: S307
+              "dq": hstu.DQ_TILES["large"] if hstu.DQ_SEPARATE else None}
+    if "bwd" in args.parts.split(","):
+        best_bwd = min((r for r in rows if r["part"] == "fwd+bwd"), key=lambda r: sum(r[f"n{c[0]}_ms"] for c in cases))
+        choice |= {"bwd": eval(best_bwd["tiles"]),  # noqa: S307
+                   "dq": None if best_bwd["dq"] == "atomic" else eval(best_bwd["dq"])}  # noqa: S307
     device = torch.cuda.get_device_name().replace(" ", "_")
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / f"hstu_tiles_{device}.json").write_text(json.dumps(choice) + "\n")
     table = results.markdown_table(rows, ["part", "tiles", "dq", *[f"n{c[0]}_ms" for c in cases]])
     meta = results.meta(["python", "benchmarks/tune_hstu_kernel.py", *(argv if argv is not None else sys.argv[1:])])
-    results.write(Path(args.out) / f"hstu_tuning_{device}", rows, table, meta)
+    name = "hstu_tuning" if "bwd" in args.parts.split(",") else "hstu_tuning_fwd"
+    results.write(Path(args.out) / f"{name}_{device}", rows, table, meta)
     print(table, "\nchosen:", choice)
     return 0
 

@@ -53,19 +53,20 @@ def _run(backend, q, k, v, layout, tables, q_offset, upstream):
     return out.detach(), [t.grad for t in leaves]
 
 
-def _inputs(layout: TokenLayout, dtype, bias: bool, q_offset: int = 0, heads: int = 2, dim: int = 32):
+def _inputs(layout: TokenLayout, dtype, bias: bool, q_offset: int = 0, heads: int = 2, dim: int = 32,
+            pos_buckets: int = 101):
     b, seq = layout.shape
     gen = torch.Generator(device=DEVICE).manual_seed(seq + int(bias))
     q = torch.randn(b, heads, seq - q_offset, dim, device=DEVICE, generator=gen).to(dtype)
     k, v = (torch.randn(b, heads, seq, dim, device=DEVICE, generator=gen).to(dtype) for _ in range(2))
-    tables = [torch.randn(heads, 101, device=DEVICE, generator=gen) * 0.5,
+    tables = [torch.randn(heads, pos_buckets, device=DEVICE, generator=gen) * 0.5,
               torch.randn(heads, 32, device=DEVICE, generator=gen) * 0.5] if bias else []
     upstream = torch.randn(b, heads, seq - q_offset, dim, device=DEVICE, generator=gen)
     return q, k, v, tables, upstream * layout.valid[:, None, q_offset:, None]
 
 
-def _check(layout, dtype, bias, q_offset=0, dim=32):
-    q, k, v, tables, upstream = _inputs(layout, dtype, bias, q_offset, dim=dim)
+def _check(layout, dtype, bias, q_offset=0, dim=32, pos_buckets=101):
+    q, k, v, tables, upstream = _inputs(layout, dtype, bias, q_offset, dim=dim, pos_buckets=pos_buckets)
     want, want_grads = _run(reference, q.double(), k.double(), v.double(), layout, [t.double() for t in tables],
                             q_offset, upstream.double())
     got, got_grads = _run(triton_backend, q, k, v, layout, tables, q_offset, upstream)
@@ -89,6 +90,13 @@ def dq_mode(request, monkeypatch):
 @pytest.mark.parametrize("bias", [True, False])
 def test_hstu_attention_matches_reference(kind, dtype, bias, dq_mode):
     _check(_layout(kind, [37, 90, 5, 61] if CUDA else [37, 9, 21], seed=len(kind) + int(bias)), dtype, bias)
+
+
+@pytest.mark.parametrize("kind", ["causal", "dual_flow"])
+def test_hstu_attention_with_a_clamped_position_table_matches_reference(kind):
+    """A 150-event sequence against 9 position buckets: most pairs share the last, clamped bucket,
+    and (dual flow) a tile holds real events 128..149 beside fake ones 0..41."""
+    _check(_layout(kind, [150, 7], seed=5), DTYPES[0], bias=True, pos_buckets=9)
 
 
 @gpu_only

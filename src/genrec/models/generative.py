@@ -51,7 +51,11 @@ class CachedServingRanker(GenerativeRanker):
 
     def encode_history(self, history: JaggedBatch, capacity: int) -> KVCache:
         """Run ``history`` through every layer once; the cache has room for ``capacity`` candidates."""
-        ev = Events.from_batch(history)
+        return self.encode_events(Events.from_batch(history), capacity)
+
+    def encode_events(self, ev: Events, capacity: int) -> KVCache:
+        """:meth:`encode_history` from padded events: no device-to-host sync, so it can be captured
+        in a CUDA graph (:mod:`genrec.serve.graphs`)."""
         x, layout = self.history_tokens(ev)
         cache = KVCache.empty(ev, layout, len(self.blocks), capacity)
         for block, layer in zip(self.blocks, cache.layers, strict=True):
@@ -74,6 +78,11 @@ class CachedServingRanker(GenerativeRanker):
                      micro_batch: int | None = None) -> torch.Tensor:
         """Cold scoring: encode ``history``, then score ``candidates`` ``[B, M]`` in micro-batches."""
         step = micro_batch or candidates.shape[1]
-        cache = self.encode_history(history, step)
+        return self.score_micro_batches(self.encode_history(history, step), candidates, request_time)
+
+    def score_micro_batches(self, cache: KVCache, candidates: torch.Tensor,
+                            request_time: torch.Tensor | None = None) -> torch.Tensor:
+        """:meth:`score_cached` over ``candidates`` ``[B, M]`` in micro-batches of the cache's capacity."""
+        step = cache.layers[0].capacity
         return torch.cat([self.score_cached(cache, candidates[:, i:i + step], request_time)
                           for i in range(0, candidates.shape[1], step)], dim=1)

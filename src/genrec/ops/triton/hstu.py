@@ -11,10 +11,10 @@ launch.
 Backward: one kernel per key tile computes dK and dV in registers; dQ comes from a second kernel per
 query tile (``DQ_SEPARATE``, the default: seven matrix products per tile pair, no atomics), or from
 fp32 atomic adds in the first (the FlashAttention-2 split, five products; half as fast on the H100).
-The position-bias gradient is added per element
-by atomics, the time-bias gradient once per bucket present in a tile. ``q_offset`` makes the
-queries the layout's tokens ``q_offset..L-1`` against all ``L`` keys:
-that is attention over a KV cache (history keys, then the new tokens).
+The relative-bias gradients are reduced per tile before their atomic adds: the position table's by
+distance (:func:`_position_grad`), the time table's per bucket present in the tile. ``q_offset``
+makes the queries the layout's tokens ``q_offset..L-1`` against all ``L`` keys: that is attention
+over a KV cache (history keys, then the new tokens).
 
 Padded tokens (``valid`` False) produce zero output and receive zero gradient; the reference lets
 them read themselves, which no model uses.
@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from genrec.ops.layout import TokenLayout
-from genrec.ops.triton.tiles import FAKE, RULE_IDS, VALID, KernelMeta, tile_full, tile_lists, tile_pairs
+from genrec.ops.triton.tiles import FAKE, RULE_IDS, VALID, KernelMeta, tile_full, tile_lists, tile_pairs, tile_stats
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages); BLOCK_M runs over queries, BLOCK_N over keys.
 # "large" (head dim >= 128): chosen on the H100 by benchmarks/tune_hstu_kernel.py
@@ -38,6 +38,9 @@ from genrec.ops.triton.tiles import FAKE, RULE_IDS, VALID, KernelMeta, tile_full
 # is within 1 % of it without.
 FWD_TILES = {"small": (64, 64, 4, 3), "large": (64, 64, 4, 3)}
 BWD_TILES = {"small": (64, 64, 4, 2), "large": (64, 64, 4, 2)}
+# With the relative bias the dK/dV kernel holds more per tile and a second pipeline stage costs it more
+# than it hides (H100, N = 2048: one stage 27 ms, two 38 ms; without the bias two stages are 5 % faster).
+BWD_BIAS_STAGES = 1
 DQ_TILES = {"small": (64, 64, 4, 3), "large": (128, 64, 8, 2)}
 # dQ by its own kernel (no atomics) rather than fp32 atomic adds in the dK/dV kernel: twice as fast
 # on the H100 despite two more matrix products per tile pair (same sweep).
@@ -62,23 +65,38 @@ def _allowed(q_idx, k_idx, q_req, k_req, q_evt, k_evt, q_flag, k_flag, RULE: tl.
 
 
 @triton.jit
-def _sigmoid(x):
-    """1 / (1 + e^-x) with exp2 and the fast (non-IEEE) division: the elementwise work per score is
-    what separates this kernel from a matrix-product-bound one."""
-    return tl.fdiv(1.0, 1.0 + tl.exp2(-1.4426950408889634 * x), ieee_rounding=False)
+def _sigmoid(x, PRECISION: tl.constexpr):
+    """1 / (1 + e^-x): the elementwise work per score is what separates this kernel from a
+    matrix-product-bound one. With bf16 inputs ("tf32" products) through one hardware tanh,
+    ``(1 + tanh(x/2)) / 2`` (relative error 2^-11, below bf16's 2^-8); in fp32 through exp2 and the
+    fast division (two special-function operations, within 1e-6)."""
+    if PRECISION == "ieee":
+        return tl.fdiv(1.0, 1.0 + tl.exp2(-1.4426950408889634 * x), ieee_rounding=False)
+    tanh = tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=r,r", [0.5 * x], dtype=tl.float32,
+                                     is_pure=True, pack=1)
+    return 0.5 + 0.5 * tanh
 
 
 @triton.jit
-def _bias_index(q_pos, k_pos, q_ts, k_ts, NUM_POS, NUM_TIME):
-    """Indices into the position and time tables: clamped distance and floor(log2(1 + Δt)) buckets.
-    The log is read off the float exponent and corrected by one where rounding carried it up, so it
-    is exact for every int32 difference (the reference computes it in float64)."""
-    pos_idx = tl.minimum(tl.maximum(q_pos - k_pos, 0), NUM_POS - 1)
-    x = tl.maximum(q_ts - k_ts, 0) + 1
+def _log2_floor(x):
+    """floor(log2(x)) for int32 ``x >= 1``, read off the float exponent and corrected by one where
+    rounding carried it up: exact for every int32 (the reference computes it in float64)."""
     e = ((x.to(tl.float32).to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
     e = tl.minimum(e, 30)
-    e = tl.where((tl.full(e.shape, 1, tl.int32) << e) > x, e - 1, e)
-    return pos_idx, tl.minimum(e, NUM_TIME - 1)
+    return tl.where((tl.full(e.shape, 1, tl.int32) << e) > x, e - 1, e)
+
+
+@triton.jit
+def _time_range(q_ts, k_ts, q_live, k_live, NUM_TIME):
+    """The lowest and highest time bucket, ``min(floor(log2(1 + max(Δt, 0))), NUM_TIME - 1)``, over
+    the live pairs of a tile. The bucket is monotone in Δt, so the tile's extreme Δt bound it, and
+    most tiles of a long history hold one bucket: their time bias is one scalar."""
+    top = 2**31 - 1
+    dt_lo = tl.min(tl.where(q_live, q_ts, top)).to(tl.int64) - tl.max(tl.where(k_live, k_ts, 0)).to(tl.int64)
+    dt_hi = tl.max(tl.where(q_live, q_ts, 0)).to(tl.int64) - tl.min(tl.where(k_live, k_ts, top)).to(tl.int64)
+    lo = _log2_floor((tl.minimum(tl.maximum(dt_lo, 0), top - 1) + 1).to(tl.int32))
+    hi = _log2_floor((tl.minimum(tl.maximum(dt_hi, 0), top - 1) + 1).to(tl.int32))
+    return tl.minimum(lo, NUM_TIME - 1), tl.minimum(hi, NUM_TIME - 1)
 
 
 @triton.jit
@@ -95,23 +113,79 @@ def _rule_meta(REQ, EVT, FLAG, at, mask):
 
 
 @triton.jit
-def _bias_meta(POS, TS, at, mask, HAS_BIAS: tl.constexpr):
-    """Position and time of tokens ``at``: what the relative bias reads (not loaded without it)."""
+def _bias_meta(POS, TS, FLAG, at, mask, HAS_BIAS: tl.constexpr):
+    """Position, time and liveness (valid, in range) of tokens ``at``: what the relative bias reads
+    (not loaded without it)."""
     if HAS_BIAS:
-        return tl.load(POS + at, mask=mask, other=0), tl.load(TS + at, mask=mask, other=0)
-    return at, at  # unread
+        live = mask & ((tl.load(FLAG + at, mask=mask, other=0) & VALID_BIT) != 0)
+        return tl.load(POS + at, mask=mask, other=0), tl.load(TS + at, mask=mask, other=0), live
+    return at, at, mask  # unread
 
 
 @triton.jit
-def _scores(x, y, pos_idx, time_idx, REL_POS, REL_TIME, h, NUM_POS, NUM_TIME, alpha,
+def _scores(x, y, bias_pos, bias_ts, t_lo, t_hi, REL_POS, REL_TIME, h, NUM_POS, NUM_TIME, alpha,
             HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr):
-    """``x yᵀ · alpha`` plus (with the bias) the table values at ``pos_idx, time_idx``. ``x, y`` =
-    (q, k) for ``[queries, keys]`` tiles or (k, q) for ``[keys, queries]`` tiles. Without the bias
-    the indices are never read and the compiler drops their computation."""
+    """``x yᵀ · alpha`` plus, with the bias, the position table at ``clamp(bias_pos)`` (a position
+    difference) and the time table at the bucket of ``bias_ts`` (a time difference), whose buckets
+    lie in ``[t_lo, t_hi]``. ``x, y`` = (q, k) for ``[queries, keys]`` tiles or (k, q) for
+    ``[keys, queries]``. The time bias is the table at ``t_lo`` plus one step per higher bucket the
+    pair reaches (``Δt + 1 >= 2^t``): no per-pair log or table read."""
     s = tl.dot(x, tl.trans(y), input_precision=PRECISION) * alpha
     if HAS_BIAS:
-        s += tl.load(REL_POS + h * NUM_POS + pos_idx) + tl.load(REL_TIME + h * NUM_TIME + time_idx)
+        pos_idx = tl.minimum(tl.maximum(bias_pos, 0), NUM_POS - 1)
+        s += tl.load(REL_POS + h * NUM_POS + pos_idx) + tl.load(REL_TIME + h * NUM_TIME + t_lo)
+        if t_hi > t_lo:
+            reach = tl.maximum(bias_ts, 0) + 1
+            for t in range(t_lo + 1, t_hi + 1):
+                step = tl.load(REL_TIME + h * NUM_TIME + t) - tl.load(REL_TIME + h * NUM_TIME + t - 1)
+                s += tl.where((reach >> t) > 0, step, 0.0)
     return s
+
+
+@triton.jit
+def _antidiagonal_sums(c, T: tl.constexpr, PRECISION: tl.constexpr):
+    """``z[e, f] = Σ c[i, j]`` over ``i + j = 8 f + e`` for ``c`` ``[T, T]`` (T = 64 or 128): the
+    sums along anti-diagonals by two one-hot products instead of a gather. With ``i = 8a + b`` and
+    ``j = 8c + d``, first ``b + d`` is summed out of each 8 x 8 block, then ``a + c``. Returns
+    ``[16, 2T/8]``; two entries may share one anti-diagonal (``e`` reaches 14)."""
+    S: tl.constexpr = 8
+    B: tl.constexpr = T // S
+    x = tl.reshape(tl.permute(tl.reshape(c, [B, S, B, S]), (0, 2, 1, 3)), [B * B, S * S])  # [(a, c), (b, d)]
+    bd = tl.arange(0, S * S)
+    e = tl.arange(0, 2 * S)
+    inner = ((bd[:, None] // S + bd[:, None] % S) == e[None, :]).to(tl.float32)  # [(b, d), e]
+    y = tl.dot(x, inner, input_precision=PRECISION)  # [(a, c), e]
+    y = tl.reshape(tl.permute(tl.reshape(y, [B, B, 2 * S]), (2, 0, 1)), [2 * S, B * B])  # [e, (a, c)]
+    ac = tl.arange(0, B * B)
+    f = tl.arange(0, 2 * B)
+    outer = ((ac[:, None] // B + ac[:, None] % B) == f[None, :]).to(tl.float32)  # [(a, c), f]
+    return tl.dot(y, outer, input_precision=PRECISION)  # [e, f]
+
+
+@triton.jit
+def _position_grad(D_POS, ds, q_pos, k_pos, q_live, k_live, allowed, NUM_POS, PRECISION: tl.constexpr,
+                   T: tl.constexpr):
+    """Adds ``ds`` ``[keys, queries]`` (T x T) into the position-bias gradient ``D_POS`` at
+    ``clamp(q_pos - k_pos)``. Per-pair atomic adds would cost ~6x the tile's matrix work, so when
+    the tile's live positions span fewer than T values (always, inside one flow of one sequence):
+    one-hot products group the pairs by (query position - lowest, highest - key position), whose
+    sum is the distance up to a constant; anti-diagonal sums of that T x T matrix then give one
+    value per distance: 16 x 16 atomics instead of T x T. Other tiles add per pair."""
+    top = 2**31 - 1
+    q_lo, q_hi = tl.min(tl.where(q_live, q_pos, top)), tl.max(tl.where(q_live, q_pos, -top))
+    k_lo, k_hi = tl.min(tl.where(k_live, k_pos, top)), tl.max(tl.where(k_live, k_pos, -top))
+    if (q_hi - q_lo < T) & (k_hi - k_lo < T):
+        slot = tl.arange(0, T)
+        by_query = ((q_pos[:, None] - q_lo) == slot[None, :]).to(tl.float32)  # [queries, q_pos - q_lo]
+        by_key = ((k_hi - k_pos[:, None]) == slot[None, :]).to(tl.float32)  # [keys, k_hi - k_pos]
+        grouped = tl.dot(tl.trans(by_key), tl.dot(ds, by_query, input_precision=PRECISION),
+                         input_precision=PRECISION)  # [k_hi - k_pos, q_pos - q_lo]
+        sums = _antidiagonal_sums(grouped, T, PRECISION)  # [e, f]: distance q_lo - k_hi + 8 f + e
+        dist = q_lo - k_hi + 8 * tl.arange(0, 2 * T // 8)[None, :] + tl.arange(0, 16)[:, None]
+        tl.atomic_add(D_POS + tl.minimum(tl.maximum(dist, 0), NUM_POS - 1), sums, mask=sums != 0.0)
+    elif q_hi >= q_lo:  # a live query (and hence, where ds is not all 0, a live key)
+        pos_idx = tl.minimum(tl.maximum(q_pos[None, :] - k_pos[:, None], 0), NUM_POS - 1)
+        tl.atomic_add(D_POS + pos_idx, ds, mask=allowed)
 
 
 @triton.jit
@@ -127,7 +201,7 @@ def _hstu_fwd(Q, K, V, O, REQ, EVT, FLAG, POS, TS, REL_POS, REL_TIME, KV_COUNT, 
     q = _load_tile(Q, b, h, rows, cols, s_qb, s_qh, s_qm, LQ)
     q_tok = rows + Q_OFFSET
     q_req, q_evt, q_flag = _rule_meta(REQ, EVT, FLAG, b * L + q_tok, rows < LQ)
-    q_pos, q_ts = _bias_meta(POS, TS, b * L + q_tok, rows < LQ, HAS_BIAS)
+    q_pos, q_ts, q_live = _bias_meta(POS, TS, FLAG, b * L + q_tok, rows < LQ, HAS_BIAS)
     acc = tl.zeros((BLOCK_M, D), dtype=tl.float32)
     count = tl.load(KV_COUNT + b * s_cb + tile)
     for i in range(0, count):
@@ -135,12 +209,11 @@ def _hstu_fwd(Q, K, V, O, REQ, EVT, FLAG, POS, TS, REL_POS, REL_TIME, KV_COUNT, 
         k_in = keys < L
         k = _load_tile(K, b, h, keys, cols, s_kb, s_kh, s_kn, L)
         v = _load_tile(V, b, h, keys, cols, s_vb, s_vh, s_vn, L)
-        k_pos, k_ts = _bias_meta(POS, TS, b * L + keys, k_in, HAS_BIAS)
-        pos_idx, time_idx = _bias_index(q_pos[:, None], k_pos[None, :], q_ts[:, None], k_ts[None, :], NUM_POS,
-                                        NUM_TIME)
-        s = _scores(q, k, pos_idx, time_idx, REL_POS, REL_TIME, h, NUM_POS, NUM_TIME, alpha, HAS_BIAS,
-                    PRECISION)  # [BLOCK_M, BLOCK_N]
-        a = s * _sigmoid(s) * scale
+        k_pos, k_ts, k_live = _bias_meta(POS, TS, FLAG, b * L + keys, k_in, HAS_BIAS)
+        t_lo, t_hi = _time_range(q_ts, k_ts, q_live, k_live, NUM_TIME)
+        s = _scores(q, k, q_pos[:, None] - k_pos[None, :], q_ts[:, None] - k_ts[None, :], t_lo, t_hi, REL_POS,
+                    REL_TIME, h, NUM_POS, NUM_TIME, alpha, HAS_BIAS, PRECISION)  # [BLOCK_M, BLOCK_N]
+        a = s * _sigmoid(s, PRECISION) * scale
         if tl.load(KV_FULL + b * s_ib + tile * s_iq + i) == 0:  # else the rule allows the whole tile
             k_req, k_evt, k_flag = _rule_meta(REQ, EVT, FLAG, b * L + keys, k_in)
             allowed = _allowed(q_tok[:, None], keys[None, :], q_req[:, None], k_req[None, :], q_evt[:, None],
@@ -158,6 +231,7 @@ def _hstu_bwd(Q, K, V, DO, DQ, DK, DV, REQ, EVT, FLAG, POS, TS, REL_POS, REL_TIM
               NUM_TIME, alpha, scale, RULE: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
               DQ_ATOMIC: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One key tile per program; scores are held transposed, ``[BLOCK_N keys, BLOCK_M queries]``."""
+    tl.static_assert((BLOCK_M == BLOCK_N) & (BLOCK_N >= 64), "the position-bias gradient needs square tiles >= 64")
     tile, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
     keys = tile * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -166,7 +240,7 @@ def _hstu_bwd(Q, K, V, DO, DQ, DK, DV, REQ, EVT, FLAG, POS, TS, REL_POS, REL_TIM
     k = _load_tile(K, b, h, keys, cols, s_kb, s_kh, s_kn, L)
     v = _load_tile(V, b, h, keys, cols, s_vb, s_vh, s_vn, L)
     k_req, k_evt, k_flag = _rule_meta(REQ, EVT, FLAG, b * L + keys, k_in)
-    k_pos, k_ts = _bias_meta(POS, TS, b * L + keys, k_in, HAS_BIAS)
+    k_pos, k_ts, k_live = _bias_meta(POS, TS, FLAG, b * L + keys, k_in, HAS_BIAS)
     dk = tl.zeros((BLOCK_N, D), dtype=tl.float32)
     dv = tl.zeros((BLOCK_N, D), dtype=tl.float32)
     count = tl.load(Q_COUNT + b * s_cb + tile)
@@ -177,30 +251,33 @@ def _hstu_bwd(Q, K, V, DO, DQ, DK, DV, REQ, EVT, FLAG, POS, TS, REL_POS, REL_TIM
         do = _load_tile(DO, b, h, rows, cols, s_db, s_dh, s_dm, LQ)
         q_tok = rows + Q_OFFSET
         meta = b * L + q_tok
-        q_pos, q_ts = _bias_meta(POS, TS, meta, q_in, HAS_BIAS)
-        pos_idx, time_idx = _bias_index(q_pos[None, :], k_pos[:, None], q_ts[None, :], k_ts[:, None], NUM_POS,
-                                        NUM_TIME)
-        s = _scores(k, q, pos_idx, time_idx, REL_POS, REL_TIME, h, NUM_POS, NUM_TIME, alpha, HAS_BIAS,
-                    PRECISION)  # [BLOCK_N, BLOCK_M]
+        q_pos, q_ts, q_live = _bias_meta(POS, TS, FLAG, meta, q_in, HAS_BIAS)
+        t_lo, t_hi = _time_range(q_ts, k_ts, q_live, k_live, NUM_TIME)
+        s = _scores(k, q, q_pos[None, :] - k_pos[:, None], q_ts[None, :] - k_ts[:, None], t_lo, t_hi, REL_POS,
+                    REL_TIME, h, NUM_POS, NUM_TIME, alpha, HAS_BIAS, PRECISION)  # [BLOCK_N, BLOCK_M]
         if tl.load(Q_FULL + b * s_ib + tile * s_iq + i) == 0:
             q_req, q_evt, q_flag = _rule_meta(REQ, EVT, FLAG, meta, q_in)
             allowed = _allowed(q_tok[None, :], keys[:, None], q_req[None, :], k_req[:, None], q_evt[None, :],
                                k_evt[:, None], q_flag[None, :], k_flag[:, None], RULE)
         else:
             allowed = tl.full((BLOCK_N, BLOCK_M), 1, tl.int1)
-        sig = _sigmoid(s)
+        sig = _sigmoid(s, PRECISION)
         a = tl.where(allowed, s * sig * scale, 0.0)
         dv += tl.dot(a.to(do.dtype), do, input_precision=PRECISION)
         da = tl.dot(v, tl.trans(do), input_precision=PRECISION)  # [BLOCK_N, BLOCK_M]
         ds = tl.where(allowed, da * scale * sig * (1.0 + s * (1.0 - sig)), 0.0)  # d loss / d s
         if HAS_BIAS:
-            tl.atomic_add(D_REL_POS + h * NUM_POS + pos_idx, ds, mask=allowed)
-            # A tile spans few log-time buckets: one tile sum and one atomic per bucket present, where
-            # per-element atomics on ~32 addresses would serialise.
-            t_lo = tl.min(tl.where(allowed, time_idx, NUM_TIME))
-            t_hi = tl.max(tl.where(allowed, time_idx, -1))
-            for t in range(t_lo, t_hi + 1):
-                tl.atomic_add(D_REL_TIME + h * NUM_TIME + t, tl.sum(tl.where(time_idx == t, ds, 0.0)))
+            _position_grad(D_REL_POS + h * NUM_POS, ds, q_pos, k_pos, q_live, k_live, allowed, NUM_POS, PRECISION,
+                           BLOCK_N)
+            # One tile sum and one atomic per time bucket present, where per-pair atomics on 32
+            # addresses would serialise. Masked pairs have ds = 0, so bucket edges need no mask.
+            if t_hi == t_lo:
+                tl.atomic_add(D_REL_TIME + h * NUM_TIME + t_lo, tl.sum(ds))
+            else:
+                reach = tl.maximum(q_ts[None, :] - k_ts[:, None], 0) + 1
+                for t in range(t_lo, t_hi + 1):
+                    bucket = tl.where(t == t_hi, (reach >> t) > 0, (reach >> t) == 1)
+                    tl.atomic_add(D_REL_TIME + h * NUM_TIME + t, tl.sum(tl.where(bucket, ds, 0.0)))
         dk += tl.dot(ds.to(q.dtype), q, input_precision=PRECISION)
         if DQ_ATOMIC:
             dq = tl.dot(tl.trans(ds).to(k.dtype), k, input_precision=PRECISION) * alpha  # [BLOCK_M, D]
@@ -226,7 +303,7 @@ def _hstu_bwd_dq(Q, K, V, DO, DQ, REQ, EVT, FLAG, POS, TS, REL_POS, REL_TIME, KV
     do = _load_tile(DO, b, h, rows, cols, s_db, s_dh, s_dm, LQ)
     q_tok = rows + Q_OFFSET
     q_req, q_evt, q_flag = _rule_meta(REQ, EVT, FLAG, b * L + q_tok, rows < LQ)
-    q_pos, q_ts = _bias_meta(POS, TS, b * L + q_tok, rows < LQ, HAS_BIAS)
+    q_pos, q_ts, q_live = _bias_meta(POS, TS, FLAG, b * L + q_tok, rows < LQ, HAS_BIAS)
     dq = tl.zeros((BLOCK_M, D), dtype=tl.float32)
     count = tl.load(KV_COUNT + b * s_cb + tile)
     for i in range(0, count):
@@ -234,12 +311,11 @@ def _hstu_bwd_dq(Q, K, V, DO, DQ, REQ, EVT, FLAG, POS, TS, REL_POS, REL_TIME, KV
         k_in = keys < L
         k = _load_tile(K, b, h, keys, cols, s_kb, s_kh, s_kn, L)
         v = _load_tile(V, b, h, keys, cols, s_vb, s_vh, s_vn, L)
-        k_pos, k_ts = _bias_meta(POS, TS, b * L + keys, k_in, HAS_BIAS)
-        pos_idx, time_idx = _bias_index(q_pos[:, None], k_pos[None, :], q_ts[:, None], k_ts[None, :], NUM_POS,
-                                        NUM_TIME)
-        s = _scores(q, k, pos_idx, time_idx, REL_POS, REL_TIME, h, NUM_POS, NUM_TIME, alpha, HAS_BIAS,
-                    PRECISION)  # [BLOCK_M, BLOCK_N]
-        sig = _sigmoid(s)
+        k_pos, k_ts, k_live = _bias_meta(POS, TS, FLAG, b * L + keys, k_in, HAS_BIAS)
+        t_lo, t_hi = _time_range(q_ts, k_ts, q_live, k_live, NUM_TIME)
+        s = _scores(q, k, q_pos[:, None] - k_pos[None, :], q_ts[:, None] - k_ts[None, :], t_lo, t_hi, REL_POS,
+                    REL_TIME, h, NUM_POS, NUM_TIME, alpha, HAS_BIAS, PRECISION)  # [BLOCK_M, BLOCK_N]
+        sig = _sigmoid(s, PRECISION)
         da = tl.dot(do, tl.trans(v), input_precision=PRECISION)  # [BLOCK_M, BLOCK_N]
         ds = da * scale * sig * (1.0 + s * (1.0 - sig))
         if tl.load(KV_FULL + b * s_ib + tile * s_iq + i) == 0:
@@ -259,8 +335,9 @@ def _tiles(head_dim: int, table: dict) -> tuple[int, int, int, int]:
 def _schedule(layout: TokenLayout, meta: KernelMeta, block_q: int, block_k: int, q_offset: int, transpose: bool):
     """Per query tile the key tiles to visit (forward), or per key tile the query tiles (backward)."""
     def build():
-        pairs = tile_pairs(meta, layout.rule, block_q, block_k, q_offset)
-        full = tile_full(meta, layout.rule, block_q, block_k, q_offset)
+        stats = tile_stats(meta, block_q, block_k, q_offset)
+        pairs = tile_pairs(meta, layout.rule, block_q, block_k, q_offset, stats)
+        full = tile_full(meta, layout.rule, block_q, block_k, q_offset, stats)
         return tile_lists(pairs.transpose(1, 2), full.transpose(1, 2)) if transpose else tile_lists(pairs, full)
     return layout.cached(("triton_tiles", block_q, block_k, q_offset, transpose), build)
 
@@ -309,6 +386,7 @@ class _HSTUAttention(torch.autograd.Function):
         if grad_out.stride(-1) != 1:
             grad_out = grad_out.contiguous()
         block_m, block_n, warps, stages = _tiles(d, BWD_TILES)
+        stages = BWD_BIAS_STAGES if ctx.has_bias else stages
         count, index, full = _schedule(layout, meta, block_m, block_n, ctx.q_offset, transpose=True)
         dq = (torch.empty if DQ_SEPARATE else torch.zeros)(b, h, lq, d, device=q.device, dtype=torch.float32)
         dk = torch.empty(b, seq, h, d, device=q.device, dtype=k.dtype).transpose(1, 2)

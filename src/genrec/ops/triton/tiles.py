@@ -35,7 +35,10 @@ class KernelMeta:
     @classmethod
     def from_layout(cls, layout: TokenLayout) -> KernelMeta:
         ts = layout.timestamp - layout.timestamp.min()
-        if int(ts.max()) >= 2**31:
+        # A CUDA graph cannot read a value back while it records: genrec.serve.graphs checks each
+        # history it is given instead.
+        capturing = ts.is_cuda and torch.cuda.is_current_stream_capturing()
+        if not capturing and int(ts.max()) >= 2**31:
             raise ValueError("timestamps of one batch span more than 2^31 s; the kernels keep int32 time differences")
         flags = layout.valid.int() * VALID + layout.fake.int() * FAKE
 
@@ -46,33 +49,48 @@ class KernelMeta:
 
 
 def _chunks(t: torch.Tensor, size: int, fill: int) -> torch.Tensor:
-    """``[B, L]`` -> ``[B, ceil(L / size), size]``, padded with ``fill``."""
-    pad = -t.shape[1] % size
-    return F.pad(t, (0, pad), value=fill).view(t.shape[0], -1, size)
+    """``[..., L]`` -> ``[..., ceil(L / size), size]``, padded with ``fill``."""
+    pad = -t.shape[-1] % size
+    return F.pad(t, (0, pad), value=fill).unflatten(-1, (-1, size))
+
+
+SUBSETS = {"": 0, "real_": 1, "fake_": 2}  # token subsets of the statistics: valid, real, fake
+FIELDS = {"idx": 0, "req": 1, "evt": 2}
 
 
 def _stats(meta: KernelMeta, start: int, size: int) -> dict[str, torch.Tensor]:
-    """Per-tile minima / maxima over the tokens ``start..L-1`` cut into tiles of ``size``.
-    Empty sets give +_BIG for a minimum and -_BIG for a maximum, so every comparison with them fails."""
+    """Per-tile counts and minima / maxima over the tokens ``start..L-1`` cut into tiles of ``size``,
+    for each field and token subset. Empty sets give +_BIG for a minimum and -_BIG for a maximum, so
+    every comparison with them fails. All fields and subsets go through one stacked reduction: this
+    runs per serving request, where each small kernel's launch costs more than its work."""
     sl = slice(start, None)
     idx = torch.arange(start, meta.flags.shape[1], device=meta.flags.device, dtype=torch.int32)
-    idx = idx.expand_as(meta.flags[:, sl])
     valid = (meta.flags[:, sl] & VALID) != 0
     fake = valid & ((meta.flags[:, sl] & FAKE) != 0)
-    real = valid & ~fake
-    out = {f"n_{subset}": _chunks(where.int(), size, 0).sum(-1)
-           for subset, where in (("valid", valid), ("real", real), ("fake", fake))}
-    for name, value in (("idx", idx), ("req", meta.request[:, sl]), ("evt", meta.event[:, sl])):
-        for subset, where in (("", valid), ("real_", real), ("fake_", fake)):
-            out[f"{subset}{name}_min"] = _chunks(torch.where(where, value, _BIG), size, _BIG).amin(-1)
-            out[f"{subset}{name}_max"] = _chunks(torch.where(where, value, -_BIG), size, -_BIG).amax(-1)
+    subsets = torch.stack([valid, valid & ~fake, fake])[:, None]  # [3 subsets, 1, B, L']
+    values = torch.stack([idx.expand_as(valid), meta.request[:, sl], meta.event[:, sl]])  # [3 fields, B, L']
+    counts = _chunks(subsets[:, 0].int(), size, 0).sum(-1)  # [3, B, nT]
+    low = _chunks(torch.where(subsets, values, _BIG), size, _BIG).amin(-1)  # [3 subsets, 3 fields, B, nT]
+    high = _chunks(torch.where(subsets, values, -_BIG), size, -_BIG).amax(-1)
+    out = {f"n_{name}": counts[i] for name, i in (("valid", 0), ("real", 1), ("fake", 2))}
+    for subset, i in SUBSETS.items():
+        for name, j in FIELDS.items():
+            out[f"{subset}{name}_min"], out[f"{subset}{name}_max"] = low[i, j], high[i, j]
     return out
 
 
-def tile_pairs(meta: KernelMeta, rule: str, block_q: int, block_k: int, q_offset: int = 0) -> torch.Tensor:
-    """``[B, nQ, nK]`` bool: may query tile i (tokens ``q_offset + i*block_q ...``) read key tile j?"""
+def tile_stats(meta: KernelMeta, block_q: int, block_k: int, q_offset: int = 0) -> tuple[dict, dict]:
+    """Statistics of the query tiles ``[B, nQ, 1]`` and key tiles ``[B, 1, nK]``, which
+    :func:`tile_pairs` and :func:`tile_full` compare (computed once when both are needed)."""
     q = {k: v[:, :, None] for k, v in _stats(meta, q_offset, block_q).items()}
     k = {k: v[:, None, :] for k, v in _stats(meta, 0, block_k).items()}
+    return q, k
+
+
+def tile_pairs(meta: KernelMeta, rule: str, block_q: int, block_k: int, q_offset: int = 0,
+               stats: tuple[dict, dict] | None = None) -> torch.Tensor:
+    """``[B, nQ, nK]`` bool: may query tile i (tokens ``q_offset + i*block_q ...``) read key tile j?"""
+    q, k = stats or tile_stats(meta, block_q, block_k, q_offset)
     if rule == "causal":
         return k["idx_min"] <= q["idx_max"]
     if rule == "request_causal":
@@ -86,11 +104,11 @@ def tile_pairs(meta: KernelMeta, rule: str, block_q: int, block_k: int, q_offset
     raise ValueError(f"unknown mask rule {rule!r}")
 
 
-def tile_full(meta: KernelMeta, rule: str, block_q: int, block_k: int, q_offset: int = 0) -> torch.Tensor:
+def tile_full(meta: KernelMeta, rule: str, block_q: int, block_k: int, q_offset: int = 0,
+              stats: tuple[dict, dict] | None = None) -> torch.Tensor:
     """``[B, nQ, nK]`` bool: does the rule allow *every* pair of the tile pair (all tokens valid)?
     The kernels skip the per-element mask there (the off-diagonal bulk of a causal mask)."""
-    q = {k: v[:, :, None] for k, v in _stats(meta, q_offset, block_q).items()}
-    k = {k: v[:, None, :] for k, v in _stats(meta, 0, block_k).items()}
+    q, k = stats or tile_stats(meta, block_q, block_k, q_offset)
     complete = (q["n_valid"] == block_q) & (k["n_valid"] == block_k)
     if rule == "causal":
         return complete & (k["idx_max"] <= q["idx_min"])

@@ -1,0 +1,60 @@
+"""CUDA-graph serving (:mod:`genrec.serve.graphs`) gives the eager scores, for new users and new
+candidates replayed through the same graphs, and refuses what it cannot replay."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from genrec.models import build_model
+from genrec.nn.events import Events
+from tests.helpers import make_batch
+from tests.models.test_generative import INFO
+
+CUDA = torch.cuda.is_available()
+gpu_only = pytest.mark.skipif(not CUDA, reason="CUDA graphs need a CUDA device")
+
+
+def _model(name: str, backend: str, device: str):
+    torch.manual_seed(0)
+    args = {"d_model": 64, "num_heads": 2, "num_layers": 2, "dropout": 0.0, "attention_backend": backend}
+    return build_model(name, args, INFO, 128).to(device).eval()
+
+
+def test_graphed_serving_refuses_cpu_tensors_and_training_mode():
+    from genrec.serve.graphs import GraphedServing
+
+    model = _model("dfgr", "reference", "cpu")
+    ev = Events.from_batch(make_batch([12], seed=1))
+    with pytest.raises(ValueError, match="CUDA device"):
+        GraphedServing(model, ev, 4)
+
+
+@gpu_only
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("name", ["hstu", "dfgr"])
+def test_graph_replays_match_eager_scoring_for_new_users_and_candidates(name, backend):
+    from genrec.serve.graphs import GraphedServing
+
+    model = _model(name, backend, "cuda")
+    with pytest.raises(ValueError, match="eval"):
+        GraphedServing(model.train(), Events.from_batch(make_batch([40], seed=1).to("cuda")), 4)
+    model.eval()
+    users = [make_batch([40], seed=seed).to("cuda") for seed in (1, 2, 3)]  # equal lengths: one graph shape
+    gen = torch.Generator("cuda").manual_seed(0)
+    served = GraphedServing(model, Events.from_batch(users[0]), 10, micro_batch=4, dtype=torch.float32)
+    for user in users:
+        ev = Events.from_batch(user)
+        when = user.timestamps[-1:] + 60
+        for _ in range(2):
+            cands = torch.randint(1, 41, (1, 10), device="cuda", generator=gen)
+            with torch.no_grad():
+                want = model.serve_logits(user, cands, when, micro_batch=4)
+            cold = served.cold(ev, cands, when)
+            warm = served.score(cands, when)  # the history encoded by the cold call
+            torch.testing.assert_close(cold, want, rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(warm, want, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="candidates have shape"):
+        served.score(torch.ones(1, 11, dtype=torch.long, device="cuda"), when)
+    with pytest.raises(ValueError, match="events.items"):
+        served.encode(Events.from_batch(make_batch([41], seed=4).to("cuda")))
