@@ -222,7 +222,7 @@ def train_rows(ns: list[int], args) -> list[dict]:
     for n in ns:
         batch = max(args.train_events // n, 1)
         data = [synthetic_batch(batch, n, seed) for seed in range(3)]
-        for name in ("hstu", "genrank", "dfgr"):
+        for name in args.train_models.split(","):
             torch.manual_seed(0)
             model = make_model(name, n, args).train()
             seconds = _train_step_seconds(model, data, args.train_steps)
@@ -343,6 +343,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--parts", default="kernel,train,infer")
     parser.add_argument("--ns", default="256,512,1024,2048,4096,8192")
     parser.add_argument("--train-ns", help="history lengths of the training part (default: --ns)")
+    parser.add_argument("--train-models", default="hstu,genrank,dfgr")
     parser.add_argument("--kernel-ns", default="1024,2048,4096,8192")
     parser.add_argument("--kernel-tokens", type=int, default=131_072)
     parser.add_argument("--ms", default="64,512,2048")
@@ -356,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tiles", help="JSON of HSTU kernel tiles from benchmarks/tune_hstu_kernel.py")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     parser.add_argument("--tables", metavar="JSON", help="only rewrite the ratios and tables of a result file")
-    parser.add_argument("--merge", metavar="JSON", help="keep that result file's rows of the parts not run now "
+    parser.add_argument("--merge", metavar="JSON", help="keep that result file's rows of shapes not measured now "
                         "(one device call is limited in time: run the parts in turn)")
     args = parser.parse_args(argv)
     if args.tables:
@@ -387,7 +388,11 @@ def main(argv: list[str] | None = None) -> int:
     meta = results.meta(["python", "benchmarks/speed.py", *(argv if argv is not None else sys.argv[1:])])
     if args.merge:
         earlier = json.loads(Path(args.merge).read_text())
-        rows += [r for r in earlier["rows"] if r["bench"] in {"kernel", "train", "infer"} - set(parts)]
+        def key(r: dict) -> tuple:
+            return r["bench"], r.get("model", r.get("kernel")), r.get("mode"), r.get("n"), r.get("m")
+
+        measured = {key(r) for r in rows}
+        rows += [r for r in earlier["rows"] if r["bench"] in ("kernel", "train", "infer") and key(r) not in measured]
         meta["merged"] = earlier["meta"]
     meta["hstu_tiles"] = {"fwd": hstu.FWD_TILES, "bwd": hstu.BWD_TILES, "dq": hstu.DQ_TILES,
                           "dq_separate": hstu.DQ_SEPARATE}
