@@ -38,9 +38,6 @@ from genrec.ops.triton.tiles import FAKE, RULE_IDS, VALID, KernelMeta, tile_full
 # is within 1 % of it without.
 FWD_TILES = {"small": (64, 64, 4, 3), "large": (64, 64, 4, 3)}
 BWD_TILES = {"small": (64, 64, 4, 2), "large": (64, 64, 4, 2)}
-# With the relative bias the dK/dV kernel holds more per tile and a second pipeline stage costs it more
-# than it hides (H100, N = 2048: one stage 27 ms, two 38 ms; without the bias two stages are 5 % faster).
-BWD_BIAS_STAGES = 1
 DQ_TILES = {"small": (64, 64, 4, 3), "large": (128, 64, 8, 2)}
 # dQ by its own kernel (no atomics) rather than fp32 atomic adds in the dK/dV kernel: twice as fast
 # on the H100 despite two more matrix products per tile pair (same sweep).
@@ -386,7 +383,6 @@ class _HSTUAttention(torch.autograd.Function):
         if grad_out.stride(-1) != 1:
             grad_out = grad_out.contiguous()
         block_m, block_n, warps, stages = _tiles(d, BWD_TILES)
-        stages = BWD_BIAS_STAGES if ctx.has_bias else stages
         count, index, full = _schedule(layout, meta, block_m, block_n, ctx.q_offset, transpose=True)
         dq = (torch.empty if DQ_SEPARATE else torch.zeros)(b, h, lq, d, device=q.device, dtype=torch.float32)
         dk = torch.empty(b, seq, h, d, device=q.device, dtype=k.dtype).transpose(1, 2)
