@@ -320,6 +320,8 @@ def ratios(rows: list[dict]) -> list[dict]:
 def write(rows: list[dict], meta: dict, stem: Path) -> None:
     """The JSON (measured rows + DFGR/HSTU ratios) and its Markdown tables."""
     rows = [r for r in rows if "dfgr_over_hstu" not in r]  # ratios are derived, never measured
+    order = {"matmul": 0, "kernel": 1, "train": 2, "infer": 3}
+    rows = sorted(rows, key=lambda r: (order[r["bench"]], r["n"]))  # stable: merged runs read in N order
     rows += ratios(rows)
     peak = next(r["tflops"] for r in rows if r["bench"] == "matmul")
     tables = [f"bf16 matmul peak (8192³, same run): {peak:.0f} TFLOP/s"]
@@ -357,8 +359,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tiles", help="JSON of HSTU kernel tiles from benchmarks/tune_hstu_kernel.py")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     parser.add_argument("--tables", metavar="JSON", help="only rewrite the ratios and tables of a result file")
-    parser.add_argument("--merge", metavar="JSON", help="keep that result file's rows of shapes not measured now "
-                        "(one device call is limited in time: run the parts in turn)")
+    parser.add_argument("--merge", metavar="JSON", help="keep that result file's rows of shapes not measured now, "
+                        "each naming its run in meta.runs (one device call is limited in time: run the parts in "
+                        "turn, the kernel part last, as the tables quote this run's matmul peak)")
     args = parser.parse_args(argv)
     if args.tables:
         data = json.loads(Path(args.tables).read_text())
@@ -386,14 +389,19 @@ def main(argv: list[str] | None = None) -> int:
     if "infer" in parts:
         rows += infer_rows(ns, [int(x) for x in args.ms.split(",")], args)
     meta = results.meta(["python", "benchmarks/speed.py", *(argv if argv is not None else sys.argv[1:])])
+    meta["runs"] = [{k: meta[k] for k in ("command", "git_commit", "date")}]  # rows name theirs by index
+    rows = [{**r, "run": 0} for r in rows]
     if args.merge:
         earlier = json.loads(Path(args.merge).read_text())
+
         def key(r: dict) -> tuple:
             return r["bench"], r.get("model", r.get("kernel")), r.get("mode"), r.get("n"), r.get("m")
 
         measured = {key(r) for r in rows}
-        rows += [r for r in earlier["rows"] if r["bench"] in ("kernel", "train", "infer") and key(r) not in measured]
-        meta["merged"] = earlier["meta"]
+        kept = [r for r in earlier["rows"] if r["bench"] in ("kernel", "train", "infer") and key(r) not in measured]
+        used = sorted({r["run"] for r in kept})
+        meta["runs"] += [earlier["meta"]["runs"][i] for i in used]
+        rows += [{**r, "run": 1 + used.index(r["run"])} for r in kept]
     meta["hstu_tiles"] = {"fwd": hstu.FWD_TILES, "bwd": hstu.BWD_TILES, "dq": hstu.DQ_TILES,
                           "dq_separate": hstu.DQ_SEPARATE}
     meta["shapes"] = {"kernel_heads": 4, "kernel_dh": 128, "kernel_tokens": args.kernel_tokens, "d": args.d,
