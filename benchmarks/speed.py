@@ -41,11 +41,11 @@ import torch.nn.functional as F
 
 from genrec import results
 from genrec.data.batching import JaggedBatch
+from genrec.flops import layout_flops
 from genrec.models import build_model
 from genrec.models.base import DatasetInfo
 from genrec.nn.events import Events, append_candidates, dual_flow_layout, item_action_layout
 from genrec.ops.layout import TokenLayout
-from genrec.ops.masks import build_mask
 
 ROOT = Path(__file__).resolve().parent.parent
 NUM_ITEMS = 100_000
@@ -163,14 +163,6 @@ def make_model(name: str, n: int, args) -> torch.nn.Module:
     return build_model(name, model_args, INFO, n).cuda()
 
 
-def forward_flops(layout: TokenLayout, q_offset: int, d: int, layers: int) -> tuple[float, float]:
-    """Linear and attention FLOPs of one forward of HSTU blocks over the layout's tokens from
-    ``q_offset`` (a KV cache holds the others): 10·d² per token, 4·d per allowed pair."""
-    tokens = int(layout.valid[:, q_offset:].sum())
-    pairs = int(build_mask(layout)[:, q_offset:].sum())
-    return layers * 10 * d * d * tokens, layers * 4 * d * pairs
-
-
 TRAIN_LAYOUTS = {"hstu": item_action_layout, "dfgr": dual_flow_layout}
 
 
@@ -178,17 +170,17 @@ def train_gflop_per_event(name: str, n: int, args) -> float | None:
     """Training FLOPs per event (forward + backward: 3x linear, 3.5x attention) on one sequence."""
     if name not in TRAIN_LAYOUTS:
         return None
-    linear, attention = forward_flops(TRAIN_LAYOUTS[name](Events.from_batch(synthetic_batch(1, n, 0))), 0, args.d,
-                                      args.layers)
+    linear, attention = layout_flops(TRAIN_LAYOUTS[name](Events.from_batch(synthetic_batch(1, n, 0))), args.d,
+                                     args.layers)
     return (3 * linear + 3.5 * attention) / n / 1e9
 
 
 def infer_gflop_per_request(model, ev: Events, m: int, micro: int, cached: bool, args) -> float:
     """Forward FLOPs of one request: the history (unless cached) and ceil(M / micro) micro-batches."""
     history = model.history_tokens(ev)[1]
-    total = 0.0 if cached else sum(forward_flops(history, 0, args.d, args.layers))
+    total = 0.0 if cached else sum(layout_flops(history, args.d, args.layers))
     chunk = append_candidates(history, ev, micro, fake=model.candidates_are_fake)
-    total += -(-m // micro) * sum(forward_flops(chunk, history.shape[1], args.d, args.layers))
+    total += -(-m // micro) * sum(layout_flops(chunk, args.d, args.layers, q_offset=history.shape[1]))
     return total / 1e9
 
 

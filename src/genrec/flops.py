@@ -14,6 +14,9 @@ earlier event is visible), every event a target; a multiply-add is 2 FLOPs, back
 
 from __future__ import annotations
 
+from genrec.ops.layout import TokenLayout
+from genrec.ops.masks import build_mask
+
 LINEAR_PER_TOKEN = {"hstu": 10, "dfgr": 10, "sfgr": 10, "genrank": 24}  # × D² per layer
 
 
@@ -47,3 +50,12 @@ def flops(model: str, n: int, d: int, layers: int, m: int | None = None, mode: s
     per = n if mode == "train" else m
     return {"linear": float(linear), "attention": float(attention), "total": float(total),
             "per_unit": total / per, "tokens": tokens, "pairs": pairs}
+
+
+def layout_flops(layout: TokenLayout, d: int, layers: int, q_offset: int = 0) -> tuple[float, float]:
+    """Linear and attention FLOPs of one forward of HSTU blocks over an actual token layout, counting
+    the pairs its mask allows (requests of several events, padding, micro-batches: what the closed
+    forms above idealise) for the queries from ``q_offset`` (a KV cache holds the others)."""
+    tokens = int(layout.valid[:, q_offset:].sum())
+    pairs = int(build_mask(layout)[:, q_offset:].sum())
+    return float(layers * LINEAR_PER_TOKEN["hstu"] * tokens * d * d), float(layers * 4 * pairs * d)

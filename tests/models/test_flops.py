@@ -5,12 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from genrec.flops import flops, tokens_and_pairs
+from genrec.flops import flops, layout_flops, tokens_and_pairs
 from genrec.ops.layout import TokenLayout
 from genrec.ops.masks import build_mask
 
 
-def _pairs_from_mask(n: int, layout_kind: str) -> int:
+def _layout(n: int, layout_kind: str) -> TokenLayout:
+    """One event per request: HSTU's interleaved tokens or DFGR's [real | fake] flows."""
     e = torch.arange(n)
     if layout_kind == "hstu":
         ev = e.repeat_interleave(2)
@@ -21,13 +22,25 @@ def _pairs_from_mask(n: int, layout_kind: str) -> int:
         fake = torch.cat([torch.zeros(n, dtype=torch.bool), torch.ones(n, dtype=torch.bool)])
         layout = TokenLayout(torch.ones(1, 2 * n, dtype=torch.bool), ev[None], ev[None], fake[None], ev[None],
                              ev[None], "dual_flow")
-    return int(build_mask(layout).sum())
+    return layout
+
+
+def _pairs_from_mask(n: int, layout_kind: str) -> int:
+    return int(build_mask(_layout(n, layout_kind)).sum())
 
 
 @pytest.mark.parametrize("n", [1, 5, 17])
 def test_pair_counts_match_the_masks(n):
     assert tokens_and_pairs("hstu", n)[1] == _pairs_from_mask(n, "hstu")
     assert tokens_and_pairs("dfgr", n)[1] == _pairs_from_mask(n, "dfgr")
+
+
+@pytest.mark.parametrize("kind", ["hstu", "dfgr"])
+def test_flops_counted_on_a_layout_match_the_closed_form(kind):
+    """A third of the training count (forward only) when every request holds one event."""
+    linear, attention = layout_flops(_layout(9, kind), d=16, layers=3)
+    want = flops(kind, 9, 16, 3)
+    assert (linear, attention) == (want["linear"] / 3, want["attention"] / 3)
 
 
 def test_dfgr_is_about_2x_cheaper_to_train_and_4x_to_serve_than_hstu():
