@@ -163,15 +163,16 @@ def _antidiagonal_sums(c, T: tl.constexpr, PRECISION: tl.constexpr):
 def _position_grad(D_POS, ds, q_pos, k_pos, q_live, k_live, allowed, NUM_POS, PRECISION: tl.constexpr,
                    T: tl.constexpr):
     """Adds ``ds`` ``[keys, queries]`` (T x T) into the position-bias gradient ``D_POS`` at
-    ``clamp(q_pos - k_pos)``. Per-pair atomic adds would cost ~6x the tile's matrix work, so when
-    the tile's live positions span fewer than T values (always, inside one flow of one sequence):
+    ``clamp(q_pos - k_pos)``. Per-pair atomic adds dominated the whole backward, so when the tile's
+    live positions span fewer than T values (always, inside one flow of one sequence):
     one-hot products group the pairs by (query position - lowest, highest - key position), whose
     sum is the distance up to a constant; anti-diagonal sums of that T x T matrix then give one
     value per distance: 16 x 16 atomics instead of T x T. Other tiles add per pair."""
-    top = 2**31 - 1
+    top = 2**30  # above any position; differences of +-top stay within int32
     q_lo, q_hi = tl.min(tl.where(q_live, q_pos, top)), tl.max(tl.where(q_live, q_pos, -top))
     k_lo, k_hi = tl.min(tl.where(k_live, k_pos, top)), tl.max(tl.where(k_live, k_pos, -top))
-    if (q_hi - q_lo < T) & (k_hi - k_lo < T):
+    live = (q_hi >= q_lo) & (k_hi >= k_lo)  # else ds is all 0
+    if live & (q_hi - q_lo < T) & (k_hi - k_lo < T):
         slot = tl.arange(0, T)
         by_query = ((q_pos[:, None] - q_lo) == slot[None, :]).to(tl.float32)  # [queries, q_pos - q_lo]
         by_key = ((k_hi - k_pos[:, None]) == slot[None, :]).to(tl.float32)  # [keys, k_hi - k_pos]
@@ -180,7 +181,7 @@ def _position_grad(D_POS, ds, q_pos, k_pos, q_live, k_live, allowed, NUM_POS, PR
         sums = _antidiagonal_sums(grouped, T, PRECISION)  # [e, f]: distance q_lo - k_hi + 8 f + e
         dist = q_lo - k_hi + 8 * tl.arange(0, 2 * T // 8)[None, :] + tl.arange(0, 16)[:, None]
         tl.atomic_add(D_POS + tl.minimum(tl.maximum(dist, 0), NUM_POS - 1), sums, mask=sums != 0.0)
-    elif q_hi >= q_lo:  # a live query (and hence, where ds is not all 0, a live key)
+    elif live:
         pos_idx = tl.minimum(tl.maximum(q_pos[None, :] - k_pos[:, None], 0), NUM_POS - 1)
         tl.atomic_add(D_POS + pos_idx, ds, mask=allowed)
 
