@@ -54,6 +54,8 @@ def test_graph_replays_match_eager_scoring_for_new_users_and_candidates(name, ba
             warm = served.score(cands, when)  # the history encoded by the cold call
             torch.testing.assert_close(cold, want, rtol=1e-4, atol=1e-5)
             torch.testing.assert_close(warm, want, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="2\\^31"):  # int32 time differences, checked outside the graph
+        served.score(cands, when + 2**31)
     with pytest.raises(ValueError, match="candidates have shape"):
         served.score(torch.ones(1, 11, dtype=torch.long, device="cuda"), when)
     with pytest.raises(ValueError, match="events.items"):

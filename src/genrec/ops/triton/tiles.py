@@ -54,8 +54,8 @@ def _chunks(t: torch.Tensor, size: int, fill: int) -> torch.Tensor:
     return F.pad(t, (0, pad), value=fill).unflatten(-1, (-1, size))
 
 
-SUBSETS = {"": 0, "real_": 1, "fake_": 2}  # token subsets of the statistics: valid, real, fake
-FIELDS = {"idx": 0, "req": 1, "evt": 2}
+_SUBSETS = {"": 0, "real_": 1, "fake_": 2}  # token subsets of the statistics: valid, real, fake
+_FIELDS = {"idx": 0, "req": 1, "evt": 2}
 
 
 def _stats(meta: KernelMeta, start: int, size: int) -> dict[str, torch.Tensor]:
@@ -73,8 +73,8 @@ def _stats(meta: KernelMeta, start: int, size: int) -> dict[str, torch.Tensor]:
     low = _chunks(torch.where(subsets, values, _BIG), size, _BIG).amin(-1)  # [3 subsets, 3 fields, B, nT]
     high = _chunks(torch.where(subsets, values, -_BIG), size, -_BIG).amax(-1)
     out = {f"n_{name}": counts[i] for name, i in (("valid", 0), ("real", 1), ("fake", 2))}
-    for subset, i in SUBSETS.items():
-        for name, j in FIELDS.items():
+    for subset, i in _SUBSETS.items():
+        for name, j in _FIELDS.items():
             out[f"{subset}{name}_min"], out[f"{subset}{name}_max"] = low[i, j], high[i, j]
     return out
 
