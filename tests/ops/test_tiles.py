@@ -20,6 +20,15 @@ def _layouts():
             "dfgr_cache": (append_candidates(history, ev, 9, fake=True), history.shape[1])}
 
 
+def test_kernel_metadata_refuses_timestamps_beyond_int32_differences():
+    ev = Events.from_batch(make_batch([5, 3], seed=1))
+    layout = event_layout(ev, "causal")
+    KernelMeta.from_layout(layout)  # days apart: fine
+    layout.timestamp[0, 0] -= 2**31
+    with pytest.raises(ValueError, match="2\\^31 s"):
+        KernelMeta.from_layout(layout)
+
+
 def _dense_tiles(mask: torch.Tensor, bq: int, bk: int) -> torch.Tensor:
     """[B, Lq, L] -> [B, nQ, nK]: does the tile hold an allowed pair?"""
     b, lq, seq = mask.shape

@@ -20,6 +20,7 @@ import torch
 
 from genrec.models.generative import CachedServingRanker
 from genrec.nn.events import Events
+from genrec.ops.triton.tiles import check_time_span
 
 
 def _capture(fn: Callable[[], torch.Tensor | object], dtype: torch.dtype):
@@ -65,7 +66,7 @@ class GraphedServing:
                 raise ValueError(f"events.{f.name} has shape {tuple(new.shape)}; this graph was recorded for "
                                  f"{tuple(static.shape)}")
             static.copy_(new)
-        self._check_time_span()
+        check_time_span(torch.cat([self.events.timestamp.flatten(), self.request_time]))
         self._encode.replay()
 
     def score(self, candidates: torch.Tensor, request_time: torch.Tensor) -> torch.Tensor:
@@ -76,15 +77,9 @@ class GraphedServing:
                              f"{tuple(self.candidates.shape)}")
         self.candidates.copy_(candidates)
         self.request_time.copy_(request_time)
-        self._check_time_span()
+        check_time_span(torch.cat([self.events.timestamp.flatten(), self.request_time]))  # the layout's tokens
         self._score.replay()
         return self.logits.clone()
-
-    def _check_time_span(self) -> None:
-        """What KernelMeta checks outside a graph, over the same tokens (padding included)."""
-        ts = torch.cat([self.events.timestamp.flatten(), self.request_time])
-        if int(ts.max() - ts.min()) >= 2**31:
-            raise ValueError("timestamps of one batch span more than 2^31 s; the kernels keep int32 time differences")
 
     def cold(self, events: Events, candidates: torch.Tensor, request_time: torch.Tensor) -> torch.Tensor:
         """Encode ``events`` and score ``candidates`` after them: a request of a user seen cold."""

@@ -22,6 +22,12 @@ RULE_IDS = {"causal": 0, "request_causal": 1, "dual_flow": 2}
 _BIG = 2**30
 
 
+def check_time_span(timestamps: torch.Tensor) -> None:
+    """The kernels keep time differences in int32: refuse a batch whose timestamps span 2^31 s."""
+    if int(timestamps.max() - timestamps.min()) >= 2**31:
+        raise ValueError("timestamps of one batch span more than 2^31 s; the kernels keep int32 time differences")
+
+
 @dataclass
 class KernelMeta:
     """``[B, L]`` int32 contiguous copies of the layout fields a kernel reads per token."""
@@ -34,12 +40,11 @@ class KernelMeta:
 
     @classmethod
     def from_layout(cls, layout: TokenLayout) -> KernelMeta:
-        ts = layout.timestamp - layout.timestamp.min()
         # A CUDA graph cannot read a value back while it records: genrec.serve.graphs checks each
-        # history it is given instead.
-        capturing = ts.is_cuda and torch.cuda.is_current_stream_capturing()
-        if not capturing and int(ts.max()) >= 2**31:
-            raise ValueError("timestamps of one batch span more than 2^31 s; the kernels keep int32 time differences")
+        # history and request it is given instead.
+        if not (layout.timestamp.is_cuda and torch.cuda.is_current_stream_capturing()):
+            check_time_span(layout.timestamp)
+        ts = layout.timestamp - layout.timestamp.min()
         flags = layout.valid.int() * VALID + layout.fake.int() * FAKE
 
         def i32(t: torch.Tensor) -> torch.Tensor:
