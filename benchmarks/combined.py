@@ -14,7 +14,7 @@ import json
 import sys
 from pathlib import Path
 
-from genrec import results
+import report
 
 ROOT = Path(__file__).resolve().parent.parent
 PAPER_ML1M = {  # UniGRF paper, ML-1M: Table 3 (AUC), Table 2 (HR@10, NDCG@10)
@@ -41,23 +41,23 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"no result files for {args.dataset} under {args.results}")
     ranking = [r for r in rows if "auc" in r and "hr@10" not in r]
     retrieval = [r for r in rows if "hr@10" in r]
-    rank_summary = results.summary(ranking, ["model", "protocol"], ["auc", "gauc", "logloss"])
+    rank_summary = report.summary(ranking, ["model", "protocol"], ["auc", "gauc", "logloss"])
     rank_summary.sort(key=lambda r: (r["protocol"], -r["auc"]))
-    retr_summary = results.summary(retrieval, ["model", "protocol"], ["hr@10", "ndcg@10", "hr@50", "ndcg@50", "mrr"])
+    retr_summary = report.summary(retrieval, ["model", "protocol"], ["hr@10", "ndcg@10", "hr@50", "ndcg@50", "mrr"])
     retr_summary.sort(key=lambda r: -r["ndcg@10"])
     for r in rank_summary + retr_summary:
         for k, v in PAPER_ML1M.get(r["model"], {}).items():
             r[f"paper_ml1m_{k}"] = v
     md = (f"Sources: {', '.join(sources)}. Mean ± std over seeds. `paper_ml1m_*`: the UniGRF paper's ML-1M "
           "figures (leave-one-out), for orderings only.\n\n### Ranking (CTR: label = rating > 3)\n\n"
-          + results.markdown_table(rank_summary, ["model", "protocol", "runs", "auc", "gauc", "logloss",
+          + report.markdown_table(rank_summary, ["model", "protocol", "runs", "auc", "gauc", "logloss",
                                                   "paper_ml1m_auc"], std=True)
           + "\n### Retrieval (next item, full catalogue, leave-one-out)\n\n"
-          + results.markdown_table(retr_summary, ["model", "protocol", "runs", "hr@10", "ndcg@10", "hr@50", "mrr",
+          + report.markdown_table(retr_summary, ["model", "protocol", "runs", "hr@10", "ndcg@10", "hr@50", "mrr",
                                                   "paper_ml1m_hr@10", "paper_ml1m_ndcg@10"], std=True))
-    meta = results.meta(["python", "benchmarks/combined.py", *(argv if argv is not None else sys.argv[1:])],
+    meta = report.meta(["python", "benchmarks/combined.py", *(argv if argv is not None else sys.argv[1:])],
                         device="; ".join(sources))
-    results.write(Path(args.results) / f"{args.dataset}_combined", rank_summary + retr_summary, md, meta)
+    report.write(Path(args.results) / f"{args.dataset}_combined", rank_summary + retr_summary, md, meta)
     print(md)
     return 0
 

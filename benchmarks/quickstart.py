@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from genrec import results
+import report
 from genrec.config import load
 from genrec.data import registry
 from genrec.train.trainer import Trainer
@@ -53,9 +53,9 @@ def main(argv: list[str] | None = None) -> int:
                      "wall_s": time.perf_counter() - start, "best_epoch": result["best_epoch"]} |
                     {k: v for k, v in test.items()})
     columns = ["model", "dataset", "protocol", "auc", "gauc", "logloss", "hr@10", "ndcg@10", "mrr", "wall_s"]
-    table = results.markdown_table(rows, columns)
-    results.write(Path(args.out) / f"quickstart_{dataset}", rows, table,
-                  results.meta(["python", "benchmarks/quickstart.py", *(argv if argv is not None else sys.argv[1:])]))
+    table = report.markdown_table(rows, columns)
+    report.write(Path(args.out) / f"quickstart_{dataset}", rows, table,
+                  report.meta(["python", "benchmarks/quickstart.py", *(argv if argv is not None else sys.argv[1:])]))
     print(f"\nTest metrics on {dataset}:\n")
     print(table)
     return 0

@@ -18,10 +18,10 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from genrec import results
+import report
 from genrec.config import load
 from genrec.flops import LINEAR_PER_TOKEN, flops
-from genrec.grid import add_grid_arguments, train_run
+from grid import add_grid_arguments, train_run
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -63,11 +63,11 @@ def main(argv: list[str] | None = None) -> int:
     candidates = ["auc", "gauc", "logloss", "hr@10", "hr@50", "ndcg@10", "ndcg@50", "mrr", "wall_s",
                   "train_events_per_s", "train_flops_per_event"]
     metrics = [m for m in candidates if any(m in r for r in rows)]
-    summary = results.summary(rows, ["model", "protocol"], metrics)
-    table = results.markdown_table(summary, ["model", "protocol", "runs", *metrics], std=True)
+    summary = report.summary(rows, ["model", "protocol"], metrics)
+    table = report.markdown_table(summary, ["model", "protocol", "runs", *metrics], std=True)
     argv_used = argv if argv is not None else sys.argv[1:]
-    meta = results.meta(["python", "benchmarks/ranking.py", *argv_used])
-    results.write(Path(args.out) / f"{args.dataset}_{args.name}", rows, table, meta)
+    meta = report.meta(["python", "benchmarks/ranking.py", *argv_used])
+    report.write(Path(args.out) / f"{args.dataset}_{args.name}", rows, table, meta)
     print(table)
     return 0
 

@@ -39,11 +39,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from genrec import results
+import report
 from genrec.data.batching import JaggedBatch
+from genrec.data.info import DatasetInfo
 from genrec.flops import layout_flops
 from genrec.models import build_model
-from genrec.models.base import DatasetInfo
 from genrec.nn.events import Events, append_candidates, dual_flow_layout, item_action_layout
 from genrec.ops.layout import TokenLayout
 
@@ -327,8 +327,8 @@ def write(rows: list[dict], meta: dict, stem: Path) -> None:
     for bench, cols in columns.items():
         part = [r for r in rows if r["bench"] == bench]
         if part:
-            tables.append(f"### {bench}\n\n" + results.markdown_table(part, cols))
-    results.write(stem, rows, "\n\n".join(tables), meta)
+            tables.append(f"### {bench}\n\n" + report.markdown_table(part, cols))
+    report.write(stem, rows, "\n\n".join(tables), meta)
     print("\n\n".join(tables))
 
 
@@ -380,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
         rows += train_rows([int(x) for x in args.train_ns.split(",")] if args.train_ns else ns, args)
     if "infer" in parts:
         rows += infer_rows(ns, [int(x) for x in args.ms.split(",")], args)
-    meta = results.meta(["python", "benchmarks/speed.py", *(argv if argv is not None else sys.argv[1:])])
+    meta = report.meta(["python", "benchmarks/speed.py", *(argv if argv is not None else sys.argv[1:])])
     meta["runs"] = [{k: meta[k] for k in ("command", "git_commit", "date")}]  # rows name theirs by index
     rows = [{**r, "run": 0} for r in rows]
     if args.merge:

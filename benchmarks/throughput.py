@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from genrec import results
+import report
 from genrec.config import load
 from genrec.flops import flops
 from genrec.train.trainer import Trainer
@@ -70,10 +70,10 @@ def main(argv: list[str] | None = None) -> int:
     base = next((r["train_events_per_s"] for r in rows if r["model"] == "hstu"), None)
     for r in rows:
         r["speedup_vs_hstu"] = r["train_events_per_s"] / base if base else float("nan")
-    table = results.markdown_table(rows, ["model", "batch", "n", "d", "layers", "train_events_per_s",
+    table = report.markdown_table(rows, ["model", "batch", "n", "d", "layers", "train_events_per_s",
                                           "speedup_vs_hstu", "train_flops_per_event"])
-    meta = results.meta(["python", "benchmarks/throughput.py", *(argv if argv is not None else sys.argv[1:])])
-    results.write(Path(args.out) / f"{args.dataset}_throughput_{args.device}", rows, table, meta)
+    meta = report.meta(["python", "benchmarks/throughput.py", *(argv if argv is not None else sys.argv[1:])])
+    report.write(Path(args.out) / f"{args.dataset}_throughput_{args.device}", rows, table, meta)
     print(table)
     return 0
 

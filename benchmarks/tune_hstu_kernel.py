@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 import triton
 
-from genrec import results
+import report
 
 ROOT = Path(__file__).resolve().parent.parent
 FWD = [(64, 64, 4, 3), (128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2),
@@ -85,10 +85,10 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.cuda.get_device_name().replace(" ", "_")
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / f"hstu_tiles_{device}.json").write_text(json.dumps(choice) + "\n")
-    table = results.markdown_table(rows, ["part", "tiles", "dq", *[f"n{c[0]}_ms" for c in cases]])
-    meta = results.meta(["python", "benchmarks/tune_hstu_kernel.py", *(argv if argv is not None else sys.argv[1:])])
+    table = report.markdown_table(rows, ["part", "tiles", "dq", *[f"n{c[0]}_ms" for c in cases]])
+    meta = report.meta(["python", "benchmarks/tune_hstu_kernel.py", *(argv if argv is not None else sys.argv[1:])])
     name = "hstu_tuning" if "bwd" in args.parts.split(",") else "hstu_tuning_fwd"
-    results.write(Path(args.out) / f"{name}_{device}", rows, table, meta)
+    report.write(Path(args.out) / f"{name}_{device}", rows, table, meta)
     print(table, "\nchosen:", choice)
     return 0
 

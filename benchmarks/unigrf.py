@@ -17,8 +17,8 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from genrec import results
-from genrec.grid import add_grid_arguments, train_run
+import report
+from grid import add_grid_arguments, train_run
 
 ROOT = Path(__file__).resolve().parent.parent
 SINGLE = ["model_args.hard_negatives=0", "model_args.favourite_threshold=1.0", "model_args.weighter=false"]
@@ -150,16 +150,16 @@ def main(argv: list[str] | None = None) -> int:
         for stage in stages:
             rows += pool.map(lambda job: run_one(*job, args), [(v, s) for v in stage for s in seeds])
     measured = METRICS + ["logloss", "best_epoch", "epochs", "wall_s", "enhancer_s", "train_events_per_s"]
-    summary = results.summary(rows, ["variant"], measured)
-    table = results.markdown_table(summary, ["variant", "runs", *measured], std=True)
+    summary = report.summary(rows, ["variant"], measured)
+    table = report.markdown_table(summary, ["variant", "runs", *measured], std=True)
     by_variant = {s["variant"]: s for s in summary}
-    paper = results.markdown_table(paper_table(by_variant), ["row", *[c for m in METRICS for c in (m, f"paper {m}")]],
+    paper = report.markdown_table(paper_table(by_variant), ["row", *[c for m in METRICS for c in (m, f"paper {m}")]],
                                    std=True)
     text = (f"{table}\nPaper-style rows (ours, {args.dataset}, {args.protocol}, mean ± std over seeds {args.seeds}) "
             f"beside the paper's ML-1M figures:\n\n{paper}")
     argv_used = argv if argv is not None else sys.argv[1:]
     out = Path(args.out) / f"{args.dataset}_unigrf{'' if args.protocol == 'loo' else '_' + args.protocol}{args.tag}"
-    results.write(out, rows, text, results.meta(["python", "benchmarks/unigrf.py", *argv_used]))
+    report.write(out, rows, text, report.meta(["python", "benchmarks/unigrf.py", *argv_used]))
     if {"unigrf-hstu", "w/o weighter"} <= set(variants):
         plot(rows, args, out.with_name(out.name + "_weighter.png"))
     print(text)

@@ -14,13 +14,13 @@ Unknown keys are errors, so a typo never silently falls back to a default.
 from __future__ import annotations
 
 import dataclasses
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from genrec.settings import build_dataclass
 
 
 @dataclass
@@ -78,43 +78,6 @@ class RunConfig:
         return dataclasses.asdict(self)
 
 
-def _coerce(value: Any, hint: Any, where: str) -> Any:
-    """Coerce a YAML value to the field's type (YAML 1.1 reads ``3e-4`` as a string)."""
-    if value is None:
-        return None
-    options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
-    for option in options:
-        if option in (int, float) and isinstance(value, (int, float, str)) and not isinstance(value, bool):
-            try:
-                number = option(value)
-            except ValueError:
-                continue
-            if option is int and isinstance(value, float) and number != value:
-                continue
-            return number
-        if option is bool and isinstance(value, bool):
-            return value
-        if option is str and isinstance(value, str):
-            return value
-        if typing.get_origin(option) is tuple and isinstance(value, (list, tuple)):
-            args = typing.get_args(option)
-            if len(args) == 2 and args[1] is Ellipsis:
-                args = (args[0],) * len(value)
-            return tuple(_coerce(v, t, where) for v, t in zip(value, args, strict=True))
-        if option is dict and isinstance(value, dict) or typing.get_origin(option) is dict and isinstance(value, dict):
-            return value
-    raise ValueError(f"{where}: {value!r} is not a valid {hint}")
-
-
-def _build(cls, values: dict, where: str):
-    names = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = set(values) - set(names)
-    if unknown:
-        raise ValueError(f"{where}: unknown field(s) {sorted(unknown)}; known: {sorted(names)}")
-    hints = typing.get_type_hints(cls)
-    return cls(**{k: _coerce(v, hints[k], f"{where}.{k}") for k, v in values.items()})
-
-
 def from_dict(values: dict, where: str = "config") -> RunConfig:
     values = dict(values or {})
     unknown = set(values) - {"model", "model_args", "data", "train"}
@@ -123,8 +86,8 @@ def from_dict(values: dict, where: str = "config") -> RunConfig:
     return RunConfig(
         model=values.get("model", "sasrec"),
         model_args=dict(values.get("model_args") or {}),
-        data=_build(DataConfig, values.get("data") or {}, f"{where}: data"),
-        train=_build(TrainConfig, values.get("train") or {}, f"{where}: train"),
+        data=build_dataclass(DataConfig, values.get("data") or {}, f"{where}: data"),
+        train=build_dataclass(TrainConfig, values.get("train") or {}, f"{where}: train"),
     )
 
 
@@ -151,8 +114,3 @@ def load(path: str | Path | None = None, overrides: list[str] | None = None) -> 
         if not isinstance(values, dict):
             raise ValueError(f"{path}: expected a mapping at the top level")
     return from_dict(apply_overrides(values, overrides or []), str(path or "config"))
-
-
-def model_config(cls, args: dict, where: str = "model_args"):
-    """Build a model's config dataclass from ``model_args``, rejecting unknown keys."""
-    return _build(cls, args, where)

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from genrec.data.batching import JaggedBatch
+from genrec.data.info import DatasetInfo
 from genrec.models import build_model
-from genrec.models.base import DatasetInfo
 from tests.helpers import make_batch
 
 GENERATIVE = ["hstu", "genrank", "dfgr", "sfgr"]

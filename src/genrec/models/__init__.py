@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from genrec.config import model_config
-from genrec.models.base import DatasetInfo, RecModel
+from genrec.data.info import DatasetInfo
+from genrec.models.base import RecModel
 from genrec.models.bprmf import BPRMF, BPRMFConfig
 from genrec.models.dcnv2 import DCNv2, DCNv2Config
 from genrec.models.deepfm import DeepFM, DeepFMConfig
@@ -18,6 +18,7 @@ from genrec.models.narm import NARM, NARMConfig
 from genrec.models.sasrec import SASRec, SASRecConfig
 from genrec.models.sfgr import SFGR, SFGRConfig
 from genrec.models.unigrf import UniGRF, UniGRFConfig
+from genrec.settings import build_dataclass
 
 MODELS: dict[str, tuple[type[RecModel], type]] = {
     "sasrec": (SASRec, SASRecConfig),
@@ -44,4 +45,4 @@ def build_model(name: str, args: dict, info: DatasetInfo, max_len: int) -> RecMo
     args = dict(args)
     if "max_len" in cfg_cls.__dataclass_fields__:  # positional tables must cover the data's max_len
         args.setdefault("max_len", max_len)
-    return cls(model_config(cfg_cls, args, f"model_args ({name})"), info)
+    return cls(build_dataclass(cfg_cls, args, f"model_args ({name})"), info)

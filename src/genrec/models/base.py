@@ -2,24 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-import numpy as np
 import torch
 from torch import nn
 
 from genrec.data.batching import JaggedBatch
-
-
-@dataclass
-class DatasetInfo:
-    """What a model may know about the dataset before training: sizes and item side features."""
-
-    num_items: int  # dense ids 1..num_items, 0 = padding
-    num_actions: int  # rating classes
-    num_users: int
-    item_genres: np.ndarray  # [num_items + 1, G] multi-hot (row 0 padding)
-    rating_values: list[float]
 
 
 class RecModel(nn.Module):

@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from genrec.data.batching import JaggedBatch
-from genrec.models.base import DatasetInfo, RecModel
+from genrec.data.info import DatasetInfo
+from genrec.models.base import RecModel
 
 
 @dataclass

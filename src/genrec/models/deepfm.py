@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from genrec.models.base import DatasetInfo
+from genrec.data.info import DatasetInfo
 from genrec.models.ctr import CTRRanker
 from genrec.nn.ctr import CTRFeatureEmbedding, CTRInputs, mlp
 

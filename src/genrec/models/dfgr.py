@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from genrec.data.batching import JaggedBatch
-from genrec.models.base import DatasetInfo
+from genrec.data.info import DatasetInfo
 from genrec.models.generative import CachedServingRanker
 from genrec.nn.embeddings import ActionEmbedding
 from genrec.nn.events import Events, dual_flow_layout, event_layout

@@ -10,11 +10,12 @@ from __future__ import annotations
 import torch
 
 from genrec.data.batching import JaggedBatch
-from genrec.models.base import DatasetInfo, RecModel
+from genrec.data.info import DatasetInfo
+from genrec.models.base import RecModel
 from genrec.nn.events import Events, append_candidates
 from genrec.nn.heads import ActionHeads
+from genrec.nn.kv_cache import KVCache
 from genrec.ops.layout import TokenLayout
-from genrec.serve.kv_cache import KVCache
 
 
 class GenerativeRanker(RecModel):

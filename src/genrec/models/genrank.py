@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from genrec.data.batching import JaggedBatch
-from genrec.models.base import DatasetInfo
+from genrec.data.info import DatasetInfo
 from genrec.models.generative import GenerativeRanker
 from genrec.nn.embeddings import ActionEmbedding, TimeGapEmbedding
 from genrec.nn.events import Events, append_candidates, dual_flow_layout, event_layout

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from genrec.data.batching import JaggedBatch
-from genrec.models.base import DatasetInfo
+from genrec.data.info import DatasetInfo
 from genrec.models.generative import CachedServingRanker
 from genrec.nn.embeddings import ActionEmbedding
 from genrec.nn.events import Events, interleave, item_action_layout

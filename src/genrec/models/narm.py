@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 from genrec.data.batching import JaggedBatch, pad_jagged
-from genrec.models.base import DatasetInfo, NextItemModel, states_before
+from genrec.data.info import DatasetInfo
+from genrec.models.base import NextItemModel, states_before
 
 
 @dataclass

@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from genrec.data.batching import JaggedBatch, pad_jagged
-from genrec.models.base import DatasetInfo, RecModel, sampled_softmax_loss, states_before
+from genrec.data.info import DatasetInfo
+from genrec.models.base import RecModel, sampled_softmax_loss, states_before
 
 
 @dataclass

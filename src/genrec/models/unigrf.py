@@ -35,7 +35,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from genrec.data.batching import JaggedBatch
-from genrec.models.base import DatasetInfo, RecModel, states_before
+from genrec.data.info import DatasetInfo
+from genrec.models.base import RecModel, states_before
 from genrec.nn.ctr import mlp
 from genrec.nn.events import Events, append_candidates, interleave, item_action_layout
 from genrec.nn.hstu import HSTUBlock

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from genrec.data.batching import JaggedBatch
-from genrec.models.base import DatasetInfo
+from genrec.data.info import DatasetInfo
 from genrec.nn.events import Events
 
 

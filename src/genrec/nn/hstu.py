@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from genrec.nn.kv_cache import LayerCache
 from genrec.ops.layout import TokenLayout
-from genrec.serve.kv_cache import LayerCache
 
 
 class HSTUBlock(nn.Module):

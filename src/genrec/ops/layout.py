@@ -40,3 +40,11 @@ class TokenLayout:
     @property
     def shape(self) -> tuple[int, int]:
         return tuple(self.valid.shape)
+
+
+def check_time_span(timestamps: torch.Tensor) -> None:
+    """The fused kernels keep time differences in int32: refuse a batch whose timestamps span 2^31 s.
+    Here, beside the layout, because both the kernels and CUDA-graph serving (which must check before
+    it replays, outside the graph) call it."""
+    if int(timestamps.max() - timestamps.min()) >= 2**31:
+        raise ValueError("timestamps of one batch span more than 2^31 s; the kernels keep int32 time differences")

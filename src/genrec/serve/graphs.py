@@ -20,7 +20,7 @@ import torch
 
 from genrec.models.generative import CachedServingRanker
 from genrec.nn.events import Events
-from genrec.ops.triton.tiles import check_time_span
+from genrec.ops.layout import check_time_span
 
 
 def _capture(fn: Callable[[], torch.Tensor | object], dtype: torch.dtype):

@@ -23,11 +23,12 @@ from tqdm import tqdm
 
 from genrec.config import RunConfig
 from genrec.data.batching import WindowDataset, make_loader
-from genrec.data.preprocess import PrepConfig, Sequences, prepare
+from genrec.data.info import dataset_info
+from genrec.data.preprocess import PrepConfig, prepare
 from genrec.data.splits import SPLITS, SplitConfig, windows
 from genrec.eval.evaluate import evaluate
 from genrec.models import build_model
-from genrec.models.base import DatasetInfo, RecModel
+from genrec.models.base import RecModel
 from genrec.train import checkpoint
 
 
@@ -73,11 +74,6 @@ class CsvLog:
             if new:
                 w.writeheader()
             w.writerow(row)
-
-
-def dataset_info(seq: Sequences) -> DatasetInfo:
-    genres, _ = seq.genre_matrix()
-    return DatasetInfo(seq.num_items, seq.num_actions, seq.num_users, genres, seq.rating_values)
 
 
 class Trainer:

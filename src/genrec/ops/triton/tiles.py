@@ -15,17 +15,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from genrec.ops.layout import TokenLayout
+from genrec.ops.layout import TokenLayout, check_time_span
 
 VALID, FAKE = 1, 2  # bits of KernelMeta.flags
 RULE_IDS = {"causal": 0, "request_causal": 1, "dual_flow": 2}
 _BIG = 2**30
-
-
-def check_time_span(timestamps: torch.Tensor) -> None:
-    """The kernels keep time differences in int32: refuse a batch whose timestamps span 2^31 s."""
-    if int(timestamps.max() - timestamps.min()) >= 2**31:
-        raise ValueError("timestamps of one batch span more than 2^31 s; the kernels keep int32 time differences")
 
 
 @dataclass

@@ -10,13 +10,11 @@ candidates writes its keys/values into that room and runs attention for the new 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import torch
 
-if TYPE_CHECKING:  # annotations only: the blocks import this module
-    from genrec.nn.events import Events
-    from genrec.ops.layout import TokenLayout
+from genrec.nn.events import Events
+from genrec.ops.layout import TokenLayout
 
 
 @dataclass

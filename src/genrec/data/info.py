@@ -1,0 +1,27 @@
+"""What a model may know about a dataset before training: sizes and item side features.
+
+It lives with the data because every floor above reads it (the models to size their tables, the
+trainer and the serving code to build a model for a prepared dataset).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from genrec.data.preprocess import Sequences
+
+
+@dataclass
+class DatasetInfo:
+    num_items: int  # dense ids 1..num_items, 0 = padding
+    num_actions: int  # rating classes
+    num_users: int
+    item_genres: np.ndarray  # [num_items + 1, G] multi-hot (row 0 padding)
+    rating_values: list[float]
+
+
+def dataset_info(seq: Sequences) -> DatasetInfo:
+    genres, _ = seq.genre_matrix()
+    return DatasetInfo(seq.num_items, seq.num_actions, seq.num_users, genres, seq.rating_values)
