@@ -37,26 +37,39 @@ def user_index(seq: Sequences, raw_user: str) -> int:
 
 
 @torch.no_grad()
+def top_items(model: RecModel, history: tuple, k: int, max_len: int, device: torch.device,
+              exclude: np.ndarray | None = None) -> tuple[list[int], list[float]]:
+    """The ``k`` best items (dense ids, best first) and their retrieval scores after ``history``, a
+    :func:`~genrec.data.batching.collate` sample; items in ``exclude`` are left out."""
+    user, *window = history[:6]  # user, items, actions, labels, timestamps, request ids
+    window = [a[-(max_len - 1):] for a in window]  # room for the placeholder event
+    next_event = [1, 0, 0, window[3][-1], window[4][-1] + 1]  # item 1 stands in; never read
+    placeholder = (user, *(np.append(a, v) for a, v in zip(window, next_event, strict=True)), len(window[0]))
+    model.eval()
+    query = model.retrieval_queries(collate([placeholder]).to(device)).float()  # [1, D]
+    scores = (query @ model.item_embeddings().float().T)[0]  # [I + 1]
+    scores[0] = float("-inf")
+    if exclude is not None:
+        scores[torch.from_numpy(np.asarray(exclude, dtype=np.int64)).to(device)] = float("-inf")
+    top = scores.topk(min(k, int(torch.isfinite(scores).sum())))
+    return top.indices.tolist(), top.values.tolist()
+
+
+@torch.no_grad()
 def recommend(model: RecModel, seq: Sequences, user: int, k: int, max_len: int, device: torch.device,
               include_seen: bool = False) -> list[Recommendation]:
     if "retrieval" not in model.tasks:
         raise ValueError(f"{type(model).__name__} is not trained for retrieval (tasks: {model.tasks})")
     s, e = int(seq.user_offsets[user]), int(seq.user_offsets[user + 1])
-    s = max(s, e - max_len + 1)  # room for the placeholder event
     window = [seq.items[s:e], seq.actions[s:e], seq.labels[s:e], seq.timestamps[s:e], seq.request_ids[s:e]]
-    history = (user, *window, 0)
-    next_event = [1, 0, 0, seq.timestamps[e - 1], seq.request_ids[e - 1] + 1]  # item 1 stands in; never read
-    placeholder = (user, *(np.append(a, v) for a, v in zip(window, next_event, strict=True)), e - s)
-    model.eval()
-    query = model.retrieval_queries(collate([placeholder]).to(device)).float()  # [1, D]
-    scores = (query @ model.item_embeddings().float().T)[0]  # [I + 1]
-    scores[0] = float("-inf")
-    if not include_seen:
-        scores[torch.from_numpy(seq.items[int(seq.user_offsets[user]):e].astype(np.int64)).to(device)] = float("-inf")
-    top = scores.topk(min(k, int(torch.isfinite(scores).sum())))
-    p_like = [None] * len(top.indices)
+    items, values = top_items(model, (user, *window), k, max_len, device,
+                              exclude=None if include_seen else seq.items[s:e])
+    p_like = [None] * len(items)
     if hasattr(model, "score_candidates"):
-        _, logits = model.score_candidates(collate([history]).to(device), top.indices[None])
+        s = max(s, e - max_len + 1)
+        history = (user, seq.items[s:e], seq.actions[s:e], seq.labels[s:e], seq.timestamps[s:e],
+                   seq.request_ids[s:e], 0)
+        _, logits = model.score_candidates(collate([history]).to(device), torch.tensor([items], device=device))
         p_like = torch.sigmoid(logits.float())[0].tolist()
     return [Recommendation(seq.item_raw[i - 1], seq.item_titles[i - 1], seq.item_genres[i - 1], float(v), p)
-            for i, v, p in zip(top.indices.tolist(), top.values.tolist(), p_like, strict=True)]
+            for i, v, p in zip(items, values, p_like, strict=True)]

@@ -1,0 +1,230 @@
+"""The HTTP ranking service (``genrec serve``): FastAPI routes over an :class:`~genrec.serve.engine.Engine`.
+
+FastAPI + uvicorn because they are the standard Python ASGI stack: typed request models (pydantic)
+give field-level validation errors and the OpenAPI docs (``/docs``, ``/openapi.json``) for free, and
+an async server lets one process hold thousands of waiting requests while one thread scores batches.
+
+Security: the CLI binds to 127.0.0.1 unless told otherwise; with a token every route but ``/healthz``
+needs ``Authorization: Bearer <token>``; request bodies are capped in bytes and candidates in count;
+bodies are JSON only (nothing from a request is ever unpickled). Every refusal is a JSON object
+``{"error": message, "field": "candidates[3]"}`` with a 4xx status.
+"""
+
+from __future__ import annotations
+
+import hmac
+import time
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+
+from genrec.serve.batching import DynamicBatcher
+from genrec.serve.engine import Engine, EventsJob, RankJob, RecommendJob, ServiceError
+
+RawId = StrictStr | StrictInt  # raw ids as the dataset spells them ("318" or 318)
+
+
+class Event(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    item: RawId
+    action: float = Field(description="the event's action as in the training data (a rating value on MovieLens)")
+    time: StrictInt = Field(description="unix seconds")
+
+
+class RankRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    user: RawId | None = Field(None, description="the user in the store (ignored for the history if one is sent)")
+    candidates: list[RawId] = Field(description="item ids to score, in the order the scores come back")
+    request_time: StrictInt | None = Field(None, description="unix seconds; default the last event's time")
+    history: list[Event] | None = Field(None, description="inline, stateless history; default the store's")
+
+
+class EventsRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    user: RawId
+    events: list[Event] = Field(description="new events in time order, after the user's stored ones")
+
+
+class RecommendRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    user: RawId | None = None
+    history: list[Event] | None = None
+    k: StrictInt = 10
+    include_seen: bool = False
+
+
+@dataclass
+class Limits:
+    max_body_bytes: int = 1 << 20
+    max_candidates: int = 1024
+    max_history: int = 200  # events (the model's max_len)
+    max_k: int = 1000
+
+
+def _field(loc: tuple) -> str:
+    """pydantic's ``("body", "history", 0, "time")`` -> ``history[0].time``."""
+    out = ""
+    for part in loc[1:] if loc and loc[0] == "body" else loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _error(status: int, field: str, message: str) -> JSONResponse:
+    return JSONResponse({"error": message, "field": field}, status_code=status)
+
+
+class Guard:
+    """ASGI middleware on every route: bearer token (all but ``/healthz``), body-size cap (the body is
+    read here, bounded, and replayed to the route), request counts and latency."""
+
+    def __init__(self, app, token: str | None, max_body_bytes: int, metrics, routes: set[str]):
+        self.app, self.token, self.max_body, self.metrics, self.routes = app, token, max_body_bytes, metrics, routes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start = time.perf_counter()
+        status = [500]
+
+        async def send_counted(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            refusal, receive = await self._check(scope, receive)
+            if refusal is not None:
+                await refusal(scope, receive, send_counted)
+            else:
+                await self.app(scope, receive, send_counted)
+        finally:
+            endpoint = scope["path"] if scope["path"] in self.routes else "other"
+            self.metrics.requests.labels(endpoint, str(status[0])).inc()
+            self.metrics.latency.labels(endpoint).observe(time.perf_counter() - start)
+
+    async def _check(self, scope, receive):
+        headers = {k.decode("latin-1").lower(): v for k, v in scope["headers"]}
+        if self.token is not None and scope["path"] != "/healthz":
+            if not hmac.compare_digest(headers.get("authorization", b""), f"Bearer {self.token}".encode()):
+                return _error(401, "authorization", "missing or wrong bearer token"), receive
+        declared = headers.get("content-length", b"0")
+        if not declared.isdigit() or int(declared) > self.max_body:
+            return _error(413, "body", f"request body over {self.max_body} bytes"), receive
+        if scope["method"] not in ("POST", "PUT", "PATCH"):
+            return None, receive
+        body, more = b"", True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return _error(400, "body", "client disconnected"), receive
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > self.max_body:
+                return _error(413, "body", f"request body over {self.max_body} bytes"), receive
+        replay = [{"type": "http.request", "body": body, "more_body": False}]
+
+        async def replayed():
+            return replay.pop() if replay else await receive()
+
+        return None, replayed
+
+
+def build_app(engine: Engine, limits: Limits, token: str | None = None, max_batch: int = 32,
+              max_wait_us: int = 500, state_file: Path | None = None) -> FastAPI:
+    metrics = engine.metrics
+    batcher = DynamicBatcher(engine.handlers, max_batch, max_wait_us,
+                             on_batch=lambda kind, size: metrics.batch_size.labels(kind).observe(size))
+    catalogue = engine.catalogue
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        if state_file is not None and Path(state_file).is_file():
+            engine.load(Path(state_file))
+        batcher.start()
+        yield
+        await batcher.stop()
+        if state_file is not None:
+            engine.save(Path(state_file))
+
+    outputs = engine.scorer.outputs if engine.scorer else []
+    app = FastAPI(title="genrec ranking service", version="1", lifespan=lifespan,
+                  description=f"model: {engine.model_name}; per-candidate probabilities: {outputs}")
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError):
+        first = exc.errors()[0]
+        if first.get("type") == "json_invalid":
+            return _error(400, "body", "body is not valid JSON")
+        return _error(422, _field(tuple(first.get("loc", ()))), first.get("msg", "invalid value"))
+
+    @app.exception_handler(ServiceError)
+    async def refused(request: Request, exc: ServiceError):
+        return _error(exc.status, exc.field, exc.message)
+
+    def _history(events: list[Event] | None, field: str):
+        if events is None:
+            return None
+        if not events:
+            raise ServiceError(422, field, "history is empty: send at least one event, or none to use the store")
+        if len(events) > limits.max_history:
+            raise ServiceError(422, field, f"{len(events)} events; at most {limits.max_history} (the model's max_len)")
+        return catalogue.history(events, field)
+
+    def _user(user: RawId | None, history, field: str = "user") -> str | None:
+        if user is None and history is None:
+            raise ServiceError(422, field, "give a user in the store or an inline history")
+        return None if user is None else str(user)
+
+    @app.get("/healthz")
+    async def healthz():
+        return {"status": "ok", "model": engine.model_name, "device": str(engine.device)}
+
+    @app.get("/metrics")
+    async def prometheus():
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.post("/rank")
+    async def rank(req: RankRequest):
+        """Probabilities of every action the model predicts, per candidate, in the request's order."""
+        if not req.candidates:
+            raise ServiceError(422, "candidates", "candidates is empty")
+        if len(req.candidates) > limits.max_candidates:
+            raise ServiceError(422, "candidates", f"{len(req.candidates)} candidates; at most {limits.max_candidates}")
+        history = _history(req.history, "history")
+        user = _user(req.user, history)
+        items = catalogue.items([str(c) for c in req.candidates], "candidates")
+        out = await batcher.submit("rank", RankJob(user, items, req.request_time, history))
+        scores = out["scores"]  # [M, outputs]
+        return {"user": user, "candidates": req.candidates, "history_events": out["history_events"],
+                "scores": {name: scores[:, t].tolist() for t, name in enumerate(engine.scorer.outputs)}}
+
+    @app.post("/events")
+    async def events(req: EventsRequest):
+        """Append a user's new events; HSTU and DFGR extend the user's KV cache with them only."""
+        history = _history(req.events, "events")
+        return await batcher.submit("events", EventsJob(str(req.user), history))
+
+    @app.post("/recommend")
+    async def recommend(req: RecommendRequest):
+        """Top-k items over the whole catalogue for a retrieval model; seen items left out unless asked."""
+        if not 1 <= req.k <= limits.max_k:
+            raise ServiceError(422, "k", f"k must be in 1..{limits.max_k}, got {req.k}")
+        history = _history(req.history, "history")
+        user = _user(req.user, history)
+        return {"user": user} | await batcher.submit("recommend", RecommendJob(user, history, req.k, req.include_seen))
+
+    @app.get("/users/{user}/history")
+    async def user_history(user: str):
+        """The events the store holds for a user (what /rank reads without an inline history)."""
+        return await batcher.submit("history", user)
+
+    app.add_middleware(Guard, token=token, max_body_bytes=limits.max_body_bytes, metrics=metrics,
+                       routes={route.path for route in app.routes})
+    return app
+

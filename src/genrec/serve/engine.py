@@ -1,0 +1,274 @@
+"""The service's work, independent of HTTP: rank candidates, append events, recommend, over a user store.
+
+Requests are validated against the model's id spaces (:class:`Catalogue`) before they are queued, so a
+malformed request never reaches a batch. The handlers run on the one scoring thread (they are the
+:class:`~genrec.serve.batching.DynamicBatcher`'s handlers) and return one result or
+:class:`ServiceError` per job. A batch that fails as a whole is retried one job at a time, so one bad
+job fails alone; the store changes only after the work for a job succeeded.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from genrec.data.preprocess import Sequences
+from genrec.models.base import RecModel
+from genrec.serve import cache_ops
+from genrec.serve.metrics import ServiceMetrics
+from genrec.serve.recommend import top_items
+from genrec.serve.scoring import Scorer
+from genrec.serve.store import History, UserStore
+
+log = logging.getLogger("genrec.serve")
+
+
+class ServiceError(Exception):
+    """A request the service refuses: HTTP ``status``, the request ``field`` at fault, a message."""
+
+    def __init__(self, status: int, field: str, message: str):
+        super().__init__(message)
+        self.status, self.field, self.message = status, field, message
+
+
+@dataclass
+class Catalogue:
+    """The id spaces of a trained model: raw item ids, action values (ratings) and the label rule."""
+
+    item_raw: list[str]  # item_raw[i - 1] is dense item i
+    action_values: list[float]  # the dataset's sorted rating values; action class = index
+    label_threshold: float  # label = action value > threshold
+    request_window_s: int
+
+    def __post_init__(self):
+        self.item_index = {raw: i for i, raw in enumerate(self.item_raw, start=1)}
+        self.action_index = {v: i for i, v in enumerate(self.action_values)}
+
+    def items(self, raw_ids: Sequence[str], field: str) -> np.ndarray:
+        dense = np.empty(len(raw_ids), dtype=np.int64)
+        for j, raw in enumerate(raw_ids):
+            if raw not in self.item_index:
+                raise ServiceError(422, f"{field}[{j}]", f"unknown item id {raw!r} ({len(self.item_raw)} items known)")
+            dense[j] = self.item_index[raw]
+        return dense
+
+    def history(self, events: Sequence, field: str) -> History:
+        """``events`` (``.item``, ``.action``, ``.time``) -> a :class:`History`; times must not decrease."""
+        items = self.items([e.item for e in events], field)
+        for j, e in enumerate(events):
+            if e.action not in self.action_index:
+                raise ServiceError(422, f"{field}[{j}].action",
+                                   f"unknown action {e.action!r}; the model knows {self.action_values}")
+            if j and e.time < events[j - 1].time:
+                raise ServiceError(422, f"{field}[{j}].time", f"time {e.time} is before the previous event's "
+                                   f"{events[j - 1].time}: events must be in time order")
+        actions = [self.action_index[e.action] for e in events]
+        labels = [float(e.action > self.label_threshold) for e in events]
+        return History.build(items, actions, labels, [e.time for e in events], self.request_window_s)
+
+
+def dataset_seed(seq: Sequences, max_events: int, request_window_s: int):
+    """The store's seed: a dataset user's latest ``max_events`` events (None for other users)."""
+    index = {raw: u for u, raw in enumerate(seq.user_raw)}
+
+    def seed(user: str) -> History | None:
+        if user not in index:
+            return None
+        s, e = int(seq.user_offsets[index[user]]), int(seq.user_offsets[index[user] + 1])
+        s = max(s, e - max_events)
+        return History.build(seq.items[s:e], seq.actions[s:e], seq.labels[s:e], seq.timestamps[s:e], request_window_s)
+
+    return seed
+
+
+@dataclass
+class RankJob:
+    user: str | None
+    candidates: np.ndarray  # [M] dense item ids
+    request_time: int | None
+    history: History | None  # inline (stateless) history, or None: the store's
+
+
+@dataclass
+class EventsJob:
+    user: str
+    events: History
+
+
+@dataclass
+class RecommendJob:
+    user: str | None
+    history: History | None
+    k: int
+    include_seen: bool
+
+
+class Engine:
+    def __init__(self, model: RecModel, catalogue: Catalogue, store: UserStore, device: torch.device,
+                 max_history: int, model_name: str = ""):
+        self.model, self.catalogue, self.store, self.device = model.eval(), catalogue, store, device
+        self.max_history = max_history
+        self.model_name = model_name or type(model).__name__.lower()
+        self.scorer = Scorer(model, device, catalogue.label_threshold) if Scorer.can_score(model) else None
+        self.metrics = ServiceMetrics(device)
+        self.handlers = {"rank": self.rank, "events": self.append_events, "recommend": self.recommend,
+                         "history": self.user_history}
+
+    # ----------------------------------------------------------------------------------- helpers
+    def _history_of(self, user: str | None, inline: History | None, field: str = "user") -> History:
+        if inline is not None:
+            return inline
+        state = self.store.get(user)
+        if state is None:
+            raise ServiceError(404, field, f"user {user!r} has no history here: send it inline or POST /events")
+        return state.history
+
+    def _update_gauges(self) -> None:
+        self.metrics.cache_bytes.set(self.store.cache_bytes)
+        self.metrics.users.set(len(self.store))
+        self.metrics.cached_users.set(self.store.cached_users())
+
+    @staticmethod
+    def _guarded(work, what: str):
+        """``work()``, or the error it raised as a :class:`ServiceError` (500 for an unexpected one)."""
+        try:
+            return work()
+        except ServiceError as err:
+            return err
+        except Exception as err:  # noqa: BLE001 - the request fails, the service keeps serving
+            log.exception("%s failed", what)
+            return ServiceError(500, "", f"{what} failed: {type(err).__name__}: {err}")
+
+    # -------------------------------------------------------------------------------------- rank
+    def rank(self, jobs: list[RankJob]) -> list:
+        if self.scorer is None:
+            return [ServiceError(400, "", f"model {self.model_name} does not rank; use /recommend")] * len(jobs)
+        results: list = [None] * len(jobs)
+        live = []  # (job index, history, request time)
+        for i, job in enumerate(jobs):
+            try:
+                history = self._history_of(job.user, job.history)
+                when = int(history.timestamps[-1]) if job.request_time is None else job.request_time
+                if when < history.timestamps[-1]:
+                    raise ServiceError(422, "request_time", f"request_time {when} is before the history's last event "
+                                       f"({int(history.timestamps[-1])})")
+                live.append((i, history, when))
+            except ServiceError as err:
+                results[i] = err
+        if live:
+            jobs_live, histories, when = [jobs[i] for i, *_ in live], [h for _, h, _ in live], [w for *_, w in live]
+            scores = self._guarded(lambda: self._score(jobs_live, histories, when), "scoring")
+            if isinstance(scores, ServiceError):  # rerun job by job: the job that broke the batch fails alone
+                scores = [scores] if len(live) == 1 else [
+                    self._guarded(lambda j=j, h=h, w=w: self._score([j], [h], [w])[0], "scoring")
+                    for j, h, w in zip(jobs_live, histories, when, strict=True)]
+            for (i, history, _), result in zip(live, scores, strict=True):
+                results[i] = result if isinstance(result, ServiceError) else {
+                    "scores": result, "history_events": len(history)}
+        self._update_gauges()
+        return results
+
+    def _score(self, jobs: list[RankJob], histories: list[History], when: list[int]) -> list[np.ndarray]:
+        candidates = [job.candidates for job in jobs]
+        self.metrics.candidates.inc(sum(len(c) for c in candidates))
+        if not self.scorer.cached:
+            return self.scorer.score(histories, candidates, when)
+        caches, cold = [], []
+        for k, job in enumerate(jobs):
+            state = None if job.history is not None else self.store.get(job.user)
+            caches.append(None if state is None else state.cache)
+            if state is not None:
+                (self.metrics.cache_hits if state.cache is not None else self.metrics.cache_misses).inc()
+            if caches[k] is None:
+                cold.append(k)
+        if cold:
+            for k, cache in zip(cold, self.scorer.encode([histories[k] for k in cold]), strict=True):
+                caches[k] = cache
+                if jobs[k].history is None:
+                    evicted = self.store.put_cache(jobs[k].user, cache, cache_ops.nbytes(cache))
+                    self.metrics.cache_evictions.inc(len(evicted))
+        return self.scorer.score_cached(caches, candidates, when)
+
+    # ------------------------------------------------------------------------------------ events
+    def append_events(self, jobs: list[EventsJob]) -> list:
+        results = [self._guarded(lambda job=job: self._append(job), "append") for job in jobs]
+        self._update_gauges()
+        return results
+
+    def _append(self, job: EventsJob) -> dict:
+        state = self.store.get(job.user)
+        window = self.catalogue.request_window_s
+        if state is None:
+            history, mode = job.events, "new"
+        else:
+            last = int(state.history.timestamps[-1])
+            if job.events.timestamps[0] < last:
+                raise ServiceError(422, "events[0].time", f"time {int(job.events.timestamps[0])} is before the "
+                                   f"user's last stored event ({last}): events must be appended in time order")
+            history, mode = state.history.appended(job.events, window), "incremental"
+        cache = None
+        if len(history) > self.max_history:
+            # keep room for a quarter of max_history new events before the next re-encode
+            history, mode = history.last(max(1, self.max_history * 3 // 4), window), "window"
+            self.metrics.reencodes.labels("window").inc()
+        elif mode == "incremental" and self.scorer is not None and self.scorer.cached and state.cache is not None:
+            cache = self.scorer.extend(state.cache, history, len(job.events))
+        elif mode == "incremental":
+            mode = "lazy"  # no cache to extend: the next request encodes the whole history
+        evicted = self.store.set_history(job.user, history, cache, cache_ops.nbytes(cache) if cache else 0)
+        self.metrics.cache_evictions.inc(len(evicted))
+        self.metrics.events_appended.inc(len(job.events))
+        return {"user": job.user, "history_events": len(history), "mode": mode}
+
+    # --------------------------------------------------------------------------------- recommend
+    def recommend(self, jobs: list[RecommendJob]) -> list:
+        return [self._guarded(lambda job=job: self._recommend(job), "recommend") for job in jobs]
+
+    def _recommend(self, job: RecommendJob) -> dict:
+        if "retrieval" not in self.model.tasks:
+            raise ServiceError(400, "", f"model {self.model_name} does not retrieve (tasks: {self.model.tasks})")
+        history = self._history_of(job.user, job.history)
+        items, scores = top_items(self.model, history.sample(), job.k, self.max_history, self.device,
+                                  exclude=None if job.include_seen else history.items)
+        out = {"items": [self.catalogue.item_raw[i - 1] for i in items], "scores": scores}
+        if self.scorer is not None and items:
+            probs = self.scorer.score([history], [np.asarray(items)], [int(history.timestamps[-1])])[0]  # [K, T]
+            out["probabilities"] = {name: probs[:, t].tolist() for t, name in enumerate(self.scorer.outputs)}
+        return out
+
+    def user_history(self, users: list[str]) -> list:
+        out = []
+        for user in users:
+            state = self.store.get(user)
+            if state is None:
+                out.append(ServiceError(404, "user", f"user {user!r} has no history here"))
+                continue
+            h = state.history
+            out.append({"user": user, "events": [
+                {"item": self.catalogue.item_raw[i - 1], "action": self.catalogue.action_values[a], "time": int(t)}
+                for i, a, t in zip(h.items, h.actions, h.timestamps, strict=True)], "cached": state.cache is not None})
+        return out
+
+    # ---------------------------------------------------------------------------------- snapshot
+    def save(self, path: Path) -> int:
+        return self.store.save(path, self.catalogue.item_raw, self.catalogue.action_values)
+
+    def load(self, path: Path) -> int:
+        users = self.store.load(path, self.catalogue.item_index, self.catalogue.action_index,
+                                self.catalogue.request_window_s)
+        self._update_gauges()
+        return users
+
+
+def build_engine(model: RecModel, seq: Sequences, label_threshold: float, request_window_s: int, max_len: int,
+                 device: torch.device, cache_bytes: int, model_name: str = "") -> Engine:
+    """An engine over a trained model and its dataset: the dataset's users start from their latest
+    ``max_len`` events."""
+    catalogue = Catalogue(seq.item_raw, seq.rating_values, label_threshold, request_window_s)
+    store = UserStore(cache_bytes, dataset_seed(seq, max_len, request_window_s))
+    return Engine(model, catalogue, store, device, max_len, model_name)

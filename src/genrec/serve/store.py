@@ -1,0 +1,188 @@
+"""The service's user state: raw event history on the host, per-user KV caches under a byte budget.
+
+Every user the service has seen keeps its event history on the host (a few numbers per event). The
+model's per-user cache (the history's keys and values at every layer, on the model's device) is an
+optimisation on top of it: caches are evicted least-recently-used when their bytes pass the budget,
+and an evicted user is re-encoded from the host history on its next request, transparently. The host
+history is the state that matters; :meth:`UserStore.save` writes it as Parquet (raw ids, so a file
+outlives a model) and :meth:`UserStore.load` reads it back, so a restart loses nothing.
+
+The store is not thread-safe: the service touches it from its one scoring thread only.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+
+@dataclass
+class History:
+    """One user's events in time order, in the model's dense ids (items ``1..I``, action classes)."""
+
+    items: np.ndarray  # [N] int64
+    actions: np.ndarray  # [N] int64 action class (index into the dataset's rating values)
+    labels: np.ndarray  # [N] float32 binary label of the event
+    timestamps: np.ndarray  # [N] int64 seconds, non-decreasing
+    request_ids: np.ndarray  # [N] int64 from 0: a new request starts after a gap > the request window
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    @classmethod
+    def build(cls, items, actions, labels, timestamps, request_window_s: int) -> History:
+        """A history from per-event arrays, numbering requests as the preprocessing does."""
+        timestamps = np.asarray(timestamps, dtype=np.int64)
+        gap = np.diff(timestamps, prepend=timestamps[:1])
+        new_request = gap > request_window_s
+        if len(new_request):
+            new_request[0] = True
+        return cls(np.asarray(items, dtype=np.int64), np.asarray(actions, dtype=np.int64),
+                   np.asarray(labels, dtype=np.float32), timestamps, np.cumsum(new_request) - 1)
+
+    def appended(self, other: History, request_window_s: int) -> History:
+        """This history followed by ``other`` (whose times must not precede this one's last)."""
+        return History.build(*(np.concatenate([getattr(self, f), getattr(other, f)])
+                               for f in ("items", "actions", "labels", "timestamps")), request_window_s)
+
+    def last(self, n: int, request_window_s: int) -> History:
+        """The latest ``n`` events (request ids renumbered from 0)."""
+        return History.build(self.items[-n:], self.actions[-n:], self.labels[-n:], self.timestamps[-n:],
+                             request_window_s)
+
+    def sample(self, user: int = 0) -> tuple:
+        """The history as one :func:`genrec.data.batching.collate` sample (no targets)."""
+        return (user, self.items, self.actions, self.labels, self.timestamps, self.request_ids, len(self))
+
+
+@dataclass
+class UserState:
+    history: History
+    cache: Any = None  # the model's cache of this history, or None (never encoded, or evicted)
+    cache_bytes: int = 0
+
+
+@dataclass
+class StoreStats:
+    hits: int = 0  # requests that found the user's cache
+    misses: int = 0  # requests that had to encode the history (new, evicted or changed user)
+    evictions: int = 0  # caches dropped to stay under the byte budget
+
+
+class UserStore:
+    """Users by raw id in least-recently-used order; ``seed(user)`` gives the starting history of a
+    user the store does not hold yet (e.g. its training history), or None for an unknown user."""
+
+    def __init__(self, cache_budget_bytes: int, seed: Callable[[str], History | None] | None = None):
+        if cache_budget_bytes < 0:
+            raise ValueError(f"cache budget must be >= 0 bytes, got {cache_budget_bytes}")
+        self.budget = cache_budget_bytes
+        self.seed = seed or (lambda user: None)
+        self.users: OrderedDict[str, UserState] = OrderedDict()
+        self.cache_bytes = 0
+        self.stats = StoreStats()
+
+    def __len__(self) -> int:
+        return len(self.users)
+
+    def get(self, user: str) -> UserState | None:
+        """The user's state (seeded on first sight), marked most recently used; None if unknown."""
+        state = self.users.get(user)
+        if state is None:
+            history = self.seed(user)
+            if history is None or len(history) == 0:
+                return None
+            state = self.users[user] = UserState(history)
+        self.users.move_to_end(user)
+        return state
+
+    def set_history(self, user: str, history: History, cache: Any = None, cache_bytes: int = 0) -> list[str]:
+        """Replace the user's history (and its cache, which must encode exactly this history)."""
+        state = self.users.get(user)
+        if state is not None:
+            self._drop_cache(state)
+        self.users[user] = UserState(history)
+        self.users.move_to_end(user)
+        return self.put_cache(user, cache, cache_bytes) if cache is not None else []
+
+    def put_cache(self, user: str, cache: Any, cache_bytes: int) -> list[str]:
+        """Keep ``cache`` for the user's current history; returns the users whose caches were evicted.
+        A cache larger than the whole budget is not kept."""
+        state = self.users[user]
+        self._drop_cache(state)
+        evicted = []
+        if cache_bytes > self.budget:
+            return evicted
+        for other in list(self.users):
+            if self.cache_bytes + cache_bytes <= self.budget:
+                break
+            victim = self.users[other]
+            if other != user and victim.cache is not None:
+                self._drop_cache(victim)
+                evicted.append(other)
+        state.cache, state.cache_bytes = cache, cache_bytes
+        self.cache_bytes += cache_bytes
+        self.stats.evictions += len(evicted)
+        return evicted
+
+    def _drop_cache(self, state: UserState) -> None:
+        self.cache_bytes -= state.cache_bytes
+        state.cache, state.cache_bytes = None, 0
+
+    def cached_users(self) -> int:
+        return sum(state.cache is not None for state in self.users.values())
+
+    # ------------------------------------------------------------------------------------ snapshot
+    def save(self, path: Path, item_raw: list[str], action_values: list[float]) -> int:
+        """Write every user's history as Parquet (one row per event, raw ids); atomic. Returns rows."""
+        users, items, actions, labels, times = [], [], [], [], []
+        for user, state in self.users.items():
+            h = state.history
+            users += [user] * len(h)
+            items += [item_raw[i - 1] for i in h.items]
+            actions += [action_values[a] for a in h.actions]
+            labels.append(h.labels)
+            times.append(h.timestamps)
+        table = pa.table({
+            "user": pa.array(users, pa.string()), "item": pa.array(items, pa.string()),
+            "action": pa.array(actions, pa.float64()),
+            "label": pa.array(np.concatenate(labels) if labels else np.zeros(0, np.float32), pa.float32()),
+            "time": pa.array(np.concatenate(times) if times else np.zeros(0, np.int64), pa.int64())})
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        pq.write_table(table, tmp)
+        os.replace(tmp, path)
+        return table.num_rows
+
+    def load(self, path: Path, item_index: dict[str, int], action_index: dict[float, int],
+             request_window_s: int) -> int:
+        """Read a snapshot written by :meth:`save`; every id must be known to the model. Returns users."""
+        table = pq.read_table(path)
+        expected = {"user", "item", "action", "label", "time"}
+        if set(table.column_names) != expected:
+            raise ValueError(f"{path}: columns {sorted(table.column_names)}, expected {sorted(expected)}")
+        columns = {name: table.column(name).to_pylist() for name in expected}
+        by_user: dict[str, list[int]] = {}
+        for row, user in enumerate(columns["user"]):
+            by_user.setdefault(user, []).append(row)
+        for user, rows in by_user.items():
+            try:
+                items = [item_index[columns["item"][r]] for r in rows]
+                actions = [action_index[columns["action"][r]] for r in rows]
+            except KeyError as err:
+                raise ValueError(f"{path}: user {user!r} has an id the model does not know: {err}") from None
+            times = np.array([columns["time"][r] for r in rows], dtype=np.int64)
+            if np.any(np.diff(times) < 0):
+                raise ValueError(f"{path}: user {user!r} has events out of time order")
+            self.set_history(user, History.build(items, actions, [columns["label"][r] for r in rows], times,
+                                                 request_window_s))
+        return len(by_user)
