@@ -98,6 +98,47 @@ def cmd_recommend(args) -> int:
     return 0
 
 
+def _byte_size(text: str) -> int:
+    """``"512M"``, ``"2G"``, ``"1000"`` -> bytes."""
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    text = text.strip().upper().removesuffix("B")
+    try:
+        return int(float(text[:-1]) * units[text[-1]]) if text and text[-1] in units else int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size (e.g. 512M, 2G, 1000000)") from None
+
+
+def cmd_serve(args) -> int:
+    import os
+
+    try:
+        import uvicorn
+
+        from genrec.serve.app import Limits, build_app
+    except ImportError as err:
+        raise SystemExit(f"genrec serve: {err.name} is not installed; pip install 'genrec[serve]'") from None
+    from genrec.serve.engine import build_engine
+
+    overrides = list(args.set or [])
+    if args.device:
+        overrides.append(f"train.device={args.device}")
+    trainer, weights = _load_run(args.checkpoint, overrides)
+    d = trainer.cfg.data
+    engine = build_engine(trainer.model, trainer.seq, d.label_threshold, d.request_window_s, d.max_len,
+                          trainer.device, args.cache_bytes, trainer.cfg.model)
+    token = args.token or os.environ.get("GENREC_SERVE_TOKEN") or None
+    if args.host not in ("127.0.0.1", "localhost", "::1") and token is None:
+        print(f"genrec serve: warning: listening on {args.host} without a token; anyone who can reach it can "
+              "query it (set --token or GENREC_SERVE_TOKEN)", file=sys.stderr)
+    limits = Limits(args.max_body_bytes, args.max_candidates, d.max_len)
+    app = build_app(engine, limits, token, args.max_batch, args.max_wait_us,
+                    Path(args.state_file) if args.state_file else None)
+    print(f"genrec serve: {trainer.cfg.model} from {weights} on {trainer.device}; http://{args.host}:{args.port} "
+          f"(docs at /docs)", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="genrec", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -133,6 +174,25 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--set", nargs="*", metavar="KEY=VALUE")
     rec.add_argument("--json", action="store_true")
     rec.set_defaults(func=cmd_recommend)
+
+    srv = sub.add_parser("serve", help="HTTP ranking service over a trained model (/rank, /events, /recommend)")
+    srv.add_argument("--checkpoint", required=True, help="run folder (uses best/) or a checkpoint folder")
+    srv.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--device", default=None, help="cpu, cuda, auto (default: the run's train.device)")
+    srv.add_argument("--token", default=None, help="bearer token required on every route but /healthz "
+                     "(default $GENREC_SERVE_TOKEN; none: no auth)")
+    srv.add_argument("--cache-bytes", type=_byte_size, default=_byte_size("1G"),
+                     help="budget for per-user KV caches, e.g. 512M (LRU eviction; histories stay on the host)")
+    srv.add_argument("--state-file", default=None, help="Parquet snapshot of user histories: read on start, "
+                     "written on shutdown")
+    srv.add_argument("--max-batch", type=int, default=32, help="requests per scoring call")
+    srv.add_argument("--max-wait-us", type=int, default=500, help="longest wait for a batch to fill, microseconds")
+    srv.add_argument("--max-candidates", type=int, default=1024)
+    srv.add_argument("--max-body-bytes", type=_byte_size, default=_byte_size("1M"))
+    srv.add_argument("--log-level", default="warning")
+    srv.add_argument("--set", nargs="*", metavar="KEY=VALUE")
+    srv.set_defaults(func=cmd_serve)
     return parser
 
 

@@ -12,6 +12,7 @@ import torch
 from genrec.data.batching import JaggedBatch
 from genrec.data.info import DatasetInfo
 from genrec.models.base import RecModel
+from genrec.nn import kv_cache
 from genrec.nn.events import Events, append_candidates
 from genrec.nn.heads import ActionHeads
 from genrec.nn.kv_cache import KVCache
@@ -63,6 +64,13 @@ class CachedServingRanker(GenerativeRanker):
             x = block(x, layout, self.backend, layer)
         cache.commit()
         return cache
+
+    def extend_history(self, cache: KVCache, history: JaggedBatch) -> KVCache:
+        """The cache of ``history`` (one row) from ``cache``, the cache of its first events: only the
+        new events' tokens run through the layers (incremental serving, :func:`kv_cache.extend`)."""
+        ev = Events.from_batch(history)
+        x, layout = self.history_tokens(ev)  # [1, L, D]; the first cache.layout.shape[1] tokens are cached
+        return kv_cache.extend(cache, self.blocks, self.backend, x[:, cache.layout.shape[1]:], ev, layout)
 
     def score_cached(self, cache: KVCache, candidates: torch.Tensor,
                      request_time: torch.Tensor | None = None) -> torch.Tensor:

@@ -5,11 +5,15 @@ values at every layer are the same whether or not candidates follow. A :class:`K
 in buffers with room for ``capacity`` new tokens after the history; scoring a micro-batch of
 candidates writes its keys/values into that room and runs attention for the new tokens only
 (``q_offset`` = history length) — the next micro-batch overwrites them.
+
+A service keeps one exact-length cache per user (:func:`split`), stacks the caches of a batch of
+requests into one padded cache (:func:`stack`) and grows a user's cache with new events
+(:func:`extend`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 
@@ -53,3 +57,69 @@ class KVCache:
         """Freeze what was written so far as the history."""
         for layer in self.layers:
             layer.length = layer.keys.shape[1] - layer.capacity
+
+
+_LAYOUT_FIELDS = ("valid", "request", "event", "fake", "position", "timestamp")
+
+
+def _pad_to(t: torch.Tensor, length: int) -> torch.Tensor:
+    """``[1, n, ...]`` -> ``[1, length, ...]`` with zeros (False) after the ``n`` entries."""
+    out = t.new_zeros((t.shape[0], length, *t.shape[2:]))
+    out[:, :t.shape[1]] = t
+    return out
+
+
+def split(cache: KVCache) -> list[KVCache]:
+    """A batched cache (right-padded rows) -> one cache per row at its exact length, no spare room."""
+    rows = []
+    for b in range(cache.events.valid.shape[0]):
+        n = int(cache.events.valid[b].sum())
+        tokens = int(cache.layout.valid[b].sum())
+        events = Events(**{f.name: getattr(cache.events, f.name)[b:b + 1, :n] for f in fields(Events)})
+        layout = TokenLayout(**{name: getattr(cache.layout, name)[b:b + 1, :tokens] for name in _LAYOUT_FIELDS},
+                             rule=cache.layout.rule)
+        layers = [LayerCache(0, layer.keys[b:b + 1, :tokens].clone(), layer.values[b:b + 1, :tokens].clone(), tokens)
+                  for layer in cache.layers]
+        rows.append(KVCache(events, layout, layers))
+    return rows
+
+
+def stack(caches: list[KVCache], capacity: int) -> KVCache:
+    """Exact-length per-user caches -> one cache ``[B, L_max + capacity]``, right-padded (padding is
+    invalid in the layout and zero in the keys and values, so it reads as nothing)."""
+    n = max(c.events.valid.shape[1] for c in caches)
+    tokens = max(c.layout.valid.shape[1] for c in caches)
+    events = Events(**{f.name: torch.cat([_pad_to(getattr(c.events, f.name), n) for c in caches])
+                       for f in fields(Events)})
+    layout = TokenLayout(**{name: torch.cat([_pad_to(getattr(c.layout, name), tokens) for c in caches])
+                            for name in _LAYOUT_FIELDS}, rule=caches[0].layout.rule)
+    layers = []
+    for i in range(len(caches[0].layers)):
+        keys = torch.cat([_pad_to(c.layers[i].keys[:, :c.layers[i].length], tokens + capacity) for c in caches])
+        values = torch.cat([_pad_to(c.layers[i].values[:, :c.layers[i].length], tokens + capacity) for c in caches])
+        layers.append(LayerCache(capacity, keys, values, tokens))
+    return KVCache(events, layout, layers)
+
+
+def extend(cache: KVCache, blocks, backend, new_tokens: torch.Tensor, events: Events,
+           layout: TokenLayout) -> KVCache:
+    """The cache of a longer history (one row): ``events`` and ``layout`` describe the whole history,
+    ``cache`` holds its first tokens and ``new_tokens`` ``[1, n, D]`` are the embeddings of the rest.
+    Only the new tokens run through ``blocks``, reading the cached keys and values as candidates do.
+    History tokens never read later tokens, so the result equals a full re-encode (tested)."""
+    total, x = layout.shape[1], new_tokens
+    if cache.layout.valid.shape[1] + x.shape[1] != total:
+        raise ValueError(f"{cache.layout.valid.shape[1]} cached + {x.shape[1]} new tokens != {total} in the layout")
+    layers = []
+    for block, layer in zip(blocks, cache.layers, strict=True):
+        grown = LayerCache(x.shape[1], _pad_to(layer.keys[:, :layer.length], total),
+                           _pad_to(layer.values[:, :layer.length], total), layer.length)
+        x = block(x, layout, backend, grown)
+        grown.capacity, grown.length = 0, total
+        layers.append(grown)
+    return KVCache(events, layout, layers)
+
+
+def nbytes(cache: KVCache) -> int:
+    """Bytes held by the cache's keys and values (the metadata is a few integers per token)."""
+    return sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)

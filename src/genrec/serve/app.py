@@ -17,17 +17,25 @@ import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictInt
 
 from genrec.serve.batching import DynamicBatcher
 from genrec.serve.engine import Engine, EventsJob, RankJob, RecommendJob, ServiceError
 
-RawId = StrictStr | StrictInt  # raw ids as the dataset spells them ("318" or 318)
+
+def _raw_id(value):
+    if isinstance(value, bool) or not isinstance(value, str | int):
+        raise ValueError("expected an id: a string or an integer")
+    return str(value)
+
+
+RawId = Annotated[str, BeforeValidator(_raw_id)]  # raw ids as the dataset spells them ("318" or 318)
 
 
 class Event(BaseModel):
@@ -118,6 +126,8 @@ class Guard:
             return _error(413, "body", f"request body over {self.max_body} bytes"), receive
         if scope["method"] not in ("POST", "PUT", "PATCH"):
             return None, receive
+        if headers.get("content-type", b"").split(b";")[0].strip() != b"application/json":
+            return _error(415, "content-type", "send the body as JSON with Content-Type: application/json"), receive
         body, more = b"", True
         while more:
             message = await receive()
@@ -176,10 +186,10 @@ def build_app(engine: Engine, limits: Limits, token: str | None = None, max_batc
             raise ServiceError(422, field, f"{len(events)} events; at most {limits.max_history} (the model's max_len)")
         return catalogue.history(events, field)
 
-    def _user(user: RawId | None, history, field: str = "user") -> str | None:
+    def _user(user: str | None, history, field: str = "user") -> str | None:
         if user is None and history is None:
             raise ServiceError(422, field, "give a user in the store or an inline history")
-        return None if user is None else str(user)
+        return user
 
     @app.get("/healthz")
     async def healthz():
@@ -198,7 +208,7 @@ def build_app(engine: Engine, limits: Limits, token: str | None = None, max_batc
             raise ServiceError(422, "candidates", f"{len(req.candidates)} candidates; at most {limits.max_candidates}")
         history = _history(req.history, "history")
         user = _user(req.user, history)
-        items = catalogue.items([str(c) for c in req.candidates], "candidates")
+        items = catalogue.items(req.candidates, "candidates")
         out = await batcher.submit("rank", RankJob(user, items, req.request_time, history))
         scores = out["scores"]  # [M, outputs]
         return {"user": user, "candidates": req.candidates, "history_events": out["history_events"],
@@ -208,7 +218,7 @@ def build_app(engine: Engine, limits: Limits, token: str | None = None, max_batc
     async def events(req: EventsRequest):
         """Append a user's new events; HSTU and DFGR extend the user's KV cache with them only."""
         history = _history(req.events, "events")
-        return await batcher.submit("events", EventsJob(str(req.user), history))
+        return await batcher.submit("events", EventsJob(req.user, history))
 
     @app.post("/recommend")
     async def recommend(req: RecommendRequest):

@@ -19,7 +19,7 @@ import torch
 
 from genrec.data.preprocess import Sequences
 from genrec.models.base import RecModel
-from genrec.serve import cache_ops
+from genrec.nn import kv_cache
 from genrec.serve.metrics import ServiceMetrics
 from genrec.serve.recommend import top_items
 from genrec.serve.scoring import Scorer
@@ -49,17 +49,19 @@ class Catalogue:
         self.item_index = {raw: i for i, raw in enumerate(self.item_raw, start=1)}
         self.action_index = {v: i for i, v in enumerate(self.action_values)}
 
-    def items(self, raw_ids: Sequence[str], field: str) -> np.ndarray:
+    def items(self, raw_ids: Sequence[str], field: str, suffix: str = "") -> np.ndarray:
+        """Dense ids of ``raw_ids``; an unknown one is refused as ``{field}[j]{suffix}``."""
         dense = np.empty(len(raw_ids), dtype=np.int64)
         for j, raw in enumerate(raw_ids):
             if raw not in self.item_index:
-                raise ServiceError(422, f"{field}[{j}]", f"unknown item id {raw!r} ({len(self.item_raw)} items known)")
+                raise ServiceError(422, f"{field}[{j}]{suffix}",
+                                   f"unknown item id {raw!r} ({len(self.item_raw)} items known)")
             dense[j] = self.item_index[raw]
         return dense
 
     def history(self, events: Sequence, field: str) -> History:
         """``events`` (``.item``, ``.action``, ``.time``) -> a :class:`History`; times must not decrease."""
-        items = self.items([e.item for e in events], field)
+        items = self.items([e.item for e in events], field, ".item")
         for j, e in enumerate(events):
             if e.action not in self.action_index:
                 raise ServiceError(422, f"{field}[{j}].action",
@@ -190,7 +192,7 @@ class Engine:
             for k, cache in zip(cold, self.scorer.encode([histories[k] for k in cold]), strict=True):
                 caches[k] = cache
                 if jobs[k].history is None:
-                    evicted = self.store.put_cache(jobs[k].user, cache, cache_ops.nbytes(cache))
+                    evicted = self.store.put_cache(jobs[k].user, cache, kv_cache.nbytes(cache))
                     self.metrics.cache_evictions.inc(len(evicted))
         return self.scorer.score_cached(caches, candidates, when)
 
@@ -220,7 +222,7 @@ class Engine:
             cache = self.scorer.extend(state.cache, history, len(job.events))
         elif mode == "incremental":
             mode = "lazy"  # no cache to extend: the next request encodes the whole history
-        evicted = self.store.set_history(job.user, history, cache, cache_ops.nbytes(cache) if cache else 0)
+        evicted = self.store.set_history(job.user, history, cache, kv_cache.nbytes(cache) if cache else 0)
         self.metrics.cache_evictions.inc(len(evicted))
         self.metrics.events_appended.inc(len(job.events))
         return {"user": job.user, "history_events": len(history), "mode": mode}

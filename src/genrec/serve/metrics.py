@@ -30,6 +30,7 @@ class ServiceMetrics:
         self.events_appended = Counter("genrec_events_appended", "Events appended through /events", registry=r)
         self.reencodes = Counter("genrec_history_reencodes", "Appends that re-encode instead of extending",
                                  ["reason"], registry=r)
+        self.reencodes.labels("window")  # exported at 0 from the start
         self.cache_bytes = Gauge("genrec_cache_bytes", "Bytes held by per-user KV caches", registry=r)
         self.users = Gauge("genrec_users", "Users in the store", registry=r)
         self.cached_users = Gauge("genrec_cached_users", "Users whose KV cache is held", registry=r)

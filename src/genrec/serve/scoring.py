@@ -15,8 +15,8 @@ import torch
 from genrec.data.batching import JaggedBatch, collate
 from genrec.models.base import RecModel
 from genrec.models.generative import CachedServingRanker
-from genrec.serve import cache_ops
-from genrec.serve.kv_cache import KVCache
+from genrec.nn import kv_cache
+from genrec.nn.kv_cache import KVCache
 from genrec.serve.store import History
 
 
@@ -56,19 +56,19 @@ class Scorer:
     @torch.no_grad()
     def encode(self, histories: list[History]) -> list[KVCache]:
         """One padded encode of ``histories``, returned as exact-length per-user caches."""
-        return cache_ops.split(self.model.encode_history(history_batch(histories, self.device), capacity=0))
+        return kv_cache.split(self.model.encode_history(history_batch(histories, self.device), capacity=0))
 
     @torch.no_grad()
     def extend(self, cache: KVCache, history: History, num_new: int) -> KVCache:
         """The cache of ``history`` from ``cache``, the cache of all but its last ``num_new`` events:
         only the new events run through the layers."""
-        return cache_ops.extend(self.model, cache, history_batch([history], self.device))
+        return self.model.extend_history(cache, history_batch([history], self.device))
 
     @torch.no_grad()
     def score_cached(self, caches: list[KVCache], candidates: list[np.ndarray],
                      request_times: list[int]) -> list[np.ndarray]:
         cands = pad_candidates(candidates, self.device)
-        stacked = cache_ops.stack(caches, capacity=cands.shape[1])
+        stacked = kv_cache.stack(caches, capacity=cands.shape[1])
         when = torch.tensor(request_times, dtype=torch.long, device=self.device)
         logits = self.model.score_cached(stacked, cands, when)  # [B, M_max]
         return self._per_request(logits, candidates)

@@ -1,0 +1,58 @@
+"""The user store: LRU eviction of KV caches under a byte budget, host histories that survive
+eviction, request numbering as in preprocessing, and a Parquet snapshot that round-trips."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from genrec.serve.store import History, UserStore
+
+
+def _history(times, items=None) -> History:
+    n = len(times)
+    return History.build(items or list(range(1, n + 1)), [0] * n, [1.0] * n, times, request_window_s=0)
+
+
+def test_requests_are_numbered_as_the_preprocessing_does():
+    assert _history([5, 5, 9, 9, 9, 12]).request_ids.tolist() == [0, 0, 1, 1, 1, 2]
+    windowed = History.build([1, 2, 3, 4], [0] * 4, [0.0] * 4, [0, 10, 50, 55], request_window_s=10)
+    assert windowed.request_ids.tolist() == [0, 0, 1, 1]
+    grown = _history([5, 5]).appended(_history([5, 8]), request_window_s=0)  # same time: same request
+    assert grown.request_ids.tolist() == [0, 0, 0, 1]
+    assert _history([1, 2, 2, 3]).last(2, 0).request_ids.tolist() == [0, 1]
+
+
+def test_caches_are_evicted_least_recently_used_and_histories_stay():
+    store = UserStore(cache_budget_bytes=250, seed=lambda u: _history([1, 2]) if u.startswith("known") else None)
+    for user in ("a", "b", "c"):
+        store.set_history(user, _history([1, 2, 3]))
+        assert store.put_cache(user, f"cache-{user}", 100) == ([] if user != "c" else ["a"])
+    assert store.cache_bytes == 200 and store.stats.evictions == 1
+    assert store.get("a").cache is None and len(store.get("a").history) == 3  # evicted, history kept
+    store.get("b")  # b is now more recent than c
+    assert store.put_cache("a", "cache-a", 100) == ["c"]
+    assert store.get("b").cache == "cache-b" and store.get("c").cache is None
+    store.set_history("huge", _history([1]))
+    assert store.put_cache("huge", "x", 251) == [] and store.get("huge").cache is None  # over the whole budget
+    assert store.get("known-1") is not None and store.get("stranger") is None
+    store.set_history("b", _history([1, 2, 3, 4]))  # a new history drops the old cache
+    assert store.get("b").cache is None and store.cache_bytes == 100
+
+
+def test_snapshot_round_trips_raw_ids_and_refuses_unknown_ones(tmp_path):
+    items, actions = ["10", "20", "30"], [0.5, 4.0]
+    store = UserStore(1000)
+    store.set_history("u1", History.build([1, 3, 2], [0, 1, 1], [0.0, 1.0, 1.0], [7, 7, 9], 0), "cache", 10)
+    store.set_history("u2", History.build([2], [1], [1.0], [100], 0))
+    path = tmp_path / "state" / "users.parquet"
+    assert store.save(path, items, actions) == 4
+    again = UserStore(1000)
+    assert again.load(path, {raw: i for i, raw in enumerate(items, 1)}, {v: i for i, v in enumerate(actions)}, 0) == 2
+    for user in ("u1", "u2"):
+        a, b = store.get(user).history, again.get(user).history
+        for field in ("items", "actions", "labels", "timestamps", "request_ids"):
+            np.testing.assert_array_equal(getattr(a, field), getattr(b, field))
+        assert again.get(user).cache is None  # caches are rebuilt on demand, never saved
+    with pytest.raises(ValueError, match="u1.*does not know"):
+        UserStore(1000).load(path, {"10": 1, "20": 2}, {0.5: 0, 4.0: 1}, 0)
