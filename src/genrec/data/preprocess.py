@@ -59,6 +59,26 @@ class Sequences:
     item_titles: list[str]  # per dense item i at [i - 1] ("" without metadata)
     rating_values: list[float]
     report: dict = field(default_factory=dict)  # counts of every policy applied
+    # several action signals per event (event logs, genrec.data.store); empty for one-signal data
+    signal_names: list[str] = field(default_factory=list)
+    signal_values: np.ndarray | None = None  # [E, S] float32 raw values (0/1, or graded)
+    signal_labels: np.ndarray | None = None  # [E, S] int8 binary targets per signal
+
+    def __getstate__(self) -> dict:
+        """Memory-mapped arrays pickle as their file names, so data-loader workers map the same pages
+        instead of receiving a copy of the dataset."""
+        state = dict(self.__dict__)
+        for key, value in state.items():
+            if isinstance(value, np.memmap) and value.filename is not None:
+                state[key] = ("memmap", value.filename, value.dtype.str, value.shape, value.offset)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        for key, value in state.items():
+            if isinstance(value, tuple) and len(value) == 5 and value[0] == "memmap":
+                _, name, dtype, shape, offset = value
+                state[key] = np.memmap(name, dtype=np.dtype(dtype), mode="r", shape=shape, offset=offset)
+        self.__dict__.update(state)
 
     @property
     def num_users(self) -> int:
