@@ -89,3 +89,26 @@ def test_unigrf_config_runs_unchanged_on_ml1m_files(tmp_path, shared_data, capsy
     assert "hr@10" in capsys.readouterr().out
     history = json.loads((out / "metrics.json").read_text())["history"]
     assert [h["mined_users"] for h in history] == [0.0, 15.0]
+
+
+def test_synth_then_prepare_an_event_log(tmp_path, capsys):
+    log = tmp_path / "log"
+    assert main(["data", "synth", "--users", "50", "--events", "2000", "--signals", "click,like",
+                 "--out", str(log)]) == 0
+    assert "SYNTHETIC" in capsys.readouterr().out
+    spec = tmp_path / "log.yaml"
+    spec.write_text(f"path: {log}\nuser: user_id\nitem: item_id\ntimestamp: timestamp\nrequest: request_id\n"
+                    "signals: [click, like]\n")
+    assert main(["data", "prepare", "--log", str(spec), "--out", str(tmp_path / "store")]) == 0
+    out = capsys.readouterr().out
+    assert "users: 50" in out and "events: 2,000" in out and "signal rates: click" in out
+
+
+def test_prepare_a_bad_event_log_exits_2_naming_the_file(tmp_path):
+    (tmp_path / "log.csv").write_text("user_id,item_id,timestamp,click\n1,2,3,1\n1,3,x,0\n")
+    spec = tmp_path / "log.yaml"
+    spec.write_text(f"path: {tmp_path / 'log.csv'}\nsignals: [click]\n")
+    proc = subprocess.run([sys.executable, "-m", "genrec.cli", "data", "prepare", "--log", str(spec), "--out",
+                           str(tmp_path / "store")], capture_output=True, text=True)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "log.csv:3: column 'timestamp' is 'x'" in proc.stderr

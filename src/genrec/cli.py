@@ -33,6 +33,54 @@ def cmd_data_stats(args) -> int:
     return 0
 
 
+def cmd_data_synth(args) -> int:
+    from genrec.data.synth import SynthConfig, generate, signal_names
+
+    try:
+        cfg = SynthConfig(users=args.users, events=args.events, items=args.items, signals=signal_names(args.signals),
+                          seed=args.seed)
+        generate(cfg, args.out)
+    except ValueError as err:
+        raise DataError("genrec data synth", str(err)) from None
+    return 0
+
+
+def _event_log_spec(args):
+    """The event log of ``--log`` (an event-log mapping, or a run config with ``data.event_log``) or of
+    the public log ``--public``."""
+    import yaml
+
+    from genrec.data.eventlog import EventLogSpec
+    from genrec.data.public_logs import read_log
+
+    if args.public:
+        return read_log(args.public, args.data_dir, allow_download=not args.no_download)
+    values = yaml.safe_load(Path(args.log).read_text()) or {}
+    if "data" in values:
+        values = (values.get("data") or {}).get("event_log") or {}
+    try:
+        return EventLogSpec.from_dict(values, f"{args.log}")
+    except (TypeError, ValueError) as err:
+        raise DataError(args.log, str(err)) from None
+
+
+def cmd_data_prepare(args) -> int:
+    from genrec.data.store import StoreConfig, build, load
+
+    spec = _event_log_spec(args)
+    cfg = StoreConfig(request_window_s=args.request_window_s, min_user_events=args.min_user_events,
+                      duplicates=args.duplicates, time_order=args.time_order)
+    seq = load(build(spec, args.out, cfg))
+    stats = seq.stats()
+    print(f"{spec.name} -> {args.out}")
+    for key in ("users", "items", "events", "requests"):
+        print(f"  {key:>9}: {stats[key]:,}")
+    rates = seq.signal_labels.mean(axis=0) if len(seq.items) else []
+    print("  signal rates: " + ", ".join(f"{n} {r:.4f}" for n, r in zip(seq.signal_names, rates, strict=True)))
+    print(f"  sequence length: mean {stats['mean_sequence_length']:.1f}, max {stats['max_sequence_length']}")
+    return 0
+
+
 def cmd_train(args) -> int:
     from genrec.train.trainer import Trainer
 
@@ -151,6 +199,29 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_argument("--request-window-s", type=int, default=0)
     stats.add_argument("--no-download", action="store_true")
     stats.set_defaults(func=cmd_data_stats)
+
+    synth = data.add_parser("synth", help="write a SYNTHETIC multi-signal event log with a known latent model")
+    synth.add_argument("--users", type=int, required=True)
+    synth.add_argument("--events", type=int, required=True)
+    synth.add_argument("--items", type=int, default=None, help="default: events // 100 (at least 100)")
+    synth.add_argument("--signals", default="3", help="a count (click, like, follow, ...) or comma-separated names")
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--out", required=True, help="output folder")
+    synth.set_defaults(func=cmd_data_synth)
+
+    prep = data.add_parser("prepare", help="preprocess an event log into memory-mapped sequences")
+    source = prep.add_mutually_exclusive_group(required=True)
+    source.add_argument("--log", help="YAML: an event-log mapping, or a run config with data.event_log")
+    source.add_argument("--public", help="a public log: kuairand-pure, kuairand-1k, kuairand-27k, kuaisar, "
+                        "recflow, taobao, amazon-books-2014, amazon-books-2018")
+    prep.add_argument("--out", required=True, help="output folder of the store")
+    prep.add_argument("--data-dir", default=None, help="dataset root for --public (default $GENREC_DATA)")
+    prep.add_argument("--no-download", action="store_true")
+    prep.add_argument("--request-window-s", type=int, default=0)
+    prep.add_argument("--min-user-events", type=int, default=3)
+    prep.add_argument("--duplicates", default="drop", choices=["drop", "error", "keep"])
+    prep.add_argument("--time-order", default="sort", choices=["sort", "error"])
+    prep.set_defaults(func=cmd_data_prepare)
 
     train = sub.add_parser("train", help="train and evaluate a model")
     train.add_argument("--config", default=None, help="YAML run config")

@@ -325,7 +325,8 @@ def scan(spec: EventLogSpec, log=print) -> ScannedLog:
                 drop = drop | cond
                 key = "missing_rows_dropped" if kind == "missing" else "negative_time_rows_dropped"
                 report[key] += int(counts[name])
-                log(f"[data] {path}: {counts[name]} rows with {'a missing ' + mapping[canon] if kind == 'missing' else 'a negative time'} dropped ({kind} policy: drop)")
+                what = f"a missing {mapping[canon]}" if kind == "missing" else "a negative time"
+                log(f"[data] {path}: {counts[name]} rows with {what} dropped ({kind} policy: drop)")
                 continue
             shown = pl.col(f"raw_{canon}") if kind in ("missing", "number", "category") else pl.col(canon)
             first = both.filter(cond).select("file_row", shown).head(1).collect()

@@ -94,10 +94,12 @@ def _key(spec: EventLogSpec, cfg: StoreConfig, files: list[Path]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def _dense_ids(frame: pl.LazyFrame, column: str, code: str) -> pl.DataFrame:
-    """Sorted distinct raw ids with their dense code (0-based), streamed."""
-    ids = frame.select(pl.col(column).unique()).collect(engine="streaming").sort(column)
-    return ids.with_row_index(code).with_columns(pl.col(code).cast(pl.Int32))
+def _dense_ids(frame: pl.LazyFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Sorted distinct raw users and items with their dense codes ``uc`` / ``ic`` (0-based), streamed."""
+    users, items = pl.collect_all([frame.select(pl.col("user").unique()), frame.select(pl.col("item").unique())],
+                                  engine="streaming")
+    return tuple(ids.sort(col).with_row_index(code).with_columns(pl.col(code).cast(pl.Int32))
+                 for ids, col, code in ((users, "user", "uc"), (items, "item", "ic")))
 
 
 def _bucket_files(folder: Path, bucket: int) -> list[Path]:
@@ -125,8 +127,8 @@ def _sort_and_police(df: pl.DataFrame, signals: list[str], has_request: bool, cf
     ic = df["ic"].to_numpy()
     ts = df["ts"].to_numpy()
     row = df["row"].to_numpy()
-    # a request is ordered by its first line within the user, so that its events stay together
-    req = df.select(pl.col("row").min().over(["uc", "request"])).to_series().to_numpy() if has_request else None
+    # events of a request stay together; requests of a user at the same time are ordered by id hash
+    req = df["request"].to_numpy() if has_request else None  # a hash: requests of one user at one time
     order = np.lexsort((row, req, _user_time(uc, ts)) if has_request else (row, _user_time(uc, ts)))
     uc, ic, ts, row = uc[order], ic[order], ts[order], row[order]
     req = req[order] if has_request else None
@@ -181,7 +183,8 @@ def build(spec: EventLogSpec, out: str | Path, cfg: StoreConfig = StoreConfig(),
           scanned: ScannedLog | None = None) -> Path:
     """Preprocess ``spec`` into the store folder ``out`` (written privately, then renamed)."""
     if len(spec.signals) > MAX_SIGNALS:
-        raise ValueError(f"{len(spec.signals)} signals: at most {MAX_SIGNALS} (joint action codes up to 2^{MAX_SIGNALS})")
+        raise ValueError(f"{len(spec.signals)} signals: at most {MAX_SIGNALS} (joint action codes up to "
+                         f"2^{MAX_SIGNALS})")
     t_start = time.perf_counter()
     scanned = scanned or scan(spec, log=log)
     report = dict(scanned.report)
@@ -190,8 +193,7 @@ def build(spec: EventLogSpec, out: str | Path, cfg: StoreConfig = StoreConfig(),
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=out.name + ".tmp-"))
     try:
-        users = _dense_ids(frame, "user", "uc")
-        items = _dense_ids(frame, "item", "ic")
+        users, items = _dense_ids(frame)
         n_events = report["source_events"] - report["missing_rows_dropped"] - report["negative_time_rows_dropped"]
         if n_events <= 0 or users.height == 0:
             raise DataError(spec.path, "no events")
@@ -216,6 +218,7 @@ def build(spec: EventLogSpec, out: str | Path, cfg: StoreConfig = StoreConfig(),
         thresholds = np.array([0.5 if s.kind == "binary" else s.threshold for s in spec.signals], dtype=np.float32)
         label_col = spec.signal_names.index(spec.label_signal)
         total = 0
+        seen = np.zeros(items.height, dtype=bool)  # items with an event left after the policies
         for b in range(buckets):
             files = _bucket_files(part_dir, b)
             if not files:
@@ -240,6 +243,7 @@ def build(spec: EventLogSpec, out: str | Path, cfg: StoreConfig = StoreConfig(),
             values = cols["values"]  # [n, S]
             labels = (values > thresholds[None, :]).astype(np.int8)  # [n, S]
             code = (labels.astype(np.int16) << np.arange(len(signals), dtype=np.int16)[None, :]).sum(1)
+            seen[cols["ic"]] = True
             columns.append("items", (cols["ic"] + 1).astype(np.int32))
             columns.append("timestamps", np.floor_divide(ts, unit).astype(np.int64))
             columns.append("request_ids", (request_global - first_of_user).astype(np.int32))
@@ -256,7 +260,8 @@ def build(spec: EventLogSpec, out: str | Path, cfg: StoreConfig = StoreConfig(),
         np.asarray(offsets, dtype=np.int64).tofile(tmp / "user_offsets.bin")
         meta_columns["user_offsets"] = {"dtype": "<i8", "shape": [len(offsets)]}
         kept = np.concatenate(kept_users).astype(np.int64)
-        users.filter(pl.col("uc").is_in(kept)).select(pl.col("user").cast(pl.String)).write_parquet(tmp / "users.parquet")
+        kept_raw = users.filter(pl.col("uc").is_in(kept)).select(pl.col("user").cast(pl.String))
+        kept_raw.write_parquet(tmp / "users.parquet")
         item_table = items.select(pl.col("item").cast(pl.String))
         if spec.item_features:
             feats = (frame.select("item", *[f"item_{c}" for c in spec.item_features]).group_by("item")
@@ -266,8 +271,7 @@ def build(spec: EventLogSpec, out: str | Path, cfg: StoreConfig = StoreConfig(),
         item_table.write_parquet(tmp / "items.parquet")
         for key, value in counts.items():
             report[key] = value
-        report["items_without_events"] = int(items.height - len(np.unique(
-            np.memmap(tmp / "items.bin", dtype=np.int32, mode="r"))))
+        report["items_without_events"] = int(items.height - seen.sum())
         _log_policies(spec, cfg, report, log)
         shutil.rmtree(part_dir, ignore_errors=True)
         meta = {
@@ -338,7 +342,8 @@ def load(folder: str | Path) -> Sequences:
         raise DataError(str(folder), "not a genrec event store (no meta.json)")
     meta = json.loads((folder / "meta.json").read_text())
     if meta.get("version") != STORE_VERSION:
-        raise DataError(str(folder), f"store version {meta.get('version')}, this genrec reads {STORE_VERSION}; rebuild it")
+        raise DataError(str(folder), f"store version {meta.get('version')}, this genrec reads {STORE_VERSION}; "
+                        "rebuild it")
     items = pl.read_parquet(folder / "items.parquet")
     item_raw = items["item"].to_list()
     features = [c for c in items.columns if c != "item"]
