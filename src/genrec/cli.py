@@ -82,19 +82,38 @@ def cmd_data_prepare(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from genrec.train.trainer import Trainer
+    from genrec.distributed import launch
 
+    if args.nproc is not None and not launch.under_torchrun():
+        return launch.torchrun(args.nproc, _without_nproc(sys.argv[1:] if args.argv is None else args.argv))
     overrides = list(args.set or [])
     if args.out_dir:
         overrides.append(f"train.out_dir={args.out_dir}")
     cfg = config_lib.load(args.config, overrides)
-    result = Trainer(cfg).fit(resume=not args.no_resume)
-    _print_metrics(f"test metrics ({cfg.model}, {cfg.data.dataset}, {cfg.data.protocol}):", result["test"])
+    from genrec.distributed.run import train
+
+    result = train(cfg, resume=not args.no_resume)
+    if result is not None:
+        _print_metrics(f"test metrics ({cfg.model}, {cfg.data.dataset}, {cfg.data.protocol}):", result["test"])
     return 0
+
+
+def _without_nproc(argv: list[str]) -> list[str]:
+    """The command line the launched ranks run: this one without ``--nproc K``."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            out.append(a)
+    return out
 
 
 def _load_run(path: str, overrides: list[str]):
     """A trainer for the run folder (or a checkpoint inside it) with its best weights loaded."""
+    from genrec.distributed.checkpoint import is_distributed_checkpoint, load_model_single_process
     from genrec.train import checkpoint
     from genrec.train.trainer import Trainer
 
@@ -105,9 +124,12 @@ def _load_run(path: str, overrides: list[str]):
     cfg = config_lib.load(run_dir / "config.yaml", overrides)
     trainer = Trainer(cfg)
     weights = ckpt / "best" if (ckpt / "best" / "model.safetensors").is_file() else ckpt
-    if not (weights / "model.safetensors").is_file():
+    if is_distributed_checkpoint(weights):  # written by torchrun ranks; read here by one process
+        load_model_single_process(weights, trainer.model)
+    elif (weights / "model.safetensors").is_file():
+        checkpoint.load_weights(trainer.model, weights)
+    else:
         raise SystemExit(f"{weights}: no model.safetensors")
-    checkpoint.load_weights(trainer.model, weights)
     trainer.model.to(trainer.device)
     return trainer, weights
 
@@ -228,6 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="overrides, e.g. train.lr=3e-4")
     train.add_argument("--out-dir", default=None)
     train.add_argument("--no-resume", action="store_true", help="ignore checkpoints in out_dir")
+    train.add_argument("--nproc", type=int, default=None, metavar="K",
+                       help="train on K local processes through torchrun (train.strategy: ddp or fsdp2)")
     train.set_defaults(func=cmd_train)
 
     ev = sub.add_parser("eval", help="evaluate a trained run or checkpoint")
@@ -269,6 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = argv
     try:
         return args.func(args)
     except DataError as err:

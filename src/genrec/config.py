@@ -65,6 +65,7 @@ class TrainConfig:
     init_from: str | None = None  # folder with a model.safetensors to start from (fine-tuning)
     tensorboard: bool = True
     progress: bool = True
+    strategy: str = "ddp"  # under torchrun: "ddp" or "fsdp2" (fully_shard on the blocks); data.batch_size is global
 
 
 @dataclass

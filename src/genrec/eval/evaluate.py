@@ -3,9 +3,17 @@
 Retrieval ranks the *full* catalogue (items 1..num_items) for each target; nothing is excluded,
 not even items already in the user's history (the UniGRF paper's protocol, §5.1.2: "the entire item
 set is used as the candidate set"). Only the padding id 0 is never a candidate.
+
+Scoring (:func:`score_batches`, one :class:`BatchScores` per batch) is apart from the reduction to
+metrics (:func:`reduce_scores`), so several processes can each score a share of the batches and
+one reduction over the gathered batches, in the single-process order, gives the very same numbers
+(:mod:`genrec.distributed.evaluate`).
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 
 import torch
 
@@ -13,26 +21,54 @@ from genrec.eval.metrics import RankingAccumulator, RetrievalAccumulator, target
 from genrec.models.base import RecModel
 
 
+@dataclass
+class BatchScores:
+    """What one evaluation batch leaves for the metrics, on the CPU: per target, in flat order."""
+
+    users: torch.Tensor  # [N_t] int64
+    labels: torch.Tensor | None = None  # [N_t] float32 (ranking models)
+    logits: torch.Tensor | None = None  # [N_t] float32 (ranking models)
+    # full-catalogue rank of the true item (retrieval), float64, per chunk of <= 1024 targets: the
+    # metrics sum chunk by chunk, as they always have, so their last bits do not depend on the batching
+    ranks: list[torch.Tensor] | None = None
+
+
 @torch.no_grad()
-def evaluate(model: RecModel, loader, device: torch.device, ks: tuple[int, ...] = (10, 50),
-             autocast: bool = False) -> dict[str, float]:
+def score_batches(model: RecModel, loader, device: torch.device, autocast: bool = False) -> Iterator[BatchScores]:
     model.eval()
-    ranking = RankingAccumulator()
-    retrieval = RetrievalAccumulator(ks)
     items = None
     if "retrieval" in model.tasks:
         items = model.item_embeddings().float()  # [I + 1, D]
     for batch in loader:
         batch = batch.to(device)
-        users = batch.users[batch.sequence_index()][batch.target_mask]
+        out = BatchScores(users=batch.users[batch.sequence_index()][batch.target_mask].cpu())
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
             if "ranking" in model.tasks:
-                ranking.update(users, batch.labels[batch.target_mask], model.rank_logits(batch).float())
+                out.labels = batch.labels[batch.target_mask].float().cpu()
+                out.logits = model.rank_logits(batch).float().cpu()
             if items is not None:
                 queries = model.retrieval_queries(batch).float()  # [N, D]
+                targets = batch.items[batch.target_mask]
+                out.ranks = []
                 for chunk in range(0, len(queries), 1024):  # bounds memory at 1024 x num_items scores
                     scores = queries[chunk: chunk + 1024] @ items.T  # [n, I + 1]
                     scores[:, 0] = float("-inf")
-                    targets = batch.items[batch.target_mask][chunk: chunk + 1024]
-                    retrieval.update_ranks(target_ranks(scores, targets))
+                    out.ranks.append(target_ranks(scores, targets[chunk: chunk + 1024]).cpu())
+        yield out
+
+
+def reduce_scores(scores: Iterable[BatchScores], ks: tuple[int, ...] = (10, 50)) -> dict[str, float]:
+    """Metrics of the batches' scores, accumulated in the order given."""
+    ranking = RankingAccumulator()
+    retrieval = RetrievalAccumulator(ks)
+    for s in scores:
+        if s.logits is not None:
+            ranking.update(s.users, s.labels, s.logits)
+        for ranks in s.ranks or ():
+            retrieval.update_ranks(ranks)
     return ranking.compute() | retrieval.compute()
+
+
+def evaluate(model: RecModel, loader, device: torch.device, ks: tuple[int, ...] = (10, 50),
+             autocast: bool = False) -> dict[str, float]:
+    return reduce_scores(score_batches(model, loader, device, autocast), ks)

@@ -26,16 +26,11 @@ from genrec.data.batching import WindowDataset, make_loader
 from genrec.data.info import dataset_info
 from genrec.data.preprocess import PrepConfig, prepare
 from genrec.data.splits import SPLITS, SplitConfig, windows
-from genrec.eval.evaluate import evaluate
 from genrec.models import build_model
 from genrec.models.base import RecModel
 from genrec.train import checkpoint
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+from genrec.train.strategy import Strategy
+from genrec.train.throughput import EpochMeter
 
 
 def lr_at(step: int, base: float, warmup: int, total: int, min_ratio: float) -> float:
@@ -77,11 +72,16 @@ class CsvLog:
 
 
 class Trainer:
-    def __init__(self, cfg: RunConfig, log=print):
+    """Trains ``cfg`` in this process, or as one rank of several when ``strategy`` says so
+    (:mod:`genrec.distributed`): ``model`` is always the bare model, ``train_model`` what the
+    training step calls (a DDP or FSDP2 wrapper of it)."""
+
+    def __init__(self, cfg: RunConfig, log=print, strategy: Strategy | None = None):
         self.cfg = cfg
-        self.log = log
+        self.strategy = strategy or Strategy()
+        self.log = log if self.strategy.is_main else (lambda *_: None)
         d, t = cfg.data, cfg.train
-        self.device = resolve_device(t.device)
+        self.device = self.strategy.device(t.device)
         if t.deterministic and self.device.type == "cpu":
             # multithreaded CPU kernels (e.g. index accumulation) otherwise sum in scheduling order,
             # and two runs of one config drift apart in the last bits. GPU runs keep the fast kernels.
@@ -102,6 +102,7 @@ class Trainer:
                 raise FileNotFoundError(f"train.init_from: no model.safetensors in {t.init_from}")
             checkpoint.load_weights(self.model, Path(t.init_from))
         self.model.to(self.device)
+        self.train_model = self.strategy.wrap(self.model, self.device)
         decay = [p for n, p in self.model.named_parameters() if p.ndim >= 2 and "emb" not in n]
         other = [p for n, p in self.model.named_parameters() if not (p.ndim >= 2 and "emb" not in n)]
         self.optimizer = torch.optim.AdamW(
@@ -111,9 +112,9 @@ class Trainer:
 
     def loader(self, split: str):
         d = self.cfg.data
-        train = split == "train"
-        return make_loader(self.data[split], d.batch_size if train else d.eval_batch_size, shuffle=train,
-                           seed=self.cfg.train.seed, num_workers=d.num_workers)
+        if split == "train":
+            return self.strategy.train_loader(self.data[split], d.batch_size, self.cfg.train.seed, d.num_workers)
+        return make_loader(self.data[split], d.eval_batch_size, shuffle=False, num_workers=d.num_workers)
 
     def history_loader(self):
         """Each user's latest training window, in order: the training history as it ends."""
@@ -145,7 +146,7 @@ class Trainer:
                 f"{k}={v:.4g}" for k, v in state["epoch_stats"].items()))
 
     def evaluate(self, split: str) -> dict:
-        return evaluate(self.model, self.loader(split), self.device, autocast=self.autocast)
+        return self.strategy.evaluate(self.model, self.loader(split), self.device, self.autocast)
 
     def _better(self, value: float, best: float | None) -> bool:
         if best is None:
@@ -154,8 +155,10 @@ class Trainer:
 
     def fit(self, resume: bool = True) -> dict:
         t = self.cfg.train
-        self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / "config.yaml").write_text(yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
+        main = self.strategy.is_main
+        if main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "config.yaml").write_text(yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
         loader = self.loader("train")
         sampler = loader.batch_sampler
         steps_per_epoch = len(sampler.batches())
@@ -164,24 +167,27 @@ class Trainer:
                  "bad_epochs": 0, "done": False, "history": [], "epoch_stats": {}}
         last = checkpoint.latest(self.out) if resume else None
         if last is not None:
-            state = checkpoint.load(last, self.model, self.optimizer)
+            state = self.strategy.load_checkpoint(last, self.model, self.optimizer)
             state.setdefault("epoch_stats", {})
             self.log(f"[train] resumed from {last} (epoch {state['epoch']}, step {state['global_step']})")
         step_log, val_log = CsvLog(self.out / "train_log.csv"), CsvLog(self.out / "val_log.csv")
-        step_log.truncate_after(state["global_step"])
-        val_log.truncate_after(state["global_step"])
+        if main:
+            step_log.truncate_after(state["global_step"])
+            val_log.truncate_after(state["global_step"])
         writer = None
-        if t.tensorboard:
+        if t.tensorboard and main:
             from torch.utils.tensorboard import SummaryWriter
 
             writer = SummaryWriter(str(self.out / "tb"), purge_step=state["global_step"] or None)
 
+        meter = EpochMeter(self.cfg.model, getattr(self.model, "cfg", None), self.device)
         while not state["done"] and state["epoch"] < t.epochs:
             self.model.train()
             self.before_epoch(state)
             sampler.set_epoch(state["epoch"], state["batch_in_epoch"])
-            bar = tqdm(loader, desc=f"epoch {state['epoch']}", disable=not t.progress, leave=False,
+            bar = tqdm(loader, desc=f"epoch {state['epoch']}", disable=not (t.progress and main), leave=False,
                        initial=state["batch_in_epoch"], total=steps_per_epoch)
+            meter.start()
             for batch in bar:
                 t0 = time.perf_counter()
                 torch.manual_seed(t.seed * 1_000_003 + state["global_step"])
@@ -190,38 +196,41 @@ class Trainer:
                     group["lr"] = lr
                 batch = batch.to(self.device)
                 with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-                    losses = self.model(batch)
+                    losses = self.train_model(batch)
                 self.optimizer.zero_grad(set_to_none=True)
-                losses["loss"].backward()
+                (losses["loss"] * self.strategy.loss_scale(batch)).backward()
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
                 self.optimizer.step()
                 state["global_step"] += 1
                 state["batch_in_epoch"] += 1
-                speed = batch.num_events / (time.perf_counter() - t0)
-                row = {"step": state["global_step"], "epoch": state["epoch"], "lr": lr,
-                       "grad_norm": float(grad_norm), "events_per_s": speed} | {
-                    k: float(v.detach()) for k, v in losses.items()}
-                step_log.write(row)
+                meter.add(batch)
+                speed = batch.num_events / (time.perf_counter() - t0)  # this process's
+                row = {"step": state["global_step"], "epoch": state["epoch"], "lr": lr, "grad_norm": float(grad_norm),
+                       "events_per_s": speed} | self.strategy.reduce_losses(losses, batch)
+                if main:
+                    step_log.write(row)
                 if writer is not None:
                     for k, v in row.items():
                         if k not in ("step", "epoch"):
                             writer.add_scalar(f"train/{k}", v, state["global_step"])
                 bar.set_postfix(loss=f"{row['loss']:.4f}", ev_s=f"{speed:,.0f}")
                 if t.checkpoint_every_steps and state["global_step"] % t.checkpoint_every_steps == 0:
-                    checkpoint.save(self.out, self.model, self.optimizer, state, t.keep_checkpoints)
+                    self.strategy.save_checkpoint(self.out, self.model, self.optimizer, state, t.keep_checkpoints)
                 if t.max_steps and state["global_step"] >= t.max_steps:
                     state["done"] = True
                     break
             bar.close()
+            speed = meter.row(self.strategy)
             metrics = self.evaluate("valid")
             value = self.stop_value(metrics)
             if self._better(value, state["best"]):
                 state.update(best=value, best_epoch=state["epoch"], bad_epochs=0)
-                checkpoint.save_weights(self.model, self.out / "best")
+                self.strategy.save_weights(self.model, self.out / "best")
             else:
                 state["bad_epochs"] += 1
-            metrics |= state["epoch_stats"]
-            val_log.write({"step": state["global_step"], "epoch": state["epoch"]} | metrics)
+            metrics |= state["epoch_stats"] | speed
+            if main:
+                val_log.write({"step": state["global_step"], "epoch": state["epoch"]} | metrics)
             if writer is not None:
                 for k, v in metrics.items():
                     writer.add_scalar(f"valid/{k}", v, state["global_step"])
@@ -233,13 +242,15 @@ class Trainer:
             if state["bad_epochs"] >= t.patience:
                 self.log(f"[train] early stop: no {t.early_stop_metric} gain for {t.patience} epochs")
                 state["done"] = True
-            checkpoint.save(self.out, self.model, self.optimizer, state, t.keep_checkpoints)
+            self.strategy.save_checkpoint(self.out, self.model, self.optimizer, state, t.keep_checkpoints)
         if writer is not None:
             writer.close()
+        self.strategy.barrier()  # rank 0 wrote best/
         if (self.out / "best" / "model.safetensors").is_file():
-            checkpoint.load_weights(self.model, self.out / "best")
+            self.strategy.load_weights(self.model, self.out / "best")
         result = {"valid": self.evaluate("valid"), "test": self.evaluate("test"),
                   "best_epoch": state["best_epoch"], "steps": state["global_step"],
                   "history": state["history"], "config": asdict(self.cfg)}
-        (self.out / "metrics.json").write_text(json.dumps(result, indent=1))
+        if main:
+            (self.out / "metrics.json").write_text(json.dumps(result, indent=1))
         return result

@@ -1,0 +1,11 @@
+"""Training on several processes with PyTorch's own stack: torchrun, DDP or FSDP2, DCP checkpoints.
+
+Floors: this room sits above ``train/`` (it implements :class:`genrec.train.strategy.Strategy`) and
+below ``cli.py``. Single-process code never imports it.
+
+* :mod:`.launch` — process-group set-up from torchrun's environment, ``genrec train --nproc K``.
+* :mod:`.sampler` — each rank's share of every global batch.
+* :mod:`.strategy` — DDP / FSDP2 wrapping, loss weighting, exact metric reduction.
+* :mod:`.evaluate` — evaluation sharded by batch and reduced to the single-process numbers.
+* :mod:`.checkpoint` — ``torch.distributed.checkpoint`` saves that load with any number of ranks.
+"""
