@@ -31,3 +31,14 @@ def tiny_movielens(folder: Path, seed: int = 0) -> Path:
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> Path:
     return tiny_movielens(tmp_path_factory.mktemp("tiny-data"))
+
+
+@pytest.fixture(scope="session")
+def tiny_sequences(tiny_data):
+    """The training windows of the tiny dataset (temporal split, up to 10 events)."""
+    from genrec.data.batching import WindowDataset
+    from genrec.data.preprocess import PrepConfig, prepare
+    from genrec.data.splits import SplitConfig, windows
+
+    seq = prepare("ml-latest-small", tiny_data, PrepConfig(3.0, 0, 3, "drop"), allow_download=False)
+    return WindowDataset(seq, windows(seq, "train", SplitConfig("temporal", 0.8, 0.9), 10, None))
