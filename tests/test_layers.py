@@ -12,6 +12,7 @@ its own floor or above; rooms sharing a floor do not know each other):
     6  train/                       the trainer and its checkpoints
     7  distributed/                 launch, sharding, distributed checkpoints
     8  cli.py                       the ``genrec`` command
+    9  __main__.py                  ``python -m genrec`` (and ``torchrun -m genrec``): runs cli.main
 
 ``benchmarks/`` sits on top and may import anything; nothing in ``src`` imports ``benchmarks`` or
 ``tests``. What two rooms both need (a checkpoint loader for train and serve, say) moves down to a
@@ -36,6 +37,7 @@ FLOORS: tuple[tuple[str, ...], ...] = (
     ("train",),
     ("distributed",),
     ("cli",),
+    ("__main__",),
 )
 FLOOR_OF = {room: level for level, rooms in enumerate(FLOORS) for room in rooms}
 FOREIGN = ("benchmarks", "tests")  # never imported from the library
