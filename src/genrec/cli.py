@@ -209,6 +209,30 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    import time
+
+    from genrec.serve.export import ExportShapes, export, triton_config
+
+    out = Path(args.out)
+    if out.suffix != ".pt2":
+        raise SystemExit(f"genrec export: --out {out}: the package name must end in .pt2")
+    overrides = list(args.set or []) + ([f"train.device={args.device}"] if args.device else [])
+    trainer, weights = _load_run(args.checkpoint, overrides)
+    shapes = ExportShapes(max_batch=args.max_batch, max_history=trainer.cfg.data.max_len,
+                          max_candidates=args.max_candidates)
+    start = time.perf_counter()
+    try:
+        package = export(trainer.model, out, trainer.seq.num_items, shapes, trainer.device)
+    except ValueError as err:
+        raise SystemExit(f"genrec export: {err}") from None
+    config = out.parent / "config.pbtxt"
+    config.write_text(triton_config(args.name or trainer.cfg.model, trainer.device))
+    print(f"genrec export: {trainer.cfg.model} from {weights} -> {package} and {config} "
+          f"({time.perf_counter() - start:.0f} s)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="genrec", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -288,6 +312,16 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--log-level", default="warning")
     srv.add_argument("--set", nargs="*", metavar="KEY=VALUE")
     srv.set_defaults(func=cmd_serve)
+
+    exp = sub.add_parser("export", help="candidate scoring as an AOTInductor package (.pt2) + Triton config.pbtxt")
+    exp.add_argument("--checkpoint", required=True, help="run folder (uses best/) or a checkpoint folder")
+    exp.add_argument("--out", required=True, help="package path, e.g. models/dfgr/1/model.pt2")
+    exp.add_argument("--device", default=None, help="cpu or cuda: where the package runs (default: the run's)")
+    exp.add_argument("--name", default=None, help="model name in config.pbtxt (default: the model's)")
+    exp.add_argument("--max-batch", type=int, default=256, help="largest batch the package accepts")
+    exp.add_argument("--max-candidates", type=int, default=1024, help="most candidates per request")
+    exp.add_argument("--set", nargs="*", metavar="KEY=VALUE")
+    exp.set_defaults(func=cmd_export)
     return parser
 
 

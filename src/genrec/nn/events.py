@@ -31,15 +31,22 @@ class Events:
         pad = {name: pad_jagged(getattr(batch, name), batch.offsets, n)[0]
                for name in ("items", "actions", "labels", "request_ids", "timestamps", "target_mask")}
         valid = pad_jagged(batch.items, batch.offsets, n)[1]
-        position = torch.arange(n, device=valid.device).expand_as(pad["items"])
+        return cls.from_padded(pad["items"], pad["actions"], pad["labels"], pad["request_ids"], pad["timestamps"],
+                               valid, pad["target_mask"] & valid)
+
+    @classmethod
+    def from_padded(cls, items: torch.Tensor, actions: torch.Tensor, labels: torch.Tensor, request: torch.Tensor,
+                    timestamp: torch.Tensor, valid: torch.Tensor, target: torch.Tensor | None = None) -> Events:
+        """Events from right-padded ``[B, N]`` tensors, without a host sync or a data-dependent shape
+        (so ``torch.export`` can trace it); ``target`` defaults to none."""
+        position = torch.arange(items.shape[1], device=valid.device).expand_as(items)
         new_request = torch.ones_like(valid)
-        new_request[:, 1:] = pad["request_ids"][:, 1:] != pad["request_ids"][:, :-1]
+        new_request[:, 1:] = request[:, 1:] != request[:, :-1]
         request_start = torch.cummax(torch.where(new_request, position, torch.zeros_like(position)), dim=1).values
         prev_index = (request_start - 1).clamp(min=0)
-        prev_time = torch.where(request_start > 0, pad["timestamps"].gather(1, prev_index),
-                                torch.full_like(prev_index, -1))
-        return cls(pad["items"], pad["actions"], pad["labels"], pad["request_ids"], pad["timestamps"], valid,
-                   pad["target_mask"] & valid, position, request_start, prev_time)
+        prev_time = torch.where(request_start > 0, timestamp.gather(1, prev_index), torch.full_like(prev_index, -1))
+        return cls(items, actions, labels, request, timestamp, valid,
+                   torch.zeros_like(valid) if target is None else target, position, request_start, prev_time)
 
 
 def interleave(item_side: torch.Tensor, action_side: torch.Tensor) -> torch.Tensor:
