@@ -226,7 +226,8 @@ def cmd_export(args) -> int:
         package = export(trainer.model, out, trainer.seq.num_items, shapes, trainer.device)
     except ValueError as err:
         raise SystemExit(f"genrec export: {err}") from None
-    config = out.parent / "config.pbtxt"
+    # Triton's model repository: <name>/config.pbtxt beside the version folders <name>/1/model.pt2
+    config = (out.parent.parent if out.parent.name.isdigit() else out.parent) / "config.pbtxt"
     config.write_text(triton_config(args.name or trainer.cfg.model, trainer.device))
     print(f"genrec export: {trainer.cfg.model} from {weights} -> {package} and {config} "
           f"({time.perf_counter() - start:.0f} s)")
@@ -315,7 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     exp = sub.add_parser("export", help="candidate scoring as an AOTInductor package (.pt2) + Triton config.pbtxt")
     exp.add_argument("--checkpoint", required=True, help="run folder (uses best/) or a checkpoint folder")
-    exp.add_argument("--out", required=True, help="package path, e.g. models/dfgr/1/model.pt2")
+    exp.add_argument("--out", required=True, help="package path, e.g. models/dfgr/1/model.pt2 (config.pbtxt goes "
+                     "to models/dfgr/, Triton's layout; beside the package otherwise)")
     exp.add_argument("--device", default=None, help="cpu or cuda: where the package runs (default: the run's)")
     exp.add_argument("--name", default=None, help="model name in config.pbtxt (default: the model's)")
     exp.add_argument("--max-batch", type=int, default=256, help="largest batch the package accepts")
