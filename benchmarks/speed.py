@@ -137,7 +137,7 @@ def kernel_rows(ns: list[int], tokens: int, heads: int, dim: int, peak: float) -
 
 
 # ------------------------------------------------------------------------------------ models
-def synthetic_batch(batch: int, n: int, seed: int) -> JaggedBatch:
+def synthetic_batch(batch: int, n: int, seed: int, device: str = "cuda") -> JaggedBatch:
     """``batch`` sequences of ``n`` events: requests of 1-3 events, minutes to days apart."""
     rng = np.random.default_rng(seed)
     total = batch * n
@@ -146,7 +146,7 @@ def synthetic_batch(batch: int, n: int, seed: int) -> JaggedBatch:
     request = np.concatenate([np.cumsum(r) - 1 for r in new_request.reshape(batch, n)])
     gaps = np.where(new_request, rng.integers(60, 86_400 * 3, total), 0).reshape(batch, n)
     actions = rng.integers(0, 5, total)
-    t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).cuda()  # noqa: E731
+    t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(device)  # noqa: E731
     return JaggedBatch(offsets=t(np.arange(batch + 1) * n), items=t(rng.integers(1, NUM_ITEMS + 1, total)),
                        actions=t(actions), labels=t((actions >= 3).astype(np.float32)),
                        timestamps=t((1_600_000_000 + np.cumsum(gaps, axis=1)).ravel()),
