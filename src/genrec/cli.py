@@ -194,8 +194,12 @@ def cmd_serve(args) -> int:
         overrides.append(f"train.device={args.device}")
     trainer, weights = _load_run(args.checkpoint, overrides)
     d = trainer.cfg.data
-    engine = build_engine(trainer.model, trainer.seq, d.label_threshold, d.request_window_s, d.max_len,
-                          trainer.device, args.cache_bytes, trainer.cfg.model)
+    try:
+        engine = build_engine(trainer.model, trainer.seq, d.label_threshold, d.request_window_s, d.max_len,
+                              trainer.device, args.cache_bytes, trainer.cfg.model,
+                              (args.max_batch, args.max_candidates) if args.cuda_graphs else None)
+    except ValueError as err:
+        raise SystemExit(f"genrec serve: {err}") from None
     token = args.token or os.environ.get("GENREC_SERVE_TOKEN") or None
     if args.host not in ("127.0.0.1", "localhost", "::1") and token is None:
         print(f"genrec serve: warning: listening on {args.host} without a token; anyone who can reach it can "
@@ -309,6 +313,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-batch", type=int, default=32, help="requests per scoring call")
     srv.add_argument("--max-wait-us", type=int, default=500, help="longest wait for a batch to fill, microseconds")
     srv.add_argument("--max-candidates", type=int, default=1024)
+    srv.add_argument("--cuda-graphs", action="store_true", help="replay cold scoring as CUDA graphs recorded per "
+                     "power-of-two bucket of batch, history and candidates (HSTU, DFGR on CUDA)")
     srv.add_argument("--max-body-bytes", type=_byte_size, default=_byte_size("1M"))
     srv.add_argument("--log-level", default="warning")
     srv.add_argument("--set", nargs="*", metavar="KEY=VALUE")

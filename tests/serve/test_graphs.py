@@ -60,3 +60,49 @@ def test_graph_replays_match_eager_scoring_for_new_users_and_candidates(name, ba
         served.score(torch.ones(1, 11, dtype=torch.long, device="cuda"), when)
     with pytest.raises(ValueError, match="events.items"):
         served.encode(Events.from_batch(make_batch([41], seed=4).to("cuda")))
+
+
+def test_buckets_are_powers_of_two_capped_at_the_limit():
+    from genrec.serve.graphs import bucket
+
+    assert [bucket(s, 48) for s in (1, 2, 3, 5, 16, 17, 40, 48)] == [1, 2, 4, 8, 16, 32, 48, 48]
+    with pytest.raises(ValueError, match="outside"):
+        bucket(49, 48)
+
+
+@pytest.mark.parametrize("name", ["hstu", "dfgr"])
+def test_padding_a_batch_to_its_bucket_changes_no_score(name):
+    """What the graphs replay, run eagerly on CPU: padded to the bucket, cut back, equal to unpadded."""
+    from genrec.serve.graphs import pad_events, pad_rows
+
+    model = _model(name, "reference", "cpu")
+    batch = make_batch([9, 14, 5], seed=2)
+    ev = Events.from_batch(batch)
+    cands = torch.randint(1, 41, (3, 5), generator=torch.Generator().manual_seed(0))
+    when = batch.timestamps[batch.offsets[1:] - 1] + 60
+    with torch.no_grad():
+        want = model.serve_logits(batch, cands, when)
+        padded = pad_events(ev, 4, 16)
+        cache = model.encode_events(padded, 8)
+        got = model.score_micro_batches(cache, pad_rows(cands, 4, 8), pad_rows(when, 4))
+    assert got.shape == (4, 8)
+    torch.testing.assert_close(got[:3, :5], want, rtol=0, atol=1e-5)
+    torch.testing.assert_close(got[3], got[2])  # the copied row
+
+
+@gpu_only
+@pytest.mark.parametrize("name", ["hstu", "dfgr"])
+def test_bucketed_graphs_give_the_eager_scores_for_any_batch(name):
+    from genrec.serve.graphs import BucketedGraphs
+
+    model = _model(name, "triton", "cuda")
+    graphs = BucketedGraphs(model, max_batch=8, max_history=128, max_candidates=64, max_graphs=2)
+    for lengths, m in (([40, 17, 33], 10), ([40, 17, 33], 12), ([7], 3), ([100, 5, 60, 2, 9], 33)):
+        batch = make_batch(lengths, seed=len(lengths) + m).to("cuda")
+        cands = torch.randint(1, 41, (len(lengths), m), device="cuda")
+        when = batch.timestamps[batch.offsets[1:] - 1] + 60
+        with torch.no_grad():
+            want = model.serve_logits(batch, cands, when)
+        got = graphs.score(Events.from_batch(batch), cands, when)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert len(graphs.graphs) == 2  # least recently used dropped

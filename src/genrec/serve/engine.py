@@ -19,7 +19,9 @@ import torch
 
 from genrec.data.preprocess import Sequences
 from genrec.models.base import RecModel
+from genrec.models.generative import CachedServingRanker
 from genrec.nn import kv_cache
+from genrec.serve.graphs import BucketedGraphs
 from genrec.serve.metrics import ServiceMetrics
 from genrec.serve.recommend import top_items
 from genrec.serve.scoring import Scorer
@@ -112,11 +114,11 @@ class RecommendJob:
 
 class Engine:
     def __init__(self, model: RecModel, catalogue: Catalogue, store: UserStore, device: torch.device,
-                 max_history: int, model_name: str = ""):
+                 max_history: int, model_name: str = "", graphs: BucketedGraphs | None = None):
         self.model, self.catalogue, self.store, self.device = model.eval(), catalogue, store, device
         self.max_history = max_history
         self.model_name = model_name or type(model).__name__.lower()
-        self.scorer = Scorer(model, device, catalogue.label_threshold) if Scorer.can_score(model) else None
+        self.scorer = Scorer(model, device, catalogue.label_threshold, graphs) if Scorer.can_score(model) else None
         self.metrics = ServiceMetrics(device)
         self.handlers = {"rank": self.rank, "events": self.append_events, "recommend": self.recommend,
                          "history": self.user_history}
@@ -176,25 +178,40 @@ class Engine:
         return results
 
     def _score(self, jobs: list[RankJob], histories: list[History], when: list[int]) -> list[np.ndarray]:
+        """Scores of each job: users with a cache are scored against it (one stacked call); stored users
+        without one are encoded together and their caches kept; the rest (inline histories, or no cache
+        budget) are scored cold in one call."""
         candidates = [job.candidates for job in jobs]
         self.metrics.candidates.inc(sum(len(c) for c in candidates))
         if not self.scorer.cached:
             return self.scorer.score(histories, candidates, when)
-        caches, cold = [], []
+        caches: list = [None] * len(jobs)
+        keep = []  # jobs whose new cache the store keeps
         for k, job in enumerate(jobs):
             state = None if job.history is not None else self.store.get(job.user)
-            caches.append(None if state is None else state.cache)
             if state is not None:
+                caches[k] = state.cache
                 (self.metrics.cache_hits if state.cache is not None else self.metrics.cache_misses).inc()
-            if caches[k] is None:
-                cold.append(k)
+                if state.cache is None and self.store.budget > 0:
+                    keep.append(k)
+        for k, cache in zip(keep, self.scorer.encode([histories[k] for k in keep]) if keep else [], strict=True):
+            caches[k] = cache
+            evicted = self.store.put_cache(jobs[k].user, cache, kv_cache.nbytes(cache))
+            self.metrics.cache_evictions.inc(len(evicted))
+        out: list = [None] * len(jobs)
+        warm = [k for k in range(len(jobs)) if caches[k] is not None]
+        if warm:
+            scores = self.scorer.score_cached([caches[k] for k in warm], [candidates[k] for k in warm],
+                                              [when[k] for k in warm])
+            for k, score in zip(warm, scores, strict=True):
+                out[k] = score
+        cold = [k for k in range(len(jobs)) if caches[k] is None]
         if cold:
-            for k, cache in zip(cold, self.scorer.encode([histories[k] for k in cold]), strict=True):
-                caches[k] = cache
-                if jobs[k].history is None:
-                    evicted = self.store.put_cache(jobs[k].user, cache, kv_cache.nbytes(cache))
-                    self.metrics.cache_evictions.inc(len(evicted))
-        return self.scorer.score_cached(caches, candidates, when)
+            scores = self.scorer.score([histories[k] for k in cold], [candidates[k] for k in cold],
+                                       [when[k] for k in cold])
+            for k, score in zip(cold, scores, strict=True):
+                out[k] = score
+        return out
 
     # ------------------------------------------------------------------------------------ events
     def append_events(self, jobs: list[EventsJob]) -> list:
@@ -268,9 +285,16 @@ class Engine:
 
 
 def build_engine(model: RecModel, seq: Sequences, label_threshold: float, request_window_s: int, max_len: int,
-                 device: torch.device, cache_bytes: int, model_name: str = "") -> Engine:
+                 device: torch.device, cache_bytes: int, model_name: str = "",
+                 cuda_graphs: tuple[int, int] | None = None) -> Engine:
     """An engine over a trained model and its dataset: the dataset's users start from their latest
-    ``max_len`` events."""
+    ``max_len`` events. ``cuda_graphs = (max_batch, max_candidates)`` replays cold scoring as CUDA
+    graphs (HSTU, DFGR on a CUDA device)."""
     catalogue = Catalogue(seq.item_raw, seq.rating_values, label_threshold, request_window_s)
     store = UserStore(cache_bytes, dataset_seed(seq, max_len, request_window_s))
-    return Engine(model, catalogue, store, device, max_len, model_name)
+    graphs = None
+    if cuda_graphs is not None:
+        if device.type != "cuda" or not isinstance(model, CachedServingRanker):
+            raise ValueError(f"CUDA graphs need HSTU or DFGR on a CUDA device, not {model_name} on {device}")
+        graphs = BucketedGraphs(model.eval(), cuda_graphs[0], max_len, cuda_graphs[1])
+    return Engine(model, catalogue, store, device, max_len, model_name, graphs)

@@ -85,3 +85,55 @@ class GraphedServing:
         """Encode ``events`` and score ``candidates`` after them: a request of a user seen cold."""
         self.encode(events)
         return self.score(candidates, request_time)
+
+
+def bucket(size: int, limit: int) -> int:
+    """The smallest power of two >= ``size``, at most ``limit`` (the shapes graphs are recorded for)."""
+    if not 1 <= size <= limit:
+        raise ValueError(f"size {size} is outside 1..{limit}")
+    return min(1 << (size - 1).bit_length(), limit)
+
+
+def pad_events(ev: Events, batch: int, length: int) -> Events:
+    """``[B, N]`` events -> ``[batch, length]``: invalid events after each row, then copies of the last
+    row (a copy scores like its original, so no row is ever empty inside a graph)."""
+    def pad(t: torch.Tensor) -> torch.Tensor:
+        out = t.new_zeros((t.shape[0], length))
+        out[:, :t.shape[1]] = t
+        return torch.cat([out, out[-1:].expand(batch - t.shape[0], length)])
+
+    padded = {f.name: pad(getattr(ev, f.name)) for f in fields(Events)}
+    padded["position"] = torch.arange(length, device=ev.valid.device).expand(batch, length)  # as from_batch
+    return Events(**padded)
+
+
+def pad_rows(t: torch.Tensor, batch: int, width: int | None = None) -> torch.Tensor:
+    """``[B]`` or ``[B, M]`` -> ``[batch(, width)]`` repeating the last row and the last column."""
+    if t.ndim == 2 and width is not None:
+        t = torch.cat([t, t[:, -1:].expand(t.shape[0], width - t.shape[1])], dim=1)
+    return torch.cat([t, t[-1:].expand(batch - t.shape[0], *t.shape[1:])])
+
+
+class BucketedGraphs:
+    """Cold scoring (encode + score) of any batch through :class:`GraphedServing` graphs recorded on
+    first use for power-of-two buckets of (batch, history length, candidates): a batch is padded to its
+    bucket (:func:`pad_events`, :func:`pad_rows`), replayed, and cut back. At most ``max_graphs``
+    graphs are kept (least recently used dropped)."""
+
+    def __init__(self, model: CachedServingRanker, max_batch: int, max_history: int, max_candidates: int,
+                 dtype: torch.dtype = torch.float32, max_graphs: int = 16):
+        self.model, self.dtype, self.max_graphs = model, dtype, max_graphs
+        self.limits = (max_batch, max_history, max_candidates)
+        self.graphs: dict[tuple[int, int, int], GraphedServing] = {}
+
+    def score(self, events: Events, candidates: torch.Tensor, request_time: torch.Tensor) -> torch.Tensor:
+        """Main-task logits ``[B, M]``, as the eager ``encode_events`` + ``score_micro_batches``."""
+        (b, n), m = events.valid.shape, candidates.shape[1]
+        key = tuple(bucket(size, limit) for size, limit in zip((b, n, m), self.limits, strict=True))
+        padded = pad_events(events, key[0], key[1])
+        graph = self.graphs.pop(key, None) or GraphedServing(self.model, padded, key[2], dtype=self.dtype)
+        self.graphs[key] = graph  # most recent last
+        while len(self.graphs) > self.max_graphs:
+            del self.graphs[next(iter(self.graphs))]
+        logits = graph.cold(padded, pad_rows(candidates, key[0], key[2]), pad_rows(request_time, key[0]))
+        return logits[:b, :m]

@@ -16,7 +16,9 @@ from genrec.data.batching import JaggedBatch, collate
 from genrec.models.base import RecModel
 from genrec.models.generative import CachedServingRanker
 from genrec.nn import kv_cache
+from genrec.nn.events import Events
 from genrec.nn.kv_cache import KVCache
+from genrec.serve.graphs import BucketedGraphs
 from genrec.serve.store import History
 
 
@@ -44,13 +46,15 @@ class Scorer:
         return "ranking" in model.tasks and any(
             hasattr(model, name) for name in ("score_cached", "serve_logits", "score_candidates"))
 
-    def __init__(self, model: RecModel, device: torch.device, label_threshold: float):
+    def __init__(self, model: RecModel, device: torch.device, label_threshold: float,
+                 graphs: BucketedGraphs | None = None):
         if not self.can_score(model):
             raise ValueError(f"{type(model).__name__} does not rank candidates after a history")
         self.model = model.eval()
         self.device = device
         self.cached = isinstance(model, CachedServingRanker)
         self.outputs = [f"rating>{label_threshold:g}"]
+        self.graphs = graphs  # CUDA graphs for cold scoring (HSTU and DFGR on CUDA), or None: eager
 
     # ---------------------------------------------------------------------------- KV-cache models
     @torch.no_grad()
@@ -81,7 +85,9 @@ class Scorer:
         batch = history_batch(histories, self.device)
         cands = pad_candidates(candidates, self.device)
         when = torch.tensor(request_times, dtype=torch.long, device=self.device)
-        if hasattr(self.model, "serve_logits"):
+        if self.graphs is not None:
+            logits = self.graphs.score(Events.from_batch(batch), cands, when)
+        elif hasattr(self.model, "serve_logits"):
             logits = self.model.serve_logits(batch, cands, when)
         else:
             logits = self.model.score_candidates(batch, cands, when)[1]
