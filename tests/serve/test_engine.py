@@ -1,12 +1,15 @@
 """The service's engine without HTTP: a job that breaks a batched scoring call fails alone (the rest of
-the batch is scored as if alone), and a failed append leaves the user's stored state untouched."""
+the batch is scored as if alone), a failed append leaves the user's stored state untouched, batched
+scoring equals each request alone for every kind of ranker, and recommendation leaves seen items out."""
 
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
-from genrec.serve.engine import Catalogue, Engine, EventsJob, RankJob, ServiceError
+from genrec.serve.engine import Catalogue, Engine, EventsJob, RankJob, RecommendJob, ServiceError
+from genrec.serve.scoring import history_batch
 from genrec.serve.store import History, UserStore
 from tests.models.test_generative import INFO, make_model
 
@@ -62,3 +65,32 @@ def test_a_failed_append_leaves_the_stored_state_unchanged():
     late = engine.append_events([EventsJob("4", History.build([5], [1], [0.0], [1], 0))])[0]
     assert (late.status, late.field) == (422, "events[0].time")
     assert engine.store.get("4").history is history
+
+
+@pytest.mark.parametrize("name", ["genrank", "unigrf", "hstu"])
+def test_batched_rank_equals_each_request_scored_alone_for_every_ranker(name):
+    engine = _engine(name)
+    jobs = [RankJob(str(u), np.array([1, 2, u + 3]), None, None) for u in (1, 2, 3)]
+    together = engine.rank(jobs)
+    for job, result in zip(jobs, together, strict=True):
+        history = engine.store.get(job.user).history
+        with torch.no_grad():
+            batch = history_batch([history], torch.device("cpu"))
+            cands = torch.from_numpy(job.candidates)[None]
+            when = torch.tensor([int(history.timestamps[-1])])
+            logits = (engine.model.serve_logits(batch, cands, when) if hasattr(engine.model, "serve_logits")
+                      else engine.model.score_candidates(batch, cands, when)[1])
+        np.testing.assert_allclose(result["scores"][:, 0], torch.sigmoid(logits)[0].numpy(), atol=1e-6)
+
+
+def test_recommend_leaves_seen_items_out_unless_asked():
+    engine = _engine("unigrf")
+    seen = set(engine.store.get("5").history.items.tolist())
+    (top,) = engine.recommend([RecommendJob("5", None, 10, False)])
+    assert len(top["items"]) == 10 and not seen & {int(i) for i in top["items"]}
+    assert top["scores"] == sorted(top["scores"], reverse=True)
+    assert all(0 < p < 1 for p in top["probabilities"]["rating>3"])
+    (everything,) = engine.recommend([RecommendJob("5", None, INFO.num_items, True)])
+    assert len(everything["items"]) == INFO.num_items
+    (refused,) = _engine("dfgr").recommend([RecommendJob("5", None, 3, False)])
+    assert isinstance(refused, ServiceError) and refused.status == 400
