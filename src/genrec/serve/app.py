@@ -91,8 +91,8 @@ class Guard:
     """ASGI middleware on every route: bearer token (all but ``/healthz``), body-size cap (the body is
     read here, bounded, and replayed to the route), request counts and latency."""
 
-    def __init__(self, app, token: str | None, max_body_bytes: int, metrics, routes: set[str]):
-        self.app, self.token, self.max_body, self.metrics, self.routes = app, token, max_body_bytes, metrics, routes
+    def __init__(self, app, token: str | None, max_body_bytes: int, metrics, paths: set[str]):
+        self.app, self.token, self.max_body, self.metrics, self.paths = app, token, max_body_bytes, metrics, paths
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -112,7 +112,8 @@ class Guard:
             else:
                 await self.app(scope, receive, send_counted)
         finally:
-            endpoint = scope["path"] if scope["path"] in self.routes else "other"
+            route = getattr(scope.get("route"), "path", None)  # the route's template, once routed
+            endpoint = route or (scope["path"] if scope["path"] in self.paths else "other")
             self.metrics.requests.labels(endpoint, str(status[0])).inc()
             self.metrics.latency.labels(endpoint).observe(time.perf_counter() - start)
 
@@ -235,6 +236,6 @@ def build_app(engine: Engine, limits: Limits, token: str | None = None, max_batc
         return await batcher.submit("history", user)
 
     app.add_middleware(Guard, token=token, max_body_bytes=limits.max_body_bytes, metrics=metrics,
-                       routes={route.path for route in app.routes})
+                       paths={route.path for route in app.routes})
     return app
 
