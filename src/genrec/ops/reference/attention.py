@@ -20,18 +20,22 @@ from genrec.ops.layout import TokenLayout
 from genrec.ops.masks import build_mask, time_bucket
 
 
-def relative_bias(layout: TokenLayout, rel_pos: torch.Tensor, rel_time: torch.Tensor) -> torch.Tensor:
-    """HSTU's relative attention bias ``[B, H, L, L]``: a learned value per head for the position
-    distance (clamped to the table) plus one per log-2 bucket of the time difference.
+def relative_bias(layout: TokenLayout, rel_pos: torch.Tensor, rel_time: torch.Tensor,
+                  q_offset: int = 0) -> torch.Tensor:
+    """HSTU's relative attention bias ``[B, H, L - q_offset, L]`` of the queries ``q_offset..L-1``: a
+    learned value per head for the position distance (clamped to the table) plus one per log-2 bucket
+    of the time difference. Only the query rows are built, so scoring a few new tokens against a KV
+    cache costs O(new tokens x L), not O(L²).
 
     The lookups go through ``F.embedding``: its backward sorts the indices, where a plain gather's
     backward scatter-adds B·L² values into a few hundred table slots (atomic contention on GPU)."""
     num_pos, num_time = rel_pos.shape[1], rel_time.shape[1]
-    dist = layout.cached(("dist", num_pos), lambda: (
-        layout.position[:, :, None] - layout.position[:, None, :]).clamp(0, num_pos - 1))  # [B, L, L]
-    dt = layout.cached(("dt", num_time), lambda: time_bucket(
-        layout.timestamp[:, :, None] - layout.timestamp[:, None, :], num_time))  # [B, L, L]
-    bias = F.embedding(dist, rel_pos.T) + F.embedding(dt, rel_time.T)  # [B, L, L, H]
+    pos, time = layout.position, layout.timestamp
+    dist = layout.cached(("dist", num_pos, q_offset), lambda: (
+        pos[:, q_offset:, None] - pos[:, None, :]).clamp(0, num_pos - 1))  # [B, Lq, L]
+    dt = layout.cached(("dt", num_time, q_offset), lambda: time_bucket(
+        time[:, q_offset:, None] - time[:, None, :], num_time))  # [B, Lq, L]
+    bias = F.embedding(dist, rel_pos.T) + F.embedding(dt, rel_time.T)  # [B, Lq, L, H]
     return bias.permute(0, 3, 1, 2)
 
 
@@ -44,7 +48,7 @@ def hstu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: To
     mask = layout.cached(("mask",), lambda: build_mask(layout))[:, None, q_offset:]  # [B, 1, Lq, L]
     scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
     if rel_pos is not None:
-        scores = scores + relative_bias(layout, rel_pos, rel_time)[:, :, q_offset:]
+        scores = scores + relative_bias(layout, rel_pos, rel_time, q_offset)
     weights = F.silu(scores) * scale * mask
     return weights @ v
 
