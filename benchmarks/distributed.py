@@ -8,9 +8,9 @@ setting, so each starts from an empty GPU:
   the same global batch (``--global-events`` / N sequences) on 1 and on 2 GPUs under DDP; AdamW steps
   on synthetic equal-length sequences (benchmarks/speed.py's), median step time over ``--steps``
   after 3 warm-up steps. ``train_events_per_s`` counts all GPUs; ``scaling`` = 2-GPU / 1-GPU.
-* ``memory``: DDP and FSDP2 on 2 GPUs over ``--mem-layers`` at ``--mem-d``: peak memory per GPU and
-  events/s, or ``oom`` where a rank ran out of memory: the largest model DDP fits and those only
-  FSDP2 fits.
+* ``memory``: DDP and FSDP2 on 2 GPUs over ``--mem-layers`` HSTU layers at ``--mem-d``, a small
+  global batch (``--mem-global-events``): peak memory per GPU and events/s, or ``oom`` where a rank
+  ran out of memory: the largest model DDP fits and those only FSDP2 fits.
 * ``quality``: ``genrec train`` of configs/ranking.yaml (temporal split of ml-latest-small) for HSTU
   and DFGR: seeds ``--seeds`` on 1 GPU (the seed spread) and the first seed on 2 GPUs; final
   validation AUC. ``auc_gap`` = |2-GPU AUC - 1-GPU AUC| at the same seed.
@@ -179,8 +179,9 @@ def memory_rows(args, rows_out: Path) -> list[dict]:
     rows = []
     for strategy in ("ddp", "fsdp2"):
         for layers in (int(x) for x in args.mem_layers.split(",")):
-            rows += _torchrun(2, _shape_args(args, part="memory", strategy=strategy, models="hstu", ns=args.mem_n,
-                                             dim=args.mem_d, layers=layers), rows_out)
+            shape = {"models": "hstu", "ns": args.mem_n, "dim": args.mem_d, "layers": layers,
+                     "global-events": args.mem_global_events}
+            rows += _torchrun(2, _shape_args(args, part="memory", strategy=strategy, **shape), rows_out)
     return rows
 
 
@@ -288,7 +289,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--mem-d", type=int, default=4096)
     parser.add_argument("--mem-n", default="1024")
-    parser.add_argument("--mem-layers", default="8,16,32,48,64,96")
+    # fp32 weights + gradients + AdamW moments: 16 B per parameter, ~1.3 GB per HSTU layer at d = 4096,
+    # so DDP (a full copy per GPU) runs out within this sweep on a 141 GB H200 and FSDP2 (half each) later
+    parser.add_argument("--mem-layers", default="16,32,64,96,128")
+    parser.add_argument("--mem-global-events", type=int, default=8192, help="events per global batch (memory)")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--quality-set", nargs="*", default=[], metavar="KEY=VALUE",
                         help="overrides of configs/ranking.yaml for the quality and resume runs")
