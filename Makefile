@@ -28,6 +28,7 @@ $(VENV)/.torchrec: $(BIN)/genrec
 	-$(BIN)/pip install -q -e '.[dev,torchrec]' && $(BIN)/pip install -q --no-deps torchrec==$(TORCHREC_VERSION)
 	touch $@
 
+# writes only under runs/ and .cache/ (both ignored): a fresh clone stays clean
 quickstart: venv
 	$(BIN)/python benchmarks/quickstart.py
 

@@ -24,7 +24,7 @@ def train_run(config: str | Path, overrides: list[str], out: Path, label: str, r
     done = out / "benchmark_row.json"
     if reuse and done.is_file():
         return json.loads(done.read_text())
-    cmd = [sys.executable, "-m", "genrec.cli", "train", "--config", str(config), "--no-resume",
+    cmd = [sys.executable, "-m", "genrec.cli", "train", "--config", str(config), "--overwrite",
            "--out-dir", str(out), "--set", *overrides]
     start = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)

@@ -50,7 +50,7 @@ from genrec.data.store import load
 out, batches = sys.argv[1], int(sys.argv[2])
 seq = load(out)
 t0 = time.perf_counter()
-w = windows(seq, "train", SplitConfig("temporal"), 200)
+w = windows(seq, "train", SplitConfig(protocol="temporal"), 200)
 split_s = time.perf_counter() - t0
 data = WindowDataset(seq, w)
 row = {"split_s": split_s, "windows": len(w)}

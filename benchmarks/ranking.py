@@ -28,8 +28,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def run_one(model: str, protocol: str, seed: int, args) -> dict:
     out = Path(args.runs) / args.dataset / args.name / f"{model}-{protocol}-{seed}"
-    overrides = [f"model={model}", f"data.dataset={args.dataset}", f"data.protocol={protocol}", f"train.seed={seed}",
-                 f"train.device={args.device}", "train.tensorboard=false", *args.set]
+    overrides = [f"model={model}", f"data.dataset={args.dataset}", f"data.split.protocol={protocol}",
+                 f"train.seed={seed}", f"train.device={args.device}", "train.tensorboard=false", *args.set]
     cfg = load(args.config, overrides)
     d, n = cfg.model_args["d_model"], cfg.data.max_len
 

@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def measure(model: str, args) -> dict:
     cfg = load(ROOT / "configs" / "ranking.yaml", [f"model={model}", f"data.dataset={args.dataset}",
-                                                  "data.protocol=temporal", f"train.device={args.device}"])
+                                                  "data.split.protocol=temporal", f"train.device={args.device}"])
     trainer = Trainer(cfg, log=lambda *_: None)
     batches = [b.to(trainer.device) for b in itertools.islice(trainer.loader("train"), args.warmup + args.steps)]
     trainer.model.train()

@@ -65,7 +65,7 @@ def run_dir(args, variant: str, seed: int) -> Path:
 
 def run_one(variant: str, seed: int, args) -> dict:
     overrides, stage1 = VARIANTS[variant]
-    overrides = [f"data.dataset={args.dataset}", f"data.protocol={args.protocol}", f"train.seed={seed}",
+    overrides = [f"data.dataset={args.dataset}", f"data.split.protocol={args.protocol}", f"train.seed={seed}",
                  f"train.device={args.device}", "train.tensorboard=false", *overrides, *args.set]
     if stage1:
         overrides.append(f"train.init_from={run_dir(args, stage1, seed) / 'best'}")

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+import genrec
 from genrec.cli import main
 from tests.conftest import write_ml1m
 
@@ -28,7 +29,8 @@ def test_missing_dataset_offline_is_a_clear_error(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "genrec.cli", "data", "stats", "ml-20m", "--data-dir",
                            str(tmp_path), "--no-download"], capture_output=True, text=True)
     assert proc.returncode == 2
-    assert "data error" in proc.stderr and "ml-20m" in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.stderr.startswith("genrec: error: ") and "ml-20m" in proc.stderr and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
 
 
 def test_train_then_eval_from_checkpoint(tmp_path, shared_data, capsys):
@@ -66,8 +68,8 @@ def test_unigrf_trains_mines_and_recommends(tmp_path, shared_data, capsys):
     assert [r["score"] for r in recs] == sorted((r["score"] for r in recs), reverse=True)
     assert all(0.0 < r["p_like"] < 1.0 and r["title"] for r in recs)
     assert main(["recommend", "--checkpoint", str(out), "--user", "1", "--k", "3", "--include-seen"]) == 0
-    with pytest.raises(SystemExit, match="user 'nobody' is not in the dataset"):
-        main(["recommend", "--checkpoint", str(out), "--user", "nobody"])
+    assert main(["recommend", "--checkpoint", str(out), "--user", "nobody"]) == 2
+    assert "user 'nobody' is not in the dataset" in capsys.readouterr().err
 
 
 def test_unigrf_config_runs_unchanged_on_ml1m_files(tmp_path, shared_data, capsys):
@@ -112,3 +114,42 @@ def test_prepare_a_bad_event_log_exits_2_naming_the_file(tmp_path):
                            str(tmp_path / "store")], capture_output=True, text=True)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "log.csv:3: column 'timestamp' is 'x'" in proc.stderr
+
+
+def test_version_and_help(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out == f"genrec {genrec.__version__}\n"
+
+
+def test_config_show_prints_every_field_with_default_and_meaning(capsys):
+    from genrec.config import SHARED_MODEL_FIELDS
+    from genrec.models import MODELS
+    from genrec.settings import describe
+
+    assert main(["config", "show", "dfgr"]) == 0
+    out = capsys.readouterr().out
+    assert "  d_model: 64  # an integer; width of the embeddings and blocks" in out
+    assert '  split.protocol: "loo"  # one of \'loo\', \'temporal\'; ' in out
+    assert "  epochs: 30  # an integer >= 1; " in out
+    for name, (_, cfg) in MODELS.items():  # every model's every field has a meaning
+        assert all(f.doc for f in describe(cfg, fallback=SHARED_MODEL_FIELDS)), name
+    assert main(["config", "show", "dfgrr"]) == 2
+    assert "model 'dfgrr' is unknown; expected one of" in capsys.readouterr().err
+
+
+def test_the_readme_commands_parse_as_written():
+    """Every ``genrec ...`` line in the README's code blocks is a valid command line (arguments and
+    options exist), so the README cannot name a flag that is gone."""
+    import shlex
+
+    from genrec.cli import build_parser
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    lines = [line.split("#")[0].strip() for line in readme.splitlines() if line.startswith("genrec ")]
+    assert len(lines) >= 5
+    for line in lines:
+        try:
+            build_parser().parse_args(shlex.split(line)[1:])
+        except SystemExit as done:  # --version prints and exits 0; a parse error exits 2
+            assert done.code == 0, line

@@ -3,16 +3,18 @@
 Floors, lowest first (a module may import its own room and any room on a lower floor, never one on
 its own floor or above; rooms sharing a floor do not know each other):
 
-    0  ops/  data/  settings.py    attention and masks; readers, batches, DatasetInfo; typed dicts
-    1  nn/                          blocks, embeddings, heads, token layouts of events, the KV cache
-    2  models/  flops.py            one file per model; analytic FLOPs of their work
-    3  config.py                    the run's settings (may check model_args against the models)
-    4  eval/                        metrics and the evaluation loop
-    5  serve/                       candidate scoring, recommendation, CUDA graphs, the HTTP service
-    6  train/                       the trainer and its checkpoints
-    7  distributed/                 launch, sharding, distributed checkpoints
-    8  cli.py                       the ``genrec`` command
-    9  __main__.py                  ``python -m genrec`` (and ``torchrun -m genrec``): runs cli.main
+    0  errors.py  strict_json.py    the user-error type; JSON with null for NaN
+    1  settings.py                  typed dicts (raises the config error)
+    2  ops/  data/                  attention and masks; readers, batches, DatasetInfo
+    3  nn/                          blocks, embeddings, heads, token layouts of events, the KV cache
+    4  models/  flops.py            one file per model; analytic FLOPs of their work
+    5  config.py                    the run's settings (may check model_args against the models)
+    6  eval/                        metrics and the evaluation loop
+    7  serve/                       candidate scoring, recommendation, CUDA graphs, the HTTP service
+    8  train/                       the trainer and its checkpoints
+    9  distributed/                 launch, sharding, distributed checkpoints
+    10 cli.py                       the ``genrec`` command
+    11 __main__.py                  ``python -m genrec`` (and ``torchrun -m genrec``): runs cli.main
 
 ``benchmarks/`` sits on top and may import anything; nothing in ``src`` imports ``benchmarks`` or
 ``tests``. What two rooms both need (a checkpoint loader for train and serve, say) moves down to a
@@ -28,7 +30,9 @@ import pytest
 
 SRC = Path(__file__).resolve().parent.parent / "src" / "genrec"
 FLOORS: tuple[tuple[str, ...], ...] = (
-    ("ops", "data", "settings"),
+    ("errors", "strict_json"),
+    ("settings",),
+    ("ops", "data"),
     ("nn",),
     ("models", "flops"),
     ("config",),

@@ -1,14 +1,126 @@
-"""The ``genrec`` command: data statistics, training, evaluation, recommendation."""
+"""The ``genrec`` command: data statistics, training, evaluation, recommendation, config reference.
+
+Subcommands are registered with :func:`command` (a path such as ``"data stats"``, a help line, a
+function adding its arguments); adding one is a decorated function in this file. Every command runs
+through one error path (:func:`run_command`): a user error (a bad config value, bad data, a damaged
+checkpoint, a run folder holding another run: any ``ValueError``) prints one line
+``genrec: error: <file/field/value and what is expected>`` and exits with code 2; ``--debug`` shows
+the traceback instead. Command-line mistakes caught by argparse also exit 2 with one line.
+"""
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
-from genrec import config as config_lib
-from genrec.data.errors import DataError
+import genrec
+from genrec import strict_json
+
+EXIT_USER_ERROR = 2
+
+
+@dataclass(frozen=True)
+class Command:
+    path: tuple[str, ...]  # ("data", "stats") for `genrec data stats`
+    help: str
+    run: Callable[[argparse.Namespace], int]
+    arguments: Callable[[argparse.ArgumentParser], None]
+
+
+COMMANDS: dict[tuple[str, ...], Command] = {}
+GROUPS = {"data": "dataset tools", "config": "configuration reference"}  # help of commands with subcommands
+
+
+def command(path: str, help: str, arguments: Callable[[argparse.ArgumentParser], None] = lambda p: None):
+    """Register the decorated ``fn(args) -> exit code`` as ``genrec <path>``."""
+
+    def register(fn: Callable[[argparse.Namespace], int]):
+        COMMANDS[tuple(path.split())] = Command(tuple(path.split()), help, fn, arguments)
+        return fn
+
+    return register
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (exit 2), like every other user error."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USER_ERROR, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive integer (expected 1 or more)")
+    return value
+
+
+def run_command(fn: Callable[[argparse.Namespace], int], args: argparse.Namespace, debug: bool = False) -> int:
+    """Run ``fn(args)``; a user error becomes one line on stderr and exit code 2 (a traceback with ``debug``)."""
+    try:
+        return fn(args)
+    except (ValueError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as err:
+        # ValueError covers genrec's UserError family (DataError, ConfigError, CheckpointError, ...)
+        if debug:
+            raise
+        if isinstance(err, OSError):
+            message = f"{err.filename}: {err.strerror}" if err.filename else str(err)
+        else:
+            message = str(err).splitlines()[0] if str(err) else type(err).__name__
+        print(f"genrec: error: {message}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("genrec: interrupted", file=sys.stderr)
+        return 130
+
+
+# -- shared arguments -------------------------------------------------------------------------------
+
+def add_config_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="config overrides, e.g. train.lr=3e-4 data.split.protocol=temporal")
+    p.add_argument("--data-dir", default=None, help="dataset root (default: data.data_dir, then $GENREC_DATA)")
+
+
+def config_overrides(args: argparse.Namespace) -> list[str]:
+    overrides = list(args.set or [])
+    if args.data_dir:
+        overrides.append(f"data.data_dir={args.data_dir}")
+    return overrides
+
+
+def add_checkpoint_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True,
+                   help="a run folder (its best weights), a checkpoint folder or a model.safetensors file")
+
+
+def load_run(path: str, overrides: list[str]):
+    """A trainer for the run that ``path`` (run folder, checkpoint folder or weights file) belongs to,
+    with those weights loaded, and the weights' path."""
+    from genrec import config as config_lib
+    from genrec.distributed.checkpoint import is_distributed_checkpoint, load_model_single_process
+    from genrec.train import checkpoint
+    from genrec.train.trainer import Trainer
+
+    run_dir, weights = checkpoint.resolve(path)
+    if run_dir is None:
+        raise checkpoint.CheckpointError(f"{path}: not inside a run folder (no config.yaml beside or above it), "
+                                         "so the model and data it was trained on are unknown")
+    cfg = config_lib.load(run_dir / "config.yaml", overrides)
+    trainer = Trainer(cfg)
+    if is_distributed_checkpoint(weights):  # written by torchrun ranks; read here by one process
+        checkpoint.verify(weights)
+        load_model_single_process(weights, trainer.model)
+    else:
+        weights = checkpoint.load_weights(trainer.model, weights)
+    trainer.model.to(trainer.device)
+    return trainer, weights
 
 
 def _print_metrics(title: str, metrics: dict) -> None:
@@ -17,11 +129,24 @@ def _print_metrics(title: str, metrics: dict) -> None:
         print(f"  {key:>22}  {value:.4f}" if isinstance(value, float) else f"  {key:>22}  {value}")
 
 
+# -- commands ---------------------------------------------------------------------------------------
+
+def _stats_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("dataset")
+    p.add_argument("--data-dir", default=None, help="dataset root (default $GENREC_DATA)")
+    p.add_argument("--label-threshold", type=float, default=3.0)
+    p.add_argument("--request-window-s", type=int, default=0)
+    p.add_argument("--no-download", action="store_true")
+
+
+@command("data stats", "users, items, events, requests and label rate of a dataset", _stats_arguments)
 def cmd_data_stats(args) -> int:
+    from genrec import settings
     from genrec.data.preprocess import PrepConfig, prepare
 
-    seq = prepare(args.dataset, args.data_dir, PrepConfig(args.label_threshold, args.request_window_s),
-                  allow_download=not args.no_download)
+    prep = settings.build_dataclass(PrepConfig, {"label_threshold": args.label_threshold,
+                                                 "request_window_s": args.request_window_s}, "genrec data stats")
+    seq = prepare(args.dataset, args.data_dir, prep, allow_download=not args.no_download)
     stats = seq.stats()
     print(f"{args.dataset}")
     for key in ("users", "items", "events", "requests"):
@@ -33,7 +158,18 @@ def cmd_data_stats(args) -> int:
     return 0
 
 
+def _synth_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--users", type=int, required=True)
+    p.add_argument("--events", type=int, required=True)
+    p.add_argument("--items", type=int, default=None, help="default: events // 100 (at least 100)")
+    p.add_argument("--signals", default="3", help="a count (click, like, follow, ...) or comma-separated names")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="output folder")
+
+
+@command("data synth", "write a SYNTHETIC multi-signal event log with a known latent model", _synth_arguments)
 def cmd_data_synth(args) -> int:
+    from genrec.data.errors import DataError
     from genrec.data.synth import SynthConfig, generate, signal_names
 
     try:
@@ -50,6 +186,7 @@ def _event_log_spec(args):
     the public log ``--public``."""
     import yaml
 
+    from genrec.data.errors import DataError
     from genrec.data.eventlog import EventLogSpec
     from genrec.data.public_logs import read_log
 
@@ -64,6 +201,21 @@ def _event_log_spec(args):
         raise DataError(args.log, str(err)) from None
 
 
+def _prepare_arguments(p: argparse.ArgumentParser) -> None:
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--log", help="YAML: an event-log mapping, or a run config with data.event_log")
+    source.add_argument("--public", help="a public log: kuairand-pure, kuairand-1k, kuairand-27k, kuaisar, "
+                        "recflow, taobao, amazon-books-2014, amazon-books-2018")
+    p.add_argument("--out", required=True, help="output folder of the store")
+    p.add_argument("--data-dir", default=None, help="dataset root for --public (default $GENREC_DATA)")
+    p.add_argument("--no-download", action="store_true")
+    p.add_argument("--request-window-s", type=int, default=0)
+    p.add_argument("--min-user-events", type=int, default=3)
+    p.add_argument("--duplicates", default="drop", choices=["drop", "error", "keep"])
+    p.add_argument("--time-order", default="sort", choices=["sort", "error"])
+
+
+@command("data prepare", "preprocess an event log into memory-mapped sequences", _prepare_arguments)
 def cmd_data_prepare(args) -> int:
     from genrec.data.store import StoreConfig, build, load
 
@@ -81,20 +233,33 @@ def cmd_data_prepare(args) -> int:
     return 0
 
 
+def _train_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default=None, help="YAML run config (default: the built-in defaults)")
+    add_config_arguments(p)
+    p.add_argument("--out-dir", default=None, help="run folder (default: a new runs/<model>-<time>)")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--resume", action="store_true",
+                      help="continue the run in --out-dir from its last checkpoint, even with changed train.* settings")
+    mode.add_argument("--overwrite", action="store_true", help="replace the run in --out-dir")
+    p.add_argument("--nproc", type=int, default=None, metavar="K",
+                   help="train on K local processes through torchrun (train.strategy: ddp or fsdp2)")
+
+
+@command("train", "train and evaluate a model", _train_arguments)
 def cmd_train(args) -> int:
+    from genrec import config as config_lib
     from genrec.distributed import launch
 
+    overrides = config_overrides(args) + ([f"train.out_dir={args.out_dir}"] if args.out_dir else [])
+    cfg = config_lib.load(args.config, overrides)  # checked here, before any process is launched
     if args.nproc is not None and not launch.under_torchrun():
         return launch.torchrun(args.nproc, _without_nproc(sys.argv[1:] if args.argv is None else args.argv))
-    overrides = list(args.set or [])
-    if args.out_dir:
-        overrides.append(f"train.out_dir={args.out_dir}")
-    cfg = config_lib.load(args.config, overrides)
     from genrec.distributed.run import train
 
-    result = train(cfg, resume=not args.no_resume)
+    result = train(cfg, mode="resume" if args.resume else "overwrite" if args.overwrite else "auto")
     if result is not None:
-        _print_metrics(f"test metrics ({cfg.model}, {cfg.data.dataset}, {cfg.data.protocol}):", result["test"])
+        _print_metrics(f"test metrics ({cfg.model}, {cfg.data.dataset}, {cfg.data.split.protocol}):",
+                       result["test"])
     return 0
 
 
@@ -111,51 +276,43 @@ def _without_nproc(argv: list[str]) -> list[str]:
     return out
 
 
-def _load_run(path: str, overrides: list[str]):
-    """A trainer for the run folder (or a checkpoint inside it) with its best weights loaded."""
-    from genrec.distributed.checkpoint import is_distributed_checkpoint, load_model_single_process
-    from genrec.train import checkpoint
-    from genrec.train.trainer import Trainer
-
-    ckpt = Path(path)
-    run_dir = ckpt if (ckpt / "config.yaml").is_file() else ckpt.parent.parent
-    if not (run_dir / "config.yaml").is_file():
-        raise SystemExit(f"{ckpt}: no config.yaml in the run folder; pass a run folder or a checkpoint in it")
-    cfg = config_lib.load(run_dir / "config.yaml", overrides)
-    trainer = Trainer(cfg)
-    weights = ckpt / "best" if (ckpt / "best" / "model.safetensors").is_file() else ckpt
-    if is_distributed_checkpoint(weights):  # written by torchrun ranks; read here by one process
-        load_model_single_process(weights, trainer.model)
-    elif (weights / "model.safetensors").is_file():
-        checkpoint.load_weights(trainer.model, weights)
-    else:
-        raise SystemExit(f"{weights}: no model.safetensors")
-    trainer.model.to(trainer.device)
-    return trainer, weights
+def _eval_arguments(p: argparse.ArgumentParser) -> None:
+    add_checkpoint_argument(p)
+    p.add_argument("--split", default="test", choices=["train", "valid", "test"])
+    add_config_arguments(p)
+    p.add_argument("--json", action="store_true", help="also print the metrics as one JSON line")
 
 
+@command("eval", "evaluate a trained run or checkpoint", _eval_arguments)
 def cmd_eval(args) -> int:
     import torch
 
-    trainer, weights = _load_run(args.checkpoint, args.set or [])
+    trainer, weights = load_run(args.checkpoint, config_overrides(args))
     with torch.no_grad():
         metrics = trainer.evaluate(args.split)
     _print_metrics(f"{args.split} metrics ({weights}):", metrics)
     if args.json:
-        print(json.dumps(metrics))
+        print(strict_json.dumps(metrics))
     return 0
 
 
+def _recommend_arguments(p: argparse.ArgumentParser) -> None:
+    add_checkpoint_argument(p)
+    p.add_argument("--user", required=True, help="raw user id as in the dataset")
+    p.add_argument("--k", type=positive_int, default=10, help="how many items (1 or more)")
+    p.add_argument("--include-seen", action="store_true", help="also recommend items the user has rated")
+    add_config_arguments(p)
+    p.add_argument("--json", action="store_true", help="also print the list as one JSON line")
+
+
+@command("recommend", "top-K items for a user from a trained retrieval model", _recommend_arguments)
 def cmd_recommend(args) -> int:
     from genrec.serve.recommend import recommend, user_index
 
-    trainer, weights = _load_run(args.checkpoint, args.set or [])
-    try:
-        user = user_index(trainer.seq, args.user)
-        recs = recommend(trainer.model, trainer.seq, user, args.k, trainer.cfg.data.max_len, trainer.device,
-                         include_seen=args.include_seen)
-    except ValueError as err:
-        raise SystemExit(f"genrec recommend: {err}") from None
+    trainer, weights = load_run(args.checkpoint, config_overrides(args))
+    user = user_index(trainer.seq, args.user)
+    recs = recommend(trainer.model, trainer.seq, user, args.k, trainer.cfg.data.max_len, trainer.device,
+                     include_seen=args.include_seen)
     n = int(trainer.seq.user_offsets[user + 1] - trainer.seq.user_offsets[user])
     print(f"top {len(recs)} for user {args.user} ({n} rated items{'' if args.include_seen else ', left out'}; "
           f"{weights})")
@@ -164,7 +321,7 @@ def cmd_recommend(args) -> int:
         p = "" if r.p_like is None else f"{r.p_like:.3f}"
         print(f"{rank:>4}  {r.item:>8}  {r.score:>8.3f}  {p:>7}  {r.title} [{'|'.join(r.genres)}]")
     if args.json:
-        print(json.dumps([r.__dict__ for r in recs]))
+        print(strict_json.dumps([r.__dict__ for r in recs]))
     return 0
 
 
@@ -178,28 +335,47 @@ def _byte_size(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not a size (e.g. 512M, 2G, 1000000)") from None
 
 
+def _serve_arguments(p: argparse.ArgumentParser) -> None:
+    add_checkpoint_argument(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--device", default=None, help="cpu, cuda, auto (default: the run's train.device)")
+    p.add_argument("--token", default=None, help="bearer token required on every route but /healthz "
+                   "(default $GENREC_SERVE_TOKEN; none: no auth)")
+    p.add_argument("--cache-bytes", type=_byte_size, default=_byte_size("1G"),
+                   help="budget for per-user KV caches, e.g. 512M (LRU eviction; histories stay on the host)")
+    p.add_argument("--state-file", default=None, help="Parquet snapshot of user histories: read on start, "
+                   "written on shutdown")
+    p.add_argument("--max-batch", type=int, default=32, help="requests per scoring call")
+    p.add_argument("--max-wait-us", type=int, default=500, help="longest wait for a batch to fill, microseconds")
+    p.add_argument("--max-candidates", type=int, default=1024)
+    p.add_argument("--cuda-graphs", action="store_true", help="replay cold scoring as CUDA graphs recorded per "
+                   "power-of-two bucket of batch, history and candidates (HSTU, DFGR on CUDA)")
+    p.add_argument("--max-body-bytes", type=_byte_size, default=_byte_size("1M"))
+    p.add_argument("--log-level", default="warning")
+    add_config_arguments(p)
+
+
+@command("serve", "HTTP ranking service over a trained model (/rank, /events, /recommend)", _serve_arguments)
 def cmd_serve(args) -> int:
     import os
+
+    from genrec.errors import UserError
 
     try:
         import uvicorn
 
         from genrec.serve.app import Limits, build_app
     except ImportError as err:
-        raise SystemExit(f"genrec serve: {err.name} is not installed; pip install 'genrec[serve]'") from None
+        raise UserError(f"{err.name} is not installed; pip install 'genrec[serve]'") from None
     from genrec.serve.engine import build_engine
 
-    overrides = list(args.set or [])
-    if args.device:
-        overrides.append(f"train.device={args.device}")
-    trainer, weights = _load_run(args.checkpoint, overrides)
+    overrides = config_overrides(args) + ([f"train.device={args.device}"] if args.device else [])
+    trainer, weights = load_run(args.checkpoint, overrides)
     d = trainer.cfg.data
-    try:
-        engine = build_engine(trainer.model, trainer.seq, d.label_threshold, d.request_window_s, d.max_len,
-                              trainer.device, args.cache_bytes, trainer.cfg.model,
-                              (args.max_batch, args.max_candidates) if args.cuda_graphs else None)
-    except ValueError as err:
-        raise SystemExit(f"genrec serve: {err}") from None
+    engine = build_engine(trainer.model, trainer.seq, d.prep.label_threshold, d.prep.request_window_s, d.max_len,
+                          trainer.device, args.cache_bytes, trainer.cfg.model,
+                          (args.max_batch, args.max_candidates) if args.cuda_graphs else None)
     token = args.token or os.environ.get("GENREC_SERVE_TOKEN") or None
     if args.host not in ("127.0.0.1", "localhost", "::1") and token is None:
         print(f"genrec serve: warning: listening on {args.host} without a token; anyone who can reach it can "
@@ -213,23 +389,33 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def _export_arguments(p: argparse.ArgumentParser) -> None:
+    add_checkpoint_argument(p)
+    p.add_argument("--out", required=True, help="package path, e.g. models/dfgr/1/model.pt2 (config.pbtxt goes "
+                   "to models/dfgr/, Triton's layout; beside the package otherwise)")
+    p.add_argument("--device", default=None, help="cpu or cuda: where the package runs (default: the run's)")
+    p.add_argument("--name", default=None, help="model name in config.pbtxt (default: the model's)")
+    p.add_argument("--max-batch", type=positive_int, default=256, help="largest batch the package accepts")
+    p.add_argument("--max-candidates", type=positive_int, default=1024, help="most candidates per request")
+    add_config_arguments(p)
+
+
+@command("export", "candidate scoring as an AOTInductor package (.pt2) + Triton config.pbtxt", _export_arguments)
 def cmd_export(args) -> int:
     import time
 
+    from genrec.errors import UserError
     from genrec.serve.export import ExportShapes, export, triton_config
 
     out = Path(args.out)
     if out.suffix != ".pt2":
-        raise SystemExit(f"genrec export: --out {out}: the package name must end in .pt2")
-    overrides = list(args.set or []) + ([f"train.device={args.device}"] if args.device else [])
-    trainer, weights = _load_run(args.checkpoint, overrides)
+        raise UserError(f"--out {out}: the package name must end in .pt2")
+    overrides = config_overrides(args) + ([f"train.device={args.device}"] if args.device else [])
+    trainer, weights = load_run(args.checkpoint, overrides)
     shapes = ExportShapes(max_batch=args.max_batch, max_history=trainer.cfg.data.max_len,
                           max_candidates=args.max_candidates)
     start = time.perf_counter()
-    try:
-        package = export(trainer.model, out, trainer.seq.num_items, shapes, trainer.device)
-    except ValueError as err:
-        raise SystemExit(f"genrec export: {err}") from None
+    package = export(trainer.model, out, trainer.seq.num_items, shapes, trainer.device)
     # Triton's model repository: <name>/config.pbtxt beside the version folders <name>/1/model.pt2
     config = (out.parent.parent if out.parent.name.isdigit() else out.parent) / "config.pbtxt"
     config.write_text(triton_config(args.name or trainer.cfg.model, trainer.device))
@@ -238,109 +424,55 @@ def cmd_export(args) -> int:
     return 0
 
 
+def _show_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", nargs="?", default=None, help="a model name; without one, the list of models")
+
+
+@command("config show", "every config field of a run and of MODEL, with its default and meaning", _show_arguments)
+def cmd_config_show(args) -> int:
+    from genrec import settings
+    from genrec.config import SHARED_MODEL_FIELDS, DataConfig, TrainConfig
+    from genrec.errors import ConfigError
+    from genrec.models import MODELS
+
+    if args.model is None:
+        print("models: " + ", ".join(sorted(MODELS)) + "\n(genrec config show MODEL lists its fields)")
+        return 0
+    if args.model not in MODELS:
+        raise ConfigError(f"model {args.model!r} is unknown; expected one of {', '.join(sorted(MODELS))}")
+    sections = [("model_args", MODELS[args.model][1]), ("data", DataConfig), ("train", TrainConfig)]
+    print(f"# genrec config for model: {args.model} (YAML sections; override with --set section.key=value)")
+    for name, cls in sections:
+        print(f"\n{name}:")
+        for f in settings.describe(cls, fallback=SHARED_MODEL_FIELDS if name == "model_args" else None):
+            default = strict_json.dumps(list(f.default) if isinstance(f.default, tuple) else f.default)
+            print(f"  {f.name}: {default}  # {f.type}" + (f"; {f.doc}" if f.doc else ""))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="genrec", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    data = sub.add_parser("data", help="dataset tools").add_subparsers(dest="data_command", required=True)
-    stats = data.add_parser("stats", help="users, items, events, requests and label rate of a dataset")
-    stats.add_argument("dataset")
-    stats.add_argument("--data-dir", default=None, help="dataset root (default $GENREC_DATA)")
-    stats.add_argument("--label-threshold", type=float, default=3.0)
-    stats.add_argument("--request-window-s", type=int, default=0)
-    stats.add_argument("--no-download", action="store_true")
-    stats.set_defaults(func=cmd_data_stats)
-
-    synth = data.add_parser("synth", help="write a SYNTHETIC multi-signal event log with a known latent model")
-    synth.add_argument("--users", type=int, required=True)
-    synth.add_argument("--events", type=int, required=True)
-    synth.add_argument("--items", type=int, default=None, help="default: events // 100 (at least 100)")
-    synth.add_argument("--signals", default="3", help="a count (click, like, follow, ...) or comma-separated names")
-    synth.add_argument("--seed", type=int, default=0)
-    synth.add_argument("--out", required=True, help="output folder")
-    synth.set_defaults(func=cmd_data_synth)
-
-    prep = data.add_parser("prepare", help="preprocess an event log into memory-mapped sequences")
-    source = prep.add_mutually_exclusive_group(required=True)
-    source.add_argument("--log", help="YAML: an event-log mapping, or a run config with data.event_log")
-    source.add_argument("--public", help="a public log: kuairand-pure, kuairand-1k, kuairand-27k, kuaisar, "
-                        "recflow, taobao, amazon-books-2014, amazon-books-2018")
-    prep.add_argument("--out", required=True, help="output folder of the store")
-    prep.add_argument("--data-dir", default=None, help="dataset root for --public (default $GENREC_DATA)")
-    prep.add_argument("--no-download", action="store_true")
-    prep.add_argument("--request-window-s", type=int, default=0)
-    prep.add_argument("--min-user-events", type=int, default=3)
-    prep.add_argument("--duplicates", default="drop", choices=["drop", "error", "keep"])
-    prep.add_argument("--time-order", default="sort", choices=["sort", "error"])
-    prep.set_defaults(func=cmd_data_prepare)
-
-    train = sub.add_parser("train", help="train and evaluate a model")
-    train.add_argument("--config", default=None, help="YAML run config")
-    train.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="overrides, e.g. train.lr=3e-4")
-    train.add_argument("--out-dir", default=None)
-    train.add_argument("--no-resume", action="store_true", help="ignore checkpoints in out_dir")
-    train.add_argument("--nproc", type=int, default=None, metavar="K",
-                       help="train on K local processes through torchrun (train.strategy: ddp or fsdp2)")
-    train.set_defaults(func=cmd_train)
-
-    ev = sub.add_parser("eval", help="evaluate a trained run or checkpoint")
-    ev.add_argument("--checkpoint", required=True, help="run folder (uses best/) or a checkpoint folder")
-    ev.add_argument("--split", default="test", choices=["train", "valid", "test"])
-    ev.add_argument("--set", nargs="*", metavar="KEY=VALUE")
-    ev.add_argument("--json", action="store_true")
-    ev.set_defaults(func=cmd_eval)
-
-    rec = sub.add_parser("recommend", help="top-K items for a user from a trained retrieval model")
-    rec.add_argument("--checkpoint", required=True, help="run folder (uses best/) or a checkpoint folder")
-    rec.add_argument("--user", required=True, help="raw user id as in the dataset")
-    rec.add_argument("--k", type=int, default=10)
-    rec.add_argument("--include-seen", action="store_true", help="also recommend items the user has rated")
-    rec.add_argument("--set", nargs="*", metavar="KEY=VALUE")
-    rec.add_argument("--json", action="store_true")
-    rec.set_defaults(func=cmd_recommend)
-
-    srv = sub.add_parser("serve", help="HTTP ranking service over a trained model (/rank, /events, /recommend)")
-    srv.add_argument("--checkpoint", required=True, help="run folder (uses best/) or a checkpoint folder")
-    srv.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
-    srv.add_argument("--port", type=int, default=8000)
-    srv.add_argument("--device", default=None, help="cpu, cuda, auto (default: the run's train.device)")
-    srv.add_argument("--token", default=None, help="bearer token required on every route but /healthz "
-                     "(default $GENREC_SERVE_TOKEN; none: no auth)")
-    srv.add_argument("--cache-bytes", type=_byte_size, default=_byte_size("1G"),
-                     help="budget for per-user KV caches, e.g. 512M (LRU eviction; histories stay on the host)")
-    srv.add_argument("--state-file", default=None, help="Parquet snapshot of user histories: read on start, "
-                     "written on shutdown")
-    srv.add_argument("--max-batch", type=int, default=32, help="requests per scoring call")
-    srv.add_argument("--max-wait-us", type=int, default=500, help="longest wait for a batch to fill, microseconds")
-    srv.add_argument("--max-candidates", type=int, default=1024)
-    srv.add_argument("--cuda-graphs", action="store_true", help="replay cold scoring as CUDA graphs recorded per "
-                     "power-of-two bucket of batch, history and candidates (HSTU, DFGR on CUDA)")
-    srv.add_argument("--max-body-bytes", type=_byte_size, default=_byte_size("1M"))
-    srv.add_argument("--log-level", default="warning")
-    srv.add_argument("--set", nargs="*", metavar="KEY=VALUE")
-    srv.set_defaults(func=cmd_serve)
-
-    exp = sub.add_parser("export", help="candidate scoring as an AOTInductor package (.pt2) + Triton config.pbtxt")
-    exp.add_argument("--checkpoint", required=True, help="run folder (uses best/) or a checkpoint folder")
-    exp.add_argument("--out", required=True, help="package path, e.g. models/dfgr/1/model.pt2 (config.pbtxt goes "
-                     "to models/dfgr/, Triton's layout; beside the package otherwise)")
-    exp.add_argument("--device", default=None, help="cpu or cuda: where the package runs (default: the run's)")
-    exp.add_argument("--name", default=None, help="model name in config.pbtxt (default: the model's)")
-    exp.add_argument("--max-batch", type=int, default=256, help="largest batch the package accepts")
-    exp.add_argument("--max-candidates", type=int, default=1024, help="most candidates per request")
-    exp.add_argument("--set", nargs="*", metavar="KEY=VALUE")
-    exp.set_defaults(func=cmd_export)
+    parser = Parser(prog="genrec", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--version", action="version", version=f"genrec {genrec.__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+    subparsers = {(): parser.add_subparsers(dest="command", required=True, metavar="COMMAND")}
+    for path, cmd in sorted(COMMANDS.items()):
+        for depth in range(1, len(path)):  # groups such as `data` get their own subcommand list
+            group = path[:depth]
+            if group not in subparsers:
+                p = subparsers[group[:-1]].add_parser(group[-1], help=GROUPS.get(group[-1], ""))
+                subparsers[group] = p.add_subparsers(dest="_".join(group) + "_command", required=True,
+                                                     metavar="COMMAND")
+        p = subparsers[path[:-1]].add_parser(path[-1], help=cmd.help, description=cmd.help)
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        cmd.arguments(p)
+        p.set_defaults(func=cmd.run)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    args.argv = argv
-    try:
-        return args.func(args)
-    except DataError as err:
-        print(f"genrec: data error: {err}", file=sys.stderr)
-        return 2
+    args.argv = argv  # what torchrun ranks re-run (genrec train --nproc K)
+    return run_command(args.func, args, debug=args.debug)
 
 
 if __name__ == "__main__":

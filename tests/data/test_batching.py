@@ -12,7 +12,7 @@ from genrec.data.splits import SplitConfig, windows
 
 def _dataset(shared_data, split="train", max_len=30):
     seq = prepare("ml-latest-small", shared_data)
-    return WindowDataset(seq, windows(seq, split, SplitConfig("loo"), max_len=max_len))
+    return WindowDataset(seq, windows(seq, split, SplitConfig(protocol="loo"), max_len=max_len))
 
 
 def test_collate_packs_without_padding(shared_data):

@@ -50,7 +50,7 @@ def test_download_with_wrong_checksum_is_rejected_and_not_kept(served_archive, t
     root = tmp_path / "data"
     with pytest.raises(DataError, match="sha256 of the download is"):
         registry.ensure("ml-1m", root, url=url)
-    assert not (root / "ml-1m" / "ml-1m.zip").exists()
+    assert not (root / "ml-1m").exists() and not root.exists()  # no empty dataset folder left behind
 
 
 def test_offline_error_says_which_files_go_where(tmp_path):
@@ -60,6 +60,14 @@ def test_offline_error_says_which_files_go_where(tmp_path):
     message = str(err.value)
     assert "could not be downloaded" in message
     assert str(root / "ml-1m" / "ml-1m.zip") in message and "ratings.dat" in message
+    assert not root.exists()  # a failed download leaves no empty folders
+
+
+def test_a_failed_download_keeps_folders_that_were_there(tmp_path):
+    (tmp_path / "data" / "ml-1m").mkdir(parents=True)
+    with pytest.raises(DataError):
+        registry.ensure("ml-1m", tmp_path / "data", url="http://127.0.0.1:9/ml-1m.zip")
+    assert (tmp_path / "data" / "ml-1m").is_dir()
 
 
 def test_no_download_when_not_allowed(tmp_path):

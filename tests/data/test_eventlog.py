@@ -227,7 +227,7 @@ def test_loader_workers_read_the_same_batches_as_the_main_process(tmp_path):
               "req": rng.integers(0, 10**6, n), "click": rng.integers(0, 2, n), "like": rng.integers(0, 2, n),
               "ratio": rng.random(n), "category": ["x"] * n}
     seq = load(make(spec_for(write_parquet(tmp_path / "log.parquet", events)), tmp_path / "s"))
-    data = WindowDataset(seq, windows(seq, "train", SplitConfig("temporal"), 50))
+    data = WindowDataset(seq, windows(seq, "train", SplitConfig(protocol="temporal"), 50))
     serial = list(make_loader(data, 8, shuffle=False))
     parallel = list(make_loader(data, 8, shuffle=False, num_workers=2))
     assert len(serial) == len(parallel) > 3

@@ -29,7 +29,7 @@ def seq(shared_data):
 
 
 def test_leave_one_out_targets_last_and_second_to_last(seq):
-    cfg = SplitConfig("loo")
+    cfg = SplitConfig(protocol="loo")
     test = windows(seq, "test", cfg, max_len=50)
     valid = windows(seq, "valid", cfg, max_len=50)
     ends = seq.user_offsets[1:]
@@ -45,7 +45,7 @@ def test_leave_one_out_targets_last_and_second_to_last(seq):
 
 
 def test_temporal_split_cuts_by_global_time(seq):
-    cfg = SplitConfig("temporal", 0.8, 0.9)
+    cfg = SplitConfig(protocol="temporal", val_quantile=0.8, test_quantile=0.9)
     t_val, t_test = np.quantile(seq.timestamps, [0.8, 0.9])
     target_times = {}
     for split in ("train", "valid", "test"):
@@ -62,4 +62,4 @@ def test_temporal_split_cuts_by_global_time(seq):
 
 def test_unknown_protocol_is_rejected(seq):
     with pytest.raises(ValueError, match="protocol"):
-        windows(seq, "train", SplitConfig("random"), max_len=10)
+        windows(seq, "train", SplitConfig(protocol="random"), max_len=10)

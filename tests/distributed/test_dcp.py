@@ -23,7 +23,7 @@ from genrec.config import load
 from genrec.train import checkpoint
 from tests.distributed.ranks import run_ranks
 
-SETTINGS = ["data.max_len=10", "data.batch_size=4", "data.eval_batch_size=5", "data.protocol=temporal",
+SETTINGS = ["data.max_len=10", "data.batch_size=4", "data.eval_batch_size=5", "data.split.protocol=temporal",
             "model=hstu", "model_args.d_model=16", "model_args.dropout=0", "train.epochs=2", "train.warmup_steps=2",
             "train.patience=5", "train.checkpoint_every_steps=3", "train.keep_checkpoints=20",
             "train.progress=false", "train.tensorboard=false", "train.deterministic=false"]

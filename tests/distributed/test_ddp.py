@@ -23,7 +23,7 @@ def tiny_config(data: Path, out: Path, *extra: str):
     process runs one thread (tests/distributed/ranks.py), which makes the CPU kernels deterministic
     without ``torch.use_deterministic_algorithms`` (whose import of torch._inductor costs each rank 3 s)."""
     return load(None, [f"data.data_dir={data}", "data.max_len=10", "data.batch_size=8", "data.eval_batch_size=5",
-                       "data.protocol=temporal", "model=hstu", "model_args.d_model=16", "model_args.dropout=0",
+                       "data.split.protocol=temporal", "model=hstu", "model_args.d_model=16", "model_args.dropout=0",
                        "train.epochs=1", "train.warmup_steps=2", "train.progress=false", "train.tensorboard=false",
                        "train.deterministic=false", f"train.out_dir={out}", *extra])
 

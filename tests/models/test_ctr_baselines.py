@@ -55,7 +55,7 @@ def test_request_labels_never_move_predictions_in_or_before_it(name):
 @pytest.mark.parametrize("name", CTR)
 def test_training_lowers_the_loss_on_real_data(name, tmp_path, shared_data):
     cfg = load(None, [f"model={name}", f"data.data_dir={shared_data}", "data.max_len=30", "data.batch_size=64",
-                      "data.protocol=temporal", "model_args.d_model=16", "model_args.history=10", "train.lr=0.01",
+                      "data.split.protocol=temporal", "model_args.d_model=16", "model_args.history=10", "train.lr=0.01",
                       "train.progress=false", "train.tensorboard=false", f"train.out_dir={tmp_path}"])
     trainer = Trainer(cfg)
     first, last = loss_before_and_after_fitting(trainer)

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import torch
 
-from genrec.cli import _load_run, main
+from genrec.cli import load_run, main
 from genrec.data.batching import collate
 from tests.conftest import REPO, write_ml1m
 
@@ -112,7 +112,7 @@ class Offline:
     """The same run loaded in this process: the offline scores of a history and candidates."""
 
     def __init__(self, run: Path):
-        self.trainer, _ = _load_run(str(run), [])
+        self.trainer, _ = load_run(str(run), [])
         self.model = self.trainer.model.eval()
         seq = self.trainer.seq
         self.item = {raw: i for i, raw in enumerate(seq.item_raw, start=1)}

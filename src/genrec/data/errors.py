@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from genrec.errors import UserError
 
-class DataError(ValueError):
+
+class DataError(UserError):
     """Bad or missing input data. The message names the file, and the line where one is to blame."""
 
     def __init__(self, source: str, message: str, line: int | None = None):

@@ -21,6 +21,7 @@ import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Annotated, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -30,16 +31,17 @@ import pyarrow.parquet as pq
 from genrec.data import registry
 from genrec.data.errors import DataError
 from genrec.data.readers import RawData
+from genrec.settings import Range
 
 PREP_VERSION = 2  # bump when the preprocessing output changes, to invalidate caches
 
 
 @dataclass(frozen=True)
 class PrepConfig:
-    label_threshold: float = 3.0  # label = rating > threshold
-    request_window_s: int = 0  # 0: a request is the events of one user with one timestamp
-    min_user_events: int = 3  # UniGRF §5.1.1 drops sequences shorter than three
-    duplicates: str = "drop"  # "drop" (keep the last of equal user, item, timestamp) or "error"
+    label_threshold: float = 3.0  # binary label = rating > threshold (UniGRF: "rating > 3")
+    request_window_s: Annotated[int, Range(0)] = 0  # events of a user within this gap form one request (0: equal times)
+    min_user_events: Annotated[int, Range(1)] = 3  # users with fewer events are dropped (UniGRF §5.1.1: three)
+    duplicates: Literal["drop", "error"] = "drop"  # equal (user, item, timestamp): keep the last line, or reject
 
 
 @dataclass
@@ -63,6 +65,7 @@ class Sequences:
     signal_names: list[str] = field(default_factory=list)
     signal_values: np.ndarray | None = None  # [E, S] float32 raw values (0/1, or graded)
     signal_labels: np.ndarray | None = None  # [E, S] int8 binary targets per signal
+    source_digest: str = ""  # identity of the input files and options (set by prepare; part of a run's fingerprint)
 
     def __getstate__(self) -> dict:
         """Memory-mapped arrays pickle as their file names, so data-loader workers map the same pages
@@ -286,7 +289,9 @@ def prepare(name: str, data_dir: str | Path | None = None, cfg: PrepConfig = Pre
         [name, _source_digest(path, spec.files), asdict(cfg), PREP_VERSION]).encode()).hexdigest()[:16]
     folder = cache_root() / f"{name}-{key}"
     if (folder / "meta.json").is_file():
-        return _load(folder)
-    seq = build_sequences(spec.reader(path), cfg, log=log)
-    _save(seq, folder)
+        seq = _load(folder)
+    else:
+        seq = build_sequences(spec.reader(path), cfg, log=log)
+        _save(seq, folder)
+    seq.source_digest = key
     return seq

@@ -1,10 +1,17 @@
 """Readers for the publishers' own formats, returning one flat table of rating events.
 
 Every reader returns :class:`RawData`: an events table ``(user, item, rating, timestamp)`` with
-raw ids as strings, and an items table ``(item, title, genres)``. Input is read strictly: a line
-with the wrong number of fields, a non-numeric field, text that is not valid in the file's encoding
-or a rating out of the format's range raises :class:`DataError` naming the file and line. Nothing is
-dropped here; policies about duplicates and short users live in :mod:`genrec.data.preprocess`.
+raw ids as strings, and an items table ``(item, title, genres)``. Input is read strictly; each of
+these raises :class:`DataError` naming the file and line (nothing is dropped here; policies about
+duplicates and short users live in :mod:`genrec.data.preprocess`):
+
+* a line with the wrong number of fields, a blank line, a non-numeric field, an integer that does not
+  fit in 64 bits, a NaN or infinite rating, a rating out of the format's range;
+* a timestamp before 1995 (these logs start in 1995-1996: a line cut short inside its timestamp
+  reads as 1970), in the future, or one that looks like milliseconds (the formats count seconds);
+* text that is not valid in the file's encoding, and a latin-1 file (ML-1M) that is in fact UTF-8
+  (every byte is valid latin-1, so it would read as garbled titles);
+* an archive that is not a zip or is truncated.
 
 Formats (GroupLens README files; Amazon "ratings only" csv from McAuley's Amazon review data):
 
@@ -17,9 +24,12 @@ Formats (GroupLens README files; Amazon "ratings only" csv from McAuley's Amazon
 
 from __future__ import annotations
 
+import datetime
 import io
 import re
+import time
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,7 +60,13 @@ class Source:
         self.path = Path(path)
         if not self.path.exists():
             raise DataError(str(self.path), "no such file or folder")
-        self._zip = zipfile.ZipFile(self.path) if self.path.is_file() else None
+        self._zip = None
+        if self.path.is_file():
+            try:
+                self._zip = zipfile.ZipFile(self.path)
+            except (zipfile.BadZipFile, OSError) as err:
+                raise DataError(str(self.path), f"not a readable zip archive ({err}); a truncated or corrupt "
+                                "download? Delete it to download it again") from None
 
     def _member(self, name: str) -> str | None:
         assert self._zip is not None
@@ -81,7 +97,11 @@ class Source:
             member = self._member(name)
             if member is None:
                 raise DataError(str(self.path), f"archive has no file named {name!r}")
-            return self._zip.read(member)
+            try:
+                return self._zip.read(member)
+            except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as err:
+                raise DataError(f"{self.path}!{member}", f"cannot be read from the archive ({err}); a truncated "
+                                "or corrupt download? Delete it to download it again") from None
         found = self._find(name)
         if found is None:
             raise DataError(str(self.path / name), f"missing; expected {name} in {self.path}")
@@ -90,10 +110,30 @@ class Source:
 
 def _decode(data: bytes, label: str, encoding: str) -> str:
     try:
-        return data.decode(encoding)
+        text = data.decode(encoding)
     except UnicodeDecodeError as err:
         line = data.count(b"\n", 0, err.start) + 1
         raise DataError(label, f"byte 0x{data[err.start]:02x} is not valid {encoding}", line) from None
+    if encoding == "latin-1":
+        _reject_utf8(data, label)
+    return text
+
+
+def _reject_utf8(data: bytes, label: str) -> None:
+    """Every byte string is valid latin-1, so a UTF-8 file would be read as garbled text. Non-ASCII
+    text that is valid UTF-8 almost never occurs in real latin-1 (it needs pairs like ``Ã©``)."""
+    first = re.search(rb"[\x80-\xff]", data)
+    if first is None:
+        return
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return  # genuine latin-1
+    line = data.count(b"\n", 0, first.start()) + 1
+    start = data.rfind(b"\n", 0, first.start()) + 1
+    shown = data[start: data.find(b"\n", first.start()) if b"\n" in data[first.start():] else len(data)]
+    raise DataError(label, f"is UTF-8 ({shown.decode('utf-8')!r}) but this format is latin-1; convert it with "
+                    "iconv -f utf-8 -t latin1", line)
 
 
 def parse_table(
@@ -170,11 +210,11 @@ def _line_of(table: pa.Table, row: int) -> int:
 
 
 def to_number(table: pa.Table, column: str, label: str, kind: str) -> pa.Array:
-    """Cast a string column to int64 or float32; on failure report the first bad line and value."""
+    """Cast a string column to int64 or a finite float32; on failure report the first bad line and value."""
     col = table.column(column).combine_chunks()
     target = pa.int64() if kind == "int" else pa.float32()
     try:
-        return pc.cast(pc.utf8_trim_whitespace(col), target)
+        values = pc.cast(pc.utf8_trim_whitespace(col), target)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
         pattern = _INT if kind == "int" else _FLOAT
         for row, value in enumerate(col.to_pylist()):
@@ -183,7 +223,43 @@ def to_number(table: pa.Table, column: str, label: str, kind: str) -> pa.Array:
                     label, f"field {column!r} is {value!r}, expected an {'integer' if kind == 'int' else 'number'}",
                     _line_of(table, row),
                 ) from None
+            if kind == "int" and not -(2**63) <= int(value) < 2**63:
+                raise DataError(label, f"field {column!r} is {value.strip()}, which does not fit in a 64-bit "
+                                "integer", _line_of(table, row)) from None
         raise
+    if kind == "float":
+        bad = pc.invert(pc.is_finite(values))
+        if pc.any(bad).as_py():
+            row = pc.index(bad, True).as_py()
+            raise DataError(label, f"field {column!r} is {col[row].as_py().strip()!r}, expected a finite number",
+                            _line_of(table, row))
+    return values
+
+
+EARLIEST = int(datetime.datetime(1995, 1, 1, tzinfo=datetime.UTC).timestamp())  # before the first rating logs
+
+
+def _date(seconds: float) -> str:
+    return datetime.datetime.fromtimestamp(seconds, datetime.UTC).strftime("%Y-%m-%d")
+
+
+def check_timestamps(table: pa.Table, values: pa.Array, column: str, label: str, earliest: int = EARLIEST,
+                     latest: float | None = None) -> None:
+    """Seconds since 1970 between ``earliest`` and now (+1 day): a value before is a line cut short or
+    another unit; one in the millisecond range of that span says so."""
+    latest = time.time() + 86_400 if latest is None else latest
+    bad = pc.or_(pc.less(values, earliest), pc.greater(values, int(latest)))
+    if not pc.any(bad).as_py():
+        return
+    row = pc.index(bad, True).as_py()
+    value = values[row].as_py()
+    if earliest * 1000 <= value <= latest * 1000:
+        why = f"looks like milliseconds ({_date(value / 1000)} in ms); expected seconds since 1970"
+    elif value < earliest:
+        why = f"is before {_date(earliest)} ({_date(value)}): a line cut short, or not seconds since 1970?"
+    else:
+        why = f"is in the future ({_date(value) if value < 2**37 else 'year > 6000'}); expected seconds since 1970"
+    raise DataError(label, f"{column} {value} {why}", _line_of(table, row))
 
 
 def check_range(table: pa.Table, values: pa.Array, column: str, label: str, low: float, high: float) -> None:
@@ -200,7 +276,7 @@ def _events(table: pa.Table, label: str, user: str, item: str, rating: str, ts: 
     ratings = to_number(table, rating, label, "float")
     check_range(table, ratings, rating, label, *rating_range)
     timestamps = to_number(table, ts, label, "int")
-    check_range(table, timestamps, ts, label, 0, 2**62)
+    check_timestamps(table, timestamps, ts, label)
     for column in (user, item):
         empty = pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(table.column(column))), 0)
         if pc.any(empty).as_py():

@@ -108,6 +108,7 @@ def download(spec: DatasetSpec, root: Path, url: str | None = None, timeout: flo
     if url is None:
         raise DataError(str(target.parent), f"{spec.name} cannot be downloaded automatically; "
                         f"put {', '.join(spec.files)} there")
+    created = [p for p in (target.parent, *target.parent.parents) if not p.exists()]  # removed again on failure
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(dir=target.parent, suffix=".part")
     tmp = Path(tmp_name)
@@ -130,6 +131,10 @@ def download(spec: DatasetSpec, root: Path, url: str | None = None, timeout: flo
         ) from None
     finally:
         tmp.unlink(missing_ok=True)
+        if not target.exists():  # a failed download leaves no empty dataset folder behind
+            for folder in created:
+                if folder.is_dir() and not any(folder.iterdir()):
+                    folder.rmdir()
     return target
 
 

@@ -16,19 +16,25 @@ and has at least ``max_len - stride`` events of context (except near the start o
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 
 from genrec.data.preprocess import Sequences
+from genrec.settings import Fraction, Invalid
 
 SPLITS = ("train", "valid", "test")
 
 
 @dataclass(frozen=True)
 class SplitConfig:
-    protocol: str = "loo"  # "loo" (leave-one-out) or "temporal"
-    val_quantile: float = 0.8  # temporal only
-    test_quantile: float = 0.9  # temporal only
+    protocol: Literal["loo", "temporal"] = "loo"  # leave-one-out per user, or a global cut in time
+    val_quantile: Fraction = 0.8  # temporal: validation targets from this quantile of all timestamps
+    test_quantile: Fraction = 0.9  # temporal: test targets from this quantile on
+
+    def check(self) -> None:
+        if not self.val_quantile < self.test_quantile:
+            raise Invalid("val_quantile", f"expected a value below test_quantile ({self.test_quantile})")
 
 
 def tile(user: int, start: int, end: int, target_start: int, max_len: int, stride: int) -> list[tuple]:

@@ -35,6 +35,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
+from genrec.train import checkpoint
+
 
 def is_distributed_checkpoint(folder: Path) -> bool:
     return (Path(folder) / ".metadata").is_file()
@@ -63,6 +65,7 @@ def save(out_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer, stat
     dist.barrier()
     if rank == 0:
         (tmp / "state.json").write_text(json.dumps(state | {"world_size": dist.get_world_size()}, indent=1))
+        checkpoint.write_manifest(tmp)  # sizes and hashes, verified before a resume (as single-process ones)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         pointer = root / "latest.tmp"
@@ -112,6 +115,7 @@ def save_full_weights(model: nn.Module, folder: Path) -> None:
     if dist.get_rank() == 0:
         folder.mkdir(parents=True, exist_ok=True)
         save_file({k: v.contiguous() for k, v in full.items()}, str(folder / "model.safetensors"))
+        checkpoint.write_manifest(folder)
     dist.barrier()
 
 

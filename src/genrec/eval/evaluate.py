@@ -21,6 +21,15 @@ from genrec.eval.metrics import RankingAccumulator, RetrievalAccumulator, target
 from genrec.models.base import RecModel
 
 
+def metric_names(tasks: tuple[str, ...], ks: tuple[int, ...] = (10, 50)) -> list[str]:
+    """The quality metrics :func:`evaluate` reports for a model with ``tasks`` (for checking a stopping
+    metric before training)."""
+    names = ["auc", "gauc", "logloss"] if "ranking" in tasks else []
+    if "retrieval" in tasks:
+        names += [f"{m}@{k}" for m in ("hr", "ndcg") for k in ks] + ["mrr"]
+    return names
+
+
 @dataclass
 class BatchScores:
     """What one evaluation batch leaves for the metrics, on the CPU: per target, in flat order."""

@@ -45,4 +45,4 @@ def build_model(name: str, args: dict, info: DatasetInfo, max_len: int) -> RecMo
     args = dict(args)
     if "max_len" in cfg_cls.__dataclass_fields__:  # positional tables must cover the data's max_len
         args.setdefault("max_len", max_len)
-    return cls(build_dataclass(cfg_cls, args, f"model_args ({name})"), info)
+    return cls(build_dataclass(cfg_cls, args, f"model {name}", "model_args"), info)

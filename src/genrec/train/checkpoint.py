@@ -1,19 +1,39 @@
-"""Checkpoints as safetensors (weights, optimizer tensors) plus JSON (trainer state).
+"""Checkpoints as safetensors (weights, optimizer tensors) plus JSON (trainer state), verified on load.
 
 Layout under ``out_dir/checkpoints``: one folder per save (``step-00001234``) and a ``latest`` file
 naming the newest complete one. A save is written to a temporary folder and renamed, and ``latest``
 is replaced atomically afterwards, so a process killed at any instant leaves a loadable checkpoint.
+Every checkpoint folder (and ``best/``) holds a ``manifest.json`` with each file's size and SHA-256;
+loading checks it, so a truncated or altered file is named instead of crashing deep in safetensors.
+Resuming falls back to the previous kept checkpoint, with a warning, when the newest is damaged.
+
+Wherever weights are asked for, :func:`resolve` accepts a run folder (its ``best/`` weights, else its
+newest checkpoint), a checkpoint folder, or a ``.safetensors`` file.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+
+from genrec import strict_json
+from genrec.errors import UserError
+
+WEIGHTS = "model.safetensors"
+MANIFEST = "manifest.json"
+_NAME = re.compile(r"step-\d{8}")
+
+
+class CheckpointError(UserError):
+    """A checkpoint or weights file that is missing, damaged or does not fit the model; names the file."""
 
 
 def _flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
@@ -36,14 +56,71 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_manifest(folder: Path) -> None:
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.name != MANIFEST)
+    (folder / MANIFEST).write_text(json.dumps(
+        {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files}, indent=1))
+
+
+def verify(folder: Path) -> None:
+    """Raise CheckpointError unless every file in ``folder``'s manifest is there with its size and hash."""
+    manifest = folder / MANIFEST
+    if not manifest.is_file():
+        raise CheckpointError(f"{folder}: no {MANIFEST} (not a complete genrec checkpoint)")
+    try:
+        expected = json.loads(manifest.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise CheckpointError(f"{manifest}: damaged (not JSON)") from None
+    for name, entry in expected.items():
+        path = folder / name
+        if not path.is_file():
+            raise CheckpointError(f"{path}: missing (listed in {MANIFEST})")
+        size = path.stat().st_size
+        if size != entry["bytes"]:
+            raise CheckpointError(f"{path}: {size} bytes, expected {entry['bytes']} (truncated or overwritten)")
+        if _sha256(path) != entry["sha256"]:
+            raise CheckpointError(f"{path}: SHA-256 differs from {MANIFEST} (the file was altered)")
+
+
 def save_weights(model: torch.nn.Module, folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()},
-              str(folder / "model.safetensors"))
+    save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(folder / WEIGHTS))
+    write_manifest(folder)
 
 
-def load_weights(model: torch.nn.Module, folder: Path) -> None:
-    model.load_state_dict(load_file(str(folder / "model.safetensors"), device="cpu"))
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path), device="cpu")
+    except (SafetensorError, OSError) as err:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({err})") from None
+
+
+def load_weights(model: torch.nn.Module, path: Path) -> Path:
+    """Load weights from a ``.safetensors`` file or a folder holding ``model.safetensors`` (verified
+    against its manifest when it has one); returns the file read."""
+    path = Path(path)
+    file = path / WEIGHTS if path.is_dir() else path
+    if path.is_dir() and (path / MANIFEST).is_file():
+        verify(path)
+    if not file.is_file():
+        raise CheckpointError(f"{path}: no {WEIGHTS} here" if path.is_dir() else f"{path}: no such file")
+    tensors = _read_safetensors(file)
+    try:
+        model.load_state_dict(tensors)
+    except RuntimeError as err:
+        missing, unexpected = model.state_dict().keys() - tensors.keys(), tensors.keys() - model.state_dict().keys()
+        detail = (f"missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}" if missing or unexpected
+                  else str(err).splitlines()[1].strip() if len(str(err).splitlines()) > 1 else str(err))
+        raise CheckpointError(f"{file}: weights do not fit this {type(model).__name__} model ({detail})") from None
+    return file
 
 
 def save(out_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict,
@@ -52,36 +129,101 @@ def save(out_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer
     name = f"step-{state['global_step']:08d}"
     tmp = root / (name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    save_weights(model, tmp)
+    tmp.mkdir(parents=True)
+    save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(tmp / WEIGHTS))
     tensors, meta = _flatten_optimizer(optimizer.state_dict())
     save_file(tensors, str(tmp / "optimizer.safetensors"))
-    (tmp / "optimizer.json").write_text(json.dumps(meta))
-    (tmp / "state.json").write_text(json.dumps(state, indent=1))
+    (tmp / "optimizer.json").write_text(strict_json.dumps(meta))
+    (tmp / "state.json").write_text(strict_json.dumps(state, indent=1))
+    write_manifest(tmp)
     final = root / name
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     pointer = root / "latest.tmp"
     pointer.write_text(name)
     os.replace(pointer, root / "latest")
-    saved = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and
-                   not p.name.endswith(".tmp"))
-    for old in saved[:-keep]:
+    for old in kept(out_dir)[keep:]:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
 
+def kept(out_dir: Path) -> list[Path]:
+    """The run's checkpoint folders, newest first."""
+    root = out_dir / "checkpoints"
+    if not root.is_dir():
+        return []
+    return sorted((p for p in root.iterdir() if p.is_dir() and _NAME.fullmatch(p.name)), reverse=True)
+
+
 def latest(out_dir: Path) -> Path | None:
+    """The checkpoint ``latest`` names, if it is a checkpoint folder of this run (never a path outside)."""
     pointer = out_dir / "checkpoints" / "latest"
     if not pointer.is_file():
         return None
-    folder = out_dir / "checkpoints" / pointer.read_text().strip()
-    return folder if (folder / "state.json").is_file() else None
+    name = pointer.read_text().strip()
+    folder = out_dir / "checkpoints" / name
+    return folder if _NAME.fullmatch(name) and (folder / "state.json").is_file() else None
+
+
+def resumable(out_dir: Path, log=print) -> Path | None:
+    """The newest verified checkpoint: ``latest``, else the kept ones newest first, each failure warned
+    about. None when the run has no checkpoint; CheckpointError when every one is damaged."""
+    candidates = kept(out_dir)
+    first = latest(out_dir)
+    if first is not None:
+        candidates = [first] + [c for c in candidates if c != first]
+    problems = []
+    for folder in candidates:
+        try:
+            verify(folder)
+            json.loads((folder / "state.json").read_text())
+        except (CheckpointError, json.JSONDecodeError, UnicodeDecodeError) as err:
+            problems.append(str(err))
+            log(f"[checkpoint] warning: {err}; trying the previous checkpoint")
+            continue
+        return folder
+    if problems:
+        raise CheckpointError(f"{out_dir / 'checkpoints'}: no undamaged checkpoint left ({problems[-1]}); "
+                              "pass --overwrite to start the run again")
+    return None
 
 
 def load(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> dict:
+    verify(folder)
     load_weights(model, folder)
     if optimizer is not None:
-        tensors = load_file(str(folder / "optimizer.safetensors"), device="cpu")
+        tensors = _read_safetensors(folder / "optimizer.safetensors")
         meta = json.loads((folder / "optimizer.json").read_text())
         optimizer.load_state_dict(_unflatten_optimizer(tensors, meta))
     return json.loads((folder / "state.json").read_text())
+
+
+def run_folder_of(path: Path) -> Path | None:
+    """The run folder (the one holding ``config.yaml``) that ``path`` is or lies in, if any."""
+    for candidate in (path, *path.parents[:4]):
+        if (candidate / "config.yaml").is_file():
+            return candidate
+    return None
+
+
+def resolve(path: str | Path) -> tuple[Path | None, Path]:
+    """(run folder or None, weights to load) for a run folder, a checkpoint folder or a weights file."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or folder; expected a run folder, a checkpoint folder "
+                              f"or a {WEIGHTS} file")
+    run = run_folder_of(path.parent if path.is_file() else path)
+    if path.is_file():
+        return run, path
+    if (path / WEIGHTS).is_file() or (path / ".metadata").is_file():  # weights, or a distributed (DCP) checkpoint
+        return run, path
+    if path == run:
+        if (path / "best" / WEIGHTS).is_file():
+            return run, path / "best"
+        newest = kept(path)
+        if newest:
+            return run, newest[0]
+        raise CheckpointError(f"{path}: run folder without weights (no best/{WEIGHTS}, no checkpoints/)")
+    if path.name == "checkpoints" and kept(path.parent):
+        return run, kept(path.parent)[0]
+    raise CheckpointError(f"{path}: no {WEIGHTS} here; expected a run folder, a checkpoint folder or a weights file")

@@ -13,6 +13,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from genrec.data.batching import JaggedBatch, WindowDataset, make_loader
+from genrec.errors import ConfigError
 from genrec.eval.evaluate import evaluate
 from genrec.train import checkpoint
 
@@ -20,6 +21,8 @@ from genrec.train import checkpoint
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"train.device = {name!r}: no CUDA device is available here; expected 'cpu' or 'auto'")
     return torch.device(name)
 
 

@@ -1,6 +1,12 @@
 """One trainer for every model: AdamW, warm-up + cosine, clipping, bf16 autocast on GPU, early
 stopping on a validation metric, CSV + TensorBoard logs, and exact resume from the last checkpoint.
 
+Order of a run: everything is checked first (config, data, model, the stopping metric, the run
+folder: :mod:`genrec.train.run_folder`), and only then is the folder written. ``fit`` is a loop of
+two steps that subclasses or wrappers (distributed training) can extend: :meth:`Trainer.train_epoch`
+(the optimizer steps of one epoch, with mid-epoch checkpoints) and :meth:`Trainer.validate` (the
+validation metrics, best weights, early stopping and the end-of-epoch checkpoint).
+
 Resume is exact because nothing random depends on history: the batch order of an epoch is a pure
 function of (seed, epoch) and the global RNG is re-seeded from (seed, step) before every step
 (dropout, negative sampling). A run killed mid-epoch reloads weights, optimizer moments and counters
@@ -10,25 +16,29 @@ from its last checkpoint, skips the batches it already did, and continues bit fo
 from __future__ import annotations
 
 import csv
-import json
+import dataclasses
 import math
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
 import yaml
-from tqdm import tqdm
 
+from genrec import config as config_lib
+from genrec import strict_json
 from genrec.config import RunConfig
 from genrec.data.batching import WindowDataset, make_loader
 from genrec.data.info import dataset_info
-from genrec.data.preprocess import PrepConfig, prepare
-from genrec.data.splits import SPLITS, SplitConfig, windows
+from genrec.data.preprocess import prepare
+from genrec.data.splits import SPLITS, windows
+from genrec.errors import ConfigError
+from genrec.eval.evaluate import metric_names
 from genrec.models import build_model
 from genrec.models.base import RecModel
 from genrec.train import checkpoint
+from genrec.train.console import Console, Progress
+from genrec.train.run_folder import Mode, RunFolder, default_path, record
 from genrec.train.strategy import Strategy
 from genrec.train.throughput import EpochMeter
 
@@ -72,35 +82,47 @@ class CsvLog:
 
 
 class Trainer:
-    """Trains ``cfg`` in this process, or as one rank of several when ``strategy`` says so
+    """Checks and builds everything a run needs on construction, writing nothing; :meth:`fit` trains.
+
+    Trains ``cfg`` in this process, or as one rank of several when ``strategy`` says so
     (:mod:`genrec.distributed`): ``model`` is always the bare model, ``train_model`` what the
-    training step calls (a DDP or FSDP2 wrapper of it)."""
+    training step calls (a DDP or FSDP2 wrapper of it). Only the main process logs and writes the run
+    folder. ``log`` receives every message (a :class:`~genrec.train.console.Console` saves them in
+    the run folder as ``console.log``).
+    """
 
     def __init__(self, cfg: RunConfig, log=print, strategy: Strategy | None = None):
-        self.cfg = cfg
         self.strategy = strategy or Strategy()
-        self.log = log if self.strategy.is_main else (lambda *_: None)
+        if not self.strategy.is_main:
+            log = lambda *_: None  # noqa: E731
+        self.console = log if isinstance(log, Console) else Console(log)
+        self.log = self.console
         d, t = cfg.data, cfg.train
+        if t.out_dir is None:  # a fresh folder per run, never a shared default
+            cfg = dataclasses.replace(cfg, train=dataclasses.replace(t, out_dir=str(default_path(cfg.model))))
+            t = cfg.train
+        self.cfg = cfg
+        self.out = Path(t.out_dir)
         self.device = self.strategy.device(t.device)
         if t.deterministic and self.device.type == "cpu":
             # multithreaded CPU kernels (e.g. index accumulation) otherwise sum in scheduling order,
             # and two runs of one config drift apart in the last bits. GPU runs keep the fast kernels.
             torch.use_deterministic_algorithms(True)
-        self.out = Path(t.out_dir)
-        self.seq = prepare(d.dataset, d.data_dir, PrepConfig(d.label_threshold, d.request_window_s,
-                           d.min_user_events, d.duplicates), allow_download=d.allow_download, log=log)
+        config_lib.model_args(cfg.model, cfg.model_args)  # a typo fails before any data is read
+        self.seq = prepare(d.dataset, d.data_dir, d.prep, allow_download=d.allow_download, log=self.log)
+        self._check_labels()
         self.info = dataset_info(self.seq)
-        split = SplitConfig(d.protocol, d.val_quantile, d.test_quantile)
-        self.data = {s: WindowDataset(self.seq, windows(self.seq, s, split, d.max_len, d.stride)) for s in SPLITS}
+        self.data = {s: WindowDataset(self.seq, windows(self.seq, s, d.split, d.max_len, d.stride)) for s in SPLITS}
         for s in SPLITS:
             if len(self.data[s]) == 0:
-                raise ValueError(f"split {s!r} of {d.dataset} under protocol {d.protocol!r} has no targets")
+                raise ConfigError(f"data.split: split {s!r} of {d.dataset} under protocol {d.split.protocol!r} "
+                                  "has no targets")
         torch.manual_seed(t.seed)
         self.model: RecModel = build_model(cfg.model, cfg.model_args, self.info, d.max_len)
+        self._check_stop_metric()
         if t.init_from:
-            if not (Path(t.init_from) / "model.safetensors").is_file():
-                raise FileNotFoundError(f"train.init_from: no model.safetensors in {t.init_from}")
-            checkpoint.load_weights(self.model, Path(t.init_from))
+            _, weights = checkpoint.resolve(t.init_from)
+            checkpoint.load_weights(self.model, weights)
         self.model.to(self.device)
         self.train_model = self.strategy.wrap(self.model, self.device)
         decay = [p for n, p in self.model.named_parameters() if p.ndim >= 2 and "emb" not in n]
@@ -109,6 +131,25 @@ class Trainer:
             [{"params": decay, "weight_decay": t.weight_decay}, {"params": other, "weight_decay": 0.0}],
             lr=t.lr, betas=t.betas)
         self.autocast = t.bf16 and self.device.type == "cuda"
+        self.record = record(cfg, self.seq.source_digest)
+        self.writer = None
+
+    def _check_labels(self) -> None:
+        """The binary label ``rating > threshold`` must have both classes, or AUC is undefined throughout."""
+        threshold, values = self.cfg.data.prep.label_threshold, self.seq.rating_values
+        if not values[0] <= threshold < values[-1]:
+            side = "positive" if threshold >= values[-1] else "negative"
+            raise ConfigError(f"data.prep.label_threshold = {threshold:g}: leaves no {side} labels in "
+                              f"{self.cfg.data.dataset} (ratings {values[0]:g}..{values[-1]:g}); expected a value "
+                              f"in [{values[0]:g}, {values[-1]:g})")
+
+    def _check_stop_metric(self) -> None:
+        t = self.cfg.train
+        known = metric_names(self.model.tasks)
+        missing = [n for n in t.early_stop_metric.split("+") if n not in known]
+        if missing:
+            raise ConfigError(f"train.early_stop_metric = {t.early_stop_metric!r}: model {self.cfg.model} does not "
+                              f"report {', '.join(missing)}; expected one of {', '.join(known)} (or a sum with +)")
 
     def loader(self, split: str):
         d = self.cfg.data
@@ -153,104 +194,144 @@ class Trainer:
             return not math.isnan(value)
         return value > best if self.cfg.train.early_stop_mode == "max" else value < best
 
-    def fit(self, resume: bool = True) -> dict:
+    def fit(self, mode: Mode = "auto") -> dict:
+        """Train until the epochs run out, ``max_steps`` is reached or validation stops improving.
+
+        ``mode`` says what to do with a run folder that already holds a run (see
+        :mod:`genrec.train.run_folder`): ``"auto"`` resumes the same run and refuses any other,
+        ``"resume"`` continues it under changed ``train.*`` settings, ``"overwrite"`` replaces it.
+        """
+        state = self.start(mode)
+        while not state["done"] and state["epoch"] < self.cfg.train.epochs:
+            self.train_epoch(state)
+            self.validate(state)
+        return self.finish(state)
+
+    def start(self, mode: Mode) -> dict:
+        """Claim the run folder (after checking it holds no other run) and load the newest checkpoint."""
         t = self.cfg.train
         main = self.strategy.is_main
+        folder = RunFolder(self.out)
+        plan = folder.plan(self.record, mode)
+        resume_from = checkpoint.resumable(self.out, self.log) if plan.action == "resume" else None
+        self.strategy.barrier()  # every rank has read the folder before rank 0 changes it
         if main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "config.yaml").write_text(yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
-        loader = self.loader("train")
-        sampler = loader.batch_sampler
-        steps_per_epoch = len(sampler.batches())
-        total = t.max_steps or steps_per_epoch * t.epochs
+            folder.claim(self.record, plan, yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
+            self.console.attach(self.out / "console.log")
+        self.strategy.barrier()  # the folder is claimed (overwritten files gone) before any rank writes
+        self.log(f"[run] {self.out} ({'resuming' if resume_from else 'new run'}, {self.cfg.model} on "
+                 f"{self.cfg.data.dataset}, fingerprint {self.record['fingerprint']})")
+        if plan.changed:
+            self.log("[run] continuing with changed settings: " + ", ".join(plan.changed))
         state = {"epoch": 0, "batch_in_epoch": 0, "global_step": 0, "best": None, "best_epoch": -1,
                  "bad_epochs": 0, "done": False, "history": [], "epoch_stats": {}}
-        last = checkpoint.latest(self.out) if resume else None
-        if last is not None:
-            state = self.strategy.load_checkpoint(last, self.model, self.optimizer)
+        if resume_from is not None:
+            state = self.strategy.load_checkpoint(resume_from, self.model, self.optimizer)
             state.setdefault("epoch_stats", {})
-            self.log(f"[train] resumed from {last} (epoch {state['epoch']}, step {state['global_step']})")
-        step_log, val_log = CsvLog(self.out / "train_log.csv"), CsvLog(self.out / "val_log.csv")
+            self.log(f"[train] resumed from {resume_from} (epoch {state['epoch']}, step {state['global_step']})")
+        self.step_log, self.val_log = CsvLog(self.out / "train_log.csv"), CsvLog(self.out / "val_log.csv")
         if main:
-            step_log.truncate_after(state["global_step"])
-            val_log.truncate_after(state["global_step"])
-        writer = None
+            self.step_log.truncate_after(state["global_step"])
+            self.val_log.truncate_after(state["global_step"])
         if t.tensorboard and main:
             from torch.utils.tensorboard import SummaryWriter
 
-            writer = SummaryWriter(str(self.out / "tb"), purge_step=state["global_step"] or None)
+            self.writer = SummaryWriter(str(self.out / "tb"), purge_step=state["global_step"] or None)
+        self.train_loader = self.loader("train")
+        self.steps_per_epoch = len(self.train_loader.batch_sampler.batches())
+        self.total_steps = t.max_steps or self.steps_per_epoch * t.epochs
+        self.meter = EpochMeter(self.cfg.model, getattr(self.model, "cfg", None), self.device)
+        return state
 
-        meter = EpochMeter(self.cfg.model, getattr(self.model, "cfg", None), self.device)
-        while not state["done"] and state["epoch"] < t.epochs:
-            self.model.train()
-            self.before_epoch(state)
-            sampler.set_epoch(state["epoch"], state["batch_in_epoch"])
-            bar = tqdm(loader, desc=f"epoch {state['epoch']}", disable=not (t.progress and main), leave=False,
-                       initial=state["batch_in_epoch"], total=steps_per_epoch)
-            meter.start()
-            for batch in bar:
-                t0 = time.perf_counter()
-                torch.manual_seed(t.seed * 1_000_003 + state["global_step"])
-                lr = lr_at(state["global_step"], t.lr, t.warmup_steps, total, t.min_lr_ratio)
-                for group in self.optimizer.param_groups:
-                    group["lr"] = lr
-                batch = batch.to(self.device)
-                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-                    losses = self.train_model(batch)
-                self.optimizer.zero_grad(set_to_none=True)
-                (losses["loss"] * self.strategy.loss_scale(batch)).backward()
-                grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
-                self.optimizer.step()
-                state["global_step"] += 1
-                state["batch_in_epoch"] += 1
-                meter.add(batch)
-                speed = batch.num_events / (time.perf_counter() - t0)  # this process's
-                row = {"step": state["global_step"], "epoch": state["epoch"], "lr": lr, "grad_norm": float(grad_norm),
-                       "events_per_s": speed} | self.strategy.reduce_losses(losses, batch)
+    def train_step(self, batch, state: dict) -> dict:
+        """One optimizer step on ``batch``; returns its log row (step, lr, grad norm, events/s, losses)."""
+        t = self.cfg.train
+        t0 = time.perf_counter()
+        torch.manual_seed(t.seed * 1_000_003 + state["global_step"])
+        lr = lr_at(state["global_step"], t.lr, t.warmup_steps, self.total_steps, t.min_lr_ratio)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        batch = batch.to(self.device)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            losses = self.train_model(batch)
+        self.optimizer.zero_grad(set_to_none=True)
+        (losses["loss"] * self.strategy.loss_scale(batch)).backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
+        self.optimizer.step()
+        state["global_step"] += 1
+        state["batch_in_epoch"] += 1
+        self.meter.add(batch)
+        return {"step": state["global_step"], "epoch": state["epoch"], "lr": lr, "grad_norm": float(grad_norm),
+                "events_per_s": batch.num_events / (time.perf_counter() - t0)  # this process's
+                } | self.strategy.reduce_losses(losses, batch)
+
+    def train_epoch(self, state: dict) -> None:
+        """The rest of the current epoch's steps (all of them unless resuming mid-epoch)."""
+        t = self.cfg.train
+        self.model.train()
+        self.before_epoch(state)
+        self.train_loader.batch_sampler.set_epoch(state["epoch"], state["batch_in_epoch"])
+        main = self.strategy.is_main
+        progress = Progress(self.console, f"epoch {state['epoch']}", state["batch_in_epoch"], self.steps_per_epoch,
+                            enabled=t.progress and main, every_s=t.progress_every_s)
+        self.meter.start()
+        try:
+            for batch in self.train_loader:
+                row = self.train_step(batch, state)
                 if main:
-                    step_log.write(row)
-                if writer is not None:
+                    self.step_log.write(row)
+                if self.writer is not None:
                     for k, v in row.items():
                         if k not in ("step", "epoch"):
-                            writer.add_scalar(f"train/{k}", v, state["global_step"])
-                bar.set_postfix(loss=f"{row['loss']:.4f}", ev_s=f"{speed:,.0f}")
+                            self.writer.add_scalar(f"train/{k}", v, state["global_step"])
+                progress.step(batch.num_events, row["loss"])
                 if t.checkpoint_every_steps and state["global_step"] % t.checkpoint_every_steps == 0:
                     self.strategy.save_checkpoint(self.out, self.model, self.optimizer, state, t.keep_checkpoints)
                 if t.max_steps and state["global_step"] >= t.max_steps:
                     state["done"] = True
                     break
-            bar.close()
-            speed = meter.row(self.strategy)
-            metrics = self.evaluate("valid")
-            value = self.stop_value(metrics)
-            if self._better(value, state["best"]):
-                state.update(best=value, best_epoch=state["epoch"], bad_epochs=0)
-                self.strategy.save_weights(self.model, self.out / "best")
-            else:
-                state["bad_epochs"] += 1
-            metrics |= state["epoch_stats"] | speed
-            if main:
-                val_log.write({"step": state["global_step"], "epoch": state["epoch"]} | metrics)
-            if writer is not None:
-                for k, v in metrics.items():
-                    writer.add_scalar(f"valid/{k}", v, state["global_step"])
-            state["history"].append({"epoch": state["epoch"]} | metrics)
-            self.log(f"[train] epoch {state['epoch']} step {state['global_step']} valid "
-                     + " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
-            state["epoch"] += 1
-            state["batch_in_epoch"] = 0
-            if state["bad_epochs"] >= t.patience:
-                self.log(f"[train] early stop: no {t.early_stop_metric} gain for {t.patience} epochs")
-                state["done"] = True
-            self.strategy.save_checkpoint(self.out, self.model, self.optimizer, state, t.keep_checkpoints)
-        if writer is not None:
-            writer.close()
+        finally:
+            progress.close()
+
+    def validate(self, state: dict) -> dict:
+        """Validation metrics of the epoch just trained: best weights, logs, early stopping, checkpoint."""
+        t = self.cfg.train
+        speed = self.meter.row(self.strategy)
+        metrics = self.evaluate("valid")
+        value = self.stop_value(metrics)
+        if self._better(value, state["best"]):
+            state.update(best=value, best_epoch=state["epoch"], bad_epochs=0)
+            self.strategy.save_weights(self.model, self.out / "best")
+        else:
+            state["bad_epochs"] += 1
+        metrics |= state["epoch_stats"] | speed
+        if self.strategy.is_main:
+            self.val_log.write({"step": state["global_step"], "epoch": state["epoch"]} | metrics)
+        if self.writer is not None:
+            for k, v in metrics.items():
+                self.writer.add_scalar(f"valid/{k}", v, state["global_step"])
+        state["history"].append({"epoch": state["epoch"]} | metrics)
+        self.log(f"[train] epoch {state['epoch']} step {state['global_step']} valid "
+                 + " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
+        state["epoch"] += 1
+        state["batch_in_epoch"] = 0
+        if state["bad_epochs"] >= t.patience:
+            self.log(f"[train] early stop: no {t.early_stop_metric} gain for {t.patience} epochs")
+            state["done"] = True
+        self.strategy.save_checkpoint(self.out, self.model, self.optimizer, state, t.keep_checkpoints)
+        return metrics
+
+    def finish(self, state: dict) -> dict:
+        """Test (and re-validate) the best weights; ``metrics.json`` (strict JSON: null where undefined)."""
+        if self.writer is not None:
+            self.writer.close()
         self.strategy.barrier()  # rank 0 wrote best/
-        if (self.out / "best" / "model.safetensors").is_file():
+        if (self.out / "best" / checkpoint.WEIGHTS).is_file():
             self.strategy.load_weights(self.model, self.out / "best")
         result = {"valid": self.evaluate("valid"), "test": self.evaluate("test"),
                   "best_epoch": state["best_epoch"], "steps": state["global_step"],
-                  "history": state["history"], "config": asdict(self.cfg)}
-        if main:
-            (self.out / "metrics.json").write_text(json.dumps(result, indent=1))
+                  "history": state["history"], "config": self.cfg.to_dict()}
+        if self.strategy.is_main:
+            (self.out / "metrics.json").write_text(strict_json.dumps(result, indent=1))
+        self.log(f"[run] finished: {self.out / 'metrics.json'}")
         return result
