@@ -188,7 +188,7 @@ def memory_rows(args, rows_out: Path) -> list[dict]:
 def _train(out: Path, nproc: int, model: str, seed: int, extra: list[str]) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "genrec", "train", "--nproc", str(nproc), "--config",
            str(ROOT / "configs" / "ranking.yaml"), "--out-dir", str(out), "--set", f"model={model}",
-           f"train.seed={seed}", "data.protocol=temporal", *extra]
+           f"train.seed={seed}", "data.split.protocol=temporal", *extra]
     return subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL)
 
 
