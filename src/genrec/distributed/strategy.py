@@ -25,7 +25,6 @@ from genrec.distributed.evaluate import sharded_evaluate
 from genrec.distributed.launch import ProcessGroup
 from genrec.distributed.sampler import sharded_loader
 from genrec.models.base import RecModel
-from genrec.train import checkpoint
 from genrec.train.strategy import Strategy
 
 STRATEGIES = ("ddp", "fsdp2")
@@ -111,8 +110,6 @@ class DataParallel(Strategy):
         return dcp_checkpoint.save(out_dir, model, optimizer, state, keep)
 
     def load_checkpoint(self, folder, model, optimizer) -> dict:
-        if not dcp_checkpoint.is_distributed_checkpoint(folder) and self.kind == "ddp":
-            return checkpoint.load(folder, model, optimizer)  # a single-process run continued on K ranks
         return dcp_checkpoint.load(folder, model, optimizer)
 
     def save_weights(self, model, folder) -> None:
