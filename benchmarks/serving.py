@@ -15,7 +15,7 @@ checked against the model's offline cold scoring (``served_vs_offline_max_abs_di
 time ``/events`` work in-process: extending a cache by k events vs re-encoding the whole history.
 
     python benchmarks/serving.py                      # CPU, small shapes -> results/serving_cpu.{json,md}
-    python benchmarks/serving.py --device cuda        # GPU shapes N = 1024, 4096; M = 64, 512
+    python benchmarks/serving.py --device cuda [--cuda-graphs]  # GPU: N = 1024, 4096; M = 64, 512
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ import report
 from genrec.data.info import DatasetInfo
 from genrec.models import build_model
 from genrec.serve.engine import Catalogue, Engine, RankJob
+from genrec.serve.graphs import BucketedGraphs
 from genrec.serve.scoring import history_batch
 from genrec.serve.store import History, UserStore
 
@@ -65,7 +66,8 @@ def synthetic_engine(name: str, n: int, args, cache_bytes: int) -> Engine:
     model = build_model(name, model_args, info, n).to(device).eval()
     catalogue = Catalogue([str(i) for i in range(1, NUM_ITEMS + 1)], ACTIONS, 3.0, 0)
     store = UserStore(cache_bytes, lambda user: synthetic_history(user, n) if user.startswith("u") else None)
-    return Engine(model, catalogue, store, device, max_history=n, model_name=name)
+    graphs = BucketedGraphs(model, args.max_batch, n, args.max_candidates) if args.cuda_graphs else None
+    return Engine(model, catalogue, store, device, max_history=n, model_name=name, graphs=graphs)
 
 
 def candidates_for(k: int, m: int) -> list[str]:
@@ -82,7 +84,7 @@ def serve(args) -> None:
     torch.set_num_threads(args.server_threads)
     cache_bytes = 0 if args.mode == "cold" else 1 << 40
     engine = synthetic_engine(args.model, args.n, args, cache_bytes)
-    app = build_app(engine, Limits(max_candidates=max(args.m, 1024), max_history=args.n), None, args.max_batch,
+    app = build_app(engine, Limits(max_candidates=args.max_candidates, max_history=args.n), None, args.max_batch,
                     args.max_wait_us)
     uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning", access_log=False)
 
@@ -299,6 +301,7 @@ def parse(argv):
     p.add_argument("--backend", default=None, help="attention backend (default: triton on CUDA, else reference)")
     p.add_argument("--max-batch", type=int, default=32)
     p.add_argument("--max-wait-us", type=int, default=500)
+    p.add_argument("--cuda-graphs", action="store_true", help="cold scoring replayed as CUDA graphs (CUDA only)")
     p.add_argument("--server-threads", type=int, default=max(1, (os.cpu_count() or 2) // 2))
     p.add_argument("--note", default=None, help="appended to meta.device (e.g. shared machine)")
     p.add_argument("--out", default=None)
@@ -311,10 +314,13 @@ def parse(argv):
     p.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.backend = args.backend or ("triton" if args.device == "cuda" else "reference")
+    if args.cuda_graphs and args.device != "cuda":
+        p.error("--cuda-graphs needs --device cuda")
+    args.max_candidates = 1024
     args.passthrough = [f"--device={args.device}", f"--users={args.users}", f"--d={args.d}",
                         f"--layers={args.layers}", f"--heads={args.heads}", f"--backend={args.backend}",
                         f"--max-batch={args.max_batch}", f"--max-wait-us={args.max_wait_us}",
-                        f"--server-threads={args.server_threads}"]
+                        f"--server-threads={args.server_threads}"] + (["--cuda-graphs"] if args.cuda_graphs else [])
     return args
 
 
@@ -343,6 +349,7 @@ def main(argv: list[str] | None = None) -> int:
                         got = asyncio.run(load(server.port, body, c, args.requests, args.seconds))
                         row = {"kind": "service", "model": name, "mode": mode, "n": n, "m": m, "concurrency": c,
                                "d": args.d, "layers": args.layers, "heads": args.heads, "backend": args.backend,
+                               "cuda_graphs": args.cuda_graphs,
                                "max_batch": args.max_batch, "max_wait_us": args.max_wait_us, **got,
                                "candidates_per_s": got["requests_per_s"] * m,
                                "served_vs_offline_max_abs_diff": offline_diff(server.port, engine, users[:8], m)}
