@@ -8,4 +8,6 @@ below ``cli.py``. Single-process code never imports it.
 * :mod:`.strategy` — DDP / FSDP2 wrapping, loss weighting, exact metric reduction.
 * :mod:`.evaluate` — evaluation sharded by batch and reduced to the single-process numbers.
 * :mod:`.checkpoint` — ``torch.distributed.checkpoint`` saves that load with any number of ranks.
+* :mod:`.run` — ``genrec train`` as one process or as one rank, picked from the environment.
+* :mod:`.sharded_tables` — item/action tables sharded with TorchRec (the optional ``genrec[torchrec]``).
 """
