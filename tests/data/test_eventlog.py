@@ -245,3 +245,33 @@ def test_prepare_reuses_the_cache_until_a_file_changes(tmp_path):
     write_parquet(path, {k: v[:-1] for k, v in EVENTS.items()})
     changed = prepare(spec_for(path), root=tmp_path / "cache", log=logs.append)
     assert len(changed.items) == len(first.items) - 1
+
+
+def test_movielens_ratings_and_tags_become_four_signals(tmp_path):
+    from genrec.data.multisignal import prepare_movielens_signals
+    from genrec.data.preprocess import PrepConfig
+    from tests.conftest import write_ml_csv
+
+    root = tmp_path / "root"
+    folder = write_ml_csv(root / "ml-latest-small")
+    # user 1 tags movie 3 long after rating it, and movie 7 (never rated); user 2 tags movie 6 at its rating time
+    (folder / "tags.csv").write_text('userId,movieId,tag,timestamp\n1,3,"funny, dry",1000000000\n'
+                                     "1,3,politics,999999999\n1,7,remake,1000000500\n2,6,heist,1445715000\n")
+    seq = prepare_movielens_signals("ml-latest-small", ("like", "five_star", "rated", "tagged"), root,
+                                    PrepConfig(min_user_events=1), allow_download=False, log=lambda *_: None)
+    assert seq.signal_names == ["like", "five_star", "rated", "tagged"]
+    u1 = user_events(seq, "1")
+    assert u1["items"] == ["3", "6", "1", "3", "7"]  # ratings at 964...; the tags at 999999999 and 1000000500
+    assert u1["labels"] == [[1, 0, 1, 0], [1, 0, 1, 0], [1, 0, 1, 0], [0, 0, 0, 1], [0, 0, 0, 1]]
+    u2 = user_events(seq, "2")
+    assert u2["labels"][2] == [0, 0, 1, 1]  # rated 0.5 and tagged at the same time: one event
+    assert len(seq.items) == 7 + 2  # seven ratings and two tag-only events
+    assert seq.item_genres[seq.item_raw.index("6")] == ["Action", "Crime", "Thriller"]
+
+
+def test_batches_carry_every_signal_of_their_events(tmp_path):
+    seq = load(make(spec_for(write_parquet(tmp_path / "log.parquet")), tmp_path / "s"))
+    data = WindowDataset(seq, windows(seq, "train", SplitConfig("loo"), 10))
+    batch = next(iter(make_loader(data, 8, shuffle=False)))
+    assert batch.signals.shape == (batch.num_events, 3)
+    assert torch.equal(batch.signals[:, 0], batch.labels)  # the label is the first signal

@@ -26,6 +26,11 @@ class JaggedBatch:
     request_ids: torch.Tensor  # [T] int64, from 0 within each sequence
     target_mask: torch.Tensor  # [T] bool
     users: torch.Tensor  # [B] int64 dense user index
+    signals: torch.Tensor | None = None  # [T, S] float32 binary target per action signal (default: labels)
+
+    def __post_init__(self):
+        if self.signals is None:  # one-signal data: the binary label is the only signal
+            self.signals = self.labels[:, None]
 
     @property
     def batch_size(self) -> int:
@@ -86,16 +91,20 @@ class WindowDataset(Dataset):
     def __getitem__(self, i: int) -> tuple:
         user, s, e, t = (int(x) for x in self.windows[i])
         q = self.seq
-        return (user, q.items[s:e], q.actions[s:e], q.labels[s:e], q.timestamps[s:e], q.request_ids[s:e], t - s)
+        signals = q.labels[s:e, None] if q.signal_labels is None else q.signal_labels[s:e]  # [n, S]
+        return (user, q.items[s:e], q.actions[s:e], q.labels[s:e], q.timestamps[s:e], q.request_ids[s:e], t - s,
+                signals)
 
 
 def collate(samples: list[tuple]) -> JaggedBatch:
+    """Samples ``(user, items, actions, labels, timestamps, request_ids, first_target[, signals])`` ->
+    one batch; without ``signals`` ``[n, S]`` the label is the one signal."""
     lengths = np.array([len(s[1]) for s in samples])
     offsets = np.zeros(len(samples) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
     target = np.zeros(offsets[-1], dtype=bool)
-    for (_, items, *_rest, first_target), o in zip(samples, offsets[:-1], strict=True):
-        target[o + first_target: o + len(items)] = True
+    for sample, o in zip(samples, offsets[:-1], strict=True):
+        target[o + sample[6]: o + len(sample[1])] = True
     requests = np.concatenate([s[5] - s[5][0] for s in samples])
     return JaggedBatch(
         offsets=torch.from_numpy(offsets),
@@ -106,6 +115,8 @@ def collate(samples: list[tuple]) -> JaggedBatch:
         request_ids=torch.from_numpy(requests.astype(np.int64)),
         target_mask=torch.from_numpy(target),
         users=torch.tensor([s[0] for s in samples], dtype=torch.int64),
+        signals=torch.from_numpy(np.concatenate([s[7] if len(s) > 7 else np.asarray(s[3])[:, None]
+                                                 for s in samples]).astype(np.float32)),
     )
 
 

@@ -6,7 +6,7 @@ trainer and the serving code to build a model for a prepared dataset).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -20,8 +20,10 @@ class DatasetInfo:
     num_users: int
     item_genres: np.ndarray  # [num_items + 1, G] multi-hot (row 0 padding)
     rating_values: list[float]
+    signal_names: list[str] = field(default_factory=lambda: ["like"])  # the action signals, in batch order
 
 
 def dataset_info(seq: Sequences) -> DatasetInfo:
     genres, _ = seq.genre_matrix()
-    return DatasetInfo(seq.num_items, seq.num_actions, seq.num_users, genres, seq.rating_values)
+    return DatasetInfo(seq.num_items, seq.num_actions, seq.num_users, genres, seq.rating_values,
+                       list(seq.signal_names) or ["like"])

@@ -355,3 +355,20 @@ def read_amazon_ratings(path: str | Path) -> RawData:
         "item": items, "title": pa.array([""] * len(items)),
         "genres": pa.array([[] for _ in range(len(items))], type=pa.list_(pa.string())),
     }), str(p))
+
+
+def read_movielens_tags(path: str | Path) -> pa.Table:
+    """ml-latest(-small) / ml-20m ``tags.csv`` (header ``userId,movieId,tag,timestamp``, csv quoting):
+    one row per tag application, ``(user, item, timestamp)`` with raw ids as strings; the tag text is
+    not kept. Read strictly like the ratings."""
+    src = Source(path)
+    label = src.label("tags.csv")
+    header = ["userId", "movieId", "tag", "timestamp"]
+    table = parse_table(src.read("tags.csv"), label, header, separator=",", encoding="utf-8", header=header,
+                        quoting=True)
+    for column in ("userId", "movieId"):
+        to_number(table, column, label, "int")
+    timestamps = to_number(table, "timestamp", label, "int")
+    check_range(table, timestamps, "timestamp", label, 0, 2**62)
+    return pa.table({"user": pc.utf8_trim_whitespace(table.column("userId")),
+                     "item": pc.utf8_trim_whitespace(table.column("movieId")), "timestamp": timestamps})
