@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from genrec.eval.metrics import RankingAccumulator, RetrievalAccumulator, target_ranks
+from genrec.eval.metrics import MultiTaskAccumulator, RankingAccumulator, RetrievalAccumulator, target_ranks
 from genrec.models.base import RecModel
 
 
@@ -37,6 +37,10 @@ class BatchScores:
     users: torch.Tensor  # [N_t] int64
     labels: torch.Tensor | None = None  # [N_t] float32 (ranking models)
     logits: torch.Tensor | None = None  # [N_t] float32 (ranking models)
+    # several action signals: the binary target and the logit of each, and the signals' names
+    signals: torch.Tensor | None = None  # [N_t, T] float32
+    task_logits: torch.Tensor | None = None  # [N_t, T] float32
+    signal_names: tuple[str, ...] = ()
     # full-catalogue rank of the true item (retrieval), float64, per chunk of <= 1024 targets: the
     # metrics sum chunk by chunk, as they always have, so their last bits do not depend on the batching
     ranks: list[torch.Tensor] | None = None
@@ -45,6 +49,8 @@ class BatchScores:
 @torch.no_grad()
 def score_batches(model: RecModel, loader, device: torch.device, autocast: bool = False) -> Iterator[BatchScores]:
     model.eval()
+    signal_names = tuple(getattr(model, "signal_names", ("like",)))
+    multi_task = len(signal_names) > 1 and "ranking" in model.tasks
     items = None
     if "retrieval" in model.tasks:
         items = model.item_embeddings().float()  # [I + 1, D]
@@ -52,7 +58,13 @@ def score_batches(model: RecModel, loader, device: torch.device, autocast: bool 
         batch = batch.to(device)
         out = BatchScores(users=batch.users[batch.sequence_index()][batch.target_mask].cpu())
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-            if "ranking" in model.tasks:
+            if multi_task:  # one pass for every signal; the first is the label
+                out.task_logits = model.task_logits(batch).float().cpu()  # [N_t, T]
+                out.signals = batch.signals[batch.target_mask].float().cpu()
+                out.signal_names = signal_names
+                out.labels = batch.labels[batch.target_mask].float().cpu()
+                out.logits = out.task_logits[:, 0]
+            elif "ranking" in model.tasks:
                 out.labels = batch.labels[batch.target_mask].float().cpu()
                 out.logits = model.rank_logits(batch).float().cpu()
             if items is not None:
@@ -70,12 +82,16 @@ def reduce_scores(scores: Iterable[BatchScores], ks: tuple[int, ...] = (10, 50))
     """Metrics of the batches' scores, accumulated in the order given."""
     ranking = RankingAccumulator()
     retrieval = RetrievalAccumulator(ks)
+    tasks = None
     for s in scores:
         if s.logits is not None:
             ranking.update(s.users, s.labels, s.logits)
+        if s.task_logits is not None:
+            tasks = tasks or MultiTaskAccumulator(list(s.signal_names))
+            tasks.update(s.users, s.signals, s.task_logits)
         for ranks in s.ranks or ():
             retrieval.update_ranks(ranks)
-    return ranking.compute() | retrieval.compute()
+    return ranking.compute() | (tasks.compute() if tasks is not None else {}) | retrieval.compute()
 
 
 def evaluate(model: RecModel, loader, device: torch.device, ks: tuple[int, ...] = (10, 50),

@@ -91,6 +91,32 @@ class RankingAccumulator:
                 "gauc_users": used, "gauc_users_skipped": skipped, "ranking_targets": int(len(labels))}
 
 
+class MultiTaskAccumulator:
+    """Per-signal ranking metrics ``auc/<signal>``, ``gauc/<signal>``, ``logloss/<signal>`` and their
+    mean over the signals (``auc/mean`` ...; a signal with one class in the split has a NaN AUC and is
+    left out of the mean, which then says over how many signals it was taken)."""
+
+    def __init__(self, signal_names: list[str]):
+        self.signal_names = list(signal_names)
+        self.tasks = [RankingAccumulator() for _ in self.signal_names]
+
+    def update(self, users: torch.Tensor, signals: torch.Tensor, logits: torch.Tensor) -> None:
+        """``signals`` and ``logits`` ``[N, T]``."""
+        for t, acc in enumerate(self.tasks):
+            acc.update(users, signals[:, t], logits[:, t])
+
+    def compute(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for name, acc in zip(self.signal_names, self.tasks, strict=True):
+            m = acc.compute()
+            out |= {f"{k}/{name}": m[k] for k in ("auc", "gauc", "logloss") if k in m}
+        for k in ("auc", "gauc", "logloss"):
+            values = [out[f"{k}/{n}"] for n in self.signal_names if not np.isnan(out.get(f"{k}/{n}", np.nan))]
+            out[f"{k}/mean"] = float(np.mean(values)) if values else float("nan")
+            out[f"{k}/mean_signals"] = len(values)
+        return out
+
+
 def target_ranks(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Rank (1-based, ties split evenly) of ``targets[i]`` among ``scores[i]``; scores ``[B, I]``.
 

@@ -1,4 +1,5 @@
-"""The training and scoring the classic CTR rankers share: BCE on the target label, logits out."""
+"""The training and scoring the classic CTR rankers share: one logit per action signal, BCE per
+signal (summed; the first signal is the dataset label), logits out."""
 
 from __future__ import annotations
 
@@ -13,15 +14,27 @@ from genrec.nn.ctr import CTRInputs
 class CTRRanker(RecModel):
     tasks = ("ranking",)
 
-    def logits(self, x: CTRInputs) -> torch.Tensor:  # [N]
+    @property
+    def signal_names(self) -> list[str]:
+        return self.features.signal_names
+
+    def logits(self, x: CTRInputs) -> torch.Tensor:  # [N, T]
         raise NotImplementedError
 
-    def rank_logits(self, batch: JaggedBatch) -> torch.Tensor:
+    def task_logits(self, batch: JaggedBatch) -> torch.Tensor:  # [N, T], one logit per signal
         return self.logits(self.features(batch))
 
+    def rank_logits(self, batch: JaggedBatch) -> torch.Tensor:  # [N], the first signal (the label)
+        return self.task_logits(batch)[:, 0]
+
     def forward(self, batch: JaggedBatch) -> dict[str, torch.Tensor]:
-        logits = self.rank_logits(batch)
+        logits = self.task_logits(batch)
         if logits.dtype in (torch.float16, torch.bfloat16):
             logits = logits.float()  # loss in at least fp32 under autocast
-        loss = F.binary_cross_entropy_with_logits(logits, batch.labels[batch.target_mask].to(logits.dtype))
-        return {"loss": loss, "ranking_loss": loss.detach()}
+        targets = batch.signals[batch.target_mask].to(logits.dtype)  # [N, T]
+        per_task = F.binary_cross_entropy_with_logits(logits, targets, reduction="none").mean(0)  # [T]
+        loss = per_task.sum()
+        out = {"loss": loss, "ranking_loss": loss.detach()}
+        if len(per_task) > 1:
+            out |= {f"loss/{name}": per_task[t].detach() for t, name in enumerate(self.signal_names)}
+        return out

@@ -31,11 +31,11 @@ class DCNv2(CTRRanker):
         self.features = CTRFeatureEmbedding(info, cfg.d_model, cfg.history)
         self.cross = nn.ModuleList(nn.Linear(width, width) for _ in range(cfg.cross_layers))
         self.deep = mlp([width, cfg.hidden, cfg.hidden], cfg.dropout)
-        self.out = nn.Linear(width + cfg.hidden, 1)
+        self.out = nn.Linear(width + cfg.hidden, len(info.signal_names))  # a logit per signal
 
     def logits(self, x: CTRInputs) -> torch.Tensor:
         x0 = x.fields().flatten(1)  # [N, 4D]
         xl = x0
         for layer in self.cross:
             xl = x0 * layer(xl) + xl
-        return self.out(torch.cat([xl, torch.relu(self.deep(x0))], dim=-1)).squeeze(-1)
+        return self.out(torch.cat([xl, torch.relu(self.deep(x0))], dim=-1))  # [N, T]

@@ -27,11 +27,11 @@ class DeepFM(CTRRanker):
     def __init__(self, cfg: DeepFMConfig, info: DatasetInfo):
         super().__init__()
         self.features = CTRFeatureEmbedding(info, cfg.d_model, cfg.history)
-        self.first_order = nn.Linear(4 * cfg.d_model, 1)
-        self.deep = mlp([4 * cfg.d_model, cfg.hidden, cfg.hidden // 2, 1], cfg.dropout)
+        self.first_order = nn.Linear(4 * cfg.d_model, len(info.signal_names))  # a logit per signal
+        self.deep = mlp([4 * cfg.d_model, cfg.hidden, cfg.hidden // 2, len(info.signal_names)], cfg.dropout)
 
     def logits(self, x: CTRInputs) -> torch.Tensor:
         fields = x.fields()  # [N, F, D]
         second_order = 0.5 * (fields.sum(1).pow(2) - fields.pow(2).sum(1)).sum(-1)  # [N]
         flat = fields.flatten(1)
-        return (self.first_order(flat) + self.deep(flat)).squeeze(-1) + second_order
+        return self.first_order(flat) + self.deep(flat) + second_order[:, None]  # [N, T], FM term shared

@@ -47,7 +47,7 @@ class DIEN(CTRRanker):
         self.extractor = nn.GRU(d, d, batch_first=True)
         self.attention = nn.Linear(d, d, bias=False)  # bilinear score e_tᵀ W h_j
         self.evolver = AUGRUCell(d)
-        self.head = mlp([4 * d, cfg.hidden, cfg.hidden // 2, 1], cfg.dropout)
+        self.head = mlp([4 * d, cfg.hidden, cfg.hidden // 2, len(info.signal_names)], cfg.dropout)  # a logit per signal
 
     def logits(self, x: CTRInputs) -> torch.Tensor:
         interests, _ = self.extractor(x.history)  # [N, H, D]; history is left-padded with zeros
@@ -57,4 +57,4 @@ class DIEN(CTRRanker):
         h = torch.zeros_like(x.target)
         for step in range(interests.shape[1]):
             h = self.evolver(interests[:, step], h, attention[:, step])
-        return self.head(torch.cat([x.user, x.target, x.genres, h], dim=-1)).squeeze(-1)
+        return self.head(torch.cat([x.user, x.target, x.genres, h], dim=-1))  # [N, T]

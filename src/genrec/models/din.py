@@ -28,11 +28,11 @@ class DIN(CTRRanker):
         d = cfg.d_model
         self.features = CTRFeatureEmbedding(info, d, cfg.history)
         self.activation_unit = mlp([4 * d, cfg.hidden // 2, 1], 0.0)
-        self.head = mlp([4 * d, cfg.hidden, cfg.hidden // 2, 1], cfg.dropout)
+        self.head = mlp([4 * d, cfg.hidden, cfg.hidden // 2, len(info.signal_names)], cfg.dropout)  # a logit per signal
 
     def logits(self, x: CTRInputs) -> torch.Tensor:
         target = x.target[:, None, :].expand_as(x.history)  # [N, H, D]
         unit_in = torch.cat([x.history, target, x.history - target, x.history * target], dim=-1)
         weights = self.activation_unit(unit_in).squeeze(-1) * x.history_mask  # [N, H]
         interest = (weights[..., None] * x.history).sum(1)  # [N, D]
-        return self.head(torch.cat([x.user, x.target, x.genres, interest], dim=-1)).squeeze(-1)
+        return self.head(torch.cat([x.user, x.target, x.genres, interest], dim=-1))  # [N, T]

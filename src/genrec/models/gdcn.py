@@ -31,11 +31,11 @@ class GDCN(CTRRanker):
         self.features = CTRFeatureEmbedding(info, cfg.d_model, cfg.history)
         self.cross = nn.ModuleList(nn.Linear(width, width) for _ in range(cfg.cross_layers))
         self.gates = nn.ModuleList(nn.Linear(width, width, bias=False) for _ in range(cfg.cross_layers))
-        self.deep = mlp([width, cfg.hidden, cfg.hidden // 2, 1], cfg.dropout)
+        self.deep = mlp([width, cfg.hidden, cfg.hidden // 2, len(info.signal_names)], cfg.dropout)  # a logit per signal
 
     def logits(self, x: CTRInputs) -> torch.Tensor:
         x0 = x.fields().flatten(1)  # [N, 4D]
         xl = x0
         for layer, gate in zip(self.cross, self.gates, strict=True):
             xl = x0 * layer(xl) * torch.sigmoid(gate(xl)) + xl
-        return self.deep(xl).squeeze(-1)
+        return self.deep(xl)  # [N, T]

@@ -22,19 +22,26 @@ from genrec.ops.layout import TokenLayout
 class GenerativeRanker(RecModel):
     tasks = ("ranking",)
 
-    def __init__(self, dim: int, info: DatasetInfo, extra_thresholds, multiclass_weight: float):
+    def __init__(self, dim: int, info: DatasetInfo, cfg):
+        """``cfg``: the model's config, read for its head settings (``extra_thresholds``,
+        ``multiclass_weight``, ``task_weights``, ``task_head``, ``num_experts``)."""
         super().__init__()
-        self.heads = ActionHeads(dim, info.rating_values, tuple(extra_thresholds), multiclass_weight)
+        self.signal_names = list(info.signal_names)
+        self.heads = ActionHeads(dim, info.rating_values, tuple(cfg.extra_thresholds), cfg.multiclass_weight,
+                                 self.signal_names, tuple(cfg.task_weights), cfg.task_head, cfg.num_experts)
 
     def target_hidden(self, batch: JaggedBatch) -> torch.Tensor:  # [num_targets, D], flat target order
         raise NotImplementedError
 
     def forward(self, batch: JaggedBatch) -> dict[str, torch.Tensor]:
         outputs = self.heads(self.target_hidden(batch))
-        return self.heads.loss(outputs, batch.labels[batch.target_mask], batch.actions[batch.target_mask])
+        return self.heads.loss(outputs, batch.signals[batch.target_mask], batch.actions[batch.target_mask])
 
     def rank_logits(self, batch: JaggedBatch) -> torch.Tensor:
         return self.heads.main_logit(self.heads(self.target_hidden(batch)))
+
+    def task_logits(self, batch: JaggedBatch) -> torch.Tensor:  # [num_targets, T], one logit per signal
+        return self.heads.task_logits(self.heads(self.target_hidden(batch)))
 
 
 class CachedServingRanker(GenerativeRanker):

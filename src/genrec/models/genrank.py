@@ -38,15 +38,20 @@ class GenRankConfig:
     attention_backend: str = "reference"
     extra_thresholds: tuple[float, ...] = ()
     multiclass_weight: float = 0.0
+    action_encoding: str = "joint"  # several signals: "joint" code, "sum" of per-signal embeddings, "linear"
+    task_weights: tuple[float, ...] = ()  # BCE weight per signal (default 1 each)
+    task_head: str = "mlp"  # "mlp" (shared bottom) or "mmoe"
+    num_experts: int = 4  # mmoe only
 
 
 class GenRank(GenerativeRanker):
     def __init__(self, cfg: GenRankConfig, info: DatasetInfo):
-        super().__init__(cfg.d_model, info, cfg.extra_thresholds, cfg.multiclass_weight)
+        super().__init__(cfg.d_model, info, cfg)
         self.cfg = cfg
         self.backend = get_backend(cfg.attention_backend)
         self.item_emb = nn.Embedding(info.num_items + 1, cfg.d_model, padding_idx=0)
-        self.action_emb = ActionEmbedding(info.num_actions, cfg.d_model)  # placeholder = mask action M
+        self.action_emb = ActionEmbedding(info.num_actions, cfg.d_model, len(info.signal_names),
+                                          cfg.action_encoding)  # placeholder = mask action M
         self.pos_emb = nn.Embedding(cfg.max_len + 1, cfg.d_model)
         self.req_emb = nn.Embedding(cfg.max_len + 1, cfg.d_model)
         self.gap_emb = TimeGapEmbedding(cfg.d_model)

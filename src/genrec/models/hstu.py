@@ -35,15 +35,20 @@ class HSTUConfig:
     attention_backend: str = "reference"
     extra_thresholds: tuple[float, ...] = ()
     multiclass_weight: float = 0.0
+    action_encoding: str = "joint"  # several signals: "joint" code, "sum" of per-signal embeddings, "linear"
+    task_weights: tuple[float, ...] = ()  # BCE weight per signal (default 1 each)
+    task_head: str = "mlp"  # "mlp" (shared bottom) or "mmoe"
+    num_experts: int = 4  # mmoe only
 
 
 class HSTU(CachedServingRanker):
     def __init__(self, cfg: HSTUConfig, info: DatasetInfo):
-        super().__init__(cfg.d_model, info, cfg.extra_thresholds, cfg.multiclass_weight)
+        super().__init__(cfg.d_model, info, cfg)
         self.cfg = cfg
         self.backend = get_backend(cfg.attention_backend)
         self.item_emb = nn.Embedding(info.num_items + 1, cfg.d_model, padding_idx=0)
-        self.action_emb = ActionEmbedding(info.num_actions, cfg.d_model)
+        self.action_emb = ActionEmbedding(info.num_actions, cfg.d_model, len(info.signal_names),
+                                          cfg.action_encoding)
         nn.init.normal_(self.item_emb.weight, std=0.02)
         self.blocks = nn.ModuleList(
             HSTUBlock(cfg.d_model, cfg.num_heads, cfg.dropout, 1.0 / (2 * cfg.max_len),

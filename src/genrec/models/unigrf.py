@@ -38,6 +38,7 @@ from genrec.data.batching import JaggedBatch
 from genrec.data.info import DatasetInfo
 from genrec.models.base import RecModel, states_before
 from genrec.nn.ctr import mlp
+from genrec.nn.embeddings import ActionEmbedding
 from genrec.nn.events import Events, append_candidates, interleave, item_action_layout
 from genrec.nn.hstu import HSTUBlock
 from genrec.nn.llama import LlamaBlock
@@ -68,6 +69,9 @@ class UniGRFConfig:
     weighter_smoothing: float = 0.9  # μ of the loss moving average; 0 = the paper's raw L(t) / L(t-1)
     alpha: float = 1.0  # retrieval loss scale
     beta: float = 1.0  # ranking loss scale
+    # several signals: the ranking head gives one logit per signal (BCE each, summed); the feedback
+    # token reads the label b ("label", the paper) or the action vector ("sum" of per-signal embeddings)
+    feedback_encoding: str = "label"
 
 
 def relative_score(s_ret: torch.Tensor, s_rank: torch.Tensor) -> torch.Tensor:
@@ -128,9 +132,16 @@ class UniGRF(RecModel):
         self.backend = get_backend(cfg.attention_backend)
         d = cfg.d_model
         self.item_emb = nn.Embedding(info.num_items + 1, d, padding_idx=0)
-        self.feedback_emb = nn.Embedding(2, d)
+        self.signal_names = list(info.signal_names)
+        if cfg.feedback_encoding == "label":
+            self.feedback_emb = nn.Embedding(2, d)
+        elif cfg.feedback_encoding == "sum":
+            self.feedback_emb = ActionEmbedding(info.num_actions, d, len(self.signal_names), "sum")
+        else:
+            raise ValueError(f"model_args.feedback_encoding {cfg.feedback_encoding!r}: expected 'label' or 'sum'")
         nn.init.normal_(self.item_emb.weight, std=0.02)
-        nn.init.normal_(self.feedback_emb.weight, std=0.02)
+        if cfg.feedback_encoding == "label":
+            nn.init.normal_(self.feedback_emb.weight, std=0.02)
         if cfg.backbone == "hstu":
             self.blocks = nn.ModuleList(HSTUBlock(d, cfg.num_heads, cfg.dropout, 1.0 / (2 * cfg.max_len),
                                                   num_position_buckets=cfg.max_len + 1)
@@ -142,7 +153,7 @@ class UniGRF(RecModel):
         else:
             raise ValueError(f"model_args.backbone {cfg.backbone!r}: expected 'hstu' or 'llama'")
         self.start = nn.Parameter(torch.zeros(d))  # retrieval query before a window's first event
-        self.rank_head = mlp([d, d, 1], cfg.dropout)
+        self.rank_head = mlp([d, d, len(self.signal_names)], cfg.dropout)  # a logit per signal
         self.weighter = AdaptiveWeighter(cfg.weighter_temperature, cfg.weighter_smoothing) if cfg.weighter else None
         users = info.num_users + 1
         self.register_buffer("hard", torch.zeros(users, cfg.hard_negatives, dtype=torch.long))  # 0 = none yet
@@ -155,7 +166,8 @@ class UniGRF(RecModel):
         """Hidden states ``[B, 2N + M, D]`` of ``[x0 b0 ... x_{N-1} b_{N-1}]`` followed by ``M``
         candidate item tokens, all in one new request after each row's last event (each reads the
         history and itself only: the M-FALCON candidate mask)."""
-        x = interleave(self.item_emb(ev.items), self.feedback_emb(ev.labels.long()))  # [B, 2N, D]
+        feedback = ev.labels.long() if self.cfg.feedback_encoding == "label" else ev.actions
+        x = interleave(self.item_emb(ev.items), self.feedback_emb(feedback))  # [B, 2N, D]
         layout = item_action_layout(ev)
         if candidates is not None:
             x = torch.cat([x, self.item_emb(candidates)], dim=1)
@@ -165,8 +177,8 @@ class UniGRF(RecModel):
         return self.norm(x)
 
     def _rank(self, ev: Events, h: torch.Tensor) -> torch.Tensor:
-        """Ranking logits ``[N_t]`` at the target item tokens."""
-        return self.rank_head(h[:, 0::2][ev.target]).squeeze(-1)
+        """Ranking logits ``[N_t, T]`` (one per signal) at the target item tokens."""
+        return self.rank_head(h[:, 0::2][ev.target])
 
     def _queries(self, batch: JaggedBatch, ev: Events, h: torch.Tensor) -> torch.Tensor:
         """Retrieval queries ``[N_t, D]``: the feedback token's output before each target."""
@@ -179,9 +191,12 @@ class UniGRF(RecModel):
         return h[:, 1::2][torch.arange(len(last), device=h.device), last]
 
     # ----------------------------------------------------------------------------------- scoring
-    def rank_logits(self, batch: JaggedBatch) -> torch.Tensor:
+    def task_logits(self, batch: JaggedBatch) -> torch.Tensor:  # [N_t, T]
         ev = Events.from_batch(batch)
         return self._rank(ev, self._encode(ev))
+
+    def rank_logits(self, batch: JaggedBatch) -> torch.Tensor:  # [N_t], the first signal (the label)
+        return self.task_logits(batch)[:, 0]
 
     def retrieval_queries(self, batch: JaggedBatch) -> torch.Tensor:
         ev = Events.from_batch(batch)
@@ -196,7 +211,7 @@ class UniGRF(RecModel):
         the ranking logits ``[B, M]`` of ``candidates [B, M]`` shown together in one new request."""
         ev = Events.from_batch(batch)
         h = self._encode(ev, candidates, request_time)  # [B, 2N + M, D]
-        return self._end_query(ev, h), self.rank_head(h[:, 2 * ev.items.shape[1]:]).squeeze(-1)
+        return self._end_query(ev, h), self.rank_head(h[:, 2 * ev.items.shape[1]:])[..., 0]
 
     # ----------------------------------------------------------------------------------- training
     def forward(self, batch: JaggedBatch) -> dict[str, torch.Tensor]:
@@ -216,8 +231,12 @@ class UniGRF(RecModel):
             out["retrieval_loss"] = retrieval.detach()
             parts.append(self.cfg.alpha * retrieval)
         if rank is not None:
-            ranking = F.binary_cross_entropy_with_logits(rank.float(), batch.labels[batch.target_mask])
+            per_task = F.binary_cross_entropy_with_logits(rank.float(), batch.signals[batch.target_mask],
+                                                          reduction="none").mean(0)  # [T]
+            ranking = per_task.sum()
             out["ranking_loss"] = ranking.detach()
+            if len(per_task) > 1:
+                out |= {f"loss/{n}": per_task[t].detach() for t, n in enumerate(self.signal_names)}
             parts.append(self.cfg.beta * ranking)
         if self.weighter is not None:
             weights = self.weighter(torch.stack([out["retrieval_loss"], out["ranking_loss"]]))

@@ -38,6 +38,7 @@ class CTRFeatureEmbedding(nn.Module):
     def __init__(self, info: DatasetInfo, dim: int, history: int):
         super().__init__()
         self.history = history
+        self.signal_names = list(info.signal_names)  # the models' heads give one logit per signal
         self.user_emb = nn.Embedding(info.num_users, dim)
         self.item_emb = nn.Embedding(info.num_items + 1, dim, padding_idx=0)
         self.action_emb = nn.Embedding(info.num_actions, dim)
