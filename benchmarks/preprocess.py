@@ -8,6 +8,9 @@ computed from the 100 M row of this run (unmet, or not run, they stay in the fil
 
     python benchmarks/preprocess.py                       # 1 M, 10 M, 100 M (the 100 M point takes minutes)
     python benchmarks/preprocess.py --events 1000000      # one size
+    python benchmarks/preprocess.py --events 100000000 --merge   # one size, keeping the file's other rows
+
+The file is rewritten after every size, so a run cut short keeps the sizes it finished.
 """
 
 from __future__ import annotations
@@ -102,11 +105,17 @@ def main() -> None:
     parser.add_argument("--loader-batches", type=int, default=200)
     parser.add_argument("--device", default=f"cpu ({os.cpu_count()} cores, shared with other jobs)")
     parser.add_argument("--out", default=str(RESULTS / f"preprocess_cpu_{os.cpu_count()}cores"))
+    parser.add_argument("--merge", action="store_true", help="keep the result file's rows of other sizes")
     args = parser.parse_args()
     from genrec.data.synth import SynthConfig, generate
 
     work = Path(args.work)
-    rows = []
+    rows, runs = [], [report.meta()["command"]]
+    old = Path(args.out).with_suffix(".json")
+    if args.merge and old.is_file():
+        previous = json.loads(old.read_text())
+        rows = [r for r in previous["rows"] if r["events_requested"] not in args.events]
+        runs = previous["meta"].get("runs", [previous["meta"]["command"]]) + runs
     for n in args.events:
         log, store = work / f"log-{n}", work / f"store-{n}"
         shutil.rmtree(work, ignore_errors=True)
@@ -124,10 +133,17 @@ def main() -> None:
                "input_gb": folder_gb(log), "store_gb": folder_gb(store), "synth_s": synth_s,
                "load_avg_1min_before": load_before, "load_avg_1min_after": load_after}
         row |= run_python(LOADER, str(store), str(args.loader_batches))
+        row["run"] = len(runs) - 1
         rows.append(row)
+        rows.sort(key=lambda r: r["events_requested"])
         print(json.dumps(row), flush=True)
         shutil.rmtree(work, ignore_errors=True)
+        write_results(args, rows, runs)
+
+
+def write_results(args, rows: list[dict], runs: list[str]) -> None:
     meta = report.meta(device=args.device)
+    meta["runs"] = runs  # the command of each run whose rows are here (row["run"] indexes it)
     meta["note"] = ("SYNTHETIC logs (genrec.data.synth: Zipf items, 4 binary signals, requests of mean 4, "
                     "log-normal history lengths; users = events / 100). Preprocessing = validate + dense ids + "
                     "bucketed sort + policies + memory-mapped store, one fresh process per size. The machine's "

@@ -30,6 +30,7 @@ import yaml
 
 from genrec import settings
 from genrec.data.preprocess import PrepConfig
+from genrec.data.public_logs import PUBLIC_LOGS
 from genrec.data.registry import DATASETS
 from genrec.data.splits import SplitConfig
 from genrec.errors import ConfigError
@@ -43,9 +44,13 @@ Decay = Annotated[float, Range(0, 1, high_open=True)]
 
 @dataclass
 class DataConfig:
-    dataset: str = "ml-latest-small"  # a dataset genrec knows (genrec.data.registry)
+    dataset: str = "ml-latest-small"  # a dataset genrec knows (genrec.data.registry) or a public log
     data_dir: str | None = None  # dataset root; default $GENREC_DATA, then ~/.cache/genrec/data
     allow_download: bool = True  # fetch a dataset that is not under the root from its publisher
+    # your own log: {path, user, item, timestamp, request, signals, ...} (genrec.data.eventlog.EventLogSpec)
+    event_log: dict[str, Any] | None = None
+    # action signals: MovieLens like / five_star / rated / tagged; a public log's subset (KuaiRand)
+    signals: tuple[str, ...] = ()
     prep: PrepConfig = field(default_factory=PrepConfig)
     split: SplitConfig = field(default_factory=SplitConfig)
     max_len: Positive = 200  # most recent events a model reads
@@ -55,8 +60,8 @@ class DataConfig:
     num_workers: NonNegative = 0  # data-loader worker processes
 
     def check(self) -> None:
-        if self.dataset not in DATASETS:
-            raise Invalid("dataset", f"expected one of {', '.join(sorted(DATASETS))}")
+        if self.event_log is None and self.dataset not in DATASETS and self.dataset not in PUBLIC_LOGS:
+            raise Invalid("dataset", f"expected one of {', '.join(sorted([*DATASETS, *PUBLIC_LOGS]))}")
         if self.stride is not None and self.stride > self.max_len:
             raise Invalid("stride", f"expected at most max_len ({self.max_len})")
 
@@ -91,8 +96,10 @@ class TrainConfig:
     def check(self) -> None:
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise Invalid("device", "expected 'auto', 'cpu', 'cuda' or 'cuda:N'")
-        if not re.fullmatch(r"[a-z_]+(@\d+)?(\+[a-z_]+(@\d+)?)*", self.early_stop_metric):
-            raise Invalid("early_stop_metric", "expected a metric name such as 'auc', 'ndcg@10' or a sum 'auc+ndcg@10'")
+        metric = r"[a-z_]+(@\d+)?(/[\w\-]+)?"  # auc, ndcg@10, or a task's: auc/click, auc/mean
+        if not re.fullmatch(rf"{metric}(\+{metric})*", self.early_stop_metric):
+            raise Invalid("early_stop_metric", "expected a metric name such as 'auc', 'ndcg@10', 'auc/click', "
+                          "'auc/mean' or a sum 'auc+ndcg@10'")
         if self.early_stop_metric == "logloss" and self.early_stop_mode == "max":
             raise Invalid("early_stop_mode", "logloss is better when smaller: expected 'min'")
 

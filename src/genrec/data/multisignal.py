@@ -83,6 +83,7 @@ def prepare_movielens_signals(name: str, signals: tuple[str, ...], data_dir: str
                                         duplicates=cfg.duplicates), log=log)
         table.unlink()
     seq = load(folder)
+    seq.source_digest = folder.name
     items = raw.items
     genres = dict(zip(items.column("item").to_pylist(), items.column("genres").to_pylist(), strict=True))
     titles = dict(zip(items.column("item").to_pylist(), items.column("title").to_pylist(), strict=True))

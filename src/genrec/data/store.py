@@ -324,7 +324,9 @@ def prepare(spec: EventLogSpec, cfg: StoreConfig = StoreConfig(), root: Path | N
     folder = cache_folder(spec, cfg, root or cache_root())
     if not (folder / "meta.json").is_file():
         build(spec, folder, cfg, log=log)
-    return load(folder)
+    seq = load(folder)
+    seq.source_digest = folder.name  # the spec, the options and the files' identity (part of a run's fingerprint)
+    return seq
 
 
 def _map(folder: Path, meta: dict, name: str) -> np.ndarray:

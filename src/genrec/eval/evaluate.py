@@ -21,10 +21,13 @@ from genrec.eval.metrics import MultiTaskAccumulator, RankingAccumulator, Retrie
 from genrec.models.base import RecModel
 
 
-def metric_names(tasks: tuple[str, ...], ks: tuple[int, ...] = (10, 50)) -> list[str]:
-    """The quality metrics :func:`evaluate` reports for a model with ``tasks`` (for checking a stopping
-    metric before training)."""
+def metric_names(tasks: tuple[str, ...], ks: tuple[int, ...] = (10, 50),
+                 signal_names: tuple[str, ...] = ()) -> list[str]:
+    """The quality metrics :func:`evaluate` reports for a model with ``tasks`` and, with several action
+    signals, per signal and their mean (for checking a stopping metric before training)."""
     names = ["auc", "gauc", "logloss"] if "ranking" in tasks else []
+    if names and len(signal_names) > 1:
+        names += [f"{m}/{s}" for s in [*signal_names, "mean"] for m in ("auc", "gauc", "logloss")]
     if "retrieval" in tasks:
         names += [f"{m}@{k}" for m in ("hr", "ndcg") for k in ks] + ["mrr"]
     return names

@@ -30,7 +30,7 @@ from genrec import strict_json
 from genrec.config import RunConfig
 from genrec.data.batching import WindowDataset, make_loader
 from genrec.data.info import dataset_info
-from genrec.data.preprocess import prepare
+from genrec.data.sources import prepare_sequences
 from genrec.data.splits import SPLITS, windows
 from genrec.errors import ConfigError
 from genrec.eval.evaluate import metric_names
@@ -109,8 +109,10 @@ class Trainer:
             # and two runs of one config drift apart in the last bits. GPU runs keep the fast kernels.
             torch.use_deterministic_algorithms(True)
         config_lib.model_args(cfg.model, cfg.model_args)  # a typo fails before any data is read
-        self.seq = prepare(d.dataset, d.data_dir, d.prep, allow_download=d.allow_download, log=self.log)
-        self._check_labels()
+        self.seq = prepare_sequences(d.dataset, d.data_dir, d.prep, event_log=d.event_log, signals=tuple(d.signals),
+                                     allow_download=d.allow_download, log=self.log)
+        if self.seq.signal_labels is None:  # a rating dataset: its label comes from the threshold
+            self._check_labels()
         self.info = dataset_info(self.seq)
         self.data = {s: WindowDataset(self.seq, windows(self.seq, s, d.split, d.max_len, d.stride)) for s in SPLITS}
         for s in SPLITS:
@@ -145,7 +147,7 @@ class Trainer:
 
     def _check_stop_metric(self) -> None:
         t = self.cfg.train
-        known = metric_names(self.model.tasks)
+        known = metric_names(self.model.tasks, signal_names=tuple(getattr(self.model, "signal_names", ())))
         missing = [n for n in t.early_stop_metric.split("+") if n not in known]
         if missing:
             raise ConfigError(f"train.early_stop_metric = {t.early_stop_metric!r}: model {self.cfg.model} does not "

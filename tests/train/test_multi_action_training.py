@@ -1,0 +1,58 @@
+"""Training on several action signals: an event log from the run config, MovieLens with rating-derived
+signals and tags, per-task validation metrics and early stopping on one task or their mean."""
+
+from __future__ import annotations
+
+import pytest
+
+from genrec.config import load
+from genrec.data.synth import SynthConfig, generate
+from genrec.train.trainer import Trainer
+
+SMALL = ["model_args.d_model=16", "model_args.num_layers=1", "data.max_len=30", "data.batch_size=32",
+         "train.epochs=2", "train.max_steps=4", "train.progress=false", "train.tensorboard=false"]
+
+
+@pytest.fixture(scope="module")
+def synthetic_log(tmp_path_factory):
+    out = tmp_path_factory.mktemp("log")
+    generate(SynthConfig(users=60, events=6000, items=300, signals=("click", "like"), seed=1), out,
+             log=lambda *_: None)
+    return out
+
+
+def event_log_config(path, tmp_path, *extra):
+    values = {"model": "hstu", "data": {"split": {"protocol": "temporal"}, "event_log": {
+        "path": str(path), "request": "request_id", "signals": ["click", "like"]}}}
+    from genrec.config import apply_overrides, from_dict
+
+    return from_dict(apply_overrides(values, [*SMALL, f"train.out_dir={tmp_path}", *extra]))
+
+
+@pytest.mark.parametrize("model,stop", [("hstu", "auc/like"), ("din", "auc/mean")])
+def test_train_on_an_event_log_from_the_run_config(synthetic_log, tmp_path, model, stop):
+    cfg = event_log_config(synthetic_log, tmp_path, f"model={model}", f"train.early_stop_metric={stop}",
+                           *(["model_args.action_encoding=sum"] if model == "hstu" else ["model_args.history=10"]))
+    if model == "din":
+        cfg.model_args.pop("num_layers")
+    result = Trainer(cfg, log=lambda *_: None).fit()
+    assert {"auc/click", "auc/like", "gauc/like", "logloss/click", "auc/mean"} <= set(result["test"])
+    assert result["test"]["auc"] == result["test"]["auc/click"]
+    assert all(stop in epoch for epoch in result["history"])
+
+
+def test_unknown_early_stop_task_names_the_reported_ones(synthetic_log, tmp_path):
+    cfg = event_log_config(synthetic_log, tmp_path, "train.early_stop_metric=auc/share")
+    with pytest.raises(ValueError, match=r"auc/share.*it reports.*auc/like"):
+        Trainer(cfg, log=lambda *_: None).fit()
+
+
+def test_movielens_with_rating_signals_and_tags(shared_data, tmp_path):
+    cfg = load(None, ["model=dfgr", f"data.data_dir={shared_data}", "data.split.protocol=temporal",
+                      "data.signals=[like, five_star, tagged]", "model_args.action_encoding=sum",
+                      f"train.out_dir={tmp_path}", *SMALL])
+    trainer = Trainer(cfg, log=lambda *_: None)
+    assert trainer.info.signal_names == ["like", "five_star", "tagged"]
+    assert trainer.seq.num_users == 610 and len(trainer.seq.items) == 100_836 + 1_775  # ratings + tag events
+    result = trainer.fit()
+    assert {"auc/like", "auc/five_star", "auc/tagged", "gauc/five_star"} <= set(result["test"])
