@@ -56,3 +56,20 @@ def test_movielens_with_rating_signals_and_tags(shared_data, tmp_path):
     assert trainer.seq.num_users == 610 and len(trainer.seq.items) == 100_836 + 1_775  # ratings + tag events
     result = trainer.fit()
     assert {"auc/like", "auc/five_star", "auc/tagged", "gauc/five_star"} <= set(result["test"])
+
+
+def test_the_readme_event_log_config_is_a_valid_run_config():
+    import re
+    from pathlib import Path
+
+    import yaml
+
+    from genrec.config import from_dict
+    from genrec.data.eventlog import EventLogSpec
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    block = re.search(r"```yaml\n(model: dfgr\nmodel_args: \{action_encoding: sum\}.*?)```", readme, re.S).group(1)
+    cfg = from_dict(yaml.safe_load(block))
+    spec = EventLogSpec.from_dict(cfg.data.event_log)
+    assert spec.signal_names == ["click", "like", "follow", "watch"] and spec.signals[3].kind == "graded"
+    assert spec.time_unit == "ms" and cfg.train.early_stop_metric == "auc/mean"
