@@ -92,19 +92,20 @@ class WindowDataset(Dataset):
         user, s, e, t = (int(x) for x in self.windows[i])
         q = self.seq
         signals = q.labels[s:e, None] if q.signal_labels is None else q.signal_labels[s:e]  # [n, S]
-        return (user, q.items[s:e], q.actions[s:e], q.labels[s:e], q.timestamps[s:e], q.request_ids[s:e], t - s,
-                signals)
+        return (user, q.items[s:e], q.actions[s:e], q.labels[s:e], q.timestamps[s:e], q.request_ids[s:e], signals,
+                t - s)
 
 
 def collate(samples: list[tuple]) -> JaggedBatch:
-    """Samples ``(user, items, actions, labels, timestamps, request_ids, first_target[, signals])`` ->
-    one batch; without ``signals`` ``[n, S]`` the label is the one signal."""
+    """Samples ``(user, items, actions, labels, timestamps, request_ids[, signals], first_target)`` ->
+    one batch; without ``signals`` ``[n, S]`` the label is the one signal. The first target is always
+    last, so code that rewrites it (ghost windows) needs no other field."""
     lengths = np.array([len(s[1]) for s in samples])
     offsets = np.zeros(len(samples) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
     target = np.zeros(offsets[-1], dtype=bool)
     for sample, o in zip(samples, offsets[:-1], strict=True):
-        target[o + sample[6]: o + len(sample[1])] = True
+        target[o + sample[-1]: o + len(sample[1])] = True
     requests = np.concatenate([s[5] - s[5][0] for s in samples])
     return JaggedBatch(
         offsets=torch.from_numpy(offsets),
@@ -115,7 +116,7 @@ def collate(samples: list[tuple]) -> JaggedBatch:
         request_ids=torch.from_numpy(requests.astype(np.int64)),
         target_mask=torch.from_numpy(target),
         users=torch.tensor([s[0] for s in samples], dtype=torch.int64),
-        signals=torch.from_numpy(np.concatenate([s[7] if len(s) > 7 else np.asarray(s[3])[:, None]
+        signals=torch.from_numpy(np.concatenate([s[6] if len(s) > 7 else np.asarray(s[3])[:, None]
                                                  for s in samples]).astype(np.float32)),
     )
 
