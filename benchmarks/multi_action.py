@@ -39,7 +39,7 @@ def run_one(model: str, seed: int, args) -> dict:
     cfg = load(args.config, overrides)
 
     def row_of(metrics: dict, extras: dict) -> dict:
-        return {"model": model, "dataset": args.dataset, "protocol": cfg.data.protocol, "seed": seed,
+        return {"model": model, "dataset": args.dataset, "protocol": cfg.data.split.protocol, "seed": seed,
                 "signals": args.signal_list} | metrics["test"] | {
             "best_epoch": metrics["best_epoch"], "steps": metrics["steps"], "epochs": cfg.train.epochs,
             "max_len": cfg.data.max_len, "d": cfg.model_args.get("d_model")} | extras
@@ -48,6 +48,26 @@ def run_one(model: str, seed: int, args) -> dict:
     print(f"[multi_action] {model} seed {seed}: auc/mean {row.get('auc/mean', float('nan')):.4f} "
           f"in {row['wall_s']:.0f}s", flush=True)
     return row
+
+
+def write_results(args, rows: list[dict], argv: list[str] | None) -> str:
+    names = sorted({k.split("/", 1)[1] for r in rows for k in r if k.startswith("auc/") and "mean" not in k})
+    metrics = [f"{m}/{s}" for s in names for m in ("auc", "gauc")] + ["auc/mean", "gauc/mean", "logloss/mean",
+                                                                       "wall_s"]
+    summary = report.summary(rows, ["model"], metrics)
+    table = report.markdown_table(summary, ["model", "runs", *metrics], std=True)
+    argv_used = argv if argv is not None else sys.argv[1:]
+    cpu = f"cpu ({os.cpu_count()} cores, shared with other jobs)"
+    meta = report.meta(["python", "benchmarks/multi_action.py", *argv_used],
+                       device=None if args.device == "cuda" or torch.cuda.is_available() else cpu)
+    cfg = load(args.config)
+    meta["schedule"] = (f"{cfg.train.epochs} epoch(s), best epoch by {cfg.train.early_stop_metric}, "
+                        f"d = {cfg.model_args.get('d_model')}, {cfg.model_args.get('num_layers')} layers, "
+                        f"max_len {cfg.data.max_len}, batch {cfg.data.batch_size}, lr {cfg.train.lr}; "
+                        f"CTR: d = {args.ctr_d_model}, history {args.ctr_history}")
+    meta["grid"] = {"models": args.models.split(","), "seeds": args.seeds.split(","), "finished_runs": len(rows)}
+    report.write(Path(args.out) / f"{args.dataset}_multi_action", rows, table, meta)
+    return table
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -66,25 +86,14 @@ def main(argv: list[str] | None = None) -> int:
         args.signal_list = []
     else:
         args.signal_list = list(load(args.config).data.signals)
-    grid = [(m, int(s)) for m in args.models.split(",") for s in args.seeds.split(",")]
+    # seed-major, so that a grid cut short has every model at the first seeds; the file is rewritten
+    # after every run
+    grid = [(m, int(s)) for s in args.seeds.split(",") for m in args.models.split(",")]
+    rows: list[dict] = []
     with ThreadPoolExecutor(args.jobs) as pool:
-        rows = list(pool.map(lambda job: run_one(*job, args), grid))
-    names = sorted({k.split("/", 1)[1] for r in rows for k in r if k.startswith("auc/") and "mean" not in k})
-    metrics = [f"{m}/{s}" for s in names for m in ("auc", "gauc")] + ["auc/mean", "gauc/mean", "logloss/mean",
-                                                                       "wall_s"]
-    summary = report.summary(rows, ["model"], metrics)
-    table = report.markdown_table(summary, ["model", "runs", *metrics], std=True)
-    argv_used = argv if argv is not None else sys.argv[1:]
-    cpu = f"cpu ({os.cpu_count()} cores, shared with other jobs)"
-    meta = report.meta(["python", "benchmarks/multi_action.py", *argv_used],
-                       device=None if args.device == "cuda" or torch.cuda.is_available() else cpu)
-    cfg = load(args.config)
-    meta["schedule"] = (f"{cfg.train.epochs} epochs, early stopping on {cfg.train.early_stop_metric} "
-                        f"(patience {cfg.train.patience}), d = {cfg.model_args.get('d_model')}, "
-                        f"{cfg.model_args.get('num_layers')} layers, max_len {cfg.data.max_len}, "
-                        f"batch {cfg.data.batch_size}, lr {cfg.train.lr}; CTR: d = {args.ctr_d_model}, "
-                        f"history {args.ctr_history}")
-    report.write(Path(args.out) / f"{args.dataset}_multi_action", rows, table, meta)
+        for row in pool.map(lambda job: run_one(*job, args), grid):
+            rows.append(row)
+            table = write_results(args, rows, argv)
     print(table)
     return 0
 
