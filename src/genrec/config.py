@@ -47,10 +47,8 @@ class DataConfig:
     dataset: str = "ml-latest-small"  # a dataset genrec knows (genrec.data.registry) or a public log
     data_dir: str | None = None  # dataset root; default $GENREC_DATA, then ~/.cache/genrec/data
     allow_download: bool = True  # fetch a dataset that is not under the root from its publisher
-    # your own log: {path, user, item, timestamp, request, signals, ...} (genrec.data.eventlog.EventLogSpec)
-    event_log: dict[str, Any] | None = None
-    # action signals: MovieLens like / five_star / rated / tagged; a public log's subset (KuaiRand)
-    signals: tuple[str, ...] = ()
+    event_log: dict[str, Any] | None = None  # your own log: {path, user, item, timestamp, signals, ...}
+    signals: tuple[str, ...] = ()  # action signals: MovieLens like/five_star/rated/tagged, a public log's subset
     prep: PrepConfig = field(default_factory=PrepConfig)
     split: SplitConfig = field(default_factory=SplitConfig)
     max_len: Positive = 200  # most recent events a model reads

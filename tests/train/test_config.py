@@ -53,8 +53,9 @@ def test_values_are_coerced_to_field_types():
     (["data.split.val_quantile=0.95"], "--set data.split.val_quantile = 0.95: expected a value below "
                                        "test_quantile (0.9)"),
     (["data.prep.duplicates=keep"], "--set data.prep.duplicates = 'keep': expected one of 'drop', 'error'"),
-    (["data.dataset=ml-2m"], "--set data.dataset = 'ml-2m': expected one of amazon-books, ml-1m, ml-20m, "
-                             "ml-latest-small"),
+    (["data.dataset=ml-2m"], "--set data.dataset = 'ml-2m': expected one of amazon-books, amazon-books-2014, "
+                             "amazon-books-2018, kuairand-1k, kuairand-27k, kuairand-pure, kuaisar, ml-1m, ml-20m, "
+                             "ml-latest-small, recflow, taobao"),
     (["data.stride=500"], "--set data.stride = 500: expected at most max_len (200)"),
     (["train.device=gpu"], "--set train.device = 'gpu': expected 'auto', 'cpu', 'cuda' or 'cuda:N'"),
     (["train.early_stop_metric=logloss"], "defaults: train.early_stop_mode = 'max': logloss is better when "
