@@ -226,23 +226,29 @@ class FieldDoc:
 
 
 def _comments(cls) -> dict[str, str]:
-    """Trailing ``# comment`` of each field line in the class body (continued on comment-only lines)."""
+    """Each field's trailing ``# comment`` in the class body; a field without one takes the comment
+    lines just above it, and comment lines below a commented field continue its comment."""
     try:
         lines = inspect.getsource(cls).splitlines()
     except (OSError, TypeError):
         return {}
     docs: dict[str, str] = {}
     field_line = re.compile(r"^    (\w+)\s*:[^#]*?(?:#\s?(.*))?$")
-    current = None
+    previous, pending = None, []
     for line in lines[1:]:
         m = field_line.match(line)
         if m and not line.strip().startswith("#"):
-            current = m.group(1)
-            docs[current] = (m.group(2) or "").strip()
-        elif current and re.match(r"^\s+#", line):
-            docs[current] = (docs[current] + " " + line.strip().lstrip("#").strip()).strip()
+            trailing = (m.group(2) or "").strip()
+            if trailing and pending and previous:
+                docs[previous] = " ".join([docs[previous], *pending]).strip()
+            docs[m.group(1)] = trailing or " ".join(pending)
+            previous, pending = m.group(1), []
+        elif re.match(r"^\s+#", line):
+            pending.append(line.strip().lstrip("#").strip())
         else:
-            current = None
+            if pending and previous:
+                docs[previous] = " ".join([docs[previous], *pending]).strip()
+            previous, pending = None, []
     return docs
 
 
