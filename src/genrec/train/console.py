@@ -23,8 +23,10 @@ class Console:
         self._pending: list[str] = []
 
     def __call__(self, message: str) -> None:
-        """Print ``message`` and keep it in the log."""
+        """Print ``message`` (flushed: off a terminal stdout is block-buffered, and progress lines
+        would arrive minutes late) and keep it in the log."""
         self.echo(message)
+        sys.stdout.flush()
         self.keep(message)
 
     def keep(self, message: str) -> None:
