@@ -3,6 +3,8 @@ signals and tags, per-task validation metrics and early stopping on one task or 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import yaml
 
@@ -70,3 +72,23 @@ def test_the_readme_event_log_config_is_a_valid_run_config():
     spec = EventLogSpec.from_dict(cfg.data.event_log)
     assert spec.signal_names == ["click", "like", "follow", "watch"] and spec.signals[3].kind == "graded"
     assert spec.time_unit == "ms" and cfg.train.early_stop_metric == "auc/mean"
+
+
+def test_the_multi_action_config_runs_unchanged_on_kuairand_files(synthetic_log, tmp_path):
+    import polars as pl
+
+    from tests.data.test_public_logs import KUAIRAND_HEADER
+
+    log = pl.read_parquet(synthetic_log / "*.parquet")
+    columns = KUAIRAND_HEADER.split(",")
+    kuairand = pl.DataFrame({c: pl.Series([0] * log.height) for c in columns}).with_columns(
+        user_id=log["user_id"], video_id=log["item_id"], time_ms=log["timestamp"] * 1000,
+        is_click=log["click"].cast(pl.Int64), is_like=log["like"].cast(pl.Int64))
+    data = tmp_path / "root" / "kuairand-pure" / "KuaiRand-Pure" / "data"
+    data.mkdir(parents=True)
+    kuairand.select(columns).write_csv(data / "log_standard_4_08_to_4_21_pure.csv")
+    cfg = load(Path(__file__).resolve().parents[2] / "configs" / "multi_action.yaml",
+               ["data.dataset=kuairand-pure", f"data.data_dir={tmp_path / 'root'}", "data.allow_download=false",
+                "data.signals=[click, like]", f"train.out_dir={tmp_path / 'run'}", *SMALL])
+    result = Trainer(cfg, log=lambda *_: None).fit()
+    assert {"auc/click", "auc/like", "auc/mean"} <= set(result["test"])
