@@ -94,12 +94,17 @@ def _key(spec: EventLogSpec, cfg: StoreConfig, files: list[Path]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def _dense_ids(frame: pl.LazyFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """Sorted distinct raw users and items with their dense codes ``uc`` / ``ic`` (0-based), streamed."""
-    users, items = pl.collect_all([frame.select(pl.col("user").unique()), frame.select(pl.col("item").unique())],
+def _dense_ids(frame: pl.LazyFrame, bucket_events: int) -> tuple[pl.DataFrame, pl.DataFrame, int]:
+    """Sorted distinct raw users and items with their dense codes ``uc`` / ``ic`` (0-based), streamed;
+    each user's ``bucket``: contiguous user ranges of about ``bucket_events`` events (by the users'
+    event counts, so that a few very long histories cannot make one bucket hold most of the log)."""
+    users, items = pl.collect_all([frame.group_by("user").len(), frame.select(pl.col("item").unique())],
                                   engine="streaming")
-    return tuple(ids.sort(col).with_row_index(code).with_columns(pl.col(code).cast(pl.Int32))
-                 for ids, col, code in ((users, "user", "uc"), (items, "item", "ic")))
+    users = users.sort("user").with_row_index("uc").with_columns(
+        pl.col("uc").cast(pl.Int32),
+        ((pl.col("len").cum_sum() - pl.col("len")) // bucket_events).cast(pl.Int32).alias("bucket")).drop("len")
+    items = items.sort("item").with_row_index("ic").with_columns(pl.col("ic").cast(pl.Int32))
+    return users, items, int(users["bucket"].max()) + 1 if users.height else 0
 
 
 def _bucket_files(folder: Path, bucket: int) -> list[Path]:
@@ -193,19 +198,15 @@ def build(spec: EventLogSpec, out: str | Path, cfg: StoreConfig = StoreConfig(),
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=out.name + ".tmp-"))
     try:
-        users, items = _dense_ids(frame)
-        n_events = report["source_events"] - report["missing_rows_dropped"] - report["negative_time_rows_dropped"]
-        if n_events <= 0 or users.height == 0:
+        users, items, buckets = _dense_ids(frame, cfg.bucket_events)
+        if users.height == 0:
             raise DataError(spec.path, "no events")
-        n_users = users.height
-        buckets = max(1, -(-n_events // cfg.bucket_events))
         signals = [f"sig_{s}" for s in spec.signal_names]
         request = ["request"] if spec.request else []
         part_dir = tmp / "parts"
         coded = (frame.join(users.lazy(), on="user").join(items.lazy(), on="item")
                  .select(pl.col("uc"), pl.col("ic"), "ts", *([pl.col("request").hash()] if request else []),
-                         *signals, "row",
-                         (pl.col("uc").cast(pl.Int64) * buckets // n_users).cast(pl.Int32).alias("bucket")))
+                         *signals, "row", "bucket"))
         coded.sink_ipc(pl.PartitionBy(part_dir, key="bucket", include_key=False), mkdir=True)
         t_partition = time.perf_counter()
 
@@ -260,7 +261,7 @@ def build(spec: EventLogSpec, out: str | Path, cfg: StoreConfig = StoreConfig(),
         np.asarray(offsets, dtype=np.int64).tofile(tmp / "user_offsets.bin")
         meta_columns["user_offsets"] = {"dtype": "<i8", "shape": [len(offsets)]}
         kept = np.concatenate(kept_users).astype(np.int64)
-        kept_raw = users.filter(pl.col("uc").is_in(kept)).select(pl.col("user").cast(pl.String))
+        kept_raw = users.filter(pl.col("uc").is_in(pl.Series(kept).implode())).select(pl.col("user").cast(pl.String))
         kept_raw.write_parquet(tmp / "users.parquet")
         item_table = items.select(pl.col("item").cast(pl.String))
         if spec.item_features:
