@@ -44,7 +44,8 @@ from genrec.data.batching import JaggedBatch
 from genrec.data.info import DatasetInfo
 from genrec.flops import layout_flops
 from genrec.models import build_model
-from genrec.nn.events import Events, append_candidates, dual_flow_layout, item_action_layout
+from genrec.nn.events import Events, dual_flow_layout, item_action_layout
+from genrec.nn.kv_cache import in_micro_batches
 from genrec.ops.layout import TokenLayout
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -177,9 +178,12 @@ def train_gflop_per_event(name: str, n: int, args) -> float | None:
 
 def infer_gflop_per_request(model, ev: Events, m: int, micro: int, cached: bool, args) -> float:
     """Forward FLOPs of one request: the history (unless cached) and ceil(M / micro) micro-batches."""
-    history = model.history_tokens(ev)[1]
+    with torch.no_grad():
+        cache = model.kv_serving.encode_events(ev, micro)
+        chunk = model.candidate_tokens(torch.ones(1, micro, dtype=torch.long, device="cuda"), cache,
+                                       ev.timestamp[:, -1])[1]  # the layout of one micro-batch
+    history = cache.layout
     total = 0.0 if cached else sum(layout_flops(history, args.d, args.layers))
-    chunk = append_candidates(history, ev, micro, fake=model.candidates_are_fake)
     total += -(-m // micro) * sum(layout_flops(chunk, args.d, args.layers, q_offset=history.shape[1]))
     return total / 1e9
 
@@ -251,10 +255,12 @@ def _request_latencies(model, history: JaggedBatch, requests: list[torch.Tensor]
     ev = Events.from_batch(history)
     graphed = GraphedServing(model, ev, requests[0].shape[1], micro)
     out = {}
+    serving = model.kv_serving
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        cache = model.encode_history(history, micro)
-        out["cold"] = _timed_ms(lambda cands: model.serve_logits(history, cands, when, micro_batch=micro), requests)
-        out["cached"] = _timed_ms(lambda cands: model.score_micro_batches(cache, cands, when), requests)
+        cache = serving.encode_history(history, micro)
+        out["cold"] = _timed_ms(lambda cands: in_micro_batches(
+            serving.score_cached, serving.encode_history(history, micro), cands, when), requests)
+        out["cached"] = _timed_ms(lambda cands: in_micro_batches(serving.score_cached, cache, cands, when), requests)
     out["cold_graph"] = _timed_ms(lambda cands: graphed.cold(ev, cands, when), requests)
     out["cached_graph"] = _timed_ms(lambda cands: graphed.score(cands, when), requests)
     return out

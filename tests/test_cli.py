@@ -44,8 +44,8 @@ def test_train_then_eval_from_checkpoint(tmp_path, shared_data, capsys):
     assert main(["eval", "--checkpoint", str(out), "--split", "valid"]) == 0
     assert "valid metrics" in capsys.readouterr().out
     assert main(["recommend", "--checkpoint", str(out), "--user", "7", "--k", "4", "--json"]) == 0
-    recs = json.loads(capsys.readouterr().out.strip().splitlines()[-1])  # SASRec retrieves, does not rank
-    assert len(recs) == 4 and all(r["p_like"] is None for r in recs)
+    recs = json.loads(capsys.readouterr().out.strip().splitlines()[-1])  # SASRec retrieves and ranks
+    assert len(recs) == 4 and all(0.0 < r["p_like"] < 1.0 for r in recs)
 
 
 def test_unigrf_trains_mines_and_recommends(tmp_path, shared_data, capsys):

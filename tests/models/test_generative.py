@@ -78,7 +78,7 @@ def test_training_pass_matches_serving_from_history_only(name):
             labels=batch.labels[hist], timestamps=batch.timestamps[hist], request_ids=batch.request_ids[hist],
             target_mask=torch.zeros(len(hist), dtype=torch.bool), users=torch.tensor([b]))
         with torch.no_grad():
-            served = model.serve_logits(history, batch.items[event].view(1, 1), batch.timestamps[event].view(1))
+            served = model.score(history, batch.items[event].view(1, 1), batch.timestamps[event].view(1))[..., 0]
         assert abs(float(served) - float(trained[i])) <= 1e-5
         checked += 1
     assert checked > 20
@@ -92,8 +92,8 @@ def test_serving_scores_candidates_independently(name):
     cands = torch.tensor([[3, 7, 9, 21]])
     when = torch.tensor([batch.timestamps.max() + 60])
     with torch.no_grad():
-        together = model.serve_logits(history, cands, when)
-        alone = torch.stack([model.serve_logits(history, cands[:, j: j + 1], when) for j in range(4)], -1).view(1, 4)
+        together = model.score(history, cands, when)[..., 0]
+        alone = torch.stack([model.score(history, cands[:, j: j + 1], when)[..., 0] for j in range(4)], -1).view(1, 4)
     assert torch.allclose(together, alone, atol=1e-12)
 
 
@@ -131,7 +131,7 @@ def test_gradients_match_finite_differences(name):
                          fake=t([[False, False, False, True, True]]), position=t([[0, 1, 2, 3, 3]]),
                          timestamp=t([[0, 5, 5, 9, 9]]), rule="dual_flow")
     block = model.blocks[0]
-    assert torch.autograd.gradcheck(lambda inp: block(inp, layout, model.backend), (x,), eps=1e-6, atol=1e-5)
+    assert torch.autograd.gradcheck(lambda inp: block(inp, layout), (x,), eps=1e-6, atol=1e-5)
 
 
 @pytest.mark.parametrize("name", GENERATIVE)

@@ -83,7 +83,7 @@ def test_retrieval_query_reads_only_events_before_its_target(backbone):
 
 @pytest.mark.parametrize("backbone", BACKBONES)
 def test_candidate_scoring_matches_the_training_pass(backbone):
-    """score_candidates (mining, recommend) and rank_logits / retrieval_queries (training, evaluation)
+    """retrieve_and_rank (mining) and score (recommend) and rank_logits / retrieval_queries (training, evaluation)
     give the same numbers for a candidate shown as the next request, alone or with others."""
     model = make_unigrf(backbone)
     history = make_batch([9], seed=3)
@@ -91,7 +91,8 @@ def test_candidate_scoring_matches_the_training_pass(backbone):
     candidates = torch.tensor([[5, 17, 33]])
     when = history.timestamps[-1:] + 600
     with torch.no_grad():
-        query, together = model.score_candidates(history, candidates, when)
+        query, together = model.retrieve_and_rank(history, candidates, when)
+        assert torch.equal(model.score(history, candidates, when)[..., 0], together)
     for j, item in enumerate(candidates[0].tolist()):
         extended = JaggedBatch(
             offsets=torch.tensor([0, 10]), items=torch.cat([history.items, torch.tensor([item])]),
@@ -143,7 +144,7 @@ def test_mining_keeps_the_top_relative_scores_among_unseen_items():
     assert stats == {"mined_users": 3.0, "favourites": 9.0}
     everything = torch.arange(1, 41).expand(3, 40)
     with torch.no_grad():
-        query, rank = model.score_candidates(batch, everything)
+        query, rank = model.retrieve_and_rank(batch, everything)
     s_ret = torch.sigmoid((query[:, None] * model.item_emb(everything)).sum(-1))
     s_rank = torch.sigmoid(rank)
     for b in range(3):

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from genrec.nn.events import Events, append_candidates, dual_flow_layout, event_layout, item_action_layout
+from genrec.nn.kv_cache import in_micro_batches
 from genrec.ops.layout import TokenLayout
 from genrec.ops.reference import attention as reference
 from tests.helpers import make_batch
@@ -155,13 +156,15 @@ def test_models_give_the_same_predictions_and_gradients_on_both_backends(name):
         grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
         with torch.no_grad():
             logits = model.rank_logits(batch)
-            served = None
-            if hasattr(model, "score_cached"):
-                cands = torch.randint(1, 41, (4, 9), device=DEVICE, generator=torch.Generator(DEVICE).manual_seed(1))
-                served = model.serve_logits(batch, cands, batch.timestamps[batch.offsets[1:] - 1] + 60, micro_batch=4)
+            cands = torch.randint(1, 41, (4, 9), device=DEVICE, generator=torch.Generator(DEVICE).manual_seed(1))
+            when = batch.timestamps[batch.offsets[1:] - 1] + 60
+            if model.kv_serving is not None:  # KV-cache serving in micro-batches of 4
+                served = in_micro_batches(model.kv_serving.score_cached, model.kv_serving.encode_history(batch, 4),
+                                          cands, when)
+            else:
+                served = model.score(batch, cands, when)
         got[backend] = (logits, grads, served)
     (ref_logits, ref_grads, ref_served), (logits, grads, served) = got["reference"], got["triton"]
     assert _rel_error(logits, ref_logits) <= 1e-4
     assert _rel_error(grads, ref_grads) <= 1e-4
-    if served is not None:
-        assert _rel_error(served, ref_served) <= 1e-4
+    assert _rel_error(served, ref_served) <= 1e-4

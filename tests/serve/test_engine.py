@@ -56,7 +56,7 @@ def test_a_failed_append_leaves_the_stored_state_unchanged():
     def broken(*args):
         raise RuntimeError("device lost")
 
-    engine.model.extend_history = broken
+    engine.scorer.extend = broken
     new = History.build([5], [1], [0.0], [10_000], 0)
     result = engine.append_events([EventsJob("4", new)])[0]
     assert isinstance(result, ServiceError) and result.status == 500
@@ -78,9 +78,8 @@ def test_batched_rank_equals_each_request_scored_alone_for_every_ranker(name):
             batch = history_batch([history], torch.device("cpu"))
             cands = torch.from_numpy(job.candidates)[None]
             when = torch.tensor([int(history.timestamps[-1])])
-            logits = (engine.model.serve_logits(batch, cands, when) if hasattr(engine.model, "serve_logits")
-                      else engine.model.score_candidates(batch, cands, when)[1])
-        np.testing.assert_allclose(result["scores"][:, 0], torch.sigmoid(logits)[0].numpy(), atol=1e-6)
+            logits = engine.model.score(batch, cands, when)  # [1, M, T]
+        np.testing.assert_allclose(result["scores"], torch.sigmoid(logits)[0].numpy(), atol=1e-6)
 
 
 def test_recommend_leaves_seen_items_out_unless_asked():

@@ -8,6 +8,7 @@ import torch
 
 from genrec.models import build_model
 from genrec.nn.events import Events
+from genrec.nn.kv_cache import in_micro_batches
 from tests.helpers import make_batch
 from tests.models.test_generative import INFO
 
@@ -49,7 +50,8 @@ def test_graph_replays_match_eager_scoring_for_new_users_and_candidates(name, ba
         for _ in range(2):
             cands = torch.randint(1, 41, (1, 10), device="cuda", generator=gen)
             with torch.no_grad():
-                want = model.serve_logits(user, cands, when, micro_batch=4)
+                want = in_micro_batches(model.kv_serving.score_cached, model.kv_serving.encode_history(user, 4),
+                                        cands, when)
             cold = served.cold(ev, cands, when)
             warm = served.score(cands, when)  # the history encoded by the cold call
             torch.testing.assert_close(cold, want, rtol=1e-4, atol=1e-5)
@@ -81,11 +83,11 @@ def test_padding_a_batch_to_its_bucket_changes_no_score(name):
     cands = torch.randint(1, 41, (3, 5), generator=torch.Generator().manual_seed(0))
     when = batch.timestamps[batch.offsets[1:] - 1] + 60
     with torch.no_grad():
-        want = model.serve_logits(batch, cands, when)
+        want = model.score(batch, cands, when)
         padded = pad_events(ev, 4, 16)
-        cache = model.encode_events(padded, 8)
-        got = model.score_micro_batches(cache, pad_rows(cands, 4, 8), pad_rows(when, 4))
-    assert got.shape == (4, 8)
+        cache = model.kv_serving.encode_events(padded, 8)
+        got = in_micro_batches(model.kv_serving.score_cached, cache, pad_rows(cands, 4, 8), pad_rows(when, 4))
+    assert got.shape == (4, 8, 1)
     torch.testing.assert_close(got[:3, :5], want, rtol=0, atol=1e-5)
     torch.testing.assert_close(got[3], got[2])  # the copied row
 
@@ -102,7 +104,7 @@ def test_bucketed_graphs_give_the_eager_scores_for_any_batch(name):
         cands = torch.randint(1, 41, (len(lengths), m), device="cuda")
         when = batch.timestamps[batch.offsets[1:] - 1] + 60
         with torch.no_grad():
-            want = model.serve_logits(batch, cands, when)
+            want = model.score(batch, cands, when)
         got = graphs.score(Events.from_batch(batch), cands, when)
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     assert len(graphs.graphs) == 2  # least recently used dropped

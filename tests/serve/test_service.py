@@ -131,7 +131,7 @@ class Offline:
         """P(label) by the model's cold serving call (whole history re-encoded)."""
         batch = collate([(*self.history(events), len(events))])
         cands = torch.tensor([[self.item[c] for c in candidates]])
-        return torch.sigmoid(self.model.serve_logits(batch, cands, torch.tensor([when])))[0].numpy()
+        return torch.sigmoid(self.model.score(batch, cands, torch.tensor([when])))[0, :, 0].numpy()
 
     @torch.no_grad()
     def evaluation_pass(self, events: list[dict], candidate: str, when: int) -> float:

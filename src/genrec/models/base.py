@@ -1,35 +1,72 @@
-"""The contract every genrec model fulfils, so one trainer and one evaluator serve them all."""
+"""The contracts every genrec model fulfils, so one trainer, one evaluator and one serving path
+serve them all.
+
+Every model is a :class:`RecModel`: ``forward(batch)`` returns the training losses, and ``tasks``
+says what it is evaluated and served on:
+
+* ``"ranking"``: it predicts the actions of events. Offline, :meth:`RecModel.rank_logits` scores
+  the targets of a batch (the main action, ``[N_t]``, flat target order). Online,
+  :meth:`RecModel.score` scores the candidates of each user's next request::
+
+      score(history, candidates, request_time) -> logits [B, M, T]
+
+  ``history``: a :class:`~genrec.data.batching.JaggedBatch` of B users' past events;
+  ``candidates`` ``[B, M]`` item ids shown together as one new request at ``request_time`` ``[B]``;
+  one logit per candidate and predicted action, ``T = len(model.actions)`` (the dataset's signals,
+  :attr:`RecModel.signal_names`: click, like, ...), ``actions[0]`` the main label (what AUC reads
+  and ``rank_logits`` gives; ``task_logits`` gives all ``T`` offline). A candidate never reads
+  another candidate, so each score is the one the offline pass gives that item as the request's
+  target (tests/models/test_contracts.py).
+* ``"retrieval"``: it ranks the whole catalogue. :meth:`RecModel.retrieval_queries` ``[N_t, D]``
+  are scored by dot product against :meth:`RecModel.item_embeddings` ``[num_items + 1, D]``.
+
+A ranker whose history can be encoded once (HSTU blocks: HSTU, DFGR) also has ``kv_serving``, a
+:class:`~genrec.nn.kv_cache.KVServing`: the history runs once into a per-layer KV cache, grows with
+new events, and candidates are scored against it (``score`` is exactly that, with room for all M
+candidates); every other model has ``kv_serving = None``.
+"""
 
 from __future__ import annotations
+
+from typing import Literal
 
 import torch
 from torch import nn
 
 from genrec.data.batching import JaggedBatch
+from genrec.nn.kv_cache import KVServing
+
+Task = Literal["ranking", "retrieval"]
 
 
 class RecModel(nn.Module):
-    """Base class: ``forward`` returns the training losses; scoring methods serve evaluation.
+    """Base class. A method of a task the model does not declare in ``tasks`` raises."""
 
-    ``tasks`` says which of ``"ranking"`` (P(label = 1) of a target event, read through
-    :meth:`rank_logits`) and ``"retrieval"`` (next item over the whole catalogue, read through
-    :meth:`retrieval_queries` and :meth:`item_embeddings`) the model is evaluated on. Scores are
-    returned for the events of ``batch.target_mask`` in flat order.
-    """
+    tasks: tuple[Task, ...] = ()
+    signal_names: tuple[str, ...] | list[str] = ("like",)  # the dataset's action signals, the label first
+    kv_serving: KVServing | None = None  # serving against a per-user history cache, where the model has one
 
-    tasks: tuple[str, ...] = ()
+    @property
+    def actions(self) -> tuple[str, ...]:
+        """The predicted actions along the last dim of :meth:`score`: the signals, label first."""
+        return tuple(self.signal_names)
 
     def forward(self, batch: JaggedBatch) -> dict[str, torch.Tensor]:  # {"loss": ..., parts...}
         raise NotImplementedError
 
-    def rank_logits(self, batch: JaggedBatch) -> torch.Tensor:  # [num_targets]
-        raise NotImplementedError
+    def rank_logits(self, batch: JaggedBatch) -> torch.Tensor:  # [num_targets] main action
+        raise NotImplementedError(f"{type(self).__name__} does not rank (tasks: {self.tasks})")
+
+    def score(self, history: JaggedBatch, candidates: torch.Tensor, request_time: torch.Tensor) -> torch.Tensor:
+        """Logits ``[B, M, T]`` of ``candidates`` ``[B, M]`` as the next request at ``request_time``
+        ``[B]`` after each sequence of ``history`` (module docstring)."""
+        raise NotImplementedError(f"{type(self).__name__} does not rank (tasks: {self.tasks})")
 
     def retrieval_queries(self, batch: JaggedBatch) -> torch.Tensor:  # [num_targets, D]
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} does not retrieve (tasks: {self.tasks})")
 
     def item_embeddings(self) -> torch.Tensor:  # [num_items + 1, D]
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} does not retrieve (tasks: {self.tasks})")
 
     def before_epoch(self, epoch: int, history_loader, device: torch.device) -> dict[str, float]:
         """Called before every epoch's first step with batches of each user's latest training window
@@ -39,17 +76,24 @@ class RecModel(nn.Module):
 
 
 class NextItemModel(RecModel):
-    """A retrieval-only model whose query is scored against its own item table ``item_emb`` and
-    trained by :func:`sampled_softmax_loss` with ``cfg.num_negatives`` (GRU4Rec, NARM)."""
+    """A retrieval-only model whose query is scored against its own item table, trained by
+    :func:`sampled_softmax_loss` with ``num_negatives`` uniform negatives (GRU4Rec, NARM)."""
 
     tasks = ("retrieval",)
+
+    def __init__(self, num_items: int, dim: int, num_negatives: int):
+        super().__init__()
+        self.num_items = num_items
+        self.num_negatives = num_negatives
+        self.item_emb = nn.Embedding(num_items + 1, dim, padding_idx=0)
+        nn.init.normal_(self.item_emb.weight, std=0.02)
 
     def item_embeddings(self) -> torch.Tensor:
         return self.item_emb.weight
 
     def forward(self, batch: JaggedBatch) -> dict[str, torch.Tensor]:
         loss = sampled_softmax_loss(self.retrieval_queries(batch), batch.items[batch.target_mask],
-                                    self.item_emb.weight, self.cfg.num_negatives, self.num_items)
+                                    self.item_emb.weight, self.num_negatives, self.num_items)
         return {"loss": loss, "retrieval_loss": loss.detach()}
 
 

@@ -1,5 +1,10 @@
 """The training and scoring the classic CTR rankers share: one logit per action signal, BCE per
-signal (summed; the first signal is the dataset label), logits out."""
+signal (summed; the first signal is the dataset label), logits out.
+
+A CTR ranker is its feature embedding (:class:`genrec.nn.ctr.CTRFeatureEmbedding`, the same for all)
+and :meth:`CTRRanker.logits` on those features; offline targets and online candidates go through
+the same two steps, so they get the same score.
+"""
 
 from __future__ import annotations
 
@@ -8,11 +13,15 @@ import torch.nn.functional as F
 
 from genrec.data.batching import JaggedBatch
 from genrec.models.base import RecModel
-from genrec.nn.ctr import CTRInputs
+from genrec.nn.ctr import CTRFeatureEmbedding, CTRInputs
 
 
 class CTRRanker(RecModel):
     tasks = ("ranking",)
+
+    def __init__(self, features: CTRFeatureEmbedding):
+        super().__init__()
+        self.features = features
 
     @property
     def signal_names(self) -> list[str]:
@@ -23,6 +32,10 @@ class CTRRanker(RecModel):
 
     def task_logits(self, batch: JaggedBatch) -> torch.Tensor:  # [N, T], one logit per signal
         return self.logits(self.features(batch))
+
+    def score(self, history: JaggedBatch, candidates: torch.Tensor, request_time: torch.Tensor) -> torch.Tensor:
+        """``[B, M, T]``; the CTR features hold no time, so ``request_time`` is unused."""
+        return self.logits(self.features.for_candidates(history, candidates)).view(*candidates.shape, -1)
 
     def rank_logits(self, batch: JaggedBatch) -> torch.Tensor:  # [N], the first signal (the label)
         return self.task_logits(batch)[:, 0]

@@ -26,9 +26,8 @@ class DCNv2Config:
 
 class DCNv2(CTRRanker):
     def __init__(self, cfg: DCNv2Config, info: DatasetInfo):
-        super().__init__()
+        super().__init__(CTRFeatureEmbedding(info, cfg.d_model, cfg.history))
         width = 4 * cfg.d_model
-        self.features = CTRFeatureEmbedding(info, cfg.d_model, cfg.history)
         self.cross = nn.ModuleList(nn.Linear(width, width) for _ in range(cfg.cross_layers))
         self.deep = mlp([width, cfg.hidden, cfg.hidden], cfg.dropout)
         self.out = nn.Linear(width + cfg.hidden, len(info.signal_names))  # a logit per signal

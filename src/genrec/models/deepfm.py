@@ -25,8 +25,7 @@ class DeepFMConfig:
 
 class DeepFM(CTRRanker):
     def __init__(self, cfg: DeepFMConfig, info: DatasetInfo):
-        super().__init__()
-        self.features = CTRFeatureEmbedding(info, cfg.d_model, cfg.history)
+        super().__init__(CTRFeatureEmbedding(info, cfg.d_model, cfg.history))
         self.first_order = nn.Linear(4 * cfg.d_model, len(info.signal_names))  # a logit per signal
         self.deep = mlp([4 * cfg.d_model, cfg.hidden, cfg.hidden // 2, len(info.signal_names)], cfg.dropout)
 

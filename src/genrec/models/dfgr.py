@@ -24,11 +24,12 @@ from torch import nn
 
 from genrec.data.batching import JaggedBatch
 from genrec.data.info import DatasetInfo
-from genrec.models.generative import CachedServingRanker
+from genrec.models.generative import GenerativeRanker
 from genrec.nn.embeddings import ActionEmbedding
-from genrec.nn.events import Events, dual_flow_layout, event_layout
-from genrec.nn.hstu import HSTUBlock
-from genrec.ops.dispatch import get_backend
+from genrec.nn.events import Events, append_candidates, dual_flow_layout, event_layout
+from genrec.nn.hstu import HSTUBlock, attention_scale
+from genrec.nn.kv_cache import KVCache, KVServing
+from genrec.ops.dispatch import BackendName, get_backend
 from genrec.ops.layout import TokenLayout
 
 
@@ -38,8 +39,8 @@ class DFGRConfig:
     num_layers: int = 2
     num_heads: int = 2
     dropout: float = 0.1
-    max_len: int = 200  # events; the attention scale is 1 / max_len
-    attention_backend: str = "reference"
+    max_len: int = 200  # events (the data's max_len); the attention scale is 1 / max_len
+    attention_backend: BackendName = "reference"
     extra_thresholds: tuple[float, ...] = ()
     multiclass_weight: float = 0.0
     action_encoding: str = "joint"  # several signals: "joint" code, "sum" of per-signal embeddings, "linear"
@@ -48,35 +49,54 @@ class DFGRConfig:
     num_experts: int = 4  # mmoe only
 
 
-class DFGR(CachedServingRanker):
-    candidates_are_fake = True
-
+class DFGR(GenerativeRanker):
     def __init__(self, cfg: DFGRConfig, info: DatasetInfo):
         super().__init__(cfg.d_model, info, cfg)
         self.cfg = cfg
-        self.backend = get_backend(cfg.attention_backend)
+        backend = get_backend(cfg.attention_backend)
         self.item_emb = nn.Embedding(info.num_items + 1, cfg.d_model, padding_idx=0)
         self.action_emb = ActionEmbedding(info.num_actions, cfg.d_model, len(info.signal_names),
                                           cfg.action_encoding)  # placeholder = fake action F
         nn.init.normal_(self.item_emb.weight, std=0.02)
+        scale = attention_scale(cfg.max_len, tokens_per_event=1)
         self.blocks = nn.ModuleList(
-            HSTUBlock(cfg.d_model, cfg.num_heads, cfg.dropout, 1.0 / cfg.max_len, num_position_buckets=cfg.max_len + 1)
+            HSTUBlock(cfg.d_model, cfg.num_heads, cfg.dropout, scale, backend, num_position_buckets=cfg.max_len + 1)
             for _ in range(cfg.num_layers))
         self.norm = nn.LayerNorm(cfg.d_model)
+        self.kv_serving = KVServing(self.blocks, self.history_tokens, self.candidate_tokens, self.candidate_logits)
 
     def history_tokens(self, ev: Events) -> tuple[torch.Tensor, TokenLayout]:
         return self.item_emb(ev.items) + self.action_emb(ev.actions), event_layout(ev, "dual_flow")  # real flow
 
-    def candidate_tokens(self, candidates: torch.Tensor) -> torch.Tensor:
-        hidden = torch.ones_like(candidates, dtype=torch.bool)
-        return self.item_emb(candidates) + self.action_emb(torch.zeros_like(candidates), hidden)  # fake flow
+    def fake_flow(self, items: torch.Tensor, layout: TokenLayout) -> tuple[torch.Tensor, TokenLayout]:
+        """The fake flow: tokens ``[B, M, D]`` for ``items`` ``[B, M]`` with the placeholder action F,
+        and ``layout`` (whose last M tokens they are) with exactly those tokens flagged ``fake``.
+        Training's ``[real | fake]`` sequence and serving's candidates both come from here, so the
+        tokens the mask treats as fake are always the ones embedded without their action."""
+        m = items.shape[1]
+        hidden = torch.ones_like(items, dtype=torch.bool)
+        tokens = self.item_emb(items) + self.action_emb(torch.zeros_like(items), hidden)
+        fake = torch.cat([torch.zeros_like(layout.fake[:, :-m]), hidden], dim=1)
+        return tokens, TokenLayout(layout.valid, layout.request, layout.event, fake, layout.position,
+                                   layout.timestamp, layout.rule)
+
+    def candidate_tokens(self, candidates: torch.Tensor, cache: KVCache,
+                         request_time: torch.Tensor) -> tuple[torch.Tensor, TokenLayout]:
+        """Candidates of the next request as fake tokens after the cached real flow, and their layout."""
+        layout = append_candidates(cache.layout, cache.events, candidates.shape[1], request_time)
+        return self.fake_flow(candidates, layout)
+
+    def candidate_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [B, M, D] -> [B, M, T]
+        return self.heads.candidate_logits(self.norm(hidden))
 
     def target_hidden(self, batch: JaggedBatch) -> torch.Tensor:
         ev = Events.from_batch(batch)
         real_flow, _ = self.history_tokens(ev)
-        fake_flow = self.item_emb(ev.items) + self.action_emb(ev.actions, hidden=torch.ones_like(ev.valid))
+        fake_flow, layout = self.fake_flow(ev.items, dual_flow_layout(ev))
         x = torch.cat([real_flow, fake_flow], dim=1)  # [B, 2N, D]
-        layout = dual_flow_layout(ev)
         for block in self.blocks:
-            x = block(x, layout, self.backend)
+            x = block(x, layout)
         return self.norm(x[:, real_flow.shape[1]:])[ev.target]  # fake-flow outputs at the targets
+
+    def score(self, history: JaggedBatch, candidates: torch.Tensor, request_time: torch.Tensor) -> torch.Tensor:
+        return self.kv_serving.score(history, candidates, request_time)

@@ -41,9 +41,8 @@ class AUGRUCell(nn.Module):
 
 class DIEN(CTRRanker):
     def __init__(self, cfg: DIENConfig, info: DatasetInfo):
-        super().__init__()
+        super().__init__(CTRFeatureEmbedding(info, cfg.d_model, cfg.history))
         d = cfg.d_model
-        self.features = CTRFeatureEmbedding(info, d, cfg.history)
         self.extractor = nn.GRU(d, d, batch_first=True)
         self.attention = nn.Linear(d, d, bias=False)  # bilinear score e_tᵀ W h_j
         self.evolver = AUGRUCell(d)

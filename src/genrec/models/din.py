@@ -24,9 +24,8 @@ class DINConfig:
 
 class DIN(CTRRanker):
     def __init__(self, cfg: DINConfig, info: DatasetInfo):
-        super().__init__()
+        super().__init__(CTRFeatureEmbedding(info, cfg.d_model, cfg.history))
         d = cfg.d_model
-        self.features = CTRFeatureEmbedding(info, d, cfg.history)
         self.activation_unit = mlp([4 * d, cfg.hidden // 2, 1], 0.0)
         self.head = mlp([4 * d, cfg.hidden, cfg.hidden // 2, len(info.signal_names)], cfg.dropout)  # a logit per signal
 

@@ -26,9 +26,8 @@ class GDCNConfig:
 
 class GDCN(CTRRanker):
     def __init__(self, cfg: GDCNConfig, info: DatasetInfo):
-        super().__init__()
+        super().__init__(CTRFeatureEmbedding(info, cfg.d_model, cfg.history))
         width = 4 * cfg.d_model
-        self.features = CTRFeatureEmbedding(info, cfg.d_model, cfg.history)
         self.cross = nn.ModuleList(nn.Linear(width, width) for _ in range(cfg.cross_layers))
         self.gates = nn.ModuleList(nn.Linear(width, width, bias=False) for _ in range(cfg.cross_layers))
         self.deep = mlp([width, cfg.hidden, cfg.hidden // 2, len(info.signal_names)], cfg.dropout)  # a logit per signal

@@ -23,7 +23,7 @@ from genrec.models.generative import GenerativeRanker
 from genrec.nn.embeddings import ActionEmbedding, TimeGapEmbedding
 from genrec.nn.events import Events, append_candidates, dual_flow_layout, event_layout
 from genrec.nn.softmax import SoftmaxBlock
-from genrec.ops.dispatch import get_backend
+from genrec.ops.dispatch import BackendName, get_backend
 from genrec.ops.layout import TokenLayout
 
 
@@ -35,7 +35,7 @@ class GenRankConfig:
     dropout: float = 0.1
     max_len: int = 200  # events: size of the position and request-index tables
     alibi: bool = True
-    attention_backend: str = "reference"
+    attention_backend: BackendName = "reference"
     extra_thresholds: tuple[float, ...] = ()
     multiclass_weight: float = 0.0
     action_encoding: str = "joint"  # several signals: "joint" code, "sum" of per-signal embeddings, "linear"
@@ -48,7 +48,7 @@ class GenRank(GenerativeRanker):
     def __init__(self, cfg: GenRankConfig, info: DatasetInfo):
         super().__init__(cfg.d_model, info, cfg)
         self.cfg = cfg
-        self.backend = get_backend(cfg.attention_backend)
+        backend = get_backend(cfg.attention_backend)
         self.item_emb = nn.Embedding(info.num_items + 1, cfg.d_model, padding_idx=0)
         self.action_emb = ActionEmbedding(info.num_actions, cfg.d_model, len(info.signal_names),
                                           cfg.action_encoding)  # placeholder = mask action M
@@ -57,7 +57,7 @@ class GenRank(GenerativeRanker):
         self.gap_emb = TimeGapEmbedding(cfg.d_model)
         for table in (self.item_emb, self.pos_emb, self.req_emb):
             nn.init.normal_(table.weight, std=0.02)
-        self.blocks = nn.ModuleList(SoftmaxBlock(cfg.d_model, cfg.num_heads, cfg.dropout, cfg.alibi)
+        self.blocks = nn.ModuleList(SoftmaxBlock(cfg.d_model, cfg.num_heads, cfg.dropout, cfg.alibi, backend)
                                     for _ in range(cfg.num_layers))
         self.norm = nn.LayerNorm(cfg.d_model)
 
@@ -68,7 +68,7 @@ class GenRank(GenerativeRanker):
     def _run(self, history: torch.Tensor, candidates: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
         x = torch.cat([history, candidates], dim=1)  # [B, N + M, D]
         for block in self.blocks:
-            x = block(x, layout, self.backend)
+            x = block(x, layout)
         return self.norm(x[:, history.shape[1]:])  # candidate outputs [B, M, D]
 
     def target_hidden(self, batch: JaggedBatch) -> torch.Tensor:
@@ -78,8 +78,8 @@ class GenRank(GenerativeRanker):
                                  ev.timestamp, ev.prev_request_time)
         return self._run(history, candidates, dual_flow_layout(ev, fake_valid=ev.target))[ev.target]
 
-    def serve_logits(self, history: JaggedBatch, candidates: torch.Tensor, request_time: torch.Tensor) -> torch.Tensor:
-        """Score ``candidates`` ``[B, M]`` of the next request at ``request_time`` ``[B]`` after ``history``."""
+    def score(self, history: JaggedBatch, candidates: torch.Tensor, request_time: torch.Tensor) -> torch.Tensor:
+        """History and candidates in one pass (softmax blocks keep no KV cache here)."""
         ev = Events.from_batch(history)
         b, m = candidates.shape
         n = ev.items.shape[1]
@@ -89,4 +89,4 @@ class GenRank(GenerativeRanker):
         ones = torch.ones_like(candidates, dtype=torch.bool)
         cand = self._embed(candidates, torch.zeros_like(candidates), ones, layout.position[:, n:],
                            layout.request[:, n:], layout.timestamp[:, n:], last_time)
-        return self.heads.main_logit(self.heads(self._run(hist, cand, layout).reshape(b * m, -1))).view(b, m)
+        return self.heads.candidate_logits(self._run(hist, cand, layout))

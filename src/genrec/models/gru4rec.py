@@ -25,11 +25,8 @@ class GRU4RecConfig:
 
 class GRU4Rec(NextItemModel):
     def __init__(self, cfg: GRU4RecConfig, info: DatasetInfo):
-        super().__init__()
+        super().__init__(info.num_items, cfg.d_model, cfg.num_negatives)
         self.cfg = cfg
-        self.num_items = info.num_items
-        self.item_emb = nn.Embedding(info.num_items + 1, cfg.d_model, padding_idx=0)
-        nn.init.normal_(self.item_emb.weight, std=0.02)
         self.drop = nn.Dropout(cfg.dropout)
         self.gru = nn.GRU(cfg.d_model, cfg.d_model, cfg.num_layers, batch_first=True)
         self.start = nn.Parameter(torch.zeros(cfg.d_model))

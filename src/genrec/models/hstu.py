@@ -5,7 +5,7 @@ Tokens interleave items and actions, ``[x0 a0 x1 a1 ...]`` (2N tokens). The outp
 requests and its own event's tokens up to itself, so ``x_k`` never sees ``a_k`` nor the actions of
 events in its request, at any depth (layout: :func:`genrec.nn.events.item_action_layout`).
 Features: item id, action, position and time through the relative bias. Serving appends candidates
-as item tokens of the next request, against a KV cache of the history (:class:`CachedServingRanker`).
+as item tokens of the next request, against a KV cache of the history (:class:`genrec.nn.kv_cache.KVServing`).
 """
 
 from __future__ import annotations
@@ -17,11 +17,12 @@ from torch import nn
 
 from genrec.data.batching import JaggedBatch
 from genrec.data.info import DatasetInfo
-from genrec.models.generative import CachedServingRanker
+from genrec.models.generative import GenerativeRanker
 from genrec.nn.embeddings import ActionEmbedding
-from genrec.nn.events import Events, interleave, item_action_layout
-from genrec.nn.hstu import HSTUBlock
-from genrec.ops.dispatch import get_backend
+from genrec.nn.events import Events, append_candidates, interleave, item_action_layout
+from genrec.nn.hstu import HSTUBlock, attention_scale
+from genrec.nn.kv_cache import KVCache, KVServing
+from genrec.ops.dispatch import BackendName, get_backend
 from genrec.ops.layout import TokenLayout
 
 
@@ -31,8 +32,8 @@ class HSTUConfig:
     num_layers: int = 2
     num_heads: int = 2
     dropout: float = 0.1
-    max_len: int = 200  # events; the attention scale is 1 / (2 * max_len) tokens
-    attention_backend: str = "reference"
+    max_len: int = 200  # events (the data's max_len); the attention scale is 1 / (2 * max_len) tokens
+    attention_backend: BackendName = "reference"
     extra_thresholds: tuple[float, ...] = ()
     multiclass_weight: float = 0.0
     action_encoding: str = "joint"  # several signals: "joint" code, "sum" of per-signal embeddings, "linear"
@@ -41,29 +42,40 @@ class HSTUConfig:
     num_experts: int = 4  # mmoe only
 
 
-class HSTU(CachedServingRanker):
+class HSTU(GenerativeRanker):
     def __init__(self, cfg: HSTUConfig, info: DatasetInfo):
         super().__init__(cfg.d_model, info, cfg)
         self.cfg = cfg
-        self.backend = get_backend(cfg.attention_backend)
+        backend = get_backend(cfg.attention_backend)
         self.item_emb = nn.Embedding(info.num_items + 1, cfg.d_model, padding_idx=0)
         self.action_emb = ActionEmbedding(info.num_actions, cfg.d_model, len(info.signal_names),
                                           cfg.action_encoding)
         nn.init.normal_(self.item_emb.weight, std=0.02)
+        scale = attention_scale(cfg.max_len, tokens_per_event=2)
         self.blocks = nn.ModuleList(
-            HSTUBlock(cfg.d_model, cfg.num_heads, cfg.dropout, 1.0 / (2 * cfg.max_len),
-                      num_position_buckets=cfg.max_len + 1) for _ in range(cfg.num_layers))
+            HSTUBlock(cfg.d_model, cfg.num_heads, cfg.dropout, scale, backend, num_position_buckets=cfg.max_len + 1)
+            for _ in range(cfg.num_layers))
         self.norm = nn.LayerNorm(cfg.d_model)
+        self.kv_serving = KVServing(self.blocks, self.history_tokens, self.candidate_tokens, self.candidate_logits)
 
     def history_tokens(self, ev: Events) -> tuple[torch.Tensor, TokenLayout]:
         return interleave(self.item_emb(ev.items), self.action_emb(ev.actions)), item_action_layout(ev)  # [B, 2N, D]
 
-    def candidate_tokens(self, candidates: torch.Tensor) -> torch.Tensor:
-        return self.item_emb(candidates)  # item tokens of the next request
+    def candidate_tokens(self, candidates: torch.Tensor, cache: KVCache,
+                         request_time: torch.Tensor) -> tuple[torch.Tensor, TokenLayout]:
+        """Item tokens of the next request ``[B, M, D]`` after the cached history, and their layout."""
+        layout = append_candidates(cache.layout, cache.events, candidates.shape[1], request_time)
+        return self.item_emb(candidates), layout
+
+    def candidate_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [B, M, D] -> [B, M, T]
+        return self.heads.candidate_logits(self.norm(hidden))
 
     def target_hidden(self, batch: JaggedBatch) -> torch.Tensor:
         ev = Events.from_batch(batch)
         x, layout = self.history_tokens(ev)
         for block in self.blocks:
-            x = block(x, layout, self.backend)
+            x = block(x, layout)
         return self.norm(x[:, 0::2][ev.target])  # item tokens at targets, [N_t, D]
+
+    def score(self, history: JaggedBatch, candidates: torch.Tensor, request_time: torch.Tensor) -> torch.Tensor:
+        return self.kv_serving.score(history, candidates, request_time)

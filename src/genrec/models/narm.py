@@ -25,12 +25,9 @@ class NARMConfig:
 
 class NARM(NextItemModel):
     def __init__(self, cfg: NARMConfig, info: DatasetInfo):
-        super().__init__()
+        super().__init__(info.num_items, cfg.d_model, cfg.num_negatives)
         self.cfg = cfg
-        self.num_items = info.num_items
         d = cfg.d_model
-        self.item_emb = nn.Embedding(info.num_items + 1, d, padding_idx=0)
-        nn.init.normal_(self.item_emb.weight, std=0.02)
         self.drop = nn.Dropout(cfg.dropout)
         self.gru = nn.GRU(d, d, batch_first=True)
         self.a1 = nn.Linear(d, d, bias=False)

@@ -87,8 +87,8 @@ class SASRec(RecModel):
         nn.init.normal_(self.item_emb.weight, std=0.02)
         nn.init.normal_(self.pos_emb.weight, std=0.02)
 
-    def states_before(self, batch: JaggedBatch) -> torch.Tensor:
-        """``[T, D]``: for each event, the encoder state after the events before it."""
+    def _encode(self, batch: JaggedBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Encoder states ``[B, L, D]`` after reading events ``0..i``, and the valid mask ``[B, L]``."""
         if batch.max_len > self.cfg.max_len:
             raise ValueError(f"sequence of {batch.max_len} events exceeds SASRec max_len={self.cfg.max_len}")
         x, valid = pad_jagged(self.item_emb(batch.items), batch.offsets, batch.max_len)  # [B, L, D]
@@ -96,7 +96,12 @@ class SASRec(RecModel):
         x = self.drop(x)
         for block in self.blocks:
             x = block(x)
-        return states_before(self.ln_f(x), self.start, valid)  # [T, D] jagged
+        return self.ln_f(x), valid
+
+    def states_before(self, batch: JaggedBatch) -> torch.Tensor:
+        """``[T, D]``: for each event, the encoder state after the events before it."""
+        h, valid = self._encode(batch)
+        return states_before(h, self.start, valid)  # [T, D] jagged
 
     def _rank(self, h: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         e = self.item_emb(items)
@@ -118,3 +123,14 @@ class SASRec(RecModel):
 
     def item_embeddings(self) -> torch.Tensor:
         return self.item_emb.weight
+
+    def score(self, history: JaggedBatch, candidates: torch.Tensor, request_time: torch.Tensor) -> torch.Tensor:
+        """The ranking head on the state after each whole history and each candidate, ``[B, M, 1]``.
+        SASRec reads no time, so ``request_time`` is unused; it reads no actions either, so (unlike
+        the generative rankers) training lets an event read the items of its own request before it,
+        and the two agree for a request's first event (tests/models/test_contracts.py)."""
+        h, valid = self._encode(history)
+        last = valid.sum(1) - 1  # [B]; -1: no history, the start vector is the state
+        state = h[torch.arange(len(last), device=h.device), last.clamp(min=0)]  # [B, D]
+        state = torch.where(last[:, None] >= 0, state, self.start)
+        return self._rank(state[:, None, :].expand(*candidates.shape, -1), candidates)[..., None]

@@ -19,9 +19,9 @@ from genrec.data.batching import JaggedBatch
 from genrec.data.info import DatasetInfo
 from genrec.models.generative import GenerativeRanker
 from genrec.nn.embeddings import ActionEmbedding
-from genrec.nn.events import Events
-from genrec.nn.hstu import HSTUBlock
-from genrec.ops.dispatch import get_backend
+from genrec.nn.events import Events, append_candidates, event_layout
+from genrec.nn.hstu import HSTUBlock, attention_scale
+from genrec.ops.dispatch import BackendName, get_backend
 from genrec.ops.layout import TokenLayout
 
 
@@ -31,8 +31,8 @@ class SFGRConfig:
     num_layers: int = 2
     num_heads: int = 2
     dropout: float = 0.1
-    max_len: int = 200
-    attention_backend: str = "reference"
+    max_len: int = 200  # events (the data's max_len); the attention scale is 1 / max_len
+    attention_backend: BackendName = "reference"
     extra_thresholds: tuple[float, ...] = ()
     multiclass_weight: float = 0.0
     action_encoding: str = "joint"  # several signals: "joint" code, "sum" of per-signal embeddings, "linear"
@@ -45,13 +45,14 @@ class SFGR(GenerativeRanker):
     def __init__(self, cfg: SFGRConfig, info: DatasetInfo):
         super().__init__(cfg.d_model, info, cfg)
         self.cfg = cfg
-        self.backend = get_backend(cfg.attention_backend)
+        backend = get_backend(cfg.attention_backend)
         self.item_emb = nn.Embedding(info.num_items + 1, cfg.d_model, padding_idx=0)
         self.action_emb = ActionEmbedding(info.num_actions, cfg.d_model, len(info.signal_names),
                                           cfg.action_encoding)
         nn.init.normal_(self.item_emb.weight, std=0.02)
+        scale = attention_scale(cfg.max_len, tokens_per_event=1)
         self.blocks = nn.ModuleList(
-            HSTUBlock(cfg.d_model, cfg.num_heads, cfg.dropout, 1.0 / cfg.max_len, num_position_buckets=cfg.max_len + 1)
+            HSTUBlock(cfg.d_model, cfg.num_heads, cfg.dropout, scale, backend, num_position_buckets=cfg.max_len + 1)
             for _ in range(cfg.num_layers))
         self.norm = nn.LayerNorm(cfg.d_model)
 
@@ -61,6 +62,20 @@ class SFGR(GenerativeRanker):
         layout = TokenLayout(valid=ev.valid, request=ev.request, event=ev.position,
                              fake=ev.target, position=torch.where(ev.target, ev.request_start, ev.position),
                              timestamp=ev.timestamp, rule="request_causal")
+        return self._run(x, layout)[ev.target]
+
+    def _run(self, x: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
         for block in self.blocks:
-            x = block(x, layout, self.backend)
-        return self.norm(x)[ev.target]
+            x = block(x, layout)
+        return self.norm(x)
+
+    def score(self, history: JaggedBatch, candidates: torch.Tensor, request_time: torch.Tensor) -> torch.Tensor:
+        """Candidates as masked-action tokens of the next request after the whole history, whose
+        actions are all read (at serving time every earlier action is known)."""
+        ev = Events.from_batch(history)
+        n, m = ev.items.shape[1], candidates.shape[1]
+        layout = append_candidates(event_layout(ev, "request_causal"), ev, m, request_time, fake=True)
+        hidden = torch.ones_like(candidates, dtype=torch.bool)
+        x = torch.cat([self.item_emb(ev.items) + self.action_emb(ev.actions),
+                       self.item_emb(candidates) + self.action_emb(torch.zeros_like(candidates), hidden)], dim=1)
+        return self.heads.candidate_logits(self._run(x, layout)[:, n:])

@@ -40,9 +40,9 @@ from genrec.models.base import RecModel, states_before
 from genrec.nn.ctr import mlp
 from genrec.nn.embeddings import ActionEmbedding
 from genrec.nn.events import Events, append_candidates, interleave, item_action_layout
-from genrec.nn.hstu import HSTUBlock
+from genrec.nn.hstu import HSTUBlock, attention_scale
 from genrec.nn.llama import LlamaBlock
-from genrec.ops.dispatch import get_backend
+from genrec.ops.dispatch import BackendName, get_backend
 
 OBJECTIVES = {"unified": ("ranking", "retrieval"), "retrieval": ("retrieval",), "ranking": ("ranking",)}
 
@@ -56,7 +56,7 @@ class UniGRFConfig:
     num_heads: int = 2
     dropout: float = 0.2
     max_len: int = 200
-    attention_backend: str = "reference"
+    attention_backend: BackendName = "reference"
     num_negatives: int = 128  # per query, hard negatives included (paper §5.4: 128 on ML-1M)
     in_batch_negatives: bool = False
     logq_correction: bool = False  # subtract log(expected count under the samplers) from sampled logits
@@ -129,7 +129,7 @@ class UniGRF(RecModel):
         self.cfg = cfg
         self.tasks = OBJECTIVES[cfg.objective]
         self.num_items = info.num_items
-        self.backend = get_backend(cfg.attention_backend)
+        backend = get_backend(cfg.attention_backend)
         d = cfg.d_model
         self.item_emb = nn.Embedding(info.num_items + 1, d, padding_idx=0)
         self.signal_names = list(info.signal_names)
@@ -143,12 +143,14 @@ class UniGRF(RecModel):
         if cfg.feedback_encoding == "label":
             nn.init.normal_(self.feedback_emb.weight, std=0.02)
         if cfg.backbone == "hstu":
-            self.blocks = nn.ModuleList(HSTUBlock(d, cfg.num_heads, cfg.dropout, 1.0 / (2 * cfg.max_len),
+            scale = attention_scale(cfg.max_len, tokens_per_event=2)
+            self.blocks = nn.ModuleList(HSTUBlock(d, cfg.num_heads, cfg.dropout, scale, backend,
                                                   num_position_buckets=cfg.max_len + 1)
                                         for _ in range(cfg.num_layers))
             self.norm = nn.LayerNorm(d)
         elif cfg.backbone == "llama":
-            self.blocks = nn.ModuleList(LlamaBlock(d, cfg.num_heads, cfg.dropout) for _ in range(cfg.num_layers))
+            self.blocks = nn.ModuleList(LlamaBlock(d, cfg.num_heads, cfg.dropout, backend)
+                                        for _ in range(cfg.num_layers))
             self.norm = nn.RMSNorm(d)
         else:
             raise ValueError(f"model_args.backbone {cfg.backbone!r}: expected 'hstu' or 'llama'")
@@ -173,7 +175,7 @@ class UniGRF(RecModel):
             x = torch.cat([x, self.item_emb(candidates)], dim=1)
             layout = append_candidates(layout, ev, candidates.shape[1], request_time)
         for block in self.blocks:
-            x = block(x, layout, self.backend)
+            x = block(x, layout)
         return self.norm(x)
 
     def _rank(self, ev: Events, h: torch.Tensor) -> torch.Tensor:
@@ -205,13 +207,19 @@ class UniGRF(RecModel):
     def item_embeddings(self) -> torch.Tensor:
         return self.item_emb.weight
 
-    def score_candidates(self, batch: JaggedBatch, candidates: torch.Tensor,
-                         request_time: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Retrieve-and-rank after each whole sequence of ``batch``: the next-item query ``[B, D]`` and
-        the ranking logits ``[B, M]`` of ``candidates [B, M]`` shown together in one new request."""
+    def retrieve_and_rank(self, batch: JaggedBatch, candidates: torch.Tensor,
+                          request_time: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both tasks in one pass after each whole sequence of ``batch`` (the enhancer's mining): the
+        next-item query ``[B, D]`` and the ranking logits ``[B, M]`` of ``candidates [B, M]`` shown
+        together in one new request at ``request_time`` ``[B]`` (default: the last event's time)."""
         ev = Events.from_batch(batch)
         h = self._encode(ev, candidates, request_time)  # [B, 2N + M, D]
         return self._end_query(ev, h), self.rank_head(h[:, 2 * ev.items.shape[1]:])[..., 0]
+
+    def score(self, history: JaggedBatch, candidates: torch.Tensor, request_time: torch.Tensor) -> torch.Tensor:
+        ev = Events.from_batch(history)
+        h = self._encode(ev, candidates, request_time)  # [B, 2N + M, D]
+        return self.rank_head(h[:, 2 * ev.items.shape[1]:])  # [B, M, T], one logit per signal
 
     # ----------------------------------------------------------------------------------- training
     def forward(self, batch: JaggedBatch) -> dict[str, torch.Tensor]:
@@ -319,7 +327,7 @@ class UniGRF(RecModel):
             batch = batch.to(device)
             # [B, P] distinct random items per row
             pool = torch.rand(batch.batch_size, self.num_items, device=device).topk(pool_size, dim=1).indices + 1
-            query, rank = self.score_candidates(batch, pool)  # [B, D], [B, P]
+            query, rank = self.retrieve_and_rank(batch, pool)  # [B, D], [B, P]
             s_ret = torch.sigmoid((query[:, None, :] * self.item_emb(pool)).sum(-1).float())
             s_rank = torch.sigmoid(rank.float())
             ev = Events.from_batch(batch)

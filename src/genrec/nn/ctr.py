@@ -49,16 +49,29 @@ class CTRFeatureEmbedding(nn.Module):
             nn.init.normal_(table.weight, std=0.02)
 
     def forward(self, batch: JaggedBatch) -> CTRInputs:
+        """Features of the batch's targets, in flat target order."""
         ev = Events.from_batch(batch)
         seq, pos = torch.nonzero(ev.target, as_tuple=True)  # targets in flat (sequence, position) order
-        start = ev.request_start[seq, pos]  # history = events before the target's request
+        return self._inputs(ev, seq, ev.request_start[seq, pos], ev.items[seq, pos], batch.users[seq])
+
+    def for_candidates(self, history: JaggedBatch, candidates: torch.Tensor) -> CTRInputs:
+        """Features of ``candidates`` ``[B, M]`` as the next request after each whole sequence of
+        ``history``: ``B · M`` rows in ``[B, M]`` order."""
+        ev = Events.from_batch(history)
+        b, m = candidates.shape
+        rows = torch.arange(b, device=candidates.device).repeat_interleave(m)  # [B * M]
+        return self._inputs(ev, rows, ev.valid.sum(1)[rows], candidates.reshape(-1), history.users[rows])
+
+    def _inputs(self, ev: Events, rows: torch.Tensor, start: torch.Tensor, items: torch.Tensor,
+                users: torch.Tensor) -> CTRInputs:
+        """Features of ``N`` scored items: ``rows`` ``[N]`` the sequence each is scored in, ``start``
+        ``[N]`` the index of its request's first event (its history is the events before)."""
         idx = start[:, None] - self.history + torch.arange(self.history, device=start.device)[None, :]  # [N, H]
         mask = idx >= 0
         idx = idx.clamp(min=0)
-        rows = seq[:, None].expand_as(idx)
-        history = self.item_emb(ev.items[rows, idx]) + self.action_emb(ev.actions[rows, idx])
-        items = ev.items[seq, pos]
-        return CTRInputs(user=self.user_emb(batch.users[seq]), target=self.item_emb(items),
+        seq = rows[:, None].expand_as(idx)
+        history = self.item_emb(ev.items[seq, idx]) + self.action_emb(ev.actions[seq, idx])
+        return CTRInputs(user=self.user_emb(users), target=self.item_emb(items),
                          genres=self.genre_emb(self.item_genres[items]), history=history * mask[..., None],
                          history_mask=mask)
 

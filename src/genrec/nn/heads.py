@@ -71,6 +71,12 @@ class ActionHeads(nn.Module):
     def main_logit(self, outputs: torch.Tensor) -> torch.Tensor:  # [N], the first signal (the label)
         return outputs[:, 0]
 
+    def candidate_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Hidden states of candidates ``[B, M, D]`` -> one logit per candidate and signal ``[B, M, T]``
+        (``T = len(signal_names)``): what :meth:`genrec.models.base.RecModel.score` returns."""
+        b, m, _ = hidden.shape
+        return self.task_logits(self(hidden.reshape(b * m, -1))).view(b, m, self.num_tasks)
+
     def loss(self, outputs: torch.Tensor, signals: torch.Tensor, actions: torch.Tensor) -> dict[str, torch.Tensor]:
         """``signals`` ``[N, T]`` binary targets (or ``[N]`` with one signal), ``actions`` ``[N]``."""
         if outputs.dtype in (torch.float16, torch.bfloat16):

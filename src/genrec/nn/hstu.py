@@ -13,15 +13,26 @@ import torch.nn.functional as F
 from torch import nn
 
 from genrec.nn.kv_cache import LayerCache
+from genrec.ops.dispatch import AttentionBackend
 from genrec.ops.layout import TokenLayout
 
 
+def attention_scale(max_len: int, tokens_per_event: int) -> float:
+    """The constant HSTU's pointwise attention is multiplied by: one over the most tokens a query can
+    read, ``tokens_per_event · max_len`` (HSTU and UniGRF interleave 2 tokens per event; DFGR and SFGR
+    have 1, as a fake token reads the real flow and itself). Without a softmax the mass a query gathers
+    grows with its history, and a constant, unlike the query's own count, is the same in training and
+    serving, so the two agree. ``max_len`` is the data's (:func:`genrec.models.build_model`)."""
+    return 1.0 / (tokens_per_event * max_len)
+
+
 class HSTUBlock(nn.Module):
-    def __init__(self, dim: int, num_heads: int, dropout: float, attn_scale: float,
+    def __init__(self, dim: int, num_heads: int, dropout: float, attn_scale: float, backend: AttentionBackend,
                  num_position_buckets: int = 256, num_time_buckets: int = 32):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"d_model {dim} is not divisible by num_heads {num_heads}")
+        self.backend = backend
         self.num_heads = num_heads
         self.attn_scale = attn_scale
         self.norm_in = nn.LayerNorm(dim)
@@ -32,7 +43,7 @@ class HSTUBlock(nn.Module):
         self.rel_pos = nn.Parameter(torch.zeros(num_heads, num_position_buckets))
         self.rel_time = nn.Parameter(torch.zeros(num_heads, num_time_buckets))
 
-    def forward(self, x: torch.Tensor, layout: TokenLayout, backend, cache: LayerCache | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, layout: TokenLayout, cache: LayerCache | None = None) -> torch.Tensor:
         """``x`` ``[B, n, D]``: all of the layout's tokens, or with a ``cache`` the new tokens after the
         cached ones (their keys and values are added to it)."""
         b, n, d = x.shape
@@ -44,7 +55,7 @@ class HSTUBlock(nn.Module):
         def heads(t: torch.Tensor) -> torch.Tensor:
             return t.view(b, t.shape[1], self.num_heads, d // self.num_heads).transpose(1, 2)  # [B, H, L, Dh]
 
-        a = backend.hstu_attention(heads(q), heads(k), heads(v), layout, self.rel_pos, self.rel_time,
-                                   self.attn_scale, q_offset)  # [B, H, n, Dh]
+        a = self.backend.hstu_attention(heads(q), heads(k), heads(v), layout, self.rel_pos, self.rel_time,
+                                        self.attn_scale, q_offset)  # [B, H, n, Dh]
         a = a.transpose(1, 2).reshape(b, n, d)
         return x + self.dropout(self.out(self.norm_attn(a) * u))

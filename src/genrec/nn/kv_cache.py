@@ -6,6 +6,12 @@ in buffers with room for ``capacity`` new tokens after the history; scoring a mi
 candidates writes its keys/values into that room and runs attention for the new tokens only
 (``q_offset`` = history length) — the next micro-batch overwrites them.
 
+Serving with a cache is a small object a model composes (HSTU and DFGR do, with their HSTU blocks):
+:class:`KVServing` is built from the model's blocks and three functions of it (history tokens,
+candidate tokens, read-out), and encodes a history once, extends it with new events, and scores
+candidates against it; :func:`in_micro_batches` scores many candidates through a cache that holds a
+few at a time (the M-FALCON schedule). The model exposes it as ``model.kv_serving``.
+
 A service keeps one exact-length cache per user (:func:`split`), stacks the caches of a batch of
 requests into one padded cache (:func:`stack`) and grows a user's cache with new events
 (:func:`extend`).
@@ -13,10 +19,13 @@ requests into one padded cache (:func:`stack`) and grows a user's cache with new
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
+from typing import Protocol
 
 import torch
 
+from genrec.data.batching import JaggedBatch
 from genrec.nn.events import Events
 from genrec.ops.layout import TokenLayout
 
@@ -57,6 +66,74 @@ class KVCache:
         """Freeze what was written so far as the history."""
         for layer in self.layers:
             layer.length = layer.keys.shape[1] - layer.capacity
+
+
+class CachedBlock(Protocol):
+    """A block that, given a :class:`LayerCache`, adds its new tokens' keys and values to it and lets
+    them read the cached ones (:class:`genrec.nn.hstu.HSTUBlock`)."""
+
+    def __call__(self, x: torch.Tensor, layout: TokenLayout, cache: LayerCache | None = None) -> torch.Tensor: ...
+
+
+@dataclass(frozen=True)
+class KVServing:
+    """Serving against a per-user history cache, for a model of :class:`CachedBlock` s.
+
+    ``history_tokens(events)`` -> the history's tokens ``[B, N_tok, D]`` and layout;
+    ``candidate_tokens(candidates [B, M], cache, request_time [B])`` -> the candidates' tokens
+    ``[B, M, D]`` and the layout of history + candidates; ``readout(hidden [B, M, D])`` -> logits
+    ``[B, M, T]``, as the model's ``score`` returns them.
+    """
+
+    blocks: Sequence[CachedBlock]
+    history_tokens: Callable[[Events], tuple[torch.Tensor, TokenLayout]]
+    candidate_tokens: Callable[[torch.Tensor, KVCache, torch.Tensor], tuple[torch.Tensor, TokenLayout]]
+    readout: Callable[[torch.Tensor], torch.Tensor]
+
+    def encode_events(self, events: Events, capacity: int) -> KVCache:
+        """Run the history through every block once; the cache has room for ``capacity`` new tokens.
+        No device-to-host sync, so it can be recorded in a CUDA graph (:mod:`genrec.serve.graphs`)."""
+        x, layout = self.history_tokens(events)
+        cache = KVCache.empty(events, layout, len(self.blocks), capacity)
+        for block, layer in zip(self.blocks, cache.layers, strict=True):
+            x = block(x, layout, layer)
+        cache.commit()
+        return cache
+
+    def encode_history(self, history: JaggedBatch, capacity: int) -> KVCache:
+        return self.encode_events(Events.from_batch(history), capacity)
+
+    def extend_history(self, cache: KVCache, history: JaggedBatch) -> KVCache:
+        """The cache of ``history`` (one row) from ``cache``, the cache of its first events: only the
+        new events' tokens run through the blocks (incremental serving, :func:`extend`)."""
+        ev = Events.from_batch(history)
+        x, layout = self.history_tokens(ev)  # [1, L, D]; the first cache.layout.shape[1] tokens are cached
+        return extend(cache, self.blocks, x[:, cache.layout.shape[1]:], ev, layout)
+
+    def score_cached(self, cache: KVCache, candidates: torch.Tensor, request_time: torch.Tensor) -> torch.Tensor:
+        """Logits ``[B, M, T]`` of ``candidates`` ``[B, M]`` (M <= the cache's capacity) as the next
+        request at ``request_time`` ``[B]``, against the cached history."""
+        x, layout = self.candidate_tokens(candidates, cache, request_time)
+        for block, layer in zip(self.blocks, cache.layers, strict=True):
+            x = block(x, layout, layer)
+        return self.readout(x)
+
+    def score(self, history: JaggedBatch, candidates: torch.Tensor, request_time: torch.Tensor) -> torch.Tensor:
+        """Cold scoring, the model's ``score``: encode ``history`` with room for all candidates, then
+        score them against it."""
+        return self.score_cached(self.encode_history(history, candidates.shape[1]), candidates, request_time)
+
+
+ScoreCached = Callable[[KVCache, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def in_micro_batches(score_cached: ScoreCached, cache: KVCache, candidates: torch.Tensor,
+                     request_time: torch.Tensor) -> torch.Tensor:
+    """``score_cached(cache, chunk, request_time)`` over ``candidates`` ``[B, M]`` in chunks of the
+    cache's capacity, concatenated along the candidates: ``[B, M, ...]``."""
+    step = cache.layers[0].capacity
+    return torch.cat([score_cached(cache, candidates[:, i:i + step], request_time)
+                      for i in range(0, candidates.shape[1], step)], dim=1)
 
 
 _LAYOUT_FIELDS = ("valid", "request", "event", "fake", "position", "timestamp")
@@ -101,7 +178,7 @@ def stack(caches: list[KVCache], capacity: int) -> KVCache:
     return KVCache(events, layout, layers)
 
 
-def extend(cache: KVCache, blocks, backend, new_tokens: torch.Tensor, events: Events,
+def extend(cache: KVCache, blocks: Sequence[CachedBlock], new_tokens: torch.Tensor, events: Events,
            layout: TokenLayout) -> KVCache:
     """The cache of a longer history (one row): ``events`` and ``layout`` describe the whole history,
     ``cache`` holds its first tokens and ``new_tokens`` ``[1, n, D]`` are the embeddings of the rest.
@@ -114,7 +191,7 @@ def extend(cache: KVCache, blocks, backend, new_tokens: torch.Tensor, events: Ev
     for block, layer in zip(blocks, cache.layers, strict=True):
         grown = LayerCache(x.shape[1], _pad_to(layer.keys[:, :layer.length], total),
                            _pad_to(layer.values[:, :layer.length], total), layer.length)
-        x = block(x, layout, backend, grown)
+        x = block(x, layout, grown)
         grown.capacity, grown.length = 0, total
         layers.append(grown)
     return KVCache(events, layout, layers)

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from genrec.ops.dispatch import AttentionBackend
 from genrec.ops.layout import TokenLayout
 
 
@@ -39,10 +40,11 @@ class SwiGLU(nn.Module):
 
 
 class LlamaBlock(nn.Module):
-    def __init__(self, dim: int, num_heads: int, dropout: float):
+    def __init__(self, dim: int, num_heads: int, dropout: float, backend: AttentionBackend):
         super().__init__()
         if dim % num_heads or (dim // num_heads) % 2:
             raise ValueError(f"d_model {dim} / num_heads {num_heads} must give an even head size for RoPE")
+        self.backend = backend
         self.num_heads = num_heads
         self.norm_attn = nn.RMSNorm(dim)
         self.qkv = nn.Linear(dim, 3 * dim, bias=False)
@@ -51,10 +53,10 @@ class LlamaBlock(nn.Module):
         self.ffn = SwiGLU(dim, 4 * dim * 2 // 3)  # Llama's 2/3 of 4d keeps the FFN cost of a GELU MLP
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, layout: TokenLayout, backend) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
         b, n, d = x.shape
         q, k, v = self.qkv(self.norm_attn(x)).view(b, n, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
         q, k = rotary(q, layout.position), rotary(k, layout.position)  # [B, H, L, Dh]
-        a = backend.softmax_attention(q, k, v, layout)  # [B, H, L, Dh]
+        a = self.backend.softmax_attention(q, k, v, layout)  # [B, H, L, Dh]
         x = x + self.dropout(self.proj(a.transpose(1, 2).reshape(b, n, d)))
         return x + self.dropout(self.ffn(self.norm_ffn(x)))

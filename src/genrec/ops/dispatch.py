@@ -1,22 +1,50 @@
-"""Attention backends behind one interface, selected by name in the model config.
+"""Attention backends behind one typed interface, chosen once by name in the model config.
 
-A backend provides ``hstu_attention`` and ``softmax_attention`` with the signatures of
-:mod:`genrec.ops.reference.attention`. ``reference`` is dense PyTorch and runs anywhere; fused GPU
-kernels register here under their own name and are tested against it. Asking for a backend that
-cannot run here is an error, never a silent fallback.
+An :class:`AttentionBackend` holds ``hstu_attention`` and ``softmax_attention`` with the signatures
+of :mod:`genrec.ops.reference.attention`. A model resolves its backend once at construction and hands
+it to its blocks, which keep it (as Hugging Face's attention layers keep their implementation); no
+call threads a backend through. ``reference`` is dense PyTorch and runs anywhere; ``triton`` (fused
+GPU kernels, tested against ``reference``) needs a CUDA device. Asking for a backend that cannot run
+here is an error, never a silent fallback.
 """
 
 from __future__ import annotations
 
-import importlib
 import importlib.util
-from types import ModuleType
+from dataclasses import dataclass
+from typing import Literal, Protocol, get_args
 
 import torch
 
+from genrec.ops.layout import TokenLayout
 from genrec.ops.reference import attention as reference
 
-BACKENDS: dict[str, ModuleType] = {"reference": reference}
+BackendName = Literal["reference", "triton"]
+BACKEND_NAMES: tuple[str, ...] = get_args(BackendName)
+
+
+class HSTUAttention(Protocol):
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLayout,
+                 rel_pos: torch.Tensor | None, rel_time: torch.Tensor | None, scale: float,
+                 q_offset: int = 0) -> torch.Tensor: ...
+
+
+class SoftmaxAttention(Protocol):
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLayout,
+                 alibi: torch.Tensor | None = None, q_offset: int = 0) -> torch.Tensor: ...
+
+
+@dataclass(frozen=True)
+class AttentionBackend:
+    """The attention functions of one backend: q ``[B, H, L - q_offset, Dh]``, k, v ``[B, H, L, Dh]``
+    -> ``[B, H, L - q_offset, Dh]`` (see :mod:`genrec.ops.reference.attention`)."""
+
+    name: BackendName
+    hstu_attention: HSTUAttention
+    softmax_attention: SoftmaxAttention
+
+
+REFERENCE = AttentionBackend("reference", reference.hstu_attention, reference.softmax_attention)
 
 
 def triton_available() -> str | None:
@@ -28,13 +56,14 @@ def triton_available() -> str | None:
     return None
 
 
-def get_backend(name: str) -> ModuleType:
-    if name == "triton" and name not in BACKENDS:
+def get_backend(name: BackendName) -> AttentionBackend:
+    if name == "reference":
+        return REFERENCE
+    if name == "triton":
         reason = triton_available()
         if reason:
             raise ValueError(f"attention backend 'triton' cannot run here: {reason}; use 'reference'")
-        BACKENDS[name] = importlib.import_module("genrec.ops.triton.backend")
-    if name not in BACKENDS:
-        raise ValueError(f"attention backend {name!r} is not available here; available: {sorted(BACKENDS)} "
-                         "(and 'triton' on a CUDA device)")
-    return BACKENDS[name]
+        from genrec.ops.triton.backend import TRITON
+
+        return TRITON
+    raise ValueError(f"unknown attention backend {name!r}; known: {BACKEND_NAMES}")

@@ -19,7 +19,6 @@ import torch
 
 from genrec.data.preprocess import Sequences
 from genrec.models.base import RecModel
-from genrec.models.generative import CachedServingRanker
 from genrec.nn import kv_cache
 from genrec.serve.graphs import BucketedGraphs
 from genrec.serve.metrics import ServiceMetrics
@@ -294,7 +293,7 @@ def build_engine(model: RecModel, seq: Sequences, label_threshold: float, reques
     store = UserStore(cache_bytes, dataset_seed(seq, max_len, request_window_s))
     graphs = None
     if cuda_graphs is not None:
-        if device.type != "cuda" or not isinstance(model, CachedServingRanker):
+        if device.type != "cuda" or model.kv_serving is None:
             raise ValueError(f"CUDA graphs need HSTU or DFGR on a CUDA device, not {model_name} on {device}")
         graphs = BucketedGraphs(model.eval(), cuda_graphs[0], max_len, cuda_graphs[1])
     return Engine(model, catalogue, store, device, max_len, model_name, graphs)

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from genrec.models.generative import CachedServingRanker
+from genrec.models.base import RecModel
 from genrec.nn.events import Events
 
 INPUTS = ("items", "actions", "timestamps", "request_ids", "lengths", "candidates", "request_time")
@@ -30,9 +30,9 @@ class CandidateScoring(nn.Module):
     ``[B]`` after right-padded histories ``items, actions, timestamps, request_ids`` ``[B, N]`` of
     ``lengths`` ``[B]`` events (all int64; request ids from 0 per row, as the dataset numbers them)."""
 
-    def __init__(self, model: CachedServingRanker):
+    def __init__(self, model: RecModel):
         super().__init__()
-        if not isinstance(model, CachedServingRanker):
+        if model.kv_serving is None:
             raise ValueError(f"export covers the KV-cache rankers (HSTU, DFGR), not {type(model).__name__}")
         self.model = model.eval()
 
@@ -40,8 +40,9 @@ class CandidateScoring(nn.Module):
         valid = torch.arange(items.shape[1], device=items.device)[None, :] < lengths[:, None]  # [B, N]
         ev = Events.from_padded(items, actions, torch.zeros_like(items, dtype=torch.float32), request_ids,
                                 timestamps, valid)
-        cache = self.model.encode_events(ev, candidates.shape[1])
-        return torch.sigmoid(self.model.score_cached(cache, candidates, request_time).float())
+        serving = self.model.kv_serving
+        cache = serving.encode_events(ev, candidates.shape[1])
+        return torch.sigmoid(serving.score_cached(cache, candidates, request_time)[..., 0].float())  # main label
 
 
 @dataclass
@@ -69,7 +70,7 @@ def example_inputs(shapes: ExportShapes, num_items: int, device: torch.device) -
     return tuple(t.to(device) for t in out)
 
 
-def export(model: CachedServingRanker, out: Path, num_items: int, shapes: ExportShapes | None = None,
+def export(model: RecModel, out: Path, num_items: int, shapes: ExportShapes | None = None,
            device: torch.device | None = None) -> Path:
     """Trace, compile and package the model's candidate scoring to ``out`` (a ``.pt2`` file)."""
     shapes, device = shapes or ExportShapes(), device or torch.device("cpu")

@@ -7,8 +7,9 @@ shape (history length, candidates per request, micro-batch) and replays them, so
 GPU time plus a few input copies.
 
 Two graphs share one static KV cache: ``encode`` runs a history through every layer into it, ``score``
-scores candidates against it in micro-batches (the eager :meth:`score_micro_batches`). Cold serving is
-encode then score; a user whose history is already encoded is score alone.
+scores candidates against it in micro-batches (the eager :func:`genrec.nn.kv_cache.in_micro_batches`
+over ``model.kv_serving.score_cached``). Cold serving is encode then score; a user whose history is
+already encoded is score alone.
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ from dataclasses import fields
 
 import torch
 
-from genrec.models.generative import CachedServingRanker
+from genrec.models.base import RecModel
 from genrec.nn.events import Events
+from genrec.nn.kv_cache import in_micro_batches
 from genrec.ops.layout import check_time_span
 
 
@@ -42,21 +44,24 @@ class GraphedServing:
     """Serve ``model`` for histories shaped like ``events`` (``[B, N]``) and ``num_candidates``
     candidates per row, scored in micro-batches of ``micro_batch`` (default: all at once)."""
 
-    def __init__(self, model: CachedServingRanker, events: Events, num_candidates: int,
+    def __init__(self, model: RecModel, events: Events, num_candidates: int,
                  micro_batch: int | None = None, dtype: torch.dtype = torch.bfloat16):
         if not events.valid.is_cuda:
             raise ValueError("GraphedServing needs the model and events on a CUDA device")
         if model.training:
             raise ValueError("GraphedServing records inference: call model.eval() first")
+        if model.kv_serving is None:
+            raise ValueError(f"{type(model).__name__} keeps no history KV cache to serve from")
+        serving = model.kv_serving
         self.events = Events(**{f.name: getattr(events, f.name).clone() for f in fields(Events)})
         b = events.valid.shape[0]
         self.candidates = torch.ones(b, num_candidates, dtype=torch.long, device=events.valid.device)
         self.request_time = events.timestamp[:, -1].clone()  # [B]
         step = micro_batch or num_candidates
         with torch.no_grad():
-            self._encode, self.cache = _capture(lambda: model.encode_events(self.events, step), dtype)
+            self._encode, self.cache = _capture(lambda: serving.encode_events(self.events, step), dtype)
             self._score, self.logits = _capture(
-                lambda: model.score_micro_batches(self.cache, self.candidates, self.request_time), dtype)
+                lambda: in_micro_batches(serving.score_cached, self.cache, self.candidates, self.request_time), dtype)
 
     def encode(self, events: Events) -> None:
         """Encode a new history (same shape) into the cache."""
@@ -70,8 +75,8 @@ class GraphedServing:
         self._encode.replay()
 
     def score(self, candidates: torch.Tensor, request_time: torch.Tensor) -> torch.Tensor:
-        """Main-task logits ``[B, M]`` of ``candidates`` ``[B, M]`` as the next request at
-        ``request_time`` ``[B]``, against the history encoded last."""
+        """Logits ``[B, M, T]`` of ``candidates`` ``[B, M]`` as the next request at ``request_time``
+        ``[B]``, against the history encoded last (as the model's ``score``)."""
         if candidates.shape != self.candidates.shape:
             raise ValueError(f"candidates have shape {tuple(candidates.shape)}; this graph was recorded for "
                              f"{tuple(self.candidates.shape)}")
@@ -120,14 +125,14 @@ class BucketedGraphs:
     bucket (:func:`pad_events`, :func:`pad_rows`), replayed, and cut back. At most ``max_graphs``
     graphs are kept (least recently used dropped)."""
 
-    def __init__(self, model: CachedServingRanker, max_batch: int, max_history: int, max_candidates: int,
+    def __init__(self, model: RecModel, max_batch: int, max_history: int, max_candidates: int,
                  dtype: torch.dtype = torch.float32, max_graphs: int = 16):
         self.model, self.dtype, self.max_graphs = model, dtype, max_graphs
         self.limits = (max_batch, max_history, max_candidates)
         self.graphs: dict[tuple[int, int, int], GraphedServing] = {}
 
     def score(self, events: Events, candidates: torch.Tensor, request_time: torch.Tensor) -> torch.Tensor:
-        """Main-task logits ``[B, M]``, as the eager ``encode_events`` + ``score_micro_batches``."""
+        """Logits ``[B, M, T]``, as the eager ``kv_serving.encode_events`` + ``in_micro_batches``."""
         (b, n), m = events.valid.shape, candidates.shape[1]
         key = tuple(bucket(size, limit) for size, limit in zip((b, n, m), self.limits, strict=True))
         padded = pad_events(events, key[0], key[1])

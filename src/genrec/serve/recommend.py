@@ -3,9 +3,9 @@
 The query is the model's retrieval query for a next event appended after the user's latest
 ``max_len`` events (a placeholder: every retrieval model's query for event k reads only events
 before k, which the leakage tests check). The whole catalogue is scored; items the user has already
-rated are left out unless ``include_seen``. A model that can rank candidates after a history
-(UniGRF's :meth:`score_candidates`) also gives P(like) for each recommended item, so one model
-retrieves and ranks.
+rated are left out unless ``include_seen``. A model that also ranks (``"ranking" in model.tasks``:
+UniGRF, SASRec) gives P(like) for each recommended item through its serving interface
+(:meth:`~genrec.models.base.RecModel.score`, main action), so one model retrieves and ranks.
 """
 
 from __future__ import annotations
@@ -65,11 +65,12 @@ def recommend(model: RecModel, seq: Sequences, user: int, k: int, max_len: int, 
     items, values = top_items(model, (user, *window), k, max_len, device,
                               exclude=None if include_seen else seq.items[s:e])
     p_like = [None] * len(items)
-    if hasattr(model, "score_candidates"):
+    if "ranking" in model.tasks:
         s = max(s, e - max_len + 1)
         history = (user, seq.items[s:e], seq.actions[s:e], seq.labels[s:e], seq.timestamps[s:e],
                    seq.request_ids[s:e], 0)
-        _, logits = model.score_candidates(collate([history]).to(device), torch.tensor([items], device=device))
-        p_like = torch.sigmoid(logits.float())[0].tolist()
+        when = torch.tensor([int(seq.timestamps[e - 1])], device=device)  # as the placeholder's request
+        logits = model.score(collate([history]).to(device), torch.tensor([items], device=device), when)  # [1, K, T]
+        p_like = torch.sigmoid(logits[0, :, 0].float()).tolist()
     return [Recommendation(seq.item_raw[i - 1], seq.item_titles[i - 1], seq.item_genres[i - 1], float(v), p)
             for i, v, p in zip(items, values, p_like, strict=True)]

@@ -1,6 +1,7 @@
-"""What the service asks of a model: score candidates after histories, batched, and, for models that
-keep a per-user KV cache of the history (HSTU, DFGR), encode a history once, extend it with new events
-and score against it.
+"""What the service asks of a model, through its contracts (:mod:`genrec.models.base`): score
+candidates after histories, batched (``model.score``, any ranker), and, for models that keep a per-user
+KV cache of the history (``model.kv_serving``: HSTU, DFGR), encode a history once, extend it with new
+events and score against it.
 
 Histories arrive as host :class:`~genrec.serve.store.History` objects of different lengths; a batch of
 them is one padded call (right padding, masked out by the layouts). Per-user caches are kept at their
@@ -14,7 +15,6 @@ import torch
 
 from genrec.data.batching import JaggedBatch, collate
 from genrec.models.base import RecModel
-from genrec.models.generative import CachedServingRanker
 from genrec.nn import kv_cache
 from genrec.nn.events import Events
 from genrec.nn.kv_cache import KVCache
@@ -42,9 +42,8 @@ class Scorer:
 
     @staticmethod
     def can_score(model: RecModel) -> bool:
-        """Whether the model ranks candidates after a history (not only target events of a batch)."""
-        return "ranking" in model.tasks and any(
-            hasattr(model, name) for name in ("score_cached", "serve_logits", "score_candidates"))
+        """Whether the model ranks candidates after a history: every ranker does."""
+        return "ranking" in model.tasks
 
     def __init__(self, model: RecModel, device: torch.device, label_threshold: float,
                  graphs: BucketedGraphs | None = None):
@@ -52,21 +51,22 @@ class Scorer:
             raise ValueError(f"{type(model).__name__} does not rank candidates after a history")
         self.model = model.eval()
         self.device = device
-        self.cached = isinstance(model, CachedServingRanker)
-        self.outputs = [f"rating>{label_threshold:g}"]
+        self.cached = model.kv_serving is not None
+        # one probability per predicted action (model.actions); a single label is named by its rule
+        self.outputs = [f"rating>{label_threshold:g}"] if len(model.actions) == 1 else list(model.actions)
         self.graphs = graphs  # CUDA graphs for cold scoring (HSTU and DFGR on CUDA), or None: eager
 
     # ---------------------------------------------------------------------------- KV-cache models
     @torch.no_grad()
     def encode(self, histories: list[History]) -> list[KVCache]:
         """One padded encode of ``histories``, returned as exact-length per-user caches."""
-        return kv_cache.split(self.model.encode_history(history_batch(histories, self.device), capacity=0))
+        return kv_cache.split(self.model.kv_serving.encode_history(history_batch(histories, self.device), capacity=0))
 
     @torch.no_grad()
     def extend(self, cache: KVCache, history: History, num_new: int) -> KVCache:
         """The cache of ``history`` from ``cache``, the cache of all but its last ``num_new`` events:
         only the new events run through the layers."""
-        return self.model.extend_history(cache, history_batch([history], self.device))
+        return self.model.kv_serving.extend_history(cache, history_batch([history], self.device))
 
     @torch.no_grad()
     def score_cached(self, caches: list[KVCache], candidates: list[np.ndarray],
@@ -74,7 +74,7 @@ class Scorer:
         cands = pad_candidates(candidates, self.device)
         stacked = kv_cache.stack(caches, capacity=cands.shape[1])
         when = torch.tensor(request_times, dtype=torch.long, device=self.device)
-        logits = self.model.score_cached(stacked, cands, when)  # [B, M_max]
+        logits = self.model.kv_serving.score_cached(stacked, cands, when)  # [B, M_max, T]
         return self._per_request(logits, candidates)
 
     # ---------------------------------------------------------------------------------- any ranker
@@ -87,12 +87,10 @@ class Scorer:
         when = torch.tensor(request_times, dtype=torch.long, device=self.device)
         if self.graphs is not None:
             logits = self.graphs.score(Events.from_batch(batch), cands, when)
-        elif hasattr(self.model, "serve_logits"):
-            logits = self.model.serve_logits(batch, cands, when)
         else:
-            logits = self.model.score_candidates(batch, cands, when)[1]
+            logits = self.model.score(batch, cands, when)  # [B, M_max, T]
         return self._per_request(logits, candidates)
 
     def _per_request(self, logits: torch.Tensor, candidates: list[np.ndarray]) -> list[np.ndarray]:
-        probs = torch.sigmoid(logits.float())[..., None].cpu().numpy()  # [B, M_max, outputs]
+        probs = torch.sigmoid(logits.float()).cpu().numpy()  # [B, M_max, outputs]
         return [probs[row, :len(c)] for row, c in enumerate(candidates)]
