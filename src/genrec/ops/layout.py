@@ -28,7 +28,13 @@ class TokenLayout:
     _cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     def cached(self, key: tuple, build):
-        """Pairwise index tensors (distances, time buckets) are built once per forward, not per layer."""
+        """Pairwise index tensors (distances, time buckets) are built once per forward, not per layer.
+        A key holding a symbolic size (``torch.export`` with dynamic shapes traces ``q_offset`` as one)
+        cannot be hashed: then it is built each time, which a trace records once anyway."""
+        try:
+            hash(key)
+        except TypeError:
+            return build()
         if key not in self._cache:
             self._cache[key] = build()
         return self._cache[key]
