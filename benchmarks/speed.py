@@ -102,9 +102,8 @@ def _kernel_variants(backend, batch: int, n: int, rel_pos, rel_time, slopes) -> 
     }
 
 
-def kernel_rows(ns: list[int], tokens: int, heads: int, dim: int, peak: float) -> list[dict]:
+def kernel_rows(ns: list[int], tokens: int, heads: int, dim: int, peak: float, backend) -> list[dict]:
     from genrec.ops.reference.attention import alibi_slopes
-    from genrec.ops.triton import backend
 
     rows = []
     for n in ns:
@@ -159,9 +158,13 @@ INFO = DatasetInfo(num_items=NUM_ITEMS, num_actions=5, num_users=1, item_genres=
 
 
 def make_model(name: str, n: int, args) -> torch.nn.Module:
+    """The model on the triton backend, its blocks holding ``args.backend`` (the kernels' tiles of ``--tiles``)."""
     model_args = {"d_model": args.d, "num_heads": args.heads, "num_layers": args.layers, "dropout": 0.0,
                   "attention_backend": "triton"}
-    return build_model(name, model_args, INFO, n).cuda()
+    model = build_model(name, model_args, INFO, n).cuda()
+    for block in model.blocks:
+        block.backend = args.backend
+    return model
 
 
 TRAIN_LAYOUTS = {"hstu": item_action_layout, "dfgr": dual_flow_layout}
@@ -367,21 +370,23 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/speed.py measures GPU kernels and needs a CUDA device")
-    from genrec.ops.triton import hstu
+    from genrec.ops.triton.backend import triton_backend
+    from genrec.ops.triton.hstu import DEFAULT_CONFIG, KernelConfig
 
+    config = DEFAULT_CONFIG
     if args.tiles:
         tiles = json.loads(Path(args.tiles).read_text())
-        hstu.FWD_TILES["large"], hstu.BWD_TILES["large"] = tuple(tiles["fwd"]), tuple(tiles["bwd"])
-        hstu.DQ_SEPARATE = tiles["dq"] is not None
-        if tiles["dq"]:
-            hstu.DQ_TILES["large"] = tuple(tiles["dq"])
+        config = KernelConfig(fwd_large=tuple(tiles["fwd"]), bwd_large=tuple(tiles["bwd"]),
+                              dq_large=tuple(tiles["dq"] or DEFAULT_CONFIG.dq_large),
+                              dq_separate=tiles["dq"] is not None)
+    args.backend = triton_backend(config)
     parts = args.parts.split(",")
     ns = [int(x) for x in args.ns.split(",")]
     peak = matmul_peak_tflops()  # measured first, in the same run as everything it is compared with
     print(f"bf16 matmul peak: {peak:.0f} TFLOP/s", flush=True)
     rows: list[dict] = [{"bench": "matmul", "n": 8192, "tflops": peak}]
     if "kernel" in parts:
-        rows += kernel_rows([int(x) for x in args.kernel_ns.split(",")], args.kernel_tokens, 4, 128, peak)
+        rows += kernel_rows([int(x) for x in args.kernel_ns.split(",")], args.kernel_tokens, 4, 128, peak, args.backend)
     if "train" in parts:
         rows += train_rows([int(x) for x in args.train_ns.split(",")] if args.train_ns else ns, args)
     if "infer" in parts:
@@ -400,8 +405,9 @@ def main(argv: list[str] | None = None) -> int:
         used = sorted({r["run"] for r in kept})
         meta["runs"] += [earlier["meta"]["runs"][i] for i in used]
         rows += [{**r, "run": 1 + used.index(r["run"])} for r in kept]
-    meta["hstu_tiles"] = {"fwd": hstu.FWD_TILES, "bwd": hstu.BWD_TILES, "dq": hstu.DQ_TILES,
-                          "dq_separate": hstu.DQ_SEPARATE}
+    meta["hstu_tiles"] = {"fwd": {"small": config.fwd, "large": config.fwd_large},
+                          "bwd": {"small": config.bwd, "large": config.bwd_large},
+                          "dq": {"small": config.dq, "large": config.dq_large}, "dq_separate": config.dq_separate}
     meta["shapes"] = {"kernel_heads": 4, "kernel_dh": 128, "kernel_tokens": args.kernel_tokens, "d": args.d,
                       "heads": args.heads, "layers": args.layers, "train_events": args.train_events}
     write(rows, meta, Path(args.out) / f"speed_{torch.cuda.get_device_name().replace(' ', '_')}")

@@ -12,6 +12,7 @@ time over the N. Writes ``benchmarks/results/hstu_tiles_<device>.json`` (read by
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import sys
 from pathlib import Path
@@ -52,36 +53,35 @@ def main(argv: list[str] | None = None) -> int:
         except triton.runtime.errors.OutOfResources:  # tiles too large for shared memory: not a candidate
             return float("inf")
 
-    def fwd_ms(n, leaves, do, layout):
-        return timed(lambda: hstu.hstu_attention(*leaves, layout, None, None, 1.0 / n))
+    def fwd_ms(config, n, leaves, do, layout):
+        return timed(lambda: hstu.hstu_attention(*leaves, layout, None, None, 1.0 / n, config=config))
 
-    def both_ms(n, leaves, do, layout):
-        return timed(lambda: torch.autograd.grad(hstu.hstu_attention(*leaves, layout, None, None, 1.0 / n),
-                                                 leaves, do))
+    def both_ms(config, n, leaves, do, layout):
+        return timed(lambda: torch.autograd.grad(
+            hstu.hstu_attention(*leaves, layout, None, None, 1.0 / n, config=config), leaves, do))
 
     rows = []
     for tiles in FWD:
-        hstu.FWD_TILES["large"] = tiles
-        rows.append({"part": "fwd", "tiles": str(tiles), "dq": "", **{f"n{c[0]}_ms": fwd_ms(*c) for c in cases}})
+        config = hstu.KernelConfig(fwd_large=tiles)
+        rows.append({"part": "fwd", "tiles": str(tiles), "dq": "",
+                     **{f"n{c[0]}_ms": fwd_ms(config, *c) for c in cases}})
         print(rows[-1], flush=True)
     best_fwd = min((r for r in rows if r["part"] == "fwd"), key=lambda r: sum(r[f"n{c[0]}_ms"] for c in cases))
-    hstu.FWD_TILES["large"] = eval(best_fwd["tiles"])  # noqa: S307 (our own repr of a tuple)
+    fwd_large = ast.literal_eval(best_fwd["tiles"])
     for separate in (False, True) if "bwd" in args.parts.split(",") else ():
-        hstu.DQ_SEPARATE = separate
         for tiles in BWD:
-            hstu.BWD_TILES["large"] = tiles
             for dq in DQ if separate else [None]:
-                if dq:
-                    hstu.DQ_TILES["large"] = dq
+                config = hstu.KernelConfig(fwd_large=fwd_large, bwd_large=tiles,
+                                           dq_large=dq or hstu.DEFAULT_CONFIG.dq_large, dq_separate=separate)
                 rows.append({"part": "fwd+bwd", "tiles": str(tiles), "dq": str(dq) if dq else "atomic",
-                             **{f"n{c[0]}_ms": both_ms(*c) for c in cases}})
+                             **{f"n{c[0]}_ms": both_ms(config, *c) for c in cases}})
                 print(rows[-1], flush=True)
-    choice = {"fwd": eval(best_fwd["tiles"]), "bwd": hstu.BWD_TILES["large"],  # noqa: S307
-              "dq": hstu.DQ_TILES["large"] if hstu.DQ_SEPARATE else None}
+    default = hstu.DEFAULT_CONFIG
+    choice = {"fwd": fwd_large, "bwd": default.bwd_large, "dq": default.dq_large if default.dq_separate else None}
     if "bwd" in args.parts.split(","):
         best_bwd = min((r for r in rows if r["part"] == "fwd+bwd"), key=lambda r: sum(r[f"n{c[0]}_ms"] for c in cases))
-        choice |= {"bwd": eval(best_bwd["tiles"]),  # noqa: S307
-                   "dq": None if best_bwd["dq"] == "atomic" else eval(best_bwd["dq"])}  # noqa: S307
+        choice |= {"bwd": ast.literal_eval(best_bwd["tiles"]),
+                   "dq": None if best_bwd["dq"] == "atomic" else ast.literal_eval(best_bwd["dq"])}
     device = torch.cuda.get_device_name().replace(" ", "_")
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / f"hstu_tiles_{device}.json").write_text(json.dumps(choice) + "\n")

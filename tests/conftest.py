@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import zipfile
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO.parent / "shared" / "datasets"
+
+# Without a GPU, the fused HSTU kernels run under Triton's CPU interpreter (tests/ops/triton/test_hstu.py).
+# Triton reads the switch when it is first imported, which other modules (torch's flex_attention among
+# them) may do before that test module loads, so it is set here, before any test module is imported.
+if not torch.cuda.is_available() and importlib.util.find_spec("triton") is not None:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(autouse=True, scope="session")

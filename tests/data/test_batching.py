@@ -30,6 +30,21 @@ def test_collate_packs_without_padding(shared_data):
     assert batch.positions().tolist()[: lengths[0]] == list(range(lengths[0]))
 
 
+def test_the_batch_drawn_in_the_module_docstring():
+    """collate() of the two windows drawn in genrec.data.batching's docstring gives the drawing."""
+    arr = np.array
+    user7 = (7, arr([11, 12, 13]), arr([4, 2, 3]), arr([1.0, 0.0, 0.0]), arr([10, 20, 20]), arr([5, 6, 6]), 1)
+    user3 = (3, arr([14, 15]), arr([0, 4]), arr([0.0, 1.0]), arr([5, 9]), arr([2, 3]), 1)  # ids renumbered from 0
+    batch = collate([user7, user3])
+    assert batch.offsets.tolist() == [0, 3, 5]
+    assert batch.sequence_index().tolist() == [0, 0, 0, 1, 1]
+    assert batch.positions().tolist() == [0, 1, 2, 0, 1]
+    assert batch.request_ids.tolist() == [0, 1, 1, 0, 1]
+    assert batch.timestamps.tolist() == [10, 20, 20, 5, 9]
+    assert batch.target_mask.tolist() == [False, True, True, False, True]
+    assert batch.users.tolist() == [7, 3]
+
+
 def test_sampler_is_deterministic_and_resumable():
     lengths = np.random.default_rng(0).integers(1, 100, 1000)
     a = BucketBatchSampler(lengths, 16, shuffle=True, seed=3)

@@ -133,3 +133,10 @@ def test_every_signal_is_named_and_scored(name):
 def test_unknown_attention_backend_is_rejected_when_the_model_is_built():
     with pytest.raises(ValueError, match="attention_backend = .fast.: expected one of"):
         make("dfgr", attention_backend="fast")
+
+
+def test_a_model_max_len_that_differs_from_the_data_is_rejected():
+    """data.max_len is the one source of the position tables and HSTU's attention scale."""
+    with pytest.raises(ValueError, match="model_args.max_len=64 differs from data.max_len=32"):
+        build_model("hstu", {"max_len": 64}, INFO, 32)
+    assert build_model("dfgr", {"max_len": 32}, INFO, 32).cfg.max_len == 32

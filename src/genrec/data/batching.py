@@ -3,6 +3,20 @@
 :class:`JaggedBatch` is the one structure every model reads. ``offsets`` delimit the sequences in
 the flat ``[T]`` tensors (``T`` = total events in the batch). Request ids are renumbered from 0
 inside each window. ``target_mask`` marks the events a model is trained or scored on.
+
+Two windows (users 7 and 3) of 3 and 2 events; user 7's second and third events share a request
+(equal timestamps); the targets are user 7's last two events and user 3's last::
+
+    offsets         0           3       5     [B + 1]
+    event           0   1   2 | 3   4         flat [T = 5]
+    sequence        0   0   0 | 1   1         sequence_index()
+    position        0   1   2 | 0   1         positions()
+    request_ids     0   1   1 | 0   1
+    timestamps     10  20  20 | 5   9
+    target_mask     .   x   x | .   x
+    users           7           3             [B]
+
+(tests/data/test_batching.py builds this batch with :func:`collate` and checks the drawing.)
 """
 
 from __future__ import annotations

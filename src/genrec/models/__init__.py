@@ -43,6 +43,11 @@ def build_model(name: str, args: dict, info: DatasetInfo, max_len: int) -> RecMo
         raise ValueError(f"unknown model {name!r}; known: {', '.join(sorted(MODELS))}")
     cls, cfg_cls = MODELS[name]
     args = dict(args)
-    if "max_len" in cfg_cls.__dataclass_fields__:  # positional tables must cover the data's max_len
-        args.setdefault("max_len", max_len)
+    if "max_len" in cfg_cls.__dataclass_fields__:
+        # One source of truth: the data's max_len sizes the position tables and sets HSTU's attention
+        # scale (genrec.nn.hstu.attention_scale), so a second value could only disagree silently.
+        if args.get("max_len", max_len) != max_len:
+            raise ValueError(f"model_args.max_len={args['max_len']} differs from data.max_len={max_len}; the model "
+                             "takes max_len from the data (position tables, attention scale): drop model_args.max_len")
+        args["max_len"] = max_len
     return cls(build_dataclass(cfg_cls, args, f"model {name}", "model_args"), info)

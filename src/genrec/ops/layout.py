@@ -3,15 +3,23 @@
 Models never hand a dense ``[L, L]`` mask to an attention backend; they hand a :class:`TokenLayout`
 and a mask *rule*. The reference backend materialises the mask from it; a fused GPU kernel evaluates
 the same predicate per tile without storing it.
+
+:data:`Rule` is the one table of mask rules: a rule's name is its entry, its id in the kernels is its
+place in the table. Adding a rule is one entry here and one pure function in :mod:`genrec.ops.masks`;
+``tests/ops/test_layout.py`` then names every other place that lacks it (the tile schedule, the
+kernels, flex, the drawings and parity tests). Every place raises on a rule it does not know.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal, get_args
 
 import torch
 
-RULES = ("causal", "request_causal", "dual_flow")
+Rule = Literal["causal", "request_causal", "dual_flow"]
+RULES: tuple[Rule, ...] = get_args(Rule)
+RULE_IDS: dict[str, int] = {rule: i for i, rule in enumerate(RULES)}  # the kernels' RULE constexpr
 
 
 @dataclass
@@ -24,7 +32,7 @@ class TokenLayout:
     fake: torch.Tensor  # [B, L] bool: fake-flow / candidate token (its action is hidden)
     position: torch.Tensor  # [B, L] int64 position used by position embeddings and biases
     timestamp: torch.Tensor  # [B, L] int64 seconds
-    rule: str = "causal"
+    rule: Rule = "causal"
     _cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     def cached(self, key: tuple, build):
@@ -51,6 +59,11 @@ class TokenLayout:
 def check_time_span(timestamps: torch.Tensor) -> None:
     """The fused kernels keep time differences in int32: refuse a batch whose timestamps span 2^31 s.
     Here, beside the layout, because both the kernels and CUDA-graph serving (which must check before
-    it replays, outside the graph) call it."""
-    if int(timestamps.max() - timestamps.min()) >= 2**31:
-        raise ValueError("timestamps of one batch span more than 2^31 s; the kernels keep int32 time differences")
+    it replays, outside the graph) call it. Inside ``torch.compile`` a graph cannot read the span back
+    to raise, so there it is an asynchronous device assert with the same message."""
+    message = "timestamps of one batch span more than 2^31 s; the kernels keep int32 time differences"
+    span = timestamps.max() - timestamps.min()
+    if torch.compiler.is_compiling():
+        torch._assert_async(span < 2**31, message)
+    elif int(span) >= 2**31:
+        raise ValueError(message)

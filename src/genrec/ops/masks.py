@@ -74,12 +74,15 @@ def dual_flow_mask(layout: TokenLayout) -> torch.Tensor:
     return causal_real | (~real_q & (earlier | self_only))
 
 
+# rule (genrec.ops.layout.Rule) -> its mask; tests/ops/test_layout.py checks every rule has one
 RULE_MASKS = {"causal": causal_mask, "request_causal": request_causal_mask, "dual_flow": dual_flow_mask}
 
 
 def build_mask(layout: TokenLayout) -> torch.Tensor:
     """The rule's mask restricted to valid tokens. A padded query reads only itself (it is never
     used; this keeps its softmax row finite)."""
+    if layout.rule not in RULE_MASKS:
+        raise ValueError(f"mask rule {layout.rule!r} has no dense mask in genrec.ops.masks.RULE_MASKS")
     mask = RULE_MASKS[layout.rule](layout) & layout.valid[:, None, :] & layout.valid[:, :, None]
     n = layout.shape[1]
     diagonal = torch.eye(n, dtype=torch.bool, device=mask.device)[None]

@@ -29,13 +29,15 @@ def _mask_mod(meta: KernelMeta, rule: str, q_offset: int):
             rule_ok = ki <= q
         elif rule == "request_causal":
             rule_ok = (req[b, ki] < req[b, q]) | ((evt[b, ki] == evt[b, q]) & (ki <= q))
-        else:
+        else:  # dual_flow
             k_real = (flags[b, ki] & FAKE) == 0
             q_fake = (flags[b, q] & FAKE) != 0
             earlier_or_self = (k_real & (req[b, ki] < req[b, q])) | (ki == q)
             rule_ok = torch.where(q_fake, earlier_or_self, k_real & (evt[b, ki] <= evt[b, q]))
         return valid & rule_ok
 
+    if rule not in ("causal", "request_causal", "dual_flow"):  # the branches above, refused before tracing
+        raise ValueError(f"mask rule {rule!r} has no flex mask in genrec.ops.triton.flex._mask_mod")
     return allowed
 
 

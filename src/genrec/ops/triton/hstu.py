@@ -9,8 +9,8 @@ causal + fake cross-triangle) is one rule among three, so the whole ``[real | fa
 launch.
 
 Backward: one kernel per key tile computes dK and dV in registers; dQ comes from a second kernel per
-query tile (``DQ_SEPARATE``, the default: seven matrix products per tile pair, no atomics), or from
-fp32 atomic adds in the first (the FlashAttention-2 split, five products; half as fast on the H100).
+query tile (``KernelConfig.dq_separate``, the default: seven matrix products per tile pair, no
+atomics), or from fp32 atomic adds in the first (the FlashAttention-2 split, five products; half as fast on the H100).
 The relative-bias gradients are reduced per tile before their atomic adds: the position table's by
 distance (:func:`_position_grad`), the time table's per bucket present in the tile. ``q_offset``
 makes the queries the layout's tokens ``q_offset..L-1`` against all ``L`` keys: that is attention
@@ -18,43 +18,75 @@ over a KV cache (history keys, then the new tokens).
 
 Padded tokens (``valid`` False) produce zero output and receive zero gradient; the reference lets
 them read themselves, which no model uses.
+
+The kernels run inside two ``torch.library`` custom ops (``genrec::hstu_attention_fwd`` and ``_bwd``,
+with fake implementations and an autograd formula), so ``torch.compile`` and ``torch.export`` trace a
+model on this backend as one node per attention call.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-from genrec.ops.layout import TokenLayout
-from genrec.ops.triton.tiles import FAKE, RULE_IDS, VALID, KernelMeta, tile_full, tile_lists, tile_pairs, tile_stats
+from genrec.ops.layout import RULE_IDS, TokenLayout
+from genrec.ops.triton.tiles import FAKE, VALID, KernelMeta, tile_full, tile_lists, tile_pairs, tile_stats
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages); BLOCK_M runs over queries, BLOCK_N over keys.
-# "large" (head dim >= 128): chosen on the H100 by benchmarks/tune_hstu_kernel.py
-# (results/hstu_tuning_NVIDIA_H100_80GB_HBM3.md); "small" is the same shape family, not swept. The
-# sweep's dQ pick (128, 128, 8, 2) runs out of shared memory with the relative bias; (128, 64, 8, 2)
-# is within 1 % of it without.
-FWD_TILES = {"small": (64, 64, 4, 3), "large": (64, 64, 4, 3)}
-BWD_TILES = {"small": (64, 64, 4, 2), "large": (64, 64, 4, 2)}
-DQ_TILES = {"small": (64, 64, 4, 3), "large": (128, 64, 8, 2)}
-# dQ by its own kernel (no atomics) rather than fp32 atomic adds in the dK/dV kernel: twice as fast
-# on the H100 despite two more matrix products per tile pair (same sweep).
-DQ_SEPARATE = True
+Tile = tuple[int, int, int, int]  # (BLOCK_M, BLOCK_N, num_warps, num_stages); BLOCK_M runs over queries
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """Tile shapes of the three kernels and the dQ strategy: an argument of :func:`hstu_attention`
+    (the backend holds one, :func:`genrec.ops.triton.backend.triton_backend`), never module state.
+
+    ``*_large`` apply at head dim >= 128: chosen on the H100 by benchmarks/tune_hstu_kernel.py
+    (results/hstu_tuning_NVIDIA_H100_80GB_HBM3.md); the small ones are the same shape family, not
+    swept. The sweep's dQ pick (128, 128, 8, 2) runs out of shared memory with the relative bias;
+    (128, 64, 8, 2) is within 1 % of it without. ``dq_separate``: dQ by its own kernel (no atomics)
+    rather than fp32 atomic adds in the dK/dV kernel, twice as fast on the H100 despite two more
+    matrix products per tile pair (same sweep). The backward's tiles must be square and >= 64 (the
+    position-bias gradient's reduction)."""
+
+    fwd: Tile = (64, 64, 4, 3)
+    bwd: Tile = (64, 64, 4, 2)
+    dq: Tile = (64, 64, 4, 3)
+    fwd_large: Tile = (64, 64, 4, 3)
+    bwd_large: Tile = (64, 64, 4, 2)
+    dq_large: Tile = (128, 64, 8, 2)
+    dq_separate: bool = True
+
+    def tiles(self, head_dim: int) -> tuple[Tile, Tile, Tile]:
+        """(forward, dK/dV, dQ) tiles for this head dim."""
+        if head_dim >= 128:
+            return self.fwd_large, self.bwd_large, self.dq_large
+        return self.fwd, self.bwd, self.dq
+
+
+DEFAULT_CONFIG = KernelConfig()
 VALID_BIT: tl.constexpr = tl.constexpr(VALID)
 FAKE_BIT: tl.constexpr = tl.constexpr(FAKE)
+# The rule ids the kernels branch on, from the one table of mask rules (genrec.ops.layout.RULES).
+CAUSAL: tl.constexpr = tl.constexpr(RULE_IDS["causal"])
+REQUEST_CAUSAL: tl.constexpr = tl.constexpr(RULE_IDS["request_causal"])
+DUAL_FLOW: tl.constexpr = tl.constexpr(RULE_IDS["dual_flow"])
 
 
 @triton.jit
 def _allowed(q_idx, k_idx, q_req, k_req, q_evt, k_evt, q_flag, k_flag, RULE: tl.constexpr):
-    """The mask rules of genrec.ops.masks, per element (arguments broadcast against each other)."""
+    """The mask rules of genrec.ops.masks, per element (arguments broadcast against each other). A rule
+    id without a branch here fails when the kernel compiles, never as another rule's mask."""
     valid = ((q_flag & VALID_BIT) != 0) & ((k_flag & VALID_BIT) != 0)
-    if RULE == 0:  # causal
+    if RULE == CAUSAL:
         allowed = k_idx <= q_idx
-    elif RULE == 1:  # request_causal
+    elif RULE == REQUEST_CAUSAL:
         allowed = (k_req < q_req) | ((k_evt == q_evt) & (k_idx <= q_idx))
-    else:  # dual_flow
+    else:
+        tl.static_assert(RULE == DUAL_FLOW, "a mask rule without a branch in genrec.ops.triton.hstu._allowed")
         k_real = (k_flag & FAKE_BIT) == 0
         q_fake = (q_flag & FAKE_BIT) != 0
         allowed = tl.where(q_fake, (k_real & (k_req < q_req)) | (k_idx == q_idx), k_real & (k_evt <= q_evt))
@@ -326,12 +358,11 @@ def _hstu_bwd_dq(Q, K, V, DO, DQ, REQ, EVT, FLAG, POS, TS, REL_POS, REL_TIME, KV
     tl.store(out, (dq * alpha).to(DQ.dtype.element_ty), mask=rows[:, None] < LQ)
 
 
-def _tiles(head_dim: int, table: dict) -> tuple[int, int, int, int]:
-    return table["large" if head_dim >= 128 else "small"]
+def _schedule(layout: TokenLayout, meta: KernelMeta, tile: Tile, q_offset: int, transpose: bool):
+    """Per query tile the key tiles to visit (forward, dQ), or per key tile the query tiles (dK/dV):
+    built once per layout, shared by every layer."""
+    block_q, block_k = tile[:2]
 
-
-def _schedule(layout: TokenLayout, meta: KernelMeta, block_q: int, block_k: int, q_offset: int, transpose: bool):
-    """Per query tile the key tiles to visit (forward), or per key tile the query tiles (backward)."""
     def build():
         stats = tile_stats(meta, block_q, block_k, q_offset)
         pairs = tile_pairs(meta, layout.rule, block_q, block_k, q_offset, stats)
@@ -340,91 +371,132 @@ def _schedule(layout: TokenLayout, meta: KernelMeta, block_q: int, block_k: int,
     return layout.cached(("triton_tiles", block_q, block_k, q_offset, transpose), build)
 
 
-def _bias_args(rel_pos, rel_time, device):
-    if rel_pos is None:
-        empty = torch.zeros(1, device=device, dtype=torch.float32)
-        return empty, empty, 1, 1
-    return rel_pos.float().contiguous(), rel_time.float().contiguous(), rel_pos.shape[1], rel_time.shape[1]
+def _precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"
 
 
-class _HSTUAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, rel_pos, rel_time, layout: TokenLayout, scale: float, q_offset: int):
-        b, h, lq, d = q.shape
-        seq = k.shape[2]
-        if d not in (16, 32, 64, 128, 256):
-            raise ValueError(f"the triton backend needs a head dim that is a power of two in 16..256, got {d}")
-        meta = layout.cached(("triton_meta",), lambda: KernelMeta.from_layout(layout))
-        block_m, block_n, warps, stages = _tiles(d, FWD_TILES)
-        count, index, full = _schedule(layout, meta, block_m, block_n, q_offset, transpose=False)
-        pos_table, time_table, num_pos, num_time = _bias_args(rel_pos, rel_time, q.device)
-        out = torch.empty(b, lq, h, d, device=q.device, dtype=q.dtype).transpose(1, 2)  # [B, H, LQ, Dh]
-        precision = "ieee" if q.dtype == torch.float32 else "tf32"
-        alpha = 1.0 / math.sqrt(d)
-        grid = (triton.cdiv(lq, block_m), b * h)
-        _hstu_fwd[grid](q, k, v, out, meta.request, meta.event, meta.flags, meta.position, meta.timestamp,
-                        pos_table, time_table, count, index, full, q.stride(0), q.stride(1), q.stride(2),
-                        k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-                        out.stride(0), out.stride(1), out.stride(2), count.stride(0), index.stride(0),
-                        index.stride(1), h, lq, seq, q_offset, num_pos, num_time, alpha, scale,
-                        RULE=RULE_IDS[layout.rule], HAS_BIAS=rel_pos is not None, PRECISION=precision, D=d,
-                        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
-        ctx.save_for_backward(q, k, v, pos_table, time_table)
-        ctx.layout, ctx.meta, ctx.scale, ctx.q_offset = layout, meta, scale, q_offset
-        ctx.has_bias = rel_pos is not None
-        ctx.bias_dtype = rel_pos.dtype if rel_pos is not None else None
-        return out
+# The fused attention as two custom ops (forward; backward), so that torch.compile and torch.export
+# trace through them: each has a fake (meta) implementation giving its outputs' shapes and strides,
+# and the forward's autograd formula calls the backward op. Their tensors are what the kernels read;
+# the token layout is reduced to them by :func:`hstu_attention`. The backward's two schedules are
+# forward inputs (built once per layout, not per layer), and placeholders when no gradient is needed.
+@torch.library.custom_op("genrec::hstu_attention_fwd", mutates_args=())
+def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, request: torch.Tensor, event: torch.Tensor,
+            flags: torch.Tensor, position: torch.Tensor, timestamp: torch.Tensor, rel_pos: torch.Tensor,
+            rel_time: torch.Tensor, count: torch.Tensor, index: torch.Tensor, full: torch.Tensor,
+            bwd_count: torch.Tensor, bwd_index: torch.Tensor, bwd_full: torch.Tensor, dq_count: torch.Tensor,
+            dq_index: torch.Tensor, dq_full: torch.Tensor, scale: float, q_offset: int, rule: int, has_bias: bool,
+            fwd_tile: list[int], bwd_tile: list[int], dq_tile: list[int], dq_separate: bool) -> torch.Tensor:
+    b, h, lq, d = q.shape
+    seq = k.shape[2]
+    block_m, block_n, warps, stages = fwd_tile
+    out = torch.empty(b, lq, h, d, device=q.device, dtype=q.dtype).transpose(1, 2)  # [B, H, LQ, Dh]
+    grid = (triton.cdiv(lq, block_m), b * h)
+    _hstu_fwd[grid](q, k, v, out, request, event, flags, position, timestamp, rel_pos, rel_time, count, index, full,
+                    q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+                    v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
+                    count.stride(0), index.stride(0), index.stride(1), h, lq, seq, q_offset, rel_pos.shape[-1],
+                    rel_time.shape[-1], 1.0 / math.sqrt(d), scale, RULE=rule, HAS_BIAS=has_bias,
+                    PRECISION=_precision(q.dtype), D=d, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
+                    num_stages=stages)
+    return out
 
-    @staticmethod
-    def backward(ctx, grad_out):
-        q, k, v, pos_table, time_table = ctx.saved_tensors
-        layout, meta = ctx.layout, ctx.meta
-        b, h, lq, d = q.shape
-        seq = k.shape[2]
-        if grad_out.stride(-1) != 1:
-            grad_out = grad_out.contiguous()
-        block_m, block_n, warps, stages = _tiles(d, BWD_TILES)
-        count, index, full = _schedule(layout, meta, block_m, block_n, ctx.q_offset, transpose=True)
-        dq = (torch.empty if DQ_SEPARATE else torch.zeros)(b, h, lq, d, device=q.device, dtype=torch.float32)
-        dk = torch.empty(b, seq, h, d, device=q.device, dtype=k.dtype).transpose(1, 2)
-        dv = torch.empty(b, seq, h, d, device=q.device, dtype=v.dtype).transpose(1, 2)
-        d_pos, d_time = torch.zeros_like(pos_table), torch.zeros_like(time_table)
-        precision = "ieee" if q.dtype == torch.float32 else "tf32"
-        num_pos = pos_table.shape[-1] if ctx.has_bias else 1
-        num_time = time_table.shape[-1] if ctx.has_bias else 1
-        common = dict(RULE=RULE_IDS[layout.rule], HAS_BIAS=ctx.has_bias, PRECISION=precision, D=d)
-        grid = (triton.cdiv(seq, block_n), b * h)
-        _hstu_bwd[grid](q, k, v, grad_out, dq, dk, dv, meta.request, meta.event, meta.flags, meta.position,
-                        meta.timestamp, pos_table, time_table, d_pos, d_time, count, index, full,
-                        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-                        v.stride(0), v.stride(1), v.stride(2), grad_out.stride(0), grad_out.stride(1),
-                        grad_out.stride(2), dq.stride(0), dq.stride(1), dq.stride(2),
-                        dk.stride(0), dk.stride(1), dk.stride(2), count.stride(0), index.stride(0), index.stride(1),
-                        h, lq, seq, ctx.q_offset, num_pos, num_time, 1.0 / math.sqrt(d), ctx.scale,
-                        DQ_ATOMIC=not DQ_SEPARATE, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
-                        num_stages=stages, **common)
-        if DQ_SEPARATE:
-            block_m, block_n, warps, stages = _tiles(d, DQ_TILES)
-            count, index, full = _schedule(layout, meta, block_m, block_n, ctx.q_offset, transpose=False)
-            _hstu_bwd_dq[(triton.cdiv(lq, block_m), b * h)](
-                q, k, v, grad_out, dq, meta.request, meta.event, meta.flags, meta.position, meta.timestamp,
-                pos_table, time_table, count, index, full, q.stride(0), q.stride(1), q.stride(2),
-                k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-                grad_out.stride(0), grad_out.stride(1), grad_out.stride(2), dq.stride(0), dq.stride(1), dq.stride(2),
-                count.stride(0), index.stride(0), index.stride(1), h, lq, seq, ctx.q_offset, num_pos, num_time,
-                1.0 / math.sqrt(d), ctx.scale, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages,
-                **common)
-        if not ctx.has_bias:
-            return dq.to(q.dtype), dk, dv, None, None, None, None, None
-        return (dq.to(q.dtype), dk, dv, d_pos.to(ctx.bias_dtype), d_time.to(ctx.bias_dtype), None, None, None)
+
+@_fwd_op.register_fake
+def _fwd_fake(q, k, v, *args, **kwargs) -> torch.Tensor:
+    b, h, lq, d = q.shape
+    return q.new_empty(b, lq, h, d).transpose(1, 2)
+
+
+@torch.library.custom_op("genrec::hstu_attention_bwd", mutates_args=())
+def _bwd_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, request: torch.Tensor,
+            event: torch.Tensor, flags: torch.Tensor, position: torch.Tensor, timestamp: torch.Tensor,
+            rel_pos: torch.Tensor, rel_time: torch.Tensor, bwd_count: torch.Tensor, bwd_index: torch.Tensor,
+            bwd_full: torch.Tensor, dq_count: torch.Tensor, dq_index: torch.Tensor, dq_full: torch.Tensor,
+            scale: float, q_offset: int, rule: int, has_bias: bool, bwd_tile: list[int], dq_tile: list[int],
+            dq_separate: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dq, dk, dv and the fp32 gradients of both bias tables."""
+    b, h, lq, d = q.shape
+    seq = k.shape[2]
+    block_m, block_n, warps, stages = bwd_tile
+    dq = (torch.empty if dq_separate else torch.zeros)(b, h, lq, d, device=q.device, dtype=torch.float32)
+    dk = torch.empty(b, seq, h, d, device=q.device, dtype=k.dtype).transpose(1, 2)
+    dv = torch.empty(b, seq, h, d, device=q.device, dtype=v.dtype).transpose(1, 2)
+    d_pos, d_time = torch.zeros_like(rel_pos), torch.zeros_like(rel_time)
+    num_pos, num_time = rel_pos.shape[-1], rel_time.shape[-1]
+    common = dict(RULE=rule, HAS_BIAS=has_bias, PRECISION=_precision(q.dtype), D=d)
+    _hstu_bwd[(triton.cdiv(seq, block_n), b * h)](
+        q, k, v, grad_out, dq, dk, dv, request, event, flags, position, timestamp, rel_pos, rel_time, d_pos, d_time,
+        bwd_count, bwd_index, bwd_full, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
+        dq.stride(0), dq.stride(1), dq.stride(2), dk.stride(0), dk.stride(1), dk.stride(2), bwd_count.stride(0),
+        bwd_index.stride(0), bwd_index.stride(1), h, lq, seq, q_offset, num_pos, num_time, 1.0 / math.sqrt(d), scale,
+        DQ_ATOMIC=not dq_separate, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages, **common)
+    if dq_separate:
+        block_m, block_n, warps, stages = dq_tile
+        _hstu_bwd_dq[(triton.cdiv(lq, block_m), b * h)](
+            q, k, v, grad_out, dq, request, event, flags, position, timestamp, rel_pos, rel_time, dq_count, dq_index,
+            dq_full, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
+            dq.stride(0), dq.stride(1), dq.stride(2), dq_count.stride(0), dq_index.stride(0), dq_index.stride(1), h,
+            lq, seq, q_offset, num_pos, num_time, 1.0 / math.sqrt(d), scale, BLOCK_M=block_m, BLOCK_N=block_n,
+            num_warps=warps, num_stages=stages, **common)
+    return dq.to(q.dtype), dk, dv, d_pos, d_time
+
+
+@_bwd_op.register_fake
+def _bwd_fake(grad_out, q, k, v, request, event, flags, position, timestamp, rel_pos, rel_time, *args, **kwargs):
+    b, h, lq, d = q.shape
+    seq = k.shape[2]
+    dk, dv = (t.new_empty(b, seq, h, d).transpose(1, 2) for t in (k, v))
+    return q.new_empty(b, h, lq, d), dk, dv, torch.empty_like(rel_pos), torch.empty_like(rel_time)
+
+
+_NON_TENSOR_ARGS = ("scale", "q_offset", "rule", "has_bias", "fwd_tile", "bwd_tile", "dq_tile", "dq_separate")
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    ctx.save_for_backward(*inputs[:10], *inputs[13:19])  # q .. rel_time, both backward schedules
+    ctx.args = dict(zip(_NON_TENSOR_ARGS, inputs[19:], strict=True))
+
+
+def _backward(ctx, grad_out: torch.Tensor):
+    q, k, v, *meta, rel_pos, rel_time, bc, bi, bf, dc, di, df = ctx.saved_tensors
+    a = ctx.args
+    if grad_out.stride(-1) != 1:
+        grad_out = grad_out.contiguous()
+    dq, dk, dv, d_pos, d_time = _bwd_op(grad_out, q, k, v, *meta, rel_pos, rel_time, bc, bi, bf, dc, di, df,
+                                         a["scale"], a["q_offset"], a["rule"], a["has_bias"], a["bwd_tile"],
+                                         a["dq_tile"], a["dq_separate"])
+    bias = (d_pos, d_time) if a["has_bias"] else (None, None)
+    return dq, dk, dv, None, None, None, None, None, *bias, *([None] * 9), *([None] * len(_NON_TENSOR_ARGS))
+
+
+_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def hstu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLayout,
                    rel_pos: torch.Tensor | None, rel_time: torch.Tensor | None, scale: float,
-                   q_offset: int = 0) -> torch.Tensor:
+                   q_offset: int = 0, config: KernelConfig = DEFAULT_CONFIG) -> torch.Tensor:
     """q ``[B, H, L - q_offset, Dh]``, k, v ``[B, H, L, Dh]`` -> ``[B, H, L - q_offset, Dh]``.
     Inner strides must be 1 (any head/sequence strides: the heads of a fused projection are views)."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.stride(-1) != 1:
             raise ValueError(f"triton hstu_attention needs unit stride in the head dim of {name}")
-    return _HSTUAttention.apply(q, k, v, rel_pos, rel_time, layout, scale, q_offset)
+    d = q.shape[-1]
+    if d not in (16, 32, 64, 128, 256):
+        raise ValueError(f"the triton backend needs a head dim that is a power of two in 16..256, got {d}")
+    meta = layout.cached(("triton_meta",), lambda: KernelMeta.from_layout(layout))
+    fwd_tile, bwd_tile, dq_tile = config.tiles(d)
+    forward = _schedule(layout, meta, fwd_tile, q_offset, transpose=False)
+    has_bias = rel_pos is not None
+    if has_bias:  # fp32 copies: autograd casts the tables' gradients back to their dtype
+        rel_pos, rel_time = rel_pos.float().contiguous(), rel_time.float().contiguous()
+    else:
+        rel_pos = rel_time = torch.zeros(1, device=q.device, dtype=torch.float32)
+    grads = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, rel_pos, rel_time))
+    backward = _schedule(layout, meta, bwd_tile, q_offset, transpose=True) if grads else forward
+    dq = _schedule(layout, meta, dq_tile, q_offset, transpose=False) if grads and config.dq_separate else backward
+    return _fwd_op(q, k, v, meta.request, meta.event, meta.flags, meta.position, meta.timestamp, rel_pos, rel_time,
+                   *forward, *backward, *dq, scale, q_offset, RULE_IDS[layout.rule], has_bias, list(fwd_tile),
+                   list(bwd_tile), list(dq_tile), config.dq_separate)

@@ -18,7 +18,6 @@ import torch.nn.functional as F
 from genrec.ops.layout import TokenLayout, check_time_span
 
 VALID, FAKE = 1, 2  # bits of KernelMeta.flags
-RULE_IDS = {"causal": 0, "request_causal": 1, "dual_flow": 2}
 _BIG = 2**30
 
 
@@ -100,7 +99,7 @@ def tile_pairs(meta: KernelMeta, rule: str, block_q: int, block_k: int, q_offset
         earlier = k["real_req_min"] < q["fake_req_max"]
         itself = (k["idx_min"] <= q["fake_idx_max"]) & (k["idx_max"] >= q["fake_idx_min"])
         return real_causal | earlier | itself
-    raise ValueError(f"unknown mask rule {rule!r}")
+    raise ValueError(f"mask rule {rule!r} has no tile schedule in genrec.ops.triton.tiles.tile_pairs")
 
 
 def tile_full(meta: KernelMeta, rule: str, block_q: int, block_k: int, q_offset: int = 0,
@@ -118,7 +117,7 @@ def tile_full(meta: KernelMeta, rule: str, block_q: int, block_k: int, q_offset:
         real = (q["n_real"] == block_q) & (k["real_evt_max"] <= q["real_evt_min"])
         fake = (q["n_fake"] == block_q) & (k["real_req_max"] < q["fake_req_min"])
         return complete & all_real_k & (real | fake)
-    raise ValueError(f"unknown mask rule {rule!r}")
+    raise ValueError(f"mask rule {rule!r} has no full-tile test in genrec.ops.triton.tiles.tile_full")
 
 
 def tile_lists(pairs: torch.Tensor, full: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -62,5 +62,10 @@ def test_padding_is_masked_and_padded_queries_read_only_themselves():
     assert torch.equal(build_mask(layout)[0], _draw(["x . .", "x x .", ". . x"]))
 
 
+# rule -> the test drawing its mask (tests/ops/test_layout.py checks every rule has one)
+DRAWINGS = {"causal": test_causal_mask_drawing, "request_causal": test_hstu_interleaved_mask_drawing,
+            "dual_flow": test_dual_flow_cross_triangle_drawing}
+
+
 def test_time_buckets_are_log2():
     assert time_bucket(torch.tensor([0, 1, 2, 3, 4, 10**9]), 32).tolist() == [0, 1, 1, 2, 2, 29]

@@ -1,0 +1,36 @@
+"""The mask function ``flex_attention`` compiles (:mod:`genrec.ops.triton.flex`) against the dense
+masks, evaluated on CPU over every (query, key) pair of each rule's layouts, including queries after
+a KV cache. flex_attention itself runs on the GPU (tests/ops/triton/test_hstu.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from genrec.nn.events import Events, append_candidates, dual_flow_layout, event_layout, item_action_layout
+from genrec.ops.masks import build_mask
+from genrec.ops.triton.flex import PAD, _mask_mod, _padded_meta
+from tests.helpers import make_batch
+
+
+def FLEX_LAYOUTS():  # noqa: N802 (a table, built on call)
+    ev = Events.from_batch(make_batch([37, 9, 1, 21], seed=4, all_targets=False))
+    history = event_layout(ev, "dual_flow")
+    return {"causal": (event_layout(ev, "causal"), 0), "request_causal": (item_action_layout(ev), 0),
+            "dual_flow": (dual_flow_layout(ev), 0), "genrank_candidates": (dual_flow_layout(ev, ev.target), 0),
+            "hstu_cache": (append_candidates(item_action_layout(ev), ev, 5), 2 * ev.valid.shape[1]),
+            "dfgr_cache": (append_candidates(history, ev, 5, fake=True), history.shape[1])}
+
+
+@pytest.mark.parametrize("name", list(FLEX_LAYOUTS()))
+def test_flex_mask_equals_the_dense_mask(name):
+    layout, q_offset = FLEX_LAYOUTS()[name]
+    b, seq = layout.shape
+    length = -(-seq // PAD) * PAD
+    allowed = _mask_mod(_padded_meta(layout, length), layout.rule, q_offset)
+    batch, queries, keys = torch.arange(b), torch.arange(length - q_offset), torch.arange(length)
+    got = allowed(batch[:, None, None], 0, queries[None, :, None], keys[None, None, :])  # [B, Lq, L] padded
+    valid = layout.valid
+    want = (build_mask(layout) & valid[:, :, None] & valid[:, None, :])[:, q_offset:]  # padding reads nothing
+    assert torch.equal(got[:, : seq - q_offset, :seq], want)
+    assert not got[:, seq - q_offset:].any() and not got[:, :, seq:].any()

@@ -1,0 +1,309 @@
+"""The ``triton`` backend against ``reference`` on random jagged batches of odd lengths: outputs and
+the gradients of q, k, v and both bias tables, for every mask rule and for queries after a KV cache;
+and the fused attention as a custom op that ``torch.compile`` and ``torch.export`` trace.
+
+On a CUDA device everything runs, both dtypes (bf16 relative error <= 1e-2, fp32 <= 1e-4), over a
+seeded sweep of random jagged shapes. Without one, when Triton is installed (the ``dev`` extra), the
+HSTU kernels run on CPU tensors under Triton's interpreter, which tests/conftest.py switches on
+(``TRITON_INTERPRET=1``, read when Triton is imported): fp32, a few small shapes per rule that
+still span several 64-token tiles, so the kernels' logic — mask rules, tile schedule, bias and its
+gradients, both dQ strategies, the custom ops and their autograd — is checked on every CI run in
+about a minute. The interpreter runs the kernels' arithmetic in NumPy: it cannot show what only the
+GPU compiler decides (shared memory, the bf16 tanh path, tile sizes above 64), which is what the
+``gpu_only`` tests are for. flex_attention, whole models and CUDA graphs need the GPU.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from genrec.nn.events import Events, append_candidates, dual_flow_layout, event_layout, item_action_layout
+from genrec.nn.kv_cache import in_micro_batches
+from genrec.ops.layout import TokenLayout
+from genrec.ops.reference import attention as reference
+from tests.helpers import make_batch
+
+CUDA = torch.cuda.is_available()
+INTERPRET = not CUDA and os.environ.get("TRITON_INTERPRET") == "1"  # set by tests/conftest.py when Triton is here
+pytestmark = pytest.mark.skipif(not CUDA and not INTERPRET,
+                                reason="needs a CUDA device, or Triton (the dev extra) for its CPU interpreter")
+backend_module = pytest.importorskip("genrec.ops.triton.backend") if (CUDA or INTERPRET) else None
+DEVICE = "cuda" if CUDA else "cpu"
+DTYPES = [torch.float32, torch.bfloat16] if CUDA else [torch.float32]
+TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 1e-2}
+LAYOUTS = {"causal": "causal", "request_causal": "request_causal", "dual_flow": "dual_flow",
+           "genrank_candidates": "dual_flow"}  # parity-test layout -> the mask rule it exercises
+gpu_only = pytest.mark.skipif(not CUDA, reason="flex_attention, whole models, large tiles and CUDA graphs need a "
+                              "CUDA device (the CPU interpreter runs the HSTU kernels only)")
+
+
+def random_lengths(seed: int, count: int, longest: int) -> list[int]:
+    """A seeded jagged batch shape: ``count`` sequences of 1..longest events, one of them > 64 tokens."""
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(1, longest + 1, count).tolist()
+    lengths[int(rng.integers(0, count))] = longest
+    return lengths
+
+
+# GPU: a sweep of seeded random shapes per rule; interpreter: one small one (3 sequences, up to 70 events).
+SHAPE_SEEDS = range(6) if CUDA else range(1)
+
+
+def _shape(seed: int) -> list[int]:
+    return random_lengths(seed, 5, 200) if CUDA else random_lengths(seed, 3, 70)
+
+
+def _layout(kind: str, lengths: list[int], seed: int) -> TokenLayout:
+    ev = Events.from_batch(make_batch(lengths, seed, all_targets=False).to(DEVICE))
+    if kind == "causal":
+        return event_layout(ev, "causal")
+    if kind == "request_causal":
+        return item_action_layout(ev)
+    if kind == "dual_flow":
+        return dual_flow_layout(ev)
+    return dual_flow_layout(ev, fake_valid=ev.target)
+
+
+def _rel_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got.double() - want.double()).norm() / want.double().norm().clamp_min(1e-30))
+
+
+def _run(attention, q, k, v, layout, tables, q_offset, upstream):
+    """Output and gradients of (q, k, v, *tables) for the loss ``sum(out * upstream)``."""
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v, *tables)]
+    bias = leaves[3:] or [None, None]
+    out = attention(*leaves[:3], layout, *bias, 0.05, q_offset)
+    (out.float() * upstream).sum().backward()
+    return out.detach(), [t.grad for t in leaves]
+
+
+def _inputs(layout: TokenLayout, dtype, bias: bool, q_offset: int = 0, heads: int = 2, dim: int = 32,
+            pos_buckets: int = 101):
+    b, seq = layout.shape
+    gen = torch.Generator(device=DEVICE).manual_seed(seq + int(bias))
+    q = torch.randn(b, heads, seq - q_offset, dim, device=DEVICE, generator=gen).to(dtype)
+    k, v = (torch.randn(b, heads, seq, dim, device=DEVICE, generator=gen).to(dtype) for _ in range(2))
+    tables = [torch.randn(heads, pos_buckets, device=DEVICE, generator=gen) * 0.5,
+              torch.randn(heads, 32, device=DEVICE, generator=gen) * 0.5] if bias else []
+    upstream = torch.randn(b, heads, seq - q_offset, dim, device=DEVICE, generator=gen)
+    return q, k, v, tables, upstream * layout.valid[:, None, q_offset:, None]
+
+
+def _check(layout, dtype, bias, q_offset=0, dim=32, pos_buckets=101, backend=None):
+    backend = backend or backend_module.TRITON
+    q, k, v, tables, upstream = _inputs(layout, dtype, bias, q_offset, dim=dim, pos_buckets=pos_buckets)
+    want, want_grads = _run(reference.hstu_attention, q.double(), k.double(), v.double(), layout,
+                            [t.double() for t in tables], q_offset, upstream.double())
+    got, got_grads = _run(backend.hstu_attention, q, k, v, layout, tables, q_offset, upstream)
+    valid = layout.valid[:, None, q_offset:, None]
+    assert _rel_error(got * valid, want * valid) <= TOLERANCE[dtype]
+    for name, g, w in zip(("q", "k", "v", "rel_pos", "rel_time"), got_grads, want_grads, strict=False):
+        assert g is not None and torch.isfinite(g).all(), name
+        assert _rel_error(g, w) <= TOLERANCE[dtype], name
+
+
+def _backend(dq_separate: bool):
+    from genrec.ops.triton.hstu import KernelConfig
+
+    return backend_module.triton_backend(KernelConfig(dq_separate=dq_separate))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", list(LAYOUTS))
+@pytest.mark.parametrize("bias", [True, False] if CUDA else [True])
+@pytest.mark.parametrize("seed", SHAPE_SEEDS)
+def test_hstu_attention_matches_reference(kind, dtype, bias, seed):
+    """Random jagged shapes (seeded), the default dQ kernel."""
+    _check(_layout(kind, _shape(seed + 7 * len(kind)), seed=len(kind) + int(bias)), dtype, bias)
+
+
+@pytest.mark.parametrize("kind", ["dual_flow"] if INTERPRET else list(LAYOUTS))
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bias", [True, False] if CUDA else [True])
+def test_hstu_attention_with_atomic_dq_matches_reference(kind, dtype, bias):
+    """The other dQ strategy: fp32 atomic adds in the dK/dV kernel."""
+    lengths = [37, 90, 5, 61] if CUDA else [37, 9, 21]
+    _check(_layout(kind, lengths, seed=2), dtype, bias=bias, backend=_backend(dq_separate=False))
+
+
+@pytest.mark.parametrize("kind", ["causal", "dual_flow"])
+def test_hstu_attention_with_a_clamped_position_table_matches_reference(kind):
+    """A 150-event sequence against 9 position buckets: most pairs share the last, clamped bucket,
+    and (dual flow) a tile holds real events 128..149 beside fake ones 0..41."""
+    _check(_layout(kind, [150, 7], seed=5), DTYPES[0], bias=True, pos_buckets=9)
+
+
+@gpu_only
+@pytest.mark.parametrize("kind", ["causal", "dual_flow"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_hstu_attention_with_the_large_tiles_matches_reference(kind, bias):
+    """Head dim 128 selects the other tile table (the benchmark's shapes); bf16 and the default dQ
+    kernel only, as each tile configuration costs seconds of compilation per dtype and strategy."""
+    _check(_layout(kind, [37, 200, 5, 161], seed=9), torch.bfloat16, bias, dim=128)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", ["request_causal", "dual_flow"])
+@pytest.mark.parametrize("dq_separate", [True, False] if CUDA else [True])
+def test_hstu_attention_after_a_kv_cache_matches_reference(kind, dtype, dq_separate):
+    """Queries = the 7 candidates appended after each history (HSTU and DFGR serving)."""
+    ev = Events.from_batch(make_batch([37, 9, 21], seed=11).to(DEVICE))
+    history = item_action_layout(ev) if kind == "request_causal" else event_layout(ev, "dual_flow")
+    layout = append_candidates(history, ev, 7, fake=kind == "dual_flow")
+    _check(layout, dtype, bias=True, q_offset=history.shape[1], backend=_backend(dq_separate))
+
+
+def _op_args(layout: TokenLayout, bias: bool = True):
+    q, k, v, tables, _ = _inputs(layout, torch.float32, bias)
+    return q, k, v, tables
+
+
+def test_the_fused_attention_passes_the_custom_op_checks():
+    """torch.library.opcheck: schema, fake (meta) implementation against the real kernels, autograd
+    registration and AOT dispatch, on one small dual-flow batch."""
+    from genrec.ops.triton import hstu
+
+    layout = _layout("dual_flow", [20, 6], seed=1)
+    q, k, v, (rel_pos, rel_time) = _op_args(layout)
+    meta = hstu.KernelMeta.from_layout(layout)
+    tile = hstu.DEFAULT_CONFIG.tiles(32)
+    fwd = hstu._schedule(layout, meta, tile[0], 0, transpose=False)
+    bwd = hstu._schedule(layout, meta, tile[1], 0, transpose=True)
+    dq = hstu._schedule(layout, meta, tile[2], 0, transpose=False)
+    args = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), meta.request, meta.event, meta.flags,
+            meta.position, meta.timestamp, rel_pos.requires_grad_(), rel_time.requires_grad_(), *fwd, *bwd, *dq,
+            0.05, 0, 2, True, list(tile[0]), list(tile[1]), list(tile[2]), True)
+    torch.library.opcheck(torch.ops.genrec.hstu_attention_fwd.default, args)
+
+
+def test_a_block_on_the_triton_backend_compiles_into_one_graph_and_matches_eager():
+    """torch.compile(fullgraph=True) of an HSTU block on the triton backend: the attention (layout
+    metadata, tile schedule, the custom op and its backward) traces without a graph break."""
+    from genrec.nn.hstu import HSTUBlock
+
+    torch.manual_seed(0)
+    block = HSTUBlock(64, 2, 0.0, 0.01, backend_module.TRITON, num_position_buckets=64).to(DEVICE)
+    with torch.no_grad():
+        block.rel_pos.normal_(0, 0.5)
+        block.rel_time.normal_(0, 0.5)
+    layout = _layout("dual_flow", [20, 6], seed=3)
+    x = torch.randn(*layout.shape, 64, device=DEVICE, requires_grad=True)
+    eager = block(x, layout)
+    eager.sum().backward()
+    want = [x.grad.clone(), block.rel_pos.grad.clone()]
+    x.grad = block.rel_pos.grad = None
+    compiled = torch.compile(block, fullgraph=True, backend="aot_eager" if INTERPRET else "inductor")
+    fresh = TokenLayout(layout.valid, layout.request, layout.event, layout.fake, layout.position, layout.timestamp,
+                        layout.rule)  # no cached schedule: the compiled graph builds its own
+    out = compiled(x, fresh)
+    out.sum().backward()
+    torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(x.grad, want[0], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(block.rel_pos.grad, want[1], rtol=1e-4, atol=1e-5)
+
+
+def test_a_block_on_the_triton_backend_exports():
+    """torch.export of an HSTU block on the triton backend: one custom-op node per attention call,
+    traced through its fake implementation; the exported program gives the eager output."""
+    from genrec.nn.hstu import HSTUBlock
+
+    class Wrapped(torch.nn.Module):  # export takes tensors: rebuild the layout from its fields
+        def __init__(self):
+            super().__init__()
+            self.block = HSTUBlock(32, 2, 0.0, 0.01, backend_module.TRITON)
+
+        def forward(self, x, valid, request, event, fake, position, timestamp):
+            return self.block(x, TokenLayout(valid, request, event, fake, position, timestamp, "request_causal"))
+
+    torch.manual_seed(0)
+    model = Wrapped().to(DEVICE).eval()
+    layout = _layout("request_causal", [9, 4], seed=4)
+    fields = (layout.valid, layout.request, layout.event, layout.fake, layout.position, layout.timestamp)
+    x = torch.randn(*layout.shape, 32, device=DEVICE)
+    with torch.no_grad():
+        program = torch.export.export(model, (x, *fields))
+        targets = [str(n.target) for n in program.graph.nodes if n.op == "call_function"]
+        assert sum("genrec.hstu_attention_fwd" in t for t in targets) == 1, targets
+        torch.testing.assert_close(program.module()(x, *fields), model(x, *fields), rtol=1e-5, atol=1e-6)
+
+
+@gpu_only
+@pytest.mark.parametrize("name", ["hstu", "dfgr"])
+def test_a_compiled_training_step_on_the_triton_backend_has_no_graph_break_in_the_attention(name):
+    """torch.compile of a whole model's training step: every graph break dynamo reports lies outside
+    the attention (the batch's jagged bookkeeping reads lengths on the host), and the compiled loss and
+    gradients equal eager ones."""
+    from genrec.models import build_model
+    from tests.models.test_generative import INFO
+
+    batch = make_batch(random_lengths(1, 4, 90), seed=5).to(DEVICE)
+    torch.manual_seed(0)
+    model = build_model(name, {"d_model": 64, "num_heads": 2, "num_layers": 2, "dropout": 0.0,
+                               "attention_backend": "triton"}, INFO, 128).to(DEVICE)
+    explanation = torch._dynamo.explain(lambda b: model(b)["loss"])(batch)
+    reasons = [str(r.reason) + "".join(str(f) for f in r.user_stack) for r in explanation.break_reasons]
+    assert not [r for r in reasons if "attention" in r or "hstu" in r], reasons
+    eager = model(batch)["loss"]
+    eager.backward()
+    want = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    loss = torch.compile(lambda b: model(b)["loss"])(batch)
+    loss.backward()
+    torch.testing.assert_close(loss, eager, rtol=1e-4, atol=1e-5)
+    for got, ref in zip((p.grad for p in model.parameters()), want, strict=True):
+        torch.testing.assert_close(got, ref, rtol=1e-3, atol=1e-5)
+
+
+@gpu_only
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", list(LAYOUTS))
+def test_flex_softmax_attention_matches_reference(kind, dtype):
+    layout = _layout(kind, [37, 90, 5, 61], seed=3)
+    q, k, v, _, upstream = _inputs(layout, dtype, bias=False)
+    slopes = torch.tensor([0.5, 0.25], device=DEVICE)
+    outs = []
+    for attention, cast in ((reference.softmax_attention, torch.double),
+                            (backend_module.TRITON.softmax_attention, dtype)):
+        leaves = [t.detach().to(cast).requires_grad_() for t in (q, k, v)]
+        out = attention(*leaves, layout, slopes)
+        (out.float() * upstream).sum().backward()
+        outs.append((out.detach(), [t.grad for t in leaves]))
+    valid = layout.valid[:, None, :, None]
+    assert _rel_error(outs[1][0] * valid, outs[0][0] * valid) <= TOLERANCE[dtype]
+    for g, w in zip(outs[1][1], outs[0][1], strict=True):
+        assert _rel_error(g, w) <= TOLERANCE[dtype]
+
+
+@gpu_only
+@pytest.mark.parametrize("name", ["hstu", "dfgr", "genrank"])
+def test_models_give_the_same_predictions_and_gradients_on_both_backends(name):
+    from genrec.models import build_model
+    from tests.models.test_generative import INFO
+
+    batch = make_batch([37, 90, 5, 61], seed=5).to(DEVICE)
+    got = {}
+    for backend in ("reference", "triton"):
+        torch.manual_seed(0)
+        args = {"d_model": 64, "num_heads": 2, "num_layers": 2, "dropout": 0.0, "attention_backend": backend}
+        model = build_model(name, args, INFO, 128).to(DEVICE)
+        loss = model(batch)["loss"]
+        loss.backward()
+        grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+        with torch.no_grad():
+            logits = model.rank_logits(batch)
+            cands = torch.randint(1, 41, (4, 9), device=DEVICE, generator=torch.Generator(DEVICE).manual_seed(1))
+            when = batch.timestamps[batch.offsets[1:] - 1] + 60
+            if model.kv_serving is not None:  # KV-cache serving in micro-batches of 4
+                serving = model.kv_serving
+                served = in_micro_batches(serving.score_cached, serving.encode_history(batch, 4), cands, when)
+            else:
+                served = model.score(batch, cands, when)
+        got[backend] = (logits, grads, served)
+    (ref_logits, ref_grads, ref_served), (logits, grads, served) = got["reference"], got["triton"]
+    assert _rel_error(logits, ref_logits) <= 1e-4
+    assert _rel_error(grads, ref_grads) <= 1e-4
+    assert _rel_error(served, ref_served) <= 1e-4
