@@ -13,7 +13,6 @@ newest checkpoint), a checkpoint folder, or a ``.safetensors`` file.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -25,6 +24,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from genrec import strict_json
+from genrec.data.registry import file_digest
 from genrec.errors import UserError
 
 WEIGHTS = "model.safetensors"
@@ -56,18 +56,10 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def write_manifest(folder: Path) -> None:
     files = sorted(p for p in folder.iterdir() if p.is_file() and p.name != MANIFEST)
     (folder / MANIFEST).write_text(json.dumps(
-        {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files}, indent=1))
+        {p.name: {"bytes": p.stat().st_size, "sha256": file_digest(p, "sha256")} for p in files}, indent=1))
 
 
 def verify(folder: Path) -> None:
@@ -86,7 +78,7 @@ def verify(folder: Path) -> None:
         size = path.stat().st_size
         if size != entry["bytes"]:
             raise CheckpointError(f"{path}: {size} bytes, expected {entry['bytes']} (truncated or overwritten)")
-        if _sha256(path) != entry["sha256"]:
+        if file_digest(path, "sha256") != entry["sha256"]:
             raise CheckpointError(f"{path}: SHA-256 differs from {MANIFEST} (the file was altered)")
 
 
