@@ -2,16 +2,22 @@
 
 Three parts, each a table in the result file:
 
-* ``kernel``: our Triton HSTU attention (causal, without and with the relative position/time bias),
-  the dual-flow attention of DFGR, and ALiBi softmax attention through ``flex_attention``, each
-  forward and forward+backward, beside PyTorch's causal ``scaled_dot_product_attention`` (flash
-  backend) on the same tensors and a bf16 matrix product measured in the same run. bf16, 4 heads,
+* ``kernel``: our Triton HSTU attention (causal, without and with the relative position/time bias:
+  ``_rab`` with one table slot per distance, ``_rab256`` with the models' 256 slots), the dual-flow
+  attention of DFGR, and ALiBi softmax attention through ``flex_attention``, each forward and
+  forward+backward, beside PyTorch's causal ``scaled_dot_product_attention`` through each of its
+  backends (flash, cuDNN, memory-efficient; one that cannot run is a row with its error), the HSTU
+  authors' Triton kernel when ``--anchor-path`` names a checkout of meta-recsys/generative-recommenders
+  (imported from there, never copied), and a bf16 matrix product, all in the same run. bf16, 4 heads,
   head dim 128, ``--kernel-tokens`` tokens per batch in equal-length sequences (the HSTU authors'
   benchmark shapes). TFLOP/s count the pairs the mask allows (4·Dh FLOPs per pair forward, 2.5x that
-  backward); ``vs_sdpa`` is our time over SDPA's on the same N (both causal over N tokens; the
-  dual-flow row's N tokens are N/2 real + N/2 fake).
+  backward); ``vs_sdpa`` is a time over the *fastest* SDPA backend's on the same N (``sdpa_fastest``
+  names it; all causal over N tokens; the dual-flow row's N tokens are N/2 real + N/2 fake).
 * ``train``: one optimizer step (AdamW, bf16 autocast) of HSTU, GenRank and DFGR (d=512, 8 heads,
-  4 layers, backend ``triton``) on synthetic equal-length sequences; events/s and peak memory.
+  4 layers, backend ``triton``) on synthetic equal-length sequences; events/s, peak memory and MFU
+  (model FLOPs per second over the matmul peak of the same run). ``layout`` rows time what a step
+  builds before its first layer (events, token layout, kernel metadata, the three tile schedules)
+  and its share of the step.
 * ``infer``: per-request latency of scoring M candidates after an N-event history, one request at a
   time: ``cold`` runs the history once (KV cache) then the candidates in micro-batches of at most
   512 (M-FALCON); ``cached`` scores against a history cache built earlier. Each eagerly and replayed
@@ -23,13 +29,16 @@ Three parts, each a table in the result file:
 
     python benchmarks/speed.py [--parts kernel,train,infer] [--ns 256,512,...,8192]
 
-Writes ``benchmarks/results/speed_<device>.{json,md}``. Needs a CUDA device.
+Writes ``benchmarks/results/speed_<device>.{json,md}`` with the ``targets`` of issue 14 computed
+from its rows (unmet ones stay unmet; a target without rows is ``null`` with the reason). Needs a
+CUDA device.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 import time
@@ -82,29 +91,63 @@ def _kernel_layout(batch: int, n: int, rule: str) -> tuple[TokenLayout, int]:
     return layout, pairs
 
 
-def _kernel_variants(backend, batch: int, n: int, rel_pos, rel_time, slopes) -> dict:
-    """name -> (attention function of q, k, v; allowed pairs per sequence)."""
+SDPA_BACKENDS = ("flash", "cudnn", "efficient")
+
+
+def _sdpa(backend: str):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    def sdpa(q, k, v):
-        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    choice = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+              "efficient": SDPBackend.EFFICIENT_ATTENTION}[backend]
 
+    def attention(q, k, v):
+        with sdpa_kernel(choice):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    return attention
+
+
+def anchor_attention(path: str):
+    """The HSTU authors' fused Triton attention (``triton_hstu_mha``) from a checkout of
+    meta-recsys/generative-recommenders at ``path``, as a function of ``[B, H, N, Dh]`` q, k, v (their
+    kernel takes jagged ``[B·N, H, Dh]`` tensors and sequence offsets: converted before timing)."""
+    sys.path.insert(0, str(Path(path).resolve()))
+    from generative_recommenders.ops.triton.triton_hstu_attention import triton_hstu_mha
+
+    def prepare(t: torch.Tensor) -> torch.Tensor:
+        return t.detach().transpose(1, 2).reshape(-1, t.shape[1], t.shape[3]).contiguous()  # [B·N, H, Dh]
+
+    def attention(q, k, v):  # the longest length and offsets of the batch: set per shape
+        return triton_hstu_mha(attention.n, 1.0 / math.sqrt(q.shape[-1]), q, k, v, attention.offsets)
+    return attention, prepare
+
+
+def _kernel_variants(backend, batch: int, n: int, rel_pos, rel_time, rel_pos256, slopes) -> dict:
+    """name -> (attention function of q, k, v; allowed pairs per sequence)."""
     causal, causal_pairs = _kernel_layout(batch, n, "causal")
     dual, dual_pairs = _kernel_layout(batch, n, "dual_flow")
-    return {
-        "sdpa_flash_causal": (sdpa, causal_pairs),
+    variants = {f"sdpa_{name}_causal": (_sdpa(name), causal_pairs) for name in SDPA_BACKENDS}
+    return variants | {
         "hstu_causal": (lambda q, k, v: backend.hstu_attention(q, k, v, causal, None, None, 1.0 / n), causal_pairs),
         "hstu_causal_rab": (lambda q, k, v: backend.hstu_attention(q, k, v, causal, rel_pos, rel_time, 1.0 / n),
                             causal_pairs),
+        "hstu_causal_rab256": (lambda q, k, v: backend.hstu_attention(q, k, v, causal, rel_pos256, rel_time,
+                                                                      1.0 / n), causal_pairs),
         "dual_flow": (lambda q, k, v: backend.hstu_attention(q, k, v, dual, None, None, 1.0 / n), dual_pairs),
         "flex_alibi_causal": (lambda q, k, v: backend.softmax_attention(q, k, v, causal, slopes), causal_pairs),
     }
 
 
-def kernel_rows(ns: list[int], tokens: int, heads: int, dim: int, peak: float, backend) -> list[dict]:
+def _time_variant(fn, leaves, do) -> tuple[float, float]:
+    fwd_ms = bench_ms(lambda: fn(*leaves))
+    both_ms = bench_ms(lambda: torch.autograd.grad(fn(*leaves), leaves, do))
+    return fwd_ms, both_ms
+
+
+def kernel_rows(ns: list[int], tokens: int, heads: int, dim: int, peak: float, backend,
+                anchor_path: str | None = None) -> list[dict]:
     from genrec.ops.reference.attention import alibi_slopes
 
+    anchor = anchor_attention(anchor_path) if anchor_path else None
     rows = []
     for n in ns:
         batch = max(tokens // n, 1)
@@ -112,28 +155,54 @@ def kernel_rows(ns: list[int], tokens: int, heads: int, dim: int, peak: float, b
         q, k, v, do = (torch.randn(batch, n, heads, dim, device="cuda", dtype=torch.bfloat16, generator=gen)
                        .transpose(1, 2) for _ in range(4))  # [B, H, N, Dh] views of [B, N, H, Dh], as in the models
         rel_pos = (torch.randn(heads, n + 1, device="cuda") * 0.1).requires_grad_()
+        rel_pos256 = (torch.randn(heads, 256, device="cuda") * 0.1).requires_grad_()
         rel_time = (torch.randn(heads, 32, device="cuda") * 0.1).requires_grad_()
         slopes = alibi_slopes(heads).cuda()
 
-        variants = _kernel_variants(backend, batch, n, rel_pos, rel_time, slopes)
-        sdpa_ms = {}
+        variants = _kernel_variants(backend, batch, n, rel_pos, rel_time, rel_pos256, slopes)
+        if anchor:
+            fn, prepare = anchor
+            fn.n, fn.offsets = n, torch.arange(batch + 1, device="cuda") * n
+            variants["authors_triton_causal"] = (fn, variants["hstu_causal"][1])
+        part = []
         for name, (fn, pairs) in variants.items():
-            leaves = [t.detach().requires_grad_() for t in (q, k, v)]
-            fwd_ms = bench_ms(lambda fn=fn, leaves=leaves: fn(*leaves))
-            out = fn(*leaves)
-            both_ms = bench_ms(lambda fn=fn, leaves=leaves, do=do: torch.autograd.grad(fn(*leaves), leaves, do))
-            del out
-            if name.startswith("sdpa"):
-                sdpa_ms = {"fwd": fwd_ms, "fwd_bwd": both_ms}
+            base = (q, k, v, do)
+            if name == "authors_triton_causal":
+                base = tuple(anchor[1](t) for t in base)
+            leaves = [t.detach().requires_grad_() for t in base[:3]]
             fwd_flops = 4 * dim * pairs * batch * heads
-            rows.append({"bench": "kernel", "kernel": name, "n": n, "batch": batch, "heads": heads, "dh": dim,
-                         "fwd_ms": fwd_ms, "fwd_tflops": fwd_flops / fwd_ms / 1e9,
-                         "fwd_bwd_ms": both_ms, "fwd_bwd_tflops": 3.5 * fwd_flops / both_ms / 1e9,
-                         "fwd_vs_sdpa": fwd_ms / sdpa_ms["fwd"], "fwd_bwd_vs_sdpa": both_ms / sdpa_ms["fwd_bwd"],
-                         "fwd_frac_of_matmul_peak": fwd_flops / fwd_ms / 1e9 / peak})
-            print(f"kernel {name:18s} N={n:5d} fwd {fwd_ms:7.3f} ms fwd+bwd {both_ms:7.3f} ms "
-                  f"ratio {rows[-1]['fwd_bwd_vs_sdpa']:.2f}", flush=True)
+            row = {"bench": "kernel", "kernel": name, "n": n, "batch": batch, "heads": heads, "dh": dim}
+            try:
+                fwd_ms, both_ms = _time_variant(fn, leaves, base[3])
+            except RuntimeError as err:  # an SDPA backend that does not take these shapes here
+                if not name.startswith("sdpa"):
+                    raise
+                part.append(row | {"error": str(err).splitlines()[0][:200]})
+                print(f"kernel {name:22s} N={n:5d} cannot run: {part[-1]['error']}", flush=True)
+                continue
+            part.append(row | {"fwd_ms": fwd_ms, "fwd_tflops": fwd_flops / fwd_ms / 1e9, "fwd_bwd_ms": both_ms,
+                               "fwd_bwd_tflops": 3.5 * fwd_flops / both_ms / 1e9,
+                               "fwd_frac_of_matmul_peak": fwd_flops / fwd_ms / 1e9 / peak})
+            print(f"kernel {name:22s} N={n:5d} fwd {fwd_ms:7.3f} ms fwd+bwd {both_ms:7.3f} ms", flush=True)
+        rows += part
     return rows
+
+
+def _versus_fastest_sdpa(rows: list[dict]) -> list[dict]:
+    """Each kernel row's times over the fastest SDPA backend's at its N (forward and forward+backward
+    separately), naming that backend."""
+    out = []
+    for r in rows:
+        sdpa = [s for s in rows if s["bench"] == "kernel" and s["n"] == r["n"] and s["kernel"].startswith("sdpa")
+                and "fwd_ms" in s]
+        if r["bench"] != "kernel" or "fwd_ms" not in r or not sdpa:
+            out.append(r)
+            continue
+        fwd, both = min(sdpa, key=lambda s: s["fwd_ms"]), min(sdpa, key=lambda s: s["fwd_bwd_ms"])
+        out.append(r | {"fwd_vs_sdpa": r["fwd_ms"] / fwd["fwd_ms"],
+                        "fwd_bwd_vs_sdpa": r["fwd_bwd_ms"] / both["fwd_bwd_ms"],
+                        "sdpa_fastest_fwd": fwd["kernel"], "sdpa_fastest_fwd_bwd": both["kernel"]})
+    return out
 
 
 # ------------------------------------------------------------------------------------ models
@@ -216,7 +285,32 @@ def _train_step_seconds(model: torch.nn.Module, data: list[JaggedBatch], steps: 
     return statistics.median(times)
 
 
-def train_rows(ns: list[int], args) -> list[dict]:
+def layout_ms(name: str, batch: JaggedBatch, args, repeats: int = 10) -> float:
+    """Median milliseconds of what a training step builds before its first layer: events, the token
+    layout, the kernels' int32 metadata (with its timestamp range check) and the three tile schedules
+    of the model's head dim (host syncs included: the step pays them too)."""
+    from genrec.ops.triton.hstu import _schedule
+    from genrec.ops.triton.tiles import KernelMeta
+
+    tiles = args.backend_config.tiles(args.d // args.heads, torch.bfloat16)
+
+    def build() -> None:
+        layout = TRAIN_LAYOUTS[name](Events.from_batch(batch))
+        meta = KernelMeta.from_layout(layout)
+        for tile, transpose in zip(tiles, (False, True, False), strict=True):
+            _schedule(layout, meta, tile, 0, transpose)
+        torch.cuda.synchronize()
+
+    times = []
+    for i in range(repeats + 2):
+        start = time.perf_counter()
+        build()
+        if i >= 2:
+            times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+def train_rows(ns: list[int], args, peak: float) -> list[dict]:
     rows = []
     for n in ns:
         batch = max(args.train_events // n, 1)
@@ -225,12 +319,21 @@ def train_rows(ns: list[int], args) -> list[dict]:
             torch.manual_seed(0)
             model = make_model(name, n, args).train()
             seconds = _train_step_seconds(model, data, args.train_steps)
+            gflop = train_gflop_per_event(name, n, args)
+            events_per_s = batch * n / seconds
             rows.append({"bench": "train", "model": name, "n": n, "batch": batch, "d": args.d, "layers": args.layers,
-                         "heads": args.heads, "step_ms": seconds * 1e3, "train_events_per_s": batch * n / seconds,
-                         "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30,
-                         "gflop_per_event": train_gflop_per_event(name, n, args)})
+                         "heads": args.heads, "step_ms": seconds * 1e3, "train_events_per_s": events_per_s,
+                         "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30, "gflop_per_event": gflop,
+                         "tflops": gflop * events_per_s / 1e3 if gflop else None,
+                         "mfu": gflop * events_per_s / 1e3 / peak if gflop else None})
             print(f"train {name:8s} N={n:5d} B={batch:4d} {seconds * 1e3:8.2f} ms/step "
-                  f"{rows[-1]['train_events_per_s']:12.0f} events/s", flush=True)
+                  f"{events_per_s:12.0f} events/s mfu {rows[-1]['mfu'] or float('nan'):.3f}", flush=True)
+            if name in TRAIN_LAYOUTS:
+                ms = layout_ms(name, data[0], args)
+                rows.append({"bench": "layout", "model": name, "n": n, "batch": batch, "layout_ms": ms,
+                             "step_ms": seconds * 1e3, "share_of_step": ms / (seconds * 1e3)})
+                print(f"layout {name:7s} N={n:5d} {ms:8.2f} ms = {rows[-1]['share_of_step']:.3f} of the step",
+                      flush=True)
             del model
             torch.cuda.empty_cache()
     return rows
@@ -321,15 +424,16 @@ def ratios(rows: list[dict]) -> list[dict]:
 def write(rows: list[dict], meta: dict, stem: Path) -> None:
     """The JSON (measured rows + DFGR/HSTU ratios) and its Markdown tables."""
     rows = [r for r in rows if "dfgr_over_hstu" not in r]  # ratios are derived, never measured
-    order = {"matmul": 0, "kernel": 1, "train": 2, "infer": 3}
+    order = {"matmul": 0, "kernel": 1, "train": 2, "layout": 3, "infer": 4}
     rows = sorted(rows, key=lambda r: (order[r["bench"]], r["n"]))  # stable: merged runs read in N order
-    rows += ratios(rows)
+    rows = _versus_fastest_sdpa(rows) + ratios(rows)
     peak = next(r["tflops"] for r in rows if r["bench"] == "matmul")
     tables = [f"bf16 matmul peak (8192³, same run): {peak:.0f} TFLOP/s"]
     columns = {
         "kernel": ["kernel", "n", "batch", "fwd_ms", "fwd_tflops", "fwd_frac_of_matmul_peak", "fwd_bwd_ms",
-                   "fwd_bwd_tflops", "fwd_vs_sdpa", "fwd_bwd_vs_sdpa"],
-        "train": ["model", "n", "batch", "step_ms", "train_events_per_s", "peak_mem_gb"],
+                   "fwd_bwd_tflops", "fwd_vs_sdpa", "fwd_bwd_vs_sdpa", "sdpa_fastest_fwd_bwd", "error"],
+        "train": ["model", "n", "batch", "step_ms", "train_events_per_s", "tflops", "mfu", "peak_mem_gb"],
+        "layout": ["model", "n", "batch", "layout_ms", "step_ms", "share_of_step"],
         "infer": ["model", "mode", "n", "m", "micro_batch", "p50_ms", "p99_ms", "infer_candidates_per_s"],
         "ratio": ["part", "mode", "n", "m", "dfgr_over_hstu", "flop_ratio"],
     }
@@ -337,8 +441,42 @@ def write(rows: list[dict], meta: dict, stem: Path) -> None:
         part = [r for r in rows if r["bench"] == bench]
         if part:
             tables.append(f"### {bench}\n\n" + report.markdown_table(part, cols))
-    report.write(stem, rows, "\n\n".join(tables), meta)
+    goals = targets(rows)
+    tables.append("### targets (issue 14)\n\n" + report.markdown_table(goals, ["name", "value", "op", "target", "met",
+                                                                               "rows", "reason"]))
+    report.write(stem, rows, "\n\n".join(tables), meta, targets=goals)
     print("\n\n".join(tables))
+
+
+def _target(name: str, values: list[float], op: str, goal: float, rows: str, missing: str) -> dict:
+    """One entry of the targets block: the worst of ``values`` (max for <=, min for >=) against ``goal``."""
+    if not values:
+        return {"name": name, "value": None, "op": op, "target": goal, "met": None, "rows": rows, "reason": missing}
+    value = max(values) if op == "<=" else min(values)
+    return {"name": name, "value": value, "op": op, "target": goal, "met": value <= goal if op == "<=" else
+            value >= goal, "rows": rows}
+
+
+def targets(rows: list[dict]) -> list[dict]:
+    """Issue 14's targets, from this file's rows."""
+    kern = {(r["kernel"], r["n"]): r for r in rows if r["bench"] == "kernel" and "fwd_bwd_ms" in r}
+    ns = sorted({n for _, n in kern if 1024 <= n <= 8192})
+    bias = [kern[(v, n)]["fwd_bwd_ms"] / kern[("hstu_causal", n)]["fwd_bwd_ms"] for n in ns
+            for v in ("hstu_causal_rab", "hstu_causal_rab256") if (v, n) in kern and ("hstu_causal", n) in kern]
+    nobias = [kern[(v, n)]["fwd_bwd_vs_sdpa"] for n in ns for v in ("hstu_causal", "dual_flow") if (v, n) in kern]
+    train = [r for r in rows if r["bench"] == "ratio" and r["part"] == "train" and r["flop_ratio"]]
+    layout = [r["share_of_step"] for r in rows if r["bench"] == "layout"]
+    return [
+        _target("bias_over_nobias_fwd_bwd_max", bias, "<=", 1.3,
+                "kernel rows hstu_causal_rab and hstu_causal_rab256 over hstu_causal, N = 1024-8192", "no kernel rows"),
+        _target("nobias_over_fastest_sdpa_fwd_bwd_max", nobias, "<=", 1.0,
+                "kernel rows hstu_causal and dual_flow over the fastest SDPA backend, N = 1024-8192", "no kernel rows"),
+        _target("dfgr_over_hstu_train_sparse_min", [], ">=", 2.0, "train rows with sparse targets, N >= 1024",
+                "not measured: DFGR's sparse-target fake flow (issue 14, item 5b) is not implemented"),
+        _target("dfgr_train_ratio_over_flop_ratio_min", [r["dfgr_over_hstu"] / r["flop_ratio"] for r in train], ">=",
+                0.95, "ratio rows of the train part (relative bias on: the models' default)", "no train rows"),
+        _target("layout_share_of_step_max", layout, "<=", 0.05, "layout rows (HSTU and DFGR)", "no layout rows"),
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -358,6 +496,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=30)
     parser.add_argument("--micro-batch", type=int, default=512)
     parser.add_argument("--tiles", help="JSON of HSTU kernel tiles from benchmarks/tune_hstu_kernel.py")
+    parser.add_argument("--anchor-path", help="a checkout of meta-recsys/generative-recommenders: time the HSTU "
+                        "authors' Triton attention beside ours (imported from there, never copied)")
+    parser.add_argument("--anchor-commit", default="an unrecorded commit", help="that checkout's commit, for meta")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     parser.add_argument("--tables", metavar="JSON", help="only rewrite the ratios and tables of a result file")
     parser.add_argument("--merge", metavar="JSON", help="keep that result file's rows of shapes not measured now, "
@@ -379,16 +520,17 @@ def main(argv: list[str] | None = None) -> int:
         config = KernelConfig(fwd_large=tuple(tiles["fwd"]), bwd_large=tuple(tiles["bwd"]),
                               dq_large=tuple(tiles["dq"] or DEFAULT_CONFIG.dq_large),
                               dq_separate=tiles["dq"] is not None)
-    args.backend = triton_backend(config)
+    args.backend, args.backend_config = triton_backend(config), config
     parts = args.parts.split(",")
     ns = [int(x) for x in args.ns.split(",")]
     peak = matmul_peak_tflops()  # measured first, in the same run as everything it is compared with
     print(f"bf16 matmul peak: {peak:.0f} TFLOP/s", flush=True)
     rows: list[dict] = [{"bench": "matmul", "n": 8192, "tflops": peak}]
     if "kernel" in parts:
-        rows += kernel_rows([int(x) for x in args.kernel_ns.split(",")], args.kernel_tokens, 4, 128, peak, args.backend)
+        rows += kernel_rows([int(x) for x in args.kernel_ns.split(",")], args.kernel_tokens, 4, 128, peak, args.backend,
+                            args.anchor_path)
     if "train" in parts:
-        rows += train_rows([int(x) for x in args.train_ns.split(",")] if args.train_ns else ns, args)
+        rows += train_rows([int(x) for x in args.train_ns.split(",")] if args.train_ns else ns, args, peak)
     if "infer" in parts:
         rows += infer_rows(ns, [int(x) for x in args.ms.split(",")], args)
     meta = report.meta(["python", "benchmarks/speed.py", *(argv if argv is not None else sys.argv[1:])])
@@ -401,13 +543,17 @@ def main(argv: list[str] | None = None) -> int:
             return r["bench"], r.get("model", r.get("kernel")), r.get("mode"), r.get("n"), r.get("m")
 
         measured = {key(r) for r in rows}
-        kept = [r for r in earlier["rows"] if r["bench"] in ("kernel", "train", "infer") and key(r) not in measured]
+        kept = [r for r in earlier["rows"] if r["bench"] in ("kernel", "train", "layout", "infer")
+                and key(r) not in measured]
         used = sorted({r["run"] for r in kept})
         meta["runs"] += [earlier["meta"]["runs"][i] for i in used]
         rows += [{**r, "run": 1 + used.index(r["run"])} for r in kept]
-    meta["hstu_tiles"] = {"fwd": {"small": config.fwd, "large": config.fwd_large},
-                          "bwd": {"small": config.bwd, "large": config.bwd_large},
-                          "dq": {"small": config.dq, "large": config.dq_large}, "dq_separate": config.dq_separate}
+    meta["hstu_tiles"] = {"fwd": {"small": config.fwd, "large": config.fwd_large, "fp32_large": config.fwd_fp32_large},
+                          "bwd": {"small": config.bwd, "large": config.bwd_large, "fp32_large": config.bwd_fp32_large},
+                          "dq": {"small": config.dq, "large": config.dq_large, "fp32_large": config.dq_fp32_large},
+                          "dq_separate": config.dq_separate}
+    if args.anchor_path:
+        meta["anchor"] = f"triton_hstu_mha of meta-recsys/generative-recommenders at {args.anchor_commit}"
     meta["shapes"] = {"kernel_heads": 4, "kernel_dh": 128, "kernel_tokens": args.kernel_tokens, "d": args.d,
                       "heads": args.heads, "layers": args.layers, "train_events": args.train_events}
     write(rows, meta, Path(args.out) / f"speed_{torch.cuda.get_device_name().replace(' ', '_')}")

@@ -137,13 +137,47 @@ def test_hstu_attention_with_a_clamped_position_table_matches_reference(kind):
     _check(_layout(kind, [150, 7], seed=5), DTYPES[0], bias=True, pos_buckets=9)
 
 
+def _bias_form_layout(positions: str) -> TokenLayout:
+    """Two causal sequences (192 and 150 tokens: three 64-token tiles, the last partial) whose
+    timestamps put one, two and many time buckets into different tile pairs; ``positions``
+    "consecutive" (one per token), "pairs" (two tokens per position: the one-hot gradient path) or
+    "spread" (3 apart: a tile spans more positions than it has tokens, the per-pair path)."""
+    idx = torch.arange(192)
+    ts = torch.where(idx < 64, idx, torch.where(idx < 128, 2**20 + idx - 64, 3 * 2**20 + idx - 128))
+    pos = {"consecutive": idx, "pairs": idx // 2, "spread": 3 * idx}[positions]
+    valid = torch.stack([idx < 192, idx < 150])
+    return TokenLayout(valid=valid.to(DEVICE), request=idx.expand(2, -1).to(DEVICE), event=idx.expand(2, -1).to(DEVICE),
+                       fake=torch.zeros(2, 192, dtype=torch.bool, device=DEVICE), position=pos.expand(2, -1).to(DEVICE),
+                       timestamp=ts.expand(2, -1).to(DEVICE), rule="causal")
+
+
+@pytest.mark.parametrize("positions", ["consecutive", "pairs", "spread"])
+def test_every_bias_form_of_a_tile_matches_reference(positions):
+    """The kernels pick a tile's bias form from its extremes (one value, one comparison or one read
+    per pair; the gradient by tile sum, diagonal sums, one-hot products or per pair): this layout
+    holds each of them, which the test checks it does before comparing with the reference."""
+    from genrec.ops.masks import time_bucket
+
+    layout = _bias_form_layout(positions)
+    ts = layout.timestamp[0]
+    buckets = {len(torch.unique(time_bucket(ts[q * 64:(q + 1) * 64, None] - ts[None, k * 64:(k + 1) * 64], 32)))
+               for q in range(3) for k in range(q + 1)}
+    assert {1, 2} <= buckets and max(buckets) >= 3, buckets
+    far = layout.position[0, 128:].min() - layout.position[0, :64].max()
+    if positions == "consecutive":
+        assert far >= 40 - 1  # the third tile reads the first past a 40-slot table: the one-value form
+    _check(layout, DTYPES[0], bias=True, pos_buckets=40)
+
+
 @gpu_only
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dim", [32, 64, 128])
 @pytest.mark.parametrize("kind", ["causal", "dual_flow"])
 @pytest.mark.parametrize("bias", [True, False])
-def test_hstu_attention_with_the_large_tiles_matches_reference(kind, bias):
-    """Head dim 128 selects the other tile table (the benchmark's shapes); bf16 and the default dQ
-    kernel only, as each tile configuration costs seconds of compilation per dtype and strategy."""
-    _check(_layout(kind, [37, 200, 5, 161], seed=9), torch.bfloat16, bias, dim=128)
+def test_hstu_attention_over_dtypes_and_head_dims_matches_reference(kind, dtype, dim, bias):
+    """Every dtype x head dim: each selects its tile table (KernelConfig.tiles), whose shared memory
+    only the GPU compiler decides (float32 at head dim 128 once asked more than an SM has)."""
+    _check(_layout(kind, [37, 200, 5, 161], seed=9), dtype, bias, dim=dim)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -47,10 +47,13 @@ class KernelConfig:
     ``*_large`` apply at head dim >= 128: chosen on the H100 by benchmarks/tune_hstu_kernel.py
     (results/hstu_tuning_NVIDIA_H100_80GB_HBM3.md); the small ones are the same shape family, not
     swept. The sweep's dQ pick (128, 128, 8, 2) runs out of shared memory with the relative bias;
-    (128, 64, 8, 2) is within 1 % of it without. ``dq_separate``: dQ by its own kernel (no atomics)
-    rather than fp32 atomic adds in the dK/dV kernel, twice as fast on the H100 despite two more
-    matrix products per tile pair (same sweep). The backward's tiles must be square and >= 64 (the
-    position-bias gradient's reduction)."""
+    (128, 64, 8, 2) is within 1 % of it without. ``*_fp32_large`` are the float32 tiles at head dim
+    >= 128: float32 tiles take twice the bytes, and the bf16 ones ask up to 262,676 bytes of shared
+    memory where a Hopper SM has 232,448 (fewer pipeline stages and query rows instead;
+    tests/ops/triton/test_tiles_fit.py compiles every table for sm_90 and checks). ``dq_separate``:
+    dQ by its own kernel (no atomics) rather than fp32 atomic adds in the dK/dV kernel, twice as fast
+    on the H100 despite two more matrix products per tile pair (same sweep). The backward's tiles
+    must be square and >= 64 (the position-bias gradient's reduction)."""
 
     fwd: Tile = (64, 64, 4, 3)
     bwd: Tile = (64, 64, 4, 2)
@@ -58,10 +61,15 @@ class KernelConfig:
     fwd_large: Tile = (64, 64, 4, 3)
     bwd_large: Tile = (64, 64, 4, 2)
     dq_large: Tile = (128, 64, 8, 2)
+    fwd_fp32_large: Tile = (64, 64, 4, 2)
+    bwd_fp32_large: Tile = (64, 64, 4, 1)
+    dq_fp32_large: Tile = (64, 64, 4, 2)
     dq_separate: bool = True
 
-    def tiles(self, head_dim: int) -> tuple[Tile, Tile, Tile]:
-        """(forward, dK/dV, dQ) tiles for this head dim."""
+    def tiles(self, head_dim: int, dtype: torch.dtype = torch.bfloat16) -> tuple[Tile, Tile, Tile]:
+        """(forward, dK/dV, dQ) tiles for this head dim and dtype."""
+        if head_dim >= 128 and dtype == torch.float32:
+            return self.fwd_fp32_large, self.bwd_fp32_large, self.dq_fp32_large
         if head_dim >= 128:
             return self.fwd_large, self.bwd_large, self.dq_large
         return self.fwd, self.bwd, self.dq
@@ -115,17 +123,29 @@ def _log2_floor(x):
     return tl.where((tl.full(e.shape, 1, tl.int32) << e) > x, e - 1, e)
 
 
+POS_BOUND: tl.constexpr = tl.constexpr(2**29)  # above any position: +-bound differences fit int32
+TS_TOP: tl.constexpr = tl.constexpr(2**31 - 1)  # kernel timestamps lie in [0, 2^31)
+
+
 @triton.jit
-def _time_range(q_ts, k_ts, q_live, k_live, NUM_TIME):
-    """The lowest and highest time bucket, ``min(floor(log2(1 + max(Δt, 0))), NUM_TIME - 1)``, over
-    the live pairs of a tile. The bucket is monotone in Δt, so the tile's extreme Δt bound it, and
-    most tiles of a long history hold one bucket: their time bias is one scalar."""
-    top = 2**31 - 1
-    dt_lo = tl.min(tl.where(q_live, q_ts, top)).to(tl.int64) - tl.max(tl.where(k_live, k_ts, 0)).to(tl.int64)
-    dt_hi = tl.max(tl.where(q_live, q_ts, 0)).to(tl.int64) - tl.min(tl.where(k_live, k_ts, top)).to(tl.int64)
-    lo = _log2_floor((tl.minimum(tl.maximum(dt_lo, 0), top - 1) + 1).to(tl.int32))
-    hi = _log2_floor((tl.minimum(tl.maximum(dt_hi, 0), top - 1) + 1).to(tl.int32))
-    return tl.minimum(lo, NUM_TIME - 1), tl.minimum(hi, NUM_TIME - 1)
+def _span(x, live, LOW: tl.constexpr, HIGH: tl.constexpr):
+    """Lowest and highest of ``x`` over the live tokens; (HIGH, LOW) when none is."""
+    return tl.min(tl.where(live, x, HIGH)), tl.max(tl.where(live, x, LOW))
+
+
+@triton.jit
+def _bucket_of(dt, NUM_TIME):
+    """The time bucket ``min(floor(log2(1 + max(Δt, 0))), NUM_TIME - 1)`` of an int32 Δt (scalar or
+    tensor), as :func:`genrec.ops.masks.time_bucket`."""
+    return tl.minimum(_log2_floor(tl.minimum(tl.maximum(dt, 0), TS_TOP - 1) + 1), NUM_TIME - 1)
+
+
+@triton.jit
+def _bias_range(q_pos_lo, q_ts_lo, q_ts_hi, k_pos_hi, k_ts_lo, k_ts_hi, NUM_TIME):
+    """What decides a tile's bias form, from the spans of its live tokens (:func:`_span`): the lowest
+    position difference and the lowest and highest time bucket (the bucket is monotone in Δt, so the
+    extreme Δt bound it)."""
+    return q_pos_lo - k_pos_hi, _bucket_of(q_ts_lo - k_ts_hi, NUM_TIME), _bucket_of(q_ts_hi - k_ts_lo, NUM_TIME)
 
 
 @triton.jit
@@ -152,70 +172,121 @@ def _bias_meta(POS, TS, FLAG, at, mask, HAS_BIAS: tl.constexpr):
 
 
 @triton.jit
-def _scores(x, y, bias_pos, bias_ts, t_lo, t_hi, REL_POS, REL_TIME, h, NUM_POS, NUM_TIME, alpha,
+def _bucket_at_least(dt, t):
+    """Whether Δt's bucket is >= ``t`` (``t`` >= 1): ``1 + Δt >= 2^t``, one comparison per pair."""
+    return dt >= (1 << t) - 1
+
+
+@triton.jit
+def _scores(x, y, dist, dt, dist_lo, t_lo, t_hi, POS_H, TIME_H, NUM_POS, NUM_TIME, alpha,
             HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr):
-    """``x yᵀ · alpha`` plus, with the bias, the position table at ``clamp(bias_pos)`` (a position
-    difference) and the time table at the bucket of ``bias_ts`` (a time difference), whose buckets
-    lie in ``[t_lo, t_hi]``. ``x, y`` = (q, k) for ``[queries, keys]`` tiles or (k, q) for
-    ``[keys, queries]``. The time bias is the table at ``t_lo`` plus one step per higher bucket the
-    pair reaches (``Δt + 1 >= 2^t``): no per-pair log or table read."""
+    """``x yᵀ · alpha`` plus, with the bias, the position table ``POS_H`` (head h's row) at the
+    clamped position difference ``dist`` and the time table ``TIME_H`` at the bucket of the time
+    difference ``dt``. ``x, y`` = (q, k) for ``[queries, keys]`` tiles or (k, q) for ``[keys,
+    queries]``. The tile's extremes pick the cheapest exact form: past the position table (``dist_lo``
+    at or beyond its last slot, as the models' 256 slots make every tile of events > 256 apart) the
+    position bias is one value, else one table read per pair; the time bias is one value where the
+    tile's buckets ``[t_lo, t_hi]`` are one, one comparison per pair where they are two, and the
+    bucket per pair only where they are more (tiles near the diagonal)."""
     s = tl.dot(x, tl.trans(y), input_precision=PRECISION) * alpha
     if HAS_BIAS:
-        pos_idx = tl.minimum(tl.maximum(bias_pos, 0), NUM_POS - 1)
-        s += tl.load(REL_POS + h * NUM_POS + pos_idx) + tl.load(REL_TIME + h * NUM_TIME + t_lo)
-        if t_hi > t_lo:
-            reach = tl.maximum(bias_ts, 0) + 1
-            for t in range(t_lo + 1, t_hi + 1):
-                step = tl.load(REL_TIME + h * NUM_TIME + t) - tl.load(REL_TIME + h * NUM_TIME + t - 1)
-                s += tl.where((reach >> t) > 0, step, 0.0)
+        if dist_lo >= NUM_POS - 1:
+            s += tl.load(POS_H + NUM_POS - 1)
+        else:
+            s += tl.load(POS_H + tl.minimum(tl.maximum(dist, 0), NUM_POS - 1))
+        if t_hi == t_lo:
+            s += tl.load(TIME_H + t_lo)
+        elif t_hi == t_lo + 1:
+            s += tl.where(_bucket_at_least(dt, t_hi), tl.load(TIME_H + t_hi), tl.load(TIME_H + t_lo))
+        else:
+            s += tl.load(TIME_H + _bucket_of(dt, NUM_TIME))
     return s
 
 
 @triton.jit
-def _antidiagonal_sums(c, T: tl.constexpr, PRECISION: tl.constexpr):
-    """``z[e, f] = Σ c[i, j]`` over ``i + j = 8 f + e`` for ``c`` ``[T, T]`` (T = 64 or 128): the
-    sums along anti-diagonals by two one-hot products instead of a gather. With ``i = 8a + b`` and
-    ``j = 8c + d``, first ``b + d`` is summed out of each 8 x 8 block, then ``a + c``. Returns
-    ``[16, 2T/8]``; two entries may share one anti-diagonal (``e`` reaches 14)."""
+def _time_grad(acc, ds, total, dt, t_lo, t_hi, NUM_TIME, SLOTS: tl.constexpr):
+    """``acc`` ``[SLOTS]`` (the program's time-table gradient, added to the table once at its end)
+    plus ``ds``'s sum per time bucket: the tile sum ``total`` where the tile holds one bucket, split
+    by one comparison where it holds two, one masked sum per bucket elsewhere. Masked pairs have
+    ``ds = 0``, so bucket edges need no mask."""
+    slot = tl.arange(0, SLOTS)
+    if t_hi == t_lo:
+        acc += tl.where(slot == t_lo, total, 0.0)
+    elif t_hi == t_lo + 1:
+        upper = tl.sum(tl.where(_bucket_at_least(dt, t_hi), ds, 0.0))
+        acc += tl.where(slot == t_hi, upper, tl.where(slot == t_lo, total - upper, 0.0))
+    else:
+        bucket = _bucket_of(dt, NUM_TIME)
+        for t in range(t_lo, t_hi + 1):
+            acc += tl.where(slot == t, tl.sum(tl.where(bucket == t, ds, 0.0)), 0.0)
+    return acc
+
+
+@triton.jit
+def _grouped_sums(c, T: tl.constexpr, DIFF: tl.constexpr, PRECISION: tl.constexpr):
+    """``z[e, f] = Σ c[i, j]`` for ``c`` ``[T, T]`` (T = 64 or 128) over ``i + j = 8 f + e``
+    (anti-diagonals) or, ``DIFF``, over ``j - i = 8 (f - T/8 + 1) + e - 7`` (diagonals): by two
+    one-hot products instead of a gather. With ``i = 8a + b`` and ``j = 8c + d``, first ``b ± d`` is
+    summed out of each 8 x 8 block, then ``a ± c``. Returns ``[16, 2T/8]``; two entries may share one
+    (anti-)diagonal (``e`` reaches 14)."""
     S: tl.constexpr = 8
     B: tl.constexpr = T // S
     x = tl.reshape(tl.permute(tl.reshape(c, [B, S, B, S]), (0, 2, 1, 3)), [B * B, S * S])  # [(a, c), (b, d)]
     bd = tl.arange(0, S * S)
     e = tl.arange(0, 2 * S)
-    inner = ((bd[:, None] // S + bd[:, None] % S) == e[None, :]).to(tl.float32)  # [(b, d), e]
+    if DIFF:
+        inner = ((bd[:, None] % S - bd[:, None] // S + S - 1) == e[None, :]).to(tl.float32)  # [(b, d), e]
+    else:
+        inner = ((bd[:, None] // S + bd[:, None] % S) == e[None, :]).to(tl.float32)
     y = tl.dot(x, inner, input_precision=PRECISION)  # [(a, c), e]
     y = tl.reshape(tl.permute(tl.reshape(y, [B, B, 2 * S]), (2, 0, 1)), [2 * S, B * B])  # [e, (a, c)]
     ac = tl.arange(0, B * B)
     f = tl.arange(0, 2 * B)
-    outer = ((ac[:, None] // B + ac[:, None] % B) == f[None, :]).to(tl.float32)  # [(a, c), f]
+    if DIFF:
+        outer = ((ac[:, None] % B - ac[:, None] // B + B - 1) == f[None, :]).to(tl.float32)  # [(a, c), f]
+    else:
+        outer = ((ac[:, None] // B + ac[:, None] % B) == f[None, :]).to(tl.float32)
     return tl.dot(y, outer, input_precision=PRECISION)  # [e, f]
 
 
 @triton.jit
-def _position_grad(D_POS, ds, q_pos, k_pos, q_live, k_live, allowed, NUM_POS, PRECISION: tl.constexpr,
-                   T: tl.constexpr):
+def _consecutive(pos, live, lo, T: tl.constexpr):
+    """Whether all T tokens are live at positions ``lo, lo + 1, ...`` (one event per token)."""
+    return tl.sum((live & (pos == lo + tl.arange(0, T))).to(tl.int32)) == T
+
+
+@triton.jit
+def _position_grad(D_POS, top, ds, total, q_pos, k_pos, q_live, q_lo, q_hi, k_lo, k_hi, k_run, allowed, NUM_POS,
+                   PRECISION: tl.constexpr, T: tl.constexpr):
     """Adds ``ds`` ``[keys, queries]`` (T x T) into the position-bias gradient ``D_POS`` at
-    ``clamp(q_pos - k_pos)``. Per-pair atomic adds dominated the whole backward, so when the tile's
-    live positions span fewer than T values (always, inside one flow of one sequence):
-    one-hot products group the pairs by (query position - lowest, highest - key position), whose
-    sum is the distance up to a constant; anti-diagonal sums of that T x T matrix then give one
-    value per distance: 16 x 16 atomics instead of T x T. Other tiles add per pair."""
-    top = 2**30  # above any position; differences of +-top stay within int32
-    q_lo, q_hi = tl.min(tl.where(q_live, q_pos, top)), tl.max(tl.where(q_live, q_pos, -top))
-    k_lo, k_hi = tl.min(tl.where(k_live, k_pos, top)), tl.max(tl.where(k_live, k_pos, -top))
+    ``clamp(q_pos - k_pos)``; returns ``top``, the program's gradient of the table's last slot.
+    Per-pair atomic adds dominated the whole backward, so: a tile past the table adds its sum
+    ``total`` to ``top`` (one atomic per program at its end). A tile whose live positions span fewer
+    than T values (always, inside one flow of one sequence) sums along (anti-)diagonals: directly
+    where both sides hold consecutive positions (``k_run`` for the keys), else after one-hot products
+    that group the pairs by (query position - lowest, highest - key position), whose sum is the
+    distance up to a constant; 16 x 16 atomics instead of T x T. Other tiles add per pair. ``q_lo``
+    .. ``k_hi``: the live positions' spans."""
     live = (q_hi >= q_lo) & (k_hi >= k_lo)  # else ds is all 0
-    if live & (q_hi - q_lo < T) & (k_hi - k_lo < T):
+    if q_lo - k_hi >= NUM_POS - 1:
+        top += total
+    elif live & k_run & _consecutive(q_pos, q_live, q_lo, T):
+        sums = _grouped_sums(ds, T, True, PRECISION)  # [e, f]: distance q_lo - k_lo + 8 (f - T/8 + 1) + e - 7
+        dist = q_lo - k_lo + 8 * (tl.arange(0, 2 * T // 8)[None, :] - T // 8 + 1) + tl.arange(0, 16)[:, None] - 7
+        tl.atomic_add(D_POS + tl.minimum(tl.maximum(dist, 0), NUM_POS - 1), sums, mask=sums != 0.0)
+    elif live & (q_hi - q_lo < T) & (k_hi - k_lo < T):
         slot = tl.arange(0, T)
         by_query = ((q_pos[:, None] - q_lo) == slot[None, :]).to(tl.float32)  # [queries, q_pos - q_lo]
         by_key = ((k_hi - k_pos[:, None]) == slot[None, :]).to(tl.float32)  # [keys, k_hi - k_pos]
         grouped = tl.dot(tl.trans(by_key), tl.dot(ds, by_query, input_precision=PRECISION),
                          input_precision=PRECISION)  # [k_hi - k_pos, q_pos - q_lo]
-        sums = _antidiagonal_sums(grouped, T, PRECISION)  # [e, f]: distance q_lo - k_hi + 8 f + e
+        sums = _grouped_sums(grouped, T, False, PRECISION)  # [e, f]: distance q_lo - k_hi + 8 f + e
         dist = q_lo - k_hi + 8 * tl.arange(0, 2 * T // 8)[None, :] + tl.arange(0, 16)[:, None]
         tl.atomic_add(D_POS + tl.minimum(tl.maximum(dist, 0), NUM_POS - 1), sums, mask=sums != 0.0)
     elif live:
         pos_idx = tl.minimum(tl.maximum(q_pos[None, :] - k_pos[:, None], 0), NUM_POS - 1)
         tl.atomic_add(D_POS + pos_idx, ds, mask=allowed)
+    return top
 
 
 @triton.jit
@@ -232,6 +303,8 @@ def _hstu_fwd(Q, K, V, O, REQ, EVT, FLAG, POS, TS, REL_POS, REL_TIME, KV_COUNT, 
     q_tok = rows + Q_OFFSET
     q_req, q_evt, q_flag = _rule_meta(REQ, EVT, FLAG, b * L + q_tok, rows < LQ)
     q_pos, q_ts, q_live = _bias_meta(POS, TS, FLAG, b * L + q_tok, rows < LQ, HAS_BIAS)
+    q_pos_lo, _ = _span(q_pos, q_live, -POS_BOUND, POS_BOUND)  # (unused without the bias)
+    q_ts_lo, q_ts_hi = _span(q_ts, q_live, 0, TS_TOP)
     acc = tl.zeros((BLOCK_M, D), dtype=tl.float32)
     count = tl.load(KV_COUNT + b * s_cb + tile)
     for i in range(0, count):
@@ -240,9 +313,12 @@ def _hstu_fwd(Q, K, V, O, REQ, EVT, FLAG, POS, TS, REL_POS, REL_TIME, KV_COUNT, 
         k = _load_tile(K, b, h, keys, cols, s_kb, s_kh, s_kn, L)
         v = _load_tile(V, b, h, keys, cols, s_vb, s_vh, s_vn, L)
         k_pos, k_ts, k_live = _bias_meta(POS, TS, FLAG, b * L + keys, k_in, HAS_BIAS)
-        t_lo, t_hi = _time_range(q_ts, k_ts, q_live, k_live, NUM_TIME)
-        s = _scores(q, k, q_pos[:, None] - k_pos[None, :], q_ts[:, None] - k_ts[None, :], t_lo, t_hi, REL_POS,
-                    REL_TIME, h, NUM_POS, NUM_TIME, alpha, HAS_BIAS, PRECISION)  # [BLOCK_M, BLOCK_N]
+        _, k_pos_hi = _span(k_pos, k_live, -POS_BOUND, POS_BOUND)
+        k_ts_lo, k_ts_hi = _span(k_ts, k_live, 0, TS_TOP)
+        dist_lo, t_lo, t_hi = _bias_range(q_pos_lo, q_ts_lo, q_ts_hi, k_pos_hi, k_ts_lo, k_ts_hi, NUM_TIME)
+        s = _scores(q, k, q_pos[:, None] - k_pos[None, :], q_ts[:, None] - k_ts[None, :], dist_lo, t_lo, t_hi,
+                    REL_POS + h * NUM_POS, REL_TIME + h * NUM_TIME, NUM_POS, NUM_TIME, alpha, HAS_BIAS,
+                    PRECISION)  # [BLOCK_M, BLOCK_N]
         a = s * _sigmoid(s, PRECISION) * scale
         if tl.load(KV_FULL + b * s_ib + tile * s_iq + i) == 0:  # else the rule allows the whole tile
             k_req, k_evt, k_flag = _rule_meta(REQ, EVT, FLAG, b * L + keys, k_in)
@@ -259,8 +335,12 @@ def _hstu_bwd(Q, K, V, DO, DQ, DK, DV, REQ, EVT, FLAG, POS, TS, REL_POS, REL_TIM
               Q_COUNT, Q_INDEX, Q_FULL, s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_db, s_dh, s_dm,
               s_gb, s_gh, s_gm, s_kgb, s_kgh, s_kgn, s_cb, s_ib, s_iq, H, LQ, L, Q_OFFSET, NUM_POS,
               NUM_TIME, alpha, scale, RULE: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
-              DQ_ATOMIC: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """One key tile per program; scores are held transposed, ``[BLOCK_N keys, BLOCK_M queries]``."""
+              DQ_ATOMIC: tl.constexpr, TIME_SLOTS: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
+              BLOCK_N: tl.constexpr):
+    """One key tile per program; scores are held transposed, ``[BLOCK_N keys, BLOCK_M queries]``. The
+    bias gradients gather in the program (``pos_top``: the position table's last slot; ``time_grad``:
+    the time table, ``TIME_SLOTS`` >= its size) and reach the tables by one atomic add each at the
+    end, where one per tile pair contended across programs."""
     tl.static_assert((BLOCK_M == BLOCK_N) & (BLOCK_N >= 64), "the position-bias gradient needs square tiles >= 64")
     tile, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
@@ -271,8 +351,13 @@ def _hstu_bwd(Q, K, V, DO, DQ, DK, DV, REQ, EVT, FLAG, POS, TS, REL_POS, REL_TIM
     v = _load_tile(V, b, h, keys, cols, s_vb, s_vh, s_vn, L)
     k_req, k_evt, k_flag = _rule_meta(REQ, EVT, FLAG, b * L + keys, k_in)
     k_pos, k_ts, k_live = _bias_meta(POS, TS, FLAG, b * L + keys, k_in, HAS_BIAS)
+    k_pos_lo, k_pos_hi = _span(k_pos, k_live, -POS_BOUND, POS_BOUND)
+    k_ts_lo, k_ts_hi = _span(k_ts, k_live, 0, TS_TOP)
+    k_run = _consecutive(k_pos, k_live, k_pos_lo, BLOCK_N)
     dk = tl.zeros((BLOCK_N, D), dtype=tl.float32)
     dv = tl.zeros((BLOCK_N, D), dtype=tl.float32)
+    pos_top = tl.sum(tl.zeros((BLOCK_N,), dtype=tl.float32))
+    time_grad = tl.zeros((TIME_SLOTS,), dtype=tl.float32)
     count = tl.load(Q_COUNT + b * s_cb + tile)
     for i in range(0, count):
         rows = tl.load(Q_INDEX + b * s_ib + tile * s_iq + i) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -282,9 +367,12 @@ def _hstu_bwd(Q, K, V, DO, DQ, DK, DV, REQ, EVT, FLAG, POS, TS, REL_POS, REL_TIM
         q_tok = rows + Q_OFFSET
         meta = b * L + q_tok
         q_pos, q_ts, q_live = _bias_meta(POS, TS, FLAG, meta, q_in, HAS_BIAS)
-        t_lo, t_hi = _time_range(q_ts, k_ts, q_live, k_live, NUM_TIME)
-        s = _scores(k, q, q_pos[None, :] - k_pos[:, None], q_ts[None, :] - k_ts[:, None], t_lo, t_hi, REL_POS,
-                    REL_TIME, h, NUM_POS, NUM_TIME, alpha, HAS_BIAS, PRECISION)  # [BLOCK_N, BLOCK_M]
+        q_pos_lo, q_pos_hi = _span(q_pos, q_live, -POS_BOUND, POS_BOUND)
+        q_ts_lo, q_ts_hi = _span(q_ts, q_live, 0, TS_TOP)
+        dist_lo, t_lo, t_hi = _bias_range(q_pos_lo, q_ts_lo, q_ts_hi, k_pos_hi, k_ts_lo, k_ts_hi, NUM_TIME)
+        dist, dt = q_pos[None, :] - k_pos[:, None], q_ts[None, :] - k_ts[:, None]
+        s = _scores(k, q, dist, dt, dist_lo, t_lo, t_hi, REL_POS + h * NUM_POS, REL_TIME + h * NUM_TIME, NUM_POS,
+                    NUM_TIME, alpha, HAS_BIAS, PRECISION)  # [BLOCK_N, BLOCK_M]
         if tl.load(Q_FULL + b * s_ib + tile * s_iq + i) == 0:
             q_req, q_evt, q_flag = _rule_meta(REQ, EVT, FLAG, meta, q_in)
             allowed = _allowed(q_tok[None, :], keys[:, None], q_req[None, :], k_req[:, None], q_evt[None, :],
@@ -297,21 +385,18 @@ def _hstu_bwd(Q, K, V, DO, DQ, DK, DV, REQ, EVT, FLAG, POS, TS, REL_POS, REL_TIM
         da = tl.dot(v, tl.trans(do), input_precision=PRECISION)  # [BLOCK_N, BLOCK_M]
         ds = tl.where(allowed, da * scale * sig * (1.0 + s * (1.0 - sig)), 0.0)  # d loss / d s
         if HAS_BIAS:
-            _position_grad(D_REL_POS + h * NUM_POS, ds, q_pos, k_pos, q_live, k_live, allowed, NUM_POS, PRECISION,
-                           BLOCK_N)
-            # One tile sum and one atomic per time bucket present, where per-pair atomics on 32
-            # addresses would serialise. Masked pairs have ds = 0, so bucket edges need no mask.
-            if t_hi == t_lo:
-                tl.atomic_add(D_REL_TIME + h * NUM_TIME + t_lo, tl.sum(ds))
-            else:
-                reach = tl.maximum(q_ts[None, :] - k_ts[:, None], 0) + 1
-                for t in range(t_lo, t_hi + 1):
-                    bucket = tl.where(t == t_hi, (reach >> t) > 0, (reach >> t) == 1)
-                    tl.atomic_add(D_REL_TIME + h * NUM_TIME + t, tl.sum(tl.where(bucket, ds, 0.0)))
+            total = tl.sum(ds)
+            pos_top = _position_grad(D_REL_POS + h * NUM_POS, pos_top, ds, total, q_pos, k_pos, q_live, q_pos_lo,
+                                     q_pos_hi, k_pos_lo, k_pos_hi, k_run, allowed, NUM_POS, PRECISION, BLOCK_N)
+            time_grad = _time_grad(time_grad, ds, total, dt, t_lo, t_hi, NUM_TIME, TIME_SLOTS)
         dk += tl.dot(ds.to(q.dtype), q, input_precision=PRECISION)
         if DQ_ATOMIC:
             dq = tl.dot(tl.trans(ds).to(k.dtype), k, input_precision=PRECISION) * alpha  # [BLOCK_M, D]
             tl.atomic_add(DQ + b * s_gb + h * s_gh + rows[:, None] * s_gm + cols[None, :], dq, mask=q_in[:, None])
+    if HAS_BIAS:
+        tl.atomic_add(D_REL_POS + h * NUM_POS + NUM_POS - 1, pos_top, mask=pos_top != 0.0)
+        slot = tl.arange(0, TIME_SLOTS)
+        tl.atomic_add(D_REL_TIME + h * NUM_TIME + slot, time_grad, mask=(slot < NUM_TIME) & (time_grad != 0.0))
     out = b * s_kgb + h * s_kgh + keys[:, None] * s_kgn + cols[None, :]
     tl.store(DK + out, (dk * alpha).to(DK.dtype.element_ty), mask=k_in[:, None])
     tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=k_in[:, None])
@@ -334,6 +419,8 @@ def _hstu_bwd_dq(Q, K, V, DO, DQ, REQ, EVT, FLAG, POS, TS, REL_POS, REL_TIME, KV
     q_tok = rows + Q_OFFSET
     q_req, q_evt, q_flag = _rule_meta(REQ, EVT, FLAG, b * L + q_tok, rows < LQ)
     q_pos, q_ts, q_live = _bias_meta(POS, TS, FLAG, b * L + q_tok, rows < LQ, HAS_BIAS)
+    q_pos_lo, _ = _span(q_pos, q_live, -POS_BOUND, POS_BOUND)
+    q_ts_lo, q_ts_hi = _span(q_ts, q_live, 0, TS_TOP)
     dq = tl.zeros((BLOCK_M, D), dtype=tl.float32)
     count = tl.load(KV_COUNT + b * s_cb + tile)
     for i in range(0, count):
@@ -342,9 +429,12 @@ def _hstu_bwd_dq(Q, K, V, DO, DQ, REQ, EVT, FLAG, POS, TS, REL_POS, REL_TIME, KV
         k = _load_tile(K, b, h, keys, cols, s_kb, s_kh, s_kn, L)
         v = _load_tile(V, b, h, keys, cols, s_vb, s_vh, s_vn, L)
         k_pos, k_ts, k_live = _bias_meta(POS, TS, FLAG, b * L + keys, k_in, HAS_BIAS)
-        t_lo, t_hi = _time_range(q_ts, k_ts, q_live, k_live, NUM_TIME)
-        s = _scores(q, k, q_pos[:, None] - k_pos[None, :], q_ts[:, None] - k_ts[None, :], t_lo, t_hi, REL_POS,
-                    REL_TIME, h, NUM_POS, NUM_TIME, alpha, HAS_BIAS, PRECISION)  # [BLOCK_M, BLOCK_N]
+        _, k_pos_hi = _span(k_pos, k_live, -POS_BOUND, POS_BOUND)
+        k_ts_lo, k_ts_hi = _span(k_ts, k_live, 0, TS_TOP)
+        dist_lo, t_lo, t_hi = _bias_range(q_pos_lo, q_ts_lo, q_ts_hi, k_pos_hi, k_ts_lo, k_ts_hi, NUM_TIME)
+        s = _scores(q, k, q_pos[:, None] - k_pos[None, :], q_ts[:, None] - k_ts[None, :], dist_lo, t_lo, t_hi,
+                    REL_POS + h * NUM_POS, REL_TIME + h * NUM_TIME, NUM_POS, NUM_TIME, alpha, HAS_BIAS,
+                    PRECISION)  # [BLOCK_M, BLOCK_N]
         sig = _sigmoid(s, PRECISION)
         da = tl.dot(do, tl.trans(v), input_precision=PRECISION)  # [BLOCK_M, BLOCK_N]
         ds = da * scale * sig * (1.0 + s * (1.0 - sig))
@@ -431,7 +521,8 @@ def _bwd_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
         v.stride(0), v.stride(1), v.stride(2), grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
         dq.stride(0), dq.stride(1), dq.stride(2), dk.stride(0), dk.stride(1), dk.stride(2), bwd_count.stride(0),
         bwd_index.stride(0), bwd_index.stride(1), h, lq, seq, q_offset, num_pos, num_time, 1.0 / math.sqrt(d), scale,
-        DQ_ATOMIC=not dq_separate, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages, **common)
+        DQ_ATOMIC=not dq_separate, TIME_SLOTS=triton.next_power_of_2(max(num_time, 16)), BLOCK_M=block_m,
+        BLOCK_N=block_n, num_warps=warps, num_stages=stages, **common)
     if dq_separate:
         block_m, block_n, warps, stages = dq_tile
         _hstu_bwd_dq[(triton.cdiv(lq, block_m), b * h)](
@@ -487,7 +578,7 @@ def hstu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: To
     if d not in (16, 32, 64, 128, 256):
         raise ValueError(f"the triton backend needs a head dim that is a power of two in 16..256, got {d}")
     meta = layout.cached(("triton_meta",), lambda: KernelMeta.from_layout(layout))
-    fwd_tile, bwd_tile, dq_tile = config.tiles(d)
+    fwd_tile, bwd_tile, dq_tile = config.tiles(d, q.dtype)
     forward = _schedule(layout, meta, fwd_tile, q_offset, transpose=False)
     has_bias = rel_pos is not None
     if has_bias:  # fp32 copies: autograd casts the tables' gradients back to their dtype
