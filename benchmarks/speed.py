@@ -144,7 +144,7 @@ def _time_variant(fn, leaves, do) -> tuple[float, float]:
 
 
 def kernel_rows(ns: list[int], tokens: int, heads: int, dim: int, peak: float, backend,
-                anchor_path: str | None = None) -> list[dict]:
+                anchor_path: str | None = None, only: set[str] | None = None) -> list[dict]:
     from genrec.ops.reference.attention import alibi_slopes
 
     anchor = anchor_attention(anchor_path) if anchor_path else None
@@ -166,6 +166,8 @@ def kernel_rows(ns: list[int], tokens: int, heads: int, dim: int, peak: float, b
             variants["authors_triton_causal"] = (fn, variants["hstu_causal"][1])
         part = []
         for name, (fn, pairs) in variants.items():
+            if only and name not in only:
+                continue
             base = (q, k, v, do)
             if name == "authors_triton_causal":
                 base = tuple(anchor[1](t) for t in base)
@@ -487,6 +489,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-models", default="hstu,genrank,dfgr")
     parser.add_argument("--kernel-ns", default="1024,2048,4096,8192")
     parser.add_argument("--kernel-tokens", type=int, default=131_072)
+    parser.add_argument("--kernels", help="only these kernel rows (comma-separated names; default: all)")
     parser.add_argument("--ms", default="64,512,2048")
     parser.add_argument("--d", type=int, default=512)
     parser.add_argument("--heads", type=int, default=8)
@@ -528,7 +531,7 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict] = [{"bench": "matmul", "n": 8192, "tflops": peak}]
     if "kernel" in parts:
         rows += kernel_rows([int(x) for x in args.kernel_ns.split(",")], args.kernel_tokens, 4, 128, peak, args.backend,
-                            args.anchor_path)
+                            args.anchor_path, set(args.kernels.split(",")) if args.kernels else None)
     if "train" in parts:
         rows += train_rows([int(x) for x in args.train_ns.split(",")] if args.train_ns else ns, args, peak)
     if "infer" in parts:

@@ -11,8 +11,12 @@ launch.
 Backward: one kernel per key tile computes dK and dV in registers; dQ comes from a second kernel per
 query tile (``KernelConfig.dq_separate``, the default: seven matrix products per tile pair, no
 atomics), or from fp32 atomic adds in the first (the FlashAttention-2 split, five products; half as fast on the H100).
-The relative-bias gradients are reduced per tile before their atomic adds: the position table's by
-distance (:func:`_position_grad`), the time table's per bucket present in the tile. ``q_offset``
+The relative bias costs each tile pair only what its extremes require (:func:`_scores`): one value
+where all its distances lie past the position table or all its time differences in one bucket,
+one comparison per pair where they span two buckets, a table read per pair otherwise. Its gradients
+gather in each dK/dV program (the table's last slot and the time table in registers, added once at
+the program's end); the position table's other slots are reduced per tile by distance
+(:func:`_position_grad`) before their atomic adds. ``q_offset``
 makes the queries the layout's tokens ``q_offset..L-1`` against all ``L`` keys: that is attention
 over a KV cache (history keys, then the new tokens).
 
