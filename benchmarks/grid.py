@@ -39,6 +39,24 @@ def train_run(config: str | Path, overrides: list[str], out: Path, label: str, r
     return row
 
 
+def _family(metric: str) -> str:
+    """Which task a metric measures: retrieval (hr@k, ndcg@k, mrr) or a ranking signal ("" the label)."""
+    if metric.startswith(("hr@", "ndcg@", "mrr")):
+        return "retrieval"
+    return metric.partition("/")[2]
+
+
+def tested(metrics: dict) -> dict:
+    """A run's test metrics and best epoch. Under per-task selection (``early_stop_metric: ndcg@10,auc``)
+    each task's metrics come from that task's own best weights, and each task's best epoch is given as
+    ``best_epoch/<metric>``; ``best_epoch`` is the first task's."""
+    out = dict(metrics["test"]) | {"best_epoch": metrics["best_epoch"]}
+    for name, task in metrics.get("tasks", {}).items():
+        out |= {k: v for k, v in task["test"].items() if _family(k) == _family(name)}
+        out[f"best_epoch/{name}"] = task["best_epoch"]
+    return out
+
+
 def add_grid_arguments(parser: argparse.ArgumentParser, runs: str, out: str) -> None:
     """The options every grid script takes: data, seeds, parallelism, device, folders, overrides."""
     parser.add_argument("--dataset", default="ml-latest-small")

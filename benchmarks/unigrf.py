@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import report
-from grid import add_grid_arguments, train_run
+from grid import add_grid_arguments, tested, train_run
 
 ROOT = Path(__file__).resolve().parent.parent
 SINGLE = ["model_args.hard_negatives=0", "model_args.favourite_threshold=1.0", "model_args.weighter=false"]
@@ -74,8 +74,7 @@ def run_one(variant: str, seed: int, args) -> dict:
         history = metrics["history"]
         enhancer_s = sum(h.get("before_epoch_s", 0.0) for h in history)
         key = {"model": "unigrf", "variant": variant, "dataset": args.dataset, "protocol": args.protocol, "seed": seed}
-        return key | metrics["test"] | {
-            "best_epoch": metrics["best_epoch"], "epochs": len(history), "steps": metrics["steps"]} | extras | {
+        return key | tested(metrics) | {"epochs": len(history), "steps": metrics["steps"]} | extras | {
             "enhancer_s": enhancer_s, "favourites_last_epoch": history[-1].get("favourites", 0.0),
             "history": history}
 
