@@ -132,7 +132,8 @@ class Server:
             self.port = s.getsockname()[1]
         cmd = [sys.executable, __file__, "--server", "--model", model, "--mode", mode, "--n", str(n), "--m", str(m),
                "--port", str(self.port), *args.passthrough]
-        env = os.environ | {"PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT / "benchmarks")])}
+        paths = [str(ROOT / "src"), str(ROOT / "benchmarks"), *filter(None, [os.environ.get("PYTHONPATH")])]
+        env = os.environ | {"PYTHONPATH": os.pathsep.join(paths)}
         self.proc = subprocess.Popen(cmd, env=env)
         deadline = time.monotonic() + 120
         while True:
