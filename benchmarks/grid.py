@@ -1,7 +1,8 @@
 """Benchmark grids: one training run per subprocess, resumable across an interrupted grid.
 
 Each run is ``genrec train`` in its own process (no state shared between runs), writes its folder
-under ``out`` and, once finished, a ``benchmark_row.json`` there, so ``reuse`` skips finished runs.
+under ``out`` and, once finished, a ``benchmark_row.json`` there, so ``reuse`` skips finished runs
+and resumes interrupted ones.
 """
 
 from __future__ import annotations
@@ -24,8 +25,11 @@ def train_run(config: str | Path, overrides: list[str], out: Path, label: str, r
     done = out / "benchmark_row.json"
     if reuse and done.is_file():
         return json.loads(done.read_text())
-    cmd = [sys.executable, "-m", "genrec.cli", "train", "--config", str(config), "--overwrite",
-           "--out-dir", str(out), "--set", *overrides]
+    # with reuse, an interrupted run continues from its last checkpoint (under changed train.* settings
+    # if given, e.g. fewer epochs); otherwise every run starts afresh
+    unfinished = reuse and (out / "run.json").is_file() and not (out / "metrics.json").is_file()
+    cmd = [sys.executable, "-m", "genrec.cli", "train", "--config", str(config),
+           "--resume" if unfinished else "--overwrite", "--out-dir", str(out), "--set", *overrides]
     start = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     wall = time.perf_counter() - start

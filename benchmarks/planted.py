@@ -71,13 +71,23 @@ def planted_optimum(log_dir: Path, cfg, log_model: LatentModel) -> dict:
     catalogue = np.zeros(LOG.num_items, dtype=bool)
     catalogue[raw_item] = True  # genrec ranks the items it has seen; no other item can be ranked
     signals = np.asarray(seq.signal_labels)
-    targets = np.concatenate([np.arange(t0, end) for _, _, end, t0 in windows(seq, "test", d.split, d.max_len,
-                                                                             d.stride)])
+    def split_targets(split: str) -> np.ndarray:
+        return np.concatenate([np.arange(t0, end) for _, _, end, t0 in windows(seq, split, d.split, d.max_len,
+                                                                              d.stride)])
+
+    targets = split_targets("test")
     users = np.array([int(u) for u in seq.user_raw])
     bayes = bayes_scores(log_model, seq.user_offsets, items, signals, catalogue)
     oracle = bayes_scores(log_model, seq.user_offsets, items, signals, catalogue,
                           known_topics=log_model.user_topics[users])
-    return {"bayes": optimum(bayes, targets, signals[targets, 0]),
+    # popularity in the training events: what an order-blind, user-blind ranking reaches
+    counts = np.bincount(items[split_targets("train")], minlength=LOG.num_items)
+    rank = np.empty(LOG.num_items)
+    rank[np.argsort(-counts, kind="stable")] = np.arange(1, LOG.num_items + 1)
+    popular = rank[items[targets]]
+    popularity = {"realised_hr@10": float((popular <= 10).mean()),
+                  "realised_ndcg@10": float(np.where(popular <= 10, 1 / np.log2(1 + popular), 0).mean())}
+    return {"bayes": optimum(bayes, targets, signals[targets, 0]), "popularity": popularity,
             "oracle": optimum(oracle, targets, signals[targets, 0]),
             "catalogue": int(catalogue.sum()), "test_targets": int(len(targets)),
             "test_positives": int(signals[targets, 0].sum())}
@@ -156,6 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown models {sorted(unknown)}; known: {', '.join(MODELS)}")
     args.log = str(Path(args.runs) / "log")
+    if args.jobs > 1:  # parallel runs share the cores: one thread each instead of oversubscribing
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
     summary = generate(LOG, args.log, log=print)  # deterministic in its seed: rerunning writes the same log
     cfg = load(CONFIG, [f"data.event_log.path={args.log}"])
     opt = planted_optimum(Path(args.log), cfg, LatentModel.load(Path(args.log) / "latent.npz"))
@@ -170,6 +182,9 @@ def main(argv: list[str] | None = None) -> int:
                   | {f"expected {m}": v[m] for m in (*RETRIEVAL_METRICS, "auc")}
                   for k, v in (("reference: Bayes-optimal predictor", opt["bayes"]),
                                  ("reference: oracle that knows the topic", opt["oracle"]))]
+    references.append({"model": "reference: popularity (training counts)", "dataset": "planted (SYNTHETIC)",
+                       "protocol": cfg.data.split.protocol, "reference": True,
+                       **{m: opt["popularity"][f"realised_{m}"] for m in RETRIEVAL_METRICS}})
     targets = targets_of(rows, opt)
     columns = ["model", "seed", "hr@10", "hr@10_fraction", "ndcg@10", "ndcg@10_fraction", "auc", "auc_fraction",
                "auc_lift_fraction", "best_epoch", "epochs", "wall_s"]
@@ -188,7 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     argv_used = argv if argv is not None else sys.argv[1:]
     meta = report.meta(["python", "benchmarks/planted.py", *argv_used],
                        device=f"cpu ({os.cpu_count()} cores, shared with other jobs)")
-    meta |= {"synthetic": True, "log": asdict(LOG) | {"summary_note": summary["note"]}, "optimum": opt}
+    meta |= {"threads_per_run": os.environ.get("OMP_NUM_THREADS", "torch default"), "synthetic": True,
+             "log": asdict(LOG) | {"summary_note": summary["note"]}, "optimum": opt}
     report.write(Path(args.out) / f"planted_{args.tag}", rows + references, text, meta, targets)
     print(text)
     return 0
