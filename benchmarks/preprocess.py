@@ -57,62 +57,51 @@ print(json.dumps({"seconds": seconds, "peak_rss_gb": resource.getrusage(resource
                   "items": meta["items"], "buckets": meta["buckets"]}))
 """
 
-LOADER = """
+# loader timing shared by both loader processes: batches/s and events/s after the first batch
+TIMED = """
 import json, resource, sys, time
 from genrec.data.batching import WindowDataset, make_loader
 from genrec.data.splits import SplitConfig, windows
 from genrec.data.store import load
-out, batches = sys.argv[1], int(sys.argv[2])
-seq = load(out)
-t0 = time.perf_counter()
-w = windows(seq, "train", SplitConfig(protocol="temporal"), 200)
-split_s = time.perf_counter() - t0
-data = WindowDataset(seq, w)
-row = {"split_s": split_s, "windows": len(w)}
-for workers in (0, 2):
-    loader = make_loader(data, 64, shuffle=True, num_workers=workers)
-    it = iter(loader)
-    next(it)  # worker start-up is not the steady state
-    t0, n, events = time.perf_counter(), 0, 0
-    for batch in it:
-        n += 1
-        events += batch.num_events
-        if n >= batches:
-            break
-    dt = time.perf_counter() - t0
-    row[f"loader_batches_per_s_w{workers}"] = n / dt
-    row[f"loader_events_per_s_w{workers}"] = events / dt
-row["loader_peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-print(json.dumps(row))
-"""
 
-# the training loader alone at the shapes (n, batch) of the GPU train rows: same events per batch
-LOADER_GPU = """
-import json, sys, time
-from genrec.data.batching import WindowDataset, make_loader
-from genrec.data.splits import SplitConfig, windows
-from genrec.data.store import load
-out, shapes, batches = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3])
-seq = load(out)
-rows = []
-for n, batch in shapes:
-    data = WindowDataset(seq, windows(seq, "train", SplitConfig(protocol="temporal"), n))
-    per_batch = max(1, round(n * batch / float(data.lengths().mean())))
-    row = {"n": n, "batch": batch, "loader_batch": per_batch}
+
+def timed(data, batch_size, batches, row):
     for workers in (0, 2):
-        it = iter(make_loader(data, per_batch, shuffle=True, num_workers=workers))
+        it = iter(make_loader(data, batch_size, shuffle=True, num_workers=workers))
         next(it)  # worker start-up is not the steady state
         t0, done, events = time.perf_counter(), 0, 0
-        for b in it:
+        for batch in it:
             done += 1
-            events += b.num_events
+            events += batch.num_events
             if done >= batches:
                 break
         dt = time.perf_counter() - t0
         row[f"loader_batches_per_s_w{workers}"] = done / dt
         row[f"loader_events_per_s_w{workers}"] = events / dt
         row["loader_events_per_batch"] = events / done
-    rows.append(row)
+    return row
+"""
+
+LOADER = TIMED + """
+out, batches = sys.argv[1], int(sys.argv[2])
+seq = load(out)
+t0 = time.perf_counter()
+w = windows(seq, "train", SplitConfig(protocol="temporal"), 200)
+split_s = time.perf_counter() - t0
+row = timed(WindowDataset(seq, w), 64, batches, {"split_s": split_s, "windows": len(w)})
+row["loader_peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+print(json.dumps(row))
+"""
+
+# the training loader alone at the shapes (n, batch) of the GPU train rows: same events per batch
+LOADER_GPU = TIMED + """
+out, shapes, batches = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3])
+seq = load(out)
+rows = []
+for n, batch in shapes:
+    data = WindowDataset(seq, windows(seq, "train", SplitConfig(protocol="temporal"), n))
+    per_batch = max(1, round(n * batch / float(data.lengths().mean())))
+    rows.append(timed(data, per_batch, batches, {"n": n, "batch": batch, "loader_batch": per_batch}))
 print(json.dumps(rows))
 """
 
