@@ -24,8 +24,8 @@ reports the fraction of the oracle's AUC lift over 0.5 it reaches (SYNTHETIC: ne
 Writes ``benchmarks/results/scaling_<dataset>.{json,md}`` and ``..._{law,frontier,allocation}.png``.
 
     python benchmarks/scaling.py --reuse                                   # ml-latest-small
-    python benchmarks/scaling.py --reuse --synthetic 1500,45000,500 --alloc-seeds 0 \
-        --budgets 1e9,3e9,9e9                                              # planted log (SYNTHETIC)
+    python benchmarks/scaling.py --reuse --synthetic 200,15000,60,2 --seeds 0 --epochs 4 \
+        --alloc-models ''                                                  # planted log (SYNTHETIC)
     python benchmarks/scaling.py --reuse --dataset ml-1m --device cuda --jobs 8
 """
 
@@ -38,7 +38,7 @@ import math
 import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -102,12 +102,13 @@ def synthetic_log(args) -> tuple[str, dict, Path]:
     """Generate the planted log once under ``--runs`` (kept for reuse); its name, event-log mapping, folder."""
     from genrec.data.synth import SynthConfig, generate
 
-    users, events, items = (int(v) for v in args.synthetic.split(","))
-    cfg = SynthConfig(users=users, events=events, items=items, signals=("click",), seed=0)
-    name = f"synthetic-planted-{users}u-{events}e-{items}i"
+    users, events, items, *rest = (int(v) for v in args.synthetic.split(","))
+    latent_dim = rest[0] if rest else SynthConfig.latent_dim
+    cfg = SynthConfig(users=users, events=events, items=items, signals=("click",), latent_dim=latent_dim, seed=0)
+    name = f"synthetic-planted-{users}u-{events}e-{items}i-k{latent_dim}"
     folder = Path(args.runs) / name / "log"
     summary = folder / "synthetic.json"
-    if not summary.is_file() or json.loads(summary.read_text())["config"]["events"] != events:
+    if not summary.is_file() or json.loads(summary.read_text())["config"] != json.loads(json.dumps(asdict(cfg))):
         generate(cfg, folder)
     values = {"path": str(folder.resolve()), "user": "user_id", "item": "item_id", "timestamp": "timestamp",
               "request": "request_id", "signals": ["click"]}
@@ -450,7 +451,7 @@ def main(argv: list[str] | None = None) -> int:
     add_grid_arguments(parser, runs="runs/scaling", out=str(ROOT / "benchmarks" / "results"))
     parser.set_defaults(seeds="0,1")
     parser.add_argument("--config", default=str(ROOT / "configs" / "ranking.yaml"))
-    parser.add_argument("--synthetic", default=None, metavar="USERS,EVENTS,ITEMS",
+    parser.add_argument("--synthetic", default=None, metavar="USERS,EVENTS,ITEMS[,LATENT_DIM]",
                         help="train on a generated planted log (SYNTHETIC) instead of --dataset")
     parser.add_argument("--event-log", default=None, help="YAML event-log mapping (a team's own log)")
     parser.add_argument("--models", default="hstu,dfgr,genrank", help="families of the law study")
@@ -463,7 +464,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--alloc-models", default="dfgr,hstu", help="families of the allocation study ('' for none)")
     parser.add_argument("--shapes", default="deep=2x16x1x32,wide=1x32x1x32,long=1x16x1x96",
                         help="allocation shapes name=LxDxHxN")
-    parser.add_argument("--budgets", default="2e9,6e9,1.8e10", help="allocation FLOP budgets")
+    parser.add_argument("--budgets", default="1e9,3e9,9e9", help="allocation FLOP budgets")
     parser.add_argument("--alloc-seeds", default=None, help="seeds of the allocation study (default: --seeds)")
     parser.add_argument("--fit-metric", choices=tuple(FIT_METRICS), default="logloss",
                         help="the metric of fit_r2_min and of the allocation")

@@ -28,7 +28,7 @@ def sweep(tmp_path: Path) -> subprocess.CompletedProcess:
 def test_tiny_sweep_writes_results_plots_and_resumes_without_retraining(tmp_path):
     proc = sweep(tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    name = "synthetic-planted-40u-1600e-80i"
+    name = "synthetic-planted-40u-1600e-80i-k8"
     stem = tmp_path / "out" / f"scaling_{name}"
     blob = json.loads(stem.with_suffix(".json").read_text())
     assert {"meta", "rows", "targets", "fits", "allocation", "dfgr_vs_hstu", "planted_oracle"} <= set(blob)
