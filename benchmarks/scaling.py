@@ -178,7 +178,7 @@ def planted_oracle(trainer, latent) -> dict:
 # -- one point --------------------------------------------------------------------------------------------
 
 def run_point(study: str, model: str, shape_name: str, shape: Shape, seed: int, budget: float | None,
-              facts: dict, args) -> dict:
+              facts: dict, args) -> dict | None:
     per_step = facts["epoch_flops"] / facts["steps_per_epoch"]
     t = [f"train.seed={seed}", f"train.device={args.device}", "train.tensorboard=false", "train.progress=false"]
     if study == "law" and args.schedule == "early-stop":
@@ -213,6 +213,9 @@ def run_point(study: str, model: str, shape_name: str, shape: Shape, seed: int, 
                     "auc_lift_fraction": (row["auc"] - 0.5) / (o["auc"] - 0.5)}
         return row
 
+    if args.finished_only and not (out / "benchmark_row.json").is_file():
+        print(f"[scaling] not trained (--finished-only): {out}", flush=True)
+        return None
     row = train_run(args.config, overrides, out, f"{study}/{model}/{shape_name}/{seed}", args.reuse, row_of)
     check_steps_per_epoch(out, row)
     print(f"[scaling] {study} {model} {shape_name} {budget_tag} seed {seed}: logloss {row['logloss']:.4f} "
@@ -468,6 +471,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--alloc-seeds", default=None, help="seeds of the allocation study (default: --seeds)")
     parser.add_argument("--fit-metric", choices=tuple(FIT_METRICS), default="logloss",
                         help="the metric of fit_r2_min and of the allocation")
+    parser.add_argument("--finished-only", action="store_true",
+                        help="train nothing: write the results of the points whose runs finished (with --reuse)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run (OMP_NUM_THREADS)")
     args = parser.parse_args(argv)
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
@@ -498,7 +503,9 @@ def main(argv: list[str] | None = None) -> int:
     jobs += [("allocation", m, s, shapes[s], seed, b) for seed in alloc_seeds for b in budgets for m in alloc_models
              for s in shapes]
     with ThreadPoolExecutor(args.jobs) as pool:
-        rows = list(pool.map(lambda j: run_point(*j, facts[(j[1], j[2])], args), jobs))
+        done = list(pool.map(lambda j: run_point(*j, facts[(j[1], j[2])], args), jobs))
+    rows = [r for r in done if r is not None]
+    missing = [f"{j[0]}/{j[1]}/{j[2]}/budget {j[5]}/seed {j[4]}" for j, r in zip(jobs, done, strict=True) if r is None]
 
     metric = args.fit_metric
     fits = law_fits(rows)
@@ -518,11 +525,14 @@ def main(argv: list[str] | None = None) -> int:
     meta |= {"synthetic": args.synthetic is not None, "schedule": args.schedule, "fit_metric": metric,
              "compute": "analytic training FLOPs (genrec.flops per training window, fwd + bwd), through the "
                         "tested checkpoint (early-stop) or the whole budget (tokens, allocation)",
-             "plots": pngs}
+             "plots": pngs, "points_planned": len(jobs), "points_not_trained": missing}
     extra = {"fits": fits, "allocation": alloc, "dfgr_vs_hstu": comparison}
     if args.latent is not None:
         extra["planted_oracle"] = next(iter(facts.values()))["oracle"]
     table = markdown(rows, fits, alloc, comparison, flop_rows, tgt, metric, args.synthetic is not None)
+    if missing:
+        table = (f"**{len(rows)} of {len(jobs)} planned points trained**; not trained: {', '.join(missing)}\n\n"
+                 + table)
     report.write(stem, rows + flop_rows, table, meta, tgt, extra=extra)
     print(table)
     return 0

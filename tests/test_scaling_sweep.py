@@ -1,5 +1,6 @@
 """benchmarks/scaling.py end to end on a tiny planted log: JSON in the results shape, PNGs, fits, targets
-computed from its rows, and a rerun with ``--reuse`` that trains only the point that had not finished."""
+computed from its rows, a rerun with ``--reuse`` that trains only the point that had not finished, and
+``--finished-only`` results of a sweep cut short."""
 
 from __future__ import annotations
 
@@ -17,9 +18,9 @@ ARGS = ["--synthetic", "40,1600,80", "--seeds", "0", "--models", "dfgr", "--ladd
         "--shapes", "small=1x4x1x8", "--budgets", "2e6", "--jobs", "2", "--reuse"]
 
 
-def sweep(tmp_path: Path) -> subprocess.CompletedProcess:
+def sweep(tmp_path: Path, *extra: str) -> subprocess.CompletedProcess:
     env = os.environ | {"PYTHONPATH": str(REPO / "src")}
-    return subprocess.run([sys.executable, str(REPO / "benchmarks" / "scaling.py"), *ARGS, "--runs",
+    return subprocess.run([sys.executable, str(REPO / "benchmarks" / "scaling.py"), *ARGS, *extra, "--runs",
                            str(tmp_path / "runs"), "--out", str(tmp_path / "out")], capture_output=True, text=True,
                           timeout=900, env=env)
 
@@ -70,3 +71,13 @@ def test_tiny_sweep_writes_results_plots_and_resumes_without_retraining(tmp_path
     assert killed.is_file()
     assert {p: p.stat().st_mtime_ns for p in kept} == stamps
     assert len(json.loads(stem.with_suffix(".json").read_text())["rows"]) == len(blob["rows"])
+
+    # a sweep cut short: --finished-only trains nothing and writes what finished, saying what did not
+    killed.unlink()
+    partial = sweep(tmp_path, "--finished-only")
+    assert partial.returncode == 0, partial.stderr[-3000:]
+    assert not killed.is_file()
+    blob = json.loads(stem.with_suffix(".json").read_text())
+    assert len([r for r in blob["rows"] if r["study"] != "flop_check"]) == 5
+    assert len(blob["meta"]["points_not_trained"]) == 1 and blob["meta"]["points_planned"] == 6
+    assert "5 of 6 planned points trained" in stem.with_suffix(".md").read_text()
