@@ -34,9 +34,9 @@ def tiny_config(data: Path, out: Path, model: str = "hstu"):
 
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory, tiny_data) -> Path:
-    """HSTU and SASRec trained on 2 gloo ranks by ``genrec train --nproc 2``, as a user launches it."""
+    """HSTU, SASRec and UniGRF trained on 2 gloo ranks by ``genrec train --nproc 2``, as a user launches it."""
     out = tmp_path_factory.mktemp("two-ranks")
-    for model in ("hstu", "sasrec"):
+    for model in ("hstu", "sasrec", "unigrf"):
         done = run_command([sys.executable, "-m", "genrec", "train", "--nproc", "2", "--out-dir", str(out / model),
                             "--set", f"data.data_dir={tiny_data}", f"model={model}", *SETTINGS])
         assert done.returncode == 0, done.stdout[-3000:]
@@ -89,3 +89,16 @@ def test_distributed_sharded_evaluation_equals_one_process_exactly(tmp_path, tin
         assert single[keys[0]] == single[keys[0]]  # not NaN
         for key in keys:
             assert float(sharded[key]) == single[key], (model, key)  # exactly, not approximately
+
+
+def test_ddp_unigrf_counts_and_weighs_tasks_over_the_global_batch(tmp_path, tiny_data, two_ranks, one_thread):
+    """UniGRF's running item counts (logQ) and task-loss averages (the adaptive weighter) see the whole
+    global batch on every rank, so the 2-rank run's buffers are one process's; without the sums over
+    ranks, DDP's buffer broadcast would keep rank 0's share of the counts only."""
+    single = Trainer(tiny_config(tiny_data, tmp_path / "single", "unigrf"))
+    single.fit()
+    one = load_file(str(tmp_path / "single" / "best" / "model.safetensors"))
+    two = load_file(str(two_ranks / "unigrf" / "best" / "model.safetensors"))
+    assert float(one["item_counts"].sum()) > 0
+    assert torch.equal(two["item_counts"], one["item_counts"])  # counts of the same positives, exactly
+    torch.testing.assert_close(two["weighter.smoothed"], one["weighter.smoothed"], rtol=1e-4, atol=0)
