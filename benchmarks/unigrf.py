@@ -58,10 +58,11 @@ PAPER_ROWS = {"UniGRF-HSTU": ("unigrf-hstu",) * 2, "UniGRF-Llama": ("unigrf-llam
               "w/o both": ("w/o both",) * 2, "HSTU-FT-a": ("hstu-ft-a", None), "HSTU-FT-b": (None, "hstu-ft-b")}
 
 
-def replay(history: list[dict], metric: str, patience: int) -> tuple[int, int]:
-    """(best epoch, last epoch) had the run selected and stopped on ``metric`` (``+`` sums) alone, with
-    the same patience. Training does not depend on the selection rule, so up to that stop the logged
-    validation history is exactly what that run would have seen."""
+def replay(history: list[dict], metric: str, patience: int) -> tuple[int, int | None]:
+    """(best epoch, stop epoch) had the run selected and stopped on ``metric`` (``+`` sums) alone, with
+    the same patience; the stop is None if it would not have stopped within the logged epochs. Training
+    does not depend on the selection rule, so up to that stop the logged validation history is exactly
+    what that run would have seen."""
     best, best_epoch, bad = None, -1, 0
     for h in history:
         value = sum(h[m] for m in metric.split("+"))
@@ -71,7 +72,7 @@ def replay(history: list[dict], metric: str, patience: int) -> tuple[int, int]:
             bad += 1
         if bad >= patience:
             return best_epoch, h["epoch"]
-    return best_epoch, history[-1]["epoch"]
+    return best_epoch, None
 
 
 def run_dir(args, variant: str, seed: int) -> Path:
@@ -93,7 +94,8 @@ def run_one(variant: str, seed: int, args) -> dict:
         replayed = {}
         if {"auc", "ndcg@10"} <= set(history[0]):  # both tasks: where the old sum rule would have stopped
             best, last = replay(history, "auc+ndcg@10", metrics["config"]["train"]["patience"])
-            replayed = {"best_epoch/auc+ndcg@10 (replayed)": best, "stop_epoch/auc+ndcg@10 (replayed)": last}
+            replayed = {"best_epoch/auc+ndcg@10 (replayed)": best} | (
+                {} if last is None else {"stop_epoch/auc+ndcg@10 (replayed)": last})
         return key | tested(metrics) | replayed | {"epochs": len(history), "steps": metrics["steps"]} | extras | {
             "enhancer_s": enhancer_s, "favourites_last_epoch": history[-1].get("favourites", 0.0),
             "history": history}
@@ -168,7 +170,7 @@ def plot_tasks(rows: list[dict], path: Path) -> None:
                 ax.axvline(r[key], color=color, ls=":", label=f"{key.split('/')[1]} best (epoch {r[key]})")
         stop = r.get("stop_epoch/auc+ndcg@10 (replayed)")
         if stop is not None:
-            ax.axvline(stop, color="black", ls="--", label=f"sum rule would stop (epoch {stop})")
+            ax.axvline(stop, color="black", ls="--", label=f"AUC + NDCG@10 rule would stop (epoch {stop})")
         if not any(k.startswith("best_epoch/") for k in r):
             ax.axvline(r["best_epoch"], color="gray", ls=":", label=f"best (epoch {r['best_epoch']})")
         ax.set(title=f"{r['variant']} seed {r['seed']}: validation per epoch", xlabel="epoch")
