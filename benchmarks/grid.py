@@ -1,7 +1,8 @@
 """Benchmark grids: one training run per subprocess, resumable across an interrupted grid.
 
 Each run is ``genrec train`` in its own process (no state shared between runs), writes its folder
-under ``out`` and, once finished, a ``benchmark_row.json`` there, so ``reuse`` skips finished runs.
+under ``out`` and, once finished, a ``benchmark_row.json`` there, so ``reuse`` skips finished runs
+and resumes interrupted ones.
 """
 
 from __future__ import annotations
@@ -24,8 +25,11 @@ def train_run(config: str | Path, overrides: list[str], out: Path, label: str, r
     done = out / "benchmark_row.json"
     if reuse and done.is_file():
         return json.loads(done.read_text())
-    cmd = [sys.executable, "-m", "genrec.cli", "train", "--config", str(config), "--overwrite",
-           "--out-dir", str(out), "--set", *overrides]
+    # with reuse, an interrupted run continues from its last checkpoint (under changed train.* settings
+    # if given, e.g. fewer epochs); otherwise every run starts afresh
+    unfinished = reuse and (out / "run.json").is_file() and not (out / "metrics.json").is_file()
+    cmd = [sys.executable, "-m", "genrec.cli", "train", "--config", str(config),
+           "--resume" if unfinished else "--overwrite", "--out-dir", str(out), "--set", *overrides]
     start = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     wall = time.perf_counter() - start
@@ -37,6 +41,24 @@ def train_run(config: str | Path, overrides: list[str], out: Path, label: str, r
     row = row_of(metrics, {"wall_s": wall, "train_events_per_s": statistics.median(speeds)})
     done.write_text(json.dumps(row))
     return row
+
+
+def _family(metric: str) -> str:
+    """Which task a metric measures: retrieval (hr@k, ndcg@k, mrr) or a ranking signal ("" the label)."""
+    if metric.startswith(("hr@", "ndcg@", "mrr")):
+        return "retrieval"
+    return metric.partition("/")[2]
+
+
+def tested(metrics: dict) -> dict:
+    """A run's test metrics and best epoch. Under per-task selection (``early_stop_metric: ndcg@10,auc``)
+    each task's metrics come from that task's own best weights, and each task's best epoch is given as
+    ``best_epoch/<metric>``; ``best_epoch`` is the first task's."""
+    out = dict(metrics["test"]) | {"best_epoch": metrics["best_epoch"]}
+    for name, task in metrics.get("tasks", {}).items():
+        out |= {k: v for k, v in task["test"].items() if _family(k) == _family(name)}
+        out[f"best_epoch/{name}"] = task["best_epoch"]
+    return out
 
 
 def add_grid_arguments(parser: argparse.ArgumentParser, runs: str, out: str) -> None:

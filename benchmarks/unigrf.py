@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import report
-from grid import add_grid_arguments, train_run
+from grid import add_grid_arguments, tested, train_run
 
 ROOT = Path(__file__).resolve().parent.parent
 SINGLE = ["model_args.hard_negatives=0", "model_args.favourite_threshold=1.0", "model_args.weighter=false"]
@@ -58,6 +58,23 @@ PAPER_ROWS = {"UniGRF-HSTU": ("unigrf-hstu",) * 2, "UniGRF-Llama": ("unigrf-llam
               "w/o both": ("w/o both",) * 2, "HSTU-FT-a": ("hstu-ft-a", None), "HSTU-FT-b": (None, "hstu-ft-b")}
 
 
+def replay(history: list[dict], metric: str, patience: int) -> tuple[int, int | None]:
+    """(best epoch, stop epoch) had the run selected and stopped on ``metric`` (``+`` sums) alone, with
+    the same patience; the stop is None if it would not have stopped within the logged epochs. Training
+    does not depend on the selection rule, so up to that stop the logged validation history is exactly
+    what that run would have seen."""
+    best, best_epoch, bad = None, -1, 0
+    for h in history:
+        value = sum(h[m] for m in metric.split("+"))
+        if best is None or value > best:
+            best, best_epoch, bad = value, h["epoch"], 0
+        else:
+            bad += 1
+        if bad >= patience:
+            return best_epoch, h["epoch"]
+    return best_epoch, None
+
+
 def run_dir(args, variant: str, seed: int) -> Path:
     name = f"{variant.replace('/', '').replace(' ', '-')}-{seed}"
     return Path(args.runs) / args.dataset / f"unigrf-{args.protocol}{args.tag}" / name
@@ -74,8 +91,12 @@ def run_one(variant: str, seed: int, args) -> dict:
         history = metrics["history"]
         enhancer_s = sum(h.get("before_epoch_s", 0.0) for h in history)
         key = {"model": "unigrf", "variant": variant, "dataset": args.dataset, "protocol": args.protocol, "seed": seed}
-        return key | metrics["test"] | {
-            "best_epoch": metrics["best_epoch"], "epochs": len(history), "steps": metrics["steps"]} | extras | {
+        replayed = {}
+        if {"auc", "ndcg@10"} <= set(history[0]):  # both tasks: where the old sum rule would have stopped
+            best, last = replay(history, "auc+ndcg@10", metrics["config"]["train"]["patience"])
+            replayed = {"best_epoch/auc+ndcg@10 (replayed)": best} | (
+                {} if last is None else {"stop_epoch/auc+ndcg@10 (replayed)": last})
+        return key | tested(metrics) | replayed | {"epochs": len(history), "steps": metrics["steps"]} | extras | {
             "enhancer_s": enhancer_s, "favourites_last_epoch": history[-1].get("favourites", 0.0),
             "history": history}
 
@@ -128,6 +149,38 @@ def plot(rows: list[dict], args, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def plot_tasks(rows: list[dict], path: Path) -> None:
+    """Per-task validation curves of each run (AUC left, NDCG@10 right), with each task's best epoch
+    and, for the unified model, where selecting on the sum AUC + NDCG@10 would have stopped."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(rows), figsize=(5 * len(rows), 4), squeeze=False)
+    for ax, r in zip(axes[0], rows, strict=True):
+        epochs = [h["epoch"] for h in r["history"]]
+        twin = ax.twinx()
+        if "auc" in r["history"][0]:
+            ax.plot(epochs, [h["auc"] for h in r["history"]], "o-", color="tab:blue", ms=3)
+        if "ndcg@10" in r["history"][0]:
+            twin.plot(epochs, [h["ndcg@10"] for h in r["history"]], "s-", color="tab:red", ms=3)
+        for key, color in (("best_epoch/auc", "tab:blue"), ("best_epoch/ndcg@10", "tab:red")):
+            if key in r:
+                ax.axvline(r[key], color=color, ls=":", label=f"{key.split('/')[1]} best (epoch {r[key]})")
+        stop = r.get("stop_epoch/auc+ndcg@10 (replayed)")
+        if stop is not None:
+            ax.axvline(stop, color="black", ls="--", label=f"AUC + NDCG@10 rule would stop (epoch {stop})")
+        if not any(k.startswith("best_epoch/") for k in r):
+            ax.axvline(r["best_epoch"], color="gray", ls=":", label=f"best (epoch {r['best_epoch']})")
+        ax.set(title=f"{r['variant']} seed {r['seed']}: validation per epoch", xlabel="epoch")
+        ax.set_ylabel("ranking AUC", color="tab:blue")
+        twin.set_ylabel("retrieval NDCG@10", color="tab:red")
+        ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     add_grid_arguments(parser, runs="runs", out=str(ROOT / "benchmarks" / "results"))
@@ -149,7 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     with ThreadPoolExecutor(args.jobs) as pool:
         for stage in stages:
             rows += pool.map(lambda job: run_one(*job, args), [(v, s) for v in stage for s in seeds])
-    measured = METRICS + ["logloss", "best_epoch", "epochs", "wall_s", "enhancer_s", "train_events_per_s"]
+    measured = METRICS + ["logloss", "best_epoch", "best_epoch/ndcg@10", "best_epoch/auc",
+                          "stop_epoch/auc+ndcg@10 (replayed)", "epochs", "wall_s", "enhancer_s", "train_events_per_s"]
     summary = report.summary(rows, ["variant"], measured)
     table = report.markdown_table(summary, ["variant", "runs", *measured], std=True)
     by_variant = {s["variant"]: s for s in summary}
@@ -162,6 +216,9 @@ def main(argv: list[str] | None = None) -> int:
     report.write(out, rows, text, report.meta(["python", "benchmarks/unigrf.py", *argv_used]))
     if {"unigrf-hstu", "w/o weighter"} <= set(variants):
         plot(rows, args, out.with_name(out.name + "_weighter.png"))
+    curves = [r for r in rows if r["variant"] in ("unigrf-hstu", "hstu-retrieval", "hstu-ranking")]
+    if curves:
+        plot_tasks(curves, out.with_name(out.name + "_tasks.png"))
     print(text)
     return 0
 

@@ -151,7 +151,7 @@ def test_settings_that_need_the_data_or_the_model_fail_before_training(tmp_path,
         "(ratings 0.5..5); expected a value in [0.5, 5)")
     assert _error(capsys, _train(shared_data, out, "model=hstu", "train.early_stop_metric=ndcg@10")) == (
         "genrec: error: train.early_stop_metric = 'ndcg@10': model hstu does not report ndcg@10; expected one of "
-        "auc, gauc, logloss (or a sum with +)")
+        "auc, gauc, logloss (or a sum with +, or one per task with ,)")
     assert not out.exists()
 
 

@@ -78,9 +78,12 @@ class TrainConfig:
     device: str = "auto"  # "auto" (cuda when available), "cpu", "cuda" or "cuda:N"
     bf16: bool = True  # autocast to bf16 on GPU (ignored on CPU)
     deterministic: bool = True  # CPU: deterministic kernels, so repeated and resumed runs are bit-identical
-    early_stop_metric: str = "auc"  # validation metric to select and stop on ("auc+ndcg@10" sums several)
+    # validation metric to select and stop on; "auc+ndcg@10" sums several; "ndcg@10,auc" selects per task:
+    # each has its own patience and best weights (best/<metric>/), training stops when every one has
+    # stopped improving, and best/ holds the first one's
+    early_stop_metric: str = "auc"
     early_stop_mode: Literal["max", "min"] = "max"  # whether larger or smaller values of the metric are better
-    patience: Positive = 5  # epochs without improvement before stopping
+    patience: Positive = 5  # epochs without improvement before stopping (per task with a comma list)
     checkpoint_every_steps: NonNegative = 0  # 0: checkpoint at the end of each epoch only
     keep_checkpoints: Positive = 2  # newest checkpoints kept (a damaged one falls back to the one before)
     out_dir: str | None = None  # run folder; null: a new runs/<model>-<UTC time>, printed at start
@@ -95,10 +98,14 @@ class TrainConfig:
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise Invalid("device", "expected 'auto', 'cpu', 'cuda' or 'cuda:N'")
         metric = r"[a-z_]+(@\d+)?(/[\w\-]+)?"  # auc, ndcg@10, or a task's: auc/click, auc/mean
-        if not re.fullmatch(rf"{metric}(\+{metric})*", self.early_stop_metric):
+        task = rf"{metric}(\+{metric})*"
+        if not re.fullmatch(rf"{task}(,{task})*", self.early_stop_metric):
             raise Invalid("early_stop_metric", "expected a metric name such as 'auc', 'ndcg@10', 'auc/click', "
-                          "'auc/mean' or a sum 'auc+ndcg@10'")
-        if self.early_stop_metric == "logloss" and self.early_stop_mode == "max":
+                          "'auc/mean', a sum 'auc+ndcg@10' or one per task 'ndcg@10,auc'")
+        tasks = self.early_stop_metric.split(",")
+        if len(set(tasks)) != len(tasks):
+            raise Invalid("early_stop_metric", "expected each task's metric once")
+        if "logloss" in tasks and self.early_stop_mode == "max":
             raise Invalid("early_stop_mode", "logloss is better when smaller: expected 'min'")
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 
@@ -63,3 +65,49 @@ def test_temporal_split_cuts_by_global_time(seq):
 def test_unknown_protocol_is_rejected(seq):
     with pytest.raises(ValueError, match="protocol"):
         windows(seq, "train", SplitConfig(protocol="random"), max_len=10)
+
+
+def loop_windows(offsets: np.ndarray, timestamps: np.ndarray, split: str, cfg: SplitConfig, max_len: int,
+                 stride: int) -> np.ndarray:
+    """The per-user loop that :func:`windows` replaces (one ``while`` per user), as the oracle."""
+
+    def one(user, start, end, target_start):
+        out, t_end = [], end
+        while t_end > target_start:
+            w_start = max(start, t_end - max_len)
+            t_start = max(target_start, w_start if w_start == start else t_end - stride)
+            out.append((user, w_start, t_end, t_start))
+            t_end = t_start
+        return out[::-1]
+
+    out = []
+    if cfg.protocol == "loo":
+        drop = {"train": 2, "valid": 1, "test": 0}[split]
+        for u in range(len(offsets) - 1):
+            s, e = int(offsets[u]), int(offsets[u + 1]) - drop
+            if e - s >= 1:
+                out += one(u, s, e, s if split == "train" else e - 1)
+    else:
+        t_val, t_test = np.quantile(timestamps, [cfg.val_quantile, cfg.test_quantile])
+        for u in range(len(offsets) - 1):
+            s, e = int(offsets[u]), int(offsets[u + 1])
+            i_val = s + int(np.searchsorted(timestamps[s:e], t_val))
+            i_test = s + int(np.searchsorted(timestamps[s:e], t_test))
+            first, end = {"train": (s, i_val), "valid": (i_val, i_test), "test": (i_test, e)}[split]
+            out += one(u, s, end, first)
+    return np.asarray(out, dtype=np.int64).reshape(-1, 4)
+
+
+@pytest.mark.parametrize("protocol", ["loo", "temporal"])
+@pytest.mark.parametrize("max_len,stride", [(1, 1), (4, 2), (7, 3), (16, 16), (50, 25)])
+def test_vectorised_windows_equal_the_per_user_loop(protocol, max_len, stride):
+    rng = np.random.default_rng(max_len)
+    lengths = rng.integers(1, 120, 300)
+    offsets = np.r_[0, np.cumsum(lengths)]
+    timestamps = np.concatenate([np.sort(rng.integers(0, 1000, n)) for n in lengths])
+    seq = SimpleNamespace(user_offsets=offsets, timestamps=timestamps, num_users=len(lengths))
+    cfg = SplitConfig(protocol=protocol)
+    for split in ("train", "valid", "test"):
+        expected = loop_windows(offsets, timestamps, split, cfg, max_len, stride)
+        assert len(expected) > 0
+        np.testing.assert_array_equal(windows(seq, split, cfg, max_len, stride), expected)

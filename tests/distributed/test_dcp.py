@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from genrec.cli import main
 from genrec.config import load
 from genrec.train import checkpoint
-from tests.distributed.ranks import run_ranks
+from tests.distributed.ranks import run_command, run_ranks
 
 SETTINGS = ["data.max_len=10", "data.batch_size=4", "data.eval_batch_size=5", "data.split.protocol=temporal",
             "model=hstu", "model_args.d_model=16", "model_args.dropout=0", "train.epochs=2", "train.warmup_steps=2",
@@ -46,7 +46,8 @@ def _env() -> dict:
 def straight(tmp_path_factory, tiny_data) -> Path:
     """An uninterrupted 2-rank DDP run, launched as a user would (`genrec train --nproc 2`)."""
     out = tmp_path_factory.mktemp("dcp") / "straight"
-    subprocess.run(_train_cmd(out, tiny_data), check=True, env=_env(), capture_output=True, timeout=300)
+    done = run_command(_train_cmd(out, tiny_data))
+    assert done.returncode == 0, done.stdout[-3000:]
     return out
 
 
@@ -80,7 +81,7 @@ def test_dcp_killed_rank_resumes_with_nothing_lost(tmp_path, tiny_data, straight
     expected = json.loads((straight / "metrics.json").read_text())
     killed = tmp_path / "killed"
     proc = subprocess.Popen(_train_cmd(killed, tiny_data), env=_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+                            stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 120
     while time.time() < deadline:  # kill rank 1 once a mid-epoch checkpoint of the second epoch exists
         last = checkpoint.latest(killed)
@@ -95,8 +96,8 @@ def test_dcp_killed_rank_resumes_with_nothing_lost(tmp_path, tiny_data, straight
     at = _state(checkpoint.latest(killed))
     assert at["epoch"] == 1 and at["batch_in_epoch"] > 0 and at["world_size"] == 2
 
-    resumed = subprocess.run(_train_cmd(killed, tiny_data), env=_env(), capture_output=True, text=True, timeout=300)
-    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
+    resumed = run_command(_train_cmd(killed, tiny_data))
+    assert resumed.returncode == 0, resumed.stdout[-3000:]
     assert "resumed from" in resumed.stdout
     got = json.loads((killed / "metrics.json").read_text())
     assert got["steps"] == expected["steps"]

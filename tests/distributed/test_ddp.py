@@ -1,10 +1,11 @@
-"""Two gloo ranks against one process: the same parameters after training with the same global batch
-(DDP; FSDP2 in test_dcp.py, where it continues a DDP run), and sharded evaluation that reproduces the
-single-process metrics exactly."""
+"""Two gloo ranks (``genrec train --nproc 2``) against one process: the same parameters after training
+with the same global batch (DDP; FSDP2 in test_dcp.py, where it continues a DDP run), and sharded
+evaluation that reproduces the single-process metrics exactly."""
 
 from __future__ import annotations
 
-import json
+import csv
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,42 +13,33 @@ import torch
 from safetensors.torch import load_file
 
 from genrec.config import load
+from genrec.distributed.checkpoint import load_model_single_process
 from genrec.distributed.sampler import ShardedBatchSampler
 from genrec.eval.evaluate import evaluate
+from genrec.train import checkpoint
 from genrec.train.trainer import Trainer
-from tests.distributed.ranks import run_ranks
+from tests.distributed.ranks import run_command
+
+SETTINGS = ["data.max_len=10", "data.batch_size=8", "data.eval_batch_size=5", "data.split.protocol=temporal",
+            "model_args.d_model=16", "model_args.dropout=0", "train.epochs=1", "train.warmup_steps=2",
+            "train.progress=false", "train.tensorboard=false", "train.deterministic=false", "train.device=cpu"]
 
 
-def tiny_config(data: Path, out: Path, *extra: str):
-    """HSTU without dropout on the tiny dataset: 8 windows per global batch, 5 steps an epoch. Every
-    process runs one thread (tests/distributed/ranks.py), which makes the CPU kernels deterministic
-    without ``torch.use_deterministic_algorithms`` (whose import of torch._inductor costs each rank 3 s)."""
-    return load(None, [f"data.data_dir={data}", "data.max_len=10", "data.batch_size=8", "data.eval_batch_size=5",
-                       "data.split.protocol=temporal", "model=hstu", "model_args.d_model=16", "model_args.dropout=0",
-                       "train.epochs=1", "train.warmup_steps=2", "train.progress=false", "train.tensorboard=false",
-                       "train.deterministic=false", f"train.out_dir={out}", *extra])
-
-
-def _on_two_ranks(rank: int, data: Path, out: Path) -> None:
-    """One launch for both tests: a DDP training run, then sharded evaluation of fresh models."""
-    from genrec.distributed import launch
-    from genrec.distributed.strategy import DataParallel
-
-    group = launch.init("cpu")
-    Trainer(tiny_config(data, out / "ranks"), strategy=DataParallel(group, "ddp")).fit()
-    results = {}
-    for model in ("hstu", "sasrec"):
-        trainer = Trainer(tiny_config(data, out / "eval", f"model={model}"), strategy=DataParallel(group))
-        results[model] = trainer.evaluate("valid")
-    if rank == 0:
-        (out / "sharded.json").write_text(json.dumps(results))
-    launch.shutdown()
+def tiny_config(data: Path, out: Path, model: str = "hstu"):
+    """``model`` without dropout on the tiny dataset: 8 windows per global batch, 5 steps an epoch. Every
+    process runs one thread (the ranks by OMP_NUM_THREADS, this one by the ``one_thread`` fixture), which
+    makes the CPU kernels deterministic without ``torch.use_deterministic_algorithms``."""
+    return load(None, [f"data.data_dir={data}", f"model={model}", *SETTINGS, f"train.out_dir={out}"])
 
 
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory, tiny_data) -> Path:
+    """HSTU, SASRec and UniGRF trained on 2 gloo ranks by ``genrec train --nproc 2``, as a user launches it."""
     out = tmp_path_factory.mktemp("two-ranks")
-    run_ranks(2, _on_two_ranks, tiny_data, out)
+    for model in ("hstu", "sasrec", "unigrf"):
+        done = run_command([sys.executable, "-m", "genrec", "train", "--nproc", "2", "--out-dir", str(out / model),
+                            "--set", f"data.data_dir={tiny_data}", f"model={model}", *SETTINGS])
+        assert done.returncode == 0, done.stdout[-3000:]
     return out
 
 
@@ -71,25 +63,42 @@ def test_ddp_two_ranks_match_one_process_with_the_same_global_batch(tmp_path, ti
     single.fit()
 
     one = load_file(str(tmp_path / "single" / "best" / "model.safetensors"))
-    two = load_file(str(two_ranks / "ranks" / "best" / "model.safetensors"))  # the full-weights export
+    two = load_file(str(two_ranks / "hstu" / "best" / "model.safetensors"))  # the full-weights export
     assert one.keys() == two.keys()
     for name in one:
         torch.testing.assert_close(two[name], one[name], rtol=1e-5, atol=1e-6, msg=name)
     assert max(float((one[n] - first[n]).abs().max()) for n in one) > 1e-3  # training did move the weights
-    logs = [(run / "train_log.csv").read_text().splitlines() for run in (tmp_path / "single", two_ranks / "ranks")]
+    logs = [(run / "train_log.csv").read_text().splitlines() for run in (tmp_path / "single", two_ranks / "hstu")]
     assert len(logs[0]) == len(logs[1]) == len(shares[0]) + 1
     loss = [[float(row.split(",")[5]) for row in log[1:]] for log in logs]  # global-batch losses
     assert loss[1] == pytest.approx(loss[0], rel=1e-5)
 
 
 def test_distributed_sharded_evaluation_equals_one_process_exactly(tmp_path, tiny_data, two_ranks, one_thread):
-    sharded = json.loads((two_ranks / "sharded.json").read_text())
+    """The ranks' validation of their last weights (val_log.csv, sharded over both ranks) against one
+    process evaluating the same weights (the DCP checkpoint written right after that validation)."""
     for model, keys in (("hstu", ("auc", "gauc", "logloss", "ranking_targets")),
                         ("sasrec", ("hr@10", "ndcg@10", "mrr", "retrieval_targets"))):
-        trainer = Trainer(tiny_config(tiny_data, tmp_path, f"model={model}"))
+        with open(two_ranks / model / "val_log.csv", newline="") as f:
+            sharded = list(csv.DictReader(f))[-1]
+        trainer = Trainer(tiny_config(tiny_data, tmp_path / model, model))
+        load_model_single_process(checkpoint.latest(two_ranks / model), trainer.model)
         loader = trainer.loader("valid")
         assert len(loader.batch_sampler.batches()) % 2 == 1  # one rank scores a padding batch
         single = evaluate(trainer.model, loader, trainer.device)
         assert single[keys[0]] == single[keys[0]]  # not NaN
         for key in keys:
-            assert sharded[model][key] == single[key], (model, key)  # exactly, not approximately
+            assert float(sharded[key]) == single[key], (model, key)  # exactly, not approximately
+
+
+def test_ddp_unigrf_counts_and_weighs_tasks_over_the_global_batch(tmp_path, tiny_data, two_ranks, one_thread):
+    """UniGRF's running item counts (logQ) and task-loss averages (the adaptive weighter) see the whole
+    global batch on every rank, so the 2-rank run's buffers are one process's; without the sums over
+    ranks, DDP's buffer broadcast would keep rank 0's share of the counts only."""
+    single = Trainer(tiny_config(tiny_data, tmp_path / "single", "unigrf"))
+    single.fit()
+    one = load_file(str(tmp_path / "single" / "best" / "model.safetensors"))
+    two = load_file(str(two_ranks / "unigrf" / "best" / "model.safetensors"))
+    assert float(one["item_counts"].sum()) > 0
+    assert torch.equal(two["item_counts"], one["item_counts"])  # counts of the same positives, exactly
+    torch.testing.assert_close(two["weighter.smoothed"], one["weighter.smoothed"], rtol=1e-4, atol=0)

@@ -60,6 +60,10 @@ def test_values_are_coerced_to_field_types():
     (["train.device=gpu"], "--set train.device = 'gpu': expected 'auto', 'cpu', 'cuda' or 'cuda:N'"),
     (["train.early_stop_metric=logloss"], "defaults: train.early_stop_mode = 'max': logloss is better when "
                                           "smaller: expected 'min'"),
+    (["train.early_stop_metric=auc,auc"], "--set train.early_stop_metric = 'auc,auc': expected each task's "
+                                          "metric once"),
+    (["train.early_stop_metric=ndcg@10,logloss"], "defaults: train.early_stop_mode = 'max': logloss is better "
+                                                  "when smaller: expected 'min'"),
     (["model=hsttu"], "--set model = 'hsttu': expected one of bprmf, dcnv2, deepfm, dfgr, dien, din, gdcn, "
                       "genrank, gru4rec, hstu, narm, sasrec, sfgr, unigrf"),
     (["model=dfgr", "model_args.d_modl=8"], "--set model_args.d_modl: unknown field 'd_modl' in model_args; did "

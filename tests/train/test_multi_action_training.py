@@ -42,6 +42,18 @@ def test_train_on_an_event_log_from_the_run_config(synthetic_log, tmp_path, mode
     assert all(stop in epoch for epoch in result["history"])
 
 
+def test_each_signal_selected_on_its_own_auc(synthetic_log, tmp_path):
+    cfg = event_log_config(synthetic_log, tmp_path, "train.early_stop_metric=auc/click,auc/like",
+                           "model_args.action_encoding=sum")
+    result = Trainer(cfg, log=lambda *_: None).fit()
+    assert set(result["best_epochs"]) == {"auc/click", "auc/like"} and result["best_epoch"] in (0, 1)
+    like = result["tasks"]["auc/like"]
+    assert like["weights"] == "best/auc_like"
+    assert (tmp_path / "run" / "best" / "auc_like" / "model.safetensors").is_file()
+    assert like["best_value"] == max(h["auc/like"] for h in result["history"])
+    assert like["valid"]["auc/like"] == like["best_value"]  # re-validated at its own best weights
+
+
 def test_unknown_early_stop_task_names_the_reported_ones(synthetic_log, tmp_path):
     cfg = event_log_config(synthetic_log, tmp_path, "train.early_stop_metric=auc/share")
     with pytest.raises(ConfigError, match=r"auc/share.*expected one of.*auc/like"):

@@ -76,7 +76,7 @@ class _Columns:
             self.files[name] = open(self.folder / f"{name}.bin", "wb")
             self.meta[name] = {"dtype": values.dtype.str, "shape": [0, *values.shape[1:]]}
         assert self.meta[name]["dtype"] == values.dtype.str
-        self.files[name].write(np.ascontiguousarray(values).tobytes())
+        np.ascontiguousarray(values).tofile(self.files[name])
         self.meta[name]["shape"][0] += len(values)
 
     def close(self) -> dict:
@@ -114,52 +114,102 @@ def _bucket_files(folder: Path, bucket: int) -> list[Path]:
 
 
 
-def _user_time(uc: np.ndarray, ts: np.ndarray) -> np.ndarray | tuple:
-    """One int64 sort key for (user, time) when both fit (24 + 40 bits within a bucket), else the pair."""
-    u = uc.astype(np.int64) - int(uc.min())
-    t = ts - int(ts.min())
-    if int(u.max()) < 2**23 and int(t.max()) < 2**40:
-        return (u << 40) | t
-    return np.lexsort((ts, uc)).argsort(kind="stable")  # rank of (user, time): one int64 key as well
+def _stable_user_sort(uc: np.ndarray) -> np.ndarray:
+    """Stable permutation ``[n]`` sorting the dense user codes ``uc`` of one bucket: an LSD radix sort
+    over 16-bit digits (numpy's stable sort of ``uint16`` is a radix sort), one linear pass per digit."""
+    local = (uc - uc.min()).astype(np.uint32)  # [n] bucket-local codes
+    order = np.arange(len(uc))
+    shift = 0
+    while shift == 0 or int(local.max()) >> shift:
+        digit = ((local[order] >> shift) & 0xFFFF).astype(np.uint16)
+        order = order[np.argsort(digit, kind="stable")]
+        shift += 16
+    return order
 
 
-def _sort_and_police(df: pl.DataFrame, signals: list[str], has_request: bool, cfg: StoreConfig,
-                     scanned: ScannedLog, counts: dict) -> tuple[np.ndarray, np.ndarray, dict] | None:
-    """One bucket: sort by (user, time, request, file row), then apply the duplicate,
-    time-order and short-user policies. Returns (user codes [n], per-user lengths, columns) or None.
+def _event_order(uc: np.ndarray, ts: np.ndarray, req: np.ndarray | None,
+                 row: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Permutation ``[n]`` sorting one bucket by (user, time, request, file row), the store's event
+    order, and the mask ``[n]`` (in that order) of the events of users whose file order was not
+    already their time order.
+
+    Logs are mostly written in time order, so a comparison sort on four keys is mostly wasted work:
+    the events arrive in file order (``row`` increasing), a stable radix sort by user keeps that
+    order within each user, and only the users whose events are then out of (time, request) order
+    are sorted by all four keys. Four events of users 0 and 1, user 1's written out of time order::
+
+        file row      0   1   2   3
+        user          1   0   1   0
+        time          7   5   3   9
+        by user       1   3 | 0   2     user 0: times 5, 9 (in order); user 1: times 7, 3
+        order         1   3 | 2   0     user 1 sorted by (time, request, row); mask . . | x x
     """
-    uc = df["uc"].to_numpy()
-    ic = df["ic"].to_numpy()
-    ts = df["ts"].to_numpy()
-    row = df["row"].to_numpy()
-    # events of a request stay together; requests of a user at the same time are ordered by id hash
-    req = df["request"].to_numpy() if has_request else None  # a hash: requests of one user at one time
-    order = np.lexsort((row, req, _user_time(uc, ts)) if has_request else (row, _user_time(uc, ts)))
-    uc, ic, ts, row = uc[order], ic[order], ts[order], row[order]
-    req = req[order] if has_request else None
-    values = df.select(signals).to_numpy().astype(np.float32, copy=False)[order]  # [n, S]
+    order = None
+    if len(row) > 1 and bool((row[1:] < row[:-1]).any()):  # a partition that did not keep file order
+        order = np.argsort(row, kind="stable")
+    by_user = _stable_user_sort(uc if order is None else uc[order])
+    order = by_user if order is None else order[by_user]
+    u, t = uc[order], ts[order]
+    wrong = t[1:] < t[:-1]  # [n - 1] pairs of neighbours
+    if req is not None:
+        r = req[order]
+        wrong |= (t[1:] == t[:-1]) & (r[1:] < r[:-1])
+    wrong &= u[1:] == u[:-1]
+    resorted = np.zeros(len(uc), dtype=bool)
+    if wrong.any():  # those users' events are contiguous blocks: sort them in place
+        resorted = np.isin(u, u[1:][wrong])
+        sub = order[resorted]
+        keys = (row[sub], ts[sub], uc[sub]) if req is None else (row[sub], req[sub], ts[sub], uc[sub])
+        order[resorted] = sub[np.lexsort(keys)]
+    return order, resorted
 
-    # time order: an event is out of order when an earlier-time event of its user sits later in the file
+
+def _late_events(uc: np.ndarray, ts: np.ndarray, row: np.ndarray) -> np.ndarray:
+    """``[n]`` events (sorted by user and time) that sit earlier in the file than an event of the same
+    user with an earlier time."""
     user_row = (uc.astype(np.int64) << 40) | row  # increasing user prefix keeps users apart
     run_start = np.r_[True, (uc[1:] != uc[:-1]) | (ts[1:] != ts[:-1])]
     starts = np.flatnonzero(run_start)
     run_max = np.maximum.reduceat(user_row, starts)
     before = np.r_[-1, np.maximum.accumulate(run_max)[:-1]]  # latest file row of all earlier-time events
-    late = user_row < np.repeat(before, np.diff(np.r_[starts, len(uc)]))
+    return user_row < np.repeat(before, np.diff(np.r_[starts, len(uc)]))
+
+
+def _sort_and_police(df: pl.DataFrame, signals: list[str], has_request: bool, cfg: StoreConfig,
+                     scanned: ScannedLog, counts: dict) -> tuple[np.ndarray, np.ndarray, dict] | None:
+    """One bucket: sort by (user, time, request, file row), then apply the time-order, duplicate and
+    short-user policies. Returns (user codes [m], per-user lengths, columns of the m kept events in
+    store order) or None when no event is left."""
+    uc_in = df["uc"].to_numpy()
+    ts_in = df["ts"].to_numpy()
+    row_in = df["row"].to_numpy()
+    # events of a request stay together; requests of a user at the same time are ordered by id hash
+    req_in = df["request"].to_numpy() if has_request else None
+    order, resorted = _event_order(uc_in, ts_in, req_in, row_in)
+    uc, ts, ic = uc_in[order], ts_in[order], df["ic"].to_numpy()[order]
+    req = req_in[order] if has_request else None
+
+    # time order: only users whose file order was not their time order can hold late events
+    late = np.zeros(len(uc), dtype=bool)
+    if resorted.any():
+        late[resorted] = _late_events(uc[resorted], ts[resorted], row_in[order[resorted]])
     if late.any() and cfg.time_order == "error":
         i = int(np.flatnonzero(late)[0])
-        raise DataError(scanned.locate(int(row[i])), "event is earlier in the file than an event of the same user "
-                        "with an earlier time (time_order: error; 'sort' sorts them)")
+        raise DataError(scanned.locate(int(row_in[order[i]])), "event is earlier in the file than an event of "
+                        "the same user with an earlier time (time_order: error; 'sort' sorts them)")
     counts["out_of_order_events"] += int(late.sum())
 
     # duplicates: equal (user, time, [request], item); groups of (user, time, request) are contiguous
-    group = np.cumsum(run_start if not has_request else np.r_[True, (uc[1:] != uc[:-1]) | (ts[1:] != ts[:-1])
-                                                             | (req[1:] != req[:-1])])
+    new_user = np.r_[True, uc[1:] != uc[:-1]]
+    new_group = new_user | np.r_[True, ts[1:] != ts[:-1]]
+    if has_request:
+        new_group |= np.r_[True, req[1:] != req[:-1]]
+    group = np.cumsum(new_group)
     later = ~pl.Series((group.astype(np.int64) << 32) | ic.astype(np.int64)).is_last_distinct().to_numpy()
     n_dup = int(later.sum())
     if n_dup and cfg.duplicates == "error":
         i = int(np.flatnonzero(later)[0])
-        raise DataError(scanned.locate(int(row[i])), f"duplicate event: the same user, item, time"
+        raise DataError(scanned.locate(int(row_in[order[i]])), f"duplicate event: the same user, item, time"
                         f"{', request' if has_request else ''} appear again later in the input (duplicates: error)")
     keep = np.ones(len(uc), dtype=bool)
     if cfg.duplicates == "drop":
@@ -169,16 +219,20 @@ def _sort_and_police(df: pl.DataFrame, signals: list[str], has_request: bool, cf
         counts["duplicate_events_kept"] += n_dup
 
     # short users
-    new_user = np.r_[True, uc[1:] != uc[:-1]]
-    user_of = np.cumsum(new_user) - 1
-    lengths = np.bincount(user_of, weights=keep).astype(np.int64)
+    user_starts = np.flatnonzero(new_user)
+    lengths = np.add.reduceat(keep, user_starts, dtype=np.int64)  # [users of the bucket]
     short = lengths < cfg.min_user_events
     counts["short_users_dropped"] += int(short.sum())
     counts["short_user_events_dropped"] += int(lengths[short].sum())
-    keep &= ~short[user_of]
+    if short.any():
+        keep &= ~np.repeat(short, np.diff(np.r_[user_starts, len(uc)]))
     if not keep.any():
         return None
-    cols = {"ic": ic[keep], "ts": ts[keep], "values": values[keep]}
+    kept = order[keep]  # [m] positions in the bucket file, in store order
+    values = np.empty((len(kept), len(signals)), dtype=np.float32)  # [m, S]
+    for s, name in enumerate(signals):
+        values[:, s] = df[name].to_numpy()[kept]
+    cols = {"ic": ic[keep], "ts": ts[keep], "values": values}
     if has_request:
         cols["request"] = req[keep]
     return uc[keep], lengths[~short], cols
@@ -204,9 +258,12 @@ def build(spec: EventLogSpec, out: str | Path, cfg: StoreConfig = StoreConfig(),
         signals = [f"sig_{s}" for s in spec.signal_names]
         request = ["request"] if spec.request else []
         part_dir = tmp / "parts"
-        coded = (frame.join(users.lazy(), on="user").join(items.lazy(), on="item")
-                 .select(pl.col("uc"), pl.col("ic"), "ts", *([pl.col("request").hash()] if request else []),
-                         *signals, "row", "bucket"))
+        # replace_strict maps row by row: each bucket file keeps the file order (see _event_order)
+        coded = frame.select(
+            pl.col("user").replace_strict(users["user"], users["uc"]).alias("uc"),
+            pl.col("item").replace_strict(items["item"], items["ic"]).alias("ic"),
+            "ts", *([pl.col("request").hash()] if request else []), *signals, "row",
+            pl.col("user").replace_strict(users["user"], users["bucket"]).alias("bucket"))
         coded.sink_ipc(pl.PartitionBy(part_dir, key="bucket", include_key=False), mkdir=True)
         t_partition = time.perf_counter()
 

@@ -16,6 +16,18 @@ The generator is a planted model, so that a yardstick can compare a model with t
 
 :meth:`LatentModel.probabilities` gives the exact ``P(signal | user, item)`` of any pair, from the
 ``latent.npz`` saved beside the log.
+
+With ``topics > 0`` the items of a history follow a planted *sequential* model instead of independent
+Zipf draws, so that what a sequential recommender can learn is known exactly (the planted-structure
+yardstick, :mod:`genrec.eval.planted`):
+
+* each user has a hidden topic ``c`` (uniform over ``topics``); the user's vector is the topic's
+  centroid ``u = mu[c]``, so the signals too depend on the user only through the topic;
+* each item has a home topic; topic ``c`` draws item ``j`` with ``P_c(j) ∝ pop(j)·affinity^[home(j)=c]``;
+* each item has ``successors`` follow-up items (Dirichlet(1) weights): item-to-item transitions;
+* the first item is drawn from ``P_c``; item ``t + 1`` is a successor of item ``t`` with probability
+  ``transition``, else a fresh draw from ``P_c``;
+* every event is its own request, one second or more after the previous one.
 """
 
 from __future__ import annotations
@@ -51,6 +63,11 @@ class SynthConfig:
     # base rates: bias[s] = logit(base_rate[s]) (cycled when there are more signals)
     base_rates: tuple[float, ...] = (0.3, 0.05, 0.01, 0.02, 0.01, 0.2, 0.01, 0.005)
     weights: tuple[float, ...] = (1.5, 1.2, 1.0, 1.0, 0.8, 1.2, 1.0, -1.0)
+    # the planted sequential model (0 topics: items drawn independently from the Zipf popularity)
+    topics: int = 0  # hidden user topics; > 0 plants topics and item-to-item transitions
+    topic_affinity: float = 20.0  # how much more a topic draws its own items
+    transition: float = 0.5  # probability that the next item is a successor of the previous one
+    successors: int = 3  # follow-up items per item
 
     @property
     def num_items(self) -> int:
@@ -66,6 +83,28 @@ class LatentModel:
     weights: np.ndarray  # [S]
     biases: np.ndarray  # [S]
     signals: list[str] = field(default_factory=list)
+    # the planted sequential model (SynthConfig.topics > 0); None with independent item draws
+    user_topics: np.ndarray | None = None  # [U] int64, row = user_id
+    topic_vectors: np.ndarray | None = None  # [K, k] float32: every user of topic c has vector topic_vectors[c]
+    topic_item_probs: np.ndarray | None = None  # [K, I] float64, P_c(item), rows sum to 1
+    successor_items: np.ndarray | None = None  # [I, S] int64, follow-up items of each item
+    successor_probs: np.ndarray | None = None  # [I, S] float64, rows sum to 1
+    transition: float = 0.0  # P(the next item is a successor of the previous one)
+
+    @property
+    def sequential(self) -> bool:
+        return self.user_topics is not None
+
+    def next_item_probs(self, topics: np.ndarray, previous: np.ndarray | None) -> np.ndarray:
+        """``P(next item | topic, previous item)`` ``[N, I]`` for topic ids ``[N]`` and raw previous items
+        ``[N]`` (None: the first item of a history)."""
+        probs = self.topic_item_probs[topics]  # [N, I]
+        if previous is None:
+            return probs.copy()
+        probs = (1.0 - self.transition) * probs
+        rows = np.arange(len(topics))[:, None]
+        np.add.at(probs, (rows, self.successor_items[previous]), self.transition * self.successor_probs[previous])
+        return probs
 
     def probabilities(self, users: np.ndarray, items: np.ndarray) -> np.ndarray:
         """Exact ``P(signal = 1 | user, item)`` ``[N, S]`` for raw ``user_id`` / ``item_id`` arrays ``[N]``."""
@@ -73,13 +112,24 @@ class LatentModel:
         return 1.0 / (1.0 + np.exp(-(z[:, None] * self.weights[None, :] + self.biases[None, :])))
 
     def save(self, path: Path) -> None:
+        planted = {} if not self.sequential else {
+            "user_topics": self.user_topics, "topic_vectors": self.topic_vectors,
+            "topic_item_probs": self.topic_item_probs,
+            "successor_items": self.successor_items, "successor_probs": self.successor_probs,
+            "transition": np.float64(self.transition)}
         np.savez(path, user_vectors=self.user_vectors, item_vectors=self.item_vectors, weights=self.weights,
-                 biases=self.biases, signals=np.array(self.signals))
+                 biases=self.biases, signals=np.array(self.signals), **planted)
 
     @classmethod
     def load(cls, path: str | Path) -> LatentModel:
         z = np.load(path)
-        return cls(z["user_vectors"], z["item_vectors"], z["weights"], z["biases"], [str(s) for s in z["signals"]])
+        planted = {} if "user_topics" not in z else {
+            "user_topics": z["user_topics"], "topic_vectors": z["topic_vectors"],
+            "topic_item_probs": z["topic_item_probs"],
+            "successor_items": z["successor_items"], "successor_probs": z["successor_probs"],
+            "transition": float(z["transition"])}
+        return cls(z["user_vectors"], z["item_vectors"], z["weights"], z["biases"], [str(s) for s in z["signals"]],
+                   **planted)
 
 
 def _lengths(cfg: SynthConfig, rng: np.random.Generator) -> np.ndarray:
@@ -93,18 +143,59 @@ def _lengths(cfg: SynthConfig, rng: np.random.Generator) -> np.ndarray:
     return share + cfg.min_length
 
 
-def latent_model(cfg: SynthConfig) -> LatentModel:
+def latent_model(cfg: SynthConfig, popularity: np.ndarray | None = None) -> LatentModel:
+    """The planted model; ``popularity`` ``[I]`` (item id order) is what the topics' item draws build on."""
     rng = np.random.default_rng([cfg.seed, 1])
     k = cfg.latent_dim
     s = len(cfg.signals)
     rates = np.resize(np.asarray(cfg.base_rates, dtype=np.float64), s)
-    return LatentModel(
+    model = LatentModel(
         user_vectors=(rng.standard_normal((cfg.users, k)) / np.sqrt(k)).astype(np.float32),
         item_vectors=rng.standard_normal((cfg.num_items, k)).astype(np.float32),
         weights=np.resize(np.asarray(cfg.weights, dtype=np.float64), s),
         biases=np.log(rates / (1 - rates)),
         signals=list(cfg.signals),
     )
+    if cfg.topics:
+        plant = np.random.default_rng([cfg.seed, 3])
+        centroids = (plant.standard_normal((cfg.topics, k)) / np.sqrt(k)).astype(np.float32)  # [K, k]
+        model.user_topics = plant.integers(0, cfg.topics, cfg.users)
+        model.topic_vectors = centroids
+        model.user_vectors = centroids[model.user_topics]  # [U, k]: a user is its topic
+        home = plant.integers(0, cfg.topics, cfg.num_items)  # [I]
+        weight = popularity[None, :] * np.where(home[None, :] == np.arange(cfg.topics)[:, None],
+                                                cfg.topic_affinity, 1.0)  # [K, I]
+        model.topic_item_probs = weight / weight.sum(1, keepdims=True)
+        model.successor_items = np.stack([plant.choice(cfg.num_items, cfg.successors, replace=False)
+                                          for _ in range(cfg.num_items)])  # [I, S]
+        model.successor_probs = plant.dirichlet(np.ones(cfg.successors), cfg.num_items)  # [I, S]
+        model.transition = cfg.transition
+    return model
+
+
+def _planted_items(model: LatentModel, users: np.ndarray, lengths: np.ndarray,
+                   rng: np.random.Generator) -> np.ndarray:
+    """Items ``[n]`` of ``users``' histories (user-major, in time order) drawn from the planted chain."""
+    starts = np.zeros(len(users) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=starts[1:])
+    item = np.zeros(int(starts[-1]), dtype=np.int64)
+    topics = model.user_topics[users]
+    cdf = np.cumsum(model.topic_item_probs, axis=1)  # [K, I]
+    for t in range(int(lengths.max())):
+        live = np.flatnonzero(lengths > t)
+        at = starts[live] + t
+        fresh = np.empty(len(live), dtype=np.int64)
+        for c in np.unique(topics[live]):  # a draw from P_c per user
+            mine = topics[live] == c
+            fresh[mine] = np.minimum(np.searchsorted(cdf[c], rng.random(int(mine.sum()))), cdf.shape[1] - 1)
+        if t:
+            previous = item[at - 1]
+            follow = rng.random(len(live)) < model.transition
+            pick = (rng.random(len(live))[:, None] > np.cumsum(model.successor_probs[previous], 1)).sum(1)
+            pick = np.minimum(pick, model.successor_items.shape[1] - 1)
+            fresh = np.where(follow, model.successor_items[previous, pick], fresh)
+        item[at] = fresh
+    return item
 
 
 def _user_chunk(cfg: SynthConfig, model: LatentModel, users: np.ndarray, lengths: np.ndarray,
@@ -119,14 +210,21 @@ def _user_chunk(cfg: SynthConfig, model: LatentModel, users: np.ndarray, lengths
     # a user's first event always does
     boundary = rng.random(n) < 1.0 / max(cfg.request_size, 1.0)
     boundary[starts[:-1]] = True
+    if model.sequential:  # one event per request, in a strict order of time
+        boundary[:] = True
     request = np.cumsum(boundary) - 1 + request_base  # [n] globally unique ids
     gaps = np.where(boundary, rng.exponential(cfg.mean_gap_s, n), 0.0)
+    if model.sequential:
+        gaps = np.ceil(gaps)
     gaps[starts[:-1]] = 0.0
     t0 = cfg.start_time + rng.integers(0, cfg.span_s, len(users))
     user_gap_sum = np.cumsum(gaps)
     offset = user_gap_sum - np.repeat(user_gap_sum[starts[:-1]], lengths)
     timestamp = np.repeat(t0, lengths) + offset.astype(np.int64)
-    item = _draw_items(request, popularity_cdf, item_of_rank, rng)
+    if model.sequential:
+        item = _planted_items(model, users, lengths, rng)
+    else:
+        item = _draw_items(request, popularity_cdf, item_of_rank, rng)
     probs = model.probabilities(user, item)  # [n, S]
     hits = rng.random(probs.shape) < probs
     order = np.lexsort((np.arange(n), timestamp))  # the log is written in time order
@@ -162,12 +260,14 @@ def generate(cfg: SynthConfig, out_dir: str | Path, log=print) -> dict:
     for old in out.glob("part-*.parquet"):
         old.unlink()
     rng = np.random.default_rng([cfg.seed, 2])
-    model = latent_model(cfg)
     lengths = _lengths(cfg, rng)
     ranks = np.arange(1, cfg.num_items + 1, dtype=np.float64)
     popularity = ranks ** -cfg.zipf
     popularity_cdf = np.cumsum(popularity / popularity.sum())
     item_of_rank = rng.permutation(cfg.num_items)
+    by_item = np.empty(cfg.num_items)
+    by_item[item_of_rank] = popularity / popularity.sum()  # [I] P(item), item id order
+    model = latent_model(cfg, by_item)
     meta = {"synthetic": "true", "generator": "genrec.data.synth", "config": json.dumps(asdict(cfg))}
     user_start = np.zeros(cfg.users + 1, dtype=np.int64)
     np.cumsum(lengths, out=user_start[1:])

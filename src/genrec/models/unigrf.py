@@ -42,6 +42,7 @@ from genrec.nn.embeddings import ActionEmbedding
 from genrec.nn.events import Events, append_candidates, interleave, item_action_layout
 from genrec.nn.hstu import HSTUBlock, attention_scale
 from genrec.nn.llama import LlamaBlock
+from genrec.nn.ranks import mean_over_ranks, sum_over_ranks
 from genrec.ops.dispatch import BackendName, get_backend
 
 OBJECTIVES = {"unified": ("ranking", "retrieval"), "retrieval": ("retrieval",), "ranking": ("ranking",)}
@@ -233,8 +234,9 @@ class UniGRF(RecModel):
             positives = batch.items[batch.target_mask]
             queries, positives, users = self._with_favourites(batch, ev, h, self._queries(batch, ev, h), positives,
                                                               users)
-            if self.training:
-                self.item_counts += torch.bincount(positives, minlength=self.num_items + 1).to(self.item_counts)
+            if self.training:  # every rank counts the whole global batch's positives
+                self.item_counts += sum_over_ranks(torch.bincount(positives, minlength=self.num_items + 1)
+                                                   .to(self.item_counts))
             retrieval = self.retrieval_loss(queries, positives, users)
             out["retrieval_loss"] = retrieval.detach()
             parts.append(self.cfg.alpha * retrieval)
@@ -247,7 +249,11 @@ class UniGRF(RecModel):
                 out |= {f"loss/{n}": per_task[t].detach() for t, n in enumerate(self.signal_names)}
             parts.append(self.cfg.beta * ranking)
         if self.weighter is not None:
-            weights = self.weighter(torch.stack([out["retrieval_loss"], out["ranking_loss"]]))
+            losses = torch.stack([out["retrieval_loss"], out["ranking_loss"]])  # [2], this process's batch
+            if self.training:  # under DDP: the global batch's, so every rank weighs the tasks alike
+                counts = torch.stack([torch.tensor(len(positives), device=losses.device), batch.target_mask.sum()])
+                losses = mean_over_ranks(losses, counts)
+            weights = self.weighter(losses)
             out |= {"w_retrieval": weights[0], "w_ranking": weights[1]}
             parts = [w * p for w, p in zip(weights, parts, strict=True)]
         out["loss"] = sum(parts)

@@ -7,6 +7,15 @@ two steps that subclasses or wrappers (distributed training) can extend: :meth:`
 (the optimizer steps of one epoch, with mid-epoch checkpoints) and :meth:`Trainer.validate` (the
 validation metrics, best weights, early stopping and the end-of-epoch checkpoint).
 
+Model selection: ``train.early_stop_metric`` names one metric (or a sum, ``auc+ndcg@10``) whose best
+epoch gives ``best/`` and whose patience ends the run, or one per task (``ndcg@10,auc``). Per task,
+each metric keeps its own best value, best epoch, patience count and best weights
+(``best/<metric>/``); the run stops only when every task has gone ``patience`` epochs without gain,
+so a task whose metric moves in the third decimal (AUC) cannot end the run while another (NDCG@10)
+is still climbing, and no sum lets one metric's scale drown another's. ``best/`` holds the first
+listed task's weights (what ``--checkpoint RUN`` loads); ``metrics.json`` reports every task's best
+epoch and its valid/test metrics at its own best weights.
+
 Resume is exact because nothing random depends on history: the batch order of an epoch is a pure
 function of (seed, epoch) and the global RNG is re-seeded from (seed, step) before every step
 (dropout, negative sampling). A run killed mid-epoch reloads weights, optimizer moments and counters
@@ -145,13 +154,19 @@ class Trainer:
                               f"{self.cfg.data.dataset} (ratings {values[0]:g}..{values[-1]:g}); expected a value "
                               f"in [{values[0]:g}, {values[-1]:g})")
 
+    @property
+    def selection(self) -> list[str]:
+        """The selected tasks' metrics (one, or one per task), in the order given; the first gives best/."""
+        return self.cfg.train.early_stop_metric.split(",")
+
     def _check_stop_metric(self) -> None:
         t = self.cfg.train
         known = metric_names(self.model.tasks, signal_names=tuple(getattr(self.model, "signal_names", ())))
-        missing = [n for n in t.early_stop_metric.split("+") if n not in known]
+        missing = [n for task in self.selection for n in task.split("+") if n not in known]
         if missing:
             raise ConfigError(f"train.early_stop_metric = {t.early_stop_metric!r}: model {self.cfg.model} does not "
-                              f"report {', '.join(missing)}; expected one of {', '.join(known)} (or a sum with +)")
+                              f"report {', '.join(missing)}; expected one of {', '.join(known)} "
+                              "(or a sum with +, or one per task with ,)")
 
     def loader(self, split: str):
         d = self.cfg.data
@@ -166,14 +181,27 @@ class Trainer:
         return make_loader(WindowDataset(self.seq, w[last]), self.cfg.data.eval_batch_size, shuffle=False,
                            num_workers=self.cfg.data.num_workers)
 
-    def stop_value(self, metrics: dict) -> float:
-        """The early-stopping metric; ``"auc+ndcg@10"`` sums several (a unified model has two tasks)."""
-        names = self.cfg.train.early_stop_metric.split("+")
+    def stop_value(self, metrics: dict, task: str | None = None) -> float:
+        """A task's selection value (default: the first task's); ``"auc+ndcg@10"`` sums several."""
+        names = (task or self.selection[0]).split("+")
         missing = [n for n in names if n not in metrics]
         if missing:
             raise ValueError(f"early_stop_metric {self.cfg.train.early_stop_metric!r}: {missing} not reported by "
                              f"model {self.cfg.model!r}; it reports {sorted(metrics)}")
         return sum(metrics[n] for n in names)
+
+    def task_states(self, state: dict) -> dict[str, dict]:
+        """Each selected task's ``best``, ``best_epoch`` and ``bad_epochs``. One task: the run state itself
+        (the single-metric run, as it always was); several: ``state["tasks"]``, kept in checkpoints."""
+        if len(self.selection) == 1:
+            return {self.selection[0]: state}
+        tasks = state.setdefault("tasks", {})
+        return {name: tasks.setdefault(name, {"best": None, "best_epoch": -1, "bad_epochs": 0})
+                for name in self.selection}
+
+    def task_weights(self, task: str) -> Path:
+        """Where a task's best weights are: ``best/`` for one task, ``best/<task>/`` (``/`` as ``_``) per task."""
+        return self.out / "best" if len(self.selection) == 1 else self.out / "best" / task.replace("/", "_")
 
     def before_epoch(self, state: dict) -> None:
         """The model's per-epoch hook, seeded by (seed, epoch) and timed; its stats go to the epoch's
@@ -300,12 +328,19 @@ class Trainer:
         t = self.cfg.train
         speed = self.meter.row(self.strategy)
         metrics = self.evaluate("valid")
-        value = self.stop_value(metrics)
-        if self._better(value, state["best"]):
-            state.update(best=value, best_epoch=state["epoch"], bad_epochs=0)
-            self.strategy.save_weights(self.model, self.out / "best")
-        else:
-            state["bad_epochs"] += 1
+        tasks = self.task_states(state)
+        for name, task in tasks.items():
+            value = self.stop_value(metrics, name)
+            if self._better(value, task["best"]):
+                task.update(best=value, best_epoch=state["epoch"], bad_epochs=0)
+                self.strategy.save_weights(self.model, self.task_weights(name))
+            else:
+                task["bad_epochs"] += 1
+        if len(tasks) > 1:  # the first task's selection is the run's: best/, best_epoch
+            first = tasks[self.selection[0]]
+            if first["best_epoch"] == state["epoch"]:
+                self.strategy.save_weights(self.model, self.out / "best")
+            state.update(best=first["best"], best_epoch=first["best_epoch"], bad_epochs=first["bad_epochs"])
         metrics |= state["epoch_stats"] | speed
         if self.strategy.is_main:
             self.val_log.write({"step": state["global_step"], "epoch": state["epoch"]} | metrics)
@@ -317,22 +352,43 @@ class Trainer:
                  + " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
         state["epoch"] += 1
         state["batch_in_epoch"] = 0
-        if state["bad_epochs"] >= t.patience:
-            self.log(f"[train] early stop: no {t.early_stop_metric} gain for {t.patience} epochs")
+        if all(task["bad_epochs"] >= t.patience for task in tasks.values()):
+            if len(tasks) == 1:
+                self.log(f"[train] early stop: no {t.early_stop_metric} gain for {t.patience} epochs")
+            else:
+                self.log(f"[train] early stop: no task gained for {t.patience} epochs (best epochs: "
+                         + ", ".join(f"{n} {task['best_epoch']}" for n, task in tasks.items()) + ")")
             state["done"] = True
         self.strategy.save_checkpoint(self.out, self.model, self.optimizer, state, t.keep_checkpoints)
         return metrics
 
+    def _tested(self, weights: Path) -> dict:
+        """Valid and test metrics of ``weights`` (of the model as it is when there are none)."""
+        if (weights / checkpoint.WEIGHTS).is_file():
+            self.strategy.load_weights(self.model, weights)
+        return {"valid": self.evaluate("valid"), "test": self.evaluate("test")}
+
     def finish(self, state: dict) -> dict:
-        """Test (and re-validate) the best weights; ``metrics.json`` (strict JSON: null where undefined)."""
+        """Test (and re-validate) the best weights, each task's at its own with several;
+        ``metrics.json`` (strict JSON: null where undefined)."""
         if self.writer is not None:
             self.writer.close()
         self.strategy.barrier()  # rank 0 wrote best/
-        if (self.out / "best" / checkpoint.WEIGHTS).is_file():
+        tasks = {}
+        if len(self.selection) > 1:  # each task tested at its own best weights
+            for name, task in self.task_states(state).items():
+                if (self.task_weights(name) / checkpoint.WEIGHTS).is_file():
+                    tasks[name] = {"best_epoch": task["best_epoch"], "best_value": task["best"],
+                                   "weights": str(self.task_weights(name).relative_to(self.out))
+                                   } | self._tested(self.task_weights(name))
+        first = tasks.get(self.selection[0])
+        if first:  # best/ holds the first task's weights: the model ends with them, as with one task
             self.strategy.load_weights(self.model, self.out / "best")
-        result = {"valid": self.evaluate("valid"), "test": self.evaluate("test"),
-                  "best_epoch": state["best_epoch"], "steps": state["global_step"],
-                  "history": state["history"], "config": self.cfg.to_dict()}
+        tested = {"valid": first["valid"], "test": first["test"]} if first else self._tested(self.out / "best")
+        result = tested | {"best_epoch": state["best_epoch"], "steps": state["global_step"],
+                           "history": state["history"], "config": self.cfg.to_dict()}
+        if tasks:
+            result |= {"best_epochs": {n: task["best_epoch"] for n, task in tasks.items()}, "tasks": tasks}
         if self.strategy.is_main:
             (self.out / "metrics.json").write_text(strict_json.dumps(result, indent=1))
         self.log(f"[run] finished: {self.out / 'metrics.json'}")

@@ -1,0 +1,37 @@
+"""Statistics a model keeps across steps, summed over the data-parallel ranks that train it.
+
+Under DDP each rank's forward sees only its share of the global batch. A running count or loss
+average that a model updates inside ``forward`` must see the whole batch to match one process,
+and DDP's buffer broadcast (rank 0's buffers at each forward) would otherwise keep rank 0's share
+alone. Both functions are the identity outside a process group of several ranks; inside one,
+every rank must call them in the same order (as every rank runs the same forward).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+def _world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def sum_over_ranks(values: torch.Tensor) -> torch.Tensor:
+    """``values`` summed over the ranks (a new tensor; the identity in one process)."""
+    if _world_size() == 1:
+        return values
+    total = values.clone()
+    dist.all_reduce(total)
+    return total
+
+
+def mean_over_ranks(means: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Per-rank means ``[T]``, each over ``counts [T]`` local items, as the means over every rank's
+    items together; a rank with no items of a kind (its mean NaN) adds nothing to that one."""
+    if _world_size() == 1:
+        return means
+    counts = counts.to(torch.float64)
+    sums = torch.where(counts > 0, means.detach().to(torch.float64) * counts, 0.0)
+    both = sum_over_ranks(torch.cat([sums, counts]))
+    return (both[: len(means)] / both[len(means):]).to(means.dtype)
