@@ -24,7 +24,7 @@ reports the fraction of the oracle's AUC lift over 0.5 it reaches (SYNTHETIC: ne
 Writes ``benchmarks/results/scaling_<dataset>.{json,md}`` and ``..._{law,frontier,allocation}.png``.
 
     python benchmarks/scaling.py --reuse                                   # ml-latest-small
-    python benchmarks/scaling.py --reuse --synthetic 200,15000,60,2 --seeds 0 --epochs 4 \
+    python benchmarks/scaling.py --reuse --synthetic 300,30000,100,2 --seeds 0 --epochs 4 --patience 2 \
         --alloc-models ''                                                  # planted log (SYNTHETIC)
     python benchmarks/scaling.py --reuse --dataset ml-1m --device cuda --jobs 8
 """
@@ -240,12 +240,14 @@ def law_fits(rows: list[dict]) -> list[dict]:
     for model in sorted({r["model"] for r in rows if r["study"] == "law"}):
         pts = [r for r in rows if r["model"] == model and r["study"] == "law"]
         for metric in FIT_METRICS:
-            c = np.array([r["train_flops"] for r in pts if _finite(r.get(metric))])
-            y = np.array([r[metric] for r in pts if _finite(r.get(metric))])
+            used = [r for r in pts if _finite(r.get(metric))]
+            c = np.array([r["train_flops"] for r in used])
+            y = np.array([r[metric] for r in used])
             for form in ("loglinear", "saturating"):
                 entry = {"model": model, "metric": metric, "form": form}
                 try:
-                    entry |= bootstrap_over_seeds(c, y, form, replicates=500).to_dict()
+                    entry |= bootstrap_over_seeds(c, y, form, replicates=500,
+                                                  design=[r["shape"] for r in used]).to_dict()
                 except ValueError as err:
                     entry |= {"r2": None, "skipped": str(err)}
                 out.append(entry)

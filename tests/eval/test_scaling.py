@@ -92,6 +92,18 @@ def test_bootstrap_interval_covers_the_planted_exponent_and_shrinks_with_less_no
     assert widths[1] < widths[0]
 
 
+def test_bootstrap_resamples_seeds_within_a_design_point_even_when_their_compute_differs():
+    """Early stopping: two seeds of one shape stop at different epochs, so at different compute."""
+    rng = np.random.default_rng(2)
+    c = np.repeat(COMPUTE, 2) * np.tile([1.0, 1.5], len(COMPUTE))  # [18], no two equal
+    loss = 0.5 + 1.0 * (c / 1e11) ** -0.3 + rng.normal(0, 0.005, len(c))
+    shapes = np.repeat(np.arange(len(COMPUTE)), 2)
+    assert bootstrap_over_seeds(c, loss, "saturating", replicates=50).ci == {}  # by compute: nothing to resample
+    fit = bootstrap_over_seeds(c, loss, "saturating", replicates=200, design=shapes)
+    lo, hi = fit.ci["b"]
+    assert lo < hi and lo <= 0.3 <= hi
+
+
 def test_bootstrap_with_one_seed_per_point_gives_no_interval():
     fit = bootstrap_over_seeds(COMPUTE, 0.6 + 0.01 * np.log10(COMPUTE), "loglinear")
     assert fit.ci == {}

@@ -147,14 +147,20 @@ def _with_r2(fit: Fit, x: np.ndarray, y: np.ndarray) -> Fit:
     return Fit(fit.form, fit.params, r_squared(y, fit.predict(x)), fit.points, fit.designs, fit.c0, fit.at_bound)
 
 
-def bootstrap_over_seeds(compute, y, form: str, replicates: int = 1000, seed: int = 0) -> Fit:
+def bootstrap_over_seeds(compute, y, form: str, replicates: int = 1000, seed: int = 0,
+                         design: Sequence | None = None) -> Fit:
     """The ``form`` fit of all points, with 95 % percentile intervals of its coefficients from resampling,
-    at every distinct compute value, its seeds' observations with replacement (the design stays fixed).
-    With one observation per compute value there is nothing to resample: the intervals stay empty.
-    Replicates whose fit fails (too few distinct values cannot happen; a degenerate sample can) are dropped."""
+    within every design point, its seeds' observations (compute and metric together) with replacement.
+    ``design`` labels each observation's design point (a shape, say: under early stopping its seeds reach
+    different compute); by default observations of equal compute form one design point. With one
+    observation per design point there is nothing to resample: the intervals stay empty. Replicates whose
+    fit fails (a sample with too few distinct compute values) are dropped."""
     c, y = _checked(compute, y, 2, f"{form} bootstrap")
     fit = FORMS[form](c, y)
-    groups = [np.flatnonzero(c == v) for v in np.unique(c)]
+    labels = np.asarray(c if design is None else [str(d) for d in design])
+    if len(labels) != len(c):
+        raise ValueError(f"{form} bootstrap: {len(labels)} design labels for {len(c)} points")
+    groups = [np.flatnonzero(labels == v) for v in np.unique(labels)]
     if all(len(g) < 2 for g in groups):
         return fit
     rng = np.random.default_rng(seed)
