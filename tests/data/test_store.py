@@ -10,7 +10,15 @@ import polars as pl
 import pytest
 
 from genrec.data.eventlog import EventLogSpec, SignalSpec, scan
-from genrec.data.store import StoreConfig, _event_order, _stable_user_sort, build, load
+from genrec.data.store import (
+    StoreConfig,
+    _event_order,
+    _later_duplicates,
+    _stable_user_sort,
+    _Vocabulary,
+    build,
+    load,
+)
 
 
 def reference(spec: EventLogSpec, cfg: StoreConfig) -> tuple[pl.DataFrame, dict]:
@@ -104,3 +112,25 @@ def test_user_radix_sort_is_stable_beyond_one_16_bit_digit():
     uc = (rng.integers(0, 3 * 2**16, 50_000) + 10**6).astype(np.int32)
     assert np.array_equal(_stable_user_sort(uc), np.argsort(uc, kind="stable"))
     assert np.array_equal(_stable_user_sort(np.zeros(5, dtype=np.int32)), np.arange(5))
+
+
+@pytest.mark.parametrize("items", [3, 50, 10**6])
+def test_later_duplicates_equal_a_hash_of_every_group_and_item(items):
+    rng = np.random.default_rng(items)
+    sizes = rng.geometric(0.2, 5000)
+    new_group = np.zeros(int(sizes.sum()), dtype=bool)
+    new_group[np.r_[0, np.cumsum(sizes)[:-1]]] = True
+    ic = rng.integers(0, items, len(new_group)).astype(np.int32)
+    key = (np.cumsum(new_group).astype(np.int64) << 32) | ic
+    expected = ~pl.Series(key).is_last_distinct().to_numpy()
+    assert expected.any() or items == 10**6
+    assert np.array_equal(_later_duplicates(new_group, ic), expected)
+
+
+@pytest.mark.parametrize("raw,table", [([7, 3, 3, 12, 7], True), ([7 * 10**15, 3, 3, 12, 7 * 10**15], False),
+                                       (["b", "a", "a", "c", "b"], False)])
+def test_vocabulary_codes_are_ranks_among_the_sorted_distinct_ids(raw, table):
+    # compact integers: a lookup table; spread-out integers: binary search; text: a polars map
+    vocabulary = _Vocabulary(pl.Series(raw).unique().sort())
+    assert (vocabulary.table is not None) == table
+    assert vocabulary.codes(pl.Series(raw)).tolist() == [sorted(set(raw)).index(v) for v in raw]

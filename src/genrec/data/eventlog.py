@@ -213,7 +213,9 @@ def _canonical(spec: EventLogSpec, schema: pl.Schema) -> list[pl.Expr]:
     for canon, col in mapping.items():
         e = pl.col(col)
         dtype = schema[col]
-        if canon == "ts":
+        if canon == "ts" and dtype.is_integer():  # exact (no float round trip); too large for int64: null
+            e = e.cast(pl.Int64, strict=False)
+        elif canon == "ts":
             if dtype == pl.String:
                 e = e.str.strip_chars().cast(pl.Float64, strict=False)
             e = pl.when(e.cast(pl.Float64, strict=False) == e.cast(pl.Float64, strict=False).floor()).then(

@@ -1,12 +1,14 @@
 """Out-of-core preprocessing of an event log into memory-mapped per-user sequences.
 
 Memory stays bounded by a bucket, not by the log: polars streams the validated log once to find
-the users and items, and once more to write every event, with dense ids, into a per-bucket Arrow
+the users and items, and once more to write every event, in file order, into a per-bucket Arrow
 IPC file (buckets are contiguous ranges of users, about ``bucket_events`` events each). Each bucket
-is then sorted and its policies applied on its own, and its events are appended to flat binary
-columns. The result is a folder that :func:`load` maps back with ``np.memmap``: a data loader reads
-windows straight from the page cache, and worker processes share the pages (a pickled
-:class:`~genrec.data.preprocess.Sequences` carries only the file names, never the arrays).
+then gets its dense ids (lookup tables), is sorted (a radix sort by user; a full sort only of the
+users whose file order is not their time order) and has its policies applied on its own, and its
+events are appended to flat binary columns. The result is a folder that :func:`load` maps back
+with ``np.memmap``: a data loader reads windows straight from the page cache, and worker processes
+share the pages (a pickled :class:`~genrec.data.preprocess.Sequences` carries only the file names,
+never the arrays).
 
 Folder layout::
 
@@ -113,6 +115,29 @@ def _bucket_files(folder: Path, bucket: int) -> list[Path]:
     return sorted(f for f in part.iterdir() if f.is_file()) if part.is_dir() else []
 
 
+class _Vocabulary:
+    """Dense codes (0-based rank among the sorted distinct raw ids) of a bucket's raw ids, looked up
+    per bucket rather than joined in the streaming pass: integer ids of a compact range through one
+    lookup table (a gather), other integer ids by binary search, text ids through a polars map."""
+
+    def __init__(self, ids: pl.Series):
+        self.ids = ids  # sorted distinct raw ids
+        self.table = None
+        if ids.dtype.is_integer() and len(ids):
+            self.low = int(ids[0])
+            span = int(ids[-1]) - self.low + 1
+            if span <= max(1 << 24, 4 * len(ids)):  # at most 64 MiB, or 16 bytes per id
+                self.table = np.zeros(span, dtype=np.int32)
+                self.table[ids.to_numpy() - self.low] = np.arange(len(ids), dtype=np.int32)
+
+    def codes(self, raw: pl.Series) -> np.ndarray:
+        if self.table is not None:
+            return self.table[raw.to_numpy() - self.low]  # [n] int32
+        if raw.dtype.is_integer():
+            return np.searchsorted(self.ids.to_numpy(), raw.to_numpy()).astype(np.int32)
+        return raw.replace_strict(self.ids, pl.Series(np.arange(len(self.ids), dtype=np.int32))).to_numpy()
+
+
 
 def _stable_user_sort(uc: np.ndarray) -> np.ndarray:
     """Stable permutation ``[n]`` sorting the dense user codes ``uc`` of one bucket: an LSD radix sort
@@ -175,18 +200,41 @@ def _late_events(uc: np.ndarray, ts: np.ndarray, row: np.ndarray) -> np.ndarray:
     return user_row < np.repeat(before, np.diff(np.r_[starts, len(uc)]))
 
 
+def _later_duplicates(new_group: np.ndarray, ic: np.ndarray) -> np.ndarray:
+    """``[n]`` events whose item appears again later in their group (groups: contiguous runs that
+    ``new_group`` opens). Exact, but hashes only the groups that can hold a repeat: a repeated item
+    sets the same bit twice in each of three 64-bit masks of its group (bits 0-5, 6-11 and 12-17 of
+    its dense code pick the bit), so a group with a mask of fewer bits than events holds none: most
+    groups of a log are cleared in a few linear passes."""
+    starts = np.flatnonzero(new_group)
+    sizes = np.diff(np.r_[starts, len(ic)])  # [G]
+    candidate = sizes > 1
+    code = ic.astype(np.uint64)
+    for shift in (0, 6, 12):
+        bit = np.left_shift(np.uint64(1), (code >> np.uint64(shift)) & np.uint64(63))  # [n]
+        candidate &= np.bitwise_count(np.bitwise_or.reduceat(bit, starts)) < sizes
+    later = np.zeros(len(ic), dtype=bool)
+    if candidate.any():
+        events = np.repeat(candidate, sizes)  # [n] events of candidate groups
+        group = np.cumsum(new_group)[events].astype(np.int64)
+        key = (group << 32) | ic[events].astype(np.int64)
+        later[events] = ~pl.Series(key).is_last_distinct().to_numpy()
+    return later
+
+
 def _sort_and_police(df: pl.DataFrame, signals: list[str], has_request: bool, cfg: StoreConfig,
-                     scanned: ScannedLog, counts: dict) -> tuple[np.ndarray, np.ndarray, dict] | None:
+                     scanned: ScannedLog, counts: dict, users: _Vocabulary,
+                     items: _Vocabulary) -> tuple[np.ndarray, np.ndarray, dict] | None:
     """One bucket: sort by (user, time, request, file row), then apply the time-order, duplicate and
     short-user policies. Returns (user codes [m], per-user lengths, columns of the m kept events in
     store order) or None when no event is left."""
-    uc_in = df["uc"].to_numpy()
+    uc_in = users.codes(df["user"])
     ts_in = df["ts"].to_numpy()
     row_in = df["row"].to_numpy()
     # events of a request stay together; requests of a user at the same time are ordered by id hash
     req_in = df["request"].to_numpy() if has_request else None
     order, resorted = _event_order(uc_in, ts_in, req_in, row_in)
-    uc, ts, ic = uc_in[order], ts_in[order], df["ic"].to_numpy()[order]
+    uc, ts, ic = uc_in[order], ts_in[order], items.codes(df["item"])[order]
     req = req_in[order] if has_request else None
 
     # time order: only users whose file order was not their time order can hold late events
@@ -204,8 +252,7 @@ def _sort_and_police(df: pl.DataFrame, signals: list[str], has_request: bool, cf
     new_group = new_user | np.r_[True, ts[1:] != ts[:-1]]
     if has_request:
         new_group |= np.r_[True, req[1:] != req[:-1]]
-    group = np.cumsum(new_group)
-    later = ~pl.Series((group.astype(np.int64) << 32) | ic.astype(np.int64)).is_last_distinct().to_numpy()
+    later = _later_duplicates(new_group, ic)
     n_dup = int(later.sum())
     if n_dup and cfg.duplicates == "error":
         i = int(np.flatnonzero(later)[0])
@@ -258,13 +305,14 @@ def build(spec: EventLogSpec, out: str | Path, cfg: StoreConfig = StoreConfig(),
         signals = [f"sig_{s}" for s in spec.signal_names]
         request = ["request"] if spec.request else []
         part_dir = tmp / "parts"
-        # replace_strict maps row by row: each bucket file keeps the file order (see _event_order)
-        coded = frame.select(
-            pl.col("user").replace_strict(users["user"], users["uc"]).alias("uc"),
-            pl.col("item").replace_strict(items["item"], items["ic"]).alias("ic"),
-            "ts", *([pl.col("request").hash()] if request else []), *signals, "row",
-            pl.col("user").replace_strict(users["user"], users["bucket"]).alias("bucket"))
+        # raw ids, each row's bucket from its user by binary search over the buckets' first users: an
+        # elementwise pass, so every bucket file keeps the file order (see _event_order)
+        firsts = users.filter(pl.col("bucket").diff() > 0)["user"]  # first raw user of buckets 1..B-1
+        bucket = pl.lit(firsts).search_sorted(pl.col("user"), side="right") if len(firsts) else pl.lit(0)
+        coded = frame.select("user", "item", "ts", *([pl.col("request").hash()] if request else []), *signals,
+                             "row", bucket.cast(pl.Int32).alias("bucket"))
         coded.sink_ipc(pl.PartitionBy(part_dir, key="bucket", include_key=False), mkdir=True)
+        user_codes, item_codes = _Vocabulary(users["user"]), _Vocabulary(items["item"])
         t_partition = time.perf_counter()
 
         columns = _Columns(tmp)
@@ -282,7 +330,7 @@ def build(spec: EventLogSpec, out: str | Path, cfg: StoreConfig = StoreConfig(),
             if not files:
                 continue
             df = pl.concat([pl.read_ipc(f) for f in files])
-            bucket = _sort_and_police(df, signals, bool(request), cfg, scanned, counts)
+            bucket = _sort_and_police(df, signals, bool(request), cfg, scanned, counts, user_codes, item_codes)
             del df
             if bucket is None:
                 continue
