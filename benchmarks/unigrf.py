@@ -17,6 +17,8 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import yaml
+
 import report
 from grid import add_grid_arguments, tested, train_run
 
@@ -91,12 +93,7 @@ def run_one(variant: str, seed: int, args) -> dict:
         history = metrics["history"]
         enhancer_s = sum(h.get("before_epoch_s", 0.0) for h in history)
         key = {"model": "unigrf", "variant": variant, "dataset": args.dataset, "protocol": args.protocol, "seed": seed}
-        replayed = {}
-        if {"auc", "ndcg@10"} <= set(history[0]):  # both tasks: where the old sum rule would have stopped
-            best, last = replay(history, "auc+ndcg@10", metrics["config"]["train"]["patience"])
-            replayed = {"best_epoch/auc+ndcg@10 (replayed)": best} | (
-                {} if last is None else {"stop_epoch/auc+ndcg@10 (replayed)": last})
-        return key | tested(metrics) | replayed | {"epochs": len(history), "steps": metrics["steps"]} | extras | {
+        return key | tested(metrics) | {"epochs": len(history), "steps": metrics["steps"]} | extras | {
             "enhancer_s": enhancer_s, "favourites_last_epoch": history[-1].get("favourites", 0.0),
             "history": history}
 
@@ -104,6 +101,11 @@ def run_one(variant: str, seed: int, args) -> dict:
                     args.reuse, row_of)
     shown = " ".join(f"{m} {row[m]:.4f}" for m in ("auc", "ndcg@10") if m in row)
     print(f"[unigrf] {variant} seed {seed}: {shown} ({row['epochs']} epochs, {row['wall_s']:.0f}s)", flush=True)
+    if {"auc", "ndcg@10"} <= set(row["history"][0]):  # both tasks: where the old sum rule would have stopped
+        patience = yaml.safe_load((run_dir(args, variant, seed) / "config.yaml").read_text())["train"]["patience"]
+        best, last = replay(row["history"], "auc+ndcg@10", patience)
+        row |= {"best_epoch/auc+ndcg@10 (replayed)": best} | (
+            {} if last is None else {"stop_epoch/auc+ndcg@10 (replayed)": last})
     return row
 
 
