@@ -25,6 +25,7 @@ from genrec.distributed.evaluate import sharded_evaluate
 from genrec.distributed.launch import ProcessGroup
 from genrec.distributed.sampler import sharded_loader
 from genrec.models.base import RecModel
+from genrec.nn.ranks import mean_over_ranks
 from genrec.train.strategy import Strategy
 
 STRATEGIES = ("ddp", "fsdp2")
@@ -56,7 +57,7 @@ class DataParallel(Strategy):
         self.group = group
         self.kind = kind
         self.rank, self.world_size = group.rank, group.world_size
-        self._targets: tuple[torch.Tensor, torch.Tensor] | None = None  # this step's (n_r, N)
+        self._targets: torch.Tensor | None = None  # this step's n_r (float64), for the logged losses
 
     def device(self, name: str) -> torch.device:
         return self.group.device
@@ -76,15 +77,13 @@ class DataParallel(Strategy):
         local = batch.target_mask.sum().to(torch.float64)
         total = local.clone()
         dist.all_reduce(total)
-        self._targets = (local, total)
+        self._targets = local
         return (self.world_size * local / total).float()
 
     def reduce_losses(self, losses: dict[str, torch.Tensor], batch: JaggedBatch) -> dict[str, float]:
-        local, total = self._targets
-        # a ghost rank (no targets) has NaN losses: mean over nothing
-        sums = torch.stack([torch.where(local > 0, v.detach().double() * local, 0.0) for v in losses.values()])
-        dist.all_reduce(sums)
-        return dict(zip(losses, (sums / total).tolist(), strict=True))
+        # a ghost rank (no targets) has NaN losses, a mean over nothing: it adds nothing
+        means = torch.stack([v.detach().double() for v in losses.values()])
+        return dict(zip(losses, mean_over_ranks(means, self._targets.expand(len(means))).tolist(), strict=True))
 
     def _reduce(self, value: float, op) -> float:
         t = torch.tensor(float(value), dtype=torch.float64, device=self.group.device)
