@@ -251,8 +251,7 @@ class UniGRF(RecModel):
         if self.weighter is not None:
             losses = torch.stack([out["retrieval_loss"], out["ranking_loss"]])  # [2], this process's batch
             if self.training:  # under DDP: the global batch's, so every rank weighs the tasks alike
-                counts = torch.stack([torch.tensor(len(positives), device=losses.device), batch.target_mask.sum()])
-                losses = mean_over_ranks(losses, counts)
+                losses = mean_over_ranks(losses, (len(positives), batch.target_mask.sum()))
             weights = self.weighter(losses)
             out |= {"w_retrieval": weights[0], "w_ranking": weights[1]}
             parts = [w * p for w, p in zip(weights, parts, strict=True)]

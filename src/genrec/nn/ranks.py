@@ -9,6 +9,8 @@ every rank must call them in the same order (as every rank runs the same forward
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.distributed as dist
 
@@ -26,12 +28,13 @@ def sum_over_ranks(values: torch.Tensor) -> torch.Tensor:
     return total
 
 
-def mean_over_ranks(means: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """Per-rank means ``[T]``, each over ``counts [T]`` local items, as the means over every rank's
-    items together; a rank with no items of a kind (its mean NaN) adds nothing to that one."""
+def mean_over_ranks(means: torch.Tensor, counts: Sequence[int | torch.Tensor]) -> torch.Tensor:
+    """Per-rank means ``[T]``, each over ``counts[t]`` local items, as the means over every rank's
+    items together; a rank with no items of a kind (its mean NaN) adds nothing to that one. The
+    counts become a device tensor only with several ranks: one process pays nothing per step."""
     if _world_size() == 1:
         return means
-    counts = counts.to(torch.float64)
+    counts = torch.stack([torch.as_tensor(c, dtype=torch.float64, device=means.device) for c in counts])
     sums = torch.where(counts > 0, means.detach().to(torch.float64) * counts, 0.0)
     both = sum_over_ranks(torch.cat([sums, counts]))
     return (both[: len(means)] / both[len(means):]).to(means.dtype)
