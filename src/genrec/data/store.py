@@ -138,7 +138,6 @@ class _Vocabulary:
         return raw.replace_strict(self.ids, pl.Series(np.arange(len(self.ids), dtype=np.int32))).to_numpy()
 
 
-
 def _stable_user_sort(uc: np.ndarray) -> np.ndarray:
     """Stable permutation ``[n]`` sorting the dense user codes ``uc`` of one bucket: an LSD radix sort
     over 16-bit digits (numpy's stable sort of ``uint16`` is a radix sort), one linear pass per digit."""
