@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -144,7 +144,7 @@ FORMS: dict[str, Callable[..., Fit]] = {"loglinear": fit_loglinear, "saturating"
 
 
 def _with_r2(fit: Fit, x: np.ndarray, y: np.ndarray) -> Fit:
-    return Fit(fit.form, fit.params, r_squared(y, fit.predict(x)), fit.points, fit.designs, fit.c0, fit.at_bound)
+    return replace(fit, r2=r_squared(y, fit.predict(x)))
 
 
 def bootstrap_over_seeds(compute, y, form: str, replicates: int = 1000, seed: int = 0,
@@ -174,7 +174,7 @@ def bootstrap_over_seeds(compute, y, form: str, replicates: int = 1000, seed: in
         for k, v in rep.params.items():
             samples[k].append(v)
     ci = {k: (float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))) for k, v in samples.items() if v}
-    return Fit(fit.form, fit.params, fit.r2, fit.points, fit.designs, fit.c0, fit.at_bound, ci)
+    return replace(fit, ci=ci)
 
 
 def pareto_frontier(cost: Sequence[float], value: Sequence[float], maximize: bool = True) -> list[int]:
