@@ -47,6 +47,12 @@ def _topic_signal_probs(model: LatentModel, centroids: np.ndarray, items: np.nda
     return 1.0 / (1.0 + np.exp(-(z[:, :, None] * model.weights + model.biases)))
 
 
+def _posterior(log_post: np.ndarray) -> np.ndarray:
+    """Normalised probabilities ``[L, topics]`` from unnormalised log posteriors (max-shifted: no underflow)."""
+    post = np.exp(log_post - log_post.max(1, keepdims=True))
+    return post / post.sum(1, keepdims=True)
+
+
 def bayes_scores(model: LatentModel, offsets: np.ndarray, items: np.ndarray, signals: np.ndarray,
                  catalogue: np.ndarray | None = None, known_topics: np.ndarray | None = None) -> BayesScores:
     """The Bayes predictor along every history: ``offsets`` ``[U + 1]`` (CSR), raw ``items`` ``[E]`` and
@@ -75,8 +81,7 @@ def bayes_scores(model: LatentModel, offsets: np.ndarray, items: np.ndarray, sig
     for t in range(int(lengths.max(initial=0))):
         live = np.flatnonzero(lengths > t)
         at = offsets[live] + t  # [L] flat event index
-        post = np.exp(log_post[live] - log_post[live].max(1, keepdims=True))
-        post /= post.sum(1, keepdims=True)  # [L, topics]
+        post = _posterior(log_post[live])  # [L, topics]
         prev = items[at - 1] if t else None
         # P(x_t = j | c, x_{t-1}) for each topic: [L, topics, I] would be large; mix over topics first
         mixed = post @ model.topic_item_probs  # [L, I]
@@ -100,8 +105,7 @@ def bayes_scores(model: LatentModel, offsets: np.ndarray, items: np.ndarray, sig
                 follows * model.successor_probs[prev]).sum(1, keepdims=True)
         with np.errstate(divide="ignore"):  # the oracle's impossible topics stay at log 0 = -inf
             log_post[live] += np.log(item_lik)
-        post = np.exp(log_post[live] - log_post[live].max(1, keepdims=True))
-        post /= post.sum(1, keepdims=True)
+        post = _posterior(log_post[live])
         per_topic = _topic_signal_probs(model, centroids, items[at])  # [L, topics, S]
         out.label_probs[at] = np.einsum("lk,lks->ls", post, per_topic)
         y = signals[at].astype(bool)[:, None, :]  # [L, 1, S]
