@@ -95,14 +95,15 @@ class LatentModel:
     def sequential(self) -> bool:
         return self.user_topics is not None
 
-    def next_item_probs(self, topics: np.ndarray, previous: np.ndarray | None) -> np.ndarray:
-        """``P(next item | topic, previous item)`` ``[N, I]`` for topic ids ``[N]`` and raw previous items
-        ``[N]`` (None: the first item of a history)."""
-        probs = self.topic_item_probs[topics]  # [N, I]
+    def next_item_probs(self, topic_probs: np.ndarray, previous: np.ndarray | None) -> np.ndarray:
+        """``P(next item | previous item)`` ``[N, I]`` under topic distributions ``topic_probs`` ``[N, K]``
+        (a one-hot row: a known topic) and raw previous items ``[N]`` (None: the first item of a
+        history). The successor part does not depend on the topic, so the topics mix first."""
+        probs = topic_probs @ self.topic_item_probs  # [N, I]
         if previous is None:
-            return probs.copy()
-        probs = (1.0 - self.transition) * probs
-        rows = np.arange(len(topics))[:, None]
+            return probs
+        probs *= 1.0 - self.transition
+        rows = np.arange(len(probs))[:, None]
         np.add.at(probs, (rows, self.successor_items[previous]), self.transition * self.successor_probs[previous])
         return probs
 

@@ -83,12 +83,7 @@ def bayes_scores(model: LatentModel, offsets: np.ndarray, items: np.ndarray, sig
         at = offsets[live] + t  # [L] flat event index
         post = _posterior(log_post[live])  # [L, topics]
         prev = items[at - 1] if t else None
-        # P(x_t = j | c, x_{t-1}) for each topic: [L, topics, I] would be large; mix over topics first
-        mixed = post @ model.topic_item_probs  # [L, I]
-        if prev is not None:
-            mixed *= 1.0 - model.transition
-            rows = np.arange(len(live))[:, None]
-            np.add.at(mixed, (rows, model.successor_items[prev]), model.transition * model.successor_probs[prev])
+        mixed = model.next_item_probs(post, prev)  # [L, I] P(x_t = j | history)
         ranked = np.where(catalogue, mixed, -1.0)  # [L, I]; items outside the catalogue cannot be ranked
         top = -np.sort(-np.partition(ranked, num_items - K, axis=1)[:, num_items - K:], axis=1)  # [L, K]
         out.hr[at] = top.sum(1)
