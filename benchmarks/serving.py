@@ -338,6 +338,18 @@ def main(argv: list[str] | None = None) -> int:
     shapes = [tuple(int(x) for x in s.split("x")) for s in shapes.split(",")]
     torch.set_num_threads(args.server_threads)
     users = [f"u{i}" for i in range(args.users)]
+    device = "cpu" if args.device == "cpu" else torch.cuda.get_device_name()
+    meta = report.meta(device=device + (f" ({args.note})" if args.note else ""))
+    out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"serving_{args.device}"
+
+    def write(rows: list[dict], partial: bool) -> list[dict]:
+        """The file so far: rewritten after every server, so a run cut short keeps its rows
+        (marked ``"partial": true``, its targets computed from those rows only)."""
+        target_rows = targets(rows, args)
+        report.write(out, rows, markdown(rows, target_rows), meta, targets=target_rows,
+                     extra={"partial": True} if partial else None)
+        return target_rows
+
     rows = []
     for n, m in shapes:
         for name in args.models.split(","):
@@ -372,11 +384,8 @@ def main(argv: list[str] | None = None) -> int:
                     server.stop()
                 if mode == "cached":
                     rows += events_rows(engine, name, n, [1, max(1, n // 8)], repeats=5)
-    target_rows = targets(rows, args)
-    device = "cpu" if args.device == "cpu" else torch.cuda.get_device_name()
-    meta = report.meta(device=device + (f" ({args.note})" if args.note else ""))
-    out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"serving_{args.device}"
-    report.write(out, rows, markdown(rows, target_rows), meta, targets=target_rows)
+                write(rows, partial=True)
+    target_rows = write(rows, partial=False)
     for t in target_rows:
         print(f"{t['name']}: {t['value']} {t['op']} {t['target']} -> {'met' if t['met'] else 'NOT met'}")
     return 0

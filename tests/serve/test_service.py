@@ -114,6 +114,7 @@ class Offline:
     def __init__(self, run: Path):
         self.trainer, _ = load_run(str(run), [])
         self.model = self.trainer.model.eval()
+        self.device = next(self.model.parameters()).device  # the run's train.device, as the service's
         seq = self.trainer.seq
         self.item = {raw: i for i, raw in enumerate(seq.item_raw, start=1)}
         self.action = {v: i for i, v in enumerate(seq.rating_values)}
@@ -129,9 +130,10 @@ class Offline:
     @torch.no_grad()
     def cold(self, events: list[dict], candidates: list[str], when: int) -> np.ndarray:
         """P(label) by the model's cold serving call (whole history re-encoded)."""
-        batch = collate([(*self.history(events), len(events))])
-        cands = torch.tensor([[self.item[c] for c in candidates]])
-        return torch.sigmoid(self.model.score(batch, cands, torch.tensor([when])))[0, :, 0].numpy()
+        batch = collate([(*self.history(events), len(events))]).to(self.device)
+        cands = torch.tensor([[self.item[c] for c in candidates]], device=self.device)
+        when = torch.tensor([when], device=self.device)
+        return torch.sigmoid(self.model.score(batch, cands, when))[0, :, 0].cpu().numpy()
 
     @torch.no_grad()
     def evaluation_pass(self, events: list[dict], candidate: str, when: int) -> float:
@@ -140,7 +142,7 @@ class Offline:
         user, items, actions, labels, times, requests = self.history(events)
         sample = (user, np.append(items, self.item[candidate]), np.append(actions, 4), np.append(labels, 1.0),
                   np.append(times, when), np.append(requests, requests[-1] + 1), len(events))
-        return float(torch.sigmoid(self.model.rank_logits(collate([sample])))[0])
+        return float(torch.sigmoid(self.model.rank_logits(collate([sample]).to(self.device)))[0])
 
 
 def ranked(server: Server, body: dict) -> np.ndarray:

@@ -38,10 +38,9 @@ class TokenLayout:
     def cached(self, key: tuple, build):
         """Pairwise index tensors (distances, time buckets) are built once per forward, not per layer.
         A key holding a symbolic size (``torch.export`` with dynamic shapes traces ``q_offset`` as one)
-        cannot be hashed: then it is built each time, which a trace records once anyway."""
-        try:
-            hash(key)
-        except TypeError:
+        cannot be hashed: then it is built each time, which a trace records once anyway. (Tested by
+        type, not by calling ``hash``, which dynamo cannot trace: a graph break in every attention.)"""
+        if any(isinstance(part, torch.SymInt) for part in key):
             return build()
         if key not in self._cache:
             self._cache[key] = build()
