@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from genrec.ops.layout import TokenLayout
@@ -69,3 +70,14 @@ DRAWINGS = {"causal": test_causal_mask_drawing, "request_causal": test_hstu_inte
 
 def test_time_buckets_are_log2():
     assert time_bucket(torch.tensor([0, 1, 2, 3, 4, 10**9]), 32).tolist() == [0, 1, 1, 2, 2, 29]
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
+def test_time_buckets_are_exact_at_every_power_of_two(device):
+    """Bucket t starts at 2^t - 1 s, on every device: CUDA's float64 log2 misses some exact powers of
+    two (2^12 = 4096 gives 11.99...), which put a float-log2 bucket one low on the GPU only."""
+    k = torch.arange(1, 45, device=device)
+    start = 2**k - 1  # the first second of bucket k
+    assert time_bucket(start, 64).tolist() == k.tolist()
+    assert time_bucket(start - 1, 64).tolist() == (k - 1).tolist()
+    assert time_bucket(start, 20).tolist() == k.clamp(max=19).tolist()

@@ -90,6 +90,13 @@ def build_mask(layout: TokenLayout) -> torch.Tensor:
 
 
 def time_bucket(seconds: torch.Tensor, num_buckets: int) -> torch.Tensor:
-    """Log-2 buckets of a non-negative time difference: 0 s -> 0, 1 s -> 1, 2-3 s -> 2, ... capped."""
-    seconds = seconds.clamp(min=0).double()
-    return torch.floor(torch.log2(1.0 + seconds)).long().clamp(max=num_buckets - 1)
+    """Log-2 buckets of a non-negative time difference, ``min(floor(log2(1 + s)), num_buckets - 1)``:
+    0 s -> 0, 1-2 s -> 1, 3-6 s -> 2, ... capped. The float log2 is corrected by one in integers where
+    it rounded across a power of two: CUDA's float64 log2 is not exact there (2^3, 2^6, 2^12, ... on
+    an H200), which put those differences one bucket low on the GPU only. (Elementwise ops only, which
+    AOTInductor compiles; its CPU package aborted on ``torch.bucketize``.)"""
+    x = seconds.clamp(min=0) + 1
+    log = torch.log2(x.double()).floor().long()
+    one = torch.ones_like(log)
+    log = log + (x >= one << (log + 1)).long() - (x < one << log).long()
+    return log.clamp(max=num_buckets - 1)

@@ -34,8 +34,11 @@ class KernelMeta:
     @classmethod
     def from_layout(cls, layout: TokenLayout) -> KernelMeta:
         # A CUDA graph cannot read a value back while it records: genrec.serve.graphs checks each
-        # history and request it is given instead.
-        if not (layout.timestamp.is_cuda and torch.cuda.is_current_stream_capturing()):
+        # history and request it is given instead. (Under torch.compile the check is a device assert,
+        # and dynamo cannot trace the capture query: asked only outside it.)
+        capturing = (not torch.compiler.is_compiling() and layout.timestamp.is_cuda
+                     and torch.cuda.is_current_stream_capturing())
+        if not capturing:
             check_time_span(layout.timestamp)
         ts = layout.timestamp - layout.timestamp.min()
         flags = layout.valid.int() * VALID + layout.fake.int() * FAKE
