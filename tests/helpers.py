@@ -57,3 +57,11 @@ def make_batch(lengths: list[int], seed: int, all_targets: bool = True) -> Jagge
         actions=torch.tensor(actions), labels=torch.tensor((actions >= 3).astype(np.float32)),
         timestamps=torch.tensor(times), request_ids=torch.tensor(requests), target_mask=torch.tensor(target),
         users=torch.arange(len(lengths)))
+
+
+def with_last_targets(batch: JaggedBatch, share: float) -> JaggedBatch:
+    """``batch`` whose targets are the last ``ceil(share · n)`` events of each sequence of n events
+    (the temporal setting: a few target requests after a long history; ``share = 1``: every event)."""
+    lengths = batch.lengths[batch.sequence_index()]  # [T] length of each event's sequence
+    last = batch.positions() >= lengths - torch.ceil(share * lengths.double()).long()
+    return JaggedBatch(**vars(batch) | {"target_mask": last})

@@ -11,14 +11,18 @@ from genrec.data.info import DatasetInfo
 from genrec.models import build_model
 from tests.helpers import make_batch
 
-GENERATIVE = ["hstu", "genrank", "dfgr", "sfgr"]
+GENERATIVE = ["hstu", "genrank", "dfgr", "dfgr_sparse", "sfgr"]
+VARIANTS = {"dfgr_sparse": ("dfgr", {"fake_flow": "targets"})}  # test name -> model and its arguments
 INFO = DatasetInfo(num_items=40, num_actions=5, num_users=10, item_genres=np.zeros((41, 1), np.float32),
                    rating_values=[1.0, 2.0, 3.0, 4.0, 5.0])
 
 
 def make_model(name: str, dtype=torch.float64, **args):
+    """A tiny model; ``name`` is a registry name or one of :data:`VARIANTS`."""
     torch.manual_seed(0)
-    model = build_model(name, {"d_model": 16, "num_heads": 2, "num_layers": 2, "dropout": 0.0, **args}, INFO, 32)
+    name, preset = VARIANTS.get(name, (name, {}))
+    model = build_model(name, {"d_model": 16, "num_heads": 2, "num_layers": 2, "dropout": 0.0, **preset, **args},
+                        INFO, 32)
     return model.to(dtype).eval()
 
 
@@ -32,8 +36,9 @@ def _targets_info(batch: JaggedBatch):
 @pytest.mark.parametrize("seed", [0, 1])
 def test_changing_a_requests_actions_moves_no_prediction_in_or_before_it(name, seed):
     model = make_model(name)
-    # SFGR hides the actions of all targets in a pass, so its earlier requests must be history
-    batch = make_batch([13, 1, 7, 20], seed, all_targets=name != "sfgr")
+    # SFGR hides the actions of all targets in a pass, so its earlier requests must be history;
+    # DFGR's sparse fake flow holds only the targets: the second half of each sequence
+    batch = make_batch([13, 1, 7, 20], seed, all_targets=name not in ("sfgr", "dfgr_sparse"))
     with torch.no_grad():
         before = model.rank_logits(batch)
     rng = np.random.default_rng(100 + seed)
@@ -57,10 +62,12 @@ def test_changing_a_requests_actions_moves_no_prediction_in_or_before_it(name, s
     assert moved_later, "actions of an earlier request must influence later predictions"
 
 
-@pytest.mark.parametrize("name", ["dfgr", "genrank"])
+@pytest.mark.parametrize("name", ["dfgr", "dfgr_sparse", "genrank"])
 def test_training_pass_matches_serving_from_history_only(name):
     model = make_model(name, dtype=torch.float32)
-    batch = make_batch([17, 9, 1, 12], seed=3)
+    # the sparse fake flow on targets in the second half of each sequence only
+    batch = make_batch([17, 9, 1, 12, 30], seed=3, all_targets=False) if name == "dfgr_sparse" else \
+        make_batch([17, 9, 1, 12], seed=3)
     with torch.no_grad():
         trained = model.rank_logits(batch)
     seq, req = _targets_info(batch)

@@ -12,12 +12,15 @@ predictions are taken on fake-flow outputs at the target events. Fake tokens tak
 their request's first event, so that training and serving (history + candidates) agree exactly.
 Attention cost per layer: N²/2 (real causal) + N²/2 (fake cross) ≈ N², against HSTU's (2N)²/2.
 Serving runs the history through the real flow once (KV cache) and scores candidates as fake tokens.
+``fake_flow="targets"`` builds fake tokens for the target events only (``[real N | fake T]``,
+:func:`~genrec.nn.events.target_dual_flow_layout`): the same model and logits, N + T tokens a step.
 Features: item id, action, position and time through HSTU's relative bias.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
@@ -26,7 +29,7 @@ from genrec.data.batching import JaggedBatch
 from genrec.data.info import DatasetInfo
 from genrec.models.generative import GenerativeRanker
 from genrec.nn.embeddings import ActionEmbedding
-from genrec.nn.events import Events, append_candidates, dual_flow_layout, event_layout
+from genrec.nn.events import Events, append_candidates, dual_flow_layout, event_layout, target_dual_flow_layout
 from genrec.nn.hstu import HSTUBlock, attention_scale
 from genrec.nn.kv_cache import KVCache, KVServing
 from genrec.ops.dispatch import BackendName, get_backend
@@ -47,6 +50,9 @@ class DFGRConfig:
     task_weights: tuple[float, ...] = ()  # BCE weight per signal (default 1 each)
     task_head: str = "mlp"  # "mlp" (shared bottom) or "mmoe"
     num_experts: int = 4  # mmoe only
+    # training's fake flow: one token per event ("dense", [real N | fake N]) or per target event only
+    # ("targets", [real N | fake T]); the same logits at the targets, fewer tokens when few are targets
+    fake_flow: Literal["dense", "targets"] = "dense"
 
 
 class DFGR(GenerativeRanker):
@@ -76,7 +82,7 @@ class DFGR(GenerativeRanker):
         m = items.shape[1]
         hidden = torch.ones_like(items, dtype=torch.bool)
         tokens = self.item_emb(items) + self.action_emb(torch.zeros_like(items), hidden)
-        fake = torch.cat([torch.zeros_like(layout.fake[:, :-m]), hidden], dim=1)
+        fake = torch.cat([torch.zeros_like(layout.fake[:, :layout.shape[1] - m]), hidden], dim=1)  # m may be 0
         return tokens, TokenLayout(layout.valid, layout.request, layout.event, fake, layout.position,
                                    layout.timestamp, layout.rule)
 
@@ -92,11 +98,16 @@ class DFGR(GenerativeRanker):
     def target_hidden(self, batch: JaggedBatch) -> torch.Tensor:
         ev = Events.from_batch(batch)
         real_flow, _ = self.history_tokens(ev)
-        fake_flow, layout = self.fake_flow(ev.items, dual_flow_layout(ev))
-        x = torch.cat([real_flow, fake_flow], dim=1)  # [B, 2N, D]
+        if self.cfg.fake_flow == "targets":
+            layout, index = target_dual_flow_layout(ev)  # [B, N + T], [B, T]
+            fake_items, at_targets = ev.items.gather(1, index), layout.valid[:, ev.valid.shape[1]:]  # [B, T]
+        else:
+            layout, fake_items, at_targets = dual_flow_layout(ev), ev.items, ev.target  # [B, 2N], [B, N], [B, N]
+        fake_flow, layout = self.fake_flow(fake_items, layout)
+        x = torch.cat([real_flow, fake_flow], dim=1)  # [B, N + T or 2N, D]
         for block in self.blocks:
             x = block(x, layout)
-        return self.norm(x[:, real_flow.shape[1]:])[ev.target]  # fake-flow outputs at the targets
+        return self.norm(x[:, real_flow.shape[1]:])[at_targets]  # fake-flow outputs at the targets
 
     def score(self, history: JaggedBatch, candidates: torch.Tensor, request_time: torch.Tensor) -> torch.Tensor:
         return self.kv_serving.score(history, candidates, request_time)

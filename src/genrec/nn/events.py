@@ -80,6 +80,48 @@ def dual_flow_layout(ev: Events, fake_valid: torch.Tensor | None = None) -> Toke
         timestamp=torch.cat([ev.timestamp, ev.timestamp], 1), rule="dual_flow")
 
 
+def target_dual_flow_layout(ev: Events) -> tuple[TokenLayout, torch.Tensor]:
+    """The ``[real flow N | fake flow T]`` layout (``dual_flow`` rule) whose fake flow holds the
+    target events only (T = the most targets of a row), and the event index ``[B, T]`` of each fake
+    token. A fake token reads real keys of earlier requests and itself, nothing in the fake flow
+    reads another fake token, and no real token reads a fake one: so the fake tokens of non-target
+    events change no prediction, and dropping them gives the dense layout's logits at the targets
+    with N + T tokens instead of 2N (issue 14, item 5b: the temporal setting trains on a few
+    target requests). Fake tokens keep their event's request, event index and timestamp and the
+    position of their request's first event, as in :func:`dual_flow_layout`; a row with fewer
+    than T targets pads its fake flow with invalid tokens. Fake tokens are in event order, so the
+    valid ones, read row by row, are the targets in the order of ``ev.target``.
+
+    Events e0..e4, requests r0 = {e0}, r1 = {e1, e2}, r2 = {e3, e4}; targets e2, e3, e4 (T = 3)::
+
+                R0 R1 R2 R3 R4 F2 F3 F4
+          R0     x  .  .  .  .  .  .  .
+          R1     x  x  .  .  .  .  .  .
+          R2     x  x  x  .  .  .  .  .
+          R3     x  x  x  x  .  .  .  .
+          R4     x  x  x  x  x  .  .  .
+          F2     x  .  .  .  .  x  .  .     <- F2 = the dense F2 row without F0 F1 F3 F4 (never read)
+          F3     x  x  x  .  .  .  x  .
+          F4     x  x  x  .  .  .  .  x
+
+    Costs one device-to-host read (T sizes the sequence), as ``JaggedBatch.max_len`` does.
+    """
+    count = ev.target.sum(1)  # [B] targets per row
+    t = int(count.max()) if count.numel() else 0
+    order = torch.sort((~ev.target).to(torch.int8), dim=1, stable=True).indices[:, :t]  # [B, T] targets first
+    fake_valid = torch.arange(t, device=count.device)[None, :] < count[:, None]  # [B, T]
+    index = torch.where(fake_valid, order, torch.zeros_like(order))  # [B, T] event of each fake token
+
+    def real_then_fake(field: torch.Tensor) -> torch.Tensor:  # [B, N] -> [B, N + T]
+        return torch.cat([field, field.gather(1, index)], 1)
+
+    return TokenLayout(
+        valid=torch.cat([ev.valid, fake_valid], 1), request=real_then_fake(ev.request),
+        event=real_then_fake(ev.position),
+        fake=torch.cat([torch.zeros_like(ev.valid), torch.ones_like(fake_valid)], 1),
+        position=torch.cat([ev.position, ev.request_start.gather(1, index)], 1),
+        timestamp=real_then_fake(ev.timestamp), rule="dual_flow"), index
+
 
 def event_layout(ev: Events, rule: str) -> TokenLayout:
     """One token per event: the history (real flow) of DFGR and GenRank serving."""

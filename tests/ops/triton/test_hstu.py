@@ -21,7 +21,14 @@ import numpy as np
 import pytest
 import torch
 
-from genrec.nn.events import Events, append_candidates, dual_flow_layout, event_layout, item_action_layout
+from genrec.nn.events import (
+    Events,
+    append_candidates,
+    dual_flow_layout,
+    event_layout,
+    item_action_layout,
+    target_dual_flow_layout,
+)
 from genrec.nn.kv_cache import in_micro_batches
 from genrec.ops.layout import TokenLayout
 from genrec.ops.reference import attention as reference
@@ -36,7 +43,7 @@ DEVICE = "cuda" if CUDA else "cpu"
 DTYPES = [torch.float32, torch.bfloat16] if CUDA else [torch.float32]
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 1e-2}
 LAYOUTS = {"causal": "causal", "request_causal": "request_causal", "dual_flow": "dual_flow",
-           "genrank_candidates": "dual_flow"}  # parity-test layout -> the mask rule it exercises
+           "genrank_candidates": "dual_flow", "dfgr_target_fake_flow": "dual_flow"}  # layout -> its mask rule
 gpu_only = pytest.mark.skipif(not CUDA, reason="flex_attention, whole models, large tiles and CUDA graphs need a "
                               "CUDA device (the CPU interpreter runs the HSTU kernels only)")
 
@@ -65,6 +72,8 @@ def _layout(kind: str, lengths: list[int], seed: int) -> TokenLayout:
         return item_action_layout(ev)
     if kind == "dual_flow":
         return dual_flow_layout(ev)
+    if kind == "dfgr_target_fake_flow":  # [real N | fake T]: DFGR's fake flow of the target events only
+        return target_dual_flow_layout(ev)[0]
     return dual_flow_layout(ev, fake_valid=ev.target)
 
 
