@@ -15,7 +15,10 @@ Three parts, each a table in the result file:
   names it; all causal over N tokens; the dual-flow row's N tokens are N/2 real + N/2 fake).
 * ``train``: one optimizer step (AdamW, bf16 autocast) of HSTU, GenRank and DFGR (d=512, 8 heads,
   4 layers, backend ``triton``) on synthetic equal-length sequences; events/s, peak memory and MFU
-  (model FLOPs per second over the matmul peak of the same run). ``layout`` rows time what a step
+  (model FLOPs per second over the matmul peak of the same run). ``dfgr_sparse`` is DFGR with the
+  fake flow of the target events only (``fake_flow="targets"``: N + T tokens, not 2N); each model
+  runs per ``--train-target-shares`` (``target_share`` 1: every event a target; 0.1: the last 10 %
+  of each sequence, the temporal setting of issue 14 item 5b). ``layout`` rows time what a step
   builds before its first layer (events, token layout, kernel metadata, the three tile schedules)
   and its share of the step.
 * ``infer``: per-request latency of scoring M candidates after an N-event history, one request at a
@@ -53,7 +56,7 @@ from genrec.data.batching import JaggedBatch
 from genrec.data.info import DatasetInfo
 from genrec.flops import layout_flops
 from genrec.models import build_model
-from genrec.nn.events import Events, dual_flow_layout, item_action_layout
+from genrec.nn.events import Events, dual_flow_layout, item_action_layout, target_dual_flow_layout
 from genrec.nn.kv_cache import in_micro_batches
 from genrec.ops.layout import TokenLayout
 
@@ -208,8 +211,9 @@ def _versus_fastest_sdpa(rows: list[dict]) -> list[dict]:
 
 
 # ------------------------------------------------------------------------------------ models
-def synthetic_batch(batch: int, n: int, seed: int, device: str = "cuda") -> JaggedBatch:
-    """``batch`` sequences of ``n`` events: requests of 1-3 events, minutes to days apart."""
+def synthetic_batch(batch: int, n: int, seed: int, device: str = "cuda", target_share: float = 1.0) -> JaggedBatch:
+    """``batch`` sequences of ``n`` events: requests of 1-3 events, minutes to days apart; the last
+    ``ceil(target_share · n)`` events of each are targets."""
     rng = np.random.default_rng(seed)
     total = batch * n
     new_request = rng.random(total) < 0.5
@@ -217,36 +221,43 @@ def synthetic_batch(batch: int, n: int, seed: int, device: str = "cuda") -> Jagg
     request = np.concatenate([np.cumsum(r) - 1 for r in new_request.reshape(batch, n)])
     gaps = np.where(new_request, rng.integers(60, 86_400 * 3, total), 0).reshape(batch, n)
     actions = rng.integers(0, 5, total)
+    last = np.arange(n) >= n - math.ceil(target_share * n)  # [n] the target events of a sequence
     t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(device)  # noqa: E731
     return JaggedBatch(offsets=t(np.arange(batch + 1) * n), items=t(rng.integers(1, NUM_ITEMS + 1, total)),
                        actions=t(actions), labels=t((actions >= 3).astype(np.float32)),
                        timestamps=t((1_600_000_000 + np.cumsum(gaps, axis=1)).ravel()),
-                       request_ids=t(request), target_mask=t(np.ones(total, bool)), users=t(np.arange(batch)))
+                       request_ids=t(request), target_mask=t(np.tile(last, batch)), users=t(np.arange(batch)))
 
 
 INFO = DatasetInfo(num_items=NUM_ITEMS, num_actions=5, num_users=1, item_genres=np.zeros((1, 1), np.float32),
                    rating_values=[1.0, 2.0, 3.0, 4.0, 5.0])
 
 
+VARIANTS = {"dfgr_sparse": ("dfgr", {"fake_flow": "targets"})}  # row name -> registry model and its arguments
+
+
 def make_model(name: str, n: int, args) -> torch.nn.Module:
-    """The model on the triton backend, its blocks holding ``args.backend`` (the kernels' tiles of ``--tiles``)."""
+    """The model (a registry name or one of :data:`VARIANTS`) on the triton backend, its blocks
+    holding ``args.backend`` (the kernels' tiles of ``--tiles``)."""
+    name, preset = VARIANTS.get(name, (name, {}))
     model_args = {"d_model": args.d, "num_heads": args.heads, "num_layers": args.layers, "dropout": 0.0,
-                  "attention_backend": "triton"}
+                  "attention_backend": "triton", **preset}
     model = build_model(name, model_args, INFO, n).cuda()
     for block in model.blocks:
         block.backend = args.backend
     return model
 
 
-TRAIN_LAYOUTS = {"hstu": item_action_layout, "dfgr": dual_flow_layout}
+TRAIN_LAYOUTS = {"hstu": item_action_layout, "dfgr": dual_flow_layout,
+                 "dfgr_sparse": lambda ev: target_dual_flow_layout(ev)[0]}
 
 
-def train_gflop_per_event(name: str, n: int, args) -> float | None:
+def train_gflop_per_event(name: str, n: int, args, target_share: float = 1.0) -> float | None:
     """Training FLOPs per event (forward + backward: 3x linear, 3.5x attention) on one sequence."""
     if name not in TRAIN_LAYOUTS:
         return None
-    linear, attention = layout_flops(TRAIN_LAYOUTS[name](Events.from_batch(synthetic_batch(1, n, 0))), args.d,
-                                     args.layers)
+    ev = Events.from_batch(synthetic_batch(1, n, 0, target_share=target_share))
+    linear, attention = layout_flops(TRAIN_LAYOUTS[name](ev), args.d, args.layers)
     return (3 * linear + 3.5 * attention) / n / 1e9
 
 
@@ -316,28 +327,35 @@ def train_rows(ns: list[int], args, peak: float) -> list[dict]:
     rows = []
     for n in ns:
         batch = max(args.train_events // n, 1)
-        data = [synthetic_batch(batch, n, seed) for seed in range(3)]
-        for name in args.train_models.split(","):
-            torch.manual_seed(0)
-            model = make_model(name, n, args).train()
-            seconds = _train_step_seconds(model, data, args.train_steps)
-            gflop = train_gflop_per_event(name, n, args)
-            events_per_s = batch * n / seconds
-            rows.append({"bench": "train", "model": name, "n": n, "batch": batch, "d": args.d, "layers": args.layers,
-                         "heads": args.heads, "step_ms": seconds * 1e3, "train_events_per_s": events_per_s,
-                         "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30, "gflop_per_event": gflop,
-                         "tflops": gflop * events_per_s / 1e3 if gflop else None,
-                         "mfu": gflop * events_per_s / 1e3 / peak if gflop else None})
-            print(f"train {name:8s} N={n:5d} B={batch:4d} {seconds * 1e3:8.2f} ms/step "
-                  f"{events_per_s:12.0f} events/s mfu {rows[-1]['mfu'] or float('nan'):.3f}", flush=True)
-            if name in TRAIN_LAYOUTS:
-                ms = layout_ms(name, data[0], args)
-                rows.append({"bench": "layout", "model": name, "n": n, "batch": batch, "layout_ms": ms,
-                             "step_ms": seconds * 1e3, "share_of_step": ms / (seconds * 1e3)})
-                print(f"layout {name:7s} N={n:5d} {ms:8.2f} ms = {rows[-1]['share_of_step']:.3f} of the step",
-                      flush=True)
-            del model
-            torch.cuda.empty_cache()
+        for share in (float(x) for x in args.train_target_shares.split(",")):
+            data = [synthetic_batch(batch, n, seed, target_share=share) for seed in range(3)]
+            for name in args.train_models.split(","):
+                rows += _train_model_rows(name, n, share, data, args, peak)
+    return rows
+
+
+def _train_model_rows(name: str, n: int, share: float, data: list[JaggedBatch], args, peak: float) -> list[dict]:
+    """The train row of one model on one shape and target share, and its layout row."""
+    batch = data[0].batch_size
+    torch.manual_seed(0)
+    model = make_model(name, n, args).train()
+    seconds = _train_step_seconds(model, data, args.train_steps)
+    gflop = train_gflop_per_event(name, n, args, share)
+    events_per_s = batch * n / seconds
+    rows = [{"bench": "train", "model": name, "n": n, "target_share": share, "batch": batch, "d": args.d,
+             "layers": args.layers, "heads": args.heads, "step_ms": seconds * 1e3, "train_events_per_s": events_per_s,
+             "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30, "gflop_per_event": gflop,
+             "tflops": gflop * events_per_s / 1e3 if gflop else None,
+             "mfu": gflop * events_per_s / 1e3 / peak if gflop else None}]
+    print(f"train {name:11s} N={n:5d} targets {share:4.2f} B={batch:4d} {seconds * 1e3:8.2f} ms/step "
+          f"{events_per_s:12.0f} events/s mfu {rows[-1]['mfu'] or float('nan'):.3f}", flush=True)
+    if name in TRAIN_LAYOUTS:
+        ms = layout_ms(name, data[0], args)
+        rows.append({"bench": "layout", "model": name, "n": n, "target_share": share, "batch": batch,
+                     "layout_ms": ms, "step_ms": seconds * 1e3, "share_of_step": ms / (seconds * 1e3)})
+        print(f"layout {name:11s} N={n:5d} {ms:8.2f} ms = {rows[-1]['share_of_step']:.3f} of the step", flush=True)
+    del model
+    torch.cuda.empty_cache()
     return rows
 
 
@@ -401,13 +419,23 @@ def infer_rows(ns: list[int], ms: list[int], args) -> list[dict]:
     return rows
 
 
+def _shape_key(r: dict) -> tuple:
+    """What a row measured: part, model or kernel, mode, N, M and target share (rows of files from
+    before the share was a setting trained every event as a target)."""
+    share = r.get("target_share", 1.0)
+    return r["bench"], r.get("model", r.get("kernel")), r.get("mode"), r.get("n"), r.get("m"), share
+
+
+DFGR_ROWS = ("dfgr", "dfgr_sparse")  # compared with HSTU in the ratio rows
+
+
 def ratios(rows: list[dict]) -> list[dict]:
-    """DFGR over HSTU, per shape: training events/s and inference candidates/s in the same mode, plus
-    DFGR serving from its cache against HSTU cold (M-FALCON); each beside the FLOP ratio."""
+    """DFGR (dense and target-only fake flow) over HSTU, per shape: training events/s at the same
+    target share and inference candidates/s in the same mode, plus DFGR serving from its cache
+    against HSTU cold (M-FALCON); each beside the FLOP ratio."""
     out = []
-    by = {(r["bench"], r["model"], r.get("mode"), r["n"], r.get("m")): r for r in rows
-          if r["bench"] in ("train", "infer")}
-    pairs = [(key, (key[0], "hstu", *key[2:])) for key in by if key[1] == "dfgr"]
+    by = {_shape_key(r): r for r in rows if r["bench"] in ("train", "infer")}
+    pairs = [(key, (key[0], "hstu", *key[2:])) for key in by if key[1] in DFGR_ROWS]
     pairs += [(key, ("infer", "hstu", key[2].replace("cached", "cold"), *key[3:])) for key in by
               if key[1] == "dfgr" and key[2] and key[2].startswith("cached")]
     for ours, theirs in pairs:
@@ -418,8 +446,9 @@ def ratios(rows: list[dict]) -> list[dict]:
             ("infer_candidates_per_s", "gflop_per_request")
         flop_ratio = base[work] / r[work] if r.get(work) and base.get(work) else None
         mode = "train" if r["bench"] == "train" else (ours[2] if ours[2] == theirs[2] else f"{ours[2]} / {theirs[2]}")
-        out.append({"bench": "ratio", "part": r["bench"], "mode": mode, "n": r["n"], "m": r.get("m") or "",
-                    "dfgr_over_hstu": r[speed] / base[speed], "flop_ratio": flop_ratio})
+        share = {"target_share": ours[5]} if r["bench"] == "train" else {}
+        out.append({"bench": "ratio", "part": r["bench"], "model": ours[1], "mode": mode, "n": r["n"],
+                    "m": r.get("m") or "", **share, "dfgr_over_hstu": r[speed] / base[speed], "flop_ratio": flop_ratio})
     return out
 
 
@@ -434,10 +463,11 @@ def write(rows: list[dict], meta: dict, stem: Path) -> None:
     columns = {
         "kernel": ["kernel", "n", "batch", "fwd_ms", "fwd_tflops", "fwd_frac_of_matmul_peak", "fwd_bwd_ms",
                    "fwd_bwd_tflops", "fwd_vs_sdpa", "fwd_bwd_vs_sdpa", "sdpa_fastest_fwd_bwd", "error"],
-        "train": ["model", "n", "batch", "step_ms", "train_events_per_s", "tflops", "mfu", "peak_mem_gb"],
-        "layout": ["model", "n", "batch", "layout_ms", "step_ms", "share_of_step"],
+        "train": ["model", "n", "target_share", "batch", "step_ms", "train_events_per_s", "tflops", "mfu",
+                  "peak_mem_gb"],
+        "layout": ["model", "n", "target_share", "batch", "layout_ms", "step_ms", "share_of_step"],
         "infer": ["model", "mode", "n", "m", "micro_batch", "p50_ms", "p99_ms", "infer_candidates_per_s"],
-        "ratio": ["part", "mode", "n", "m", "dfgr_over_hstu", "flop_ratio"],
+        "ratio": ["part", "model", "mode", "n", "m", "target_share", "dfgr_over_hstu", "flop_ratio"],
     }
     for bench, cols in columns.items():
         part = [r for r in rows if r["bench"] == bench]
@@ -452,8 +482,8 @@ def write(rows: list[dict], meta: dict, stem: Path) -> None:
 
 def _target(name: str, values: list[float], op: str, goal: float, rows: str, missing: str) -> dict:
     """One entry of the targets block: the worst of ``values`` (max for <=, min for >=) against ``goal``."""
-    if not values:
-        return {"name": name, "value": None, "op": op, "target": goal, "met": None, "rows": rows, "reason": missing}
+    if not values:  # not measured: not met (shared/RESULTS.md)
+        return {"name": name, "value": None, "op": op, "target": goal, "met": False, "rows": rows, "reason": missing}
     value = max(values) if op == "<=" else min(values)
     return {"name": name, "value": value, "op": op, "target": goal, "met": value <= goal if op == "<=" else
             value >= goal, "rows": rows}
@@ -467,16 +497,20 @@ def targets(rows: list[dict]) -> list[dict]:
             for v in ("hstu_causal_rab", "hstu_causal_rab256") if (v, n) in kern and ("hstu_causal", n) in kern]
     nobias = [kern[(v, n)]["fwd_bwd_vs_sdpa"] for n in ns for v in ("hstu_causal", "dual_flow") if (v, n) in kern]
     train = [r for r in rows if r["bench"] == "ratio" and r["part"] == "train" and r["flop_ratio"]]
+    sparse = [r["dfgr_over_hstu"] for r in train if r["model"] == "dfgr_sparse" and r["target_share"] <= 0.1
+              and r["n"] >= 1024]
     layout = [r["share_of_step"] for r in rows if r["bench"] == "layout"]
     return [
         _target("bias_over_nobias_fwd_bwd_max", bias, "<=", 1.3,
                 "kernel rows hstu_causal_rab and hstu_causal_rab256 over hstu_causal, N = 1024-8192", "no kernel rows"),
         _target("nobias_over_fastest_sdpa_fwd_bwd_max", nobias, "<=", 1.0,
                 "kernel rows hstu_causal and dual_flow over the fastest SDPA backend, N = 1024-8192", "no kernel rows"),
-        _target("dfgr_over_hstu_train_sparse_min", [], ">=", 2.0, "train rows with sparse targets, N >= 1024",
-                "not measured: DFGR's sparse-target fake flow (issue 14, item 5b) is not implemented"),
+        _target("dfgr_over_hstu_train_sparse_min", sparse, ">=", 2.0,
+                "ratio rows of the train part: dfgr_sparse (the fake flow of the targets only) over hstu, targets = "
+                "the last 10 % of events, N >= 1024", "no train rows of dfgr_sparse and hstu with target_share 0.1"),
         _target("dfgr_train_ratio_over_flop_ratio_min", [r["dfgr_over_hstu"] / r["flop_ratio"] for r in train], ">=",
-                0.95, "ratio rows of the train part (relative bias on: the models' default)", "no train rows"),
+                0.95, "ratio rows of the train part, every DFGR model and target share (relative bias on: the "
+                "models' default)", "no train rows"),
         _target("layout_share_of_step_max", layout, "<=", 0.05, "layout rows (HSTU and DFGR)", "no layout rows"),
     ]
 
@@ -486,7 +520,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--parts", default="kernel,train,infer")
     parser.add_argument("--ns", default="256,512,1024,2048,4096,8192")
     parser.add_argument("--train-ns", help="history lengths of the training part (default: --ns)")
-    parser.add_argument("--train-models", default="hstu,genrank,dfgr")
+    parser.add_argument("--train-models", default="hstu,genrank,dfgr,dfgr_sparse",
+                        help="dfgr_sparse: DFGR with the fake flow of the target events only")
+    parser.add_argument("--train-target-shares", default="1,0.1",
+                        help="per share, the last ceil(share * N) events of each sequence are targets")
     parser.add_argument("--kernel-ns", default="1024,2048,4096,8192")
     parser.add_argument("--kernel-tokens", type=int, default=131_072)
     parser.add_argument("--kernels", help="only these kernel rows (comma-separated names; default: all)")
@@ -542,12 +579,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.merge:
         earlier = json.loads(Path(args.merge).read_text())
 
-        def key(r: dict) -> tuple:
-            return r["bench"], r.get("model", r.get("kernel")), r.get("mode"), r.get("n"), r.get("m")
-
-        measured = {key(r) for r in rows}
+        measured = {_shape_key(r) for r in rows}
         kept = [r for r in earlier["rows"] if r["bench"] in ("kernel", "train", "layout", "infer")
-                and key(r) not in measured]
+                and _shape_key(r) not in measured]
         used = sorted({r["run"] for r in kept})
         meta["runs"] += [earlier["meta"]["runs"][i] for i in used]
         rows += [{**r, "run": 1 + used.index(r["run"])} for r in kept]

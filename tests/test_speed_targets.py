@@ -1,0 +1,70 @@
+"""benchmarks/speed.py on CPU: its DFGR/HSTU ratio rows and issue 14's targets computed from train
+rows (the GPU part itself needs a CUDA device), and ``--tables`` rewriting a committed result file
+without changing a measured number."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "benchmarks"))
+speed = pytest.importorskip("speed")
+
+
+def _train(model: str, n: int, share: float, events_per_s: float, gflop: float) -> dict:
+    return {"bench": "train", "model": model, "n": n, "target_share": share, "batch": 32_768 // n,
+            "train_events_per_s": events_per_s, "gflop_per_event": gflop}
+
+
+def _goal(rows: list[dict], name: str) -> dict:
+    return next(t for t in speed.targets(rows + speed.ratios(rows)) if t["name"] == name)
+
+
+def test_the_sparse_target_is_the_worst_sparse_dfgr_over_hstu_at_a_tenth_of_targets_from_n_1024():
+    rows = []
+    for n, sparse_speed in ((512, 1.0), (1024, 250.0), (2048, 300.0)):
+        for share in (1.0, 0.1):
+            rows += [_train("hstu", n, share, 100.0, 2.0), _train("dfgr", n, share, 120.0, 1.5),
+                     _train("dfgr_sparse", n, share, sparse_speed if share < 1 else 110.0, 1.0)]
+    sparse = [r for r in speed.ratios(rows) if r["model"] == "dfgr_sparse" and r["target_share"] == 0.1]
+    assert {r["n"]: r["dfgr_over_hstu"] for r in sparse} == {512: 0.01, 1024: 2.5, 2048: 3.0}
+    goal = _goal(rows, "dfgr_over_hstu_train_sparse_min")
+    assert goal["value"] == 2.5 and goal["met"] is True  # N = 512 and every-target rows left out
+    rows[-1]["train_events_per_s"] = 150.0  # dfgr_sparse, N = 2048, share 0.1 -> 1.5x HSTU
+    assert _goal(rows, "dfgr_over_hstu_train_sparse_min") | {"rows": ""} == {
+        "name": "dfgr_over_hstu_train_sparse_min", "value": 1.5, "op": ">=", "target": 2.0, "met": False, "rows": ""}
+
+
+def test_a_target_without_rows_is_null_and_not_met():
+    rows = [_train("hstu", 1024, 1.0, 100.0, 2.0), _train("dfgr", 1024, 1.0, 150.0, 1.5)]
+    goal = _goal(rows, "dfgr_over_hstu_train_sparse_min")
+    assert goal["value"] is None and goal["met"] is False and "target_share 0.1" in goal["reason"]
+
+
+def test_rewriting_the_tables_of_a_committed_file_keeps_every_measured_number(tmp_path):
+    committed = REPO / "benchmarks" / "results" / "speed_NVIDIA_H200.json"
+    copy = tmp_path / committed.name
+    shutil.copy(committed, copy)
+    assert speed.main(["--tables", str(copy)]) == 0
+    before, after = json.loads(committed.read_text()), json.loads(copy.read_text())
+    assert after["meta"] == before["meta"]
+
+    def measured(blob: dict) -> list[dict]:
+        return sorted((r for r in blob["rows"] if r["bench"] != "ratio"), key=speed._shape_key)
+
+    assert measured(after) == measured(before)
+
+    def ratios(blob: dict) -> dict:
+        return {(r["part"], r["mode"], r["n"], r["m"]): r["dfgr_over_hstu"] for r in blob["rows"]
+                if r["bench"] == "ratio"}
+
+    assert ratios(after) == ratios(before)
+    old = {t["name"]: t for t in before["targets"]}
+    for t in after["targets"]:
+        if t["name"] != "dfgr_over_hstu_train_sparse_min":
+            assert (t["value"], t["met"]) == (old[t["name"]]["value"], old[t["name"]]["met"]), t["name"]
