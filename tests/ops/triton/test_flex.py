@@ -7,14 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from genrec.nn.events import (
-    Events,
-    append_candidates,
-    dual_flow_layout,
-    event_layout,
-    item_action_layout,
-    target_dual_flow_layout,
-)
+from genrec.nn import events
+from genrec.nn.events import Events, append_candidates, dual_flow_layout, event_layout, item_action_layout
 from genrec.ops.masks import build_mask
 from genrec.ops.triton.flex import PAD, _mask_mod, _padded_meta
 from tests.helpers import make_batch
@@ -25,7 +19,7 @@ def FLEX_LAYOUTS():  # noqa: N802 (a table, built on call)
     history = event_layout(ev, "dual_flow")
     return {"causal": (event_layout(ev, "causal"), 0), "request_causal": (item_action_layout(ev), 0),
             "dual_flow": (dual_flow_layout(ev), 0), "genrank_candidates": (dual_flow_layout(ev, ev.target), 0),
-            "dfgr_target_fake_flow": (target_dual_flow_layout(ev)[0], 0),
+            "dfgr_target_fake_flow": (events.target_dual_flow_layout(ev)[0], 0),
             "hstu_cache": (append_candidates(item_action_layout(ev), ev, 5), 2 * ev.valid.shape[1]),
             "dfgr_cache": (append_candidates(history, ev, 5, fake=True), history.shape[1])}
 

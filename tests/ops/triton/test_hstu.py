@@ -21,14 +21,8 @@ import numpy as np
 import pytest
 import torch
 
-from genrec.nn.events import (
-    Events,
-    append_candidates,
-    dual_flow_layout,
-    event_layout,
-    item_action_layout,
-    target_dual_flow_layout,
-)
+from genrec.nn import events
+from genrec.nn.events import Events, append_candidates, dual_flow_layout, event_layout, item_action_layout
 from genrec.nn.kv_cache import in_micro_batches
 from genrec.ops.layout import TokenLayout
 from genrec.ops.reference import attention as reference
@@ -73,7 +67,7 @@ def _layout(kind: str, lengths: list[int], seed: int) -> TokenLayout:
     if kind == "dual_flow":
         return dual_flow_layout(ev)
     if kind == "dfgr_target_fake_flow":  # [real N | fake T]: DFGR's fake flow of the target events only
-        return target_dual_flow_layout(ev)[0]
+        return events.target_dual_flow_layout(ev)[0]
     return dual_flow_layout(ev, fake_valid=ev.target)
 
 

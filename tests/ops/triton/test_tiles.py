@@ -5,14 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from genrec.nn.events import (
-    Events,
-    append_candidates,
-    dual_flow_layout,
-    event_layout,
-    item_action_layout,
-    target_dual_flow_layout,
-)
+from genrec.nn import events
+from genrec.nn.events import Events, append_candidates, dual_flow_layout, event_layout, item_action_layout
 from genrec.ops.masks import build_mask
 from genrec.ops.triton.tiles import KernelMeta, tile_full, tile_lists, tile_pairs
 from tests.helpers import make_batch
@@ -23,7 +17,7 @@ def _layouts():
     history = event_layout(ev, "dual_flow")
     return {"causal": (event_layout(ev, "causal"), 0), "request_causal": (item_action_layout(ev), 0),
             "dual_flow": (dual_flow_layout(ev), 0), "genrank_candidates": (dual_flow_layout(ev, ev.target), 0),
-            "dfgr_target_fake_flow": (target_dual_flow_layout(ev)[0], 0),
+            "dfgr_target_fake_flow": (events.target_dual_flow_layout(ev)[0], 0),
             "hstu_cache": (append_candidates(item_action_layout(ev), ev, 9), 2 * ev.valid.shape[1]),
             "dfgr_cache": (append_candidates(history, ev, 9, fake=True), history.shape[1])}
 
