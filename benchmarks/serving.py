@@ -32,6 +32,7 @@ import sys
 import time
 from pathlib import Path
 
+import h11
 import httpx
 import numpy as np
 import torch
@@ -94,31 +95,74 @@ def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(values, q)) if values else float("nan")
 
 
-async def load(port: int, body, concurrency: int, total: int, seconds: float) -> dict:
-    """``concurrency`` clients send ``body(k)`` until ``total`` requests or ``seconds`` elapse."""
-    latencies, errors, sent = [], [], 0
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", limits=limits, timeout=60) as client:
-        deadline = time.perf_counter() + seconds
+class Connection:
+    """One keep-alive HTTP/1.1 connection of the load generator: h11 (the HTTP/1.1 state machine
+    under httpx and uvicorn) over asyncio streams. Not httpx's AsyncClient: its connection pool scans
+    every connection on each request, and at concurrency 64 the client spent ~5-10 ms of CPU per
+    request (shared pool or not), so the load it could send, not the server, capped the rows."""
 
-        async def worker() -> None:
-            nonlocal sent
+    def __init__(self, port: int):
+        self.port = port
+        self.reader = self.writer = None
+
+    async def post(self, path: str, payload: dict) -> tuple[int, bytes]:
+        if self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection("127.0.0.1", self.port)
+        conn = h11.Connection(h11.CLIENT)
+        body = json.dumps(payload).encode()
+        headers = [("Host", f"127.0.0.1:{self.port}"), ("Content-Type", "application/json"),
+                   ("Content-Length", str(len(body)))]
+        self.writer.write(conn.send(h11.Request(method="POST", target=path, headers=headers)) +
+                          conn.send(h11.Data(data=body)) + conn.send(h11.EndOfMessage()))
+        status, chunks = 0, []
+        while True:
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                conn.receive_data(await self.reader.read(1 << 16))
+            elif isinstance(event, h11.Response):
+                status = event.status_code
+            elif isinstance(event, h11.Data):
+                chunks.append(event.data)
+            elif isinstance(event, h11.EndOfMessage):
+                return status, b"".join(chunks)
+            elif isinstance(event, h11.ConnectionClosed):
+                raise ConnectionError("the server closed the connection")
+
+    async def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            await self.writer.wait_closed()
+
+
+async def load(port: int, body, concurrency: int, total: int, seconds: float) -> dict:
+    """``concurrency`` clients, one connection each, send ``body(k)`` until ``total`` requests or
+    ``seconds`` elapse."""
+    latencies, errors, sent = [], [], 0
+    deadline = time.perf_counter() + seconds
+
+    async def worker() -> None:
+        nonlocal sent
+        conn = Connection(port)
+        try:
             while sent < total and time.perf_counter() < deadline:
                 k = sent
                 sent += 1
                 start = time.perf_counter()
                 try:
-                    reply = await client.post("/rank", json=body(k))
-                    ok = reply.status_code == 200
-                except httpx.HTTPError as err:
-                    ok, reply = False, err
+                    status, reply = await asyncio.wait_for(conn.post("/rank", body(k)), 60)
+                except (OSError, TimeoutError, h11.ProtocolError) as err:
+                    status, reply = 0, repr(err).encode()
+                    await conn.close()
+                    conn = Connection(port)
                 latencies.append(time.perf_counter() - start)
-                if not ok:
-                    errors.append(str(getattr(reply, "text", reply))[:200])
+                if status != 200:
+                    errors.append(f"{status}: {reply[:200].decode(errors='replace')}")
+        finally:
+            await conn.close()
 
-        start = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-        wall = time.perf_counter() - start
+    start = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    wall = time.perf_counter() - start
     ms = [x * 1000 for x in latencies]
     return {"requests": len(latencies), "seconds": wall, "requests_per_s": len(latencies) / wall,
             "p50_ms": percentile(ms, 50), "p95_ms": percentile(ms, 95), "p99_ms": percentile(ms, 99),
