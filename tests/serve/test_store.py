@@ -28,7 +28,7 @@ def test_caches_are_evicted_least_recently_used_and_histories_stay():
     for user in ("a", "b", "c"):
         store.set_history(user, _history([1, 2, 3]))
         assert store.put_cache(user, f"cache-{user}", 100) == ([] if user != "c" else ["a"])
-    assert store.cache_bytes == 200 and store.stats.evictions == 1
+    assert store.cache_bytes == 200 and store.stats.evictions == 1 and store.cached_users() == 2
     assert store.get("a").cache is None and len(store.get("a").history) == 3  # evicted, history kept
     store.get("b")  # b is now more recent than c
     assert store.put_cache("a", "cache-a", 100) == ["c"]
@@ -38,6 +38,7 @@ def test_caches_are_evicted_least_recently_used_and_histories_stay():
     assert store.get("known-1") is not None and store.get("stranger") is None
     store.set_history("b", _history([1, 2, 3, 4]))  # a new history drops the old cache
     assert store.get("b").cache is None and store.cache_bytes == 100
+    assert store.cached_users() == sum(s.cache is not None for s in store.users.values()) == 1  # kept count
 
 
 def test_snapshot_round_trips_raw_ids_and_refuses_unknown_ones(tmp_path):

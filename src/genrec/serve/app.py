@@ -67,6 +67,29 @@ class RecommendRequest(BaseModel):
     include_seen: bool = False
 
 
+# Response models: besides documenting the replies in the OpenAPI schema, a declared response model sends
+# the reply through pydantic-core's JSON serializer; without one FastAPI walks every score in Python
+# (jsonable_encoder: ~1.5 ms per 512-candidate reply, against ~0.06 ms).
+class RankResponse(BaseModel):
+    user: str | None
+    candidates: list[str]
+    history_events: int = Field(description="events in the history the scores are conditioned on")
+    scores: dict[str, list[float]] = Field(description="per predicted action, one probability per candidate")
+
+
+class EventsResponse(BaseModel):
+    user: str
+    history_events: int
+    mode: str = Field(description="new, incremental (the KV cache was extended), lazy or window (re-encoded)")
+
+
+class RecommendResponse(BaseModel):
+    user: str | None
+    items: list[str]
+    scores: list[float] = Field(description="retrieval scores, best first")
+    probabilities: dict[str, list[float]] | None = Field(None, description="ranking probabilities, if it ranks")
+
+
 @dataclass
 class Limits:
     max_body_bytes: int = 1 << 20
@@ -200,7 +223,7 @@ def build_app(engine: Engine, limits: Limits, token: str | None = None, max_batc
     async def prometheus():
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.post("/rank")
+    @app.post("/rank", response_model=RankResponse)
     async def rank(req: RankRequest):
         """Probabilities of every action the model predicts, per candidate, in the request's order."""
         if not req.candidates:
@@ -215,13 +238,13 @@ def build_app(engine: Engine, limits: Limits, token: str | None = None, max_batc
         return {"user": user, "candidates": req.candidates, "history_events": out["history_events"],
                 "scores": {name: scores[:, t].tolist() for t, name in enumerate(engine.scorer.outputs)}}
 
-    @app.post("/events")
+    @app.post("/events", response_model=EventsResponse)
     async def events(req: EventsRequest):
         """Append a user's new events; HSTU and DFGR extend the user's KV cache with them only."""
         history = _history(req.events, "events")
         return await batcher.submit("events", EventsJob(req.user, history))
 
-    @app.post("/recommend")
+    @app.post("/recommend", response_model=RecommendResponse)
     async def recommend(req: RecommendRequest):
         """Top-k items over the whole catalogue for a retrieval model; seen items left out unless asked."""
         if not 1 <= req.k <= limits.max_k:

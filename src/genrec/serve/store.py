@@ -88,6 +88,7 @@ class UserStore:
         self.seed = seed or (lambda user: None)
         self.users: OrderedDict[str, UserState] = OrderedDict()
         self.cache_bytes = 0
+        self.cached = 0  # users whose cache is held (counted, not recounted per batch: a gauge reads it)
         self.stats = StoreStats()
 
     def __len__(self) -> int:
@@ -130,15 +131,17 @@ class UserStore:
                 evicted.append(other)
         state.cache, state.cache_bytes = cache, cache_bytes
         self.cache_bytes += cache_bytes
+        self.cached += 1
         self.stats.evictions += len(evicted)
         return evicted
 
     def _drop_cache(self, state: UserState) -> None:
+        self.cached -= state.cache is not None
         self.cache_bytes -= state.cache_bytes
         state.cache, state.cache_bytes = None, 0
 
     def cached_users(self) -> int:
-        return sum(state.cache is not None for state in self.users.values())
+        return self.cached
 
     # ------------------------------------------------------------------------------------ snapshot
     def save(self, path: Path, item_raw: list[str], action_values: list[float]) -> int:
