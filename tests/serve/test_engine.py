@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from genrec.serve import engine as engine_module
 from genrec.serve.engine import Catalogue, Engine, EventsJob, RankJob, RecommendJob, ServiceError
 from genrec.serve.scoring import history_batch
 from genrec.serve.store import History, UserStore
@@ -93,3 +94,36 @@ def test_recommend_leaves_seen_items_out_unless_asked():
     assert len(everything["items"]) == INFO.num_items
     (refused,) = _engine("dfgr").recommend([RecommendJob("5", None, 3, False)])
     assert isinstance(refused, ServiceError) and refused.status == 400
+
+
+def test_batched_recommend_equals_each_request_alone_and_a_bad_one_fails_alone(monkeypatch):
+    engine = _engine("unigrf")
+    seed = engine.store.seed
+    engine.store.seed = lambda user: None if user == "nobody" else seed(user)
+    jobs = [RecommendJob("5", None, 10, False), RecommendJob("nobody", None, 3, False),
+            RecommendJob("6", None, 4, True), RecommendJob("7", None, 13, False), RecommendJob("8", None, 1, False)]
+    alone = [engine.recommend([job])[0] for job in jobs]
+
+    def check(together, failed: set[int]):
+        for b, (one, batched) in enumerate(zip(alone, together, strict=True)):
+            if b in failed:
+                continue
+            assert batched["items"] == one["items"] and len(one["items"]) == jobs[b].k
+            np.testing.assert_allclose(batched["scores"], one["scores"], rtol=0, atol=1e-5)
+            np.testing.assert_allclose(batched["probabilities"]["rating>3"], one["probabilities"]["rating>3"],
+                                       rtol=0, atol=1e-6)
+
+    together = engine.recommend(jobs)
+    assert (together[1].status, together[1].field) == (404, "user")
+    check(together, {1})
+    top_items = engine_module.top_items
+
+    def fragile(model, histories, ks, *args):  # a batch holding the k = 13 job breaks
+        if 13 in ks:
+            raise RuntimeError("kernel failure")
+        return top_items(model, histories, ks, *args)
+
+    monkeypatch.setattr(engine_module, "top_items", fragile)
+    together = engine.recommend(jobs)
+    assert together[3].status == 500 and "kernel failure" in together[3].message
+    check(together, {1, 3})

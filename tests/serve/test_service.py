@@ -45,11 +45,12 @@ def write_tiny_ml1m(root: Path, users: int = 16, items: int = 60, seed: int = 0)
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[str, Path]:
-    """A tiny trained HSTU and DFGR run (2 steps each: weights that are not the initial ones)."""
+    """A tiny trained HSTU, DFGR and UniGRF (retrieves and ranks) run (2 steps each: weights that are
+    not the initial ones)."""
     root = tmp_path_factory.mktemp("serve")
     data = write_tiny_ml1m(root / "data")
     out = {}
-    for name in ("hstu", "dfgr"):
+    for name in ("hstu", "dfgr", "unigrf"):
         out[name] = root / name
         assert main(["train", "--out-dir", str(out[name]), "--set", "data.dataset=ml-1m", f"data.data_dir={data}",
                      f"data.max_len={MAX_LEN}", f"model={name}", "model_args.d_model=16", "model_args.dropout=0",
@@ -224,6 +225,35 @@ def test_concurrent_requests_are_batched_and_a_bad_one_fails_alone(runs):
                 np.testing.assert_allclose(reply.json()["scores"]["rating>3"], alone[int(body["user"])], atol=1e-5)
         # 9 scoring jobs (the unknown item never reaches a batch) in fewer calls than jobs
         assert metric(server, 'genrec_batch_size_count{kind="rank"}') - batches < 9
+    finally:
+        server.stop()
+
+
+def test_concurrent_recommend_requests_are_batched_and_a_bad_one_fails_alone(runs):
+    server = Server(runs["unigrf"], "--max-wait-us", "50000", "--max-batch", "16")
+    try:
+        alone = {}
+        for u in range(1, 9):
+            reply = server.post("/recommend", {"user": str(u), "k": 5})
+            assert reply.status_code == 200, reply.text
+            alone[u] = reply.json()
+        bodies = [{"user": str(u), "k": 5} for u in range(1, 9)]
+        bodies.insert(3, {"user": "1", "k": 0})
+        bodies.insert(6, {"user": "nobody", "k": 5})
+        batches = metric(server, 'genrec_batch_size_count{kind="recommend"}')
+        with concurrent.futures.ThreadPoolExecutor(len(bodies)) as pool:
+            replies = list(pool.map(lambda b: server.post("/recommend", b), bodies))
+        assert [r.status_code for r in replies] == [200] * 3 + [422] + [200] * 2 + [404] + [200] * 3
+        assert replies[3].json()["field"] == "k" and replies[6].json()["field"] == "user"
+        for body, reply in zip(bodies, replies, strict=True):
+            if reply.status_code == 200:
+                got, want = reply.json(), alone[int(body["user"])]
+                assert got["user"] == body["user"] and got["items"] == want["items"] and len(got["items"]) == 5
+                np.testing.assert_allclose(got["scores"], want["scores"], rtol=0, atol=1e-5)
+                np.testing.assert_allclose(got["probabilities"]["rating>3"], want["probabilities"]["rating>3"],
+                                           rtol=0, atol=1e-5)
+        # 9 jobs (k = 0 never reaches a batch) in fewer calls than jobs
+        assert metric(server, 'genrec_batch_size_count{kind="recommend"}') - batches < 9
     finally:
         server.stop()
 

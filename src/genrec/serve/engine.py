@@ -147,12 +147,26 @@ class Engine:
             log.exception("%s failed", what)
             return ServiceError(500, "", f"{what} failed: {type(err).__name__}: {err}")
 
+    def _batched(self, rows: list[tuple], work, what: str) -> list:
+        """``work(*columns)`` over ``rows`` (one tuple of ``work``'s arguments per job; one result per
+        job) as one call; if it raises, each job is rerun alone, so the job that broke the batch fails
+        alone and the others get what they would get alone."""
+        def run(part: list[tuple]) -> list:
+            return work(*(list(column) for column in zip(*part, strict=True)))
+
+        if not rows:
+            return []
+        results = self._guarded(lambda: run(rows), what)
+        if not isinstance(results, ServiceError):
+            return results
+        return [results] if len(rows) == 1 else [self._guarded(lambda r=r: run([r])[0], what) for r in rows]
+
     # -------------------------------------------------------------------------------------- rank
     def rank(self, jobs: list[RankJob]) -> list:
         if self.scorer is None:
             return [ServiceError(400, "", f"model {self.model_name} does not rank; use /recommend")] * len(jobs)
         results: list = [None] * len(jobs)
-        live = []  # (job index, history, request time)
+        live = []  # (job index, job, history, request time)
         for i, job in enumerate(jobs):
             try:
                 history = self._history_of(job.user, job.history)
@@ -160,19 +174,13 @@ class Engine:
                 if when < history.timestamps[-1]:
                     raise ServiceError(422, "request_time", f"request_time {when} is before the history's last event "
                                        f"({int(history.timestamps[-1])})")
-                live.append((i, history, when))
+                live.append((i, job, history, when))
             except ServiceError as err:
                 results[i] = err
-        if live:
-            jobs_live, histories, when = [jobs[i] for i, *_ in live], [h for _, h, _ in live], [w for *_, w in live]
-            scores = self._guarded(lambda: self._score(jobs_live, histories, when), "scoring")
-            if isinstance(scores, ServiceError):  # rerun job by job: the job that broke the batch fails alone
-                scores = [scores] if len(live) == 1 else [
-                    self._guarded(lambda j=j, h=h, w=w: self._score([j], [h], [w])[0], "scoring")
-                    for j, h, w in zip(jobs_live, histories, when, strict=True)]
-            for (i, history, _), result in zip(live, scores, strict=True):
-                results[i] = result if isinstance(result, ServiceError) else {
-                    "scores": result, "history_events": len(history)}
+        scores = self._batched([item[1:] for item in live], self._score, "scoring")
+        for (i, _, history, _), result in zip(live, scores, strict=True):
+            results[i] = result if isinstance(result, ServiceError) else {
+                "scores": result, "history_events": len(history)}
         self._update_gauges()
         return results
 
@@ -245,18 +253,33 @@ class Engine:
 
     # --------------------------------------------------------------------------------- recommend
     def recommend(self, jobs: list[RecommendJob]) -> list:
-        return [self._guarded(lambda job=job: self._recommend(job), "recommend") for job in jobs]
-
-    def _recommend(self, job: RecommendJob) -> dict:
+        """The batch's top-k lists in one retrieval call (and one ranking call for their probabilities)."""
         if "retrieval" not in self.model.tasks:
-            raise ServiceError(400, "", f"model {self.model_name} does not retrieve (tasks: {self.model.tasks})")
-        history = self._history_of(job.user, job.history)
-        items, scores = top_items(self.model, history.sample(), job.k, self.max_history, self.device,
-                                  exclude=None if job.include_seen else history.items)
-        out = {"items": [self.catalogue.item_raw[i - 1] for i in items], "scores": scores}
-        if self.scorer is not None and items:
-            probs = self.scorer.score([history], [np.asarray(items)], [int(history.timestamps[-1])])[0]  # [K, T]
-            out["probabilities"] = {name: probs[:, t].tolist() for t, name in enumerate(self.scorer.outputs)}
+            message = f"model {self.model_name} does not retrieve (tasks: {self.model.tasks})"
+            return [ServiceError(400, "", message)] * len(jobs)
+        results: list = [None] * len(jobs)
+        live = []  # (job index, job, history)
+        for i, job in enumerate(jobs):
+            try:
+                live.append((i, job, self._history_of(job.user, job.history)))
+            except ServiceError as err:
+                results[i] = err
+        tops = self._batched([item[1:] for item in live], self._recommend, "recommend")
+        for (i, *_), result in zip(live, tops, strict=True):
+            results[i] = result
+        return results
+
+    def _recommend(self, jobs: list[RecommendJob], histories: list[History]) -> list[dict]:
+        tops = top_items(self.model, [h.sample() for h in histories], [job.k for job in jobs], self.max_history,
+                         self.device, [None if job.include_seen else h.items for job, h in zip(jobs, histories,
+                                                                                                 strict=True)])
+        out = [{"items": [self.catalogue.item_raw[i - 1] for i in items], "scores": scores} for items, scores in tops]
+        ranked = [b for b, (items, _) in enumerate(tops) if items] if self.scorer is not None else []
+        if ranked:
+            probs = self.scorer.score([histories[b] for b in ranked], [np.asarray(tops[b][0]) for b in ranked],
+                                      [int(histories[b].timestamps[-1]) for b in ranked])  # [K_b, T] each
+            for b, p in zip(ranked, probs, strict=True):
+                out[b]["probabilities"] = {name: p[:, t].tolist() for t, name in enumerate(self.scorer.outputs)}
         return out
 
     def user_history(self, users: list[str]) -> list:

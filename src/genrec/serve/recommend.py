@@ -36,23 +36,34 @@ def user_index(seq: Sequences, raw_user: str) -> int:
         raise ValueError(f"user {raw_user!r} is not in the dataset ({seq.num_users} users)") from None
 
 
-@torch.no_grad()
-def top_items(model: RecModel, history: tuple, k: int, max_len: int, device: torch.device,
-              exclude: np.ndarray | None = None) -> tuple[list[int], list[float]]:
-    """The ``k`` best items (dense ids, best first) and their retrieval scores after ``history``, a
-    :func:`~genrec.data.batching.collate` sample; items in ``exclude`` are left out."""
+def _placeholder(history: tuple, max_len: int) -> tuple:
+    """``history`` (a collate sample) cut to ``max_len - 1`` events and followed by a placeholder
+    next event: the target whose retrieval query is the user's."""
     user, *window = history[:6]  # user, items, actions, labels, timestamps, request ids
     window = [a[-(max_len - 1):] for a in window]  # room for the placeholder event
     next_event = [1, 0, 0, window[3][-1], window[4][-1] + 1]  # item 1 stands in; never read
-    placeholder = (user, *(np.append(a, v) for a, v in zip(window, next_event, strict=True)), len(window[0]))
+    return (user, *(np.append(a, v) for a, v in zip(window, next_event, strict=True)), len(window[0]))
+
+
+@torch.no_grad()
+def top_items(model: RecModel, histories: list[tuple], ks: list[int], max_len: int, device: torch.device,
+              excludes: list[np.ndarray | None]) -> list[tuple[list[int], list[float]]]:
+    """For each of ``histories`` (:func:`~genrec.data.batching.collate` samples), its ``ks[b]`` best
+    items (dense ids, best first) and their retrieval scores; items in ``excludes[b]`` are left out.
+    One query call and one catalogue product for the whole batch (the service's batched /recommend)."""
     model.eval()
-    query = model.retrieval_queries(collate([placeholder]).to(device)).float()  # [1, D]
-    scores = (query @ model.item_embeddings().float().T)[0]  # [I + 1]
-    scores[0] = float("-inf")
-    if exclude is not None:
-        scores[torch.from_numpy(np.asarray(exclude, dtype=np.int64)).to(device)] = float("-inf")
-    top = scores.topk(min(k, int(torch.isfinite(scores).sum())))
-    return top.indices.tolist(), top.values.tolist()
+    query = model.retrieval_queries(collate([_placeholder(h, max_len) for h in histories]).to(device)).float()
+    scores = query @ model.item_embeddings().float().T  # [B, I + 1]
+    scores[:, 0] = float("-inf")
+    left_out = [np.asarray(e, dtype=np.int64) for e in excludes if e is not None]
+    if left_out:
+        rows = np.repeat([b for b, e in enumerate(excludes) if e is not None], [len(e) for e in left_out])
+        scores[torch.from_numpy(rows).to(device), torch.from_numpy(np.concatenate(left_out)).to(device)] = float("-inf")
+    allowed = torch.isfinite(scores).sum(1).tolist()  # [B]
+    top = scores.topk(min(max(ks), scores.shape[1]), dim=1)
+    indices, values = top.indices.cpu().numpy(), top.values.cpu().numpy()  # [B, max k]
+    return [(indices[b, :min(k, allowed[b])].tolist(), values[b, :min(k, allowed[b])].tolist())
+            for b, k in enumerate(ks)]
 
 
 @torch.no_grad()
@@ -62,8 +73,8 @@ def recommend(model: RecModel, seq: Sequences, user: int, k: int, max_len: int, 
         raise ValueError(f"{type(model).__name__} is not trained for retrieval (tasks: {model.tasks})")
     s, e = int(seq.user_offsets[user]), int(seq.user_offsets[user + 1])
     window = [seq.items[s:e], seq.actions[s:e], seq.labels[s:e], seq.timestamps[s:e], seq.request_ids[s:e]]
-    items, values = top_items(model, (user, *window), k, max_len, device,
-                              exclude=None if include_seen else seq.items[s:e])
+    [(items, values)] = top_items(model, [(user, *window)], [k], max_len, device,
+                                  [None if include_seen else seq.items[s:e]])
     p_like = [None] * len(items)
     if "ranking" in model.tasks:
         s = max(s, e - max_len + 1)
