@@ -208,23 +208,32 @@ def test_served_scores_equal_offline_scores_after_appends_eviction_and_restart(r
         server.stop()
 
 
+def together(server: Server, path: str, good: list[dict], invalid: dict, unknown_user: dict):
+    """``good`` bodies with an ``invalid`` one (4th) and one of an ``unknown_user`` (7th) posted to
+    ``path`` at once: the bodies, their replies (checked: only the two bad ones fail, 422 and 404) and
+    how many batches the service scored them in."""
+    bodies = good[:3] + [invalid] + good[3:5] + [unknown_user] + good[5:]
+    kind = path.strip("/")
+    batches = metric(server, f'genrec_batch_size_count{{kind="{kind}"}}')
+    with concurrent.futures.ThreadPoolExecutor(len(bodies)) as pool:
+        replies = list(pool.map(lambda b: server.post(path, b), bodies))
+    assert [r.status_code for r in replies] == [200] * 3 + [422] + [200] * 2 + [404] + [200] * (len(good) - 5)
+    return bodies, replies, metric(server, f'genrec_batch_size_count{{kind="{kind}"}}') - batches
+
+
 def test_concurrent_requests_are_batched_and_a_bad_one_fails_alone(runs):
     server = Server(runs["dfgr"], "--max-wait-us", "50000", "--max-batch", "16")
     try:
         alone = {u: ranked(server, {"user": str(u), "candidates": ["1", "2", str(u)]}) for u in range(1, 9)}
-        bodies = [{"user": str(u), "candidates": ["1", "2", str(u)]} for u in range(1, 9)]
-        bodies.insert(3, {"user": "1", "candidates": ["1", "no-such-item"]})
-        bodies.insert(6, {"user": "nobody", "candidates": ["1"]})
-        batches = metric(server, 'genrec_batch_size_count{kind="rank"}')
-        with concurrent.futures.ThreadPoolExecutor(len(bodies)) as pool:
-            replies = list(pool.map(lambda b: server.post("/rank", b), bodies))
-        assert [r.status_code for r in replies] == [200] * 3 + [422] + [200] * 2 + [404] + [200] * 3
+        bodies, replies, batches = together(server, "/rank", [{"user": str(u), "candidates": ["1", "2", str(u)]}
+                                                              for u in range(1, 9)],
+                                            {"user": "1", "candidates": ["1", "no-such-item"]},
+                                            {"user": "nobody", "candidates": ["1"]})
         assert replies[3].json()["field"] == "candidates[1]" and replies[6].json()["field"] == "user"
         for body, reply in zip(bodies, replies, strict=True):
             if reply.status_code == 200:
                 np.testing.assert_allclose(reply.json()["scores"]["rating>3"], alone[int(body["user"])], atol=1e-5)
-        # 9 scoring jobs (the unknown item never reaches a batch) in fewer calls than jobs
-        assert metric(server, 'genrec_batch_size_count{kind="rank"}') - batches < 9
+        assert batches < 9  # 9 scoring jobs (the unknown item never reaches a batch) in fewer calls than jobs
     finally:
         server.stop()
 
@@ -237,13 +246,8 @@ def test_concurrent_recommend_requests_are_batched_and_a_bad_one_fails_alone(run
             reply = server.post("/recommend", {"user": str(u), "k": 5})
             assert reply.status_code == 200, reply.text
             alone[u] = reply.json()
-        bodies = [{"user": str(u), "k": 5} for u in range(1, 9)]
-        bodies.insert(3, {"user": "1", "k": 0})
-        bodies.insert(6, {"user": "nobody", "k": 5})
-        batches = metric(server, 'genrec_batch_size_count{kind="recommend"}')
-        with concurrent.futures.ThreadPoolExecutor(len(bodies)) as pool:
-            replies = list(pool.map(lambda b: server.post("/recommend", b), bodies))
-        assert [r.status_code for r in replies] == [200] * 3 + [422] + [200] * 2 + [404] + [200] * 3
+        bodies, replies, batches = together(server, "/recommend", [{"user": str(u), "k": 5} for u in range(1, 9)],
+                                            {"user": "1", "k": 0}, {"user": "nobody", "k": 5})
         assert replies[3].json()["field"] == "k" and replies[6].json()["field"] == "user"
         for body, reply in zip(bodies, replies, strict=True):
             if reply.status_code == 200:
@@ -252,8 +256,7 @@ def test_concurrent_recommend_requests_are_batched_and_a_bad_one_fails_alone(run
                 np.testing.assert_allclose(got["scores"], want["scores"], rtol=0, atol=1e-5)
                 np.testing.assert_allclose(got["probabilities"]["rating>3"], want["probabilities"]["rating>3"],
                                            rtol=0, atol=1e-5)
-        # 9 jobs (k = 0 never reaches a batch) in fewer calls than jobs
-        assert metric(server, 'genrec_batch_size_count{kind="recommend"}') - batches < 9
+        assert batches < 9  # 9 jobs (k = 0 never reaches a batch) in fewer calls than jobs
     finally:
         server.stop()
 
