@@ -515,6 +515,17 @@ def targets(rows: list[dict]) -> list[dict]:
     ]
 
 
+def merge(rows: list[dict], meta: dict, earlier: dict) -> list[dict]:
+    """This run's rows (run 0) and the ``earlier`` result file's measured rows of shapes not measured
+    now (:func:`_shape_key`), each renumbered to its run, which ``meta["runs"]`` gains."""
+    measured = {_shape_key(r) for r in rows}
+    kept = [r for r in earlier["rows"] if r["bench"] in ("kernel", "train", "layout", "infer")
+            and _shape_key(r) not in measured]
+    used = sorted({r["run"] for r in kept})
+    meta["runs"] += [earlier["meta"]["runs"][i] for i in used]
+    return rows + [{**r, "run": 1 + used.index(r["run"])} for r in kept]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--parts", default="kernel,train,infer")
@@ -577,14 +588,7 @@ def main(argv: list[str] | None = None) -> int:
     meta["runs"] = [{k: meta[k] for k in ("command", "git_commit", "date")}]  # rows name theirs by index
     rows = [{**r, "run": 0} for r in rows]
     if args.merge:
-        earlier = json.loads(Path(args.merge).read_text())
-
-        measured = {_shape_key(r) for r in rows}
-        kept = [r for r in earlier["rows"] if r["bench"] in ("kernel", "train", "layout", "infer")
-                and _shape_key(r) not in measured]
-        used = sorted({r["run"] for r in kept})
-        meta["runs"] += [earlier["meta"]["runs"][i] for i in used]
-        rows += [{**r, "run": 1 + used.index(r["run"])} for r in kept]
+        rows = merge(rows, meta, json.loads(Path(args.merge).read_text()))
     meta["hstu_tiles"] = {"fwd": {"small": config.fwd, "large": config.fwd_large, "fp32_large": config.fwd_fp32_large},
                           "bwd": {"small": config.bwd, "large": config.bwd_large, "fp32_large": config.bwd_fp32_large},
                           "dq": {"small": config.dq, "large": config.dq_large, "fp32_large": config.dq_fp32_large},

@@ -68,3 +68,21 @@ def test_rewriting_the_tables_of_a_committed_file_keeps_every_measured_number(tm
     for t in after["targets"]:
         if t["name"] != "dfgr_over_hstu_train_sparse_min":
             assert (t["value"], t["met"]) == (old[t["name"]]["value"], old[t["name"]]["met"]), t["name"]
+
+
+def test_merging_new_train_rows_replaces_the_every_target_rows_and_keeps_the_rest():
+    """The next GPU run's train part merged into the committed file: its HSTU and DFGR rows at
+    target share 1 replace the earlier (share-less) ones of the same N; kernel rows stay, each
+    naming its run."""
+    earlier = json.loads((REPO / "benchmarks" / "results" / "speed_NVIDIA_H200.json").read_text())
+    new = [{**_train(m, n, share, 1.0, 1.0), "run": 0} for n in (1024, 8192) for share in (1.0, 0.1)
+           for m in ("hstu", "dfgr", "dfgr_sparse")]
+    meta = {"runs": [{"command": "now"}]}
+    rows = speed.merge(new, meta, earlier)
+    old_train = [r for r in earlier["rows"] if r["bench"] == "train"]
+    kept_train = [r for r in rows if r["bench"] == "train" and r["run"] != 0]
+    assert sorted((r["model"], r["n"]) for r in kept_train) == sorted(
+        (r["model"], r["n"]) for r in old_train if r["n"] not in (1024, 8192))
+    kernels = [r for r in earlier["rows"] if r["bench"] == "kernel"]
+    assert [r for r in rows if r["bench"] == "kernel"] == [{**r, "run": 1 + r["run"]} for r in kernels]
+    assert all(meta["runs"][r["run"]] for r in rows) and meta["runs"][0] == {"command": "now"}
