@@ -24,6 +24,7 @@ from dataclasses import dataclass, field, fields
 from typing import Protocol
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 
 from genrec.data.batching import JaggedBatch
 from genrec.nn.events import Events
@@ -146,12 +147,21 @@ def _pad_to(t: torch.Tensor, length: int) -> torch.Tensor:
     return out
 
 
+def _stacked(rows: list[torch.Tensor], length: int) -> torch.Tensor:
+    """``[1, n_b, ...]`` rows -> ``[B, length, ...]`` with zeros (False) after each row's entries: one
+    ``pad_sequence`` per field, not an allocation and a copy per row (this runs per scoring call)."""
+    out = pad_sequence([r[0] for r in rows], batch_first=True)
+    if out.shape[1] < length:
+        out = torch.cat([out, out.new_zeros((out.shape[0], length - out.shape[1], *out.shape[2:]))], dim=1)
+    return out
+
+
 def split(cache: KVCache) -> list[KVCache]:
     """A batched cache (right-padded rows) -> one cache per row at its exact length, no spare room."""
     rows = []
-    for b in range(cache.events.valid.shape[0]):
-        n = int(cache.events.valid[b].sum())
-        tokens = int(cache.layout.valid[b].sum())
+    events_per_row = cache.events.valid.sum(1).tolist()  # one device read for the batch, not two per row
+    tokens_per_row = cache.layout.valid.sum(1).tolist()
+    for b, (n, tokens) in enumerate(zip(events_per_row, tokens_per_row, strict=True)):
         events = Events(**{f.name: getattr(cache.events, f.name)[b:b + 1, :n] for f in fields(Events)})
         layout = TokenLayout(**{name: getattr(cache.layout, name)[b:b + 1, :tokens] for name in _LAYOUT_FIELDS},
                              rule=cache.layout.rule)
@@ -166,14 +176,13 @@ def stack(caches: list[KVCache], capacity: int) -> KVCache:
     invalid in the layout and zero in the keys and values, so it reads as nothing)."""
     n = max(c.events.valid.shape[1] for c in caches)
     tokens = max(c.layout.valid.shape[1] for c in caches)
-    events = Events(**{f.name: torch.cat([_pad_to(getattr(c.events, f.name), n) for c in caches])
-                       for f in fields(Events)})
-    layout = TokenLayout(**{name: torch.cat([_pad_to(getattr(c.layout, name), tokens) for c in caches])
+    events = Events(**{f.name: _stacked([getattr(c.events, f.name) for c in caches], n) for f in fields(Events)})
+    layout = TokenLayout(**{name: _stacked([getattr(c.layout, name) for c in caches], tokens)
                             for name in _LAYOUT_FIELDS}, rule=caches[0].layout.rule)
     layers = []
     for i in range(len(caches[0].layers)):
-        keys = torch.cat([_pad_to(c.layers[i].keys[:, :c.layers[i].length], tokens + capacity) for c in caches])
-        values = torch.cat([_pad_to(c.layers[i].values[:, :c.layers[i].length], tokens + capacity) for c in caches])
+        keys = _stacked([c.layers[i].keys[:, :c.layers[i].length] for c in caches], tokens + capacity)
+        values = _stacked([c.layers[i].values[:, :c.layers[i].length] for c in caches], tokens + capacity)
         layers.append(LayerCache(capacity, keys, values, tokens))
     return KVCache(events, layout, layers)
 
