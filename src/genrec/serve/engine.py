@@ -52,13 +52,13 @@ class Catalogue:
 
     def items(self, raw_ids: Sequence[str], field: str, suffix: str = "") -> np.ndarray:
         """Dense ids of ``raw_ids``; an unknown one is refused as ``{field}[j]{suffix}``."""
-        dense = np.empty(len(raw_ids), dtype=np.int64)
-        for j, raw in enumerate(raw_ids):
-            if raw not in self.item_index:
-                raise ServiceError(422, f"{field}[{j}]{suffix}",
-                                   f"unknown item id {raw!r} ({len(self.item_raw)} items known)")
-            dense[j] = self.item_index[raw]
-        return dense
+        get = self.item_index.get
+        dense = [get(raw, 0) for raw in raw_ids]  # dense ids start at 1: 0 marks an unknown one
+        if 0 in dense:
+            j = dense.index(0)
+            raise ServiceError(422, f"{field}[{j}]{suffix}",
+                               f"unknown item id {raw_ids[j]!r} ({len(self.item_raw)} items known)")
+        return np.array(dense, dtype=np.int64)
 
     def history(self, events: Sequence, field: str) -> History:
         """``events`` (``.item``, ``.action``, ``.time``) -> a :class:`History`; times must not decrease."""
