@@ -11,7 +11,7 @@ import torch
 
 from genrec.nn.events import Events, event_layout
 from genrec.ops import masks
-from genrec.ops.layout import RULE_IDS, RULES, TokenLayout, check_time_span
+from genrec.ops.layout import RULE_IDS, RULES, TokenLayout, check_time_span, time_spans_checked_on_host
 from genrec.ops.triton import tiles
 from tests.helpers import make_batch
 
@@ -98,4 +98,11 @@ def test_the_schedule_and_flex_refuse_an_unknown_rule():
 def test_timestamps_spanning_int32_seconds_are_refused():
     check_time_span(torch.tensor([0, 2**31 - 1]))
     with pytest.raises(ValueError, match="2\\^31 s"):
+        check_time_span(torch.tensor([0, 2**31]))
+    with time_spans_checked_on_host():  # the caller checked on the host: no device read-back, no refusal
+        check_time_span(torch.tensor([0, 2**31]))
+        with time_spans_checked_on_host():
+            pass
+        check_time_span(torch.tensor([0, 2**31]))  # still inside the outer one
+    with pytest.raises(ValueError, match="2\\^31 s"):  # and checked again after it
         check_time_span(torch.tensor([0, 2**31]))

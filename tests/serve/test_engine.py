@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from genrec.ops import layout as layout_module
 from genrec.serve import engine as engine_module
 from genrec.serve.engine import Catalogue, Engine, EventsJob, RankJob, RecommendJob, ServiceError
 from genrec.serve.scoring import history_batch
@@ -127,3 +128,28 @@ def test_batched_recommend_equals_each_request_alone_and_a_bad_one_fails_alone(m
     together = engine.recommend(jobs)
     assert together[3].status == 500 and "kernel failure" in together[3].message
     check(together, {1, 3})
+
+
+def test_times_the_kernels_cannot_take_are_refused_on_the_host_and_scoring_skips_the_device_check():
+    engine = _engine("dfgr")
+    late = 2**31
+    (refused,) = engine.rank([RankJob("3", np.array([1, 2]), late, None)])
+    assert (refused.status, refused.field) == (422, "request_time")
+    early = History.build([1, 2], [0, 1], [0.0, 1.0], [-5, 10], 0)
+    (refused,) = engine.rank([RankJob(None, np.array([1]), None, early)])
+    assert (refused.status, refused.field) == (422, "history") and "-5" in refused.message
+    before = engine.store.get("3").history
+    (refused,) = engine.append_events([EventsJob("3", History.build([5], [1], [0.0], [late], 0))])
+    assert (refused.status, refused.field) == (422, "events") and engine.store.get("3").history is before
+
+    checked = []
+    score_cached = engine.scorer.score_cached
+
+    def spying(*args):
+        checked.append(getattr(layout_module._host_checked, "on", False))
+        return score_cached(*args)
+
+    engine.scorer.score_cached = spying
+    (ok,) = engine.rank([RankJob("3", np.array([1, 2]), None, None)])
+    assert "scores" in ok and checked == [True]  # scored with the device read-back skipped
+    assert not getattr(layout_module._host_checked, "on", False)  # and only inside the handler

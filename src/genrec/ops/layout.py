@@ -12,6 +12,9 @@ kernels, flex, the drawings and parity tests). Every place raises on a rule it d
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Literal, get_args
 
@@ -55,14 +58,32 @@ class TokenLayout:
         return tuple(self.valid.shape)
 
 
+TIME_LIMIT_S = 2**31  # the kernels' int32 time differences
+_host_checked = threading.local()
+
+
+@contextmanager
+def time_spans_checked_on_host() -> Iterator[None]:
+    """For a caller that has checked its timestamps on the host: every timestamp of the batch (and
+    the padding's 0) in ``[0, 2^31)`` s, so no span can reach 2^31. :func:`check_time_span` then
+    skips its device read-back, on CUDA a host sync per forward. The service checks each request's
+    numpy history this way (``genrec.serve.engine``). Per thread: the service scores on its own."""
+    before = getattr(_host_checked, "on", False)
+    _host_checked.on = True
+    try:
+        yield
+    finally:
+        _host_checked.on = before
+
+
 def check_time_span(timestamps: torch.Tensor) -> None:
     """The fused kernels keep time differences in int32: refuse a batch whose timestamps span 2^31 s.
     Here, beside the layout, because both the kernels and CUDA-graph serving (which must check before
     it replays, outside the graph) call it. Inside ``torch.compile`` a graph cannot read the span back
-    to raise, so there it is an asynchronous device assert with the same message."""
+    to raise, so there it is an asynchronous device assert with the same message. Inside
+    :func:`time_spans_checked_on_host` the caller has checked already."""
     message = "timestamps of one batch span more than 2^31 s; the kernels keep int32 time differences"
-    span = timestamps.max() - timestamps.min()
     if torch.compiler.is_compiling():
-        torch._assert_async(span < 2**31, message)
-    elif int(span) >= 2**31:
+        torch._assert_async(timestamps.max() - timestamps.min() < TIME_LIMIT_S, message)
+    elif not getattr(_host_checked, "on", False) and int(timestamps.max() - timestamps.min()) >= TIME_LIMIT_S:
         raise ValueError(message)

@@ -20,6 +20,7 @@ import torch
 from genrec.data.preprocess import Sequences
 from genrec.models.base import RecModel
 from genrec.nn import kv_cache
+from genrec.ops.layout import TIME_LIMIT_S, time_spans_checked_on_host
 from genrec.serve.graphs import BucketedGraphs
 from genrec.serve.metrics import ServiceMetrics
 from genrec.serve.recommend import top_items
@@ -111,6 +112,15 @@ class RecommendJob:
     include_seen: bool
 
 
+def check_times(timestamps: np.ndarray, field: str) -> None:
+    """Times the kernels can take: every timestamp in ``[0, 2^31)`` s (1970 to 2038), so no batch of
+    them, with its padding's 0, spans 2^31 s. Checked here on the request's numpy arrays, so the model
+    does not read the span back from the device on every call (:func:`time_spans_checked_on_host`)."""
+    if len(timestamps) and (timestamps.min() < 0 or timestamps.max() >= TIME_LIMIT_S):
+        bad = int(timestamps.min() if timestamps.min() < 0 else timestamps.max())
+        raise ServiceError(422, field, f"time {bad} is outside 0 .. 2^31 - 1 s, the times the model's kernels take")
+
+
 class Engine:
     def __init__(self, model: RecModel, catalogue: Catalogue, store: UserStore, device: torch.device,
                  max_history: int, model_name: str = "", graphs: BucketedGraphs | None = None):
@@ -174,10 +184,13 @@ class Engine:
                 if when < history.timestamps[-1]:
                     raise ServiceError(422, "request_time", f"request_time {when} is before the history's last event "
                                        f"({int(history.timestamps[-1])})")
+                check_times(history.timestamps, "user" if job.history is None else "history")
+                check_times(np.array([when]), "request_time")
                 live.append((i, job, history, when))
             except ServiceError as err:
                 results[i] = err
-        scores = self._batched([item[1:] for item in live], self._score, "scoring")
+        with time_spans_checked_on_host():
+            scores = self._batched([item[1:] for item in live], self._score, "scoring")
         for (i, _, history, _), result in zip(live, scores, strict=True):
             results[i] = result if isinstance(result, ServiceError) else {
                 "scores": result, "history_events": len(history)}
@@ -222,11 +235,13 @@ class Engine:
 
     # ------------------------------------------------------------------------------------ events
     def append_events(self, jobs: list[EventsJob]) -> list:
-        results = [self._guarded(lambda job=job: self._append(job), "append") for job in jobs]
+        with time_spans_checked_on_host():  # _append checks the times before it extends a cache
+            results = [self._guarded(lambda job=job: self._append(job), "append") for job in jobs]
         self._update_gauges()
         return results
 
     def _append(self, job: EventsJob) -> dict:
+        check_times(job.events.timestamps, "events")
         state = self.store.get(job.user)
         window = self.catalogue.request_window_s
         if state is None:
@@ -236,6 +251,7 @@ class Engine:
             if job.events.timestamps[0] < last:
                 raise ServiceError(422, "events[0].time", f"time {int(job.events.timestamps[0])} is before the "
                                    f"user's last stored event ({last}): events must be appended in time order")
+            check_times(state.history.timestamps, "user")
             history, mode = state.history.appended(job.events, window), "incremental"
         cache = None
         if len(history) > self.max_history:
@@ -261,10 +277,13 @@ class Engine:
         live = []  # (job index, job, history)
         for i, job in enumerate(jobs):
             try:
-                live.append((i, job, self._history_of(job.user, job.history)))
+                history = self._history_of(job.user, job.history)
+                check_times(history.timestamps, "user" if job.history is None else "history")
+                live.append((i, job, history))
             except ServiceError as err:
                 results[i] = err
-        tops = self._batched([item[1:] for item in live], self._recommend, "recommend")
+        with time_spans_checked_on_host():
+            tops = self._batched([item[1:] for item in live], self._recommend, "recommend")
         for (i, *_), result in zip(live, tops, strict=True):
             results[i] = result
         return results
