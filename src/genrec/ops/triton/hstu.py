@@ -54,7 +54,7 @@ class KernelConfig:
     (128, 64, 8, 2) is within 1 % of it without. ``*_fp32_large`` are the float32 tiles at head dim
     >= 128: float32 tiles take twice the bytes, and the bf16 ones ask up to 262,676 bytes of shared
     memory where a Hopper SM has 232,448 (fewer pipeline stages and query rows instead;
-    tests/ops/triton/test_tiles_fit.py compiles every table for sm_90 and checks). ``dq_separate``:
+    benchmarks/tiles_fit.py compiles every table for sm_90 on the CPU: results/tiles_fit_sm90.md). ``dq_separate``:
     dQ by its own kernel (no atomics) rather than fp32 atomic adds in the dK/dV kernel, twice as fast
     on the H100 despite two more matrix products per tile pair (same sweep). The backward's tiles
     must be square and >= 64 (the position-bias gradient's reduction)."""
