@@ -4,6 +4,7 @@ their arrival order, and a job's failure stays with that job."""
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
@@ -56,6 +57,19 @@ def test_a_failing_job_fails_alone_and_a_failing_handler_fails_its_batch_only():
     assert isinstance(results[1], ValueError) and "bad -2" in str(results[1])
     results, calls = _run({"rank": rank}, [("rank", "boom"), ("rank", 5)], max_batch=1, max_wait_us=0)
     assert isinstance(results[0], RuntimeError) and results[1] == 5
+
+
+def test_each_batch_is_reported_with_its_kind_size_and_handler_time():
+    seen = []
+
+    def slow(xs):
+        time.sleep(0.02)
+        return xs
+
+    results, _ = _run({"rank": slow, "events": list}, [("rank", 1), ("rank", 2), ("events", 3)], max_batch=8,
+                      max_wait_us=20_000, on_batch=lambda kind, size, seconds: seen.append((kind, size, seconds)))
+    assert results == [1, 2, 3] and [(k, n) for k, n, _ in seen] == [("rank", 2), ("events", 1)]
+    assert 0.02 <= seen[0][2] < 1 and seen[1][2] < 0.02  # the handler's own time, not the batching wait
 
 
 def test_bad_settings_are_refused():

@@ -234,6 +234,9 @@ def test_concurrent_requests_are_batched_and_a_bad_one_fails_alone(runs):
             if reply.status_code == 200:
                 np.testing.assert_allclose(reply.json()["scores"]["rating>3"], alone[int(body["user"])], atol=1e-5)
         assert batches < 9  # 9 scoring jobs (the unknown item never reaches a batch) in fewer calls than jobs
+        timed = metric(server, 'genrec_batch_seconds_count{kind="rank"}')  # every batch's handler time
+        assert timed == metric(server, 'genrec_batch_size_count{kind="rank"}')
+        assert metric(server, 'genrec_batch_seconds_sum{kind="rank"}') > 0
     finally:
         server.stop()
 

@@ -183,7 +183,7 @@ def build_app(engine: Engine, limits: Limits, token: str | None = None, max_batc
               max_wait_us: int = 500, state_file: Path | None = None) -> FastAPI:
     metrics = engine.metrics
     batcher = DynamicBatcher(engine.handlers, max_batch, max_wait_us,
-                             on_batch=lambda kind, size: metrics.batch_size.labels(kind).observe(size))
+                             on_batch=metrics.observe_batch)
     catalogue = engine.catalogue
 
     @asynccontextmanager

@@ -12,6 +12,7 @@ A handler returns one result per job, in order; a result that is an exception fa
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -32,7 +33,7 @@ _STOP = _Job("stop", None, None)  # queued by :meth:`DynamicBatcher.stop` after 
 
 class DynamicBatcher:
     def __init__(self, handlers: dict[str, Handler], max_batch: int = 32, max_wait_us: int = 500,
-                 on_batch: Callable[[str, int], None] | None = None):
+                 on_batch: Callable[[str, int, float], None] | None = None):
         if max_batch < 1:
             raise ValueError(f"max batch size must be >= 1, got {max_batch}")
         if max_wait_us < 0:
@@ -40,7 +41,7 @@ class DynamicBatcher:
         self.handlers = handlers
         self.max_batch = max_batch
         self.max_wait_s = max_wait_us / 1e6
-        self.on_batch = on_batch or (lambda kind, size: None)
+        self.on_batch = on_batch or (lambda kind, size, seconds: None)  # after each batch: its kind, size, time
         self.queue: asyncio.Queue[_Job] = asyncio.Queue()
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="genrec-scoring")
         self.task: asyncio.Task | None = None
@@ -86,6 +87,13 @@ class DynamicBatcher:
             batch.append(job)
         return batch, None
 
+    @staticmethod
+    def _timed(handler: Handler, payloads: list[Any]) -> tuple[Sequence[Any], float]:
+        """The handler's results and its time on the worker thread (not counting the hand-over)."""
+        start = time.perf_counter()
+        results = handler(payloads)
+        return results, time.perf_counter() - start
+
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         carried: _Job | None = None
@@ -96,14 +104,15 @@ class DynamicBatcher:
                 return
             batch, closing = await self._gather(first)
             carried = closing
-            self.on_batch(first.kind, len(batch))
+            start = time.perf_counter()
             try:
-                results = await loop.run_in_executor(self.worker, self.handlers[first.kind],
-                                                     [job.payload for job in batch])
+                results, seconds = await loop.run_in_executor(self.worker, self._timed, self.handlers[first.kind],
+                                                              [job.payload for job in batch])
                 if len(results) != len(batch):
                     raise RuntimeError(f"handler {first.kind!r} returned {len(results)} results for {len(batch)} jobs")
             except Exception as err:  # the handler itself failed: every job of the batch gets the error
-                results = [err] * len(batch)
+                results, seconds = [err] * len(batch), time.perf_counter() - start
+            self.on_batch(first.kind, len(batch), seconds)
             for job, result in zip(batch, results, strict=True):
                 if job.future.cancelled():
                     continue

@@ -21,6 +21,9 @@ class ServiceMetrics:
                                  ["endpoint"], buckets=LATENCY_BUCKETS, registry=r)
         self.batch_size = Histogram("genrec_batch_size", "Jobs per scoring call", ["kind"], buckets=BATCH_BUCKETS,
                                     registry=r)
+        self.batch_seconds = Histogram("genrec_batch_seconds", "Time the scoring thread spent on one batch (the rest "
+                                       "of a request's latency is HTTP, validation, queueing and batching)", ["kind"],
+                                       buckets=LATENCY_BUCKETS, registry=r)
         self.candidates = Counter("genrec_candidates_scored", "Candidates scored", registry=r)
         self.cache_hits = Counter("genrec_cache_hits", "Rank requests that found the user's KV cache", registry=r)
         self.cache_misses = Counter("genrec_cache_misses", "Rank requests that encoded a stored user's history",
@@ -39,3 +42,7 @@ class ServiceMetrics:
             gpu.set_function(lambda: torch.cuda.memory_allocated(device))
             peak = Gauge("genrec_gpu_memory_peak_bytes", "Peak GPU memory allocated by tensors", registry=r)
             peak.set_function(lambda: torch.cuda.max_memory_allocated(device))
+
+    def observe_batch(self, kind: str, size: int, seconds: float) -> None:
+        self.batch_size.labels(kind).observe(size)
+        self.batch_seconds.labels(kind).observe(seconds)
