@@ -72,6 +72,25 @@ def test_each_batch_is_reported_with_its_kind_size_and_handler_time():
     assert 0.02 <= seen[0][2] < 1 and seen[1][2] < 0.02  # the handler's own time, not the batching wait
 
 
+def test_a_wait_shorter_than_the_loop_timer_is_not_overslept():
+    """asyncio's selector sleeps in whole milliseconds: a 500 us timed wait took over 1 ms."""
+    async def main():
+        handed = []
+        batcher = DynamicBatcher({"rank": lambda xs: handed.append(time.perf_counter()) or xs}, max_wait_us=500)
+        batcher.start()
+        waits = []
+        try:
+            for i in range(21):  # lone jobs: each waits the whole max_wait for company
+                start = time.perf_counter()
+                await batcher.submit("rank", i)
+                waits.append(handed[-1] - start)
+        finally:
+            await batcher.stop()
+        return sorted(waits)[10]
+
+    assert 0.0005 <= asyncio.run(main()) < 0.00095  # the median wait: max_wait, not a whole timer tick
+
+
 def test_bad_settings_are_refused():
     with pytest.raises(ValueError, match="max batch"):
         DynamicBatcher({}, max_batch=0)

@@ -28,6 +28,10 @@ class _Job:
     future: asyncio.Future
 
 
+# asyncio's selector loops sleep in whole milliseconds (epoll_wait's resolution, rounded up), so a
+# 500 us timed wait took over 1 ms: waits shorter than this are polled instead (asyncio.sleep(0), one
+# loop pass, which reads the sockets that are ready and so queues the requests that arrived).
+_TIMER_RESOLUTION_S = 1e-3
 _STOP = _Job("stop", None, None)  # queued by :meth:`DynamicBatcher.stop` after the last job
 
 
@@ -78,10 +82,13 @@ class DynamicBatcher:
                 left = deadline - asyncio.get_running_loop().time()
                 if left <= 0:
                     break
-                try:
-                    job = await asyncio.wait_for(self.queue.get(), left)
+                if left < _TIMER_RESOLUTION_S:  # a timer would oversleep: poll the loop to the deadline
+                    await asyncio.sleep(0)
+                    continue
+                try:  # whole timer ticks only; the rest of the wait is polled
+                    job = await asyncio.wait_for(self.queue.get(), left // _TIMER_RESOLUTION_S * _TIMER_RESOLUTION_S)
                 except TimeoutError:
-                    break
+                    continue
             if job.kind != first.kind:
                 return batch, job
             batch.append(job)
