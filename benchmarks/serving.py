@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -129,9 +130,13 @@ class Connection:
                 raise ConnectionError("the server closed the connection")
 
     async def close(self) -> None:
+        """Closes the connection; one the server reset is closed too (``wait_closed`` re-raises the
+        reset, which would end the whole load run, not count as one error)."""
         if self.writer is not None:
             self.writer.close()
-            await self.writer.wait_closed()
+            with contextlib.suppress(OSError):
+                await self.writer.wait_closed()
+            self.writer = None
 
 
 async def load(port: int, body, concurrency: int, total: int, seconds: float) -> dict:

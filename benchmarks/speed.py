@@ -497,7 +497,7 @@ def targets(rows: list[dict]) -> list[dict]:
             for v in ("hstu_causal_rab", "hstu_causal_rab256") if (v, n) in kern and ("hstu_causal", n) in kern]
     nobias = [kern[(v, n)]["fwd_bwd_vs_sdpa"] for n in ns for v in ("hstu_causal", "dual_flow") if (v, n) in kern]
     train = [r for r in rows if r["bench"] == "ratio" and r["part"] == "train" and r["flop_ratio"]]
-    sparse = [r["dfgr_over_hstu"] for r in train if r["model"] == "dfgr_sparse" and r["target_share"] <= 0.1
+    sparse = [r["dfgr_over_hstu"] for r in train if r["model"] == "dfgr_sparse" and math.isclose(r["target_share"], 0.1)
               and r["n"] >= 1024]
     layout = [r["share_of_step"] for r in rows if r["bench"] == "layout"]
     return [

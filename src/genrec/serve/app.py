@@ -52,14 +52,15 @@ class Event(BaseModel):
     model_config = ConfigDict(extra="forbid")
     item: RawId
     action: float = Field(description="the event's action as in the training data (a rating value on MovieLens)")
-    time: StrictInt = Field(description="unix seconds")
+    time: StrictInt = Field(ge=0, lt=2**31, description="unix seconds, 0 .. 2^31 - 1 (the kernels' int32 times)")
 
 
 class RankRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     user: RawId | None = Field(None, description="the user in the store (ignored for the history if one is sent)")
     candidates: RawIds = Field(description="item ids to score, in the order the scores come back")
-    request_time: StrictInt | None = Field(None, description="unix seconds; default the last event's time")
+    request_time: StrictInt | None = Field(None, ge=0, lt=2**31,
+                                           description="unix seconds; default the last event's time")
     history: list[Event] | None = Field(None, description="inline, stateless history; default the store's")
 
 

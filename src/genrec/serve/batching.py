@@ -12,6 +12,7 @@ A handler returns one result per job, in order; a result that is an exception fa
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -32,6 +33,7 @@ class _Job:
 # 500 us timed wait took over 1 ms: waits shorter than this are polled instead (asyncio.sleep(0), one
 # loop pass, which reads the sockets that are ready and so queues the requests that arrived).
 _TIMER_RESOLUTION_S = 1e-3
+log = logging.getLogger(__name__)
 _STOP = _Job("stop", None, None)  # queued by :meth:`DynamicBatcher.stop` after the last job
 
 
@@ -119,7 +121,10 @@ class DynamicBatcher:
                     raise RuntimeError(f"handler {first.kind!r} returned {len(results)} results for {len(batch)} jobs")
             except Exception as err:  # the handler itself failed: every job of the batch gets the error
                 results, seconds = [err] * len(batch), time.perf_counter() - start
-            self.on_batch(first.kind, len(batch), seconds)
+            try:  # a failing observer (metrics) must not stop the batcher: every later job would wait forever
+                self.on_batch(first.kind, len(batch), seconds)
+            except Exception:
+                log.exception("the batch observer failed")
             for job, result in zip(batch, results, strict=True):
                 if job.future.cancelled():
                     continue
