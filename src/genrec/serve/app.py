@@ -25,6 +25,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictInt
 
+from genrec.ops.layout import TIME_LIMIT_S
 from genrec.serve.batching import DynamicBatcher
 from genrec.serve.engine import Engine, EventsJob, RankJob, RecommendJob, ServiceError
 
@@ -52,14 +53,14 @@ class Event(BaseModel):
     model_config = ConfigDict(extra="forbid")
     item: RawId
     action: float = Field(description="the event's action as in the training data (a rating value on MovieLens)")
-    time: StrictInt = Field(ge=0, lt=2**31, description="unix seconds, 0 .. 2^31 - 1 (the kernels' int32 times)")
+    time: StrictInt = Field(ge=0, lt=TIME_LIMIT_S, description="unix seconds, 0 .. 2^31 - 1 (the kernels' int32 times)")
 
 
 class RankRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     user: RawId | None = Field(None, description="the user in the store (ignored for the history if one is sent)")
     candidates: RawIds = Field(description="item ids to score, in the order the scores come back")
-    request_time: StrictInt | None = Field(None, ge=0, lt=2**31,
+    request_time: StrictInt | None = Field(None, ge=0, lt=TIME_LIMIT_S,
                                            description="unix seconds; default the last event's time")
     history: list[Event] | None = Field(None, description="inline, stateless history; default the store's")
 
