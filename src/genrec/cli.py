@@ -405,7 +405,7 @@ def cmd_export(args) -> int:
     import time
 
     from genrec.errors import UserError
-    from genrec.serve.export import ExportShapes, export, triton_config
+    from genrec.serve.export import ExportShapes, PackageError, export, triton_config
 
     out = Path(args.out)
     if out.suffix != ".pt2":
@@ -415,12 +415,16 @@ def cmd_export(args) -> int:
     shapes = ExportShapes(max_batch=args.max_batch, max_history=trainer.cfg.data.max_len,
                           max_candidates=args.max_candidates)
     start = time.perf_counter()
-    package = export(trainer.model, out, trainer.seq.num_items, shapes, trainer.device)
+    try:
+        package = export(trainer.model, out, trainer.seq.num_items, shapes, trainer.device)
+    except PackageError as err:  # written, but it does not load or score as the model does
+        print(f"genrec export: error: {err}", file=sys.stderr)
+        return 1
     # Triton's model repository: <name>/config.pbtxt beside the version folders <name>/1/model.pt2
     config = (out.parent.parent if out.parent.name.isdigit() else out.parent) / "config.pbtxt"
     config.write_text(triton_config(args.name or trainer.cfg.model, trainer.device))
     print(f"genrec export: {trainer.cfg.model} from {weights} -> {package} and {config} "
-          f"({time.perf_counter() - start:.0f} s)")
+          f"({time.perf_counter() - start:.0f} s; checked: a fresh process loads it and matches the model's scores)")
     return 0
 
 

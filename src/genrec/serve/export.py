@@ -9,10 +9,23 @@ writes the ``config.pbtxt`` that describes the inputs and outputs.
 
 History length, candidates per request and batch size are dynamic dimensions, within the bounds
 given at export time.
+
+:func:`export` checks the package before it returns: a fresh Python process loads it and scores two
+shapes other than the traced one, which must equal the eager model's scores (:func:`package_scores`).
+A fresh process, not this one, because loading runs native code (the package's shared library,
+AOTInductor's loader): a crash there becomes a :class:`PackageError` that names the signal and the
+torch version instead of ending the caller, and the check sees the package as a serving process
+(Triton, a C++ runner) does, without the exporting process's compiler state. (On the GPU machines'
+torch 2.11 ``aoti_load_package`` died with SIGSEGV in the process that had just compiled the package,
+issue 15.)
 """
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,9 +83,84 @@ def example_inputs(shapes: ExportShapes, num_items: int, device: torch.device) -
     return tuple(t.to(device) for t in out)
 
 
+def check_shapes(shapes: ExportShapes) -> list[ExportShapes]:
+    """Two shapes inside the bounds and unlike the traced example: a larger one and the smallest."""
+    larger = ExportShapes(batch=min(shapes.max_batch, shapes.batch + 1),
+                          history=min(shapes.max_history, 2 * shapes.history + 1),
+                          candidates=min(shapes.max_candidates, shapes.candidates + 3))
+    return [larger, ExportShapes(batch=1, history=3, candidates=1)]
+
+
+class PackageError(RuntimeError):
+    """A written package that does not load, or does not give the eager model's scores."""
+
+
+# The fresh process of package_scores: torch only (no genrec import), inputs and scores through files.
+_SCORE_IN_FRESH_PROCESS = """
+import sys, torch
+job = torch.load(sys.argv[1], weights_only=True)
+device = torch.device(job["device"])
+loaded = torch._inductor.aoti_load_package(job["package"])
+with torch.no_grad():
+    scores = [loaded(*[t.to(device) for t in case]).cpu() for case in job["cases"]]
+torch.save(scores, sys.argv[2])
+"""
+
+
+def exit_reason(returncode: int) -> str:
+    """``killed by SIGSEGV`` for a negative (signal) return code, else ``exit code N``."""
+    if returncode < 0:
+        try:
+            return f"killed by {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"killed by signal {-returncode}"
+    return f"exit code {returncode}"
+
+
+def package_scores(package: Path, cases: list[tuple[torch.Tensor, ...]], device: torch.device,
+                   timeout_s: float = 600.0) -> list[torch.Tensor]:
+    """P(label) ``[B, M]`` for each case (the :data:`INPUTS` tensors) from ``package``, loaded and run
+    on ``device`` by a fresh Python process (see the module docstring for why)."""
+    with tempfile.TemporaryDirectory(prefix="genrec-export-check-") as tmp:
+        job, out = Path(tmp) / "job.pt", Path(tmp) / "scores.pt"
+        torch.save({"package": str(package), "device": str(device),
+                    "cases": [[t.cpu() for t in case] for case in cases]}, job)
+        try:
+            proc = subprocess.run([sys.executable, "-c", _SCORE_IN_FRESH_PROCESS, str(job), str(out)],
+                                  capture_output=True, text=True, timeout=timeout_s)
+        except subprocess.TimeoutExpired as err:
+            raise PackageError(f"{package}: loading and scoring it in a fresh process took over {timeout_s:.0f} s "
+                               f"(torch {torch.__version__})") from err
+        if proc.returncode != 0:
+            lines = proc.stderr.strip().splitlines()
+            tail = lines[-1] if lines and proc.returncode > 0 else ""  # the exception; a signal says enough
+            raise PackageError(f"{package}: loading and scoring it in a fresh process failed: "
+                               f"{exit_reason(proc.returncode)}, torch {torch.__version__}"
+                               f"{': ' + tail if tail else ''}")
+        return torch.load(out, weights_only=True)
+
+
+def check_package(package: Path, module: CandidateScoring, shapes: ExportShapes, num_items: int,
+                  device: torch.device) -> float:
+    """The largest score difference between ``package`` (in a fresh process) and ``module`` (eager)
+    over :func:`check_shapes`; a :class:`PackageError` if it does not load or differs by more than
+    1e-5 (2e-2 for a half-precision model)."""
+    cases = [example_inputs(s, num_items, device) for s in check_shapes(shapes)]
+    got = package_scores(package, cases, device)
+    with torch.no_grad():
+        want = [module(*case).cpu() for case in cases]
+    diff = max(float((g - w).abs().max()) for g, w in zip(got, want, strict=True))
+    low_precision = next(module.parameters()).dtype in (torch.float16, torch.bfloat16)
+    if not diff <= (2e-2 if low_precision else 1e-5):
+        raise PackageError(f"{package}: its scores differ from the eager model's by {diff:.3g} "
+                           f"(torch {torch.__version__})")
+    return diff
+
+
 def export(model: RecModel, out: Path, num_items: int, shapes: ExportShapes | None = None,
            device: torch.device | None = None) -> Path:
-    """Trace, compile and package the model's candidate scoring to ``out`` (a ``.pt2`` file)."""
+    """Trace, compile and package the model's candidate scoring to ``out`` (a ``.pt2`` file), then
+    :func:`check_package` it."""
     shapes, device = shapes or ExportShapes(), device or torch.device("cpu")
     module = CandidateScoring(model).to(device)
     batch = torch.export.Dim("batch", min=1, max=shapes.max_batch)
@@ -84,7 +172,9 @@ def export(model: RecModel, out: Path, num_items: int, shapes: ExportShapes | No
     with torch.no_grad():
         program = torch.export.export(module, example_inputs(shapes, num_items, device), dynamic_shapes=dynamic)
         out.parent.mkdir(parents=True, exist_ok=True)
-        return Path(torch._inductor.aoti_compile_and_package(program, package_path=str(out)))
+        package = Path(torch._inductor.aoti_compile_and_package(program, package_path=str(out)))
+    check_package(package, module, shapes, num_items, device)
+    return package
 
 
 def triton_config(name: str, device: torch.device) -> str:
