@@ -154,11 +154,14 @@ def _bias_form_layout(positions: str) -> TokenLayout:
                        timestamp=ts.expand(2, -1).to(DEVICE), rule="causal")
 
 
+@pytest.mark.parametrize("forward_tiles", [64, 16])
 @pytest.mark.parametrize("positions", ["consecutive", "pairs", "spread"])
-def test_every_bias_form_of_a_tile_matches_reference(positions):
+def test_every_bias_form_of_a_tile_matches_reference(positions, forward_tiles):
     """The kernels pick a tile's bias form from its extremes (one value, one comparison or one read
     per pair; the gradient by tile sum, diagonal sums, one-hot products or per pair): this layout
-    holds each of them, which the test checks it does before comparing with the reference."""
+    holds each of them, which the test checks it does before comparing with the reference. With
+    16-token forward and dQ tiles, smaller than a row of the span table the forms are picked from
+    (``tiles.SPAN_TILE``), the extremes are bounds that may only pick a more general form."""
     from genrec.ops.masks import time_bucket
 
     layout = _bias_form_layout(positions)
@@ -169,7 +172,12 @@ def test_every_bias_form_of_a_tile_matches_reference(positions):
     far = layout.position[0, 128:].min() - layout.position[0, :64].max()
     if positions == "consecutive":
         assert far >= 40 - 1  # the third tile reads the first past a 40-slot table: the one-value form
-    _check(layout, DTYPES[0], bias=True, pos_buckets=40)
+    from genrec.ops.triton.hstu import KernelConfig
+
+    small = (16, 16, 4, 1)
+    config = KernelConfig() if forward_tiles == 64 else KernelConfig(fwd=small, dq=small, fwd_large=small,
+                                                                        dq_large=small)
+    _check(layout, DTYPES[0], bias=True, pos_buckets=40, backend=backend_module.triton_backend(config))
 
 
 @gpu_only
@@ -211,8 +219,10 @@ def test_the_fused_attention_passes_the_custom_op_checks():
     fwd = hstu._schedule(layout, meta, tile[0], 0, transpose=False)
     bwd = hstu._schedule(layout, meta, tile[1], 0, transpose=True)
     dq = hstu._schedule(layout, meta, tile[2], 0, transpose=False)
+    spans = hstu.tile_spans(meta)
     args = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), meta.request, meta.event, meta.flags,
-            meta.position, meta.timestamp, rel_pos.requires_grad_(), rel_time.requires_grad_(), *fwd, *bwd, *dq,
+            meta.position, meta.timestamp, spans, spans, rel_pos.requires_grad_(), rel_time.requires_grad_(), *fwd,
+            *bwd, *dq,
             0.05, 0, 2, True, list(tile[0]), list(tile[1]), list(tile[2]), True)
     torch.library.opcheck(torch.ops.genrec.hstu_attention_fwd.default, args)
 

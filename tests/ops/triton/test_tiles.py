@@ -8,7 +8,8 @@ import torch
 from genrec.nn import events
 from genrec.nn.events import Events, append_candidates, dual_flow_layout, event_layout, item_action_layout
 from genrec.ops.masks import build_mask
-from genrec.ops.triton.tiles import KernelMeta, tile_full, tile_lists, tile_pairs
+from genrec.ops.triton import tiles
+from genrec.ops.triton.tiles import KernelMeta, tile_full, tile_lists, tile_pairs, tile_spans
 from tests.helpers import make_batch
 
 
@@ -57,6 +58,30 @@ def test_schedule_lists_every_tile_with_an_allowed_pair(name, tiles):
         listed = index[b, i, : count[b, i]].long()
         assert torch.equal(listed, torch.nonzero(pairs[b, i]).flatten())
         assert torch.equal(listed_full[b, i, : count[b, i]].bool(), full[b, i, listed])
+
+
+@pytest.mark.parametrize("name", list(_layouts()))
+def test_tile_spans_are_the_extremes_of_each_runs_valid_tokens(name):
+    """The table the kernels pick a tile's bias form from: per SPAN_TILE tokens from the queries'
+    start, the lowest and highest position and time of the valid ones (the layouts hold padding,
+    fake tokens and cache offsets that are not multiples of SPAN_TILE), and the empty-run fill."""
+    layout, q_offset = _layouts()[name]
+    meta = KernelMeta.from_layout(layout)
+    spans = tile_spans(meta, q_offset)
+    b, seq = meta.flags.shape
+    assert spans.dtype == torch.int32 and spans.shape == (b, -(-(seq - q_offset) // tiles.SPAN_TILE), 4)
+    empty = 0
+    for row in range(b):
+        for chunk in range(spans.shape[1]):
+            at = slice(q_offset + chunk * tiles.SPAN_TILE, min(q_offset + (chunk + 1) * tiles.SPAN_TILE, seq))
+            valid = meta.flags[row, at] & 1 != 0
+            if not valid.any():
+                empty += 1
+                assert spans[row, chunk].tolist() == [tiles.POS_BOUND, -tiles.POS_BOUND, tiles.TS_TOP, 0]
+                continue
+            pos, ts = meta.position[row, at][valid], meta.timestamp[row, at][valid]
+            assert spans[row, chunk].tolist() == [pos.min(), pos.max(), ts.min(), ts.max()]
+    assert empty or name.endswith("_cache"), "no empty run: the fill is not exercised"
 
 
 def test_schedule_skips_the_upper_triangle_and_marks_the_lower_full():
