@@ -495,7 +495,8 @@ def targets(rows: list[dict]) -> list[dict]:
     ns = sorted({n for _, n in kern if 1024 <= n <= 8192})
     bias = [kern[(v, n)]["fwd_bwd_ms"] / kern[("hstu_causal", n)]["fwd_bwd_ms"] for n in ns
             for v in ("hstu_causal_rab", "hstu_causal_rab256") if (v, n) in kern and ("hstu_causal", n) in kern]
-    nobias = [kern[(v, n)]["fwd_bwd_vs_sdpa"] for n in ns for v in ("hstu_causal", "dual_flow") if (v, n) in kern]
+    nobias = [kern[(v, n)]["fwd_bwd_vs_sdpa"] for n in ns for v in ("hstu_causal", "dual_flow")
+              if "fwd_bwd_vs_sdpa" in kern.get((v, n), {})]  # rows with an SDPA backend beside them
     train = [r for r in rows if r["bench"] == "ratio" and r["part"] == "train" and r["flop_ratio"]]
     sparse = [r["dfgr_over_hstu"] for r in train if r["model"] == "dfgr_sparse" and math.isclose(r["target_share"], 0.1)
               and r["n"] >= 1024]
@@ -515,15 +516,30 @@ def targets(rows: list[dict]) -> list[dict]:
     ]
 
 
-def merge(rows: list[dict], meta: dict, earlier: dict) -> list[dict]:
+def merge(rows: list[dict], meta: dict, earlier: dict, skip: frozenset[str] = frozenset()) -> list[dict]:
     """This run's rows (run 0) and the ``earlier`` result file's measured rows of shapes not measured
-    now (:func:`_shape_key`), each renumbered to its run, which ``meta["runs"]`` gains."""
+    now (:func:`_shape_key`), each renumbered to its run, which ``meta["runs"]`` gains. Kernel rows
+    named in ``skip`` are not kept: timings of kernel code this run replaced."""
     measured = {_shape_key(r) for r in rows}
     kept = [r for r in earlier["rows"] if r["bench"] in ("kernel", "train", "layout", "infer")
-            and _shape_key(r) not in measured]
+            and _shape_key(r) not in measured and r.get("kernel") not in skip]
     used = sorted({r["run"] for r in kept})
     meta["runs"] += [earlier["meta"]["runs"][i] for i in used]
     return rows + [{**r, "run": 1 + used.index(r["run"])} for r in kept]
+
+
+def combine(run: dict, args, skip: frozenset[str], argv: list[str] | None) -> int:
+    """The result file of ``run`` (one device call's file, unmerged) merged with ``--merge``'s: what
+    a call cut short by its time limit leaves to be joined on any machine."""
+    if len(run["meta"]["runs"]) != 1:
+        raise SystemExit(f"--rows needs a single-run file; {args.rows} merges {len(run['meta']['runs'])} runs")
+    if not args.merge:
+        raise SystemExit("--rows goes with --merge")
+    meta = {**run["meta"], "runs": list(run["meta"]["runs"])}
+    rows = merge(list(run["rows"]), meta, json.loads(Path(args.merge).read_text()), skip)
+    meta["command"] = " ".join(["python", "benchmarks/speed.py", *(argv or sys.argv[1:])])  # the device calls: runs
+    write(rows, meta, Path(args.out) / f"speed_{meta['device'].replace(' ', '_')}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -552,6 +568,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--anchor-commit", default="an unrecorded commit", help="that checkout's commit, for meta")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     parser.add_argument("--tables", metavar="JSON", help="only rewrite the ratios and tables of a result file")
+    parser.add_argument("--rows", metavar="JSON", help="measure nothing: this run's rows are that single-run result "
+                        "file's (a device call that wrote it), to --merge with another (no GPU needed)")
+    parser.add_argument("--merge-skip", default="", help="kernel rows (comma-separated names) not kept from --merge: "
+                        "timed with kernel code the new rows replace")
     parser.add_argument("--merge", metavar="JSON", help="keep that result file's rows of shapes not measured now, "
                         "each naming its run in meta.runs (one device call is limited in time: run the parts in "
                         "turn, the kernel part last, as the tables quote this run's matmul peak)")
@@ -560,6 +580,9 @@ def main(argv: list[str] | None = None) -> int:
         data = json.loads(Path(args.tables).read_text())
         write(data["rows"], data["meta"], Path(args.tables).with_suffix(""))
         return 0
+    skip = frozenset(filter(None, args.merge_skip.split(",")))
+    if args.rows:
+        return combine(json.loads(Path(args.rows).read_text()), args, skip, argv)
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/speed.py measures GPU kernels and needs a CUDA device")
     from genrec.ops.triton.backend import triton_backend
@@ -588,7 +611,7 @@ def main(argv: list[str] | None = None) -> int:
     meta["runs"] = [{k: meta[k] for k in ("command", "git_commit", "date")}]  # rows name theirs by index
     rows = [{**r, "run": 0} for r in rows]
     if args.merge:
-        rows = merge(rows, meta, json.loads(Path(args.merge).read_text()))
+        rows = merge(rows, meta, json.loads(Path(args.merge).read_text()), skip)
     meta["hstu_tiles"] = {"fwd": {"small": config.fwd, "large": config.fwd_large, "fp32_large": config.fwd_fp32_large},
                           "bwd": {"small": config.bwd, "large": config.bwd_large, "fp32_large": config.bwd_fp32_large},
                           "dq": {"small": config.dq, "large": config.dq_large, "fp32_large": config.dq_fp32_large},

@@ -86,3 +86,38 @@ def test_merging_new_train_rows_replaces_the_every_target_rows_and_keeps_the_res
     kernels = [r for r in earlier["rows"] if r["bench"] == "kernel"]
     assert [r for r in rows if r["bench"] == "kernel"] == [{**r, "run": 1 + r["run"]} for r in kernels]
     assert all(meta["runs"][r["run"]] for r in rows) and meta["runs"][0] == {"command": "now"}
+
+
+def _kernel(name: str, n: int, fwd_bwd_ms: float) -> dict:
+    return {"bench": "kernel", "kernel": name, "n": n, "fwd_ms": fwd_bwd_ms / 3, "fwd_bwd_ms": fwd_bwd_ms, "run": 0}
+
+
+def test_combining_a_cut_device_call_drops_the_kernel_rows_its_new_code_replaced(tmp_path):
+    """``--rows A --merge B --merge-skip K``: A's rows, plus B's rows of other shapes except kernel
+    rows named in K (timed with the kernel code A's run replaced); the targets come from the result,
+    and kernel rows without an SDPA row at their N do not enter the SDPA target."""
+    def blob(rows: list[dict], commits: list[str]) -> dict:
+        runs = [{"command": f"run at {c}", "git_commit": c, "date": "d"} for c in commits]
+        return {"meta": {"device": "Some GPU", "torch": "2.11", "date": "d", "git_commit": commits[0], "runs": runs,
+                         "command": runs[0]["command"]}, "rows": rows}
+
+    new = blob([{"bench": "matmul", "n": 8192, "tflops": 1.0, "run": 0}, _kernel("sdpa_cudnn_causal", 1024, 1.0),
+                _kernel("hstu_causal", 1024, 2.0), _kernel("hstu_causal_rab", 1024, 5.0)], ["new"])
+    old = blob([_kernel("hstu_causal", 2048, 4.0), _kernel("hstu_causal_rab", 2048, 40.0),
+                _kernel("sdpa_flash_causal", 2048, 3.0), _kernel("hstu_causal", 4096, 8.0),
+                {**_train("hstu", 1024, 1.0, 100.0, 2.0), "run": 0}], ["old"])
+    (tmp_path / "new.json").write_text(json.dumps(new))
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    assert speed.main(["--rows", str(tmp_path / "new.json"), "--merge", str(tmp_path / "old.json"),
+                       "--merge-skip", "hstu_causal,hstu_causal_rab", "--out", str(tmp_path)]) == 0
+    out = json.loads((tmp_path / "speed_Some_GPU.json").read_text())
+    kernels = {(r["kernel"], r["n"]): out["meta"]["runs"][r["run"]]["git_commit"] for r in out["rows"]
+               if r["bench"] == "kernel"}
+    assert kernels == {("sdpa_cudnn_causal", 1024): "new", ("hstu_causal", 1024): "new",
+                       ("hstu_causal_rab", 1024): "new", ("sdpa_flash_causal", 2048): "old"}
+    assert [r["model"] for r in out["rows"] if r["bench"] == "train"] == ["hstu"]
+    goals = {t["name"]: t for t in out["targets"]}
+    assert goals["bias_over_nobias_fwd_bwd_max"]["value"] == 2.5  # 5 / 2 at N = 1024; the old 10x left out
+    assert goals["nobias_over_fastest_sdpa_fwd_bwd_max"]["value"] == 2.0
+    with pytest.raises(SystemExit, match="single-run"):
+        speed.main(["--rows", str(tmp_path / "speed_Some_GPU.json"), "--merge", str(tmp_path / "old.json")])
