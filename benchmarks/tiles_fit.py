@@ -54,8 +54,10 @@ def compile_kernel(fn, dtype: str, head_dim: int, tile, extra: dict, capability:
     from genrec.ops.layout import RULE_IDS
 
     block_m, block_n, warps, stages = tile
-    constants = dict(RULE=RULE_IDS["dual_flow"], HAS_BIAS=True, PRECISION="ieee" if dtype == "fp32" else "tf32",
-                     D=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, **extra)
+    constants = dict(RULE=RULE_IDS["dual_flow"], PRECISION="ieee" if dtype == "fp32" else "tf32", D=head_dim,
+                     BLOCK_M=block_m, BLOCK_N=block_n, **extra)
+    if "HAS_BIAS" in fn.arg_names:  # the bias-gradient kernel always has it
+        constants["HAS_BIAS"] = True
     start = time.perf_counter()
     kernel = triton_compile(ASTSource(fn, signature(fn, dtype, constants), constants),
                             target=GPUTarget("cuda", capability, 32), options=dict(num_warps=warps, num_stages=stages))
@@ -83,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
         for head_dim in (int(d) for d in args.head_dims.split(",")):
             fwd, bwd, dq = config.tiles(head_dim, torch_dtype)
             kernels = (("forward", hstu._hstu_fwd, fwd, {}),
-                       ("dk_dv", hstu._hstu_bwd, bwd, {"DQ_ATOMIC": not config.dq_separate, "TIME_SLOTS": 32}),
+                       ("dk_dv", hstu._hstu_bwd, bwd, {"DQ_ATOMIC": not config.dq_separate}),
+                       ("bias_grad", hstu._hstu_bwd_rab, bwd, {"TIME_SLOTS": 32}),
                        ("dq", hstu._hstu_bwd_dq, dq, {}))
             for name, fn, tile, extra in kernels:
                 row = {"dtype": dtype, "head_dim": head_dim, "kernel": name, "tile": list(tile),

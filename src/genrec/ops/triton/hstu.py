@@ -14,9 +14,10 @@ atomics), or from fp32 atomic adds in the first (the FlashAttention-2 split, fiv
 The relative bias costs each tile pair only what its extremes require (:func:`_scores`): one value
 where all its distances lie past the position table or all its time differences in one bucket,
 one comparison per pair where they span two buckets, a table read per pair otherwise. Its gradients
-gather in each dK/dV program (the table's last slot and the time table in registers, added once at
-the program's end); the position table's other slots are reduced per tile by distance
-(:func:`_position_grad`) before their atomic adds. ``q_offset``
+come from a kernel of their own over the dK/dV schedule (:func:`_hstu_bwd_rab`: beside dK/dV's
+accumulators they spilled registers), gathered in each program (the table's last slot and the time
+table in registers, added once at the program's end); the position table's other slots are reduced
+per tile by distance (:func:`_position_grad`) before their atomic adds. ``q_offset``
 makes the queries the layout's tokens ``q_offset..L-1`` against all ``L`` keys: that is attention
 over a KV cache (history keys, then the new tokens).
 
@@ -182,12 +183,14 @@ def _bucket_at_least(dt, t):
 
 
 @triton.jit
-def _scores(x, y, dist, dt, dist_lo, t_lo, t_hi, POS_H, TIME_H, NUM_POS, NUM_TIME, alpha,
+def _scores(x, y, q_pos, k_pos, q_ts, k_ts, dist_lo, t_lo, t_hi, POS_H, TIME_H, NUM_POS, NUM_TIME, alpha,
             HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr):
     """``x yᵀ · alpha`` plus, with the bias, the position table ``POS_H`` (head h's row) at the
-    clamped position difference ``dist`` and the time table ``TIME_H`` at the bucket of the time
-    difference ``dt``. ``x, y`` = (q, k) for ``[queries, keys]`` tiles or (k, q) for ``[keys,
-    queries]``. The tile's extremes pick the cheapest exact form: past the position table (``dist_lo``
+    clamped position difference ``q_pos - k_pos`` and the time table ``TIME_H`` at the bucket of the
+    time difference ``q_ts - k_ts``. ``x, y`` = (q, k) for ``[queries, keys]`` tiles or (k, q) for
+    ``[keys, queries]``; the token vectors come shaped to broadcast to that tile, and the differences
+    are formed only inside the forms that read them (computed up front, two more full int32 tiles
+    beside the scores pushed every kernel past 255 registers into spills on sm_90). The tile's extremes pick the cheapest exact form: past the position table (``dist_lo``
     at or beyond its last slot, as the models' 256 slots make every tile of events > 256 apart) the
     position bias is one value, else one table read per pair; the time bias is one value where the
     tile's buckets ``[t_lo, t_hi]`` are one, one comparison per pair where they are two, and the
@@ -197,30 +200,30 @@ def _scores(x, y, dist, dt, dist_lo, t_lo, t_hi, POS_H, TIME_H, NUM_POS, NUM_TIM
         if dist_lo >= NUM_POS - 1:
             s += tl.load(POS_H + NUM_POS - 1)
         else:
-            s += tl.load(POS_H + tl.minimum(tl.maximum(dist, 0), NUM_POS - 1))
+            s += tl.load(POS_H + tl.minimum(tl.maximum(q_pos - k_pos, 0), NUM_POS - 1))
         if t_hi == t_lo:
             s += tl.load(TIME_H + t_lo)
         elif t_hi == t_lo + 1:
-            s += tl.where(_bucket_at_least(dt, t_hi), tl.load(TIME_H + t_hi), tl.load(TIME_H + t_lo))
+            s += tl.where(_bucket_at_least(q_ts - k_ts, t_hi), tl.load(TIME_H + t_hi), tl.load(TIME_H + t_lo))
         else:
-            s += tl.load(TIME_H + _bucket_of(dt, NUM_TIME))
+            s += tl.load(TIME_H + _bucket_of(q_ts - k_ts, NUM_TIME))
     return s
 
 
 @triton.jit
-def _time_grad(acc, ds, total, dt, t_lo, t_hi, NUM_TIME, SLOTS: tl.constexpr):
+def _time_grad(acc, ds, total, q_ts, k_ts, t_lo, t_hi, NUM_TIME, SLOTS: tl.constexpr):
     """``acc`` ``[SLOTS]`` (the program's time-table gradient, added to the table once at its end)
     plus ``ds``'s sum per time bucket: the tile sum ``total`` where the tile holds one bucket, split
-    by one comparison where it holds two, one masked sum per bucket elsewhere. Masked pairs have
-    ``ds = 0``, so bucket edges need no mask."""
+    by one comparison where it holds two, one masked sum per bucket elsewhere (``q_ts, k_ts`` shaped
+    to broadcast to ``ds``). Masked pairs have ``ds = 0``, so bucket edges need no mask."""
     slot = tl.arange(0, SLOTS)
     if t_hi == t_lo:
         acc += tl.where(slot == t_lo, total, 0.0)
     elif t_hi == t_lo + 1:
-        upper = tl.sum(tl.where(_bucket_at_least(dt, t_hi), ds, 0.0))
+        upper = tl.sum(tl.where(_bucket_at_least(q_ts - k_ts, t_hi), ds, 0.0))
         acc += tl.where(slot == t_hi, upper, tl.where(slot == t_lo, total - upper, 0.0))
     else:
-        bucket = _bucket_of(dt, NUM_TIME)
+        bucket = _bucket_of(q_ts - k_ts, NUM_TIME)
         for t in range(t_lo, t_hi + 1):
             acc += tl.where(slot == t, tl.sum(tl.where(bucket == t, ds, 0.0)), 0.0)
     return acc
@@ -320,7 +323,7 @@ def _hstu_fwd(Q, K, V, O, REQ, EVT, FLAG, POS, TS, REL_POS, REL_TIME, KV_COUNT, 
         _, k_pos_hi = _span(k_pos, k_live, -POS_BOUND, POS_BOUND)
         k_ts_lo, k_ts_hi = _span(k_ts, k_live, 0, TS_TOP)
         dist_lo, t_lo, t_hi = _bias_range(q_pos_lo, q_ts_lo, q_ts_hi, k_pos_hi, k_ts_lo, k_ts_hi, NUM_TIME)
-        s = _scores(q, k, q_pos[:, None] - k_pos[None, :], q_ts[:, None] - k_ts[None, :], dist_lo, t_lo, t_hi,
+        s = _scores(q, k, q_pos[:, None], k_pos[None, :], q_ts[:, None], k_ts[None, :], dist_lo, t_lo, t_hi,
                     REL_POS + h * NUM_POS, REL_TIME + h * NUM_TIME, NUM_POS, NUM_TIME, alpha, HAS_BIAS,
                     PRECISION)  # [BLOCK_M, BLOCK_N]
         a = s * _sigmoid(s, PRECISION) * scale
@@ -335,75 +338,122 @@ def _hstu_fwd(Q, K, V, O, REQ, EVT, FLAG, POS, TS, REL_POS, REL_TIME, KV_COUNT, 
 
 
 @triton.jit
-def _hstu_bwd(Q, K, V, DO, DQ, DK, DV, REQ, EVT, FLAG, POS, TS, REL_POS, REL_TIME, D_REL_POS, D_REL_TIME,
-              Q_COUNT, Q_INDEX, Q_FULL, s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_db, s_dh, s_dm,
-              s_gb, s_gh, s_gm, s_kgb, s_kgh, s_kgn, s_cb, s_ib, s_iq, H, LQ, L, Q_OFFSET, NUM_POS,
-              NUM_TIME, alpha, scale, RULE: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
-              DQ_ATOMIC: tl.constexpr, TIME_SLOTS: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
-              BLOCK_N: tl.constexpr):
-    """One key tile per program; scores are held transposed, ``[BLOCK_N keys, BLOCK_M queries]``. The
-    bias gradients gather in the program (``pos_top``: the position table's last slot; ``time_grad``:
-    the time table, ``TIME_SLOTS`` >= its size) and reach the tables by one atomic add each at the
-    end, where one per tile pair contended across programs."""
-    tl.static_assert((BLOCK_M == BLOCK_N) & (BLOCK_N >= 64), "the position-bias gradient needs square tiles >= 64")
-    tile, bh = tl.program_id(0), tl.program_id(1)
-    b, h = bh // H, bh % H
+def _key_tile(K, V, REQ, EVT, FLAG, POS, TS, b, h, tile, cols, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, L,
+              HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """What a backward program holds for its key tile: tokens, keys, values, rule and bias metadata."""
     keys = tile * BLOCK_N + tl.arange(0, BLOCK_N)
-    cols = tl.arange(0, D)
     k_in = keys < L
     k = _load_tile(K, b, h, keys, cols, s_kb, s_kh, s_kn, L)
     v = _load_tile(V, b, h, keys, cols, s_vb, s_vh, s_vn, L)
     k_req, k_evt, k_flag = _rule_meta(REQ, EVT, FLAG, b * L + keys, k_in)
     k_pos, k_ts, k_live = _bias_meta(POS, TS, FLAG, b * L + keys, k_in, HAS_BIAS)
-    k_pos_lo, k_pos_hi = _span(k_pos, k_live, -POS_BOUND, POS_BOUND)
+    return keys, k_in, k, v, k_req, k_evt, k_flag, k_pos, k_ts, k_live
+
+
+@triton.jit
+def _query_tile_grads(Q, DO, REQ, EVT, FLAG, POS, TS, REL_POS, REL_TIME, Q_INDEX, Q_FULL, i, k, v, keys, k_req,
+                      k_evt, k_flag, k_pos, k_ts, k_pos_hi, k_ts_lo, k_ts_hi, b, h, tile, cols, s_qb, s_qh, s_qm,
+                      s_db, s_dh, s_dm, s_ib, s_iq, LQ, L, Q_OFFSET, NUM_POS, NUM_TIME, alpha, scale,
+                      RULE: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                      BLOCK_N: tl.constexpr):
+    """The ``i``-th query tile a key tile's backward visits: its queries and output gradients, the
+    pair's attention weights ``a`` and score gradients ``ds`` (``[BLOCK_N keys, BLOCK_M queries]``,
+    zero where the rule forbids), and what the bias gradients read."""
+    rows = tl.load(Q_INDEX + b * s_ib + tile * s_iq + i) * BLOCK_M + tl.arange(0, BLOCK_M)
+    q_in = rows < LQ
+    q = _load_tile(Q, b, h, rows, cols, s_qb, s_qh, s_qm, LQ)
+    do = _load_tile(DO, b, h, rows, cols, s_db, s_dh, s_dm, LQ)
+    q_tok = rows + Q_OFFSET
+    meta = b * L + q_tok
+    q_pos, q_ts, q_live = _bias_meta(POS, TS, FLAG, meta, q_in, HAS_BIAS)
+    q_pos_lo, q_pos_hi = _span(q_pos, q_live, -POS_BOUND, POS_BOUND)
+    q_ts_lo, q_ts_hi = _span(q_ts, q_live, 0, TS_TOP)
+    dist_lo, t_lo, t_hi = _bias_range(q_pos_lo, q_ts_lo, q_ts_hi, k_pos_hi, k_ts_lo, k_ts_hi, NUM_TIME)
+    s = _scores(k, q, q_pos[None, :], k_pos[:, None], q_ts[None, :], k_ts[:, None], dist_lo, t_lo, t_hi,
+                REL_POS + h * NUM_POS, REL_TIME + h * NUM_TIME, NUM_POS, NUM_TIME, alpha, HAS_BIAS,
+                PRECISION)  # [BLOCK_N, BLOCK_M]
+    if tl.load(Q_FULL + b * s_ib + tile * s_iq + i) == 0:
+        q_req, q_evt, q_flag = _rule_meta(REQ, EVT, FLAG, meta, q_in)
+        allowed = _allowed(q_tok[None, :], keys[:, None], q_req[None, :], k_req[:, None], q_evt[None, :],
+                           k_evt[:, None], q_flag[None, :], k_flag[:, None], RULE)
+    else:
+        allowed = tl.full((BLOCK_N, BLOCK_M), 1, tl.int1)
+    sig = _sigmoid(s, PRECISION)
+    a = tl.where(allowed, s * sig * scale, 0.0)
+    da = tl.dot(v, tl.trans(do), input_precision=PRECISION)  # [BLOCK_N, BLOCK_M]
+    ds = tl.where(allowed, da * scale * sig * (1.0 + s * (1.0 - sig)), 0.0)  # d loss / d s
+    return rows, q_in, q, do, a, ds, allowed, q_pos, q_ts, q_live, q_pos_lo, q_pos_hi, t_lo, t_hi
+
+
+@triton.jit
+def _hstu_bwd(Q, K, V, DO, DQ, DK, DV, REQ, EVT, FLAG, POS, TS, REL_POS, REL_TIME, Q_COUNT, Q_INDEX, Q_FULL,
+              s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_db, s_dh, s_dm, s_gb, s_gh, s_gm,
+              s_kgb, s_kgh, s_kgn, s_cb, s_ib, s_iq, H, LQ, L, Q_OFFSET, NUM_POS, NUM_TIME, alpha, scale,
+              RULE: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, DQ_ATOMIC: tl.constexpr,
+              D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """dK and dV, one key tile per program; scores are held transposed, ``[BLOCK_N keys, BLOCK_M
+    queries]``. The bias tables' gradients come from :func:`_hstu_bwd_rab`."""
+    tile, bh = tl.program_id(0), tl.program_id(1)
+    b, h = bh // H, bh % H
+    cols = tl.arange(0, D)
+    keys, k_in, k, v, k_req, k_evt, k_flag, k_pos, k_ts, k_live = _key_tile(
+        K, V, REQ, EVT, FLAG, POS, TS, b, h, tile, cols, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, L, HAS_BIAS, BLOCK_N)
+    _, k_pos_hi = _span(k_pos, k_live, -POS_BOUND, POS_BOUND)
     k_ts_lo, k_ts_hi = _span(k_ts, k_live, 0, TS_TOP)
-    k_run = _consecutive(k_pos, k_live, k_pos_lo, BLOCK_N)
     dk = tl.zeros((BLOCK_N, D), dtype=tl.float32)
     dv = tl.zeros((BLOCK_N, D), dtype=tl.float32)
-    pos_top = tl.sum(tl.zeros((BLOCK_N,), dtype=tl.float32))
-    time_grad = tl.zeros((TIME_SLOTS,), dtype=tl.float32)
     count = tl.load(Q_COUNT + b * s_cb + tile)
     for i in range(0, count):
-        rows = tl.load(Q_INDEX + b * s_ib + tile * s_iq + i) * BLOCK_M + tl.arange(0, BLOCK_M)
-        q_in = rows < LQ
-        q = _load_tile(Q, b, h, rows, cols, s_qb, s_qh, s_qm, LQ)
-        do = _load_tile(DO, b, h, rows, cols, s_db, s_dh, s_dm, LQ)
-        q_tok = rows + Q_OFFSET
-        meta = b * L + q_tok
-        q_pos, q_ts, q_live = _bias_meta(POS, TS, FLAG, meta, q_in, HAS_BIAS)
-        q_pos_lo, q_pos_hi = _span(q_pos, q_live, -POS_BOUND, POS_BOUND)
-        q_ts_lo, q_ts_hi = _span(q_ts, q_live, 0, TS_TOP)
-        dist_lo, t_lo, t_hi = _bias_range(q_pos_lo, q_ts_lo, q_ts_hi, k_pos_hi, k_ts_lo, k_ts_hi, NUM_TIME)
-        dist, dt = q_pos[None, :] - k_pos[:, None], q_ts[None, :] - k_ts[:, None]
-        s = _scores(k, q, dist, dt, dist_lo, t_lo, t_hi, REL_POS + h * NUM_POS, REL_TIME + h * NUM_TIME, NUM_POS,
-                    NUM_TIME, alpha, HAS_BIAS, PRECISION)  # [BLOCK_N, BLOCK_M]
-        if tl.load(Q_FULL + b * s_ib + tile * s_iq + i) == 0:
-            q_req, q_evt, q_flag = _rule_meta(REQ, EVT, FLAG, meta, q_in)
-            allowed = _allowed(q_tok[None, :], keys[:, None], q_req[None, :], k_req[:, None], q_evt[None, :],
-                               k_evt[:, None], q_flag[None, :], k_flag[:, None], RULE)
-        else:
-            allowed = tl.full((BLOCK_N, BLOCK_M), 1, tl.int1)
-        sig = _sigmoid(s, PRECISION)
-        a = tl.where(allowed, s * sig * scale, 0.0)
+        rows, q_in, q, do, a, ds, _, _, _, _, _, _, _, _ = _query_tile_grads(
+            Q, DO, REQ, EVT, FLAG, POS, TS, REL_POS, REL_TIME, Q_INDEX, Q_FULL, i, k, v, keys, k_req, k_evt, k_flag,
+            k_pos, k_ts, k_pos_hi, k_ts_lo, k_ts_hi, b, h, tile, cols, s_qb, s_qh, s_qm, s_db, s_dh, s_dm, s_ib,
+            s_iq, LQ, L, Q_OFFSET, NUM_POS, NUM_TIME, alpha, scale, RULE, HAS_BIAS, PRECISION, BLOCK_M, BLOCK_N)
         dv += tl.dot(a.to(do.dtype), do, input_precision=PRECISION)
-        da = tl.dot(v, tl.trans(do), input_precision=PRECISION)  # [BLOCK_N, BLOCK_M]
-        ds = tl.where(allowed, da * scale * sig * (1.0 + s * (1.0 - sig)), 0.0)  # d loss / d s
-        if HAS_BIAS:
-            total = tl.sum(ds)
-            pos_top = _position_grad(D_REL_POS + h * NUM_POS, pos_top, ds, total, q_pos, k_pos, q_live, q_pos_lo,
-                                     q_pos_hi, k_pos_lo, k_pos_hi, k_run, allowed, NUM_POS, PRECISION, BLOCK_N)
-            time_grad = _time_grad(time_grad, ds, total, dt, t_lo, t_hi, NUM_TIME, TIME_SLOTS)
         dk += tl.dot(ds.to(q.dtype), q, input_precision=PRECISION)
         if DQ_ATOMIC:
             dq = tl.dot(tl.trans(ds).to(k.dtype), k, input_precision=PRECISION) * alpha  # [BLOCK_M, D]
             tl.atomic_add(DQ + b * s_gb + h * s_gh + rows[:, None] * s_gm + cols[None, :], dq, mask=q_in[:, None])
-    if HAS_BIAS:
-        tl.atomic_add(D_REL_POS + h * NUM_POS + NUM_POS - 1, pos_top, mask=pos_top != 0.0)
-        slot = tl.arange(0, TIME_SLOTS)
-        tl.atomic_add(D_REL_TIME + h * NUM_TIME + slot, time_grad, mask=(slot < NUM_TIME) & (time_grad != 0.0))
     out = b * s_kgb + h * s_kgh + keys[:, None] * s_kgn + cols[None, :]
     tl.store(DK + out, (dk * alpha).to(DK.dtype.element_ty), mask=k_in[:, None])
     tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=k_in[:, None])
+
+
+@triton.jit
+def _hstu_bwd_rab(Q, K, V, DO, REQ, EVT, FLAG, POS, TS, REL_POS, REL_TIME, D_REL_POS, D_REL_TIME, Q_COUNT,
+                  Q_INDEX, Q_FULL, s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_db, s_dh, s_dm, s_cb,
+                  s_ib, s_iq, H, LQ, L, Q_OFFSET, NUM_POS, NUM_TIME, alpha, scale, RULE: tl.constexpr,
+                  PRECISION: tl.constexpr, TIME_SLOTS: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
+                  BLOCK_N: tl.constexpr):
+    """The bias tables' gradients, one key tile per program over the dK/dV schedule: its own kernel
+    (two more matrix products per tile pair) because beside dK/dV's ``[BLOCK_N, D]`` accumulators the
+    gradient's reductions left no registers (1,992 bytes of spills per thread on sm_90, the backward
+    ~9x slower than without the bias). The gradients gather in the program (``pos_top``: the position
+    table's last slot; ``time_grad``: the time table, ``TIME_SLOTS`` >= its size) and reach the tables
+    by one atomic add each at the end, where one per tile pair contended across programs."""
+    tl.static_assert((BLOCK_M == BLOCK_N) & (BLOCK_N >= 64), "the position-bias gradient needs square tiles >= 64")
+    tile, bh = tl.program_id(0), tl.program_id(1)
+    b, h = bh // H, bh % H
+    cols = tl.arange(0, D)
+    keys, k_in, k, v, k_req, k_evt, k_flag, k_pos, k_ts, k_live = _key_tile(
+        K, V, REQ, EVT, FLAG, POS, TS, b, h, tile, cols, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, L, True, BLOCK_N)
+    k_pos_lo, k_pos_hi = _span(k_pos, k_live, -POS_BOUND, POS_BOUND)
+    k_ts_lo, k_ts_hi = _span(k_ts, k_live, 0, TS_TOP)
+    k_run = _consecutive(k_pos, k_live, k_pos_lo, BLOCK_N)
+    pos_top = tl.sum(tl.zeros((BLOCK_N,), dtype=tl.float32))
+    time_grad = tl.zeros((TIME_SLOTS,), dtype=tl.float32)
+    count = tl.load(Q_COUNT + b * s_cb + tile)
+    for i in range(0, count):
+        _, _, _, _, _, ds, allowed, q_pos, q_ts, q_live, q_pos_lo, q_pos_hi, t_lo, t_hi = _query_tile_grads(
+            Q, DO, REQ, EVT, FLAG, POS, TS, REL_POS, REL_TIME, Q_INDEX, Q_FULL, i, k, v, keys, k_req, k_evt, k_flag,
+            k_pos, k_ts, k_pos_hi, k_ts_lo, k_ts_hi, b, h, tile, cols, s_qb, s_qh, s_qm, s_db, s_dh, s_dm, s_ib,
+            s_iq, LQ, L, Q_OFFSET, NUM_POS, NUM_TIME, alpha, scale, RULE, True, PRECISION, BLOCK_M, BLOCK_N)
+        total = tl.sum(ds)
+        pos_top = _position_grad(D_REL_POS + h * NUM_POS, pos_top, ds, total, q_pos, k_pos, q_live, q_pos_lo,
+                                 q_pos_hi, k_pos_lo, k_pos_hi, k_run, allowed, NUM_POS, PRECISION, BLOCK_N)
+        time_grad = _time_grad(time_grad, ds, total, q_ts[None, :], k_ts[:, None], t_lo, t_hi, NUM_TIME, TIME_SLOTS)
+    tl.atomic_add(D_REL_POS + h * NUM_POS + NUM_POS - 1, pos_top, mask=pos_top != 0.0)
+    slot = tl.arange(0, TIME_SLOTS)
+    tl.atomic_add(D_REL_TIME + h * NUM_TIME + slot, time_grad, mask=(slot < NUM_TIME) & (time_grad != 0.0))
 
 
 @triton.jit
@@ -436,7 +486,7 @@ def _hstu_bwd_dq(Q, K, V, DO, DQ, REQ, EVT, FLAG, POS, TS, REL_POS, REL_TIME, KV
         _, k_pos_hi = _span(k_pos, k_live, -POS_BOUND, POS_BOUND)
         k_ts_lo, k_ts_hi = _span(k_ts, k_live, 0, TS_TOP)
         dist_lo, t_lo, t_hi = _bias_range(q_pos_lo, q_ts_lo, q_ts_hi, k_pos_hi, k_ts_lo, k_ts_hi, NUM_TIME)
-        s = _scores(q, k, q_pos[:, None] - k_pos[None, :], q_ts[:, None] - k_ts[None, :], dist_lo, t_lo, t_hi,
+        s = _scores(q, k, q_pos[:, None], k_pos[None, :], q_ts[:, None], k_ts[None, :], dist_lo, t_lo, t_hi,
                     REL_POS + h * NUM_POS, REL_TIME + h * NUM_TIME, NUM_POS, NUM_TIME, alpha, HAS_BIAS,
                     PRECISION)  # [BLOCK_M, BLOCK_N]
         sig = _sigmoid(s, PRECISION)
@@ -519,14 +569,20 @@ def _bwd_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
     d_pos, d_time = torch.zeros_like(rel_pos), torch.zeros_like(rel_time)
     num_pos, num_time = rel_pos.shape[-1], rel_time.shape[-1]
     common = dict(RULE=rule, HAS_BIAS=has_bias, PRECISION=_precision(q.dtype), D=d)
+    strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1),
+               v.stride(2), grad_out.stride(0), grad_out.stride(1), grad_out.stride(2))
+    schedule = (bwd_count.stride(0), bwd_index.stride(0), bwd_index.stride(1), h, lq, seq, q_offset, num_pos, num_time,
+                1.0 / math.sqrt(d), scale)
+    launch = dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
     _hstu_bwd[(triton.cdiv(seq, block_n), b * h)](
-        q, k, v, grad_out, dq, dk, dv, request, event, flags, position, timestamp, rel_pos, rel_time, d_pos, d_time,
-        bwd_count, bwd_index, bwd_full, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
-        dq.stride(0), dq.stride(1), dq.stride(2), dk.stride(0), dk.stride(1), dk.stride(2), bwd_count.stride(0),
-        bwd_index.stride(0), bwd_index.stride(1), h, lq, seq, q_offset, num_pos, num_time, 1.0 / math.sqrt(d), scale,
-        DQ_ATOMIC=not dq_separate, TIME_SLOTS=triton.next_power_of_2(max(num_time, 16)), BLOCK_M=block_m,
-        BLOCK_N=block_n, num_warps=warps, num_stages=stages, **common)
+        q, k, v, grad_out, dq, dk, dv, request, event, flags, position, timestamp, rel_pos, rel_time, bwd_count,
+        bwd_index, bwd_full, *strides, dq.stride(0), dq.stride(1), dq.stride(2), dk.stride(0), dk.stride(1),
+        dk.stride(2), *schedule, DQ_ATOMIC=not dq_separate, **launch, **common)
+    if has_bias:
+        _hstu_bwd_rab[(triton.cdiv(seq, block_n), b * h)](
+            q, k, v, grad_out, request, event, flags, position, timestamp, rel_pos, rel_time, d_pos, d_time, bwd_count,
+            bwd_index, bwd_full, *strides, *schedule, RULE=rule, PRECISION=_precision(q.dtype),
+            TIME_SLOTS=triton.next_power_of_2(max(num_time, 16)), D=d, **launch)
     if dq_separate:
         block_m, block_n, warps, stages = dq_tile
         _hstu_bwd_dq[(triton.cdiv(lq, block_m), b * h)](
