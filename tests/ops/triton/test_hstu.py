@@ -211,8 +211,10 @@ def test_the_fused_attention_passes_the_custom_op_checks():
     fwd = hstu._schedule(layout, meta, tile[0], 0, transpose=False)
     bwd = hstu._schedule(layout, meta, tile[1], 0, transpose=True)
     dq = hstu._schedule(layout, meta, tile[2], 0, transpose=False)
+    spans = hstu.tile_spans(meta)
     args = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), meta.request, meta.event, meta.flags,
-            meta.position, meta.timestamp, rel_pos.requires_grad_(), rel_time.requires_grad_(), *fwd, *bwd, *dq,
+            meta.position, meta.timestamp, spans, spans, rel_pos.requires_grad_(), rel_time.requires_grad_(), *fwd,
+            *bwd, *dq,
             0.05, 0, 2, True, list(tile[0]), list(tile[1]), list(tile[2]), True)
     torch.library.opcheck(torch.ops.genrec.hstu_attention_fwd.default, args)
 

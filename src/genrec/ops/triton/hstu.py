@@ -39,7 +39,8 @@ import triton
 import triton.language as tl
 
 from genrec.ops.layout import RULE_IDS, TokenLayout
-from genrec.ops.triton.tiles import FAKE, VALID, KernelMeta, tile_full, tile_lists, tile_pairs, tile_stats
+from genrec.ops.triton import tiles
+from genrec.ops.triton.tiles import FAKE, VALID, KernelMeta, tile_full, tile_lists, tile_pairs, tile_spans, tile_stats
 
 Tile = tuple[int, int, int, int]  # (BLOCK_M, BLOCK_N, num_warps, num_stages); BLOCK_M runs over queries
 
@@ -128,14 +129,31 @@ def _log2_floor(x):
     return tl.where((tl.full(e.shape, 1, tl.int32) << e) > x, e - 1, e)
 
 
-POS_BOUND: tl.constexpr = tl.constexpr(2**29)  # above any position: +-bound differences fit int32
-TS_TOP: tl.constexpr = tl.constexpr(2**31 - 1)  # kernel timestamps lie in [0, 2^31)
+POS_BOUND: tl.constexpr = tl.constexpr(tiles.POS_BOUND)
+TS_TOP: tl.constexpr = tl.constexpr(tiles.TS_TOP)
+SPAN_TILE: tl.constexpr = tl.constexpr(tiles.SPAN_TILE)
 
 
 @triton.jit
-def _span(x, live, LOW: tl.constexpr, HIGH: tl.constexpr):
-    """Lowest and highest of ``x`` over the live tokens; (HIGH, LOW) when none is."""
-    return tl.min(tl.where(live, x, HIGH)), tl.max(tl.where(live, x, LOW))
+def _tile_span(SPAN, b, s_sb, tile, chunks, BLOCK: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """(lowest position, highest position, lowest time, highest time) of the live tokens of a tile of
+    ``BLOCK`` tokens, combined from the rows of the schedule's table that cover it
+    (:func:`genrec.ops.triton.tiles.tile_spans`, ``chunks`` rows per sequence): scalar loads, where a
+    reduction over the tile's tokens per tile pair cost barriers and registers. Exact for tiles of a
+    multiple of SPAN_TILE tokens (all backward tiles), bounds for smaller ones, which only make the
+    forward pick a more general (still exact) bias form."""
+    if HAS_BIAS:
+        pos_lo, pos_hi, ts_lo, ts_hi = POS_BOUND, -POS_BOUND, TS_TOP, 0
+        for c in tl.static_range(0, BLOCK, SPAN_TILE):
+            chunk = (tile * BLOCK + c) // SPAN_TILE
+            at = SPAN + b * s_sb + chunk * 4
+            more = chunk < chunks
+            pos_lo = tl.minimum(pos_lo, tl.load(at, mask=more, other=POS_BOUND))
+            pos_hi = tl.maximum(pos_hi, tl.load(at + 1, mask=more, other=-POS_BOUND))
+            ts_lo = tl.minimum(ts_lo, tl.load(at + 2, mask=more, other=TS_TOP))
+            ts_hi = tl.maximum(ts_hi, tl.load(at + 3, mask=more, other=0))
+        return pos_lo, pos_hi, ts_lo, ts_hi
+    return 0, 0, 0, 0  # unread
 
 
 @triton.jit
@@ -146,11 +164,13 @@ def _bucket_of(dt, NUM_TIME):
 
 
 @triton.jit
-def _bias_range(q_pos_lo, q_ts_lo, q_ts_hi, k_pos_hi, k_ts_lo, k_ts_hi, NUM_TIME):
-    """What decides a tile's bias form, from the spans of its live tokens (:func:`_span`): the lowest
+def _bias_range(q_pos_lo, q_ts_lo, q_ts_hi, k_pos_hi, k_ts_lo, k_ts_hi, NUM_TIME, HAS_BIAS: tl.constexpr):
+    """What decides a tile's bias form, from the spans of its live tokens (:func:`_tile_span`): the lowest
     position difference and the lowest and highest time bucket (the bucket is monotone in Δt, so the
     extreme Δt bound it)."""
-    return q_pos_lo - k_pos_hi, _bucket_of(q_ts_lo - k_ts_hi, NUM_TIME), _bucket_of(q_ts_hi - k_ts_lo, NUM_TIME)
+    if HAS_BIAS:
+        return q_pos_lo - k_pos_hi, _bucket_of(q_ts_lo - k_ts_hi, NUM_TIME), _bucket_of(q_ts_hi - k_ts_lo, NUM_TIME)
+    return 0, 0, 0  # unread
 
 
 @triton.jit
@@ -167,13 +187,10 @@ def _rule_meta(REQ, EVT, FLAG, at, mask):
 
 
 @triton.jit
-def _bias_meta(POS, TS, FLAG, at, mask, HAS_BIAS: tl.constexpr):
-    """Position, time and liveness (valid, in range) of tokens ``at``: what the relative bias reads
-    (not loaded without it)."""
-    if HAS_BIAS:
-        live = mask & ((tl.load(FLAG + at, mask=mask, other=0) & VALID_BIT) != 0)
-        return tl.load(POS + at, mask=mask, other=0), tl.load(TS + at, mask=mask, other=0), live
-    return at, at, mask  # unread
+def _bias_meta(POS, TS, FLAG, at, mask):
+    """Position, time and liveness (valid, in range) of tokens ``at``: what the bias gradients read."""
+    live = mask & ((tl.load(FLAG + at, mask=mask, other=0) & VALID_BIT) != 0)
+    return tl.load(POS + at, mask=mask, other=0), tl.load(TS + at, mask=mask, other=0), live
 
 
 @triton.jit
@@ -183,30 +200,34 @@ def _bucket_at_least(dt, t):
 
 
 @triton.jit
-def _scores(x, y, q_pos, k_pos, q_ts, k_ts, dist_lo, t_lo, t_hi, POS_H, TIME_H, NUM_POS, NUM_TIME, alpha,
+def _scores(x, y, POS, TS, q_at, k_at, q_in, k_in, dist_lo, t_lo, t_hi, POS_H, TIME_H, NUM_POS, NUM_TIME, alpha,
             HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr):
     """``x yᵀ · alpha`` plus, with the bias, the position table ``POS_H`` (head h's row) at the
-    clamped position difference ``q_pos - k_pos`` and the time table ``TIME_H`` at the bucket of the
-    time difference ``q_ts - k_ts``. ``x, y`` = (q, k) for ``[queries, keys]`` tiles or (k, q) for
-    ``[keys, queries]``; the token vectors come shaped to broadcast to that tile, and the differences
-    are formed only inside the forms that read them (computed up front, two more full int32 tiles
-    beside the scores pushed every kernel past 255 registers into spills on sm_90). The tile's extremes pick the cheapest exact form: past the position table (``dist_lo``
-    at or beyond its last slot, as the models' 256 slots make every tile of events > 256 apart) the
-    position bias is one value, else one table read per pair; the time bias is one value where the
-    tile's buckets ``[t_lo, t_hi]`` are one, one comparison per pair where they are two, and the
-    bucket per pair only where they are more (tiles near the diagonal)."""
+    clamped position difference of the query and key tokens and the time table ``TIME_H`` at the
+    bucket of their time difference. ``x, y`` = (q, k) for ``[queries, keys]`` tiles or (k, q) for
+    ``[keys, queries]``; ``q_at, k_at`` (token indices into ``POS``, ``TS``; in range where ``q_in``,
+    ``k_in``) come shaped to broadcast to that tile. The tile's extremes pick the cheapest exact form:
+    past the position table (``dist_lo`` at or beyond its last slot, as the models' 256 slots make
+    every tile of events > 256 apart) the position bias is one value, else one table read per pair;
+    the time bias is one value where the tile's buckets ``[t_lo, t_hi]`` are one, one comparison per
+    pair where they are two, and the bucket per pair only where they are more (tiles near the
+    diagonal). Token positions and times are loaded only by the forms that read them (held for every
+    tile pair, they and their differences pushed the kernels into register spills on sm_90)."""
     s = tl.dot(x, tl.trans(y), input_precision=PRECISION) * alpha
     if HAS_BIAS:
         if dist_lo >= NUM_POS - 1:
             s += tl.load(POS_H + NUM_POS - 1)
         else:
-            s += tl.load(POS_H + tl.minimum(tl.maximum(q_pos - k_pos, 0), NUM_POS - 1))
+            dist = tl.load(POS + q_at, mask=q_in, other=0) - tl.load(POS + k_at, mask=k_in, other=0)
+            s += tl.load(POS_H + tl.minimum(tl.maximum(dist, 0), NUM_POS - 1))
         if t_hi == t_lo:
             s += tl.load(TIME_H + t_lo)
-        elif t_hi == t_lo + 1:
-            s += tl.where(_bucket_at_least(q_ts - k_ts, t_hi), tl.load(TIME_H + t_hi), tl.load(TIME_H + t_lo))
         else:
-            s += tl.load(TIME_H + _bucket_of(q_ts - k_ts, NUM_TIME))
+            dt = tl.load(TS + q_at, mask=q_in, other=0) - tl.load(TS + k_at, mask=k_in, other=0)
+            if t_hi == t_lo + 1:
+                s += tl.where(_bucket_at_least(dt, t_hi), tl.load(TIME_H + t_hi), tl.load(TIME_H + t_lo))
+            else:
+                s += tl.load(TIME_H + _bucket_of(dt, NUM_TIME))
     return s
 
 
@@ -297,9 +318,9 @@ def _position_grad(D_POS, top, ds, total, q_pos, k_pos, q_live, q_lo, q_hi, k_lo
 
 
 @triton.jit
-def _hstu_fwd(Q, K, V, O, REQ, EVT, FLAG, POS, TS, REL_POS, REL_TIME, KV_COUNT, KV_INDEX, KV_FULL,
-              s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ob, s_oh, s_om,
-              s_cb, s_ib, s_iq, H, LQ, L, Q_OFFSET, NUM_POS, NUM_TIME, alpha, scale,
+def _hstu_fwd(Q, K, V, O, REQ, EVT, FLAG, POS, TS, Q_SPAN, K_SPAN, REL_POS, REL_TIME, KV_COUNT, KV_INDEX, KV_FULL,
+              s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ob, s_oh, s_om, s_cb, s_ib, s_iq,
+              s_qsb, s_ksb, q_chunks, k_chunks, H, LQ, L, Q_OFFSET, NUM_POS, NUM_TIME, alpha, scale,
               RULE: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, D: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     tile, bh = tl.program_id(0), tl.program_id(1)
@@ -308,24 +329,22 @@ def _hstu_fwd(Q, K, V, O, REQ, EVT, FLAG, POS, TS, REL_POS, REL_TIME, KV_COUNT, 
     cols = tl.arange(0, D)
     q = _load_tile(Q, b, h, rows, cols, s_qb, s_qh, s_qm, LQ)
     q_tok = rows + Q_OFFSET
-    q_req, q_evt, q_flag = _rule_meta(REQ, EVT, FLAG, b * L + q_tok, rows < LQ)
-    q_pos, q_ts, q_live = _bias_meta(POS, TS, FLAG, b * L + q_tok, rows < LQ, HAS_BIAS)
-    q_pos_lo, _ = _span(q_pos, q_live, -POS_BOUND, POS_BOUND)  # (unused without the bias)
-    q_ts_lo, q_ts_hi = _span(q_ts, q_live, 0, TS_TOP)
+    q_in = rows < LQ
+    q_req, q_evt, q_flag = _rule_meta(REQ, EVT, FLAG, b * L + q_tok, q_in)
+    q_pos_lo, _, q_ts_lo, q_ts_hi = _tile_span(Q_SPAN, b, s_qsb, tile, q_chunks, BLOCK_M, HAS_BIAS)
     acc = tl.zeros((BLOCK_M, D), dtype=tl.float32)
     count = tl.load(KV_COUNT + b * s_cb + tile)
     for i in range(0, count):
-        keys = tl.load(KV_INDEX + b * s_ib + tile * s_iq + i) * BLOCK_N + tl.arange(0, BLOCK_N)
+        k_tile = tl.load(KV_INDEX + b * s_ib + tile * s_iq + i)
+        keys = k_tile * BLOCK_N + tl.arange(0, BLOCK_N)
         k_in = keys < L
         k = _load_tile(K, b, h, keys, cols, s_kb, s_kh, s_kn, L)
         v = _load_tile(V, b, h, keys, cols, s_vb, s_vh, s_vn, L)
-        k_pos, k_ts, k_live = _bias_meta(POS, TS, FLAG, b * L + keys, k_in, HAS_BIAS)
-        _, k_pos_hi = _span(k_pos, k_live, -POS_BOUND, POS_BOUND)
-        k_ts_lo, k_ts_hi = _span(k_ts, k_live, 0, TS_TOP)
-        dist_lo, t_lo, t_hi = _bias_range(q_pos_lo, q_ts_lo, q_ts_hi, k_pos_hi, k_ts_lo, k_ts_hi, NUM_TIME)
-        s = _scores(q, k, q_pos[:, None], k_pos[None, :], q_ts[:, None], k_ts[None, :], dist_lo, t_lo, t_hi,
-                    REL_POS + h * NUM_POS, REL_TIME + h * NUM_TIME, NUM_POS, NUM_TIME, alpha, HAS_BIAS,
-                    PRECISION)  # [BLOCK_M, BLOCK_N]
+        _, k_pos_hi, k_ts_lo, k_ts_hi = _tile_span(K_SPAN, b, s_ksb, k_tile, k_chunks, BLOCK_N, HAS_BIAS)
+        dist_lo, t_lo, t_hi = _bias_range(q_pos_lo, q_ts_lo, q_ts_hi, k_pos_hi, k_ts_lo, k_ts_hi, NUM_TIME, HAS_BIAS)
+        s = _scores(q, k, POS, TS, (b * L + q_tok)[:, None], (b * L + keys)[None, :], q_in[:, None], k_in[None, :],
+                    dist_lo, t_lo, t_hi, REL_POS + h * NUM_POS, REL_TIME + h * NUM_TIME, NUM_POS, NUM_TIME, alpha,
+                    HAS_BIAS, PRECISION)  # [BLOCK_M, BLOCK_N]
         a = s * _sigmoid(s, PRECISION) * scale
         if tl.load(KV_FULL + b * s_ib + tile * s_iq + i) == 0:  # else the rule allows the whole tile
             k_req, k_evt, k_flag = _rule_meta(REQ, EVT, FLAG, b * L + keys, k_in)
@@ -338,39 +357,36 @@ def _hstu_fwd(Q, K, V, O, REQ, EVT, FLAG, POS, TS, REL_POS, REL_TIME, KV_COUNT, 
 
 
 @triton.jit
-def _key_tile(K, V, REQ, EVT, FLAG, POS, TS, b, h, tile, cols, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, L,
-              HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr):
-    """What a backward program holds for its key tile: tokens, keys, values, rule and bias metadata."""
+def _key_tile(K, V, REQ, EVT, FLAG, b, h, tile, cols, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, L, BLOCK_N: tl.constexpr):
+    """What a backward program holds for its key tile: tokens, keys, values and rule metadata."""
     keys = tile * BLOCK_N + tl.arange(0, BLOCK_N)
     k_in = keys < L
     k = _load_tile(K, b, h, keys, cols, s_kb, s_kh, s_kn, L)
     v = _load_tile(V, b, h, keys, cols, s_vb, s_vh, s_vn, L)
     k_req, k_evt, k_flag = _rule_meta(REQ, EVT, FLAG, b * L + keys, k_in)
-    k_pos, k_ts, k_live = _bias_meta(POS, TS, FLAG, b * L + keys, k_in, HAS_BIAS)
-    return keys, k_in, k, v, k_req, k_evt, k_flag, k_pos, k_ts, k_live
+    return keys, k_in, k, v, k_req, k_evt, k_flag
 
 
 @triton.jit
-def _query_tile_grads(Q, DO, REQ, EVT, FLAG, POS, TS, REL_POS, REL_TIME, Q_INDEX, Q_FULL, i, k, v, keys, k_req,
-                      k_evt, k_flag, k_pos, k_ts, k_pos_hi, k_ts_lo, k_ts_hi, b, h, tile, cols, s_qb, s_qh, s_qm,
-                      s_db, s_dh, s_dm, s_ib, s_iq, LQ, L, Q_OFFSET, NUM_POS, NUM_TIME, alpha, scale,
-                      RULE: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-                      BLOCK_N: tl.constexpr):
+def _query_tile_grads(Q, DO, REQ, EVT, FLAG, POS, TS, Q_SPAN, REL_POS, REL_TIME, Q_INDEX, Q_FULL, i, k, v, keys,
+                      k_in, k_req, k_evt, k_flag, k_pos_hi, k_ts_lo, k_ts_hi, b, h, tile, cols, s_qb, s_qh, s_qm,
+                      s_db, s_dh, s_dm, s_ib, s_iq, s_qsb, q_chunks, LQ, L, Q_OFFSET, NUM_POS, NUM_TIME, alpha,
+                      scale, RULE: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """The ``i``-th query tile a key tile's backward visits: its queries and output gradients, the
     pair's attention weights ``a`` and score gradients ``ds`` (``[BLOCK_N keys, BLOCK_M queries]``,
-    zero where the rule forbids), and what the bias gradients read."""
-    rows = tl.load(Q_INDEX + b * s_ib + tile * s_iq + i) * BLOCK_M + tl.arange(0, BLOCK_M)
+    zero where the rule forbids), and the query tile's position span and the pair's time buckets."""
+    q_tile = tl.load(Q_INDEX + b * s_ib + tile * s_iq + i)
+    rows = q_tile * BLOCK_M + tl.arange(0, BLOCK_M)
     q_in = rows < LQ
     q = _load_tile(Q, b, h, rows, cols, s_qb, s_qh, s_qm, LQ)
     do = _load_tile(DO, b, h, rows, cols, s_db, s_dh, s_dm, LQ)
     q_tok = rows + Q_OFFSET
     meta = b * L + q_tok
-    q_pos, q_ts, q_live = _bias_meta(POS, TS, FLAG, meta, q_in, HAS_BIAS)
-    q_pos_lo, q_pos_hi = _span(q_pos, q_live, -POS_BOUND, POS_BOUND)
-    q_ts_lo, q_ts_hi = _span(q_ts, q_live, 0, TS_TOP)
-    dist_lo, t_lo, t_hi = _bias_range(q_pos_lo, q_ts_lo, q_ts_hi, k_pos_hi, k_ts_lo, k_ts_hi, NUM_TIME)
-    s = _scores(k, q, q_pos[None, :], k_pos[:, None], q_ts[None, :], k_ts[:, None], dist_lo, t_lo, t_hi,
-                REL_POS + h * NUM_POS, REL_TIME + h * NUM_TIME, NUM_POS, NUM_TIME, alpha, HAS_BIAS,
+    q_pos_lo, q_pos_hi, q_ts_lo, q_ts_hi = _tile_span(Q_SPAN, b, s_qsb, q_tile, q_chunks, BLOCK_M, HAS_BIAS)
+    dist_lo, t_lo, t_hi = _bias_range(q_pos_lo, q_ts_lo, q_ts_hi, k_pos_hi, k_ts_lo, k_ts_hi, NUM_TIME, HAS_BIAS)
+    s = _scores(k, q, POS, TS, meta[None, :], (b * L + keys)[:, None], q_in[None, :], k_in[:, None], dist_lo, t_lo,
+                t_hi, REL_POS + h * NUM_POS, REL_TIME + h * NUM_TIME, NUM_POS, NUM_TIME, alpha, HAS_BIAS,
                 PRECISION)  # [BLOCK_N, BLOCK_M]
     if tl.load(Q_FULL + b * s_ib + tile * s_iq + i) == 0:
         q_req, q_evt, q_flag = _rule_meta(REQ, EVT, FLAG, meta, q_in)
@@ -382,32 +398,33 @@ def _query_tile_grads(Q, DO, REQ, EVT, FLAG, POS, TS, REL_POS, REL_TIME, Q_INDEX
     a = tl.where(allowed, s * sig * scale, 0.0)
     da = tl.dot(v, tl.trans(do), input_precision=PRECISION)  # [BLOCK_N, BLOCK_M]
     ds = tl.where(allowed, da * scale * sig * (1.0 + s * (1.0 - sig)), 0.0)  # d loss / d s
-    return rows, q_in, q, do, a, ds, allowed, q_pos, q_ts, q_live, q_pos_lo, q_pos_hi, t_lo, t_hi
+    return rows, q_in, q, do, a, ds, allowed, q_pos_lo, q_pos_hi, t_lo, t_hi
 
 
 @triton.jit
-def _hstu_bwd(Q, K, V, DO, DQ, DK, DV, REQ, EVT, FLAG, POS, TS, REL_POS, REL_TIME, Q_COUNT, Q_INDEX, Q_FULL,
-              s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_db, s_dh, s_dm, s_gb, s_gh, s_gm,
-              s_kgb, s_kgh, s_kgn, s_cb, s_ib, s_iq, H, LQ, L, Q_OFFSET, NUM_POS, NUM_TIME, alpha, scale,
-              RULE: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, DQ_ATOMIC: tl.constexpr,
-              D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _hstu_bwd(Q, K, V, DO, DQ, DK, DV, REQ, EVT, FLAG, POS, TS, Q_SPAN, K_SPAN, REL_POS, REL_TIME, Q_COUNT, Q_INDEX,
+              Q_FULL, s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_db, s_dh, s_dm, s_cb, s_ib, s_iq,
+              s_qsb, s_ksb, q_chunks, k_chunks, H, LQ, L, Q_OFFSET, NUM_POS, NUM_TIME, alpha, scale,
+              s_gb, s_gh, s_gm, s_kgb, s_kgh, s_kgn, RULE: tl.constexpr, HAS_BIAS: tl.constexpr,
+              PRECISION: tl.constexpr, DQ_ATOMIC: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
+              BLOCK_N: tl.constexpr):
     """dK and dV, one key tile per program; scores are held transposed, ``[BLOCK_N keys, BLOCK_M
     queries]``. The bias tables' gradients come from :func:`_hstu_bwd_rab`."""
     tile, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
     cols = tl.arange(0, D)
-    keys, k_in, k, v, k_req, k_evt, k_flag, k_pos, k_ts, k_live = _key_tile(
-        K, V, REQ, EVT, FLAG, POS, TS, b, h, tile, cols, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, L, HAS_BIAS, BLOCK_N)
-    _, k_pos_hi = _span(k_pos, k_live, -POS_BOUND, POS_BOUND)
-    k_ts_lo, k_ts_hi = _span(k_ts, k_live, 0, TS_TOP)
+    keys, k_in, k, v, k_req, k_evt, k_flag = _key_tile(K, V, REQ, EVT, FLAG, b, h, tile, cols, s_kb, s_kh, s_kn,
+                                                       s_vb, s_vh, s_vn, L, BLOCK_N)
+    _, k_pos_hi, k_ts_lo, k_ts_hi = _tile_span(K_SPAN, b, s_ksb, tile, k_chunks, BLOCK_N, HAS_BIAS)
     dk = tl.zeros((BLOCK_N, D), dtype=tl.float32)
     dv = tl.zeros((BLOCK_N, D), dtype=tl.float32)
     count = tl.load(Q_COUNT + b * s_cb + tile)
     for i in range(0, count):
-        rows, q_in, q, do, a, ds, _, _, _, _, _, _, _, _ = _query_tile_grads(
-            Q, DO, REQ, EVT, FLAG, POS, TS, REL_POS, REL_TIME, Q_INDEX, Q_FULL, i, k, v, keys, k_req, k_evt, k_flag,
-            k_pos, k_ts, k_pos_hi, k_ts_lo, k_ts_hi, b, h, tile, cols, s_qb, s_qh, s_qm, s_db, s_dh, s_dm, s_ib,
-            s_iq, LQ, L, Q_OFFSET, NUM_POS, NUM_TIME, alpha, scale, RULE, HAS_BIAS, PRECISION, BLOCK_M, BLOCK_N)
+        rows, q_in, q, do, a, ds, _, _, _, _, _ = _query_tile_grads(
+            Q, DO, REQ, EVT, FLAG, POS, TS, Q_SPAN, REL_POS, REL_TIME, Q_INDEX, Q_FULL, i, k, v, keys, k_in, k_req,
+            k_evt, k_flag, k_pos_hi, k_ts_lo, k_ts_hi, b, h, tile, cols, s_qb, s_qh, s_qm, s_db, s_dh, s_dm, s_ib,
+            s_iq, s_qsb, q_chunks, LQ, L, Q_OFFSET, NUM_POS, NUM_TIME, alpha, scale, RULE, HAS_BIAS, PRECISION,
+            BLOCK_M, BLOCK_N)
         dv += tl.dot(a.to(do.dtype), do, input_precision=PRECISION)
         dk += tl.dot(ds.to(q.dtype), q, input_precision=PRECISION)
         if DQ_ATOMIC:
@@ -419,34 +436,36 @@ def _hstu_bwd(Q, K, V, DO, DQ, DK, DV, REQ, EVT, FLAG, POS, TS, REL_POS, REL_TIM
 
 
 @triton.jit
-def _hstu_bwd_rab(Q, K, V, DO, REQ, EVT, FLAG, POS, TS, REL_POS, REL_TIME, D_REL_POS, D_REL_TIME, Q_COUNT,
-                  Q_INDEX, Q_FULL, s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_db, s_dh, s_dm, s_cb,
-                  s_ib, s_iq, H, LQ, L, Q_OFFSET, NUM_POS, NUM_TIME, alpha, scale, RULE: tl.constexpr,
-                  PRECISION: tl.constexpr, TIME_SLOTS: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
-                  BLOCK_N: tl.constexpr):
+def _hstu_bwd_rab(Q, K, V, DO, REQ, EVT, FLAG, POS, TS, Q_SPAN, K_SPAN, REL_POS, REL_TIME, Q_COUNT, Q_INDEX,
+                  Q_FULL, s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_db, s_dh, s_dm, s_cb, s_ib, s_iq,
+                  s_qsb, s_ksb, q_chunks, k_chunks, H, LQ, L, Q_OFFSET, NUM_POS, NUM_TIME, alpha, scale,
+                  D_REL_POS, D_REL_TIME, RULE: tl.constexpr, PRECISION: tl.constexpr, TIME_SLOTS: tl.constexpr,
+                  D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """The bias tables' gradients, one key tile per program over the dK/dV schedule: its own kernel
     (two more matrix products per tile pair) because beside dK/dV's ``[BLOCK_N, D]`` accumulators the
-    gradient's reductions left no registers (1,992 bytes of spills per thread on sm_90, the backward
-    ~9x slower than without the bias). The gradients gather in the program (``pos_top``: the position
-    table's last slot; ``time_grad``: the time table, ``TIME_SLOTS`` >= its size) and reach the tables
-    by one atomic add each at the end, where one per tile pair contended across programs."""
+    gradient's reductions left no registers (1,992 bytes of spills per thread on sm_90). The
+    gradients gather in the program (``pos_top``: the position table's last slot; ``time_grad``: the
+    time table, ``TIME_SLOTS`` >= its size) and reach the tables by one atomic add each at the end,
+    where one per tile pair contended across programs."""
     tl.static_assert((BLOCK_M == BLOCK_N) & (BLOCK_N >= 64), "the position-bias gradient needs square tiles >= 64")
     tile, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
     cols = tl.arange(0, D)
-    keys, k_in, k, v, k_req, k_evt, k_flag, k_pos, k_ts, k_live = _key_tile(
-        K, V, REQ, EVT, FLAG, POS, TS, b, h, tile, cols, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, L, True, BLOCK_N)
-    k_pos_lo, k_pos_hi = _span(k_pos, k_live, -POS_BOUND, POS_BOUND)
-    k_ts_lo, k_ts_hi = _span(k_ts, k_live, 0, TS_TOP)
+    keys, k_in, k, v, k_req, k_evt, k_flag = _key_tile(K, V, REQ, EVT, FLAG, b, h, tile, cols, s_kb, s_kh, s_kn,
+                                                       s_vb, s_vh, s_vn, L, BLOCK_N)
+    k_pos_lo, k_pos_hi, k_ts_lo, k_ts_hi = _tile_span(K_SPAN, b, s_ksb, tile, k_chunks, BLOCK_N, True)
+    k_pos, k_ts, k_live = _bias_meta(POS, TS, FLAG, b * L + keys, k_in)
     k_run = _consecutive(k_pos, k_live, k_pos_lo, BLOCK_N)
     pos_top = tl.sum(tl.zeros((BLOCK_N,), dtype=tl.float32))
     time_grad = tl.zeros((TIME_SLOTS,), dtype=tl.float32)
     count = tl.load(Q_COUNT + b * s_cb + tile)
     for i in range(0, count):
-        _, _, _, _, _, ds, allowed, q_pos, q_ts, q_live, q_pos_lo, q_pos_hi, t_lo, t_hi = _query_tile_grads(
-            Q, DO, REQ, EVT, FLAG, POS, TS, REL_POS, REL_TIME, Q_INDEX, Q_FULL, i, k, v, keys, k_req, k_evt, k_flag,
-            k_pos, k_ts, k_pos_hi, k_ts_lo, k_ts_hi, b, h, tile, cols, s_qb, s_qh, s_qm, s_db, s_dh, s_dm, s_ib,
-            s_iq, LQ, L, Q_OFFSET, NUM_POS, NUM_TIME, alpha, scale, RULE, True, PRECISION, BLOCK_M, BLOCK_N)
+        rows, q_in, _, _, _, ds, allowed, q_pos_lo, q_pos_hi, t_lo, t_hi = _query_tile_grads(
+            Q, DO, REQ, EVT, FLAG, POS, TS, Q_SPAN, REL_POS, REL_TIME, Q_INDEX, Q_FULL, i, k, v, keys, k_in, k_req,
+            k_evt, k_flag, k_pos_hi, k_ts_lo, k_ts_hi, b, h, tile, cols, s_qb, s_qh, s_qm, s_db, s_dh, s_dm, s_ib,
+            s_iq, s_qsb, q_chunks, LQ, L, Q_OFFSET, NUM_POS, NUM_TIME, alpha, scale, RULE, True, PRECISION,
+            BLOCK_M, BLOCK_N)
+        q_pos, q_ts, q_live = _bias_meta(POS, TS, FLAG, b * L + rows + Q_OFFSET, q_in)
         total = tl.sum(ds)
         pos_top = _position_grad(D_REL_POS + h * NUM_POS, pos_top, ds, total, q_pos, k_pos, q_live, q_pos_lo,
                                  q_pos_hi, k_pos_lo, k_pos_hi, k_run, allowed, NUM_POS, PRECISION, BLOCK_N)
@@ -457,11 +476,11 @@ def _hstu_bwd_rab(Q, K, V, DO, REQ, EVT, FLAG, POS, TS, REL_POS, REL_TIME, D_REL
 
 
 @triton.jit
-def _hstu_bwd_dq(Q, K, V, DO, DQ, REQ, EVT, FLAG, POS, TS, REL_POS, REL_TIME, KV_COUNT, KV_INDEX, KV_FULL,
-                 s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_db, s_dh, s_dm, s_gb, s_gh, s_gm,
-                 s_cb, s_ib, s_iq, H, LQ, L, Q_OFFSET, NUM_POS, NUM_TIME, alpha, scale,
-                 RULE: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, D: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _hstu_bwd_dq(Q, K, V, DO, DQ, REQ, EVT, FLAG, POS, TS, Q_SPAN, K_SPAN, REL_POS, REL_TIME, KV_COUNT, KV_INDEX,
+                 KV_FULL, s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_db, s_dh, s_dm, s_cb, s_ib, s_iq,
+                 s_qsb, s_ksb, q_chunks, k_chunks, H, LQ, L, Q_OFFSET, NUM_POS, NUM_TIME, alpha, scale,
+                 s_gb, s_gh, s_gm, RULE: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
+                 D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """dQ without atomics: one query tile per program over the forward schedule (recomputes the
     scores once more: two extra matrix products per tile pair)."""
     tile, bh = tl.program_id(0), tl.program_id(1)
@@ -471,24 +490,22 @@ def _hstu_bwd_dq(Q, K, V, DO, DQ, REQ, EVT, FLAG, POS, TS, REL_POS, REL_TIME, KV
     q = _load_tile(Q, b, h, rows, cols, s_qb, s_qh, s_qm, LQ)
     do = _load_tile(DO, b, h, rows, cols, s_db, s_dh, s_dm, LQ)
     q_tok = rows + Q_OFFSET
-    q_req, q_evt, q_flag = _rule_meta(REQ, EVT, FLAG, b * L + q_tok, rows < LQ)
-    q_pos, q_ts, q_live = _bias_meta(POS, TS, FLAG, b * L + q_tok, rows < LQ, HAS_BIAS)
-    q_pos_lo, _ = _span(q_pos, q_live, -POS_BOUND, POS_BOUND)
-    q_ts_lo, q_ts_hi = _span(q_ts, q_live, 0, TS_TOP)
+    q_in = rows < LQ
+    q_req, q_evt, q_flag = _rule_meta(REQ, EVT, FLAG, b * L + q_tok, q_in)
+    q_pos_lo, _, q_ts_lo, q_ts_hi = _tile_span(Q_SPAN, b, s_qsb, tile, q_chunks, BLOCK_M, HAS_BIAS)
     dq = tl.zeros((BLOCK_M, D), dtype=tl.float32)
     count = tl.load(KV_COUNT + b * s_cb + tile)
     for i in range(0, count):
-        keys = tl.load(KV_INDEX + b * s_ib + tile * s_iq + i) * BLOCK_N + tl.arange(0, BLOCK_N)
+        k_tile = tl.load(KV_INDEX + b * s_ib + tile * s_iq + i)
+        keys = k_tile * BLOCK_N + tl.arange(0, BLOCK_N)
         k_in = keys < L
         k = _load_tile(K, b, h, keys, cols, s_kb, s_kh, s_kn, L)
         v = _load_tile(V, b, h, keys, cols, s_vb, s_vh, s_vn, L)
-        k_pos, k_ts, k_live = _bias_meta(POS, TS, FLAG, b * L + keys, k_in, HAS_BIAS)
-        _, k_pos_hi = _span(k_pos, k_live, -POS_BOUND, POS_BOUND)
-        k_ts_lo, k_ts_hi = _span(k_ts, k_live, 0, TS_TOP)
-        dist_lo, t_lo, t_hi = _bias_range(q_pos_lo, q_ts_lo, q_ts_hi, k_pos_hi, k_ts_lo, k_ts_hi, NUM_TIME)
-        s = _scores(q, k, q_pos[:, None], k_pos[None, :], q_ts[:, None], k_ts[None, :], dist_lo, t_lo, t_hi,
-                    REL_POS + h * NUM_POS, REL_TIME + h * NUM_TIME, NUM_POS, NUM_TIME, alpha, HAS_BIAS,
-                    PRECISION)  # [BLOCK_M, BLOCK_N]
+        _, k_pos_hi, k_ts_lo, k_ts_hi = _tile_span(K_SPAN, b, s_ksb, k_tile, k_chunks, BLOCK_N, HAS_BIAS)
+        dist_lo, t_lo, t_hi = _bias_range(q_pos_lo, q_ts_lo, q_ts_hi, k_pos_hi, k_ts_lo, k_ts_hi, NUM_TIME, HAS_BIAS)
+        s = _scores(q, k, POS, TS, (b * L + q_tok)[:, None], (b * L + keys)[None, :], q_in[:, None], k_in[None, :],
+                    dist_lo, t_lo, t_hi, REL_POS + h * NUM_POS, REL_TIME + h * NUM_TIME, NUM_POS, NUM_TIME, alpha,
+                    HAS_BIAS, PRECISION)  # [BLOCK_M, BLOCK_N]
         sig = _sigmoid(s, PRECISION)
         da = tl.dot(do, tl.trans(v), input_precision=PRECISION)  # [BLOCK_M, BLOCK_N]
         ds = da * scale * sig * (1.0 + s * (1.0 - sig))
@@ -519,6 +536,20 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+def _sizes(count: torch.Tensor, index: torch.Tensor, q_span: torch.Tensor, k_span: torch.Tensor, q: torch.Tensor,
+           seq: int, q_offset: int, num_pos: int, num_time: int, scale: float) -> tuple:
+    """The scalar arguments every kernel takes after its tensors' strides: schedule and span-table
+    strides, sizes, bias-table sizes and the two score scales."""
+    b, h, lq, d = q.shape
+    return (count.stride(0), index.stride(0), index.stride(1), q_span.stride(0), k_span.stride(0), q_span.shape[1],
+            k_span.shape[1], h, lq, seq, q_offset, num_pos, num_time, 1.0 / math.sqrt(d), scale)
+
+
+def _strides(*tensors: torch.Tensor) -> tuple[int, ...]:
+    """Batch, head and token strides of ``[B, H, L, Dh]`` tensors."""
+    return tuple(s for t in tensors for s in t.stride()[:3])
+
+
 # The fused attention as two custom ops (forward; backward), so that torch.compile and torch.export
 # trace through them: each has a fake (meta) implementation giving its outputs' shapes and strides,
 # and the forward's autograd formula calls the backward op. Their tensors are what the kernels read;
@@ -526,23 +557,23 @@ def _precision(dtype: torch.dtype) -> str:
 # forward inputs (built once per layout, not per layer), and placeholders when no gradient is needed.
 @torch.library.custom_op("genrec::hstu_attention_fwd", mutates_args=())
 def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, request: torch.Tensor, event: torch.Tensor,
-            flags: torch.Tensor, position: torch.Tensor, timestamp: torch.Tensor, rel_pos: torch.Tensor,
-            rel_time: torch.Tensor, count: torch.Tensor, index: torch.Tensor, full: torch.Tensor,
-            bwd_count: torch.Tensor, bwd_index: torch.Tensor, bwd_full: torch.Tensor, dq_count: torch.Tensor,
-            dq_index: torch.Tensor, dq_full: torch.Tensor, scale: float, q_offset: int, rule: int, has_bias: bool,
-            fwd_tile: list[int], bwd_tile: list[int], dq_tile: list[int], dq_separate: bool) -> torch.Tensor:
+            flags: torch.Tensor, position: torch.Tensor, timestamp: torch.Tensor, q_span: torch.Tensor,
+            k_span: torch.Tensor, rel_pos: torch.Tensor, rel_time: torch.Tensor, count: torch.Tensor,
+            index: torch.Tensor, full: torch.Tensor, bwd_count: torch.Tensor, bwd_index: torch.Tensor,
+            bwd_full: torch.Tensor, dq_count: torch.Tensor, dq_index: torch.Tensor, dq_full: torch.Tensor,
+            scale: float, q_offset: int, rule: int, has_bias: bool, fwd_tile: list[int], bwd_tile: list[int],
+            dq_tile: list[int], dq_separate: bool) -> torch.Tensor:
     b, h, lq, d = q.shape
     seq = k.shape[2]
     block_m, block_n, warps, stages = fwd_tile
     out = torch.empty(b, lq, h, d, device=q.device, dtype=q.dtype).transpose(1, 2)  # [B, H, LQ, Dh]
     grid = (triton.cdiv(lq, block_m), b * h)
-    _hstu_fwd[grid](q, k, v, out, request, event, flags, position, timestamp, rel_pos, rel_time, count, index, full,
-                    q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-                    v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
-                    count.stride(0), index.stride(0), index.stride(1), h, lq, seq, q_offset, rel_pos.shape[-1],
-                    rel_time.shape[-1], 1.0 / math.sqrt(d), scale, RULE=rule, HAS_BIAS=has_bias,
-                    PRECISION=_precision(q.dtype), D=d, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
-                    num_stages=stages)
+    _hstu_fwd[grid](q, k, v, out, request, event, flags, position, timestamp, q_span, k_span, rel_pos, rel_time,
+                    count, index, full, *_strides(q, k, v, out),
+                    *_sizes(count, index, q_span, k_span, q, seq, q_offset, rel_pos.shape[-1], rel_time.shape[-1],
+                            scale),
+                    RULE=rule, HAS_BIAS=has_bias, PRECISION=_precision(q.dtype), D=d, BLOCK_M=block_m,
+                    BLOCK_N=block_n, num_warps=warps, num_stages=stages)
     return out
 
 
@@ -555,48 +586,45 @@ def _fwd_fake(q, k, v, *args, **kwargs) -> torch.Tensor:
 @torch.library.custom_op("genrec::hstu_attention_bwd", mutates_args=())
 def _bwd_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, request: torch.Tensor,
             event: torch.Tensor, flags: torch.Tensor, position: torch.Tensor, timestamp: torch.Tensor,
-            rel_pos: torch.Tensor, rel_time: torch.Tensor, bwd_count: torch.Tensor, bwd_index: torch.Tensor,
-            bwd_full: torch.Tensor, dq_count: torch.Tensor, dq_index: torch.Tensor, dq_full: torch.Tensor,
-            scale: float, q_offset: int, rule: int, has_bias: bool, bwd_tile: list[int], dq_tile: list[int],
+            q_span: torch.Tensor, k_span: torch.Tensor, rel_pos: torch.Tensor, rel_time: torch.Tensor,
+            bwd_count: torch.Tensor, bwd_index: torch.Tensor, bwd_full: torch.Tensor, dq_count: torch.Tensor,
+            dq_index: torch.Tensor, dq_full: torch.Tensor, scale: float, q_offset: int, rule: int, has_bias: bool,
+            bwd_tile: list[int], dq_tile: list[int],
             dq_separate: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """dq, dk, dv and the fp32 gradients of both bias tables."""
     b, h, lq, d = q.shape
     seq = k.shape[2]
-    block_m, block_n, warps, stages = bwd_tile
     dq = (torch.empty if dq_separate else torch.zeros)(b, h, lq, d, device=q.device, dtype=torch.float32)
     dk = torch.empty(b, seq, h, d, device=q.device, dtype=k.dtype).transpose(1, 2)
     dv = torch.empty(b, seq, h, d, device=q.device, dtype=v.dtype).transpose(1, 2)
     d_pos, d_time = torch.zeros_like(rel_pos), torch.zeros_like(rel_time)
-    num_pos, num_time = rel_pos.shape[-1], rel_time.shape[-1]
-    common = dict(RULE=rule, HAS_BIAS=has_bias, PRECISION=_precision(q.dtype), D=d)
-    strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1),
-               v.stride(2), grad_out.stride(0), grad_out.stride(1), grad_out.stride(2))
-    schedule = (bwd_count.stride(0), bwd_index.stride(0), bwd_index.stride(1), h, lq, seq, q_offset, num_pos, num_time,
-                1.0 / math.sqrt(d), scale)
-    launch = dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
+    meta = (request, event, flags, position, timestamp, q_span, k_span, rel_pos, rel_time)
+    strides = _strides(q, k, v, grad_out)
+    precision = _precision(q.dtype)
+    block_m, block_n, warps, stages = bwd_tile
+    launch = dict(D=d, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
+    sizes = _sizes(bwd_count, bwd_index, q_span, k_span, q, seq, q_offset, rel_pos.shape[-1], rel_time.shape[-1], scale)
     _hstu_bwd[(triton.cdiv(seq, block_n), b * h)](
-        q, k, v, grad_out, dq, dk, dv, request, event, flags, position, timestamp, rel_pos, rel_time, bwd_count,
-        bwd_index, bwd_full, *strides, dq.stride(0), dq.stride(1), dq.stride(2), dk.stride(0), dk.stride(1),
-        dk.stride(2), *schedule, DQ_ATOMIC=not dq_separate, **launch, **common)
+        q, k, v, grad_out, dq, dk, dv, *meta, bwd_count, bwd_index, bwd_full, *strides, *sizes, *_strides(dq, dk),
+        RULE=rule, HAS_BIAS=has_bias, PRECISION=precision, DQ_ATOMIC=not dq_separate, **launch)
     if has_bias:
         _hstu_bwd_rab[(triton.cdiv(seq, block_n), b * h)](
-            q, k, v, grad_out, request, event, flags, position, timestamp, rel_pos, rel_time, d_pos, d_time, bwd_count,
-            bwd_index, bwd_full, *strides, *schedule, RULE=rule, PRECISION=_precision(q.dtype),
-            TIME_SLOTS=triton.next_power_of_2(max(num_time, 16)), D=d, **launch)
+            q, k, v, grad_out, *meta, bwd_count, bwd_index, bwd_full, *strides, *sizes, d_pos, d_time, RULE=rule,
+            PRECISION=precision, TIME_SLOTS=triton.next_power_of_2(max(rel_time.shape[-1], 16)), **launch)
     if dq_separate:
         block_m, block_n, warps, stages = dq_tile
         _hstu_bwd_dq[(triton.cdiv(lq, block_m), b * h)](
-            q, k, v, grad_out, dq, request, event, flags, position, timestamp, rel_pos, rel_time, dq_count, dq_index,
-            dq_full, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2), grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
-            dq.stride(0), dq.stride(1), dq.stride(2), dq_count.stride(0), dq_index.stride(0), dq_index.stride(1), h,
-            lq, seq, q_offset, num_pos, num_time, 1.0 / math.sqrt(d), scale, BLOCK_M=block_m, BLOCK_N=block_n,
-            num_warps=warps, num_stages=stages, **common)
+            q, k, v, grad_out, dq, *meta, dq_count, dq_index, dq_full, *strides,
+            *_sizes(dq_count, dq_index, q_span, k_span, q, seq, q_offset, rel_pos.shape[-1], rel_time.shape[-1],
+                    scale),
+            *_strides(dq), RULE=rule, HAS_BIAS=has_bias, PRECISION=precision, D=d, BLOCK_M=block_m,
+            BLOCK_N=block_n, num_warps=warps, num_stages=stages)
     return dq.to(q.dtype), dk, dv, d_pos, d_time
 
 
 @_bwd_op.register_fake
-def _bwd_fake(grad_out, q, k, v, request, event, flags, position, timestamp, rel_pos, rel_time, *args, **kwargs):
+def _bwd_fake(grad_out, q, k, v, request, event, flags, position, timestamp, q_span, k_span, rel_pos, rel_time,
+              *args, **kwargs):
     b, h, lq, d = q.shape
     seq = k.shape[2]
     dk, dv = (t.new_empty(b, seq, h, d).transpose(1, 2) for t in (k, v))
@@ -607,8 +635,8 @@ _NON_TENSOR_ARGS = ("scale", "q_offset", "rule", "has_bias", "fwd_tile", "bwd_ti
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    ctx.save_for_backward(*inputs[:10], *inputs[13:19])  # q .. rel_time, both backward schedules
-    ctx.args = dict(zip(_NON_TENSOR_ARGS, inputs[19:], strict=True))
+    ctx.save_for_backward(*inputs[:12], *inputs[15:21])  # q .. rel_time, both backward schedules
+    ctx.args = dict(zip(_NON_TENSOR_ARGS, inputs[21:], strict=True))
 
 
 def _backward(ctx, grad_out: torch.Tensor):
@@ -620,7 +648,7 @@ def _backward(ctx, grad_out: torch.Tensor):
                                          a["scale"], a["q_offset"], a["rule"], a["has_bias"], a["bwd_tile"],
                                          a["dq_tile"], a["dq_separate"])
     bias = (d_pos, d_time) if a["has_bias"] else (None, None)
-    return dq, dk, dv, None, None, None, None, None, *bias, *([None] * 9), *([None] * len(_NON_TENSOR_ARGS))
+    return dq, dk, dv, *([None] * len(meta)), *bias, *([None] * 9), *([None] * len(_NON_TENSOR_ARGS))
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -643,11 +671,14 @@ def hstu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: To
     has_bias = rel_pos is not None
     if has_bias:  # fp32 copies: autograd casts the tables' gradients back to their dtype
         rel_pos, rel_time = rel_pos.float().contiguous(), rel_time.float().contiguous()
+        q_span = layout.cached(("triton_spans", q_offset), lambda: tile_spans(meta, q_offset))
+        k_span = q_span if q_offset == 0 else layout.cached(("triton_spans", 0), lambda: tile_spans(meta, 0))
     else:
         rel_pos = rel_time = torch.zeros(1, device=q.device, dtype=torch.float32)
+        q_span = k_span = torch.zeros(1, 1, 4, device=q.device, dtype=torch.int32)  # unread
     grads = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, rel_pos, rel_time))
     backward = _schedule(layout, meta, bwd_tile, q_offset, transpose=True) if grads else forward
     dq = _schedule(layout, meta, dq_tile, q_offset, transpose=False) if grads and config.dq_separate else backward
-    return _fwd_op(q, k, v, meta.request, meta.event, meta.flags, meta.position, meta.timestamp, rel_pos, rel_time,
-                   *forward, *backward, *dq, scale, q_offset, RULE_IDS[layout.rule], has_bias, list(fwd_tile),
-                   list(bwd_tile), list(dq_tile), config.dq_separate)
+    return _fwd_op(q, k, v, meta.request, meta.event, meta.flags, meta.position, meta.timestamp, q_span, k_span,
+                   rel_pos, rel_time, *forward, *backward, *dq, scale, q_offset, RULE_IDS[layout.rule], has_bias,
+                   list(fwd_tile), list(bwd_tile), list(dq_tile), config.dq_separate)

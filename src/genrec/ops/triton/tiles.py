@@ -19,6 +19,9 @@ from genrec.ops.layout import TokenLayout, check_time_span
 
 VALID, FAKE = 1, 2  # bits of KernelMeta.flags
 _BIG = 2**30
+POS_BOUND = 2**29  # above any position: differences of +-POS_BOUND fit int32
+TS_TOP = 2**31 - 1  # kernel timestamps lie in [0, 2^31)
+SPAN_TILE = 32  # tokens per row of tile_spans: kernel tiles with the bias are multiples of it
 
 
 @dataclass
@@ -86,6 +89,21 @@ def tile_stats(meta: KernelMeta, block_q: int, block_k: int, q_offset: int = 0) 
     q = {k: v[:, :, None] for k, v in _stats(meta, q_offset, block_q).items()}
     k = {k: v[:, None, :] for k, v in _stats(meta, 0, block_k).items()}
     return q, k
+
+
+def tile_spans(meta: KernelMeta, start: int = 0) -> torch.Tensor:
+    """``[B, ceil((L - start) / SPAN_TILE), 4]`` int32: the lowest and highest position and timestamp
+    of the valid tokens of each run of ``SPAN_TILE`` tokens from ``start`` ((POS_BOUND, -POS_BOUND,
+    TS_TOP, 0) where none is). The kernels combine a tile's rows into the extremes that pick its
+    relative-bias form; reduced once per layout here, not once per tile pair and layer in the kernels."""
+    valid = (meta.flags[:, start:] & VALID) != 0
+
+    def low_high(x: torch.Tensor, low: int, high: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return (_chunks(torch.where(valid, x, low), SPAN_TILE, low).amin(-1),
+                _chunks(torch.where(valid, x, high), SPAN_TILE, high).amax(-1))
+    spans = (*low_high(meta.position[:, start:], POS_BOUND, -POS_BOUND),
+             *low_high(meta.timestamp[:, start:], TS_TOP, 0))
+    return torch.stack(spans, -1).to(torch.int32).contiguous()
 
 
 def tile_pairs(meta: KernelMeta, rule: str, block_q: int, block_k: int, q_offset: int = 0,
