@@ -30,10 +30,18 @@ def _engine(name: str = "dfgr") -> Engine:
     return Engine(model, catalogue, UserStore(1 << 20, seed), torch.device("cpu"), max_history=32)
 
 
+def _counted(engine: Engine) -> tuple[float, float, float]:
+    m = engine.metrics
+    return tuple(c._value.get() for c in (m.candidates, m.cache_hits, m.cache_misses))
+
+
 def test_a_job_that_breaks_the_batch_fails_alone():
+    """... and the batch's rerun job by job counts each scored request once in the metrics (the
+    failed one not at all)."""
     engine = _engine()
     jobs = [RankJob(str(u), np.array([1, 2, POISON if u == 2 else 3]), None, None) for u in (1, 2, 3)]
     alone = {j.user: engine.rank([j])[0]["scores"] for j in jobs if j.user != "2"}
+    assert _counted(engine) == (6, 0, 2)  # users 1 and 3 encoded: two misses, their caches kept
     score_cached = engine.scorer.score_cached
 
     def fragile(caches, candidates, when):
@@ -47,6 +55,7 @@ def test_a_job_that_breaks_the_batch_fails_alone():
     for job, result in zip(jobs, results, strict=True):
         if job.user != "2":
             np.testing.assert_allclose(result["scores"], alone[job.user], atol=1e-6)
+    assert _counted(engine) == (6 + 6, 2, 2)  # users 1 and 3 again, from their caches; user 2's failure not
 
 
 def test_a_failed_append_leaves_the_stored_state_unchanged():

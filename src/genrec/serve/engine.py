@@ -200,18 +200,21 @@ class Engine:
     def _score(self, jobs: list[RankJob], histories: list[History], when: list[int]) -> list[np.ndarray]:
         """Scores of each job: users with a cache are scored against it (one stacked call); stored users
         without one are encoded together and their caches kept; the rest (inline histories, or no cache
-        budget) are scored cold in one call."""
+        budget) are scored cold in one call. Candidates, cache hits and misses are counted once the
+        scores exist: a batch that fails is rerun job by job (:meth:`_batched`), which counts them."""
         candidates = [job.candidates for job in jobs]
-        self.metrics.candidates.inc(sum(len(c) for c in candidates))
         if not self.scorer.cached:
-            return self.scorer.score(histories, candidates, when)
+            out = self.scorer.score(histories, candidates, when)
+            self.metrics.candidates.inc(sum(len(c) for c in candidates))
+            return out
         caches: list = [None] * len(jobs)
         keep = []  # jobs whose new cache the store keeps
+        hits = misses = 0
         for k, job in enumerate(jobs):
             state = None if job.history is not None else self.store.get(job.user)
             if state is not None:
                 caches[k] = state.cache
-                (self.metrics.cache_hits if state.cache is not None else self.metrics.cache_misses).inc()
+                hits, misses = (hits + 1, misses) if state.cache is not None else (hits, misses + 1)
                 if state.cache is None and self.store.budget > 0:
                     keep.append(k)
         for k, cache in zip(keep, self.scorer.encode([histories[k] for k in keep]) if keep else [], strict=True):
@@ -231,6 +234,9 @@ class Engine:
                                        [when[k] for k in cold])
             for k, score in zip(cold, scores, strict=True):
                 out[k] = score
+        self.metrics.candidates.inc(sum(len(c) for c in candidates))
+        self.metrics.cache_hits.inc(hits)
+        self.metrics.cache_misses.inc(misses)
         return out
 
     # ------------------------------------------------------------------------------------ events
