@@ -106,3 +106,12 @@ def test_timestamps_spanning_int32_seconds_are_refused():
         check_time_span(torch.tensor([0, 2**31]))  # still inside the outer one
     with pytest.raises(ValueError, match="2\\^31 s"):  # and checked again after it
         check_time_span(torch.tensor([0, 2**31]))
+
+
+def test_host_times_within_the_kernels_limit():
+    from genrec.ops.layout import TIME_LIMIT_S, times_within_limit
+
+    assert times_within_limit(torch.tensor([], dtype=torch.int64))
+    assert times_within_limit(torch.tensor([0, TIME_LIMIT_S - 1]))
+    assert not times_within_limit(torch.tensor([5, TIME_LIMIT_S]))
+    assert not times_within_limit(torch.tensor([-1, 5]))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import signal
 import subprocess
@@ -144,3 +145,27 @@ def test_a_log_row_with_other_columns_is_refused(tmp_path):
     log.write({"step": 1, "loss": 0.5})
     with pytest.raises(ValueError, match="differ from the header"):
         log.write({"step": 2, "loss": 0.4, "w": 1.0})
+
+
+def test_a_training_step_checks_its_batchs_times_on_the_host(tmp_path, shared_data):
+    """Times in 0 .. 2^31 - 1 s are checked on the host batch, so the forward runs with time spans
+    checked (on CUDA the fused kernels' layout then skips a device read-back per forward); other
+    times (milliseconds here) leave the check to the device, and the step still trains."""
+    from genrec.ops import layout
+
+    trainer = Trainer(_small(tmp_path, shared_data, "train.max_steps=1"))
+    state = trainer.start("overwrite")
+    seen = []
+    model = trainer.train_model
+
+    def spy(batch):
+        seen.append(getattr(layout._host_checked, "on", False))
+        return model(batch)
+
+    trainer.train_model = spy
+    batch = next(iter(trainer.train_loader))
+    trainer.train_step(batch, state)
+    batch.timestamps = batch.timestamps * 1000
+    row = trainer.train_step(batch, state)
+    assert seen == [True, False] and row["step"] == 2 and math.isfinite(row["loss"])
+    assert not getattr(layout._host_checked, "on", False)  # left as it was

@@ -76,6 +76,15 @@ def time_spans_checked_on_host() -> Iterator[None]:
         _host_checked.on = before
 
 
+def times_within_limit(timestamps: torch.Tensor) -> bool:
+    """Whether every timestamp of a host tensor lies in ``[0, 2^31)`` s: then no batch of them (with
+    its padding's 0) spans 2^31 s, and its forward may run inside :func:`time_spans_checked_on_host`.
+    False (not an error) for other times: the device check then decides, as before."""
+    if timestamps.is_cuda:
+        raise ValueError("times_within_limit checks host tensors: on the device it would be the sync it avoids")
+    return not len(timestamps) or (int(timestamps.min()) >= 0 and int(timestamps.max()) < TIME_LIMIT_S)
+
+
 def check_time_span(timestamps: torch.Tensor) -> None:
     """The fused kernels keep time differences in int32: refuse a batch whose timestamps span 2^31 s.
     Here, beside the layout, because both the kernels and CUDA-graph serving (which must check before
