@@ -84,6 +84,23 @@ def test_tile_spans_are_the_extremes_of_each_runs_valid_tokens(name):
     assert empty or name.endswith("_cache"), "no empty run: the fill is not exercised"
 
 
+@pytest.mark.parametrize("name", ["dual_flow", "dfgr_cache"])
+def test_both_orientations_of_a_schedule_come_from_one_set_of_tile_pairs(name):
+    """The kernels' cached schedules (forward / dQ per query tile, dK/dV per key tile) equal the
+    lists of the tile pairs computed afresh, the second built from the first's pairs."""
+    from genrec.ops.triton.hstu import _schedule
+
+    layout, q_offset = _layouts()[name]
+    meta = KernelMeta.from_layout(layout)
+    pairs = tile_pairs(meta, layout.rule, 32, 16, q_offset)
+    full = tile_full(meta, layout.rule, 32, 16, q_offset)
+    forward = _schedule(layout, meta, (32, 16, 4, 1), q_offset, transpose=False)
+    backward = _schedule(layout, meta, (32, 16, 4, 1), q_offset, transpose=True)
+    for got, want in ((forward, tile_lists(pairs, full)), (backward, tile_lists(pairs.mT, full.mT))):
+        assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
+    assert sum(key[0] == "triton_pairs" for key in layout._cache) == 1
+
+
 def test_schedule_skips_the_upper_triangle_and_marks_the_lower_full():
     layout, _ = _layouts()["causal"]
     meta = KernelMeta.from_layout(layout)

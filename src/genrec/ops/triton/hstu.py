@@ -524,10 +524,13 @@ def _schedule(layout: TokenLayout, meta: KernelMeta, tile: Tile, q_offset: int, 
     built once per layout, shared by every layer."""
     block_q, block_k = tile[:2]
 
-    def build():
+    def pairs_and_full():  # shared by both orientations (the forward's and dK/dV's, same tiles)
         stats = tile_stats(meta, block_q, block_k, q_offset)
-        pairs = tile_pairs(meta, layout.rule, block_q, block_k, q_offset, stats)
-        full = tile_full(meta, layout.rule, block_q, block_k, q_offset, stats)
+        return (tile_pairs(meta, layout.rule, block_q, block_k, q_offset, stats),
+                tile_full(meta, layout.rule, block_q, block_k, q_offset, stats))
+
+    def build():
+        pairs, full = layout.cached(("triton_pairs", block_q, block_k, q_offset), pairs_and_full)
         return tile_lists(pairs.transpose(1, 2), full.transpose(1, 2)) if transpose else tile_lists(pairs, full)
     return layout.cached(("triton_tiles", block_q, block_k, q_offset, transpose), build)
 

@@ -58,15 +58,17 @@ def _chunks(t: torch.Tensor, size: int, fill: int) -> torch.Tensor:
     return F.pad(t, (0, pad), value=fill).unflatten(-1, (-1, size))
 
 
-_SUBSETS = {"": 0, "real_": 1, "fake_": 2}  # token subsets of the statistics: valid, real, fake
-_FIELDS = {"idx": 0, "req": 1, "evt": 2}
+_SUBSETS = ("", "real_", "fake_")  # token subsets of the statistics: valid, real, fake (stacked so)
+_FIELDS = ("idx", "req", "evt")
 
 
-def _stats(meta: KernelMeta, start: int, size: int) -> dict[str, torch.Tensor]:
+def _stats(meta: KernelMeta, start: int, size: int, tile_dim: int) -> dict[str, torch.Tensor]:
     """Per-tile counts and minima / maxima over the tokens ``start..L-1`` cut into tiles of ``size``,
-    for each field and token subset. Empty sets give +_BIG for a minimum and -_BIG for a maximum, so
-    every comparison with them fails. All fields and subsets go through one stacked reduction: this
-    runs per serving request, where each small kernel's launch costs more than its work."""
+    for each field and token subset, shaped for the ``[B, nQ, nK]`` grid of tile pairs: ``tile_dim``
+    1 (query tiles: ``[B, nT, 1]``) or 2 (key tiles: ``[B, 1, nT]``). Empty sets give +_BIG for a
+    minimum and -_BIG for a maximum, so every comparison with them fails. All fields and subsets go
+    through one stacked reduction: this runs per serving request, where each small kernel's launch
+    costs more than its work."""
     sl = slice(start, None)
     idx = torch.arange(start, meta.flags.shape[1], device=meta.flags.device, dtype=torch.int32)
     valid = (meta.flags[:, sl] & VALID) != 0
@@ -76,19 +78,19 @@ def _stats(meta: KernelMeta, start: int, size: int) -> dict[str, torch.Tensor]:
     counts = _chunks(subsets[:, 0].int(), size, 0).sum(-1)  # [3, B, nT]
     low = _chunks(torch.where(subsets, values, _BIG), size, _BIG).amin(-1)  # [3 subsets, 3 fields, B, nT]
     high = _chunks(torch.where(subsets, values, -_BIG), size, -_BIG).amax(-1)
-    out = {f"n_{name}": counts[i] for name, i in (("valid", 0), ("real", 1), ("fake", 2))}
-    for subset, i in _SUBSETS.items():
-        for name, j in _FIELDS.items():
-            out[f"{subset}{name}_min"], out[f"{subset}{name}_max"] = low[i, j], high[i, j]
+    # one unsqueeze and one unbind per table, not one call per field: this is dispatch-bound
+    low, high = (t.flatten(0, 1).unsqueeze(4 - tile_dim).unbind() for t in (low, high))
+    out = dict(zip(("n_valid", "n_real", "n_fake"), counts.unsqueeze(4 - tile_dim).unbind(), strict=True))
+    for i, subset in enumerate(_SUBSETS):
+        for j, name in enumerate(_FIELDS):
+            out[f"{subset}{name}_min"], out[f"{subset}{name}_max"] = low[3 * i + j], high[3 * i + j]
     return out
 
 
 def tile_stats(meta: KernelMeta, block_q: int, block_k: int, q_offset: int = 0) -> tuple[dict, dict]:
     """Statistics of the query tiles ``[B, nQ, 1]`` and key tiles ``[B, 1, nK]``, which
     :func:`tile_pairs` and :func:`tile_full` compare (computed once when both are needed)."""
-    q = {k: v[:, :, None] for k, v in _stats(meta, q_offset, block_q).items()}
-    k = {k: v[:, None, :] for k, v in _stats(meta, 0, block_k).items()}
-    return q, k
+    return _stats(meta, q_offset, block_q, 1), _stats(meta, 0, block_k, 2)
 
 
 def tile_spans(meta: KernelMeta, start: int = 0) -> torch.Tensor:
