@@ -224,7 +224,7 @@ def synthetic_batch(batch: int, n: int, seed: int, device: str = "cuda", target_
     last = np.arange(n) >= n - math.ceil(target_share * n)  # [n] the target events of a sequence
     t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(device)  # noqa: E731
     return JaggedBatch(offsets=t(np.arange(batch + 1) * n), items=t(rng.integers(1, NUM_ITEMS + 1, total)),
-                       actions=t(actions), labels=t((actions >= 3).astype(np.float32)),
+                       known_max_len=n, actions=t(actions), labels=t((actions >= 3).astype(np.float32)),
                        timestamps=t((1_600_000_000 + np.cumsum(gaps, axis=1)).ravel()),
                        request_ids=t(request), target_mask=t(np.tile(last, batch)), users=t(np.arange(batch)))
 

@@ -64,4 +64,4 @@ def with_last_targets(batch: JaggedBatch, share: float) -> JaggedBatch:
     (the temporal setting: a few target requests after a long history; ``share = 1``: every event)."""
     lengths = batch.lengths[batch.sequence_index()]  # [T] length of each event's sequence
     last = batch.positions() >= lengths - torch.ceil(share * lengths.double()).long()
-    return JaggedBatch(**vars(batch) | {"target_mask": last})
+    return JaggedBatch(**batch.tensors() | {"target_mask": last})

@@ -39,7 +39,7 @@ def test_request_labels_never_move_predictions_in_or_before_it(name):
         before = model.rank_logits(batch)
     r = int(batch.request_ids[5])
     in_request = torch.nonzero((batch.sequence_index() == 0) & (batch.request_ids == r)).flatten()
-    changed = JaggedBatch(**{k: v.clone() for k, v in vars(batch).items()})
+    changed = JaggedBatch(**{k: v.clone() for k, v in batch.tensors().items()})
     changed.actions[in_request] = (changed.actions[in_request] + 2) % 5
     changed.labels[in_request] = 1 - changed.labels[in_request]
     with torch.no_grad():

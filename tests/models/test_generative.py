@@ -49,7 +49,7 @@ def test_changing_a_requests_actions_moves_no_prediction_in_or_before_it(name, s
         event = int(in_seq[rng.integers(0, len(in_seq) // 2 - 2)])
         r = int(batch.request_ids[event])
         same_request = in_seq[batch.request_ids[in_seq] == r]
-        perturbed = JaggedBatch(**{k: v.clone() for k, v in vars(batch).items()})
+        perturbed = JaggedBatch(**{k: v.clone() for k, v in batch.tensors().items()})
         perturbed.actions[same_request] = (perturbed.actions[same_request] + 1 + rng.integers(0, 4)) % 5
         perturbed.labels[same_request] = (perturbed.actions[same_request] >= 3).float()
         with torch.no_grad():
@@ -95,7 +95,7 @@ def test_training_pass_matches_serving_from_history_only(name):
 def test_serving_scores_candidates_independently(name):
     model = make_model(name)
     batch = make_batch([11], seed=4)
-    history = JaggedBatch(**{k: v for k, v in vars(batch).items()})
+    history = JaggedBatch(**batch.tensors())
     cands = torch.tensor([[3, 7, 9, 21]])
     when = torch.tensor([batch.timestamps.max() + 60])
     with torch.no_grad():
@@ -160,7 +160,7 @@ def test_odd_ragged_and_single_event_sequences(name, lengths):
 def test_predictions_do_not_depend_on_batch_neighbours(name):
     model = make_model(name)
     b = make_batch([9, 25, 4], seed=7)
-    a = JaggedBatch(**{k: v[:9] if k not in ("offsets", "users") else v[:2] for k, v in vars(b).items()})
+    a = JaggedBatch(**{k: v[:9] if k not in ("offsets", "users") else v[:2] for k, v in b.tensors().items()})
     with torch.no_grad():
         alone = model.rank_logits(a)
         together = model.rank_logits(b)[: int(a.target_mask.sum())]

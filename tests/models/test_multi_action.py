@@ -33,7 +33,7 @@ def signal_batch(lengths: list[int], seed: int, all_targets: bool = True) -> Jag
 
 
 def with_signals(batch: JaggedBatch, signals: torch.Tensor) -> JaggedBatch:
-    values = {k: v.clone() for k, v in vars(batch).items()}
+    values = {k: v.clone() for k, v in batch.tensors().items()}
     values["signals"] = signals
     values["actions"] = (signals.long() << torch.arange(len(SIGNALS))).sum(1)
     values["labels"] = signals[:, 0].clone()

@@ -33,7 +33,7 @@ def test_query_and_item_table_shapes(name):
 def test_queries_never_read_labels_or_actions(name):
     model = _model(name)
     batch = make_batch([7, 12], seed=1)
-    changed = JaggedBatch(**{k: v.clone() for k, v in vars(batch).items()})
+    changed = JaggedBatch(**{k: v.clone() for k, v in batch.tensors().items()})
     changed.actions = (changed.actions + 1) % 5
     changed.labels = 1 - changed.labels
     with torch.no_grad():
@@ -44,7 +44,7 @@ def test_queries_never_read_labels_or_actions(name):
 def test_query_for_an_event_reads_only_earlier_items(name):
     model = _model(name)
     batch = make_batch([12], seed=2)
-    changed = JaggedBatch(**{k: v.clone() for k, v in vars(batch).items()})
+    changed = JaggedBatch(**{k: v.clone() for k, v in batch.tensors().items()})
     changed.items[6:] = (changed.items[6:] % 40) + 1  # change the items of events 6..11
     with torch.no_grad():
         a, b = model.retrieval_queries(batch), model.retrieval_queries(changed)

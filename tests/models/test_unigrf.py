@@ -27,7 +27,7 @@ def make_unigrf(backbone: str, dtype=torch.float64, **args) -> torch.nn.Module:
 
 
 def _clone(batch: JaggedBatch) -> JaggedBatch:
-    return JaggedBatch(**{k: v.clone() for k, v in vars(batch).items()})
+    return JaggedBatch(**{k: v.clone() for k, v in batch.tensors().items()})
 
 
 def _event_rows(batch: JaggedBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -15,7 +15,7 @@ from tests.models.test_generative import make_model
 
 def _prefix(batch: JaggedBatch, n: int) -> JaggedBatch:
     """The first ``n`` events of a one-row batch."""
-    return JaggedBatch(**{k: (v[:n] if k not in ("offsets", "users") else v) for k, v in vars(batch).items()}
+    return JaggedBatch(**{k: (v[:n] if k not in ("offsets", "users") else v) for k, v in batch.tensors().items()}
                        | {"offsets": torch.tensor([0, n])})
 
 

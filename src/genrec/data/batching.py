@@ -21,7 +21,7 @@ Two windows (users 7 and 3) of 3 and 2 events; user 7's second and third events 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 import torch
@@ -41,6 +41,9 @@ class JaggedBatch:
     target_mask: torch.Tensor  # [T] bool
     users: torch.Tensor  # [B] int64 dense user index
     signals: torch.Tensor | None = None  # [T, S] float32 binary target per action signal (default: labels)
+    # the longest sequence, read once where the offsets live (host) and carried by ``to``: on the
+    # device each read would be a host sync
+    known_max_len: int | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self):
         if self.signals is None:  # one-signal data: the binary label is the only signal
@@ -56,33 +59,48 @@ class JaggedBatch:
 
     @property
     def max_len(self) -> int:
-        return int(self.lengths.max()) if self.batch_size else 0
+        if self.known_max_len is None or self.offsets.device.type == "cpu":  # host offsets: read, no sync
+            return int(self.lengths.max()) if self.batch_size else 0
+        return self.known_max_len
 
     @property
     def num_events(self) -> int:
-        return int(self.offsets[-1])
+        return len(self.items)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The batch's tensor fields by name (what a modified copy is built from)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "known_max_len"}
 
     def to(self, device: torch.device | str) -> JaggedBatch:
-        return JaggedBatch(**{f.name: getattr(self, f.name).to(device, non_blocking=True) for f in fields(self)})
+        moved = {name: t.to(device, non_blocking=True) for name, t in self.tensors().items()}
+        return JaggedBatch(**moved, known_max_len=self.max_len)
 
     def sequence_index(self) -> torch.Tensor:
         """``[T]`` index of the sequence each event belongs to."""
-        return torch.repeat_interleave(torch.arange(self.batch_size, device=self.offsets.device), self.lengths)
+        return jagged_index(self.offsets, self.num_events, 0)[0]
 
     def positions(self) -> torch.Tensor:
         """``[T]`` position of each event inside its sequence (0-based)."""
         return torch.arange(self.num_events, device=self.offsets.device) - self.offsets[:-1][self.sequence_index()]
 
 
-def pad_jagged(values: torch.Tensor, offsets: torch.Tensor, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Jagged ``[T, ...]`` -> padded ``[B, max_len, ...]`` (right padding) and the valid mask ``[B, max_len]``."""
-    batch = len(offsets) - 1
+def jagged_index(offsets: torch.Tensor, total: int, max_len: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sequence ``[T]`` and position ``[T]`` of each of the ``total`` jagged values, and the valid mask
+    ``[B, max_len]`` of their right-padded layout. Without a host sync: ``repeat_interleave`` is told
+    its output size (else it reads the lengths back from the device)."""
     lengths = offsets[1:] - offsets[:-1]
-    seq = torch.repeat_interleave(torch.arange(batch, device=values.device), lengths)
-    pos = torch.arange(len(values), device=values.device) - offsets[:-1][seq]
-    out = values.new_zeros((batch, max_len, *values.shape[1:]))
+    seq = torch.repeat_interleave(torch.arange(len(lengths), device=offsets.device), lengths, output_size=total)
+    pos = torch.arange(total, device=offsets.device) - offsets[:-1][seq]
+    return seq, pos, torch.arange(max_len, device=offsets.device)[None, :] < lengths[:, None]
+
+
+def pad_jagged(values: torch.Tensor, offsets: torch.Tensor, max_len: int,
+               index: tuple[torch.Tensor, ...] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Jagged ``[T, ...]`` -> padded ``[B, max_len, ...]`` (right padding) and the valid mask ``[B, max_len]``;
+    ``index``: :func:`jagged_index` of these offsets, when several fields share it."""
+    seq, pos, valid = index if index is not None else jagged_index(offsets, len(values), max_len)
+    out = values.new_zeros((len(offsets) - 1, max_len, *values.shape[1:]))
     out[seq, pos] = values
-    valid = torch.arange(max_len, device=values.device)[None, :] < lengths[:, None]
     return out, valid
 
 

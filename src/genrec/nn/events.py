@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from genrec.data.batching import JaggedBatch, pad_jagged
+from genrec.data.batching import JaggedBatch, jagged_index, pad_jagged
 from genrec.ops.layout import TokenLayout
 
 
@@ -28,9 +28,10 @@ class Events:
     @classmethod
     def from_batch(cls, batch: JaggedBatch) -> Events:
         n = batch.max_len
-        pad = {name: pad_jagged(getattr(batch, name), batch.offsets, n)[0]
+        index = jagged_index(batch.offsets, batch.num_events, n)  # shared by every field
+        pad = {name: pad_jagged(getattr(batch, name), batch.offsets, n, index)[0]
                for name in ("items", "actions", "labels", "request_ids", "timestamps", "target_mask")}
-        valid = pad_jagged(batch.items, batch.offsets, n)[1]
+        valid = index[2]
         return cls.from_padded(pad["items"], pad["actions"], pad["labels"], pad["request_ids"], pad["timestamps"],
                                valid, pad["target_mask"] & valid)
 
