@@ -115,3 +115,4 @@ def test_host_times_within_the_kernels_limit():
     assert times_within_limit(torch.tensor([0, TIME_LIMIT_S - 1]))
     assert not times_within_limit(torch.tensor([5, TIME_LIMIT_S]))
     assert not times_within_limit(torch.tensor([-1, 5]))
+    assert not times_within_limit(torch.tensor([0, 5], device="meta"))  # not read: the device check decides
