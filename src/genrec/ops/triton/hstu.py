@@ -318,6 +318,26 @@ def _position_grad(D_POS, top, ds, total, q_pos, k_pos, q_live, q_lo, q_hi, k_lo
 
 
 @triton.jit
+def _visited_key_tile(K, V, POS, TS, K_SPAN, REL_POS, REL_TIME, KV_INDEX, i, q, q_tok, q_in, q_pos_lo, q_ts_lo,
+                      q_ts_hi, b, h, tile, cols, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ib, s_iq, s_ksb, k_chunks, L,
+                      NUM_POS, NUM_TIME, alpha, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
+                      BLOCK_N: tl.constexpr):
+    """The ``i``-th key tile a query tile's program visits (forward, dQ): its tokens, keys and values
+    and the biased scores ``[BLOCK_M, BLOCK_N]``."""
+    k_tile = tl.load(KV_INDEX + b * s_ib + tile * s_iq + i)
+    keys = k_tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    k_in = keys < L
+    k = _load_tile(K, b, h, keys, cols, s_kb, s_kh, s_kn, L)
+    v = _load_tile(V, b, h, keys, cols, s_vb, s_vh, s_vn, L)
+    _, k_pos_hi, k_ts_lo, k_ts_hi = _tile_span(K_SPAN, b, s_ksb, k_tile, k_chunks, BLOCK_N, HAS_BIAS)
+    dist_lo, t_lo, t_hi = _bias_range(q_pos_lo, q_ts_lo, q_ts_hi, k_pos_hi, k_ts_lo, k_ts_hi, NUM_TIME, HAS_BIAS)
+    s = _scores(q, k, POS, TS, (b * L + q_tok)[:, None], (b * L + keys)[None, :], q_in[:, None], k_in[None, :],
+                dist_lo, t_lo, t_hi, REL_POS + h * NUM_POS, REL_TIME + h * NUM_TIME, NUM_POS, NUM_TIME, alpha,
+                HAS_BIAS, PRECISION)  # [BLOCK_M, BLOCK_N]
+    return keys, k_in, k, v, s
+
+
+@triton.jit
 def _hstu_fwd(Q, K, V, O, REQ, EVT, FLAG, POS, TS, Q_SPAN, K_SPAN, REL_POS, REL_TIME, KV_COUNT, KV_INDEX, KV_FULL,
               s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ob, s_oh, s_om, s_cb, s_ib, s_iq,
               s_qsb, s_ksb, q_chunks, k_chunks, H, LQ, L, Q_OFFSET, NUM_POS, NUM_TIME, alpha, scale,
@@ -335,16 +355,10 @@ def _hstu_fwd(Q, K, V, O, REQ, EVT, FLAG, POS, TS, Q_SPAN, K_SPAN, REL_POS, REL_
     acc = tl.zeros((BLOCK_M, D), dtype=tl.float32)
     count = tl.load(KV_COUNT + b * s_cb + tile)
     for i in range(0, count):
-        k_tile = tl.load(KV_INDEX + b * s_ib + tile * s_iq + i)
-        keys = k_tile * BLOCK_N + tl.arange(0, BLOCK_N)
-        k_in = keys < L
-        k = _load_tile(K, b, h, keys, cols, s_kb, s_kh, s_kn, L)
-        v = _load_tile(V, b, h, keys, cols, s_vb, s_vh, s_vn, L)
-        _, k_pos_hi, k_ts_lo, k_ts_hi = _tile_span(K_SPAN, b, s_ksb, k_tile, k_chunks, BLOCK_N, HAS_BIAS)
-        dist_lo, t_lo, t_hi = _bias_range(q_pos_lo, q_ts_lo, q_ts_hi, k_pos_hi, k_ts_lo, k_ts_hi, NUM_TIME, HAS_BIAS)
-        s = _scores(q, k, POS, TS, (b * L + q_tok)[:, None], (b * L + keys)[None, :], q_in[:, None], k_in[None, :],
-                    dist_lo, t_lo, t_hi, REL_POS + h * NUM_POS, REL_TIME + h * NUM_TIME, NUM_POS, NUM_TIME, alpha,
-                    HAS_BIAS, PRECISION)  # [BLOCK_M, BLOCK_N]
+        keys, k_in, k, v, s = _visited_key_tile(
+            K, V, POS, TS, K_SPAN, REL_POS, REL_TIME, KV_INDEX, i, q, q_tok, q_in, q_pos_lo, q_ts_lo, q_ts_hi, b, h,
+            tile, cols, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ib, s_iq, s_ksb, k_chunks, L, NUM_POS, NUM_TIME, alpha,
+            HAS_BIAS, PRECISION, BLOCK_N)  # [BLOCK_M, BLOCK_N] scores
         a = s * _sigmoid(s, PRECISION) * scale
         if tl.load(KV_FULL + b * s_ib + tile * s_iq + i) == 0:  # else the rule allows the whole tile
             k_req, k_evt, k_flag = _rule_meta(REQ, EVT, FLAG, b * L + keys, k_in)
@@ -496,16 +510,10 @@ def _hstu_bwd_dq(Q, K, V, DO, DQ, REQ, EVT, FLAG, POS, TS, Q_SPAN, K_SPAN, REL_P
     dq = tl.zeros((BLOCK_M, D), dtype=tl.float32)
     count = tl.load(KV_COUNT + b * s_cb + tile)
     for i in range(0, count):
-        k_tile = tl.load(KV_INDEX + b * s_ib + tile * s_iq + i)
-        keys = k_tile * BLOCK_N + tl.arange(0, BLOCK_N)
-        k_in = keys < L
-        k = _load_tile(K, b, h, keys, cols, s_kb, s_kh, s_kn, L)
-        v = _load_tile(V, b, h, keys, cols, s_vb, s_vh, s_vn, L)
-        _, k_pos_hi, k_ts_lo, k_ts_hi = _tile_span(K_SPAN, b, s_ksb, k_tile, k_chunks, BLOCK_N, HAS_BIAS)
-        dist_lo, t_lo, t_hi = _bias_range(q_pos_lo, q_ts_lo, q_ts_hi, k_pos_hi, k_ts_lo, k_ts_hi, NUM_TIME, HAS_BIAS)
-        s = _scores(q, k, POS, TS, (b * L + q_tok)[:, None], (b * L + keys)[None, :], q_in[:, None], k_in[None, :],
-                    dist_lo, t_lo, t_hi, REL_POS + h * NUM_POS, REL_TIME + h * NUM_TIME, NUM_POS, NUM_TIME, alpha,
-                    HAS_BIAS, PRECISION)  # [BLOCK_M, BLOCK_N]
+        keys, k_in, k, v, s = _visited_key_tile(
+            K, V, POS, TS, K_SPAN, REL_POS, REL_TIME, KV_INDEX, i, q, q_tok, q_in, q_pos_lo, q_ts_lo, q_ts_hi, b, h,
+            tile, cols, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ib, s_iq, s_ksb, k_chunks, L, NUM_POS, NUM_TIME, alpha,
+            HAS_BIAS, PRECISION, BLOCK_N)  # [BLOCK_M, BLOCK_N] scores
         sig = _sigmoid(s, PRECISION)
         da = tl.dot(do, tl.trans(v), input_precision=PRECISION)  # [BLOCK_M, BLOCK_N]
         ds = da * scale * sig * (1.0 + s * (1.0 - sig))
