@@ -105,7 +105,7 @@ def target_dual_flow_layout(ev: Events) -> tuple[TokenLayout, torch.Tensor]:
           F3     x  x  x  .  .  .  x  .
           F4     x  x  x  .  .  .  .  x
 
-    Costs one device-to-host read (T sizes the sequence), as ``JaggedBatch.max_len`` does.
+    Costs one device-to-host read per call: T sizes the sequence.
     """
     count = ev.target.sum(1)  # [B] targets per row
     t = int(count.max()) if count.numel() else 0
