@@ -198,25 +198,27 @@ class Engine:
         return results
 
     def _score(self, jobs: list[RankJob], histories: list[History], when: list[int]) -> list[np.ndarray]:
-        """Scores of each job: users with a cache are scored against it (one stacked call); stored users
-        without one are encoded together and their caches kept; the rest (inline histories, or no cache
-        budget) are scored cold in one call. Candidates, cache hits and misses are counted once the
-        scores exist: a batch that fails is rerun job by job (:meth:`_batched`), which counts them."""
+        """Scores of each job. Candidates, cache hits and misses are counted once the scores exist: a
+        batch that fails is rerun job by job (:meth:`_batched`), which counts them."""
         candidates = [job.candidates for job in jobs]
-        if not self.scorer.cached:
-            out = self.scorer.score(histories, candidates, when)
-            self.metrics.candidates.inc(sum(len(c) for c in candidates))
-            return out
-        caches: list = [None] * len(jobs)
-        keep = []  # jobs whose new cache the store keeps
-        hits = misses = 0
-        for k, job in enumerate(jobs):
-            state = None if job.history is not None else self.store.get(job.user)
-            if state is not None:
-                caches[k] = state.cache
-                hits, misses = (hits + 1, misses) if state.cache is not None else (hits, misses + 1)
-                if state.cache is None and self.store.budget > 0:
-                    keep.append(k)
+        if self.scorer.cached:
+            out, hits, misses = self._score_with_caches(jobs, histories, candidates, when)
+        else:
+            out, hits, misses = self.scorer.score(histories, candidates, when), 0, 0
+        self.metrics.candidates.inc(sum(len(c) for c in candidates))
+        self.metrics.cache_hits.inc(hits)
+        self.metrics.cache_misses.inc(misses)
+        return out
+
+    def _score_with_caches(self, jobs: list[RankJob], histories: list[History], candidates: list[np.ndarray],
+                           when: list[int]) -> tuple[list[np.ndarray], int, int]:
+        """Users with a cache are scored against it (one stacked call); stored users without one are
+        encoded together and their caches kept; the rest (inline histories, or no cache budget) are
+        scored cold in one call. Returns the scores and the stored users' cache hits and misses."""
+        states = [None if job.history is not None else self.store.get(job.user) for job in jobs]
+        caches = [None if state is None else state.cache for state in states]
+        missed = [k for k, state in enumerate(states) if state is not None and state.cache is None]
+        keep = missed if self.store.budget > 0 else []  # jobs whose new cache the store keeps
         for k, cache in zip(keep, self.scorer.encode([histories[k] for k in keep]) if keep else [], strict=True):
             caches[k] = cache
             evicted = self.store.put_cache(jobs[k].user, cache, kv_cache.nbytes(cache))
@@ -234,10 +236,8 @@ class Engine:
                                        [when[k] for k in cold])
             for k, score in zip(cold, scores, strict=True):
                 out[k] = score
-        self.metrics.candidates.inc(sum(len(c) for c in candidates))
-        self.metrics.cache_hits.inc(hits)
-        self.metrics.cache_misses.inc(misses)
-        return out
+        stored = sum(state is not None for state in states)
+        return out, stored - len(missed), len(missed)
 
     # ------------------------------------------------------------------------------------ events
     def append_events(self, jobs: list[EventsJob]) -> list:
