@@ -180,6 +180,36 @@ def test_every_bias_form_of_a_tile_matches_reference(positions, forward_tiles):
     _check(layout, DTYPES[0], bias=True, pos_buckets=40, backend=backend_module.triton_backend(config))
 
 
+@pytest.mark.parametrize("dq_rows", [64, 128])
+def test_bias_gradients_shared_by_the_dq_and_bias_gradient_kernels_match_reference(dq_rows):
+    """Pairs past a 9-slot position table in at most two time buckets get their bias gradients from
+    the dQ kernel (row sums of its score gradients), the others from the bias-gradient kernel, which
+    skips the first: a pair counted twice or never would show in the tables' gradients. Quadratic
+    timestamps make one query tile's flagged pairs fall from one bucket into a pair of lower ones
+    (the dQ kernel's per-bucket registers change), which the test checks before comparing."""
+    from genrec.ops.masks import time_bucket
+    from genrec.ops.triton.hstu import KernelConfig
+    from genrec.ops.triton.tiles import KernelMeta, bias_in_dq_pairs, tile_spans
+
+    idx = torch.arange(320)
+    layout = TokenLayout(valid=torch.stack([idx < 320, idx < 250]).to(DEVICE), request=idx.expand(2, -1).to(DEVICE),
+                         event=idx.expand(2, -1).to(DEVICE), fake=torch.zeros(2, 320, dtype=torch.bool, device=DEVICE),
+                         position=idx.expand(2, -1).to(DEVICE), timestamp=(40 * idx**2).expand(2, -1).to(DEVICE),
+                         rule="causal")
+    spans = tile_spans(KernelMeta.from_layout(layout))
+    flagged = bias_in_dq_pairs(spans, spans, dq_rows, 64, 9, 32)[0].cpu()
+    ts = layout.timestamp[0].cpu()
+    lowest, forms = set(), set()
+    for qt, kt in flagged.nonzero().tolist():
+        buckets = time_bucket(ts[qt * dq_rows:(qt + 1) * dq_rows, None] - ts[None, kt * 64:(kt + 1) * 64], 32)
+        forms.add(len(torch.unique(buckets)))
+        lowest.add((qt, int(buckets.min())))
+    assert forms == {1, 2} and len(lowest) > len({qt for qt, _ in lowest}), (forms, lowest)
+    tile = (dq_rows, 64, 4, 1)
+    _check(layout, DTYPES[0], bias=True, pos_buckets=9,
+           backend=backend_module.triton_backend(KernelConfig(dq=tile, dq_large=tile, dq_fp32_large=tile)))
+
+
 @gpu_only
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("dim", [32, 64, 128])

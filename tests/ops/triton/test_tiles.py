@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
 from genrec.nn import events
 from genrec.nn.events import Events, append_candidates, dual_flow_layout, event_layout, item_action_layout
-from genrec.ops.masks import build_mask
+from genrec.ops.masks import build_mask, time_bucket
 from genrec.ops.triton import tiles
-from genrec.ops.triton.tiles import KernelMeta, tile_full, tile_lists, tile_pairs, tile_spans
+from genrec.ops.triton.tiles import KernelMeta, bias_in_dq_pairs, tile_full, tile_lists, tile_pairs, tile_spans
 from tests.helpers import make_batch
 
 
-def _layouts():
-    ev = Events.from_batch(make_batch([37, 90, 5, 61, 1], seed=2, all_targets=False))
+def _layouts(lengths: tuple[int, ...] = (37, 90, 5, 61, 1)):
+    ev = Events.from_batch(make_batch(list(lengths), seed=2, all_targets=False))
     history = event_layout(ev, "dual_flow")
     return {"causal": (event_layout(ev, "causal"), 0), "request_causal": (item_action_layout(ev), 0),
             "dual_flow": (dual_flow_layout(ev), 0), "genrank_candidates": (dual_flow_layout(ev, ev.target), 0),
@@ -82,6 +84,36 @@ def test_tile_spans_are_the_extremes_of_each_runs_valid_tokens(name):
             pos, ts = meta.position[row, at][valid], meta.timestamp[row, at][valid]
             assert spans[row, chunk].tolist() == [pos.min(), pos.max(), ts.min(), ts.max()]
     assert empty or name.endswith("_cache"), "no empty run: the fill is not exercised"
+
+
+@pytest.mark.parametrize("name", ["causal", "dual_flow", "hstu_cache", "dfgr_cache"])
+@pytest.mark.parametrize("block_q", [64, 128])
+def test_pairs_whose_bias_gradients_the_dq_kernel_adds_are_one_position_slot_and_at_most_two_time_buckets(
+        name, block_q):
+    """What the dQ kernel assumes of a flagged pair, checked per token pair (brute force over the
+    valid ones): every distance at or past the table's last slot and the time buckets within two
+    adjacent ones. Conversely a pair with both properties and valid tokens on both sides is flagged
+    (the flags follow the same extremes): the split is not vacuous."""
+    layout, q_offset = _layouts((300, 170, 5))[name]
+    meta = KernelMeta.from_layout(layout)
+    num_pos, num_time = 6, 32
+    flagged = bias_in_dq_pairs(tile_spans(meta, q_offset), tile_spans(meta, 0), block_q, 64, num_pos, num_time)
+    b, seq = meta.flags.shape
+    assert flagged.shape == (b, -(-(seq - q_offset) // block_q), -(-seq // 64))
+    valid = meta.flags & 1 != 0
+    count = 0
+    for row, qt, kt in itertools.product(*map(range, flagged.shape)):
+        q = torch.arange(q_offset + qt * block_q, min(q_offset + (qt + 1) * block_q, seq))
+        k = torch.arange(kt * 64, min((kt + 1) * 64, seq))
+        q, k = q[valid[row, q]], k[valid[row, k]]
+        if len(q) == 0 or len(k) == 0:
+            continue
+        dist = meta.position[row, q, None] - meta.position[row, None, k]
+        buckets = time_bucket(meta.timestamp[row, q, None].long() - meta.timestamp[row, None, k], num_time)
+        simple = bool(dist.min() >= num_pos - 1) and int(buckets.max() - buckets.min()) <= 1
+        assert bool(flagged[row, qt, kt]) == simple, (row, qt, kt)
+        count += simple
+    assert count > 0, "no flagged pair: the dQ kernel's share is not exercised"
 
 
 @pytest.mark.parametrize("name", ["dual_flow", "dfgr_cache"])

@@ -17,7 +17,11 @@ one comparison per pair where they span two buckets, a table read per pair other
 come from a kernel of their own over the dK/dV schedule (:func:`_hstu_bwd_rab`: beside dK/dV's
 accumulators they spilled registers), gathered in each program (the table's last slot and the time
 table in registers, added once at the program's end); the position table's other slots are reduced
-per tile by distance (:func:`_position_grad`) before their atomic adds. ``q_offset``
+per tile by distance (:func:`_position_grad`) before their atomic adds. The pairs whose bias is the
+table's last slot and at most two time buckets (most of a long sequence's pairs;
+:func:`genrec.ops.triton.tiles.bias_in_dq_pairs`) need no recomputed scores for their gradients:
+with the dQ kernel on, it adds them as row sums of the score gradients it already holds, and the
+bias-gradient kernel skips those pairs (flag ``BIAS_IN_DQ`` in the schedules). ``q_offset``
 makes the queries the layout's tokens ``q_offset..L-1`` against all ``L`` keys: that is attention
 over a KV cache (history keys, then the new tokens).
 
@@ -40,7 +44,19 @@ import triton.language as tl
 
 from genrec.ops.layout import RULE_IDS, TokenLayout
 from genrec.ops.triton import tiles
-from genrec.ops.triton.tiles import FAKE, VALID, KernelMeta, tile_full, tile_lists, tile_pairs, tile_spans, tile_stats
+from genrec.ops.triton.tiles import (
+    BIAS_IN_DQ,
+    FAKE,
+    FULL,
+    VALID,
+    KernelMeta,
+    bias_in_dq_pairs,
+    tile_full,
+    tile_lists,
+    tile_pairs,
+    tile_spans,
+    tile_stats,
+)
 
 Tile = tuple[int, int, int, int]  # (BLOCK_M, BLOCK_N, num_warps, num_stages); BLOCK_M runs over queries
 
@@ -84,6 +100,8 @@ class KernelConfig:
 DEFAULT_CONFIG = KernelConfig()
 VALID_BIT: tl.constexpr = tl.constexpr(VALID)
 FAKE_BIT: tl.constexpr = tl.constexpr(FAKE)
+FULL_BIT: tl.constexpr = tl.constexpr(FULL)
+BIAS_IN_DQ_BIT: tl.constexpr = tl.constexpr(BIAS_IN_DQ)
 # The rule ids the kernels branch on, from the one table of mask rules (genrec.ops.layout.RULES).
 CAUSAL: tl.constexpr = tl.constexpr(RULE_IDS["causal"])
 REQUEST_CAUSAL: tl.constexpr = tl.constexpr(RULE_IDS["request_causal"])
@@ -322,8 +340,8 @@ def _visited_key_tile(K, V, POS, TS, K_SPAN, REL_POS, REL_TIME, KV_INDEX, i, q, 
                       q_ts_hi, b, h, tile, cols, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ib, s_iq, s_ksb, k_chunks, L,
                       NUM_POS, NUM_TIME, alpha, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
                       BLOCK_N: tl.constexpr):
-    """The ``i``-th key tile a query tile's program visits (forward, dQ): its tokens, keys and values
-    and the biased scores ``[BLOCK_M, BLOCK_N]``."""
+    """The ``i``-th key tile a query tile's program visits (forward, dQ): its tokens, keys and values,
+    the biased scores ``[BLOCK_M, BLOCK_N]`` and the pair's lowest and highest time bucket."""
     k_tile = tl.load(KV_INDEX + b * s_ib + tile * s_iq + i)
     keys = k_tile * BLOCK_N + tl.arange(0, BLOCK_N)
     k_in = keys < L
@@ -334,7 +352,7 @@ def _visited_key_tile(K, V, POS, TS, K_SPAN, REL_POS, REL_TIME, KV_INDEX, i, q, 
     s = _scores(q, k, POS, TS, (b * L + q_tok)[:, None], (b * L + keys)[None, :], q_in[:, None], k_in[None, :],
                 dist_lo, t_lo, t_hi, REL_POS + h * NUM_POS, REL_TIME + h * NUM_TIME, NUM_POS, NUM_TIME, alpha,
                 HAS_BIAS, PRECISION)  # [BLOCK_M, BLOCK_N]
-    return keys, k_in, k, v, s
+    return keys, k_in, k, v, s, t_lo, t_hi
 
 
 @triton.jit
@@ -355,12 +373,12 @@ def _hstu_fwd(Q, K, V, O, REQ, EVT, FLAG, POS, TS, Q_SPAN, K_SPAN, REL_POS, REL_
     acc = tl.zeros((BLOCK_M, D), dtype=tl.float32)
     count = tl.load(KV_COUNT + b * s_cb + tile)
     for i in range(0, count):
-        keys, k_in, k, v, s = _visited_key_tile(
+        keys, k_in, k, v, s, _, _ = _visited_key_tile(
             K, V, POS, TS, K_SPAN, REL_POS, REL_TIME, KV_INDEX, i, q, q_tok, q_in, q_pos_lo, q_ts_lo, q_ts_hi, b, h,
             tile, cols, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ib, s_iq, s_ksb, k_chunks, L, NUM_POS, NUM_TIME, alpha,
             HAS_BIAS, PRECISION, BLOCK_N)  # [BLOCK_M, BLOCK_N] scores
         a = s * _sigmoid(s, PRECISION) * scale
-        if tl.load(KV_FULL + b * s_ib + tile * s_iq + i) == 0:  # else the rule allows the whole tile
+        if (tl.load(KV_FULL + b * s_ib + tile * s_iq + i) & FULL_BIT) == 0:  # else the rule allows the whole tile
             k_req, k_evt, k_flag = _rule_meta(REQ, EVT, FLAG, b * L + keys, k_in)
             allowed = _allowed(q_tok[:, None], keys[None, :], q_req[:, None], k_req[None, :], q_evt[:, None],
                                k_evt[None, :], q_flag[:, None], k_flag[None, :], RULE)
@@ -402,7 +420,7 @@ def _query_tile_grads(Q, DO, REQ, EVT, FLAG, POS, TS, Q_SPAN, REL_POS, REL_TIME,
     s = _scores(k, q, POS, TS, meta[None, :], (b * L + keys)[:, None], q_in[None, :], k_in[:, None], dist_lo, t_lo,
                 t_hi, REL_POS + h * NUM_POS, REL_TIME + h * NUM_TIME, NUM_POS, NUM_TIME, alpha, HAS_BIAS,
                 PRECISION)  # [BLOCK_N, BLOCK_M]
-    if tl.load(Q_FULL + b * s_ib + tile * s_iq + i) == 0:
+    if (tl.load(Q_FULL + b * s_ib + tile * s_iq + i) & FULL_BIT) == 0:
         q_req, q_evt, q_flag = _rule_meta(REQ, EVT, FLAG, meta, q_in)
         allowed = _allowed(q_tok[None, :], keys[:, None], q_req[None, :], k_req[:, None], q_evt[None, :],
                            k_evt[:, None], q_flag[None, :], k_flag[:, None], RULE)
@@ -474,29 +492,44 @@ def _hstu_bwd_rab(Q, K, V, DO, REQ, EVT, FLAG, POS, TS, Q_SPAN, K_SPAN, REL_POS,
     time_grad = tl.zeros((TIME_SLOTS,), dtype=tl.float32)
     count = tl.load(Q_COUNT + b * s_cb + tile)
     for i in range(0, count):
-        rows, q_in, _, _, _, ds, allowed, q_pos_lo, q_pos_hi, t_lo, t_hi = _query_tile_grads(
-            Q, DO, REQ, EVT, FLAG, POS, TS, Q_SPAN, REL_POS, REL_TIME, Q_INDEX, Q_FULL, i, k, v, keys, k_in, k_req,
-            k_evt, k_flag, k_pos_hi, k_ts_lo, k_ts_hi, b, h, tile, cols, s_qb, s_qh, s_qm, s_db, s_dh, s_dm, s_ib,
-            s_iq, s_qsb, q_chunks, LQ, L, Q_OFFSET, NUM_POS, NUM_TIME, alpha, scale, RULE, True, PRECISION,
-            BLOCK_M, BLOCK_N)
-        q_pos, q_ts, q_live = _bias_meta(POS, TS, FLAG, b * L + rows + Q_OFFSET, q_in)
-        total = tl.sum(ds)
-        pos_top = _position_grad(D_REL_POS + h * NUM_POS, pos_top, ds, total, q_pos, k_pos, q_live, q_pos_lo,
-                                 q_pos_hi, k_pos_lo, k_pos_hi, k_run, allowed, NUM_POS, PRECISION, BLOCK_N)
-        time_grad = _time_grad(time_grad, ds, total, q_ts[None, :], k_ts[:, None], t_lo, t_hi, NUM_TIME, TIME_SLOTS)
+        if (tl.load(Q_FULL + b * s_ib + tile * s_iq + i) & BIAS_IN_DQ_BIT) == 0:  # else _hstu_bwd_dq adds them
+            rows, q_in, _, _, _, ds, allowed, q_pos_lo, q_pos_hi, t_lo, t_hi = _query_tile_grads(
+                Q, DO, REQ, EVT, FLAG, POS, TS, Q_SPAN, REL_POS, REL_TIME, Q_INDEX, Q_FULL, i, k, v, keys, k_in,
+                k_req, k_evt, k_flag, k_pos_hi, k_ts_lo, k_ts_hi, b, h, tile, cols, s_qb, s_qh, s_qm, s_db, s_dh,
+                s_dm, s_ib, s_iq, s_qsb, q_chunks, LQ, L, Q_OFFSET, NUM_POS, NUM_TIME, alpha, scale, RULE, True,
+                PRECISION, BLOCK_M, BLOCK_N)
+            q_pos, q_ts, q_live = _bias_meta(POS, TS, FLAG, b * L + rows + Q_OFFSET, q_in)
+            total = tl.sum(ds)
+            pos_top = _position_grad(D_REL_POS + h * NUM_POS, pos_top, ds, total, q_pos, k_pos, q_live, q_pos_lo,
+                                     q_pos_hi, k_pos_lo, k_pos_hi, k_run, allowed, NUM_POS, PRECISION, BLOCK_N)
+            time_grad = _time_grad(time_grad, ds, total, q_ts[None, :], k_ts[:, None], t_lo, t_hi, NUM_TIME,
+                                   TIME_SLOTS)
     tl.atomic_add(D_REL_POS + h * NUM_POS + NUM_POS - 1, pos_top, mask=pos_top != 0.0)
     slot = tl.arange(0, TIME_SLOTS)
     tl.atomic_add(D_REL_TIME + h * NUM_TIME + slot, time_grad, mask=(slot < NUM_TIME) & (time_grad != 0.0))
 
 
 @triton.jit
+def _time_rows_flush(time_grad, lo_rows, hi_rows, t, SLOTS: tl.constexpr):
+    """``time_grad`` ``[SLOTS]`` plus the sums of the row accumulators of buckets ``t`` and ``t + 1``."""
+    slot = tl.arange(0, SLOTS)
+    return time_grad + tl.where(slot == t, tl.sum(lo_rows), tl.where(slot == t + 1, tl.sum(hi_rows), 0.0))
+
+
+@triton.jit
 def _hstu_bwd_dq(Q, K, V, DO, DQ, REQ, EVT, FLAG, POS, TS, Q_SPAN, K_SPAN, REL_POS, REL_TIME, KV_COUNT, KV_INDEX,
                  KV_FULL, s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_db, s_dh, s_dm, s_cb, s_ib, s_iq,
                  s_qsb, s_ksb, q_chunks, k_chunks, H, LQ, L, Q_OFFSET, NUM_POS, NUM_TIME, alpha, scale,
-                 s_gb, s_gh, s_gm, RULE: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
-                 D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                 s_gb, s_gh, s_gm, D_REL_POS, D_REL_TIME, RULE: tl.constexpr, HAS_BIAS: tl.constexpr,
+                 BIAS_GRADS: tl.constexpr, PRECISION: tl.constexpr, TIME_SLOTS: tl.constexpr, D: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """dQ without atomics: one query tile per program over the forward schedule (recomputes the
-    scores once more: two extra matrix products per tile pair)."""
+    scores once more: two extra matrix products per tile pair). ``BIAS_GRADS``: it also adds the bias
+    gradients of the pairs flagged BIAS_IN_DQ (past the position table, at most two time buckets;
+    :func:`genrec.ops.triton.tiles.bias_in_dq_pairs`), which :func:`_hstu_bwd_rab` then skips: here
+    they are row sums of ``ds`` (a reduction within each row's threads, no barrier), gathered per
+    bucket in registers. The schedule visits key tiles in ascending order, so a query tile's time
+    bucket only falls: the rows' sums reach the time table's registers when it changes."""
     tile, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
     rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -508,23 +541,53 @@ def _hstu_bwd_dq(Q, K, V, DO, DQ, REQ, EVT, FLAG, POS, TS, Q_SPAN, K_SPAN, REL_P
     q_req, q_evt, q_flag = _rule_meta(REQ, EVT, FLAG, b * L + q_tok, q_in)
     q_pos_lo, _, q_ts_lo, q_ts_hi = _tile_span(Q_SPAN, b, s_qsb, tile, q_chunks, BLOCK_M, HAS_BIAS)
     dq = tl.zeros((BLOCK_M, D), dtype=tl.float32)
+    if BIAS_GRADS:
+        q_ts = tl.load(TS + b * L + q_tok, mask=q_in, other=0)
+        pos_rows = tl.zeros((BLOCK_M,), dtype=tl.float32)  # the position table's last slot, per query
+        lo_rows = tl.zeros((BLOCK_M,), dtype=tl.float32)  # time bucket t, per query
+        hi_rows = tl.zeros((BLOCK_M,), dtype=tl.float32)  # time bucket t + 1
+        t = -1
+        time_grad = tl.zeros((TIME_SLOTS,), dtype=tl.float32)
     count = tl.load(KV_COUNT + b * s_cb + tile)
     for i in range(0, count):
-        keys, k_in, k, v, s = _visited_key_tile(
+        keys, k_in, k, v, s, t_lo, t_hi = _visited_key_tile(
             K, V, POS, TS, K_SPAN, REL_POS, REL_TIME, KV_INDEX, i, q, q_tok, q_in, q_pos_lo, q_ts_lo, q_ts_hi, b, h,
             tile, cols, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ib, s_iq, s_ksb, k_chunks, L, NUM_POS, NUM_TIME, alpha,
             HAS_BIAS, PRECISION, BLOCK_N)  # [BLOCK_M, BLOCK_N] scores
         sig = _sigmoid(s, PRECISION)
         da = tl.dot(do, tl.trans(v), input_precision=PRECISION)  # [BLOCK_M, BLOCK_N]
         ds = da * scale * sig * (1.0 + s * (1.0 - sig))
-        if tl.load(KV_FULL + b * s_ib + tile * s_iq + i) == 0:
+        flags = tl.load(KV_FULL + b * s_ib + tile * s_iq + i)
+        if (flags & FULL_BIT) == 0:
             k_req, k_evt, k_flag = _rule_meta(REQ, EVT, FLAG, b * L + keys, k_in)
             allowed = _allowed(q_tok[:, None], keys[None, :], q_req[:, None], k_req[None, :], q_evt[:, None],
                                k_evt[None, :], q_flag[:, None], k_flag[None, :], RULE)
             ds = tl.where(allowed, ds, 0.0)
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+        if BIAS_GRADS:
+            if (flags & BIAS_IN_DQ_BIT) != 0:
+                by_row = tl.sum(ds, axis=1)  # [BLOCK_M]
+                pos_rows += by_row
+                if t_lo != t:
+                    time_grad = _time_rows_flush(time_grad, lo_rows, hi_rows, t, TIME_SLOTS)
+                    lo_rows = tl.zeros((BLOCK_M,), dtype=tl.float32)
+                    hi_rows = tl.zeros((BLOCK_M,), dtype=tl.float32)
+                    t = t_lo
+                if t_hi == t_lo + 1:  # two buckets: the pairs at or above t_hi's lower edge
+                    k_ts = tl.load(TS + b * L + keys, mask=k_in, other=0)
+                    upper = tl.sum(tl.where(_bucket_at_least(q_ts[:, None] - k_ts[None, :], t_hi), ds, 0.0), axis=1)
+                    hi_rows += upper
+                    lo_rows += by_row - upper
+                else:
+                    lo_rows += by_row
     out = DQ + b * s_gb + h * s_gh + rows[:, None] * s_gm + cols[None, :]
     tl.store(out, (dq * alpha).to(DQ.dtype.element_ty), mask=rows[:, None] < LQ)
+    if BIAS_GRADS:
+        time_grad = _time_rows_flush(time_grad, lo_rows, hi_rows, t, TIME_SLOTS)
+        top = tl.sum(pos_rows)
+        tl.atomic_add(D_REL_POS + h * NUM_POS + NUM_POS - 1, top, mask=top != 0.0)
+        slot = tl.arange(0, TIME_SLOTS)
+        tl.atomic_add(D_REL_TIME + h * NUM_TIME + slot, time_grad, mask=(slot < NUM_TIME) & (time_grad != 0.0))
 
 
 def _schedule(layout: TokenLayout, meta: KernelMeta, tile: Tile, q_offset: int, transpose: bool):
@@ -541,6 +604,26 @@ def _schedule(layout: TokenLayout, meta: KernelMeta, tile: Tile, q_offset: int, 
         pairs, full = layout.cached(("triton_pairs", block_q, block_k, q_offset), pairs_and_full)
         return tile_lists(pairs.transpose(1, 2), full.transpose(1, 2)) if transpose else tile_lists(pairs, full)
     return layout.cached(("triton_tiles", block_q, block_k, q_offset, transpose), build)
+
+
+def _splits_bias_grads(bwd_tile: Tile, dq_tile: Tile) -> bool:
+    """Whether the dQ kernel can take over the bias gradients of some tile pairs from
+    :func:`_hstu_bwd_rab`: its pairs must each cover whole pairs of the dK/dV schedule (same key
+    tiles, query tiles a multiple), and its query tiles whole rows of the span table."""
+    return dq_tile[1] == bwd_tile[1] and dq_tile[0] % bwd_tile[0] == 0 and dq_tile[0] % tiles.SPAN_TILE == 0
+
+
+def _bias_in_dq_flags(backward: tuple, dq: tuple, q_span: torch.Tensor, k_span: torch.Tensor, bwd_tile: Tile,
+                      dq_tile: Tile, num_pos: int, num_time: int) -> tuple[tuple, tuple]:
+    """The dK/dV and dQ schedules with BIAS_IN_DQ set on the pairs whose bias gradients the dQ kernel
+    adds (:func:`genrec.ops.triton.tiles.bias_in_dq_pairs`, decided per dQ pair; a dK/dV pair inherits
+    its dQ pair's flag), so that each pair's gradients are added by exactly one kernel."""
+    in_dq = bias_in_dq_pairs(q_span, k_span, dq_tile[0], dq_tile[1], num_pos, num_time).int()  # [B, nQ, nK]
+    (bwd_count, bwd_index, bwd_full), (dq_count, dq_index, dq_full) = backward, dq
+    per_dq = in_dq.repeat_interleave(dq_tile[0] // bwd_tile[0], 1)[:, :bwd_index.shape[2]]  # [B, nQ', nK]
+    bwd_flags = bwd_full | (per_dq.mT.gather(-1, bwd_index.long()) * BIAS_IN_DQ)
+    dq_flags = dq_full | (in_dq.gather(-1, dq_index.long()) * BIAS_IN_DQ)
+    return (bwd_count, bwd_index, bwd_flags.contiguous()), (dq_count, dq_index, dq_flags.contiguous())
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -618,18 +701,19 @@ def _bwd_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
     _hstu_bwd[(triton.cdiv(seq, block_n), b * h)](
         q, k, v, grad_out, dq, dk, dv, *meta, bwd_count, bwd_index, bwd_full, *strides, *sizes, *_strides(dq, dk),
         RULE=rule, HAS_BIAS=has_bias, PRECISION=precision, DQ_ATOMIC=not dq_separate, **launch)
+    time_slots = triton.next_power_of_2(max(rel_time.shape[-1], 16))
     if has_bias:
         _hstu_bwd_rab[(triton.cdiv(seq, block_n), b * h)](
             q, k, v, grad_out, *meta, bwd_count, bwd_index, bwd_full, *strides, *sizes, d_pos, d_time, RULE=rule,
-            PRECISION=precision, TIME_SLOTS=triton.next_power_of_2(max(rel_time.shape[-1], 16)), **launch)
+            PRECISION=precision, TIME_SLOTS=time_slots, **launch)
     if dq_separate:
         block_m, block_n, warps, stages = dq_tile
         _hstu_bwd_dq[(triton.cdiv(lq, block_m), b * h)](
             q, k, v, grad_out, dq, *meta, dq_count, dq_index, dq_full, *strides,
             *_sizes(dq_count, dq_index, q_span, k_span, q, seq, q_offset, rel_pos.shape[-1], rel_time.shape[-1],
                     scale),
-            *_strides(dq), RULE=rule, HAS_BIAS=has_bias, PRECISION=precision, D=d, BLOCK_M=block_m,
-            BLOCK_N=block_n, num_warps=warps, num_stages=stages)
+            *_strides(dq), d_pos, d_time, RULE=rule, HAS_BIAS=has_bias, BIAS_GRADS=has_bias, PRECISION=precision,
+            TIME_SLOTS=time_slots, D=d, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
     return dq.to(q.dtype), dk, dv, d_pos, d_time
 
 
@@ -690,6 +774,10 @@ def hstu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: To
     grads = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, rel_pos, rel_time))
     backward = _schedule(layout, meta, bwd_tile, q_offset, transpose=True) if grads else forward
     dq = _schedule(layout, meta, dq_tile, q_offset, transpose=False) if grads and config.dq_separate else backward
+    if grads and has_bias and config.dq_separate and _splits_bias_grads(bwd_tile, dq_tile):
+        key = ("triton_bias_in_dq", tuple(bwd_tile), tuple(dq_tile), q_offset, rel_pos.shape[-1], rel_time.shape[-1])
+        backward, dq = layout.cached(key, lambda: _bias_in_dq_flags(backward, dq, q_span, k_span, bwd_tile, dq_tile,
+                                                                    rel_pos.shape[-1], rel_time.shape[-1]))
     return _fwd_op(q, k, v, meta.request, meta.event, meta.flags, meta.position, meta.timestamp, q_span, k_span,
                    rel_pos, rel_time, *forward, *backward, *dq, scale, q_offset, RULE_IDS[layout.rule], has_bias,
                    list(fwd_tile), list(bwd_tile), list(dq_tile), config.dq_separate)

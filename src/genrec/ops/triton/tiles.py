@@ -16,8 +16,10 @@ import torch
 import torch.nn.functional as F
 
 from genrec.ops.layout import TokenLayout, check_time_span
+from genrec.ops.masks import time_bucket
 
 VALID, FAKE = 1, 2  # bits of KernelMeta.flags
+FULL, BIAS_IN_DQ = 1, 2  # bits of a schedule's per-pair flags (tile_lists, bias_in_dq_pairs)
 _BIG = 2**30
 POS_BOUND = 2**29  # above any position: differences of +-POS_BOUND fit int32
 TS_TOP = 2**31 - 1  # kernel timestamps lie in [0, 2^31)
@@ -106,6 +108,35 @@ def tile_spans(meta: KernelMeta, start: int = 0) -> torch.Tensor:
     spans = (*low_high(meta.position[:, start:], POS_BOUND, -POS_BOUND),
              *low_high(meta.timestamp[:, start:], TS_TOP, 0))
     return torch.stack(spans, -1).to(torch.int32).contiguous()
+
+
+def _tile_extremes(spans: torch.Tensor, block: int) -> torch.Tensor:
+    """``[B, nT, 4]``: the rows of :func:`tile_spans` combined over tiles of ``block`` tokens (a
+    multiple of SPAN_TILE), as the kernels' ``_tile_span`` combines them."""
+    per = block // SPAN_TILE
+    pad = -spans.shape[1] % per
+    if pad:
+        empty = torch.tensor([POS_BOUND, -POS_BOUND, TS_TOP, 0], dtype=spans.dtype, device=spans.device)
+        spans = torch.cat([spans, empty.expand(spans.shape[0], pad, 4)], 1)
+    rows = spans.unflatten(1, (-1, per))  # [B, nT, per, 4]
+    low, high = rows.amin(2), rows.amax(2)
+    return torch.stack([low[..., 0], high[..., 1], low[..., 2], high[..., 3]], -1)
+
+
+def bias_in_dq_pairs(q_spans: torch.Tensor, k_spans: torch.Tensor, block_q: int, block_k: int, num_pos: int,
+                     num_time: int) -> torch.Tensor:
+    """``[B, nQ, nK]`` bool: tile pairs whose relative bias is one value of the position table (every
+    distance at or past its last slot) and at most two time buckets, so that their bias gradients
+    are row sums of the score gradients, split once by time: the dQ kernel adds those (no barrier,
+    no recomputed scores) and the bias-gradient kernel skips the pair. The same extremes and buckets
+    the kernels compute (``_bias_range``), from the span tables of both sides."""
+    q = _tile_extremes(q_spans, block_q)[:, :, None].long()  # [B, nQ, 1, 4]
+    k = _tile_extremes(k_spans, block_k)[:, None].long()  # [B, 1, nK, 4]
+
+    def bucket(dt: torch.Tensor) -> torch.Tensor:  # the kernels clamp Δt below 2^31 - 1 first
+        return time_bucket(dt.clamp(max=TS_TOP - 1), num_time)
+    far = q[..., 0] - k[..., 1] >= num_pos - 1
+    return far & (bucket(q[..., 3] - k[..., 2]) <= bucket(q[..., 2] - k[..., 3]) + 1)
 
 
 def tile_pairs(meta: KernelMeta, rule: str, block_q: int, block_k: int, q_offset: int = 0,
