@@ -1,6 +1,7 @@
 """benchmarks/speed.py on CPU: its DFGR/HSTU ratio rows and issue 14's targets computed from train
-rows (the GPU part itself needs a CUDA device), and ``--tables`` rewriting a committed result file
-without changing a measured number."""
+and layout rows (the GPU part itself needs a CUDA device), ``--tables`` rewriting a committed result
+file without changing a measured number, the host batches of the train part, and
+:func:`layouts_reused` on a small CPU model."""
 
 from __future__ import annotations
 
@@ -10,6 +11,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+from genrec.models import build_model
+from genrec.ops.reference import attention as reference_attention
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "benchmarks"))
@@ -65,9 +70,15 @@ def test_rewriting_the_tables_of_a_committed_file_keeps_every_measured_number(tm
 
     assert ratios(after) == ratios(before)
     old = {t["name"]: t for t in before["targets"]}
-    for t in after["targets"]:
-        if t["name"] != "dfgr_over_hstu_train_sparse_min":
-            assert (t["value"], t["met"]) == (old[t["name"]]["value"], old[t["name"]]["met"]), t["name"]
+    new = {t["name"]: t for t in after["targets"]}
+    for name in old.keys() - {"dfgr_over_hstu_train_sparse_min", "layout_share_of_step_max"}:
+        assert (new[name]["value"], new[name]["met"]) == (old[name]["value"], old[name]["met"]), name
+    # the committed layout rows timed the build standalone only: the in-step target has no value
+    # from them, and their standalone share is the informational entry
+    assert new["layout_share_of_step_max"]["value"] is None and new["layout_share_of_step_max"]["met"] is False
+    assert "no in_step_share" in new["layout_share_of_step_max"]["reason"]
+    assert new["layout_standalone_share_of_step_max"]["value"] == pytest.approx(
+        old["layout_share_of_step_max"]["value"])
 
 
 def test_merging_new_train_rows_replaces_the_every_target_rows_and_keeps_the_rest():
@@ -121,3 +132,95 @@ def test_combining_a_cut_device_call_drops_the_kernel_rows_its_new_code_replaced
     assert goals["nobias_over_fastest_sdpa_fwd_bwd_max"]["value"] == 2.0
     with pytest.raises(SystemExit, match="single-run"):
         speed.main(["--rows", str(tmp_path / "speed_Some_GPU.json"), "--merge", str(tmp_path / "old.json")])
+
+
+def _layout(model: str, n: int, share: float, step_ms: float, reused_ms: float, layout_ms: float) -> dict:
+    return {"bench": "layout", "model": model, "n": n, "target_share": share, "step_ms": step_ms,
+            "step_ms_layout_reused": reused_ms, "layout_in_step_ms": step_ms - reused_ms,
+            "in_step_share": (step_ms - reused_ms) / step_ms, "layout_ms": layout_ms,
+            "standalone_share_of_step": layout_ms / step_ms}
+
+
+def test_the_layout_target_is_the_worst_in_step_share_and_the_standalone_share_is_informational():
+    rows = [_layout("hstu", 1024, 1.0, 100.0, 98.0, 6.0), _layout("dfgr", 1024, 1.0, 50.0, 48.5, 6.0)]
+    goal = _goal(rows, "layout_share_of_step_max")
+    assert goal["value"] == pytest.approx(0.03) and goal["met"] is True  # DFGR: 1.5 ms of 50
+    standalone = _goal(rows, "layout_standalone_share_of_step_max")
+    assert standalone["value"] == pytest.approx(0.12) and standalone["met"] is None and standalone["target"] is None
+    rows[0]["in_step_share"] = 0.06
+    assert _goal(rows, "layout_share_of_step_max")["met"] is False
+
+
+def test_a_layout_row_of_an_earlier_run_leaves_the_layout_target_null_and_unmet():
+    """A row timed before the in-step timing (standalone only, its share named ``share_of_step``)
+    beside new ones: no worst case over the new rows alone, which would not cover its shape."""
+    old = {"bench": "layout", "model": "dfgr_sparse", "n": 2048, "target_share": 0.1, "layout_ms": 7.0,
+           "step_ms": 50.0, "share_of_step": 0.14}
+    rows = [_layout("hstu", 1024, 1.0, 100.0, 99.0, 6.0), old]
+    goal = _goal(rows, "layout_share_of_step_max")
+    assert goal["value"] is None and goal["met"] is False
+    assert "1 of 2 layout rows" in goal["reason"] and "dfgr_sparse at share 0.1" in goal["reason"]
+    assert _goal(rows, "layout_standalone_share_of_step_max")["value"] == pytest.approx(0.14)
+
+
+def test_train_batches_are_host_batches_whose_steps_skip_the_device_check():
+    from genrec.ops.layout import times_within_limit
+
+    data = speed.train_data(4, 8192, 1.0)  # the longest history of the committed runs
+    assert len(data) == 3 and all(b.timestamps.device.type == "cpu" and times_within_limit(b.timestamps)
+                                  for b in data)
+    assert int(data[0].timestamps.min()) >= speed.FIRST_EVENT_S
+
+
+def _cpu_model(name: str) -> torch.nn.Module:
+    """A small model of the train part on the reference backend, whose attention caches its dense
+    mask on the layout (:meth:`TokenLayout.cached`): a built mask is a built layout."""
+    registry, preset = speed.VARIANTS.get(name, (name, {}))
+    torch.manual_seed(0)
+    return build_model(registry, {"d_model": 16, "num_heads": 2, "num_layers": 2, "dropout": 0.0, **preset},
+                       speed.INFO, 16)
+
+
+@pytest.fixture
+def masks_built(monkeypatch) -> list[int]:
+    """How many dense masks the reference attention has built."""
+    built = []
+
+    def counted(layout):
+        built.append(1)
+        return build_mask(layout)
+
+    build_mask = reference_attention.build_mask
+    monkeypatch.setattr(reference_attention, "build_mask", counted)
+    return built
+
+
+@pytest.mark.parametrize("name", sorted(speed.TRAIN_LAYOUTS))
+def test_under_layouts_reused_a_second_forward_builds_no_layout(name, masks_built):
+    model, batch = _cpu_model(name), speed.synthetic_batch(2, 16, 0, device="cpu", target_share=0.5)
+    model(batch)
+    assert len(masks_built) == 1  # once per forward, shared by both layers
+    with speed.layouts_reused(model):
+        model(batch)
+        model(batch)
+    assert len(masks_built) == 2  # the first forward under it built, the second reused
+    model(batch)
+    assert len(masks_built) == 3  # and after it each forward builds its own again
+
+
+@pytest.mark.parametrize("name", sorted(speed.TRAIN_LAYOUTS))
+def test_a_reused_layout_gives_the_same_loss(name):
+    model, batch = _cpu_model(name), speed.synthetic_batch(2, 16, 0, device="cpu", target_share=0.5)
+    built = model(batch)["loss"]
+    with speed.layouts_reused(model):
+        model(batch)
+        reused = model(batch)["loss"]
+    torch.testing.assert_close(reused, built)
+
+
+def test_layouts_reused_refuses_a_batch_of_another_shape():
+    model = _cpu_model("hstu")
+    with speed.layouts_reused(model):
+        model(speed.synthetic_batch(2, 16, 0, device="cpu"))
+        with pytest.raises(ValueError, match="steps on one batch"):
+            model(speed.synthetic_batch(2, 8, 0, device="cpu"))

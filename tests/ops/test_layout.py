@@ -11,7 +11,16 @@ import torch
 
 from genrec.nn.events import Events, event_layout
 from genrec.ops import masks
-from genrec.ops.layout import RULE_IDS, RULES, TokenLayout, check_time_span, time_spans_checked_on_host
+from genrec.ops.layout import (
+    RULE_IDS,
+    RULES,
+    TIME_LIMIT_S,
+    TokenLayout,
+    check_time_span,
+    host_checked,
+    time_spans_checked_on_host,
+    times_within_limit,
+)
 from genrec.ops.triton import tiles
 from tests.helpers import make_batch
 
@@ -109,10 +118,28 @@ def test_timestamps_spanning_int32_seconds_are_refused():
 
 
 def test_host_times_within_the_kernels_limit():
-    from genrec.ops.layout import TIME_LIMIT_S, times_within_limit
-
     assert times_within_limit(torch.tensor([], dtype=torch.int64))
     assert times_within_limit(torch.tensor([0, TIME_LIMIT_S - 1]))
     assert not times_within_limit(torch.tensor([5, TIME_LIMIT_S]))
     assert not times_within_limit(torch.tensor([-1, 5]))
     assert not times_within_limit(torch.tensor([0, 5], device="meta"))  # not read: the device check decides
+
+
+SPANNING = torch.tensor([0, TIME_LIMIT_S])  # a span the device check refuses
+
+
+def test_a_step_over_host_times_within_the_limit_skips_the_device_check():
+    with host_checked(torch.tensor([1_000_000_000, TIME_LIMIT_S - 1])):
+        check_time_span(SPANNING)  # not read back: the host batch was checked
+    with pytest.raises(ValueError, match="2\\^31 s"):  # and only inside
+        check_time_span(SPANNING)
+
+
+def test_a_step_over_host_times_beyond_the_limit_keeps_the_device_check():
+    with host_checked(torch.tensor([-1, 5])), pytest.raises(ValueError, match="2\\^31 s"):
+        check_time_span(SPANNING)
+
+
+def test_a_step_over_device_times_keeps_the_device_check():
+    with host_checked(torch.tensor([0, 5], device="meta")), pytest.raises(ValueError, match="2\\^31 s"):
+        check_time_span(SPANNING)  # the device batch was not read on the host: nothing was checked

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Literal, get_args
 
@@ -84,6 +84,14 @@ def times_within_limit(timestamps: torch.Tensor) -> bool:
     if timestamps.device.type != "cpu":
         return False
     return not len(timestamps) or (int(timestamps.min()) >= 0 and int(timestamps.max()) < TIME_LIMIT_S)
+
+
+def host_checked(timestamps: torch.Tensor) -> AbstractContextManager[None]:
+    """The context a training step's forward runs in, from its host batch's ``timestamps``:
+    :func:`time_spans_checked_on_host` when :func:`times_within_limit` holds, else one that changes
+    nothing (the device check decides). The trainer and the speed benchmark both enter it here, so
+    the step the benchmark times skips the same read-back as the step the trainer takes."""
+    return time_spans_checked_on_host() if times_within_limit(timestamps) else nullcontext()
 
 
 def check_time_span(timestamps: torch.Tensor) -> None:

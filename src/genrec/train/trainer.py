@@ -28,7 +28,6 @@ import csv
 import dataclasses
 import math
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -46,7 +45,7 @@ from genrec.errors import ConfigError
 from genrec.eval.evaluate import metric_names
 from genrec.models import build_model
 from genrec.models.base import RecModel
-from genrec.ops.layout import time_spans_checked_on_host, times_within_limit
+from genrec.ops.layout import host_checked
 from genrec.train import checkpoint
 from genrec.train.console import Console, Progress
 from genrec.train.run_folder import Mode, RunFolder, default_path, record
@@ -285,9 +284,9 @@ class Trainer:
             group["lr"] = lr
         # times checked here on the host batch, so the fused kernels' layout does not read the span
         # back from the device in every forward
-        host_checked = time_spans_checked_on_host() if times_within_limit(batch.timestamps) else nullcontext()
+        times_checked = host_checked(batch.timestamps)
         batch = batch.to(self.device)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast), host_checked:
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast), times_checked:
             losses = self.train_model(batch)
         self.optimizer.zero_grad(set_to_none=True)
         (losses["loss"] * self.strategy.loss_scale(batch)).backward()
