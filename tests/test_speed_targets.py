@@ -69,17 +69,8 @@ def test_rewriting_the_tables_of_a_committed_file_keeps_every_measured_number(tm
                 if r["bench"] == "ratio"}
 
     assert ratios(after) == ratios(before)
-    old = {t["name"]: t for t in before["targets"]}
-    new = {t["name"]: t for t in after["targets"]}
-    for name in old.keys() - {"dfgr_over_hstu_train_sparse_min", "layout_share_of_step_max"}:
-        assert (new[name]["value"], new[name]["met"]) == (old[name]["value"], old[name]["met"]), name
-    # the committed layout rows timed the build standalone only: the in-step target has no value
-    # from them, and their standalone share is the informational entry
-    assert new["layout_share_of_step_max"]["value"] is None and new["layout_share_of_step_max"]["met"] is False
-    assert "no in_step_share" in new["layout_share_of_step_max"]["reason"]
-    assert new["layout_standalone_share_of_step_max"]["value"] == pytest.approx(
-        old["layout_share_of_step_max"]["value"])
-
+    # the committed targets block is what this speed.py computes from the committed rows
+    assert after["targets"] == before["targets"]
 
 def test_merging_new_train_rows_replaces_the_every_target_rows_and_keeps_the_rest():
     """The next GPU run's train part merged into the committed file: its HSTU and DFGR rows at
