@@ -320,9 +320,9 @@ def layouts_reused(model: torch.nn.Module) -> Iterator[None]:
     under it, and with it what that layout caches (:meth:`TokenLayout.cached`: kernel metadata, tile
     schedules, bias spans; built in the first forward's first block). A step then does everything
     but that work, so timing it beside a normal step measures what the layout costs *inside* a step.
-    The forward still builds its events and the layout's ``[B, L]`` fields (a few elementwise kernels,
-    and for ``dfgr_sparse`` the read-back of its target count), then drops the layout. Meant for steps
-    on one batch: a layout of another shape is refused."""
+    The forward still builds its events and the layout's ``[B, L]`` fields (a few elementwise kernels;
+    ``dfgr_sparse``'s target count comes with the batch from the host), then drops the layout. Meant
+    for steps on one batch: a layout of another shape is refused."""
     reused: list[TokenLayout] = []
 
     def reuse_first(block: torch.nn.Module, args: tuple) -> tuple:
@@ -345,7 +345,8 @@ def layouts_reused(model: torch.nn.Module) -> Iterator[None]:
 def layout_ms(name: str, batch: JaggedBatch, args, repeats: int = 10) -> float:
     """Median milliseconds of building a training step's layout standalone: events, the token layout,
     the kernels' int32 metadata (with its timestamp check's read-back, which a host-checked step
-    skips) and the three tile schedules of the model's head dim, synchronised after each build. An
+    skips; for ``dfgr_sparse`` also its target count's, which a step takes from the batch) and the
+    three tile schedules of the model's head dim, synchronised after each build. An
     upper bound: inside a step the work is asynchronous and overlaps the step's kernels."""
     from genrec.ops.triton.hstu import _schedule
     from genrec.ops.triton.tiles import KernelMeta

@@ -49,6 +49,25 @@ def test_target_fake_flow_gives_the_dense_logits_and_gradients(lengths, share):
     torch.testing.assert_close(grads, want_grads, rtol=0, atol=1e-10)
 
 
+def test_the_target_fake_flows_forward_on_a_moved_batch_reads_nothing_back_from_the_device():
+    """On the ``meta`` device any host read raises (as in tests/ops/triton/test_tiles.py): DFGR sizes
+    its target-only fake flow by the count the batch carried from the host, so events, layout and
+    blocks build there. The closing gather at the targets (a boolean index: data-dependent on any
+    device) is faked by meta's all-nonzero ``nonzero``; a batch built on the device reads T back."""
+    from torch.fx.experimental import _config as fx_config
+
+    from genrec.data.batching import JaggedBatch
+    from genrec.ops.layout import time_spans_checked_on_host
+
+    model = make_model("dfgr", torch.float32, fake_flow="targets").to("meta")
+    batch = with_last_targets(make_batch([37, 90, 5, 61, 1], seed=2), 0.1).to("meta")
+    with time_spans_checked_on_host(), fx_config.patch(meta_nonzero_assume_all_nonzero=True):
+        assert model.target_hidden(batch).device.type == "meta"
+        built_there = JaggedBatch(**batch.tensors(), known_max_len=batch.known_max_len)
+        with pytest.raises(RuntimeError, match="meta"):  # the test can fail: a read of T is caught
+            model.target_hidden(built_there)
+
+
 def _rel_error(got: torch.Tensor, want: torch.Tensor) -> float:
     return float((got.double() - want.double()).norm() / want.double().norm().clamp_min(1e-30))
 

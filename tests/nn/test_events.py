@@ -3,8 +3,10 @@ and against the dense ``[real | fake]`` layout it is cut from."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
+from genrec.data.batching import JaggedBatch
 from genrec.nn.events import Events, dual_flow_layout, target_dual_flow_layout
 from genrec.ops.masks import build_mask
 from tests.helpers import make_batch, with_last_targets
@@ -55,3 +57,30 @@ def test_target_fake_flow_is_the_dense_layout_without_the_fake_tokens_of_other_e
         rows = keep[b][layout.valid[b]]
         assert torch.equal(build_mask(layout)[b][layout.valid[b]][:, layout.valid[b]],
                            build_mask(dense)[b][rows][:, rows])
+
+
+def _random_targets(lengths: list[int], seed: int) -> JaggedBatch:
+    """Random sequences (``lengths`` may hold 0, or be empty) whose targets are random events, none
+    in every third row."""
+    if not lengths:  # no rows: a one-row batch cut to none (make_batch types its columns from its rows)
+        return JaggedBatch(**{name: t[:1] if name == "offsets" else t[:0]
+                              for name, t in _random_targets([1], seed).tensors().items()})
+    batch = make_batch(lengths, seed=seed)
+    target = torch.rand(batch.num_events, generator=torch.Generator().manual_seed(seed)) < 0.3  # [T]
+    target &= batch.sequence_index() % 3 != 0
+    return JaggedBatch(**batch.tensors() | {"target_mask": target})
+
+
+@pytest.mark.parametrize("lengths", [[], [0], [4, 0, 9, 1, 30, 2, 17], [1, 1, 1], [50, 3, 0, 44]])
+def test_a_batchs_host_target_count_is_the_fake_flow_the_layout_sees(lengths):
+    """The most targets of a row, counted on the host batch and carried by ``to``, is T of the
+    padded events' layout; given to the layout it builds the same tokens as the device read."""
+    batch = _random_targets(lengths, seed=len(lengths) + sum(lengths))
+    ev = Events.from_batch(batch)
+    assert torch.equal(batch.targets_per_row, ev.target.sum(1))
+    assert batch.max_targets == batch.to("meta").known_max_targets == (int(ev.target.sum(1).max()) if lengths else 0)
+    (layout, index), (read, read_index) = target_dual_flow_layout(ev, batch.max_targets), target_dual_flow_layout(ev)
+    assert torch.equal(index, read_index) and layout.shape == read.shape == (len(lengths), ev.valid.shape[1] +
+                                                                             batch.max_targets)
+    for name in ("valid", "request", "event", "fake", "position", "timestamp"):
+        assert torch.equal(getattr(layout, name), getattr(read, name))

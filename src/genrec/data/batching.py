@@ -44,6 +44,8 @@ class JaggedBatch:
     # the longest sequence, read once where the offsets live (host) and carried by ``to``: on the
     # device each read would be a host sync
     known_max_len: int | None = field(default=None, repr=False, compare=False)
+    # the most targets of a row, the same way: T of DFGR's target-only fake flow, no host sync
+    known_max_targets: int | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self):
         if self.signals is None:  # one-signal data: the binary label is the only signal
@@ -64,16 +66,30 @@ class JaggedBatch:
         return self.known_max_len
 
     @property
+    def targets_per_row(self) -> torch.Tensor:
+        """``[B]`` target events of each sequence: differences of the target count up to each offset."""
+        before = torch.cat([self.target_mask.new_zeros(1, dtype=torch.int64), self.target_mask.cumsum(0)])  # [T+1]
+        return before[self.offsets[1:]] - before[self.offsets[:-1]]
+
+    @property
+    def max_targets(self) -> int:
+        """The most targets of a row: ``Events.from_batch(batch).target.sum(1).max()`` (padding to
+        :attr:`max_len` keeps every event), read as :attr:`max_len` is."""
+        if self.known_max_targets is None or self.offsets.device.type == "cpu":  # host mask: read, no sync
+            return int(self.targets_per_row.max()) if self.batch_size else 0
+        return self.known_max_targets
+
+    @property
     def num_events(self) -> int:
         return len(self.items)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """The batch's tensor fields by name (what a modified copy is built from)."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "known_max_len"}
+        return {f.name: getattr(self, f.name) for f in fields(self) if not f.name.startswith("known_")}
 
     def to(self, device: torch.device | str) -> JaggedBatch:
         moved = {name: t.to(device, non_blocking=True) for name, t in self.tensors().items()}
-        return JaggedBatch(**moved, known_max_len=self.max_len)
+        return JaggedBatch(**moved, known_max_len=self.max_len, known_max_targets=self.max_targets)
 
     def sequence_index(self) -> torch.Tensor:
         """``[T]`` index of the sequence each event belongs to."""

@@ -99,7 +99,7 @@ class DFGR(GenerativeRanker):
         ev = Events.from_batch(batch)
         real_flow, _ = self.history_tokens(ev)
         if self.cfg.fake_flow == "targets":
-            layout, index = target_dual_flow_layout(ev)  # [B, N + T], [B, T]
+            layout, index = target_dual_flow_layout(ev, batch.max_targets)  # [B, N + T], [B, T]
             fake_items, at_targets = ev.items.gather(1, index), layout.valid[:, ev.valid.shape[1]:]  # [B, T]
         else:
             layout, fake_items, at_targets = dual_flow_layout(ev), ev.items, ev.target  # [B, 2N], [B, N], [B, N]

@@ -81,7 +81,7 @@ def dual_flow_layout(ev: Events, fake_valid: torch.Tensor | None = None) -> Toke
         timestamp=torch.cat([ev.timestamp, ev.timestamp], 1), rule="dual_flow")
 
 
-def target_dual_flow_layout(ev: Events) -> tuple[TokenLayout, torch.Tensor]:
+def target_dual_flow_layout(ev: Events, max_targets: int | None = None) -> tuple[TokenLayout, torch.Tensor]:
     """The ``[real flow N | fake flow T]`` layout (``dual_flow`` rule) whose fake flow holds the
     target events only (T = the most targets of a row), and the event index ``[B, T]`` of each fake
     token. A fake token reads real keys of earlier requests and itself, nothing in the fake flow
@@ -105,10 +105,15 @@ def target_dual_flow_layout(ev: Events) -> tuple[TokenLayout, torch.Tensor]:
           F3     x  x  x  .  .  .  x  .
           F4     x  x  x  .  .  .  .  x
 
-    Costs one device-to-host read per call: T sizes the sequence.
+    T sizes the sequence, so without ``max_targets`` it costs one device-to-host read per call.
+    ``max_targets`` must equal ``ev.target.sum(1).max()``, as :attr:`JaggedBatch.max_targets` of
+    the batch ``ev`` came from does: counted on the host and carried by ``JaggedBatch.to``, it
+    reads nothing back.
     """
     count = ev.target.sum(1)  # [B] targets per row
-    t = int(count.max()) if count.numel() else 0
+    t = max_targets
+    if t is None:  # not known: read back from the device
+        t = int(count.max()) if count.numel() else 0
     order = torch.sort((~ev.target).to(torch.int8), dim=1, stable=True).indices[:, :t]  # [B, T] targets first
     fake_valid = torch.arange(t, device=count.device)[None, :] < count[:, None]  # [B, T]
     index = torch.where(fake_valid, order, torch.zeros_like(order))  # [B, T] event of each fake token

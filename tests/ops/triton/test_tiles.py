@@ -133,19 +133,20 @@ def test_both_orientations_of_a_schedule_come_from_one_set_of_tile_pairs(name):
     assert sum(key[0] == "triton_pairs" for key in layout._cache) == 1
 
 
-@pytest.mark.parametrize("name", ["causal", "request_causal", "dual_flow"])
+@pytest.mark.parametrize("name", ["causal", "request_causal", "dual_flow", "dfgr_target_fake_flow"])
 def test_a_training_steps_layout_metadata_and_schedules_read_nothing_back_from_the_device(name):
     """On the ``meta`` device a tensor has no values, so any host read (``int()``, ``.item()``, a
     ``repeat_interleave`` without its output size) raises: events, layout, kernel metadata (times
     checked on the host), tile schedules and span tables of a moved batch build there, so on CUDA
-    they queue without a sync. (The target-only fake flow reads its target count once: not here.)"""
+    they queue without a sync. The target-only fake flow's T is the moved batch's host-known count."""
     from genrec.ops.layout import time_spans_checked_on_host
     from genrec.ops.triton.hstu import _schedule
 
     batch = make_batch([37, 90, 5, 61, 1], seed=2, all_targets=False).to("meta")
     ev = Events.from_batch(batch)
     layout = {"causal": lambda: event_layout(ev, "causal"), "request_causal": lambda: item_action_layout(ev),
-              "dual_flow": lambda: dual_flow_layout(ev)}[name]()
+              "dual_flow": lambda: dual_flow_layout(ev),
+              "dfgr_target_fake_flow": lambda: events.target_dual_flow_layout(ev, batch.max_targets)[0]}[name]()
     with time_spans_checked_on_host():
         meta = KernelMeta.from_layout(layout)
     for tile, transpose in (((64, 64, 4, 3), False), ((64, 64, 4, 2), True), ((128, 64, 8, 2), False)):
