@@ -702,17 +702,18 @@ def _bwd_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
         q, k, v, grad_out, dq, dk, dv, *meta, bwd_count, bwd_index, bwd_full, *strides, *sizes, *_strides(dq, dk),
         RULE=rule, HAS_BIAS=has_bias, PRECISION=precision, DQ_ATOMIC=not dq_separate, **launch)
     time_slots = triton.next_power_of_2(max(rel_time.shape[-1], 16))
+    split = has_bias and dq_separate and _splits_bias_grads(bwd_tile, dq_tile)  # as hstu_attention flagged
     if has_bias:
         _hstu_bwd_rab[(triton.cdiv(seq, block_n), b * h)](
             q, k, v, grad_out, *meta, bwd_count, bwd_index, bwd_full, *strides, *sizes, d_pos, d_time, RULE=rule,
             PRECISION=precision, TIME_SLOTS=time_slots, **launch)
-    if dq_separate:
+    if dq_separate:  # with the bias split, this launch also adds the BIAS_IN_DQ pairs' bias gradients
         block_m, block_n, warps, stages = dq_tile
         _hstu_bwd_dq[(triton.cdiv(lq, block_m), b * h)](
             q, k, v, grad_out, dq, *meta, dq_count, dq_index, dq_full, *strides,
             *_sizes(dq_count, dq_index, q_span, k_span, q, seq, q_offset, rel_pos.shape[-1], rel_time.shape[-1],
                     scale),
-            *_strides(dq), d_pos, d_time, RULE=rule, HAS_BIAS=has_bias, BIAS_GRADS=has_bias, PRECISION=precision,
+            *_strides(dq), d_pos, d_time, RULE=rule, HAS_BIAS=has_bias, BIAS_GRADS=split, PRECISION=precision,
             TIME_SLOTS=time_slots, D=d, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
     return dq.to(q.dtype), dk, dv, d_pos, d_time
 

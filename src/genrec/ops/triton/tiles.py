@@ -115,9 +115,9 @@ def _tile_extremes(spans: torch.Tensor, block: int) -> torch.Tensor:
     multiple of SPAN_TILE), as the kernels' ``_tile_span`` combines them."""
     per = block // SPAN_TILE
     pad = -spans.shape[1] % per
-    if pad:
-        empty = torch.tensor([POS_BOUND, -POS_BOUND, TS_TOP, 0], dtype=spans.dtype, device=spans.device)
-        spans = torch.cat([spans, empty.expand(spans.shape[0], pad, 4)], 1)
+    if pad:  # rows of no live token; padded per column (a tensor from a list would be a blocking copy)
+        fill = (POS_BOUND, -POS_BOUND, TS_TOP, 0)
+        spans = torch.stack([F.pad(spans[..., c], (0, pad), value=v) for c, v in enumerate(fill)], -1)
     rows = spans.unflatten(1, (-1, per))  # [B, nT, per, 4]
     low, high = rows.amin(2), rows.amax(2)
     return torch.stack([low[..., 0], high[..., 1], low[..., 2], high[..., 3]], -1)
@@ -176,8 +176,9 @@ def tile_full(meta: KernelMeta, rule: str, block_q: int, block_k: int, q_offset:
 
 def tile_lists(pairs: torch.Tensor, full: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``[B, nQ, nK]`` pairs and full flags -> per query tile the count ``[B, nQ]``, the key tiles
-    ``[B, nQ, nK]`` with the ``count`` to visit first in ascending order, and whether each is full
-    (int32). Kept at full width: trimming to the largest count would cost a device-to-host sync."""
+    ``[B, nQ, nK]`` with the ``count`` to visit first in ascending order, and each one's flags (int32:
+    the FULL bit; ``hstu._bias_in_dq_flags`` adds BIAS_IN_DQ). Kept at full width: trimming to the
+    largest count would cost a device-to-host sync."""
     order = torch.sort((~pairs).to(torch.int8), dim=-1, stable=True).indices
     return (pairs.sum(-1).to(torch.int32).contiguous(), order.to(torch.int32).contiguous(),
-            full.gather(-1, order).to(torch.int32).contiguous())
+            (full.gather(-1, order).to(torch.int32) * FULL).contiguous())
