@@ -27,8 +27,8 @@ Three parts, each a table in the result file:
   of the step, what issue 14's target bounds (in a step the work is asynchronous and overlaps the
   step's kernels; a difference of medians, so a share near 0 can come out below it). ``layout_ms``
   times the build (events, token layout, metadata, the three tile schedules) standalone and
-  synchronised, with the timestamp check's read-back the step skips: ``standalone_share_of_step``,
-  an upper bound, quoted beside the target without one.
+  synchronised, with the timestamp check's read-back the step skips but without the bias's span
+  tables and split flags: ``standalone_share_of_step``, quoted beside the target without one.
 * ``infer``: per-request latency of scoring M candidates after an N-event history, one request at a
   time: ``cold`` runs the history once (KV cache) then the candidates in micro-batches of at most
   512 (M-FALCON); ``cached`` scores against a history cache built earlier. Each eagerly and replayed
@@ -346,8 +346,9 @@ def layout_ms(name: str, batch: JaggedBatch, args, repeats: int = 10) -> float:
     """Median milliseconds of building a training step's layout standalone: events, the token layout,
     the kernels' int32 metadata (with its timestamp check's read-back, which a host-checked step
     skips; for ``dfgr_sparse`` also its target count's, which a step takes from the batch) and the
-    three tile schedules of the model's head dim, synchronised after each build. An
-    upper bound: inside a step the work is asynchronous and overlaps the step's kernels."""
+    three tile schedules of the model's head dim, synchronised after each build. Not the bias's
+    span tables and split flags, which the in-step timing (:func:`_layout_row`) includes; inside a
+    step the work is asynchronous and overlaps the step's kernels."""
     from genrec.ops.triton.hstu import _schedule
     from genrec.ops.triton.tiles import KernelMeta
 
