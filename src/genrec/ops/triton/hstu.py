@@ -606,11 +606,13 @@ def _schedule(layout: TokenLayout, meta: KernelMeta, tile: Tile, q_offset: int, 
     return layout.cached(("triton_tiles", block_q, block_k, q_offset, transpose), build)
 
 
-def _splits_bias_grads(bwd_tile: Tile, dq_tile: Tile) -> bool:
-    """Whether the dQ kernel can take over the bias gradients of some tile pairs from
-    :func:`_hstu_bwd_rab`: its pairs must each cover whole pairs of the dK/dV schedule (same key
+def _splits_bias_grads(has_bias: bool, dq_separate: bool, bwd_tile: Tile, dq_tile: Tile) -> bool:
+    """Whether the dQ kernel takes over the bias gradients of some tile pairs from
+    :func:`_hstu_bwd_rab` (one decision for the schedules' flags and the dQ launch): with the bias and
+    the separate dQ kernel on, its pairs must each cover whole pairs of the dK/dV schedule (same key
     tiles, query tiles a multiple), and its query tiles whole rows of the span table."""
-    return dq_tile[1] == bwd_tile[1] and dq_tile[0] % bwd_tile[0] == 0 and dq_tile[0] % tiles.SPAN_TILE == 0
+    return (has_bias and dq_separate and dq_tile[1] == bwd_tile[1] and dq_tile[0] % bwd_tile[0] == 0
+            and dq_tile[0] % tiles.SPAN_TILE == 0)
 
 
 def _bias_in_dq_flags(backward: tuple, dq: tuple, q_span: torch.Tensor, k_span: torch.Tensor, bwd_tile: Tile,
@@ -702,7 +704,7 @@ def _bwd_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
         q, k, v, grad_out, dq, dk, dv, *meta, bwd_count, bwd_index, bwd_full, *strides, *sizes, *_strides(dq, dk),
         RULE=rule, HAS_BIAS=has_bias, PRECISION=precision, DQ_ATOMIC=not dq_separate, **launch)
     time_slots = triton.next_power_of_2(max(rel_time.shape[-1], 16))
-    split = has_bias and dq_separate and _splits_bias_grads(bwd_tile, dq_tile)  # as hstu_attention flagged
+    split = _splits_bias_grads(has_bias, dq_separate, bwd_tile, dq_tile)  # as hstu_attention flagged
     if has_bias:
         _hstu_bwd_rab[(triton.cdiv(seq, block_n), b * h)](
             q, k, v, grad_out, *meta, bwd_count, bwd_index, bwd_full, *strides, *sizes, d_pos, d_time, RULE=rule,
@@ -775,7 +777,7 @@ def hstu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: To
     grads = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, rel_pos, rel_time))
     backward = _schedule(layout, meta, bwd_tile, q_offset, transpose=True) if grads else forward
     dq = _schedule(layout, meta, dq_tile, q_offset, transpose=False) if grads and config.dq_separate else backward
-    if grads and has_bias and config.dq_separate and _splits_bias_grads(bwd_tile, dq_tile):
+    if grads and _splits_bias_grads(has_bias, config.dq_separate, bwd_tile, dq_tile):
         key = ("triton_bias_in_dq", tuple(bwd_tile), tuple(dq_tile), q_offset, rel_pos.shape[-1], rel_time.shape[-1])
         backward, dq = layout.cached(key, lambda: _bias_in_dq_flags(backward, dq, q_span, k_span, bwd_tile, dq_tile,
                                                                     rel_pos.shape[-1], rel_time.shape[-1]))
