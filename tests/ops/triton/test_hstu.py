@@ -157,11 +157,11 @@ def _bias_form_layout(positions: str) -> TokenLayout:
 @pytest.mark.parametrize("forward_tiles", [64, 16])
 @pytest.mark.parametrize("positions", ["consecutive", "pairs", "spread"])
 def test_every_bias_form_of_a_tile_matches_reference(positions, forward_tiles):
-    """The kernels pick a tile's bias form from its extremes (one value, one comparison or one read
-    per pair; the gradient by tile sum, diagonal sums, one-hot products or per pair): this layout
-    holds each of them, which the test checks it does before comparing with the reference. With
-    16-token forward and dQ tiles, smaller than a row of the span table the forms are picked from
-    (``tiles.SPAN_TILE``), the extremes are bounds that may only pick a more general form."""
+    """The kernels pick a tile's bias form from its flags (one value, one comparison or one read per
+    pair; the gradient by tile sum, diagonal sums, one-hot products or per pair): this layout holds
+    each of them, which the test checks it does before comparing with the reference. With 16-token
+    forward and dQ tiles the forms are decided per smaller tile, and the dQ kernel's share of the
+    bias gradients covers half of a dK/dV pair: no longer split (one kernel adds them all)."""
     from genrec.ops.masks import time_bucket
 
     layout = _bias_form_layout(positions)
@@ -189,15 +189,16 @@ def test_bias_gradients_shared_by_the_dq_and_bias_gradient_kernels_match_referen
     (the dQ kernel's per-bucket registers change), which the test checks before comparing."""
     from genrec.ops.masks import time_bucket
     from genrec.ops.triton.hstu import KernelConfig
-    from genrec.ops.triton.tiles import KernelMeta, bias_in_dq_pairs, tile_spans
+    from genrec.ops.triton.tiles import KernelMeta, bias_forms, bias_in_dq_pairs, tile_extremes
 
     idx = torch.arange(320)
     layout = TokenLayout(valid=torch.stack([idx < 320, idx < 250]).to(DEVICE), request=idx.expand(2, -1).to(DEVICE),
                          event=idx.expand(2, -1).to(DEVICE), fake=torch.zeros(2, 320, dtype=torch.bool, device=DEVICE),
                          position=idx.expand(2, -1).to(DEVICE), timestamp=(40 * idx**2).expand(2, -1).to(DEVICE),
                          rule="causal")
-    spans = tile_spans(KernelMeta.from_layout(layout))
-    flagged = bias_in_dq_pairs(spans, spans, dq_rows, 64, 9, 32)[0].cpu()
+    meta = KernelMeta.from_layout(layout)
+    forms = bias_forms(tile_extremes(meta, 0, dq_rows), tile_extremes(meta, 0, 64), 9, 32)
+    flagged = bias_in_dq_pairs(forms)[0].cpu()
     ts = layout.timestamp[0].cpu()
     lowest, forms = set(), set()
     for qt, kt in flagged.nonzero().tolist():
@@ -249,9 +250,10 @@ def test_the_fused_attention_passes_the_custom_op_checks():
     fwd = hstu._schedule(layout, meta, tile[0], 0, transpose=False)
     bwd = hstu._schedule(layout, meta, tile[1], 0, transpose=True)
     dq = hstu._schedule(layout, meta, tile[2], 0, transpose=False)
-    spans = hstu.tile_spans(meta)
+    fwd, bwd, dq, q_ext, k_ext = hstu._bias_flags(layout, meta, (fwd, bwd, dq), tile, 0, rel_pos.shape[-1],
+                                                  rel_time.shape[-1], split=True)
     args = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), meta.request, meta.event, meta.flags,
-            meta.position, meta.timestamp, spans, spans, rel_pos.requires_grad_(), rel_time.requires_grad_(), *fwd,
+            meta.position, meta.timestamp, q_ext, k_ext, rel_pos.requires_grad_(), rel_time.requires_grad_(), *fwd,
             *bwd, *dq,
             0.05, 0, 2, True, list(tile[0]), list(tile[1]), list(tile[2]), True)
     torch.library.opcheck(torch.ops.genrec.hstu_attention_fwd.default, args)

@@ -11,7 +11,15 @@ from genrec.nn import events
 from genrec.nn.events import Events, append_candidates, dual_flow_layout, event_layout, item_action_layout
 from genrec.ops.masks import build_mask, time_bucket
 from genrec.ops.triton import tiles
-from genrec.ops.triton.tiles import KernelMeta, bias_in_dq_pairs, tile_full, tile_lists, tile_pairs, tile_spans
+from genrec.ops.triton.tiles import (
+    KernelMeta,
+    bias_forms,
+    bias_in_dq_pairs,
+    tile_extremes,
+    tile_full,
+    tile_lists,
+    tile_pairs,
+)
 from tests.helpers import make_batch
 
 
@@ -63,46 +71,49 @@ def test_schedule_lists_every_tile_with_an_allowed_pair(name, tiles):
 
 
 @pytest.mark.parametrize("name", list(_layouts()))
-def test_tile_spans_are_the_extremes_of_each_runs_valid_tokens(name):
-    """The table the kernels pick a tile's bias form from: per SPAN_TILE tokens from the queries'
-    start, the lowest and highest position and time of the valid ones (the layouts hold padding,
-    fake tokens and cache offsets that are not multiples of SPAN_TILE), and the empty-run fill."""
+@pytest.mark.parametrize("block", [16, 64])
+def test_tile_extremes_are_those_of_each_tiles_valid_tokens(name, block):
+    """What the bias forms and the bias-gradient kernel read: per tile of ``block`` tokens from the
+    queries' start, the lowest and highest position and time of the valid ones (the layouts hold
+    padding, fake tokens and cache offsets that are not multiples of the tile), and the empty fill."""
     layout, q_offset = _layouts()[name]
     meta = KernelMeta.from_layout(layout)
-    spans = tile_spans(meta, q_offset)
+    extremes = tile_extremes(meta, q_offset, block)
     b, seq = meta.flags.shape
-    assert spans.dtype == torch.int32 and spans.shape == (b, -(-(seq - q_offset) // tiles.SPAN_TILE), 4)
+    assert extremes.dtype == torch.int32 and extremes.shape == (b, -(-(seq - q_offset) // block), 4)
     empty = 0
     for row in range(b):
-        for chunk in range(spans.shape[1]):
-            at = slice(q_offset + chunk * tiles.SPAN_TILE, min(q_offset + (chunk + 1) * tiles.SPAN_TILE, seq))
+        for tile in range(extremes.shape[1]):
+            at = slice(q_offset + tile * block, min(q_offset + (tile + 1) * block, seq))
             valid = meta.flags[row, at] & 1 != 0
             if not valid.any():
                 empty += 1
-                assert spans[row, chunk].tolist() == [tiles.POS_BOUND, -tiles.POS_BOUND, tiles.TS_TOP, 0]
+                assert extremes[row, tile].tolist() == [tiles.POS_BOUND, -tiles.POS_BOUND, tiles.TS_TOP, 0]
                 continue
             pos, ts = meta.position[row, at][valid], meta.timestamp[row, at][valid]
-            assert spans[row, chunk].tolist() == [pos.min(), pos.max(), ts.min(), ts.max()]
-    assert empty or name.endswith("_cache"), "no empty run: the fill is not exercised"
+            assert extremes[row, tile].tolist() == [pos.min(), pos.max(), ts.min(), ts.max()]
+    assert empty or name.endswith("_cache"), "no empty tile: the fill is not exercised"
 
 
 @pytest.mark.parametrize("name", ["causal", "dual_flow", "hstu_cache", "dfgr_cache"])
-@pytest.mark.parametrize("block_q", [64, 128])
-def test_pairs_whose_bias_gradients_the_dq_kernel_adds_are_one_position_slot_and_at_most_two_time_buckets(
-        name, block_q):
-    """What the dQ kernel assumes of a flagged pair, checked per token pair (brute force over the
-    valid ones): every distance at or past the table's last slot and the time buckets within two
-    adjacent ones. Conversely a pair with both properties and valid tokens on both sides is flagged
-    (the flags follow the same extremes): the split is not vacuous."""
+@pytest.mark.parametrize("block_q", [16, 128])
+def test_each_tile_pairs_bias_form_and_dq_share_hold_for_every_token_pair_in_it(name, block_q):
+    """What the kernels assume of a pair's flags, checked per token pair (brute force over the valid
+    ones): NEAR exactly where some distance falls before the position table's last slot, and the
+    lowest and highest time bucket of its pairs; BIAS_IN_DQ (:func:`bias_in_dq_pairs`) exactly where
+    the pair is not NEAR and holds at most two adjacent buckets. Near pairs occur, and flagged ones
+    (the dQ share is not vacuous)."""
     layout, q_offset = _layouts((300, 170, 5))[name]
     meta = KernelMeta.from_layout(layout)
     num_pos, num_time = 6, 32
-    flagged = bias_in_dq_pairs(tile_spans(meta, q_offset), tile_spans(meta, 0), block_q, 64, num_pos, num_time)
+    forms = bias_forms(tile_extremes(meta, q_offset, block_q), tile_extremes(meta, 0, 64), num_pos, num_time)
+    in_dq = bias_in_dq_pairs(forms)
     b, seq = meta.flags.shape
-    assert flagged.shape == (b, -(-(seq - q_offset) // block_q), -(-seq // 64))
+    assert forms.dtype == torch.int32 and forms.shape == in_dq.shape == (b, -(-(seq - q_offset) // block_q),
+                                                                         -(-seq // 64))
     valid = meta.flags & 1 != 0
-    count = 0
-    for row, qt, kt in itertools.product(*map(range, flagged.shape)):
+    seen = set()
+    for row, qt, kt in itertools.product(*map(range, forms.shape)):
         q = torch.arange(q_offset + qt * block_q, min(q_offset + (qt + 1) * block_q, seq))
         k = torch.arange(kt * 64, min((kt + 1) * 64, seq))
         q, k = q[valid[row, q]], k[valid[row, k]]
@@ -110,10 +121,13 @@ def test_pairs_whose_bias_gradients_the_dq_kernel_adds_are_one_position_slot_and
             continue
         dist = meta.position[row, q, None] - meta.position[row, None, k]
         buckets = time_bucket(meta.timestamp[row, q, None].long() - meta.timestamp[row, None, k], num_time)
-        simple = bool(dist.min() >= num_pos - 1) and int(buckets.max() - buckets.min()) <= 1
-        assert bool(flagged[row, qt, kt]) == simple, (row, qt, kt)
-        count += simple
-    assert count > 0, "no flagged pair: the dQ kernel's share is not exercised"
+        form = int(forms[row, qt, kt])
+        near = bool(dist.min() < num_pos - 1)
+        low, high = (form >> tiles.LO_SHIFT) & tiles.BUCKET_MASK, (form >> tiles.HI_SHIFT) & tiles.BUCKET_MASK
+        assert (bool(form & tiles.NEAR), low, high) == (near, int(buckets.min()), int(buckets.max())), (row, qt, kt)
+        assert bool(in_dq[row, qt, kt]) == (not near and high - low <= 1), (row, qt, kt)
+        seen.add((near, min(high - low, 2)))
+    assert any(not near and spread <= 1 for near, spread in seen) and any(near for near, _ in seen), seen
 
 
 @pytest.mark.parametrize("name", ["dual_flow", "dfgr_cache"])
@@ -137,8 +151,8 @@ def test_both_orientations_of_a_schedule_come_from_one_set_of_tile_pairs(name):
 def test_a_training_steps_layout_metadata_and_schedules_read_nothing_back_from_the_device(name):
     """On the ``meta`` device a tensor has no values, so any host read (``int()``, ``.item()``, a
     ``repeat_interleave`` without its output size) raises: events, layout, kernel metadata (times
-    checked on the host), tile schedules and span tables of a moved batch build there, so on CUDA
-    they queue without a sync. The target-only fake flow's T is the moved batch's host-known count."""
+    checked on the host), tile schedules, extremes and bias forms of a moved batch build there, so on
+    CUDA they queue without a sync. The target-only fake flow's T is the moved batch's host-known count."""
     from genrec.ops.layout import time_spans_checked_on_host
     from genrec.ops.triton.hstu import _schedule
 
@@ -152,7 +166,8 @@ def test_a_training_steps_layout_metadata_and_schedules_read_nothing_back_from_t
     for tile, transpose in (((64, 64, 4, 3), False), ((64, 64, 4, 2), True), ((128, 64, 8, 2), False)):
         count, index, full = _schedule(layout, meta, tile, 0, transpose)
         assert count.device.type == "meta" and index.shape[1:] == full.shape[1:]
-    assert tile_spans(meta).device.type == "meta"
+    extremes = tile_extremes(meta, 0, 64)
+    assert bias_in_dq_pairs(bias_forms(extremes, extremes, 256, 32)).device.type == "meta"
     with pytest.raises(RuntimeError, match="meta"):  # the test can fail: a read of the span is caught
         KernelMeta.from_layout(layout)
 

@@ -13,7 +13,9 @@ query tile (``KernelConfig.dq_separate``, the default: seven matrix products per
 atomics), or from fp32 atomic adds in the first (the FlashAttention-2 split, five products; half as fast on the H100).
 The relative bias costs each tile pair only what its extremes require (:func:`_scores`): one value
 where all its distances lie past the position table or all its time differences in one bucket,
-one comparison per pair where they span two buckets, a table read per pair otherwise. Its gradients
+one comparison per pair where they span two buckets, a table read per pair otherwise. The form is
+decided once per layout and tile size (:func:`genrec.ops.triton.tiles.bias_forms`) and read as bits
+of the pair's schedule flags, one load whose address the loop index gives. Its gradients
 come from a kernel of their own over the dK/dV schedule (:func:`_hstu_bwd_rab`: beside dK/dV's
 accumulators they spilled registers), gathered in each program (the table's last slot and the time
 table in registers, added once at the program's end); the position table's other slots are reduced
@@ -48,13 +50,15 @@ from genrec.ops.triton.tiles import (
     BIAS_IN_DQ,
     FAKE,
     FULL,
+    NEAR,
     VALID,
     KernelMeta,
+    bias_forms,
     bias_in_dq_pairs,
+    tile_extremes,
     tile_full,
     tile_lists,
     tile_pairs,
-    tile_spans,
     tile_stats,
 )
 
@@ -147,31 +151,19 @@ def _log2_floor(x):
     return tl.where((tl.full(e.shape, 1, tl.int32) << e) > x, e - 1, e)
 
 
-POS_BOUND: tl.constexpr = tl.constexpr(tiles.POS_BOUND)
 TS_TOP: tl.constexpr = tl.constexpr(tiles.TS_TOP)
-SPAN_TILE: tl.constexpr = tl.constexpr(tiles.SPAN_TILE)
+NEAR_BIT: tl.constexpr = tl.constexpr(NEAR)
+LO_SHIFT: tl.constexpr = tl.constexpr(tiles.LO_SHIFT)
+HI_SHIFT: tl.constexpr = tl.constexpr(tiles.HI_SHIFT)
+BUCKET_MASK: tl.constexpr = tl.constexpr(tiles.BUCKET_MASK)
 
 
 @triton.jit
-def _tile_span(SPAN, b, s_sb, tile, chunks, BLOCK: tl.constexpr, HAS_BIAS: tl.constexpr):
-    """(lowest position, highest position, lowest time, highest time) of the live tokens of a tile of
-    ``BLOCK`` tokens, combined from the rows of the schedule's table that cover it
-    (:func:`genrec.ops.triton.tiles.tile_spans`, ``chunks`` rows per sequence): scalar loads, where a
-    reduction over the tile's tokens per tile pair cost barriers and registers. Exact for tiles of a
-    multiple of SPAN_TILE tokens (all backward tiles), bounds for smaller ones, which only make the
-    forward pick a more general (still exact) bias form."""
-    if HAS_BIAS:
-        pos_lo, pos_hi, ts_lo, ts_hi = POS_BOUND, -POS_BOUND, TS_TOP, 0
-        for c in tl.static_range(0, BLOCK, SPAN_TILE):
-            chunk = (tile * BLOCK + c) // SPAN_TILE
-            at = SPAN + b * s_sb + chunk * 4
-            more = chunk < chunks
-            pos_lo = tl.minimum(pos_lo, tl.load(at, mask=more, other=POS_BOUND))
-            pos_hi = tl.maximum(pos_hi, tl.load(at + 1, mask=more, other=-POS_BOUND))
-            ts_lo = tl.minimum(ts_lo, tl.load(at + 2, mask=more, other=TS_TOP))
-            ts_hi = tl.maximum(ts_hi, tl.load(at + 3, mask=more, other=0))
-        return pos_lo, pos_hi, ts_lo, ts_hi
-    return 0, 0, 0, 0  # unread
+def _bias_form(flags):
+    """A tile pair's relative-bias form from its schedule flags (:func:`genrec.ops.triton.tiles.bias_forms`):
+    whether a distance may fall before the position table's last slot, and its lowest and highest
+    time bucket."""
+    return (flags & NEAR_BIT) != 0, (flags >> LO_SHIFT) & BUCKET_MASK, (flags >> HI_SHIFT) & BUCKET_MASK
 
 
 @triton.jit
@@ -179,16 +171,6 @@ def _bucket_of(dt, NUM_TIME):
     """The time bucket ``min(floor(log2(1 + max(Δt, 0))), NUM_TIME - 1)`` of an int32 Δt (scalar or
     tensor), as :func:`genrec.ops.masks.time_bucket`."""
     return tl.minimum(_log2_floor(tl.minimum(tl.maximum(dt, 0), TS_TOP - 1) + 1), NUM_TIME - 1)
-
-
-@triton.jit
-def _bias_range(q_pos_lo, q_ts_lo, q_ts_hi, k_pos_hi, k_ts_lo, k_ts_hi, NUM_TIME, HAS_BIAS: tl.constexpr):
-    """What decides a tile's bias form, from the spans of its live tokens (:func:`_tile_span`): the lowest
-    position difference and the lowest and highest time bucket (the bucket is monotone in Δt, so the
-    extreme Δt bound it)."""
-    if HAS_BIAS:
-        return q_pos_lo - k_pos_hi, _bucket_of(q_ts_lo - k_ts_hi, NUM_TIME), _bucket_of(q_ts_hi - k_ts_lo, NUM_TIME)
-    return 0, 0, 0  # unread
 
 
 @triton.jit
@@ -218,34 +200,36 @@ def _bucket_at_least(dt, t):
 
 
 @triton.jit
-def _scores(x, y, POS, TS, q_at, k_at, q_in, k_in, dist_lo, t_lo, t_hi, POS_H, TIME_H, NUM_POS, NUM_TIME, alpha,
+def _scores(x, y, flags, POS, TS, q_at, k_at, q_in, k_in, pos_top, POS_H, TIME_H, NUM_POS, NUM_TIME, alpha,
             HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr):
-    """``x yᵀ · alpha`` plus, with the bias, the position table ``POS_H`` (head h's row) at the
-    clamped position difference of the query and key tokens and the time table ``TIME_H`` at the
-    bucket of their time difference. ``x, y`` = (q, k) for ``[queries, keys]`` tiles or (k, q) for
-    ``[keys, queries]``; ``q_at, k_at`` (token indices into ``POS``, ``TS``; in range where ``q_in``,
-    ``k_in``) come shaped to broadcast to that tile. The tile's extremes pick the cheapest exact form:
-    past the position table (``dist_lo`` at or beyond its last slot, as the models' 256 slots make
-    every tile of events > 256 apart) the position bias is one value, else one table read per pair;
-    the time bias is one value where the tile's buckets ``[t_lo, t_hi]`` are one, one comparison per
-    pair where they are two, and the bucket per pair only where they are more (tiles near the
-    diagonal). Token positions and times are loaded only by the forms that read them (held for every
-    tile pair, they and their differences pushed the kernels into register spills on sm_90)."""
-    s = tl.dot(x, tl.trans(y), input_precision=PRECISION) * alpha
+    """``x yᵀ · alpha`` plus, with the bias, the position table ``POS_H`` (head h's row; ``pos_top``
+    its last slot, loaded once per program) at the clamped position difference of the query and key
+    tokens and the time table ``TIME_H`` at the bucket of their time difference. ``x, y`` = (q, k)
+    for ``[queries, keys]`` tiles or (k, q) for ``[keys, queries]``; ``q_at, k_at`` (token indices
+    into ``POS``, ``TS``; in range where ``q_in``, ``k_in``) come shaped to broadcast to that tile.
+    The pair's ``flags`` (:func:`_bias_form`) pick the cheapest exact form: where every distance lies
+    at or past the table's last slot (as the models' 256 slots make every tile of events > 256
+    apart) and the time buckets are one, the whole bias is one value, added in the scaling's
+    multiply-add; two buckets cost one comparison per pair, a table read per pair is left to tiles
+    near the diagonal. Token positions and times are loaded only by the forms that read them (held
+    for every tile pair, they and their differences pushed the kernels into register spills on sm_90)."""
+    s = tl.dot(x, tl.trans(y), input_precision=PRECISION)
     if HAS_BIAS:
-        if dist_lo >= NUM_POS - 1:
-            s += tl.load(POS_H + NUM_POS - 1)
-        else:
+        near, t_lo, t_hi = _bias_form(flags)
+        few = (t_hi >= t_lo) & (t_hi <= t_lo + 1)  # one or two buckets: t_lo's value is in the constant
+        t_base = tl.load(TIME_H + t_lo)
+        s = s * alpha + (tl.where(near, 0.0, pos_top) + tl.where(few, t_base, 0.0))
+        if near:
             dist = tl.load(POS + q_at, mask=q_in, other=0) - tl.load(POS + k_at, mask=k_in, other=0)
             s += tl.load(POS_H + tl.minimum(tl.maximum(dist, 0), NUM_POS - 1))
-        if t_hi == t_lo:
-            s += tl.load(TIME_H + t_lo)
-        else:
+        if t_hi == t_lo + 1:
             dt = tl.load(TS + q_at, mask=q_in, other=0) - tl.load(TS + k_at, mask=k_in, other=0)
-            if t_hi == t_lo + 1:
-                s += tl.where(_bucket_at_least(dt, t_hi), tl.load(TIME_H + t_hi), tl.load(TIME_H + t_lo))
-            else:
-                s += tl.load(TIME_H + _bucket_of(dt, NUM_TIME))
+            s += tl.where(_bucket_at_least(dt, t_hi), tl.load(TIME_H + t_hi) - t_base, 0.0)
+        elif t_hi != t_lo:
+            dt = tl.load(TS + q_at, mask=q_in, other=0) - tl.load(TS + k_at, mask=k_in, other=0)
+            s += tl.load(TIME_H + _bucket_of(dt, NUM_TIME))
+    else:
+        s = s * alpha
     return s
 
 
@@ -302,19 +286,19 @@ def _consecutive(pos, live, lo, T: tl.constexpr):
 
 
 @triton.jit
-def _position_grad(D_POS, top, ds, total, q_pos, k_pos, q_live, q_lo, q_hi, k_lo, k_hi, k_run, allowed, NUM_POS,
-                   PRECISION: tl.constexpr, T: tl.constexpr):
+def _position_grad(D_POS, top, ds, total, far, q_pos, k_pos, q_live, q_lo, q_hi, k_lo, k_hi, k_run, allowed,
+                   NUM_POS, PRECISION: tl.constexpr, T: tl.constexpr):
     """Adds ``ds`` ``[keys, queries]`` (T x T) into the position-bias gradient ``D_POS`` at
     ``clamp(q_pos - k_pos)``; returns ``top``, the program's gradient of the table's last slot.
-    Per-pair atomic adds dominated the whole backward, so: a tile past the table adds its sum
-    ``total`` to ``top`` (one atomic per program at its end). A tile whose live positions span fewer
-    than T values (always, inside one flow of one sequence) sums along (anti-)diagonals: directly
-    where both sides hold consecutive positions (``k_run`` for the keys), else after one-hot products
-    that group the pairs by (query position - lowest, highest - key position), whose sum is the
-    distance up to a constant; 16 x 16 atomics instead of T x T. Other tiles add per pair. ``q_lo``
-    .. ``k_hi``: the live positions' spans."""
+    Per-pair atomic adds dominated the whole backward, so: a tile past the table (``far``) adds
+    its sum ``total`` to ``top`` (one atomic per program at its end). A tile whose live positions
+    span fewer than T values (always, inside one flow of one sequence) sums along (anti-)diagonals:
+    directly where both sides hold consecutive positions (``k_run`` for the keys), else after one-hot
+    products that group the pairs by (query position - lowest, highest - key position), whose sum is
+    the distance up to a constant; 16 x 16 atomics instead of T x T. Other tiles add per pair.
+    ``q_lo`` .. ``k_hi``: the live positions' spans."""
     live = (q_hi >= q_lo) & (k_hi >= k_lo)  # else ds is all 0
-    if q_lo - k_hi >= NUM_POS - 1:
+    if far:
         top += total
     elif live & k_run & _consecutive(q_pos, q_live, q_lo, T):
         sums = _grouped_sums(ds, T, True, PRECISION)  # [e, f]: distance q_lo - k_lo + 8 (f - T/8 + 1) + e - 7
@@ -336,29 +320,36 @@ def _position_grad(D_POS, top, ds, total, q_pos, k_pos, q_live, q_lo, q_hi, k_lo
 
 
 @triton.jit
-def _visited_key_tile(K, V, POS, TS, K_SPAN, REL_POS, REL_TIME, KV_INDEX, i, q, q_tok, q_in, q_pos_lo, q_ts_lo,
-                      q_ts_hi, b, h, tile, cols, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ib, s_iq, s_ksb, k_chunks, L,
-                      NUM_POS, NUM_TIME, alpha, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
-                      BLOCK_N: tl.constexpr):
+def _visited_key_tile(K, V, POS, TS, REL_POS, REL_TIME, KV_INDEX, KV_FLAGS, i, q, q_tok, q_in, pos_top, b, h, tile,
+                      cols, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ib, s_iq, L, NUM_POS, NUM_TIME, alpha,
+                      HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
     """The ``i``-th key tile a query tile's program visits (forward, dQ): its tokens, keys and values,
-    the biased scores ``[BLOCK_M, BLOCK_N]`` and the pair's lowest and highest time bucket."""
-    k_tile = tl.load(KV_INDEX + b * s_ib + tile * s_iq + i)
+    the biased scores ``[BLOCK_M, BLOCK_N]`` and the pair's schedule flags."""
+    at = b * s_ib + tile * s_iq + i
+    k_tile = tl.load(KV_INDEX + at)
+    flags = tl.load(KV_FLAGS + at)
     keys = k_tile * BLOCK_N + tl.arange(0, BLOCK_N)
     k_in = keys < L
     k = _load_tile(K, b, h, keys, cols, s_kb, s_kh, s_kn, L)
     v = _load_tile(V, b, h, keys, cols, s_vb, s_vh, s_vn, L)
-    _, k_pos_hi, k_ts_lo, k_ts_hi = _tile_span(K_SPAN, b, s_ksb, k_tile, k_chunks, BLOCK_N, HAS_BIAS)
-    dist_lo, t_lo, t_hi = _bias_range(q_pos_lo, q_ts_lo, q_ts_hi, k_pos_hi, k_ts_lo, k_ts_hi, NUM_TIME, HAS_BIAS)
-    s = _scores(q, k, POS, TS, (b * L + q_tok)[:, None], (b * L + keys)[None, :], q_in[:, None], k_in[None, :],
-                dist_lo, t_lo, t_hi, REL_POS + h * NUM_POS, REL_TIME + h * NUM_TIME, NUM_POS, NUM_TIME, alpha,
+    s = _scores(q, k, flags, POS, TS, (b * L + q_tok)[:, None], (b * L + keys)[None, :], q_in[:, None],
+                k_in[None, :], pos_top, REL_POS + h * NUM_POS, REL_TIME + h * NUM_TIME, NUM_POS, NUM_TIME, alpha,
                 HAS_BIAS, PRECISION)  # [BLOCK_M, BLOCK_N]
-    return keys, k_in, k, v, s, t_lo, t_hi
+    return keys, k_in, k, v, s, flags
 
 
 @triton.jit
-def _hstu_fwd(Q, K, V, O, REQ, EVT, FLAG, POS, TS, Q_SPAN, K_SPAN, REL_POS, REL_TIME, KV_COUNT, KV_INDEX, KV_FULL,
+def _position_top(REL_POS, h, NUM_POS, HAS_BIAS: tl.constexpr):
+    """Head h's last position slot, which every pair past the table adds: loaded once per program."""
+    if HAS_BIAS:
+        return tl.load(REL_POS + h * NUM_POS + NUM_POS - 1)
+    return 0.0  # unread
+
+
+@triton.jit
+def _hstu_fwd(Q, K, V, O, REQ, EVT, FLAG, POS, TS, REL_POS, REL_TIME, KV_COUNT, KV_INDEX, KV_FLAGS,
               s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ob, s_oh, s_om, s_cb, s_ib, s_iq,
-              s_qsb, s_ksb, q_chunks, k_chunks, H, LQ, L, Q_OFFSET, NUM_POS, NUM_TIME, alpha, scale,
+              H, LQ, L, Q_OFFSET, NUM_POS, NUM_TIME, alpha, scale,
               RULE: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, D: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     tile, bh = tl.program_id(0), tl.program_id(1)
@@ -369,16 +360,16 @@ def _hstu_fwd(Q, K, V, O, REQ, EVT, FLAG, POS, TS, Q_SPAN, K_SPAN, REL_POS, REL_
     q_tok = rows + Q_OFFSET
     q_in = rows < LQ
     q_req, q_evt, q_flag = _rule_meta(REQ, EVT, FLAG, b * L + q_tok, q_in)
-    q_pos_lo, _, q_ts_lo, q_ts_hi = _tile_span(Q_SPAN, b, s_qsb, tile, q_chunks, BLOCK_M, HAS_BIAS)
+    pos_top = _position_top(REL_POS, h, NUM_POS, HAS_BIAS)
     acc = tl.zeros((BLOCK_M, D), dtype=tl.float32)
     count = tl.load(KV_COUNT + b * s_cb + tile)
     for i in range(0, count):
-        keys, k_in, k, v, s, _, _ = _visited_key_tile(
-            K, V, POS, TS, K_SPAN, REL_POS, REL_TIME, KV_INDEX, i, q, q_tok, q_in, q_pos_lo, q_ts_lo, q_ts_hi, b, h,
-            tile, cols, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ib, s_iq, s_ksb, k_chunks, L, NUM_POS, NUM_TIME, alpha,
-            HAS_BIAS, PRECISION, BLOCK_N)  # [BLOCK_M, BLOCK_N] scores
+        keys, k_in, k, v, s, flags = _visited_key_tile(
+            K, V, POS, TS, REL_POS, REL_TIME, KV_INDEX, KV_FLAGS, i, q, q_tok, q_in, pos_top, b, h, tile, cols,
+            s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ib, s_iq, L, NUM_POS, NUM_TIME, alpha, HAS_BIAS, PRECISION,
+            BLOCK_N)  # [BLOCK_M, BLOCK_N] scores
         a = s * _sigmoid(s, PRECISION) * scale
-        if (tl.load(KV_FULL + b * s_ib + tile * s_iq + i) & FULL_BIT) == 0:  # else the rule allows the whole tile
+        if (flags & FULL_BIT) == 0:  # else the rule allows the whole tile
             k_req, k_evt, k_flag = _rule_meta(REQ, EVT, FLAG, b * L + keys, k_in)
             allowed = _allowed(q_tok[:, None], keys[None, :], q_req[:, None], k_req[None, :], q_evt[:, None],
                                k_evt[None, :], q_flag[:, None], k_flag[None, :], RULE)
@@ -400,27 +391,23 @@ def _key_tile(K, V, REQ, EVT, FLAG, b, h, tile, cols, s_kb, s_kh, s_kn, s_vb, s_
 
 
 @triton.jit
-def _query_tile_grads(Q, DO, REQ, EVT, FLAG, POS, TS, Q_SPAN, REL_POS, REL_TIME, Q_INDEX, Q_FULL, i, k, v, keys,
-                      k_in, k_req, k_evt, k_flag, k_pos_hi, k_ts_lo, k_ts_hi, b, h, tile, cols, s_qb, s_qh, s_qm,
-                      s_db, s_dh, s_dm, s_ib, s_iq, s_qsb, q_chunks, LQ, L, Q_OFFSET, NUM_POS, NUM_TIME, alpha,
-                      scale, RULE: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
-                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """The ``i``-th query tile a key tile's backward visits: its queries and output gradients, the
-    pair's attention weights ``a`` and score gradients ``ds`` (``[BLOCK_N keys, BLOCK_M queries]``,
-    zero where the rule forbids), and the query tile's position span and the pair's time buckets."""
-    q_tile = tl.load(Q_INDEX + b * s_ib + tile * s_iq + i)
+def _query_tile_grads(Q, DO, REQ, EVT, FLAG, POS, TS, REL_POS, REL_TIME, q_tile, flags, k, v, keys, k_in, k_req,
+                      k_evt, k_flag, pos_top, b, h, cols, s_qb, s_qh, s_qm, s_db, s_dh, s_dm, LQ, L, Q_OFFSET,
+                      NUM_POS, NUM_TIME, alpha, scale, RULE: tl.constexpr, HAS_BIAS: tl.constexpr,
+                      PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Query tile ``q_tile`` (schedule ``flags``) of a key tile's backward: its queries and output
+    gradients, the pair's attention weights ``a`` and score gradients ``ds`` (``[BLOCK_N keys,
+    BLOCK_M queries]``, zero where the rule forbids) and where the rule allows."""
     rows = q_tile * BLOCK_M + tl.arange(0, BLOCK_M)
     q_in = rows < LQ
     q = _load_tile(Q, b, h, rows, cols, s_qb, s_qh, s_qm, LQ)
     do = _load_tile(DO, b, h, rows, cols, s_db, s_dh, s_dm, LQ)
     q_tok = rows + Q_OFFSET
     meta = b * L + q_tok
-    q_pos_lo, q_pos_hi, q_ts_lo, q_ts_hi = _tile_span(Q_SPAN, b, s_qsb, q_tile, q_chunks, BLOCK_M, HAS_BIAS)
-    dist_lo, t_lo, t_hi = _bias_range(q_pos_lo, q_ts_lo, q_ts_hi, k_pos_hi, k_ts_lo, k_ts_hi, NUM_TIME, HAS_BIAS)
-    s = _scores(k, q, POS, TS, meta[None, :], (b * L + keys)[:, None], q_in[None, :], k_in[:, None], dist_lo, t_lo,
-                t_hi, REL_POS + h * NUM_POS, REL_TIME + h * NUM_TIME, NUM_POS, NUM_TIME, alpha, HAS_BIAS,
+    s = _scores(k, q, flags, POS, TS, meta[None, :], (b * L + keys)[:, None], q_in[None, :], k_in[:, None], pos_top,
+                REL_POS + h * NUM_POS, REL_TIME + h * NUM_TIME, NUM_POS, NUM_TIME, alpha, HAS_BIAS,
                 PRECISION)  # [BLOCK_N, BLOCK_M]
-    if (tl.load(Q_FULL + b * s_ib + tile * s_iq + i) & FULL_BIT) == 0:
+    if (flags & FULL_BIT) == 0:
         q_req, q_evt, q_flag = _rule_meta(REQ, EVT, FLAG, meta, q_in)
         allowed = _allowed(q_tok[None, :], keys[:, None], q_req[None, :], k_req[:, None], q_evt[None, :],
                            k_evt[:, None], q_flag[None, :], k_flag[:, None], RULE)
@@ -430,13 +417,13 @@ def _query_tile_grads(Q, DO, REQ, EVT, FLAG, POS, TS, Q_SPAN, REL_POS, REL_TIME,
     a = tl.where(allowed, s * sig * scale, 0.0)
     da = tl.dot(v, tl.trans(do), input_precision=PRECISION)  # [BLOCK_N, BLOCK_M]
     ds = tl.where(allowed, da * scale * sig * (1.0 + s * (1.0 - sig)), 0.0)  # d loss / d s
-    return rows, q_in, q, do, a, ds, allowed, q_pos_lo, q_pos_hi, t_lo, t_hi
+    return rows, q_in, q, do, a, ds, allowed
 
 
 @triton.jit
-def _hstu_bwd(Q, K, V, DO, DQ, DK, DV, REQ, EVT, FLAG, POS, TS, Q_SPAN, K_SPAN, REL_POS, REL_TIME, Q_COUNT, Q_INDEX,
-              Q_FULL, s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_db, s_dh, s_dm, s_cb, s_ib, s_iq,
-              s_qsb, s_ksb, q_chunks, k_chunks, H, LQ, L, Q_OFFSET, NUM_POS, NUM_TIME, alpha, scale,
+def _hstu_bwd(Q, K, V, DO, DQ, DK, DV, REQ, EVT, FLAG, POS, TS, REL_POS, REL_TIME, Q_COUNT, Q_INDEX, Q_FLAGS,
+              s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_db, s_dh, s_dm, s_cb, s_ib, s_iq,
+              H, LQ, L, Q_OFFSET, NUM_POS, NUM_TIME, alpha, scale,
               s_gb, s_gh, s_gm, s_kgb, s_kgh, s_kgn, RULE: tl.constexpr, HAS_BIAS: tl.constexpr,
               PRECISION: tl.constexpr, DQ_ATOMIC: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
               BLOCK_N: tl.constexpr):
@@ -447,16 +434,16 @@ def _hstu_bwd(Q, K, V, DO, DQ, DK, DV, REQ, EVT, FLAG, POS, TS, Q_SPAN, K_SPAN, 
     cols = tl.arange(0, D)
     keys, k_in, k, v, k_req, k_evt, k_flag = _key_tile(K, V, REQ, EVT, FLAG, b, h, tile, cols, s_kb, s_kh, s_kn,
                                                        s_vb, s_vh, s_vn, L, BLOCK_N)
-    _, k_pos_hi, k_ts_lo, k_ts_hi = _tile_span(K_SPAN, b, s_ksb, tile, k_chunks, BLOCK_N, HAS_BIAS)
+    pos_top = _position_top(REL_POS, h, NUM_POS, HAS_BIAS)
     dk = tl.zeros((BLOCK_N, D), dtype=tl.float32)
     dv = tl.zeros((BLOCK_N, D), dtype=tl.float32)
     count = tl.load(Q_COUNT + b * s_cb + tile)
     for i in range(0, count):
-        rows, q_in, q, do, a, ds, _, _, _, _, _ = _query_tile_grads(
-            Q, DO, REQ, EVT, FLAG, POS, TS, Q_SPAN, REL_POS, REL_TIME, Q_INDEX, Q_FULL, i, k, v, keys, k_in, k_req,
-            k_evt, k_flag, k_pos_hi, k_ts_lo, k_ts_hi, b, h, tile, cols, s_qb, s_qh, s_qm, s_db, s_dh, s_dm, s_ib,
-            s_iq, s_qsb, q_chunks, LQ, L, Q_OFFSET, NUM_POS, NUM_TIME, alpha, scale, RULE, HAS_BIAS, PRECISION,
-            BLOCK_M, BLOCK_N)
+        at = b * s_ib + tile * s_iq + i
+        rows, q_in, q, do, a, ds, _ = _query_tile_grads(
+            Q, DO, REQ, EVT, FLAG, POS, TS, REL_POS, REL_TIME, tl.load(Q_INDEX + at), tl.load(Q_FLAGS + at), k, v,
+            keys, k_in, k_req, k_evt, k_flag, pos_top, b, h, cols, s_qb, s_qh, s_qm, s_db, s_dh, s_dm, LQ, L,
+            Q_OFFSET, NUM_POS, NUM_TIME, alpha, scale, RULE, HAS_BIAS, PRECISION, BLOCK_M, BLOCK_N)
         dv += tl.dot(a.to(do.dtype), do, input_precision=PRECISION)
         dk += tl.dot(ds.to(q.dtype), q, input_precision=PRECISION)
         if DQ_ATOMIC:
@@ -468,9 +455,9 @@ def _hstu_bwd(Q, K, V, DO, DQ, DK, DV, REQ, EVT, FLAG, POS, TS, Q_SPAN, K_SPAN, 
 
 
 @triton.jit
-def _hstu_bwd_rab(Q, K, V, DO, REQ, EVT, FLAG, POS, TS, Q_SPAN, K_SPAN, REL_POS, REL_TIME, Q_COUNT, Q_INDEX,
-                  Q_FULL, s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_db, s_dh, s_dm, s_cb, s_ib, s_iq,
-                  s_qsb, s_ksb, q_chunks, k_chunks, H, LQ, L, Q_OFFSET, NUM_POS, NUM_TIME, alpha, scale,
+def _hstu_bwd_rab(Q, K, V, DO, REQ, EVT, FLAG, POS, TS, REL_POS, REL_TIME, Q_COUNT, Q_INDEX, Q_FLAGS,
+                  s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_db, s_dh, s_dm, s_cb, s_ib, s_iq,
+                  H, LQ, L, Q_OFFSET, NUM_POS, NUM_TIME, alpha, scale, Q_EXT, K_EXT, s_qeb, s_keb,
                   D_REL_POS, D_REL_TIME, RULE: tl.constexpr, PRECISION: tl.constexpr, TIME_SLOTS: tl.constexpr,
                   D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """The bias tables' gradients, one key tile per program over the dK/dV schedule: its own kernel
@@ -478,33 +465,40 @@ def _hstu_bwd_rab(Q, K, V, DO, REQ, EVT, FLAG, POS, TS, Q_SPAN, K_SPAN, REL_POS,
     gradient's reductions left no registers (1,992 bytes of spills per thread on sm_90). The
     gradients gather in the program (``pos_top``: the position table's last slot; ``time_grad``: the
     time table, ``TIME_SLOTS`` >= its size) and reach the tables by one atomic add each at the end,
-    where one per tile pair contended across programs."""
+    where one per tile pair contended across programs. ``Q_EXT``, ``K_EXT``: the backward tiles'
+    extremes (:func:`genrec.ops.triton.tiles.tile_extremes`), the position spans the reductions need."""
     tl.static_assert((BLOCK_M == BLOCK_N) & (BLOCK_N >= 64), "the position-bias gradient needs square tiles >= 64")
     tile, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
     cols = tl.arange(0, D)
     keys, k_in, k, v, k_req, k_evt, k_flag = _key_tile(K, V, REQ, EVT, FLAG, b, h, tile, cols, s_kb, s_kh, s_kn,
                                                        s_vb, s_vh, s_vn, L, BLOCK_N)
-    k_pos_lo, k_pos_hi, k_ts_lo, k_ts_hi = _tile_span(K_SPAN, b, s_ksb, tile, k_chunks, BLOCK_N, True)
+    k_pos_lo, k_pos_hi = tl.load(K_EXT + b * s_keb + tile * 4), tl.load(K_EXT + b * s_keb + tile * 4 + 1)
     k_pos, k_ts, k_live = _bias_meta(POS, TS, FLAG, b * L + keys, k_in)
     k_run = _consecutive(k_pos, k_live, k_pos_lo, BLOCK_N)
-    pos_top = tl.sum(tl.zeros((BLOCK_N,), dtype=tl.float32))
+    pos_top = _position_top(REL_POS, h, NUM_POS, True)
+    top_grad = tl.sum(tl.zeros((BLOCK_N,), dtype=tl.float32))
     time_grad = tl.zeros((TIME_SLOTS,), dtype=tl.float32)
     count = tl.load(Q_COUNT + b * s_cb + tile)
     for i in range(0, count):
-        if (tl.load(Q_FULL + b * s_ib + tile * s_iq + i) & BIAS_IN_DQ_BIT) == 0:  # else _hstu_bwd_dq adds them
-            rows, q_in, _, _, _, ds, allowed, q_pos_lo, q_pos_hi, t_lo, t_hi = _query_tile_grads(
-                Q, DO, REQ, EVT, FLAG, POS, TS, Q_SPAN, REL_POS, REL_TIME, Q_INDEX, Q_FULL, i, k, v, keys, k_in,
-                k_req, k_evt, k_flag, k_pos_hi, k_ts_lo, k_ts_hi, b, h, tile, cols, s_qb, s_qh, s_qm, s_db, s_dh,
-                s_dm, s_ib, s_iq, s_qsb, q_chunks, LQ, L, Q_OFFSET, NUM_POS, NUM_TIME, alpha, scale, RULE, True,
-                PRECISION, BLOCK_M, BLOCK_N)
+        at = b * s_ib + tile * s_iq + i
+        flags = tl.load(Q_FLAGS + at)
+        if (flags & BIAS_IN_DQ_BIT) == 0:  # else _hstu_bwd_dq adds them
+            q_tile = tl.load(Q_INDEX + at)
+            rows, q_in, _, _, _, ds, allowed = _query_tile_grads(
+                Q, DO, REQ, EVT, FLAG, POS, TS, REL_POS, REL_TIME, q_tile, flags, k, v, keys, k_in, k_req, k_evt,
+                k_flag, pos_top, b, h, cols, s_qb, s_qh, s_qm, s_db, s_dh, s_dm, LQ, L, Q_OFFSET, NUM_POS,
+                NUM_TIME, alpha, scale, RULE, True, PRECISION, BLOCK_M, BLOCK_N)
             q_pos, q_ts, q_live = _bias_meta(POS, TS, FLAG, b * L + rows + Q_OFFSET, q_in)
+            near, t_lo, t_hi = _bias_form(flags)
+            q_pos_lo, q_pos_hi = tl.load(Q_EXT + b * s_qeb + q_tile * 4), tl.load(Q_EXT + b * s_qeb + q_tile * 4 + 1)
             total = tl.sum(ds)
-            pos_top = _position_grad(D_REL_POS + h * NUM_POS, pos_top, ds, total, q_pos, k_pos, q_live, q_pos_lo,
-                                     q_pos_hi, k_pos_lo, k_pos_hi, k_run, allowed, NUM_POS, PRECISION, BLOCK_N)
+            top_grad = _position_grad(D_REL_POS + h * NUM_POS, top_grad, ds, total, (flags & NEAR_BIT) == 0, q_pos,
+                                      k_pos, q_live, q_pos_lo, q_pos_hi, k_pos_lo, k_pos_hi, k_run, allowed, NUM_POS,
+                                      PRECISION, BLOCK_N)
             time_grad = _time_grad(time_grad, ds, total, q_ts[None, :], k_ts[:, None], t_lo, t_hi, NUM_TIME,
                                    TIME_SLOTS)
-    tl.atomic_add(D_REL_POS + h * NUM_POS + NUM_POS - 1, pos_top, mask=pos_top != 0.0)
+    tl.atomic_add(D_REL_POS + h * NUM_POS + NUM_POS - 1, top_grad, mask=top_grad != 0.0)
     slot = tl.arange(0, TIME_SLOTS)
     tl.atomic_add(D_REL_TIME + h * NUM_TIME + slot, time_grad, mask=(slot < NUM_TIME) & (time_grad != 0.0))
 
@@ -517,9 +511,9 @@ def _time_rows_flush(time_grad, lo_rows, hi_rows, t, SLOTS: tl.constexpr):
 
 
 @triton.jit
-def _hstu_bwd_dq(Q, K, V, DO, DQ, REQ, EVT, FLAG, POS, TS, Q_SPAN, K_SPAN, REL_POS, REL_TIME, KV_COUNT, KV_INDEX,
-                 KV_FULL, s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_db, s_dh, s_dm, s_cb, s_ib, s_iq,
-                 s_qsb, s_ksb, q_chunks, k_chunks, H, LQ, L, Q_OFFSET, NUM_POS, NUM_TIME, alpha, scale,
+def _hstu_bwd_dq(Q, K, V, DO, DQ, REQ, EVT, FLAG, POS, TS, REL_POS, REL_TIME, KV_COUNT, KV_INDEX, KV_FLAGS,
+                 s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_db, s_dh, s_dm, s_cb, s_ib, s_iq,
+                 H, LQ, L, Q_OFFSET, NUM_POS, NUM_TIME, alpha, scale,
                  s_gb, s_gh, s_gm, D_REL_POS, D_REL_TIME, RULE: tl.constexpr, HAS_BIAS: tl.constexpr,
                  BIAS_GRADS: tl.constexpr, PRECISION: tl.constexpr, TIME_SLOTS: tl.constexpr, D: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -539,7 +533,7 @@ def _hstu_bwd_dq(Q, K, V, DO, DQ, REQ, EVT, FLAG, POS, TS, Q_SPAN, K_SPAN, REL_P
     q_tok = rows + Q_OFFSET
     q_in = rows < LQ
     q_req, q_evt, q_flag = _rule_meta(REQ, EVT, FLAG, b * L + q_tok, q_in)
-    q_pos_lo, _, q_ts_lo, q_ts_hi = _tile_span(Q_SPAN, b, s_qsb, tile, q_chunks, BLOCK_M, HAS_BIAS)
+    pos_top = _position_top(REL_POS, h, NUM_POS, HAS_BIAS)
     dq = tl.zeros((BLOCK_M, D), dtype=tl.float32)
     if BIAS_GRADS:
         q_ts = tl.load(TS + b * L + q_tok, mask=q_in, other=0)
@@ -550,14 +544,13 @@ def _hstu_bwd_dq(Q, K, V, DO, DQ, REQ, EVT, FLAG, POS, TS, Q_SPAN, K_SPAN, REL_P
         time_grad = tl.zeros((TIME_SLOTS,), dtype=tl.float32)
     count = tl.load(KV_COUNT + b * s_cb + tile)
     for i in range(0, count):
-        keys, k_in, k, v, s, t_lo, t_hi = _visited_key_tile(
-            K, V, POS, TS, K_SPAN, REL_POS, REL_TIME, KV_INDEX, i, q, q_tok, q_in, q_pos_lo, q_ts_lo, q_ts_hi, b, h,
-            tile, cols, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ib, s_iq, s_ksb, k_chunks, L, NUM_POS, NUM_TIME, alpha,
-            HAS_BIAS, PRECISION, BLOCK_N)  # [BLOCK_M, BLOCK_N] scores
+        keys, k_in, k, v, s, flags = _visited_key_tile(
+            K, V, POS, TS, REL_POS, REL_TIME, KV_INDEX, KV_FLAGS, i, q, q_tok, q_in, pos_top, b, h, tile, cols,
+            s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ib, s_iq, L, NUM_POS, NUM_TIME, alpha, HAS_BIAS, PRECISION,
+            BLOCK_N)  # [BLOCK_M, BLOCK_N] scores
         sig = _sigmoid(s, PRECISION)
         da = tl.dot(do, tl.trans(v), input_precision=PRECISION)  # [BLOCK_M, BLOCK_N]
         ds = da * scale * sig * (1.0 + s * (1.0 - sig))
-        flags = tl.load(KV_FULL + b * s_ib + tile * s_iq + i)
         if (flags & FULL_BIT) == 0:
             k_req, k_evt, k_flag = _rule_meta(REQ, EVT, FLAG, b * L + keys, k_in)
             allowed = _allowed(q_tok[:, None], keys[None, :], q_req[:, None], k_req[None, :], q_evt[:, None],
@@ -566,6 +559,7 @@ def _hstu_bwd_dq(Q, K, V, DO, DQ, REQ, EVT, FLAG, POS, TS, Q_SPAN, K_SPAN, REL_P
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
         if BIAS_GRADS:
             if (flags & BIAS_IN_DQ_BIT) != 0:
+                _, t_lo, t_hi = _bias_form(flags)
                 by_row = tl.sum(ds, axis=1)  # [BLOCK_M]
                 pos_rows += by_row
                 if t_lo != t:
@@ -610,35 +604,60 @@ def _splits_bias_grads(has_bias: bool, dq_separate: bool, bwd_tile: Tile, dq_til
     """Whether the dQ kernel takes over the bias gradients of some tile pairs from
     :func:`_hstu_bwd_rab` (one decision for the schedules' flags and the dQ launch): with the bias and
     the separate dQ kernel on, its pairs must each cover whole pairs of the dK/dV schedule (same key
-    tiles, query tiles a multiple), and its query tiles whole rows of the span table."""
-    return (has_bias and dq_separate and dq_tile[1] == bwd_tile[1] and dq_tile[0] % bwd_tile[0] == 0
-            and dq_tile[0] % tiles.SPAN_TILE == 0)
+    tiles, query tiles a multiple)."""
+    return has_bias and dq_separate and dq_tile[1] == bwd_tile[1] and dq_tile[0] % bwd_tile[0] == 0
 
 
-def _bias_in_dq_flags(backward: tuple, dq: tuple, q_span: torch.Tensor, k_span: torch.Tensor, bwd_tile: Tile,
-                      dq_tile: Tile, num_pos: int, num_time: int) -> tuple[tuple, tuple]:
-    """The dK/dV and dQ schedules with BIAS_IN_DQ set on the pairs whose bias gradients the dQ kernel
-    adds (:func:`genrec.ops.triton.tiles.bias_in_dq_pairs`, decided per dQ pair; a dK/dV pair inherits
-    its dQ pair's flag), so that each pair's gradients are added by exactly one kernel."""
-    in_dq = bias_in_dq_pairs(q_span, k_span, dq_tile[0], dq_tile[1], num_pos, num_time).int()  # [B, nQ, nK]
-    (bwd_count, bwd_index, bwd_full), (dq_count, dq_index, dq_full) = backward, dq
-    per_dq = in_dq.repeat_interleave(dq_tile[0] // bwd_tile[0], 1)[:, :bwd_index.shape[2]]  # [B, nQ', nK]
-    bwd_flags = bwd_full | (per_dq.mT.gather(-1, bwd_index.long()) * BIAS_IN_DQ)
-    dq_flags = dq_full | (in_dq.gather(-1, dq_index.long()) * BIAS_IN_DQ)
-    return (bwd_count, bwd_index, bwd_flags.contiguous()), (dq_count, dq_index, dq_flags.contiguous())
+def _with_forms(schedule: tuple, forms: torch.Tensor, extra: torch.Tensor | None = None) -> tuple:
+    """A schedule whose per-pair flags also carry ``forms`` (``[B, nRows, nCols]`` in the schedule's
+    orientation: :func:`genrec.ops.triton.tiles.bias_forms`) and, where given, ``extra`` bits."""
+    count, index, flags = schedule
+    bits = forms if extra is None else forms | extra
+    return count, index, (flags | bits.gather(-1, index.long())).contiguous()
+
+
+def _bias_flags(layout: TokenLayout, meta: KernelMeta, schedules: tuple, tile_table: tuple, q_offset: int,
+                num_pos: int, num_time: int, split: bool) -> tuple:
+    """The forward, dK/dV and dQ schedules with each pair's bias form in its flags, BIAS_IN_DQ set
+    where the dQ kernel adds the pair's bias gradients (``split``: decided per dQ pair by
+    :func:`genrec.ops.triton.tiles.bias_in_dq_pairs`; a dK/dV pair inherits its dQ pair's flag, so
+    each pair's gradients are added by exactly one kernel), and the dK/dV tiles' extremes that the
+    bias-gradient kernel reads. ``schedules``: (forward, dK/dV or None when no gradient is asked, dQ
+    or None without the dQ kernel); a None comes back as the schedule the op takes in its place (the
+    forward's; the dK/dV one's)."""
+    forward, backward, dq = schedules
+    (fwd_q, fwd_k), (bwd_q, bwd_k), (dq_q, dq_k) = (tile[:2] for tile in tile_table)
+
+    def extremes(start: int, block: int) -> torch.Tensor:
+        return layout.cached(("triton_extremes", start, block), lambda: tile_extremes(meta, start, block))
+
+    def forms(block_q: int, block_k: int) -> torch.Tensor:  # [B, nQ, nK]
+        return layout.cached(("triton_forms", block_q, block_k, q_offset, num_pos, num_time),
+                             lambda: bias_forms(extremes(q_offset, block_q), extremes(0, block_k), num_pos, num_time))
+    forward = _with_forms(forward, forms(fwd_q, fwd_k))
+    if backward is not None:
+        dq_forms = forms(dq_q, dq_k)
+        in_dq = bias_in_dq_pairs(dq_forms).int() * BIAS_IN_DQ if split else None  # [B, nQ, nK]
+        per_dq = None if in_dq is None else in_dq.repeat_interleave(dq_q // bwd_q, 1)[:, :backward[1].shape[2]]
+        backward = _with_forms(backward, forms(bwd_q, bwd_k).mT, None if per_dq is None else per_dq.mT)
+        dq = backward if dq is None else _with_forms(dq, dq_forms, in_dq)
+    else:
+        backward = dq = forward
+    flagged = (forward, backward, dq)
+    return (*flagged, extremes(q_offset, bwd_q), extremes(0, bwd_k))
 
 
 def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _sizes(count: torch.Tensor, index: torch.Tensor, q_span: torch.Tensor, k_span: torch.Tensor, q: torch.Tensor,
-           seq: int, q_offset: int, num_pos: int, num_time: int, scale: float) -> tuple:
-    """The scalar arguments every kernel takes after its tensors' strides: schedule and span-table
-    strides, sizes, bias-table sizes and the two score scales."""
+def _sizes(count: torch.Tensor, index: torch.Tensor, q: torch.Tensor, seq: int, q_offset: int, num_pos: int,
+           num_time: int, scale: float) -> tuple:
+    """The scalar arguments every kernel takes after its tensors' strides: schedule strides, sizes,
+    bias-table sizes and the two score scales."""
     b, h, lq, d = q.shape
-    return (count.stride(0), index.stride(0), index.stride(1), q_span.stride(0), k_span.stride(0), q_span.shape[1],
-            k_span.shape[1], h, lq, seq, q_offset, num_pos, num_time, 1.0 / math.sqrt(d), scale)
+    return (count.stride(0), index.stride(0), index.stride(1), h, lq, seq, q_offset, num_pos, num_time,
+            1.0 / math.sqrt(d), scale)
 
 
 def _strides(*tensors: torch.Tensor) -> tuple[int, ...]:
@@ -653,8 +672,8 @@ def _strides(*tensors: torch.Tensor) -> tuple[int, ...]:
 # forward inputs (built once per layout, not per layer), and placeholders when no gradient is needed.
 @torch.library.custom_op("genrec::hstu_attention_fwd", mutates_args=())
 def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, request: torch.Tensor, event: torch.Tensor,
-            flags: torch.Tensor, position: torch.Tensor, timestamp: torch.Tensor, q_span: torch.Tensor,
-            k_span: torch.Tensor, rel_pos: torch.Tensor, rel_time: torch.Tensor, count: torch.Tensor,
+            flags: torch.Tensor, position: torch.Tensor, timestamp: torch.Tensor, q_ext: torch.Tensor,
+            k_ext: torch.Tensor, rel_pos: torch.Tensor, rel_time: torch.Tensor, count: torch.Tensor,
             index: torch.Tensor, full: torch.Tensor, bwd_count: torch.Tensor, bwd_index: torch.Tensor,
             bwd_full: torch.Tensor, dq_count: torch.Tensor, dq_index: torch.Tensor, dq_full: torch.Tensor,
             scale: float, q_offset: int, rule: int, has_bias: bool, fwd_tile: list[int], bwd_tile: list[int],
@@ -664,10 +683,9 @@ def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, request: torch.Te
     block_m, block_n, warps, stages = fwd_tile
     out = torch.empty(b, lq, h, d, device=q.device, dtype=q.dtype).transpose(1, 2)  # [B, H, LQ, Dh]
     grid = (triton.cdiv(lq, block_m), b * h)
-    _hstu_fwd[grid](q, k, v, out, request, event, flags, position, timestamp, q_span, k_span, rel_pos, rel_time,
-                    count, index, full, *_strides(q, k, v, out),
-                    *_sizes(count, index, q_span, k_span, q, seq, q_offset, rel_pos.shape[-1], rel_time.shape[-1],
-                            scale),
+    _hstu_fwd[grid](q, k, v, out, request, event, flags, position, timestamp, rel_pos, rel_time, count, index, full,
+                    *_strides(q, k, v, out),
+                    *_sizes(count, index, q, seq, q_offset, rel_pos.shape[-1], rel_time.shape[-1], scale),
                     RULE=rule, HAS_BIAS=has_bias, PRECISION=_precision(q.dtype), D=d, BLOCK_M=block_m,
                     BLOCK_N=block_n, num_warps=warps, num_stages=stages)
     return out
@@ -682,7 +700,7 @@ def _fwd_fake(q, k, v, *args, **kwargs) -> torch.Tensor:
 @torch.library.custom_op("genrec::hstu_attention_bwd", mutates_args=())
 def _bwd_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, request: torch.Tensor,
             event: torch.Tensor, flags: torch.Tensor, position: torch.Tensor, timestamp: torch.Tensor,
-            q_span: torch.Tensor, k_span: torch.Tensor, rel_pos: torch.Tensor, rel_time: torch.Tensor,
+            q_ext: torch.Tensor, k_ext: torch.Tensor, rel_pos: torch.Tensor, rel_time: torch.Tensor,
             bwd_count: torch.Tensor, bwd_index: torch.Tensor, bwd_full: torch.Tensor, dq_count: torch.Tensor,
             dq_index: torch.Tensor, dq_full: torch.Tensor, scale: float, q_offset: int, rule: int, has_bias: bool,
             bwd_tile: list[int], dq_tile: list[int],
@@ -694,12 +712,12 @@ def _bwd_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
     dk = torch.empty(b, seq, h, d, device=q.device, dtype=k.dtype).transpose(1, 2)
     dv = torch.empty(b, seq, h, d, device=q.device, dtype=v.dtype).transpose(1, 2)
     d_pos, d_time = torch.zeros_like(rel_pos), torch.zeros_like(rel_time)
-    meta = (request, event, flags, position, timestamp, q_span, k_span, rel_pos, rel_time)
+    meta = (request, event, flags, position, timestamp, rel_pos, rel_time)
     strides = _strides(q, k, v, grad_out)
     precision = _precision(q.dtype)
     block_m, block_n, warps, stages = bwd_tile
     launch = dict(D=d, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
-    sizes = _sizes(bwd_count, bwd_index, q_span, k_span, q, seq, q_offset, rel_pos.shape[-1], rel_time.shape[-1], scale)
+    sizes = _sizes(bwd_count, bwd_index, q, seq, q_offset, rel_pos.shape[-1], rel_time.shape[-1], scale)
     _hstu_bwd[(triton.cdiv(seq, block_n), b * h)](
         q, k, v, grad_out, dq, dk, dv, *meta, bwd_count, bwd_index, bwd_full, *strides, *sizes, *_strides(dq, dk),
         RULE=rule, HAS_BIAS=has_bias, PRECISION=precision, DQ_ATOMIC=not dq_separate, **launch)
@@ -707,21 +725,21 @@ def _bwd_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
     split = _splits_bias_grads(has_bias, dq_separate, bwd_tile, dq_tile)  # as hstu_attention flagged
     if has_bias:
         _hstu_bwd_rab[(triton.cdiv(seq, block_n), b * h)](
-            q, k, v, grad_out, *meta, bwd_count, bwd_index, bwd_full, *strides, *sizes, d_pos, d_time, RULE=rule,
-            PRECISION=precision, TIME_SLOTS=time_slots, **launch)
+            q, k, v, grad_out, *meta, bwd_count, bwd_index, bwd_full, *strides, *sizes, q_ext, k_ext,
+            q_ext.stride(0), k_ext.stride(0), d_pos, d_time, RULE=rule, PRECISION=precision, TIME_SLOTS=time_slots,
+            **launch)
     if dq_separate:  # with the bias split, this launch also adds the BIAS_IN_DQ pairs' bias gradients
         block_m, block_n, warps, stages = dq_tile
         _hstu_bwd_dq[(triton.cdiv(lq, block_m), b * h)](
             q, k, v, grad_out, dq, *meta, dq_count, dq_index, dq_full, *strides,
-            *_sizes(dq_count, dq_index, q_span, k_span, q, seq, q_offset, rel_pos.shape[-1], rel_time.shape[-1],
-                    scale),
+            *_sizes(dq_count, dq_index, q, seq, q_offset, rel_pos.shape[-1], rel_time.shape[-1], scale),
             *_strides(dq), d_pos, d_time, RULE=rule, HAS_BIAS=has_bias, BIAS_GRADS=split, PRECISION=precision,
             TIME_SLOTS=time_slots, D=d, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
     return dq.to(q.dtype), dk, dv, d_pos, d_time
 
 
 @_bwd_op.register_fake
-def _bwd_fake(grad_out, q, k, v, request, event, flags, position, timestamp, q_span, k_span, rel_pos, rel_time,
+def _bwd_fake(grad_out, q, k, v, request, event, flags, position, timestamp, q_ext, k_ext, rel_pos, rel_time,
               *args, **kwargs):
     b, h, lq, d = q.shape
     seq = k.shape[2]
@@ -765,22 +783,25 @@ def hstu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: To
         raise ValueError(f"the triton backend needs a head dim that is a power of two in 16..256, got {d}")
     meta = layout.cached(("triton_meta",), lambda: KernelMeta.from_layout(layout))
     fwd_tile, bwd_tile, dq_tile = config.tiles(d, q.dtype)
+    tables = () if rel_pos is None else (rel_pos, rel_time)
+    grads = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, *tables))
     forward = _schedule(layout, meta, fwd_tile, q_offset, transpose=False)
+    backward = _schedule(layout, meta, bwd_tile, q_offset, transpose=True) if grads else None
+    dq = _schedule(layout, meta, dq_tile, q_offset, transpose=False) if grads and config.dq_separate else None
     has_bias = rel_pos is not None
     if has_bias:  # fp32 copies: autograd casts the tables' gradients back to their dtype
         rel_pos, rel_time = rel_pos.float().contiguous(), rel_time.float().contiguous()
-        q_span = layout.cached(("triton_spans", q_offset), lambda: tile_spans(meta, q_offset))
-        k_span = q_span if q_offset == 0 else layout.cached(("triton_spans", 0), lambda: tile_spans(meta, 0))
+        split = _splits_bias_grads(has_bias, config.dq_separate, bwd_tile, dq_tile)
+        key = ("triton_bias_flags", tuple(fwd_tile), tuple(bwd_tile), tuple(dq_tile), q_offset, rel_pos.shape[-1],
+               rel_time.shape[-1], backward is None, dq is None, split)
+        forward, backward, dq, q_ext, k_ext = layout.cached(key, lambda: _bias_flags(
+            layout, meta, (forward, backward, dq), (fwd_tile, bwd_tile, dq_tile), q_offset, rel_pos.shape[-1],
+            rel_time.shape[-1], split))
     else:
         rel_pos = rel_time = torch.zeros(1, device=q.device, dtype=torch.float32)
-        q_span = k_span = torch.zeros(1, 1, 4, device=q.device, dtype=torch.int32)  # unread
-    grads = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, rel_pos, rel_time))
-    backward = _schedule(layout, meta, bwd_tile, q_offset, transpose=True) if grads else forward
-    dq = _schedule(layout, meta, dq_tile, q_offset, transpose=False) if grads and config.dq_separate else backward
-    if grads and _splits_bias_grads(has_bias, config.dq_separate, bwd_tile, dq_tile):
-        key = ("triton_bias_in_dq", tuple(bwd_tile), tuple(dq_tile), q_offset, rel_pos.shape[-1], rel_time.shape[-1])
-        backward, dq = layout.cached(key, lambda: _bias_in_dq_flags(backward, dq, q_span, k_span, bwd_tile, dq_tile,
-                                                                    rel_pos.shape[-1], rel_time.shape[-1]))
-    return _fwd_op(q, k, v, meta.request, meta.event, meta.flags, meta.position, meta.timestamp, q_span, k_span,
+        q_ext = k_ext = torch.zeros(1, 1, 4, device=q.device, dtype=torch.int32)  # unread
+        backward = forward if backward is None else backward  # placeholders: no gradient asked, or dQ in
+        dq = backward if dq is None else dq  # dK/dV's kernel
+    return _fwd_op(q, k, v, meta.request, meta.event, meta.flags, meta.position, meta.timestamp, q_ext, k_ext,
                    rel_pos, rel_time, *forward, *backward, *dq, scale, q_offset, RULE_IDS[layout.rule], has_bias,
                    list(fwd_tile), list(bwd_tile), list(dq_tile), config.dq_separate)

@@ -19,11 +19,11 @@ from genrec.ops.layout import TokenLayout, check_time_span
 from genrec.ops.masks import time_bucket
 
 VALID, FAKE = 1, 2  # bits of KernelMeta.flags
-FULL, BIAS_IN_DQ = 1, 2  # bits of a schedule's per-pair flags (tile_lists, bias_in_dq_pairs)
+FULL, BIAS_IN_DQ, NEAR = 1, 2, 4  # bits of a schedule's per-pair flags (tile_lists, bias_in_dq_pairs, bias_forms)
+LO_SHIFT, HI_SHIFT, BUCKET_MASK = 8, 16, 31  # a pair's time buckets in its flags (bias_forms; buckets <= 31)
 _BIG = 2**30
 POS_BOUND = 2**29  # above any position: differences of +-POS_BOUND fit int32
 TS_TOP = 2**31 - 1  # kernel timestamps lie in [0, 2^31)
-SPAN_TILE = 32  # tokens per row of tile_spans: kernel tiles with the bias are multiples of it
 
 
 @dataclass
@@ -95,48 +95,44 @@ def tile_stats(meta: KernelMeta, block_q: int, block_k: int, q_offset: int = 0) 
     return _stats(meta, q_offset, block_q, 1), _stats(meta, 0, block_k, 2)
 
 
-def tile_spans(meta: KernelMeta, start: int = 0) -> torch.Tensor:
-    """``[B, ceil((L - start) / SPAN_TILE), 4]`` int32: the lowest and highest position and timestamp
-    of the valid tokens of each run of ``SPAN_TILE`` tokens from ``start`` ((POS_BOUND, -POS_BOUND,
-    TS_TOP, 0) where none is). The kernels combine a tile's rows into the extremes that pick its
-    relative-bias form; reduced once per layout here, not once per tile pair and layer in the kernels."""
+def tile_extremes(meta: KernelMeta, start: int, block: int) -> torch.Tensor:
+    """``[B, ceil((L - start) / block), 4]`` int32: the lowest and highest position and timestamp of
+    the valid tokens of each tile of ``block`` tokens from ``start`` ((POS_BOUND, -POS_BOUND, TS_TOP,
+    0) where none is). :func:`bias_forms` compares them per tile pair, and the bias-gradient kernel
+    reads a pair's position spans from them: reduced once per layout, not per tile pair and layer."""
     valid = (meta.flags[:, start:] & VALID) != 0
 
     def low_high(x: torch.Tensor, low: int, high: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return (_chunks(torch.where(valid, x, low), SPAN_TILE, low).amin(-1),
-                _chunks(torch.where(valid, x, high), SPAN_TILE, high).amax(-1))
-    spans = (*low_high(meta.position[:, start:], POS_BOUND, -POS_BOUND),
-             *low_high(meta.timestamp[:, start:], TS_TOP, 0))
-    return torch.stack(spans, -1).to(torch.int32).contiguous()
+        return (_chunks(torch.where(valid, x, low), block, low).amin(-1),
+                _chunks(torch.where(valid, x, high), block, high).amax(-1))
+    extremes = (*low_high(meta.position[:, start:], POS_BOUND, -POS_BOUND),
+                *low_high(meta.timestamp[:, start:], TS_TOP, 0))
+    return torch.stack(extremes, -1).to(torch.int32).contiguous()
 
 
-def _tile_extremes(spans: torch.Tensor, block: int) -> torch.Tensor:
-    """``[B, nT, 4]``: the rows of :func:`tile_spans` combined over tiles of ``block`` tokens (a
-    multiple of SPAN_TILE), as the kernels' ``_tile_span`` combines them."""
-    per = block // SPAN_TILE
-    pad = -spans.shape[1] % per
-    if pad:  # rows of no live token; padded per column (a tensor from a list would be a blocking copy)
-        fill = (POS_BOUND, -POS_BOUND, TS_TOP, 0)
-        spans = torch.stack([F.pad(spans[..., c], (0, pad), value=v) for c, v in enumerate(fill)], -1)
-    rows = spans.unflatten(1, (-1, per))  # [B, nT, per, 4]
-    low, high = rows.amin(2), rows.amax(2)
-    return torch.stack([low[..., 0], high[..., 1], low[..., 2], high[..., 3]], -1)
-
-
-def bias_in_dq_pairs(q_spans: torch.Tensor, k_spans: torch.Tensor, block_q: int, block_k: int, num_pos: int,
-                     num_time: int) -> torch.Tensor:
-    """``[B, nQ, nK]`` bool: tile pairs whose relative bias is one value of the position table (every
-    distance at or past its last slot) and at most two time buckets, so that their bias gradients
-    are row sums of the score gradients, split once by time: the dQ kernel adds those (no barrier,
-    no recomputed scores) and the bias-gradient kernel skips the pair. The same extremes and buckets
-    the kernels compute (``_bias_range``), from the span tables of both sides."""
-    q = _tile_extremes(q_spans, block_q)[:, :, None].long()  # [B, nQ, 1, 4]
-    k = _tile_extremes(k_spans, block_k)[:, None].long()  # [B, 1, nK, 4]
+def bias_forms(q_extremes: torch.Tensor, k_extremes: torch.Tensor, num_pos: int, num_time: int) -> torch.Tensor:
+    """``[B, nQ, nK]`` int32 schedule flags that pick each tile pair's relative-bias form in the
+    kernels, from the :func:`tile_extremes` of its query and key tiles: NEAR where a distance may
+    fall before the position table's last slot (else the position bias is that one value), and the
+    lowest and highest time bucket of the pair (bits ``LO_SHIFT`` and ``HI_SHIFT``; the bucket is
+    monotone in the time difference, so the extremes bound it). Decided here once per layout, the
+    kernels read one word per pair where they combined span rows, a chain of dependent loads."""
+    q, k = q_extremes[:, :, None].long(), k_extremes[:, None].long()  # [B, nQ, 1, 4], [B, 1, nK, 4]
 
     def bucket(dt: torch.Tensor) -> torch.Tensor:  # the kernels clamp Δt below 2^31 - 1 first
         return time_bucket(dt.clamp(max=TS_TOP - 1), num_time)
-    far = q[..., 0] - k[..., 1] >= num_pos - 1
-    return far & (bucket(q[..., 3] - k[..., 2]) <= bucket(q[..., 2] - k[..., 3]) + 1)
+    near = q[..., 0] - k[..., 1] < num_pos - 1
+    low, high = bucket(q[..., 2] - k[..., 3]), bucket(q[..., 3] - k[..., 2])
+    return (near.long() * NEAR | low << LO_SHIFT | high << HI_SHIFT).to(torch.int32)
+
+
+def bias_in_dq_pairs(forms: torch.Tensor) -> torch.Tensor:
+    """``[B, nQ, nK]`` bool from :func:`bias_forms`: tile pairs whose relative bias is one value of
+    the position table (every distance at or past its last slot) and at most two time buckets, so
+    that their bias gradients are row sums of the score gradients, split once by time: the dQ kernel
+    adds those (no barrier, no recomputed scores) and the bias-gradient kernel skips the pair."""
+    low, high = (forms >> LO_SHIFT) & BUCKET_MASK, (forms >> HI_SHIFT) & BUCKET_MASK
+    return ((forms & NEAR) == 0) & (high <= low + 1)
 
 
 def tile_pairs(meta: KernelMeta, rule: str, block_q: int, block_k: int, q_offset: int = 0,
@@ -177,7 +173,7 @@ def tile_full(meta: KernelMeta, rule: str, block_q: int, block_k: int, q_offset:
 def tile_lists(pairs: torch.Tensor, full: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``[B, nQ, nK]`` pairs and full flags -> per query tile the count ``[B, nQ]``, the key tiles
     ``[B, nQ, nK]`` with the ``count`` to visit first in ascending order, and each one's flags (int32:
-    the FULL bit; ``hstu._bias_in_dq_flags`` adds BIAS_IN_DQ). Kept at full width: trimming to the
+    the FULL bit; ``hstu._bias_flags`` adds the bias forms and BIAS_IN_DQ). Kept at full width: trimming to the
     largest count would cost a device-to-host sync."""
     order = torch.sort((~pairs).to(torch.int8), dim=-1, stable=True).indices
     return (pairs.sum(-1).to(torch.int32).contiguous(), order.to(torch.int32).contiguous(),
