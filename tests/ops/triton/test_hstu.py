@@ -180,6 +180,22 @@ def test_every_bias_form_of_a_tile_matches_reference(positions, forward_tiles):
     _check(layout, DTYPES[0], bias=True, pos_buckets=40, backend=backend_module.triton_backend(config))
 
 
+def test_time_differences_at_every_bucket_edge_match_reference():
+    """The kernels' time bucket (fp32 arithmetic on the GPU, integers in the interpreter) against the
+    reference at each bucket's first second and the one before, 2^t - 1 and 2^t - 2 for t = 1..30,
+    and at the widest span a batch may hold (2^31 - 1 s, the bucket capped at 30); a second sequence
+    runs backwards in time (every read pair in bucket 0). A table slot per distance: every tile pair
+    reads its buckets per pair."""
+    edges = [0] + [e for t in range(1, 31) for e in (2**t - 2, 2**t - 1)] + [2**31 - 1]  # 62 times, ascending
+    ts = torch.tensor([edges, edges[::-1]], dtype=torch.long)
+    n = ts.shape[1]
+    idx = torch.arange(n).expand(2, -1)
+    layout = TokenLayout(valid=torch.ones(2, n, dtype=torch.bool, device=DEVICE), request=idx.to(DEVICE),
+                         event=idx.to(DEVICE), fake=torch.zeros(2, n, dtype=torch.bool, device=DEVICE),
+                         position=idx.to(DEVICE), timestamp=ts.to(DEVICE), rule="causal")
+    _check(layout, DTYPES[0], bias=True, pos_buckets=n + 1)
+
+
 @pytest.mark.parametrize("dq_rows", [64, 128])
 def test_bias_gradients_shared_by_the_dq_and_bias_gradient_kernels_match_reference(dq_rows):
     """Pairs past a 9-slot position table in at most two time buckets get their bias gradients from
@@ -189,7 +205,7 @@ def test_bias_gradients_shared_by_the_dq_and_bias_gradient_kernels_match_referen
     (the dQ kernel's per-bucket registers change), which the test checks before comparing."""
     from genrec.ops.masks import time_bucket
     from genrec.ops.triton.hstu import KernelConfig
-    from genrec.ops.triton.tiles import KernelMeta, bias_forms, bias_in_dq_pairs, tile_extremes
+    from genrec.ops.triton.tiles import KernelMeta, bias_forms, simple_bias_pairs, tile_extremes
 
     idx = torch.arange(320)
     layout = TokenLayout(valid=torch.stack([idx < 320, idx < 250]).to(DEVICE), request=idx.expand(2, -1).to(DEVICE),
@@ -198,7 +214,7 @@ def test_bias_gradients_shared_by_the_dq_and_bias_gradient_kernels_match_referen
                          rule="causal")
     meta = KernelMeta.from_layout(layout)
     forms = bias_forms(tile_extremes(meta, 0, dq_rows), tile_extremes(meta, 0, 64), 9, 32)
-    flagged = bias_in_dq_pairs(forms)[0].cpu()
+    flagged = simple_bias_pairs(forms)[0].cpu()
     ts = layout.timestamp[0].cpu()
     lowest, forms = set(), set()
     for qt, kt in flagged.nonzero().tolist():

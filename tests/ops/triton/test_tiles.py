@@ -14,7 +14,8 @@ from genrec.ops.triton import tiles
 from genrec.ops.triton.tiles import (
     KernelMeta,
     bias_forms,
-    bias_in_dq_pairs,
+    simple_bias_pairs,
+    simple_first,
     tile_extremes,
     tile_full,
     tile_lists,
@@ -63,7 +64,9 @@ def test_schedule_lists_every_tile_with_an_allowed_pair(name, tiles):
     full = tile_full(KernelMeta.from_layout(layout), layout.rule, *tiles, q_offset)
     everything = _dense_tiles(~mask[:, q_offset:], *tiles)  # a pair the rule forbids, or padding
     assert not (full & everything).any(), "a tile marked full holds a masked pair: the kernel would read it"
-    count, index, listed_full = tile_lists(pairs, full)
+    counts, index, listed_full = tile_lists(pairs, full)
+    count = counts[..., 0]
+    assert not counts[..., 1].any(), "no pair is simple before simple_first orders the lists"
     for b, i in torch.nonzero(count).tolist():
         listed = index[b, i, : count[b, i]].long()
         assert torch.equal(listed, torch.nonzero(pairs[b, i]).flatten())
@@ -100,14 +103,14 @@ def test_tile_extremes_are_those_of_each_tiles_valid_tokens(name, block):
 def test_each_tile_pairs_bias_form_and_dq_share_hold_for_every_token_pair_in_it(name, block_q):
     """What the kernels assume of a pair's flags, checked per token pair (brute force over the valid
     ones): NEAR exactly where some distance falls before the position table's last slot, and the
-    lowest and highest time bucket of its pairs; BIAS_IN_DQ (:func:`bias_in_dq_pairs`) exactly where
+    lowest and highest time bucket of its pairs; BIAS_IN_DQ (:func:`simple_bias_pairs`) exactly where
     the pair is not NEAR and holds at most two adjacent buckets. Near pairs occur, and flagged ones
     (the dQ share is not vacuous)."""
     layout, q_offset = _layouts((300, 170, 5))[name]
     meta = KernelMeta.from_layout(layout)
     num_pos, num_time = 6, 32
     forms = bias_forms(tile_extremes(meta, q_offset, block_q), tile_extremes(meta, 0, 64), num_pos, num_time)
-    in_dq = bias_in_dq_pairs(forms)
+    in_dq = simple_bias_pairs(forms)
     b, seq = meta.flags.shape
     assert forms.dtype == torch.int32 and forms.shape == in_dq.shape == (b, -(-(seq - q_offset) // block_q),
                                                                          -(-seq // 64))
@@ -128,6 +131,30 @@ def test_each_tile_pairs_bias_form_and_dq_share_hold_for_every_token_pair_in_it(
         assert bool(in_dq[row, qt, kt]) == (not near and high - low <= 1), (row, qt, kt)
         seen.add((near, min(high - low, 2)))
     assert any(not near and spread <= 1 for near, spread in seen) and any(near for near, _ in seen), seen
+
+
+@pytest.mark.parametrize("name", ["causal", "dual_flow", "hstu_cache"])
+@pytest.mark.parametrize("transpose", [False, True])
+def test_simple_first_puts_the_simple_pairs_of_each_list_first_and_keeps_the_rest(name, transpose):
+    """The kernels run a list's first ``counts[..., 1]`` pairs through the loop compiled for the simple
+    bias form and the rest through the general one: those must be exactly the listed pairs that are
+    simple, then the other listed ones, each in ascending order (the dQ kernel's bias gradients
+    need it), each with its own flags. Both kinds occur."""
+    layout, q_offset = _layouts((300, 170, 5))[name]
+    meta = KernelMeta.from_layout(layout)
+    pairs, full = tile_pairs(meta, layout.rule, 32, 16, q_offset), tile_full(meta, layout.rule, 32, 16, q_offset)
+    simple = simple_bias_pairs(bias_forms(tile_extremes(meta, q_offset, 32), tile_extremes(meta, 0, 16), 40, 32))
+    if transpose:  # the dK/dV orientation: per key tile
+        pairs, full, simple = pairs.mT, full.mT, simple.mT
+    counts, index, flags = simple_first(tile_lists(pairs, full), simple)
+    for b, row in itertools.product(*map(range, pairs.shape[:2])):
+        listed, first = int(counts[b, row, 0]), int(counts[b, row, 1])
+        easy = torch.nonzero(pairs[b, row] & simple[b, row]).flatten()
+        other = torch.nonzero(pairs[b, row] & ~simple[b, row]).flatten()
+        assert listed == len(easy) + len(other) and first == len(easy), (b, row)
+        assert torch.equal(index[b, row, :listed].long(), torch.cat([easy, other])), (b, row)
+        assert torch.equal(flags[b, row, :listed].bool(), full[b, row, index[b, row, :listed].long()]), (b, row)
+    assert counts[..., 1].any() and (counts[..., 1] < counts[..., 0]).any()
 
 
 @pytest.mark.parametrize("name", ["dual_flow", "dfgr_cache"])
@@ -167,7 +194,7 @@ def test_a_training_steps_layout_metadata_and_schedules_read_nothing_back_from_t
         count, index, full = _schedule(layout, meta, tile, 0, transpose)
         assert count.device.type == "meta" and index.shape[1:] == full.shape[1:]
     extremes = tile_extremes(meta, 0, 64)
-    assert bias_in_dq_pairs(bias_forms(extremes, extremes, 256, 32)).device.type == "meta"
+    assert simple_bias_pairs(bias_forms(extremes, extremes, 256, 32)).device.type == "meta"
     with pytest.raises(RuntimeError, match="meta"):  # the test can fail: a read of the span is caught
         KernelMeta.from_layout(layout)
 

@@ -13,17 +13,20 @@ query tile (``KernelConfig.dq_separate``, the default: seven matrix products per
 atomics), or from fp32 atomic adds in the first (the FlashAttention-2 split, five products; half as fast on the H100).
 The relative bias costs each tile pair only what its extremes require (:func:`_scores`): one value
 where all its distances lie past the position table or all its time differences in one bucket,
-one comparison per pair where they span two buckets, a table read per pair otherwise. The form is
-decided once per layout and tile size (:func:`genrec.ops.triton.tiles.bias_forms`) and read as bits
-of the pair's schedule flags, one load whose address the loop index gives. Its gradients
+one comparison per pair where they span two buckets, a table read per pair otherwise (its time
+bucket in fp32 arithmetic, :func:`_time_slot`). The form is decided once per layout and tile size
+(:func:`genrec.ops.triton.tiles.bias_forms`) and read as bits of the pair's schedule flags, one
+load whose address the loop index gives. Its gradients
 come from a kernel of their own over the dK/dV schedule (:func:`_hstu_bwd_rab`: beside dK/dV's
 accumulators they spilled registers), gathered in each program (the table's last slot and the time
 table in registers, added once at the program's end); the position table's other slots are reduced
 per tile by distance (:func:`_position_grad`) before their atomic adds. The pairs whose bias is the
-table's last slot and at most two time buckets (most of a long sequence's pairs;
-:func:`genrec.ops.triton.tiles.bias_in_dq_pairs`) need no recomputed scores for their gradients:
-with the dQ kernel on, it adds them as row sums of the score gradients it already holds, and the
-bias-gradient kernel skips those pairs (flag ``BIAS_IN_DQ`` in the schedules). ``q_offset``
+table's last slot and at most two time buckets (most of a long sequence's pairs with a bounded
+table; :func:`genrec.ops.triton.tiles.simple_bias_pairs`) lead every schedule and run through a
+loop compiled for that form alone (:func:`genrec.ops.triton.tiles.simple_first`). They need no
+recomputed scores for their gradients: with the dQ kernel on, it adds them as row sums of the
+score gradients it already holds, and the bias-gradient kernel skips those pairs (flag
+``BIAS_IN_DQ`` in the schedules). ``q_offset``
 makes the queries the layout's tokens ``q_offset..L-1`` against all ``L`` keys: that is attention
 over a KV cache (history keys, then the new tokens).
 
@@ -43,6 +46,8 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
+from triton.runtime.interpreter import InterpretedFunction
 
 from genrec.ops.layout import RULE_IDS, TokenLayout
 from genrec.ops.triton import tiles
@@ -54,7 +59,8 @@ from genrec.ops.triton.tiles import (
     VALID,
     KernelMeta,
     bias_forms,
-    bias_in_dq_pairs,
+    simple_bias_pairs,
+    simple_first,
     tile_extremes,
     tile_full,
     tile_lists,
@@ -169,8 +175,51 @@ def _bias_form(flags):
 @triton.jit
 def _bucket_of(dt, NUM_TIME):
     """The time bucket ``min(floor(log2(1 + max(Δt, 0))), NUM_TIME - 1)`` of an int32 Δt (scalar or
-    tensor), as :func:`genrec.ops.masks.time_bucket`."""
-    return tl.minimum(_log2_floor(tl.minimum(tl.maximum(dt, 0), TS_TOP - 1) + 1), NUM_TIME - 1)
+    tensor; Δt <= TS_TOP), as :func:`genrec.ops.masks.time_bucket`: ``1 + Δt`` overflows int32 at
+    TS_TOP alone, whose bucket is 31."""
+    log = tl.where(dt >= TS_TOP, 31, _log2_floor(tl.minimum(tl.maximum(dt, 0), TS_TOP - 1) + 1))
+    return tl.minimum(log, NUM_TIME - 1)
+
+
+# Triton's interpreter (the CPU tests) has no libdevice: there :func:`_time_slot` takes the integer path.
+DEVICE_MATH: tl.constexpr = tl.constexpr(not isinstance(_bucket_of, InterpretedFunction))
+SLOT_BASE: tl.constexpr = tl.constexpr(127)  # the float exponent bias that _time_slot's index carries
+
+
+@triton.jit
+def _fp32(x):
+    """int32 -> fp32 where LLVM cannot see it: it rewrites a difference of two converted token
+    vectors as the conversion of their difference, one conversion per pair instead of per token."""
+    return tl.inline_asm_elementwise("cvt.rn.f32.s32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _read(ptrs):
+    """``tl.load(ptrs)``: a bias table read at per-pair addresses (``[rows, cols]`` fp32). On the GPU
+    through an inline ``ld.global.nc`` (the tables are read-only in the kernels), which Triton lays
+    out as the scores it is added to. A ``tl.load`` of addresses it cannot see to be contiguous gets
+    a layout of its own, converted to the scores' through shared memory: on sm_90 two stores, loads
+    and barriers per tile pair and table, and its index vectors loaded in that layout too."""
+    if DEVICE_MATH:
+        return tl.inline_asm_elementwise("ld.global.nc.f32 $0, [$1];", "=r,l", [ptrs.to(tl.int64)], dtype=tl.float32,
+                                         is_pure=True, pack=1)
+    return tl.load(ptrs)
+
+
+@triton.jit
+def _time_slot(q_ts, k_ts, NUM_TIME):
+    """``SLOT_BASE +`` the time bucket of ``q_ts - k_ts`` (:func:`_bucket_of`; int32 token times,
+    broadcast against each other). On the GPU in fp32 adds: each time splits into its multiple of
+    4096 and the rest, whose differences are exact in fp32, and their sum rounded toward zero,
+    ``1 + Δt``, has ``floor(log2(1 + Δt))`` as its exponent, read off the bits. The integer form's
+    ops (and its int-to-float conversion) run at half (an eighth) of the fp32 rate on Hopper and
+    were most of a near tile pair's work. The times' splits are per token, not per pair."""
+    if DEVICE_MATH:
+        ahead = libdevice.add_rz(_fp32(q_ts & -4096) - _fp32(k_ts & -4096),
+                                 _fp32((q_ts & 4095) + 1) - _fp32(k_ts & 4095))  # 1 + Δt
+        exponent = tl.maximum(ahead, 1.0).to(tl.int32, bitcast=True) >> 23  # SLOT_BASE + floor(log2)
+        return tl.minimum(exponent, SLOT_BASE + NUM_TIME - 1)
+    return SLOT_BASE + _bucket_of(q_ts - k_ts, NUM_TIME)
 
 
 @triton.jit
@@ -200,8 +249,16 @@ def _bucket_at_least(dt, t):
 
 
 @triton.jit
+def _two_buckets(s, TS, q_at, k_at, q_in, k_in, TIME_H, t_lo, t_hi, t_base):
+    """``s`` plus, where a pair's time bucket is ``t_hi`` rather than ``t_lo`` (whose value
+    ``t_base`` is in ``s`` already), the difference of the two: one comparison per pair."""
+    dt = tl.load(TS + q_at, mask=q_in, other=0) - tl.load(TS + k_at, mask=k_in, other=0)
+    return s + tl.where(_bucket_at_least(dt, t_hi), tl.load(TIME_H + t_hi) - t_base, 0.0)
+
+
+@triton.jit
 def _scores(x, y, flags, POS, TS, q_at, k_at, q_in, k_in, pos_top, POS_H, TIME_H, NUM_POS, NUM_TIME, alpha,
-            HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr):
+            HAS_BIAS: tl.constexpr, SIMPLE: tl.constexpr, PRECISION: tl.constexpr):
     """``x yᵀ · alpha`` plus, with the bias, the position table ``POS_H`` (head h's row; ``pos_top``
     its last slot, loaded once per program) at the clamped position difference of the query and key
     tokens and the time table ``TIME_H`` at the bucket of their time difference. ``x, y`` = (q, k)
@@ -211,23 +268,30 @@ def _scores(x, y, flags, POS, TS, q_at, k_at, q_in, k_in, pos_top, POS_H, TIME_H
     at or past the table's last slot (as the models' 256 slots make every tile of events > 256
     apart) and the time buckets are one, the whole bias is one value, added in the scaling's
     multiply-add; two buckets cost one comparison per pair, a table read per pair is left to tiles
-    near the diagonal. Token positions and times are loaded only by the forms that read them (held
-    for every tile pair, they and their differences pushed the kernels into register spills on sm_90)."""
+    near the diagonal. ``SIMPLE``: the pair is known to be past the table in at most two buckets
+    (:func:`genrec.ops.triton.tiles.simple_first`), and the other forms are not compiled. Token
+    positions and times are loaded only by the forms that read them (held for every tile pair, they
+    and their differences pushed the kernels into register spills on sm_90)."""
     s = tl.dot(x, tl.trans(y), input_precision=PRECISION)
     if HAS_BIAS:
         near, t_lo, t_hi = _bias_form(flags)
-        few = (t_hi >= t_lo) & (t_hi <= t_lo + 1)  # one or two buckets: t_lo's value is in the constant
         t_base = tl.load(TIME_H + t_lo)
-        s = s * alpha + (tl.where(near, 0.0, pos_top) + tl.where(few, t_base, 0.0))
-        if near:
-            dist = tl.load(POS + q_at, mask=q_in, other=0) - tl.load(POS + k_at, mask=k_in, other=0)
-            s += tl.load(POS_H + tl.minimum(tl.maximum(dist, 0), NUM_POS - 1))
-        if t_hi == t_lo + 1:
-            dt = tl.load(TS + q_at, mask=q_in, other=0) - tl.load(TS + k_at, mask=k_in, other=0)
-            s += tl.where(_bucket_at_least(dt, t_hi), tl.load(TIME_H + t_hi) - t_base, 0.0)
-        elif t_hi != t_lo:
-            dt = tl.load(TS + q_at, mask=q_in, other=0) - tl.load(TS + k_at, mask=k_in, other=0)
-            s += tl.load(TIME_H + _bucket_of(dt, NUM_TIME))
+        if SIMPLE:
+            s = s * alpha + (pos_top + t_base)
+            if t_hi == t_lo + 1:
+                s = _two_buckets(s, TS, q_at, k_at, q_in, k_in, TIME_H, t_lo, t_hi, t_base)
+        else:
+            few = (t_hi >= t_lo) & (t_hi <= t_lo + 1)  # one or two buckets: t_lo's value is in the constant
+            s = s * alpha + (tl.where(near, 0.0, pos_top) + tl.where(few, t_base, 0.0))
+            if near:
+                dist = tl.load(POS + q_at, mask=q_in, other=0) - tl.load(POS + k_at, mask=k_in, other=0)
+                s += _read(POS_H + tl.minimum(tl.maximum(dist, 0), NUM_POS - 1))
+            if t_hi == t_lo + 1:
+                s = _two_buckets(s, TS, q_at, k_at, q_in, k_in, TIME_H, t_lo, t_hi, t_base)
+            elif t_hi != t_lo:
+                slot = _time_slot(tl.load(TS + q_at, mask=q_in, other=0), tl.load(TS + k_at, mask=k_in, other=0),
+                                  NUM_TIME)
+                s += _read((TIME_H - SLOT_BASE) + slot)
     else:
         s = s * alpha
     return s
@@ -246,7 +310,7 @@ def _time_grad(acc, ds, total, q_ts, k_ts, t_lo, t_hi, NUM_TIME, SLOTS: tl.const
         upper = tl.sum(tl.where(_bucket_at_least(q_ts - k_ts, t_hi), ds, 0.0))
         acc += tl.where(slot == t_hi, upper, tl.where(slot == t_lo, total - upper, 0.0))
     else:
-        bucket = _bucket_of(q_ts - k_ts, NUM_TIME)
+        bucket = _time_slot(q_ts, k_ts, NUM_TIME) - SLOT_BASE
         for t in range(t_lo, t_hi + 1):
             acc += tl.where(slot == t, tl.sum(tl.where(bucket == t, ds, 0.0)), 0.0)
     return acc
@@ -322,7 +386,7 @@ def _position_grad(D_POS, top, ds, total, far, q_pos, k_pos, q_live, q_lo, q_hi,
 @triton.jit
 def _visited_key_tile(K, V, POS, TS, REL_POS, REL_TIME, KV_INDEX, KV_FLAGS, i, q, q_tok, q_in, pos_top, b, h, tile,
                       cols, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ib, s_iq, L, NUM_POS, NUM_TIME, alpha,
-                      HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
+                      HAS_BIAS: tl.constexpr, SIMPLE: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
     """The ``i``-th key tile a query tile's program visits (forward, dQ): its tokens, keys and values,
     the biased scores ``[BLOCK_M, BLOCK_N]`` and the pair's schedule flags."""
     at = b * s_ib + tile * s_iq + i
@@ -334,8 +398,24 @@ def _visited_key_tile(K, V, POS, TS, REL_POS, REL_TIME, KV_INDEX, KV_FLAGS, i, q
     v = _load_tile(V, b, h, keys, cols, s_vb, s_vh, s_vn, L)
     s = _scores(q, k, flags, POS, TS, (b * L + q_tok)[:, None], (b * L + keys)[None, :], q_in[:, None],
                 k_in[None, :], pos_top, REL_POS + h * NUM_POS, REL_TIME + h * NUM_TIME, NUM_POS, NUM_TIME, alpha,
-                HAS_BIAS, PRECISION)  # [BLOCK_M, BLOCK_N]
+                HAS_BIAS, SIMPLE, PRECISION)  # [BLOCK_M, BLOCK_N]
     return keys, k_in, k, v, s, flags
+
+
+@triton.jit
+def _pair_range(COUNT, at, PART: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """Bounds of a program's listed pairs (``COUNT + at``: its counts, :func:`genrec.ops.triton.tiles.tile_lists`):
+    all of them without the bias; with it the simple ones (``PART`` 0), then the others (``PART`` 1),
+    each pass through a loop compiled for its forms."""
+    lo = 0
+    hi = tl.load(COUNT + at)
+    if HAS_BIAS:
+        first = tl.load(COUNT + at + 1)
+        if PART == 0:
+            hi = first
+        else:
+            lo = first
+    return lo, hi
 
 
 @triton.jit
@@ -362,19 +442,21 @@ def _hstu_fwd(Q, K, V, O, REQ, EVT, FLAG, POS, TS, REL_POS, REL_TIME, KV_COUNT, 
     q_req, q_evt, q_flag = _rule_meta(REQ, EVT, FLAG, b * L + q_tok, q_in)
     pos_top = _position_top(REL_POS, h, NUM_POS, HAS_BIAS)
     acc = tl.zeros((BLOCK_M, D), dtype=tl.float32)
-    count = tl.load(KV_COUNT + b * s_cb + tile)
-    for i in range(0, count):
-        keys, k_in, k, v, s, flags = _visited_key_tile(
-            K, V, POS, TS, REL_POS, REL_TIME, KV_INDEX, KV_FLAGS, i, q, q_tok, q_in, pos_top, b, h, tile, cols,
-            s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ib, s_iq, L, NUM_POS, NUM_TIME, alpha, HAS_BIAS, PRECISION,
-            BLOCK_N)  # [BLOCK_M, BLOCK_N] scores
-        a = s * _sigmoid(s, PRECISION) * scale
-        if (flags & FULL_BIT) == 0:  # else the rule allows the whole tile
-            k_req, k_evt, k_flag = _rule_meta(REQ, EVT, FLAG, b * L + keys, k_in)
-            allowed = _allowed(q_tok[:, None], keys[None, :], q_req[:, None], k_req[None, :], q_evt[:, None],
-                               k_evt[None, :], q_flag[:, None], k_flag[None, :], RULE)
-            a = tl.where(allowed, a, 0.0)
-        acc += tl.dot(a.to(v.dtype), v, input_precision=PRECISION)
+    for part in tl.static_range(2):
+        if HAS_BIAS or part == 0:
+            lo, hi = _pair_range(KV_COUNT, b * s_cb + tile * 2, part, HAS_BIAS)
+            for i in range(lo, hi):
+                keys, k_in, k, v, s, flags = _visited_key_tile(
+                    K, V, POS, TS, REL_POS, REL_TIME, KV_INDEX, KV_FLAGS, i, q, q_tok, q_in, pos_top, b, h, tile,
+                    cols, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ib, s_iq, L, NUM_POS, NUM_TIME, alpha, HAS_BIAS,
+                    part == 0, PRECISION, BLOCK_N)  # [BLOCK_M, BLOCK_N] scores
+                a = s * _sigmoid(s, PRECISION) * scale
+                if (flags & FULL_BIT) == 0:  # else the rule allows the whole tile
+                    k_req, k_evt, k_flag = _rule_meta(REQ, EVT, FLAG, b * L + keys, k_in)
+                    allowed = _allowed(q_tok[:, None], keys[None, :], q_req[:, None], k_req[None, :],
+                                       q_evt[:, None], k_evt[None, :], q_flag[:, None], k_flag[None, :], RULE)
+                    a = tl.where(allowed, a, 0.0)
+                acc += tl.dot(a.to(v.dtype), v, input_precision=PRECISION)
     tl.store(O + b * s_ob + h * s_oh + rows[:, None] * s_om + cols[None, :], acc.to(O.dtype.element_ty),
              mask=rows[:, None] < LQ)
 
@@ -394,7 +476,7 @@ def _key_tile(K, V, REQ, EVT, FLAG, b, h, tile, cols, s_kb, s_kh, s_kn, s_vb, s_
 def _query_tile_grads(Q, DO, REQ, EVT, FLAG, POS, TS, REL_POS, REL_TIME, q_tile, flags, k, v, keys, k_in, k_req,
                       k_evt, k_flag, pos_top, b, h, cols, s_qb, s_qh, s_qm, s_db, s_dh, s_dm, LQ, L, Q_OFFSET,
                       NUM_POS, NUM_TIME, alpha, scale, RULE: tl.constexpr, HAS_BIAS: tl.constexpr,
-                      PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                      SIMPLE: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Query tile ``q_tile`` (schedule ``flags``) of a key tile's backward: its queries and output
     gradients, the pair's attention weights ``a`` and score gradients ``ds`` (``[BLOCK_N keys,
     BLOCK_M queries]``, zero where the rule forbids) and where the rule allows."""
@@ -405,7 +487,7 @@ def _query_tile_grads(Q, DO, REQ, EVT, FLAG, POS, TS, REL_POS, REL_TIME, q_tile,
     q_tok = rows + Q_OFFSET
     meta = b * L + q_tok
     s = _scores(k, q, flags, POS, TS, meta[None, :], (b * L + keys)[:, None], q_in[None, :], k_in[:, None], pos_top,
-                REL_POS + h * NUM_POS, REL_TIME + h * NUM_TIME, NUM_POS, NUM_TIME, alpha, HAS_BIAS,
+                REL_POS + h * NUM_POS, REL_TIME + h * NUM_TIME, NUM_POS, NUM_TIME, alpha, HAS_BIAS, SIMPLE,
                 PRECISION)  # [BLOCK_N, BLOCK_M]
     if (flags & FULL_BIT) == 0:
         q_req, q_evt, q_flag = _rule_meta(REQ, EVT, FLAG, meta, q_in)
@@ -437,18 +519,22 @@ def _hstu_bwd(Q, K, V, DO, DQ, DK, DV, REQ, EVT, FLAG, POS, TS, REL_POS, REL_TIM
     pos_top = _position_top(REL_POS, h, NUM_POS, HAS_BIAS)
     dk = tl.zeros((BLOCK_N, D), dtype=tl.float32)
     dv = tl.zeros((BLOCK_N, D), dtype=tl.float32)
-    count = tl.load(Q_COUNT + b * s_cb + tile)
-    for i in range(0, count):
-        at = b * s_ib + tile * s_iq + i
-        rows, q_in, q, do, a, ds, _ = _query_tile_grads(
-            Q, DO, REQ, EVT, FLAG, POS, TS, REL_POS, REL_TIME, tl.load(Q_INDEX + at), tl.load(Q_FLAGS + at), k, v,
-            keys, k_in, k_req, k_evt, k_flag, pos_top, b, h, cols, s_qb, s_qh, s_qm, s_db, s_dh, s_dm, LQ, L,
-            Q_OFFSET, NUM_POS, NUM_TIME, alpha, scale, RULE, HAS_BIAS, PRECISION, BLOCK_M, BLOCK_N)
-        dv += tl.dot(a.to(do.dtype), do, input_precision=PRECISION)
-        dk += tl.dot(ds.to(q.dtype), q, input_precision=PRECISION)
-        if DQ_ATOMIC:
-            dq = tl.dot(tl.trans(ds).to(k.dtype), k, input_precision=PRECISION) * alpha  # [BLOCK_M, D]
-            tl.atomic_add(DQ + b * s_gb + h * s_gh + rows[:, None] * s_gm + cols[None, :], dq, mask=q_in[:, None])
+    for part in tl.static_range(2):
+        if HAS_BIAS or part == 0:
+            lo, hi = _pair_range(Q_COUNT, b * s_cb + tile * 2, part, HAS_BIAS)
+            for i in range(lo, hi):
+                at = b * s_ib + tile * s_iq + i
+                rows, q_in, q, do, a, ds, _ = _query_tile_grads(
+                    Q, DO, REQ, EVT, FLAG, POS, TS, REL_POS, REL_TIME, tl.load(Q_INDEX + at), tl.load(Q_FLAGS + at),
+                    k, v, keys, k_in, k_req, k_evt, k_flag, pos_top, b, h, cols, s_qb, s_qh, s_qm, s_db, s_dh, s_dm,
+                    LQ, L, Q_OFFSET, NUM_POS, NUM_TIME, alpha, scale, RULE, HAS_BIAS, part == 0, PRECISION, BLOCK_M,
+                    BLOCK_N)
+                dv += tl.dot(a.to(do.dtype), do, input_precision=PRECISION)
+                dk += tl.dot(ds.to(q.dtype), q, input_precision=PRECISION)
+                if DQ_ATOMIC:
+                    dq = tl.dot(tl.trans(ds).to(k.dtype), k, input_precision=PRECISION) * alpha  # [BLOCK_M, D]
+                    tl.atomic_add(DQ + b * s_gb + h * s_gh + rows[:, None] * s_gm + cols[None, :], dq,
+                                  mask=q_in[:, None])
     out = b * s_kgb + h * s_kgh + keys[:, None] * s_kgn + cols[None, :]
     tl.store(DK + out, (dk * alpha).to(DK.dtype.element_ty), mask=k_in[:, None])
     tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=k_in[:, None])
@@ -479,7 +565,7 @@ def _hstu_bwd_rab(Q, K, V, DO, REQ, EVT, FLAG, POS, TS, REL_POS, REL_TIME, Q_COU
     pos_top = _position_top(REL_POS, h, NUM_POS, True)
     top_grad = tl.sum(tl.zeros((BLOCK_N,), dtype=tl.float32))
     time_grad = tl.zeros((TIME_SLOTS,), dtype=tl.float32)
-    count = tl.load(Q_COUNT + b * s_cb + tile)
+    count = tl.load(Q_COUNT + b * s_cb + tile * 2)
     for i in range(0, count):
         at = b * s_ib + tile * s_iq + i
         flags = tl.load(Q_FLAGS + at)
@@ -488,7 +574,7 @@ def _hstu_bwd_rab(Q, K, V, DO, REQ, EVT, FLAG, POS, TS, REL_POS, REL_TIME, Q_COU
             rows, q_in, _, _, _, ds, allowed = _query_tile_grads(
                 Q, DO, REQ, EVT, FLAG, POS, TS, REL_POS, REL_TIME, q_tile, flags, k, v, keys, k_in, k_req, k_evt,
                 k_flag, pos_top, b, h, cols, s_qb, s_qh, s_qm, s_db, s_dh, s_dm, LQ, L, Q_OFFSET, NUM_POS,
-                NUM_TIME, alpha, scale, RULE, True, PRECISION, BLOCK_M, BLOCK_N)
+                NUM_TIME, alpha, scale, RULE, True, False, PRECISION, BLOCK_M, BLOCK_N)
             q_pos, q_ts, q_live = _bias_meta(POS, TS, FLAG, b * L + rows + Q_OFFSET, q_in)
             near, t_lo, t_hi = _bias_form(flags)
             q_pos_lo, q_pos_hi = tl.load(Q_EXT + b * s_qeb + q_tile * 4), tl.load(Q_EXT + b * s_qeb + q_tile * 4 + 1)
@@ -519,11 +605,12 @@ def _hstu_bwd_dq(Q, K, V, DO, DQ, REQ, EVT, FLAG, POS, TS, REL_POS, REL_TIME, KV
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """dQ without atomics: one query tile per program over the forward schedule (recomputes the
     scores once more: two extra matrix products per tile pair). ``BIAS_GRADS``: it also adds the bias
-    gradients of the pairs flagged BIAS_IN_DQ (past the position table, at most two time buckets;
-    :func:`genrec.ops.triton.tiles.bias_in_dq_pairs`), which :func:`_hstu_bwd_rab` then skips: here
-    they are row sums of ``ds`` (a reduction within each row's threads, no barrier), gathered per
-    bucket in registers. The schedule visits key tiles in ascending order, so a query tile's time
-    bucket only falls: the rows' sums reach the time table's registers when it changes."""
+    gradients of the pairs flagged BIAS_IN_DQ (the simple pairs, past the position table in at most
+    two time buckets: :func:`genrec.ops.triton.tiles.simple_bias_pairs`), which :func:`_hstu_bwd_rab`
+    then skips: here they are row sums of ``ds`` (a reduction within each row's threads, no
+    barrier), gathered per bucket in registers. The schedule visits the simple key tiles first, in
+    ascending order, so a query tile's time bucket only falls: the rows' sums reach the time table's
+    registers when it changes."""
     tile, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
     rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -542,38 +629,41 @@ def _hstu_bwd_dq(Q, K, V, DO, DQ, REQ, EVT, FLAG, POS, TS, REL_POS, REL_TIME, KV
         hi_rows = tl.zeros((BLOCK_M,), dtype=tl.float32)  # time bucket t + 1
         t = -1
         time_grad = tl.zeros((TIME_SLOTS,), dtype=tl.float32)
-    count = tl.load(KV_COUNT + b * s_cb + tile)
-    for i in range(0, count):
-        keys, k_in, k, v, s, flags = _visited_key_tile(
-            K, V, POS, TS, REL_POS, REL_TIME, KV_INDEX, KV_FLAGS, i, q, q_tok, q_in, pos_top, b, h, tile, cols,
-            s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ib, s_iq, L, NUM_POS, NUM_TIME, alpha, HAS_BIAS, PRECISION,
-            BLOCK_N)  # [BLOCK_M, BLOCK_N] scores
-        sig = _sigmoid(s, PRECISION)
-        da = tl.dot(do, tl.trans(v), input_precision=PRECISION)  # [BLOCK_M, BLOCK_N]
-        ds = da * scale * sig * (1.0 + s * (1.0 - sig))
-        if (flags & FULL_BIT) == 0:
-            k_req, k_evt, k_flag = _rule_meta(REQ, EVT, FLAG, b * L + keys, k_in)
-            allowed = _allowed(q_tok[:, None], keys[None, :], q_req[:, None], k_req[None, :], q_evt[:, None],
-                               k_evt[None, :], q_flag[:, None], k_flag[None, :], RULE)
-            ds = tl.where(allowed, ds, 0.0)
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
-        if BIAS_GRADS:
-            if (flags & BIAS_IN_DQ_BIT) != 0:
-                _, t_lo, t_hi = _bias_form(flags)
-                by_row = tl.sum(ds, axis=1)  # [BLOCK_M]
-                pos_rows += by_row
-                if t_lo != t:
-                    time_grad = _time_rows_flush(time_grad, lo_rows, hi_rows, t, TIME_SLOTS)
-                    lo_rows = tl.zeros((BLOCK_M,), dtype=tl.float32)
-                    hi_rows = tl.zeros((BLOCK_M,), dtype=tl.float32)
-                    t = t_lo
-                if t_hi == t_lo + 1:  # two buckets: the pairs at or above t_hi's lower edge
-                    k_ts = tl.load(TS + b * L + keys, mask=k_in, other=0)
-                    upper = tl.sum(tl.where(_bucket_at_least(q_ts[:, None] - k_ts[None, :], t_hi), ds, 0.0), axis=1)
-                    hi_rows += upper
-                    lo_rows += by_row - upper
-                else:
-                    lo_rows += by_row
+    for part in tl.static_range(2):
+        if HAS_BIAS or part == 0:
+            lo, hi = _pair_range(KV_COUNT, b * s_cb + tile * 2, part, HAS_BIAS)
+            for i in range(lo, hi):
+                keys, k_in, k, v, s, flags = _visited_key_tile(
+                    K, V, POS, TS, REL_POS, REL_TIME, KV_INDEX, KV_FLAGS, i, q, q_tok, q_in, pos_top, b, h, tile,
+                    cols, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ib, s_iq, L, NUM_POS, NUM_TIME, alpha, HAS_BIAS,
+                    part == 0, PRECISION, BLOCK_N)  # [BLOCK_M, BLOCK_N] scores
+                sig = _sigmoid(s, PRECISION)
+                da = tl.dot(do, tl.trans(v), input_precision=PRECISION)  # [BLOCK_M, BLOCK_N]
+                ds = da * scale * sig * (1.0 + s * (1.0 - sig))
+                if (flags & FULL_BIT) == 0:
+                    k_req, k_evt, k_flag = _rule_meta(REQ, EVT, FLAG, b * L + keys, k_in)
+                    allowed = _allowed(q_tok[:, None], keys[None, :], q_req[:, None], k_req[None, :],
+                                       q_evt[:, None], k_evt[None, :], q_flag[:, None], k_flag[None, :], RULE)
+                    ds = tl.where(allowed, ds, 0.0)
+                dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+                if BIAS_GRADS and part == 0:  # the simple pairs: BIAS_IN_DQ ones among them
+                    if (flags & BIAS_IN_DQ_BIT) != 0:
+                        _, t_lo, t_hi = _bias_form(flags)
+                        by_row = tl.sum(ds, axis=1)  # [BLOCK_M]
+                        pos_rows += by_row
+                        if t_lo != t:
+                            time_grad = _time_rows_flush(time_grad, lo_rows, hi_rows, t, TIME_SLOTS)
+                            lo_rows = tl.zeros((BLOCK_M,), dtype=tl.float32)
+                            hi_rows = tl.zeros((BLOCK_M,), dtype=tl.float32)
+                            t = t_lo
+                        if t_hi == t_lo + 1:  # two buckets: the pairs at or above t_hi's lower edge
+                            k_ts = tl.load(TS + b * L + keys, mask=k_in, other=0)
+                            upper = tl.sum(tl.where(_bucket_at_least(q_ts[:, None] - k_ts[None, :], t_hi), ds, 0.0),
+                                           axis=1)
+                            hi_rows += upper
+                            lo_rows += by_row - upper
+                        else:
+                            lo_rows += by_row
     out = DQ + b * s_gb + h * s_gh + rows[:, None] * s_gm + cols[None, :]
     tl.store(out, (dq * alpha).to(DQ.dtype.element_ty), mask=rows[:, None] < LQ)
     if BIAS_GRADS:
@@ -618,13 +708,13 @@ def _with_forms(schedule: tuple, forms: torch.Tensor, extra: torch.Tensor | None
 
 def _bias_flags(layout: TokenLayout, meta: KernelMeta, schedules: tuple, tile_table: tuple, q_offset: int,
                 num_pos: int, num_time: int, split: bool) -> tuple:
-    """The forward, dK/dV and dQ schedules with each pair's bias form in its flags, BIAS_IN_DQ set
-    where the dQ kernel adds the pair's bias gradients (``split``: decided per dQ pair by
-    :func:`genrec.ops.triton.tiles.bias_in_dq_pairs`; a dK/dV pair inherits its dQ pair's flag, so
-    each pair's gradients are added by exactly one kernel), and the dK/dV tiles' extremes that the
-    bias-gradient kernel reads. ``schedules``: (forward, dK/dV or None when no gradient is asked, dQ
-    or None without the dQ kernel); a None comes back as the schedule the op takes in its place (the
-    forward's; the dK/dV one's)."""
+    """The forward, dK/dV and dQ schedules with each pair's bias form in its flags, the simple pairs
+    (:func:`genrec.ops.triton.tiles.simple_bias_pairs`) leading each list (:func:`simple_first`),
+    BIAS_IN_DQ set where the dQ kernel adds the pair's bias gradients (``split``: its simple pairs; a
+    dK/dV pair inherits its dQ pair's flag, so each pair's gradients are added by exactly one
+    kernel), and the dK/dV tiles' extremes that the bias-gradient kernel reads. ``schedules``:
+    (forward, dK/dV or None when no gradient is asked, dQ or None without the dQ kernel); a None
+    comes back as the schedule the op takes in its place (the forward's; the dK/dV one's)."""
     forward, backward, dq = schedules
     (fwd_q, fwd_k), (bwd_q, bwd_k), (dq_q, dq_k) = (tile[:2] for tile in tile_table)
 
@@ -634,17 +724,19 @@ def _bias_flags(layout: TokenLayout, meta: KernelMeta, schedules: tuple, tile_ta
     def forms(block_q: int, block_k: int) -> torch.Tensor:  # [B, nQ, nK]
         return layout.cached(("triton_forms", block_q, block_k, q_offset, num_pos, num_time),
                              lambda: bias_forms(extremes(q_offset, block_q), extremes(0, block_k), num_pos, num_time))
-    forward = _with_forms(forward, forms(fwd_q, fwd_k))
+
+    def flagged(schedule: tuple, pair_forms: torch.Tensor, extra: torch.Tensor | None = None) -> tuple:
+        return simple_first(_with_forms(schedule, pair_forms, extra), simple_bias_pairs(pair_forms))
+    forward = flagged(forward, forms(fwd_q, fwd_k))
     if backward is not None:
         dq_forms = forms(dq_q, dq_k)
-        in_dq = bias_in_dq_pairs(dq_forms).int() * BIAS_IN_DQ if split else None  # [B, nQ, nK]
+        in_dq = simple_bias_pairs(dq_forms).int() * BIAS_IN_DQ if split else None  # [B, nQ, nK]
         per_dq = None if in_dq is None else in_dq.repeat_interleave(dq_q // bwd_q, 1)[:, :backward[1].shape[2]]
-        backward = _with_forms(backward, forms(bwd_q, bwd_k).mT, None if per_dq is None else per_dq.mT)
-        dq = backward if dq is None else _with_forms(dq, dq_forms, in_dq)
+        backward = flagged(backward, forms(bwd_q, bwd_k).mT, None if per_dq is None else per_dq.mT)
+        dq = backward if dq is None else flagged(dq, dq_forms, in_dq)
     else:
         backward = dq = forward
-    flagged = (forward, backward, dq)
-    return (*flagged, extremes(q_offset, bwd_q), extremes(0, bwd_k))
+    return (forward, backward, dq, extremes(q_offset, bwd_q), extremes(0, bwd_k))
 
 
 def _precision(dtype: torch.dtype) -> str:

@@ -19,7 +19,7 @@ from genrec.ops.layout import TokenLayout, check_time_span
 from genrec.ops.masks import time_bucket
 
 VALID, FAKE = 1, 2  # bits of KernelMeta.flags
-FULL, BIAS_IN_DQ, NEAR = 1, 2, 4  # bits of a schedule's per-pair flags (tile_lists, bias_in_dq_pairs, bias_forms)
+FULL, BIAS_IN_DQ, NEAR = 1, 2, 4  # bits of a schedule's per-pair flags (tile_lists, simple_bias_pairs, bias_forms)
 LO_SHIFT, HI_SHIFT, BUCKET_MASK = 8, 16, 31  # a pair's time buckets in its flags (bias_forms; buckets <= 31)
 _BIG = 2**30
 POS_BOUND = 2**29  # above any position: differences of +-POS_BOUND fit int32
@@ -119,18 +119,17 @@ def bias_forms(q_extremes: torch.Tensor, k_extremes: torch.Tensor, num_pos: int,
     kernels read one word per pair where they combined span rows, a chain of dependent loads."""
     q, k = q_extremes[:, :, None].long(), k_extremes[:, None].long()  # [B, nQ, 1, 4], [B, 1, nK, 4]
 
-    def bucket(dt: torch.Tensor) -> torch.Tensor:  # the kernels clamp Δt below 2^31 - 1 first
-        return time_bucket(dt.clamp(max=TS_TOP - 1), num_time)
     near = q[..., 0] - k[..., 1] < num_pos - 1
-    low, high = bucket(q[..., 2] - k[..., 3]), bucket(q[..., 3] - k[..., 2])
+    low, high = time_bucket(q[..., 2] - k[..., 3], num_time), time_bucket(q[..., 3] - k[..., 2], num_time)
     return (near.long() * NEAR | low << LO_SHIFT | high << HI_SHIFT).to(torch.int32)
 
 
-def bias_in_dq_pairs(forms: torch.Tensor) -> torch.Tensor:
+def simple_bias_pairs(forms: torch.Tensor) -> torch.Tensor:
     """``[B, nQ, nK]`` bool from :func:`bias_forms`: tile pairs whose relative bias is one value of
-    the position table (every distance at or past its last slot) and at most two time buckets, so
-    that their bias gradients are row sums of the score gradients, split once by time: the dQ kernel
-    adds those (no barrier, no recomputed scores) and the bias-gradient kernel skips the pair."""
+    the position table (every distance at or past its last slot) and at most two time buckets. The
+    kernels visit them first, in a loop compiled for that form alone (:func:`simple_first`), and
+    their bias gradients are row sums of the score gradients, split once by time: the dQ kernel adds
+    those (no barrier, no recomputed scores) and the bias-gradient kernel skips the pair."""
     low, high = (forms >> LO_SHIFT) & BUCKET_MASK, (forms >> HI_SHIFT) & BUCKET_MASK
     return ((forms & NEAR) == 0) & (high <= low + 1)
 
@@ -171,10 +170,27 @@ def tile_full(meta: KernelMeta, rule: str, block_q: int, block_k: int, q_offset:
 
 
 def tile_lists(pairs: torch.Tensor, full: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``[B, nQ, nK]`` pairs and full flags -> per query tile the count ``[B, nQ]``, the key tiles
-    ``[B, nQ, nK]`` with the ``count`` to visit first in ascending order, and each one's flags (int32:
-    the FULL bit; ``hstu._bias_flags`` adds the bias forms and BIAS_IN_DQ). Kept at full width: trimming to the
-    largest count would cost a device-to-host sync."""
+    """``[B, nQ, nK]`` pairs and full flags -> per query tile the counts ``[B, nQ, 2]`` (the pairs
+    listed, and how many of them lead the list as simple ones: none, until :func:`simple_first`
+    orders them), the key tiles ``[B, nQ, nK]`` with the listed ones first in ascending order, and
+    each one's flags (int32: the FULL bit; ``hstu._bias_flags`` adds the bias forms and BIAS_IN_DQ).
+    Kept at full width: trimming to the largest count would cost a device-to-host sync."""
     order = torch.sort((~pairs).to(torch.int8), dim=-1, stable=True).indices
-    return (pairs.sum(-1).to(torch.int32).contiguous(), order.to(torch.int32).contiguous(),
+    count = pairs.sum(-1).to(torch.int32)
+    return (torch.stack([count, torch.zeros_like(count)], -1), order.to(torch.int32).contiguous(),
             (full.gather(-1, order).to(torch.int32) * FULL).contiguous())
+
+
+def simple_first(schedule: tuple, simple: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A :func:`tile_lists` schedule whose listed pairs with ``simple`` set (``[B, nRows, nCols]`` in
+    the schedule's orientation: :func:`simple_bias_pairs`) lead the list, then the other listed
+    ones, each group in ascending order; the counts' second column says how many are simple. With
+    the bias the kernels run the simple pairs through a loop compiled without the per-pair table
+    reads and time buckets, whose registers pushed every pair's loop into spills on sm_90."""
+    count, index, flags = schedule
+    listed = torch.arange(index.shape[-1], device=index.device) < count[..., :1]  # [B, nRows, nCols]
+    easy = simple.gather(-1, index.long()) & listed
+    group = (~listed).to(torch.int8) * 2 + (listed & ~easy).to(torch.int8)  # simple 0, other 1, unlisted 2
+    order = torch.sort(group, dim=-1, stable=True).indices
+    counts = torch.stack([count[..., 0], easy.sum(-1).to(torch.int32)], -1)
+    return counts, index.gather(-1, order).contiguous(), flags.gather(-1, order).contiguous()
