@@ -3,7 +3,8 @@
 Three parts, each a table in the result file:
 
 * ``kernel``: our Triton HSTU attention (causal, without and with the relative position/time bias:
-  ``_rab`` with one table slot per distance, ``_rab256`` with the models' 256 slots), the dual-flow
+  ``_rab`` with one table slot per distance, the models' table (``max_len + 1`` slots), ``_rab256``
+  with HSTUBlock's default 256 slots, distances past it sharing the last), the dual-flow
   attention of DFGR, and ALiBi softmax attention through ``flex_attention``, each forward and
   forward+backward, beside PyTorch's causal ``scaled_dot_product_attention`` through each of its
   backends (flash, cuDNN, memory-efficient; one that cannot run is a row with its error), the HSTU
