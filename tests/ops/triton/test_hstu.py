@@ -263,10 +263,7 @@ def test_the_fused_attention_passes_the_custom_op_checks():
     q, k, v, (rel_pos, rel_time) = _op_args(layout)
     meta = hstu.KernelMeta.from_layout(layout)
     tile = hstu.DEFAULT_CONFIG.tiles(32)
-    fwd = hstu._schedule(layout, meta, tile[0], 0, transpose=False)
-    bwd = hstu._schedule(layout, meta, tile[1], 0, transpose=True)
-    dq = hstu._schedule(layout, meta, tile[2], 0, transpose=False)
-    fwd, bwd, dq, q_ext, k_ext = hstu._bias_flags(layout, meta, (fwd, bwd, dq), tile, 0, rel_pos.shape[-1],
+    fwd, bwd, dq, q_ext, k_ext = hstu._bias_flags(layout, meta, True, True, tile, 0, rel_pos.shape[-1],
                                                   rel_time.shape[-1], split=True)
     args = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), meta.request, meta.event, meta.flags,
             meta.position, meta.timestamp, q_ext, k_ext, rel_pos.requires_grad_(), rel_time.requires_grad_(), *fwd,

@@ -15,7 +15,6 @@ from genrec.ops.triton.tiles import (
     KernelMeta,
     bias_forms,
     simple_bias_pairs,
-    simple_first,
     tile_extremes,
     tile_full,
     tile_lists,
@@ -135,7 +134,7 @@ def test_each_tile_pairs_bias_form_and_dq_share_hold_for_every_token_pair_in_it(
 
 @pytest.mark.parametrize("name", ["causal", "dual_flow", "hstu_cache"])
 @pytest.mark.parametrize("transpose", [False, True])
-def test_simple_first_puts_the_simple_pairs_of_each_list_first_and_keeps_the_rest(name, transpose):
+def test_lists_with_the_bias_put_the_simple_pairs_first_and_keep_the_rest(name, transpose):
     """The kernels run a list's first ``counts[..., 1]`` pairs through the loop compiled for the simple
     bias form and the rest through the general one: those must be exactly the listed pairs that are
     simple, then the other listed ones, each in ascending order (the dQ kernel's bias gradients
@@ -146,7 +145,7 @@ def test_simple_first_puts_the_simple_pairs_of_each_list_first_and_keeps_the_res
     simple = simple_bias_pairs(bias_forms(tile_extremes(meta, q_offset, 32), tile_extremes(meta, 0, 16), 40, 32))
     if transpose:  # the dK/dV orientation: per key tile
         pairs, full, simple = pairs.mT, full.mT, simple.mT
-    counts, index, flags = simple_first(tile_lists(pairs, full), simple)
+    counts, index, flags = tile_lists(pairs, full, simple)
     for b, row in itertools.product(*map(range, pairs.shape[:2])):
         listed, first = int(counts[b, row, 0]), int(counts[b, row, 1])
         easy = torch.nonzero(pairs[b, row] & simple[b, row]).flatten()
@@ -178,10 +177,11 @@ def test_both_orientations_of_a_schedule_come_from_one_set_of_tile_pairs(name):
 def test_a_training_steps_layout_metadata_and_schedules_read_nothing_back_from_the_device(name):
     """On the ``meta`` device a tensor has no values, so any host read (``int()``, ``.item()``, a
     ``repeat_interleave`` without its output size) raises: events, layout, kernel metadata (times
-    checked on the host), tile schedules, extremes and bias forms of a moved batch build there, so on
-    CUDA they queue without a sync. The target-only fake flow's T is the moved batch's host-known count."""
+    checked on the host), tile schedules (also with the bias), extremes and bias forms of a moved
+    batch build there, so on CUDA they queue without a sync. The target-only fake flow's T is the
+    moved batch's host-known count."""
     from genrec.ops.layout import time_spans_checked_on_host
-    from genrec.ops.triton.hstu import _schedule
+    from genrec.ops.triton.hstu import _bias_flags, _schedule
 
     batch = make_batch([37, 90, 5, 61, 1], seed=2, all_targets=False).to("meta")
     ev = Events.from_batch(batch)
@@ -195,6 +195,9 @@ def test_a_training_steps_layout_metadata_and_schedules_read_nothing_back_from_t
         assert count.device.type == "meta" and index.shape[1:] == full.shape[1:]
     extremes = tile_extremes(meta, 0, 64)
     assert simple_bias_pairs(bias_forms(extremes, extremes, 256, 32)).device.type == "meta"
+    tiles_64 = ((64, 64, 4, 3), (64, 64, 4, 2), (128, 64, 8, 2))
+    for schedule in _bias_flags(layout, meta, True, True, tiles_64, 0, 256, 32, split=True)[:3]:  # with the bias
+        assert all(t.device.type == "meta" for t in schedule)
     with pytest.raises(RuntimeError, match="meta"):  # the test can fail: a read of the span is caught
         KernelMeta.from_layout(layout)
 

@@ -23,7 +23,7 @@ table in registers, added once at the program's end); the position table's other
 per tile by distance (:func:`_position_grad`) before their atomic adds. The pairs whose bias is the
 table's last slot and at most two time buckets (most of a long sequence's pairs with a bounded
 table; :func:`genrec.ops.triton.tiles.simple_bias_pairs`) lead every schedule and run through a
-loop compiled for that form alone (:func:`genrec.ops.triton.tiles.simple_first`). They need no
+loop compiled for that form alone (:func:`genrec.ops.triton.tiles.tile_lists`). They need no
 recomputed scores for their gradients: with the dQ kernel on, it adds them as row sums of the
 score gradients it already holds, and the bias-gradient kernel skips those pairs (flag
 ``BIAS_IN_DQ`` in the schedules). ``q_offset``
@@ -60,7 +60,6 @@ from genrec.ops.triton.tiles import (
     KernelMeta,
     bias_forms,
     simple_bias_pairs,
-    simple_first,
     tile_extremes,
     tile_full,
     tile_lists,
@@ -269,7 +268,7 @@ def _scores(x, y, flags, POS, TS, q_at, k_at, q_in, k_in, pos_top, POS_H, TIME_H
     apart) and the time buckets are one, the whole bias is one value, added in the scaling's
     multiply-add; two buckets cost one comparison per pair, a table read per pair is left to tiles
     near the diagonal. ``SIMPLE``: the pair is known to be past the table in at most two buckets
-    (:func:`genrec.ops.triton.tiles.simple_first`), and the other forms are not compiled. Token
+    (:func:`genrec.ops.triton.tiles.tile_lists`), and the other forms are not compiled. Token
     positions and times are loaded only by the forms that read them (held for every tile pair, they
     and their differences pushed the kernels into register spills on sm_90)."""
     s = tl.dot(x, tl.trans(y), input_precision=PRECISION)
@@ -674,20 +673,26 @@ def _hstu_bwd_dq(Q, K, V, DO, DQ, REQ, EVT, FLAG, POS, TS, REL_POS, REL_TIME, KV
         tl.atomic_add(D_REL_TIME + h * NUM_TIME + slot, time_grad, mask=(slot < NUM_TIME) & (time_grad != 0.0))
 
 
-def _schedule(layout: TokenLayout, meta: KernelMeta, tile: Tile, q_offset: int, transpose: bool):
-    """Per query tile the key tiles to visit (forward, dQ), or per key tile the query tiles (dK/dV):
-    built once per layout, shared by every layer."""
+def _pairs_and_full(layout: TokenLayout, meta: KernelMeta, tile: Tile, q_offset: int) -> tuple:
+    """``[B, nQ, nK]`` tile pairs to visit and those the rule allows whole: per layout and tile shape,
+    shared by both orientations (the forward's and dK/dV's) and by the schedules with the bias."""
     block_q, block_k = tile[:2]
 
-    def pairs_and_full():  # shared by both orientations (the forward's and dK/dV's, same tiles)
+    def build():
         stats = tile_stats(meta, block_q, block_k, q_offset)
         return (tile_pairs(meta, layout.rule, block_q, block_k, q_offset, stats),
                 tile_full(meta, layout.rule, block_q, block_k, q_offset, stats))
+    return layout.cached(("triton_pairs", block_q, block_k, q_offset), build)
 
+
+def _schedule(layout: TokenLayout, meta: KernelMeta, tile: Tile, q_offset: int, transpose: bool):
+    """Per query tile the key tiles to visit (forward, dQ), or per key tile the query tiles (dK/dV),
+    without the bias (:func:`_bias_flags` lists them with it): built once per layout, shared by
+    every layer."""
     def build():
-        pairs, full = layout.cached(("triton_pairs", block_q, block_k, q_offset), pairs_and_full)
-        return tile_lists(pairs.transpose(1, 2), full.transpose(1, 2)) if transpose else tile_lists(pairs, full)
-    return layout.cached(("triton_tiles", block_q, block_k, q_offset, transpose), build)
+        pairs, full = _pairs_and_full(layout, meta, tile, q_offset)
+        return tile_lists(pairs.mT, full.mT) if transpose else tile_lists(pairs, full)
+    return layout.cached(("triton_tiles", *tile[:2], q_offset, transpose), build)
 
 
 def _splits_bias_grads(has_bias: bool, dq_separate: bool, bwd_tile: Tile, dq_tile: Tile) -> bool:
@@ -698,24 +703,15 @@ def _splits_bias_grads(has_bias: bool, dq_separate: bool, bwd_tile: Tile, dq_til
     return has_bias and dq_separate and dq_tile[1] == bwd_tile[1] and dq_tile[0] % bwd_tile[0] == 0
 
 
-def _with_forms(schedule: tuple, forms: torch.Tensor, extra: torch.Tensor | None = None) -> tuple:
-    """A schedule whose per-pair flags also carry ``forms`` (``[B, nRows, nCols]`` in the schedule's
-    orientation: :func:`genrec.ops.triton.tiles.bias_forms`) and, where given, ``extra`` bits."""
-    count, index, flags = schedule
-    bits = forms if extra is None else forms | extra
-    return count, index, (flags | bits.gather(-1, index.long())).contiguous()
-
-
-def _bias_flags(layout: TokenLayout, meta: KernelMeta, schedules: tuple, tile_table: tuple, q_offset: int,
-                num_pos: int, num_time: int, split: bool) -> tuple:
-    """The forward, dK/dV and dQ schedules with each pair's bias form in its flags, the simple pairs
-    (:func:`genrec.ops.triton.tiles.simple_bias_pairs`) leading each list (:func:`simple_first`),
-    BIAS_IN_DQ set where the dQ kernel adds the pair's bias gradients (``split``: its simple pairs; a
-    dK/dV pair inherits its dQ pair's flag, so each pair's gradients are added by exactly one
-    kernel), and the dK/dV tiles' extremes that the bias-gradient kernel reads. ``schedules``:
-    (forward, dK/dV or None when no gradient is asked, dQ or None without the dQ kernel); a None
-    comes back as the schedule the op takes in its place (the forward's; the dK/dV one's)."""
-    forward, backward, dq = schedules
+def _bias_flags(layout: TokenLayout, meta: KernelMeta, grads: bool, dq_separate: bool, tile_table: tuple,
+                q_offset: int, num_pos: int, num_time: int, split: bool) -> tuple:
+    """The forward, dK/dV and dQ schedules with the bias: each list led by its simple pairs
+    (:func:`genrec.ops.triton.tiles.simple_bias_pairs`, :func:`tile_lists`), each pair's bias form in
+    its flags, BIAS_IN_DQ set where the dQ kernel adds the pair's bias gradients (``split``: its
+    simple pairs; a dK/dV pair inherits its dQ pair's flag, so each pair's gradients are added by
+    exactly one kernel), and the dK/dV tiles' extremes that the bias-gradient kernel reads.
+    Without ``grads`` the backward schedules are the forward's (placeholders), without
+    ``dq_separate`` the dQ schedule is the dK/dV one's (dQ in its kernel)."""
     (fwd_q, fwd_k), (bwd_q, bwd_k), (dq_q, dq_k) = (tile[:2] for tile in tile_table)
 
     def extremes(start: int, block: int) -> torch.Tensor:
@@ -725,15 +721,22 @@ def _bias_flags(layout: TokenLayout, meta: KernelMeta, schedules: tuple, tile_ta
         return layout.cached(("triton_forms", block_q, block_k, q_offset, num_pos, num_time),
                              lambda: bias_forms(extremes(q_offset, block_q), extremes(0, block_k), num_pos, num_time))
 
-    def flagged(schedule: tuple, pair_forms: torch.Tensor, extra: torch.Tensor | None = None) -> tuple:
-        return simple_first(_with_forms(schedule, pair_forms, extra), simple_bias_pairs(pair_forms))
-    forward = flagged(forward, forms(fwd_q, fwd_k))
-    if backward is not None:
-        dq_forms = forms(dq_q, dq_k)
+    def listed(tile: Tile, pair_forms: torch.Tensor, extra: torch.Tensor | None = None, transpose: bool = False):
+        def lists():  # shared by the forward and dQ schedules where their tiles are the same
+            pairs, full = _pairs_and_full(layout, meta, tile, q_offset)
+            simple = simple_bias_pairs(pair_forms)
+            return tile_lists(pairs.mT, full.mT, simple.mT) if transpose else tile_lists(pairs, full, simple)
+        count, index, flags = layout.cached(("triton_bias_lists", *tile[:2], q_offset, transpose, num_pos, num_time),
+                                            lists)
+        bits = pair_forms if extra is None else pair_forms | extra  # [B, nQ, nK]
+        return count, index, (flags | (bits.mT if transpose else bits).gather(-1, index.long())).contiguous()
+    forward = listed(tile_table[0], forms(fwd_q, fwd_k))
+    if grads:
+        dq_forms, bwd_forms = forms(dq_q, dq_k), forms(bwd_q, bwd_k)
         in_dq = simple_bias_pairs(dq_forms).int() * BIAS_IN_DQ if split else None  # [B, nQ, nK]
-        per_dq = None if in_dq is None else in_dq.repeat_interleave(dq_q // bwd_q, 1)[:, :backward[1].shape[2]]
-        backward = flagged(backward, forms(bwd_q, bwd_k).mT, None if per_dq is None else per_dq.mT)
-        dq = backward if dq is None else flagged(dq, dq_forms, in_dq)
+        per_dq = None if in_dq is None else in_dq.repeat_interleave(dq_q // bwd_q, 1)[:, :bwd_forms.shape[1]]
+        backward = listed(tile_table[1], bwd_forms, per_dq, transpose=True)
+        dq = listed(tile_table[2], dq_forms, in_dq) if dq_separate else backward
     else:
         backward = dq = forward
     return (forward, backward, dq, extremes(q_offset, bwd_q), extremes(0, bwd_k))
@@ -877,23 +880,22 @@ def hstu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: To
     fwd_tile, bwd_tile, dq_tile = config.tiles(d, q.dtype)
     tables = () if rel_pos is None else (rel_pos, rel_time)
     grads = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, *tables))
-    forward = _schedule(layout, meta, fwd_tile, q_offset, transpose=False)
-    backward = _schedule(layout, meta, bwd_tile, q_offset, transpose=True) if grads else None
-    dq = _schedule(layout, meta, dq_tile, q_offset, transpose=False) if grads and config.dq_separate else None
     has_bias = rel_pos is not None
     if has_bias:  # fp32 copies: autograd casts the tables' gradients back to their dtype
         rel_pos, rel_time = rel_pos.float().contiguous(), rel_time.float().contiguous()
         split = _splits_bias_grads(has_bias, config.dq_separate, bwd_tile, dq_tile)
         key = ("triton_bias_flags", tuple(fwd_tile), tuple(bwd_tile), tuple(dq_tile), q_offset, rel_pos.shape[-1],
-               rel_time.shape[-1], backward is None, dq is None, split)
+               rel_time.shape[-1], grads, config.dq_separate, split)
         forward, backward, dq, q_ext, k_ext = layout.cached(key, lambda: _bias_flags(
-            layout, meta, (forward, backward, dq), (fwd_tile, bwd_tile, dq_tile), q_offset, rel_pos.shape[-1],
+            layout, meta, grads, config.dq_separate, (fwd_tile, bwd_tile, dq_tile), q_offset, rel_pos.shape[-1],
             rel_time.shape[-1], split))
     else:
         rel_pos = rel_time = torch.zeros(1, device=q.device, dtype=torch.float32)
         q_ext = k_ext = torch.zeros(1, 1, 4, device=q.device, dtype=torch.int32)  # unread
-        backward = forward if backward is None else backward  # placeholders: no gradient asked, or dQ in
-        dq = backward if dq is None else dq  # dK/dV's kernel
+        forward = _schedule(layout, meta, fwd_tile, q_offset, transpose=False)
+        # placeholders where no gradient is asked, or dQ comes from the dK/dV kernel
+        backward = _schedule(layout, meta, bwd_tile, q_offset, transpose=True) if grads else forward
+        dq = _schedule(layout, meta, dq_tile, q_offset, transpose=False) if grads and config.dq_separate else backward
     return _fwd_op(q, k, v, meta.request, meta.event, meta.flags, meta.position, meta.timestamp, q_ext, k_ext,
                    rel_pos, rel_time, *forward, *backward, *dq, scale, q_offset, RULE_IDS[layout.rule], has_bias,
                    list(fwd_tile), list(bwd_tile), list(dq_tile), config.dq_separate)

@@ -127,7 +127,7 @@ def bias_forms(q_extremes: torch.Tensor, k_extremes: torch.Tensor, num_pos: int,
 def simple_bias_pairs(forms: torch.Tensor) -> torch.Tensor:
     """``[B, nQ, nK]`` bool from :func:`bias_forms`: tile pairs whose relative bias is one value of
     the position table (every distance at or past its last slot) and at most two time buckets. The
-    kernels visit them first, in a loop compiled for that form alone (:func:`simple_first`), and
+    kernels visit them first, in a loop compiled for that form alone (:func:`tile_lists`), and
     their bias gradients are row sums of the score gradients, split once by time: the dQ kernel adds
     those (no barrier, no recomputed scores) and the bias-gradient kernel skips the pair."""
     low, high = (forms >> LO_SHIFT) & BUCKET_MASK, (forms >> HI_SHIFT) & BUCKET_MASK
@@ -169,28 +169,21 @@ def tile_full(meta: KernelMeta, rule: str, block_q: int, block_k: int, q_offset:
     raise ValueError(f"mask rule {rule!r} has no full-tile test in genrec.ops.triton.tiles.tile_full")
 
 
-def tile_lists(pairs: torch.Tensor, full: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def tile_lists(pairs: torch.Tensor, full: torch.Tensor,
+               simple: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``[B, nQ, nK]`` pairs and full flags -> per query tile the counts ``[B, nQ, 2]`` (the pairs
-    listed, and how many of them lead the list as simple ones: none, until :func:`simple_first`
-    orders them), the key tiles ``[B, nQ, nK]`` with the listed ones first in ascending order, and
-    each one's flags (int32: the FULL bit; ``hstu._bias_flags`` adds the bias forms and BIAS_IN_DQ).
+    listed, and how many of them lead the list as simple ones), the key tiles ``[B, nQ, nK]`` with
+    the listed ones first, and each one's flags (int32: the FULL bit; ``hstu._bias_flags`` adds the
+    bias forms and BIAS_IN_DQ). ``simple`` (with the relative bias: :func:`simple_bias_pairs`): the
+    listed pairs it marks come first, then the other listed ones, each group in ascending order;
+    the kernels run the first through a loop compiled for the simple bias form alone (the general
+    form's registers pushed every pair's loop into spills on sm_90). Without it none is simple.
     Kept at full width: trimming to the largest count would cost a device-to-host sync."""
-    order = torch.sort((~pairs).to(torch.int8), dim=-1, stable=True).indices
-    count = pairs.sum(-1).to(torch.int32)
-    return (torch.stack([count, torch.zeros_like(count)], -1), order.to(torch.int32).contiguous(),
-            (full.gather(-1, order).to(torch.int32) * FULL).contiguous())
-
-
-def simple_first(schedule: tuple, simple: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A :func:`tile_lists` schedule whose listed pairs with ``simple`` set (``[B, nRows, nCols]`` in
-    the schedule's orientation: :func:`simple_bias_pairs`) lead the list, then the other listed
-    ones, each group in ascending order; the counts' second column says how many are simple. With
-    the bias the kernels run the simple pairs through a loop compiled without the per-pair table
-    reads and time buckets, whose registers pushed every pair's loop into spills on sm_90."""
-    count, index, flags = schedule
-    listed = torch.arange(index.shape[-1], device=index.device) < count[..., :1]  # [B, nRows, nCols]
-    easy = simple.gather(-1, index.long()) & listed
-    group = (~listed).to(torch.int8) * 2 + (listed & ~easy).to(torch.int8)  # simple 0, other 1, unlisted 2
+    group = (~pairs).to(torch.int8)  # listed 0, unlisted 1
+    if simple is not None:  # simple 0, other listed 1, unlisted 2
+        group = group * 2 + (pairs & ~simple).to(torch.int8)
     order = torch.sort(group, dim=-1, stable=True).indices
-    counts = torch.stack([count[..., 0], easy.sum(-1).to(torch.int32)], -1)
-    return counts, index.gather(-1, order).contiguous(), flags.gather(-1, order).contiguous()
+    count = pairs.sum(-1).to(torch.int32)
+    first = torch.zeros_like(count) if simple is None else (pairs & simple).sum(-1).to(torch.int32)
+    return (torch.stack([count, first], -1), order.to(torch.int32).contiguous(),
+            (full.gather(-1, order).to(torch.int32) * FULL).contiguous())
