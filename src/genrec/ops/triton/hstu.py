@@ -264,13 +264,14 @@ def _scores(x, y, flags, POS, TS, q_at, k_at, q_in, k_in, pos_top, POS_H, TIME_H
     for ``[queries, keys]`` tiles or (k, q) for ``[keys, queries]``; ``q_at, k_at`` (token indices
     into ``POS``, ``TS``; in range where ``q_in``, ``k_in``) come shaped to broadcast to that tile.
     The pair's ``flags`` (:func:`_bias_form`) pick the cheapest exact form: where every distance lies
-    at or past the table's last slot (as the models' 256 slots make every tile of events > 256
-    apart) and the time buckets are one, the whole bias is one value, added in the scaling's
-    multiply-add; two buckets cost one comparison per pair, a table read per pair is left to tiles
-    near the diagonal. ``SIMPLE``: the pair is known to be past the table in at most two buckets
-    (:func:`genrec.ops.triton.tiles.tile_lists`), and the other forms are not compiled. Token
-    positions and times are loaded only by the forms that read them (held for every tile pair, they
-    and their differences pushed the kernels into register spills on sm_90)."""
+    at or past the table's last slot (a table of 256 slots: every tile pair of events more than 256
+    apart; the models' table has a slot per distance) and the time buckets are one, the whole bias
+    is one value, added in the scaling's multiply-add; two buckets cost one comparison per pair, a
+    table read per pair is left to the other pairs. ``SIMPLE``: the pair is known to be past the
+    table in at most two buckets (:func:`genrec.ops.triton.tiles.tile_lists`), and the other forms
+    are not compiled. Token positions and times are loaded only by the forms that read them (held
+    for every tile pair, they and their differences pushed the kernels into register spills on
+    sm_90)."""
     s = tl.dot(x, tl.trans(y), input_precision=PRECISION)
     if HAS_BIAS:
         near, t_lo, t_hi = _bias_form(flags)

@@ -176,8 +176,8 @@ def tile_lists(pairs: torch.Tensor, full: torch.Tensor,
     the listed ones first, and each one's flags (int32: the FULL bit; ``hstu._bias_flags`` adds the
     bias forms and BIAS_IN_DQ). ``simple`` (with the relative bias: :func:`simple_bias_pairs`): the
     listed pairs it marks come first, then the other listed ones, each group in ascending order;
-    the kernels run the first through a loop compiled for the simple bias form alone (the general
-    form's registers pushed every pair's loop into spills on sm_90). Without it none is simple.
+    the kernels run the first through a loop compiled for the simple bias form alone, without the
+    per-pair table reads and time buckets in its body. Without it none is simple.
     Kept at full width: trimming to the largest count would cost a device-to-host sync."""
     group = (~pairs).to(torch.int8)  # listed 0, unlisted 1
     if simple is not None:  # simple 0, other listed 1, unlisted 2
