@@ -183,9 +183,9 @@ def test_every_bias_form_of_a_tile_matches_reference(positions, forward_tiles):
 def test_time_differences_at_every_bucket_edge_match_reference():
     """The kernels' time bucket (fp32 arithmetic on the GPU, integers in the interpreter) against the
     reference at each bucket's first second and the one before, 2^t - 1 and 2^t - 2 for t = 1..30,
-    and at the widest span a batch may hold (2^31 - 1 s, the bucket capped at 30); a second sequence
-    runs backwards in time (every read pair in bucket 0). A table slot per distance: every tile pair
-    reads its buckets per pair."""
+    and at the widest span a batch may hold (2^31 - 1 s: bucket 31, where the kernels had capped it at
+    30); a second sequence runs backwards in time (every read pair in bucket 0). A table slot per
+    distance: every tile pair reads its buckets per pair."""
     edges = [0] + [e for t in range(1, 31) for e in (2**t - 2, 2**t - 1)] + [2**31 - 1]  # 62 times, ascending
     ts = torch.tensor([edges, edges[::-1]], dtype=torch.long)
     n = ts.shape[1]

@@ -65,7 +65,7 @@ def test_schedule_lists_every_tile_with_an_allowed_pair(name, tiles):
     assert not (full & everything).any(), "a tile marked full holds a masked pair: the kernel would read it"
     counts, index, listed_full = tile_lists(pairs, full)
     count = counts[..., 0]
-    assert not counts[..., 1].any(), "no pair is simple before simple_first orders the lists"
+    assert not counts[..., 1].any(), "without the simple pairs given, none may lead a list as simple"
     for b, i in torch.nonzero(count).tolist():
         listed = index[b, i, : count[b, i]].long()
         assert torch.equal(listed, torch.nonzero(pairs[b, i]).flatten())
