@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
-from genrec.data.batching import BucketBatchSampler, WindowDataset, collate, make_loader
+from genrec.data.batching import BucketBatchSampler, WindowDataset, collate, make_loader, rows_at
 from genrec.data.preprocess import prepare
 from genrec.data.splits import SplitConfig, windows
+from tests.helpers import make_batch
 
 
 def _dataset(shared_data, split="train", max_len=30):
@@ -43,6 +45,36 @@ def test_the_batch_drawn_in_the_module_docstring():
     assert batch.timestamps.tolist() == [10, 20, 20, 5, 9]
     assert batch.target_mask.tolist() == [False, True, True, False, True]
     assert batch.users.tolist() == [7, 3]
+
+
+@pytest.mark.parametrize("lead", [(11,), (3, 7)])
+def test_rows_at_a_known_count_are_the_boolean_index_and_need_no_device_read(lead):
+    """``rows_at`` with the mask's count is ``values[mask]`` (row-major order, trailing dims kept) for a
+    random, an empty and a full mask. On the ``meta`` device, where a boolean index cannot size its
+    output (it raises), it builds from the count alone: on CUDA, no host sync."""
+    gen = torch.Generator().manual_seed(len(lead))
+    values = torch.randn(*lead, 3, generator=gen)
+    for mask in (torch.rand(lead, generator=gen) < 0.4, torch.zeros(lead, dtype=torch.bool),
+                 torch.ones(lead, dtype=torch.bool)):
+        count = int(mask.sum())
+        assert torch.equal(rows_at(values, mask, count), values[mask])
+        assert torch.equal(rows_at(values, mask, None), values[mask])
+        assert rows_at(values.to("meta"), mask.to("meta"), count).shape == (count, 3)
+    with pytest.raises(NotImplementedError):  # the boolean index on meta: the test can fail
+        values.to("meta")[mask.to("meta")]
+
+
+def test_a_moved_batch_gathers_at_its_targets_by_the_count_it_carried_from_the_host():
+    """``JaggedBatch.to`` carries the number of target events; ``at_targets`` gives a flat field's rows
+    at the targets, those of the boolean index, on the host and, sized by that count, on ``meta``."""
+    batch = make_batch([37, 9, 21, 1], seed=3, all_targets=False)
+    count = int(batch.target_mask.sum())
+    assert 0 < count < batch.num_events and batch.num_targets == count
+    for field in (batch.items, batch.signals, batch.users[batch.sequence_index()]):
+        assert torch.equal(batch.at_targets(field), field[batch.target_mask])
+    moved = batch.to("meta")
+    assert moved.known_num_targets == moved.num_targets == count
+    assert moved.at_targets(moved.signals).shape == (count, batch.signals.shape[1])
 
 
 def test_sampler_is_deterministic_and_resumable():

@@ -51,19 +51,18 @@ def test_target_fake_flow_gives_the_dense_logits_and_gradients(lengths, share):
 
 def test_the_target_fake_flows_forward_on_a_moved_batch_reads_nothing_back_from_the_device():
     """On the ``meta`` device any host read raises (as in tests/ops/triton/test_tiles.py): DFGR sizes
-    its target-only fake flow by the count the batch carried from the host, so events, layout and
-    blocks build there. The closing gather at the targets (a boolean index: data-dependent on any
-    device) is faked by meta's all-nonzero ``nonzero``; a batch built on the device reads T back."""
-    from torch.fx.experimental import _config as fx_config
-
+    its target-only fake flow by the most targets of a row, which the batch carried from the host,
+    and gathers at the targets by their number, so events, layout, blocks and the gather build
+    there (the whole step: test_generative.py); a batch built on the device reads T back."""
     from genrec.data.batching import JaggedBatch
     from genrec.ops.layout import time_spans_checked_on_host
 
     model = make_model("dfgr", torch.float32, fake_flow="targets").to("meta")
     batch = with_last_targets(make_batch([37, 90, 5, 61, 1], seed=2), 0.1).to("meta")
-    with time_spans_checked_on_host(), fx_config.patch(meta_nonzero_assume_all_nonzero=True):
+    with time_spans_checked_on_host():
         assert model.target_hidden(batch).device.type == "meta"
-        built_there = JaggedBatch(**batch.tensors(), known_max_len=batch.known_max_len)
+        built_there = JaggedBatch(**batch.tensors(), known_max_len=batch.known_max_len,
+                                  known_num_targets=batch.known_num_targets)  # T unknown
         with pytest.raises(RuntimeError, match="meta"):  # the test can fail: a read of T is caught
             model.target_hidden(built_there)
 

@@ -167,6 +167,38 @@ def test_predictions_do_not_depend_on_batch_neighbours(name):
     assert torch.allclose(alone, together, atol=1e-12)
 
 
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("name", GENERATIVE)
+def test_a_training_step_on_a_moved_batch_reads_nothing_back_from_the_device(name, backend):
+    """On the ``meta`` device any host read raises: the loss of a moved batch (times checked on the
+    host; its longest sequence, most targets of a row and number of targets carried from the host)
+    and its gradients build there, the gathers at the targets sized by that number, so on CUDA the
+    step queues without a sync. On the triton backend the attention is its custom op's fake (the
+    kernels' layout work, which runs for real, builds on meta as tests/ops/triton/test_tiles.py
+    checks). A batch built on the device reads its counts back (the test can fail)."""
+    from genrec.ops.layout import time_spans_checked_on_host
+    from tests.helpers import with_last_targets
+
+    if backend == "triton":  # the kernels' module imports Triton
+        pytest.importorskip("triton")
+        from genrec.ops.triton.backend import TRITON
+    model = make_model(name, torch.float32, d_model=32).train().to("meta")  # head dim 16: the kernels' least
+    if backend == "triton":
+        if name == "genrank":
+            pytest.skip("GenRank's softmax attention is flex_attention there, which refuses meta tensors")
+        for block in model.blocks:
+            block.backend = TRITON
+    batch = with_last_targets(make_batch([37, 90, 5, 61, 1], seed=2), 0.1).to("meta")
+    with time_spans_checked_on_host():
+        loss = model(batch)["loss"]
+        loss.backward()
+        assert loss.device.type == "meta" and all(p.grad is not None for p in model.blocks.parameters())
+        built_there = JaggedBatch(**batch.tensors(), known_max_len=batch.known_max_len,
+                                  known_max_targets=batch.known_max_targets)  # its number of targets unknown
+        with pytest.raises(RuntimeError, match="meta"):
+            model(built_there)
+
+
 def test_multiclass_and_extra_binary_heads_train():
     model = make_model("dfgr", dtype=torch.float32, extra_thresholds=[1.5, 4.5], multiclass_weight=0.5)
     model.train()

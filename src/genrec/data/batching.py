@@ -46,6 +46,8 @@ class JaggedBatch:
     known_max_len: int | None = field(default=None, repr=False, compare=False)
     # the most targets of a row, the same way: T of DFGR's target-only fake flow, no host sync
     known_max_targets: int | None = field(default=None, repr=False, compare=False)
+    # the target events of the batch, the same way: the size of every gather at the targets
+    known_num_targets: int | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self):
         if self.signals is None:  # one-signal data: the binary label is the only signal
@@ -80,6 +82,18 @@ class JaggedBatch:
         return self.known_max_targets
 
     @property
+    def num_targets(self) -> int:
+        """The batch's target events, ``target_mask.sum()``, read as :attr:`max_len` is."""
+        if self.known_num_targets is None or self.offsets.device.type == "cpu":  # host mask: read, no sync
+            return int(self.target_mask.sum())
+        return self.known_num_targets
+
+    def at_targets(self, values: torch.Tensor) -> torch.Tensor:
+        """``values[target_mask]`` of a flat ``[T, ...]`` field (``[num_targets, ...]``), sized by
+        :attr:`num_targets`: a moved batch reads nothing back (:func:`rows_at`)."""
+        return rows_at(values, self.target_mask, self.num_targets)
+
+    @property
     def num_events(self) -> int:
         return len(self.items)
 
@@ -89,7 +103,8 @@ class JaggedBatch:
 
     def to(self, device: torch.device | str) -> JaggedBatch:
         moved = {name: t.to(device, non_blocking=True) for name, t in self.tensors().items()}
-        return JaggedBatch(**moved, known_max_len=self.max_len, known_max_targets=self.max_targets)
+        return JaggedBatch(**moved, known_max_len=self.max_len, known_max_targets=self.max_targets,
+                           known_num_targets=self.num_targets)
 
     def sequence_index(self) -> torch.Tensor:
         """``[T]`` index of the sequence each event belongs to."""
@@ -108,6 +123,16 @@ def jagged_index(offsets: torch.Tensor, total: int, max_len: int) -> tuple[torch
     seq = torch.repeat_interleave(torch.arange(len(lengths), device=offsets.device), lengths, output_size=total)
     pos = torch.arange(total, device=offsets.device) - offsets[:-1][seq]
     return seq, pos, torch.arange(max_len, device=offsets.device)[None, :] < lengths[:, None]
+
+
+def rows_at(values: torch.Tensor, mask: torch.Tensor, count: int | None) -> torch.Tensor:
+    """``values[mask]`` (``mask`` over the leading dims of ``values``, row-major order), given
+    ``count = mask.sum()`` when it is known on the host: a boolean index sizes its output from the
+    device, a host sync per gather (the last ones a training step had); ``nonzero_static`` is told
+    its size. ``count`` None: the boolean index."""
+    if count is None:
+        return values[mask]
+    return values[torch.nonzero_static(mask, size=count).unbind(1)]
 
 
 def pad_jagged(values: torch.Tensor, offsets: torch.Tensor, max_len: int,

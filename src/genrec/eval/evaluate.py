@@ -59,20 +59,20 @@ def score_batches(model: RecModel, loader, device: torch.device, autocast: bool 
         items = model.item_embeddings().float()  # [I + 1, D]
     for batch in loader:
         batch = batch.to(device)
-        out = BatchScores(users=batch.users[batch.sequence_index()][batch.target_mask].cpu())
+        out = BatchScores(users=batch.at_targets(batch.users[batch.sequence_index()]).cpu())
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
             if multi_task:  # one pass for every signal; the first is the label
                 out.task_logits = model.task_logits(batch).float().cpu()  # [N_t, T]
-                out.signals = batch.signals[batch.target_mask].float().cpu()
+                out.signals = batch.at_targets(batch.signals).float().cpu()
                 out.signal_names = signal_names
-                out.labels = batch.labels[batch.target_mask].float().cpu()
+                out.labels = batch.at_targets(batch.labels).float().cpu()
                 out.logits = out.task_logits[:, 0]
             elif "ranking" in model.tasks:
-                out.labels = batch.labels[batch.target_mask].float().cpu()
+                out.labels = batch.at_targets(batch.labels).float().cpu()
                 out.logits = model.rank_logits(batch).float().cpu()
             if items is not None:
                 queries = model.retrieval_queries(batch).float()  # [N, D]
-                targets = batch.items[batch.target_mask]
+                targets = batch.at_targets(batch.items)
                 out.ranks = []
                 for chunk in range(0, len(queries), 1024):  # bounds memory at 1024 x num_items scores
                     scores = queries[chunk: chunk + 1024] @ items.T  # [n, I + 1]

@@ -33,7 +33,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from genrec.data.batching import JaggedBatch
+from genrec.data.batching import JaggedBatch, rows_at
 from genrec.nn.kv_cache import KVServing
 
 Task = Literal["ranking", "retrieval"]
@@ -92,7 +92,7 @@ class NextItemModel(RecModel):
         return self.item_emb.weight
 
     def forward(self, batch: JaggedBatch) -> dict[str, torch.Tensor]:
-        loss = sampled_softmax_loss(self.retrieval_queries(batch), batch.items[batch.target_mask],
+        loss = sampled_softmax_loss(self.retrieval_queries(batch), batch.at_targets(batch.items),
                                     self.item_emb.weight, self.num_negatives, self.num_items)
         return {"loss": loss, "retrieval_loss": loss.detach()}
 
@@ -114,8 +114,9 @@ def sampled_softmax_loss(queries: torch.Tensor, positives: torch.Tensor, item_ta
                                                                    device=queries.device))
 
 
-def states_before(h: torch.Tensor, start: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+def states_before(h: torch.Tensor, start: torch.Tensor, valid: torch.Tensor, count: int) -> torch.Tensor:
     """``[B, L, D]`` states after reading events ``0..i`` -> ``[T, D]`` jagged states *before* each
-    event (a learned ``start`` vector before the first): the query a next-item model uses for event i."""
+    event (a learned ``start`` vector before the first): the query a next-item model uses for event i.
+    ``count``: T, the batch's events (``JaggedBatch.num_events``), so the gather reads nothing back."""
     before = torch.cat([start.expand(len(h), 1, -1), h[:, :-1]], dim=1)  # [B, L, D]
-    return before[valid]
+    return rows_at(before, valid, count)

@@ -33,14 +33,14 @@ class BPRMF(RecModel):
         nn.init.normal_(self.item_emb.weight, std=0.02)
 
     def retrieval_queries(self, batch: JaggedBatch) -> torch.Tensor:
-        return self.user_emb(batch.users[batch.sequence_index()][batch.target_mask])  # [N, D]
+        return self.user_emb(batch.at_targets(batch.users[batch.sequence_index()]))  # [N, D]
 
     def item_embeddings(self) -> torch.Tensor:
         return self.item_emb.weight
 
     def forward(self, batch: JaggedBatch) -> dict[str, torch.Tensor]:
         users = self.retrieval_queries(batch)
-        positives = batch.items[batch.target_mask]
+        positives = batch.at_targets(batch.items)
         negatives = torch.randint(1, self.num_items + 1, positives.shape, device=positives.device)
         margin = (users * (self.item_emb(positives) - self.item_emb(negatives))).sum(-1)
         loss = -F.logsigmoid(margin).mean()

@@ -44,7 +44,7 @@ class CTRRanker(RecModel):
         logits = self.task_logits(batch)
         if logits.dtype in (torch.float16, torch.bfloat16):
             logits = logits.float()  # loss in at least fp32 under autocast
-        targets = batch.signals[batch.target_mask].to(logits.dtype)  # [N, T]
+        targets = batch.at_targets(batch.signals).to(logits.dtype)  # [N, T]
         per_task = F.binary_cross_entropy_with_logits(logits, targets, reduction="none").mean(0)  # [T]
         loss = per_task.sum()
         out = {"loss": loss, "ranking_loss": loss.detach()}

@@ -25,7 +25,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from genrec.data.batching import JaggedBatch
+from genrec.data.batching import JaggedBatch, rows_at
 from genrec.data.info import DatasetInfo
 from genrec.models.generative import GenerativeRanker
 from genrec.nn.embeddings import ActionEmbedding
@@ -107,7 +107,7 @@ class DFGR(GenerativeRanker):
         x = torch.cat([real_flow, fake_flow], dim=1)  # [B, N + T or 2N, D]
         for block in self.blocks:
             x = block(x, layout)
-        return self.norm(x[:, real_flow.shape[1]:])[at_targets]  # fake-flow outputs at the targets
+        return rows_at(self.norm(x[:, real_flow.shape[1]:]), at_targets, batch.num_targets)  # fake flow at targets
 
     def score(self, history: JaggedBatch, candidates: torch.Tensor, request_time: torch.Tensor) -> torch.Tensor:
         return self.kv_serving.score(history, candidates, request_time)

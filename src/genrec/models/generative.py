@@ -32,7 +32,7 @@ class GenerativeRanker(RecModel):
 
     def forward(self, batch: JaggedBatch) -> dict[str, torch.Tensor]:
         outputs = self.heads(self.target_hidden(batch))
-        return self.heads.loss(outputs, batch.signals[batch.target_mask], batch.actions[batch.target_mask])
+        return self.heads.loss(outputs, batch.at_targets(batch.signals), batch.at_targets(batch.actions))
 
     def rank_logits(self, batch: JaggedBatch) -> torch.Tensor:
         return self.heads.main_logit(self.heads(self.target_hidden(batch)))

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from genrec.data.batching import JaggedBatch
+from genrec.data.batching import JaggedBatch, rows_at
 from genrec.data.info import DatasetInfo
 from genrec.models.generative import GenerativeRanker
 from genrec.nn.embeddings import ActionEmbedding, TimeGapEmbedding
@@ -76,7 +76,8 @@ class GenRank(GenerativeRanker):
         history = self._embed(ev.items, ev.actions, None, ev.position, ev.request, ev.timestamp, ev.prev_request_time)
         candidates = self._embed(ev.items, ev.actions, torch.ones_like(ev.valid), ev.request_start, ev.request,
                                  ev.timestamp, ev.prev_request_time)
-        return self._run(history, candidates, dual_flow_layout(ev, fake_valid=ev.target))[ev.target]
+        out = self._run(history, candidates, dual_flow_layout(ev, fake_valid=ev.target))  # [B, N, D]
+        return rows_at(out, ev.target, batch.num_targets)
 
     def score(self, history: JaggedBatch, candidates: torch.Tensor, request_time: torch.Tensor) -> torch.Tensor:
         """History and candidates in one pass (softmax blocks keep no KV cache here)."""

@@ -34,4 +34,4 @@ class GRU4Rec(NextItemModel):
     def retrieval_queries(self, batch: JaggedBatch) -> torch.Tensor:
         x, valid = pad_jagged(self.item_emb(batch.items), batch.offsets, batch.max_len)  # [B, L, D]
         h, _ = self.gru(self.drop(x))  # right padding: a real step never reads a padded one
-        return states_before(h, self.start, valid)[batch.target_mask]
+        return batch.at_targets(states_before(h, self.start, valid, batch.num_events))

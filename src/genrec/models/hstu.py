@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from genrec.data.batching import JaggedBatch
+from genrec.data.batching import JaggedBatch, rows_at
 from genrec.data.info import DatasetInfo
 from genrec.models.generative import GenerativeRanker
 from genrec.nn.embeddings import ActionEmbedding
@@ -75,7 +75,7 @@ class HSTU(GenerativeRanker):
         x, layout = self.history_tokens(ev)
         for block in self.blocks:
             x = block(x, layout)
-        return self.norm(x[:, 0::2][ev.target])  # item tokens at targets, [N_t, D]
+        return self.norm(rows_at(x[:, 0::2], ev.target, batch.num_targets))  # item tokens at targets, [N_t, D]
 
     def score(self, history: JaggedBatch, candidates: torch.Tensor, request_time: torch.Tensor) -> torch.Tensor:
         return self.kv_serving.score(history, candidates, request_time)

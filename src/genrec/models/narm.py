@@ -44,4 +44,4 @@ class NARM(NextItemModel):
         causal = torch.ones(n, n, dtype=torch.bool, device=h.device).tril()
         local = (scores * causal) @ h  # [B, L, D]: weighted sum over states j <= i
         query = self.out(self.drop(torch.cat([h, local], dim=-1)))  # [B, L, D]
-        return states_before(query, self.start, valid)[batch.target_mask]
+        return batch.at_targets(states_before(query, self.start, valid, batch.num_events))

@@ -101,25 +101,25 @@ class SASRec(RecModel):
     def states_before(self, batch: JaggedBatch) -> torch.Tensor:
         """``[T, D]``: for each event, the encoder state after the events before it."""
         h, valid = self._encode(batch)
-        return states_before(h, self.start, valid)  # [T, D] jagged
+        return states_before(h, self.start, valid, batch.num_events)  # [T, D] jagged
 
     def _rank(self, h: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         e = self.item_emb(items)
         return self.rank_head(torch.cat([h, e, h * e], dim=-1)).squeeze(-1)
 
     def forward(self, batch: JaggedBatch) -> dict[str, torch.Tensor]:
-        h = self.states_before(batch)[batch.target_mask]  # [N, D]
-        items = batch.items[batch.target_mask]
+        h = batch.at_targets(self.states_before(batch))  # [N, D]
+        items = batch.at_targets(batch.items)
         retrieval = sampled_softmax_loss(h, items, self.item_emb.weight, self.cfg.num_negatives, self.num_items)
-        ranking = F.binary_cross_entropy_with_logits(self._rank(h, items).float(), batch.labels[batch.target_mask])
+        ranking = F.binary_cross_entropy_with_logits(self._rank(h, items).float(), batch.at_targets(batch.labels))
         loss = self.cfg.retrieval_weight * retrieval + self.cfg.ranking_weight * ranking
         return {"loss": loss, "retrieval_loss": retrieval.detach(), "ranking_loss": ranking.detach()}
 
     def rank_logits(self, batch: JaggedBatch) -> torch.Tensor:
-        return self._rank(self.states_before(batch)[batch.target_mask], batch.items[batch.target_mask])
+        return self._rank(batch.at_targets(self.states_before(batch)), batch.at_targets(batch.items))
 
     def retrieval_queries(self, batch: JaggedBatch) -> torch.Tensor:
-        return self.states_before(batch)[batch.target_mask]
+        return batch.at_targets(self.states_before(batch))
 
     def item_embeddings(self) -> torch.Tensor:
         return self.item_emb.weight

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from genrec.data.batching import JaggedBatch
+from genrec.data.batching import JaggedBatch, rows_at
 from genrec.data.info import DatasetInfo
 from genrec.models.generative import GenerativeRanker
 from genrec.nn.embeddings import ActionEmbedding
@@ -62,7 +62,7 @@ class SFGR(GenerativeRanker):
         layout = TokenLayout(valid=ev.valid, request=ev.request, event=ev.position,
                              fake=ev.target, position=torch.where(ev.target, ev.request_start, ev.position),
                              timestamp=ev.timestamp, rule="request_causal")
-        return self._run(x, layout)[ev.target]
+        return rows_at(self._run(x, layout), ev.target, batch.num_targets)
 
     def _run(self, x: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
         for block in self.blocks:

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from genrec.data.batching import JaggedBatch
+from genrec.data.batching import JaggedBatch, rows_at
 from genrec.data.info import DatasetInfo
 from genrec.models.base import RecModel, states_before
 from genrec.nn.ctr import mlp
@@ -179,13 +179,13 @@ class UniGRF(RecModel):
             x = block(x, layout)
         return self.norm(x)
 
-    def _rank(self, ev: Events, h: torch.Tensor) -> torch.Tensor:
+    def _rank(self, ev: Events, h: torch.Tensor, num_targets: int) -> torch.Tensor:
         """Ranking logits ``[N_t, T]`` (one per signal) at the target item tokens."""
-        return self.rank_head(h[:, 0::2][ev.target])
+        return self.rank_head(rows_at(h[:, 0::2], ev.target, num_targets))
 
     def _queries(self, batch: JaggedBatch, ev: Events, h: torch.Tensor) -> torch.Tensor:
         """Retrieval queries ``[N_t, D]``: the feedback token's output before each target."""
-        return states_before(h[:, 1::2], self.start, ev.valid)[batch.target_mask]
+        return batch.at_targets(states_before(h[:, 1::2], self.start, ev.valid, batch.num_events))
 
     @staticmethod
     def _end_query(ev: Events, h: torch.Tensor) -> torch.Tensor:
@@ -196,7 +196,7 @@ class UniGRF(RecModel):
     # ----------------------------------------------------------------------------------- scoring
     def task_logits(self, batch: JaggedBatch) -> torch.Tensor:  # [N_t, T]
         ev = Events.from_batch(batch)
-        return self._rank(ev, self._encode(ev))
+        return self._rank(ev, self._encode(ev), batch.num_targets)
 
     def rank_logits(self, batch: JaggedBatch) -> torch.Tensor:  # [N_t], the first signal (the label)
         return self.task_logits(batch)[:, 0]
@@ -226,12 +226,13 @@ class UniGRF(RecModel):
     def forward(self, batch: JaggedBatch) -> dict[str, torch.Tensor]:
         ev = Events.from_batch(batch)
         h = self._encode(ev)
-        rank = self._rank(ev, h) if "ranking" in self.tasks else None  # first: its dropout draws precede the negatives'
+        # first: its dropout draws precede the negatives'
+        rank = self._rank(ev, h, batch.num_targets) if "ranking" in self.tasks else None
         out: dict[str, torch.Tensor] = {}
         parts = []
         if "retrieval" in self.tasks:
-            users = batch.users[batch.sequence_index()][batch.target_mask]
-            positives = batch.items[batch.target_mask]
+            users = batch.at_targets(batch.users[batch.sequence_index()])
+            positives = batch.at_targets(batch.items)
             queries, positives, users = self._with_favourites(batch, ev, h, self._queries(batch, ev, h), positives,
                                                               users)
             if self.training:  # every rank counts the whole global batch's positives
@@ -241,7 +242,7 @@ class UniGRF(RecModel):
             out["retrieval_loss"] = retrieval.detach()
             parts.append(self.cfg.alpha * retrieval)
         if rank is not None:
-            per_task = F.binary_cross_entropy_with_logits(rank.float(), batch.signals[batch.target_mask],
+            per_task = F.binary_cross_entropy_with_logits(rank.float(), batch.at_targets(batch.signals),
                                                           reduction="none").mean(0)  # [T]
             ranking = per_task.sum()
             out["ranking_loss"] = ranking.detach()
