@@ -46,7 +46,8 @@ class JaggedBatch:
     known_max_len: int | None = field(default=None, repr=False, compare=False)
     # the most targets of a row, the same way: T of DFGR's target-only fake flow, no host sync
     known_max_targets: int | None = field(default=None, repr=False, compare=False)
-    # the target events of the batch, the same way: the size of every gather at the targets
+    # the target events of the batch, the same way: the size of every gather at the targets (so a
+    # moved batch's target_mask is not to be changed: build a new batch from its tensors instead)
     known_num_targets: int | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self):
