@@ -58,7 +58,6 @@ def test_rows_at_a_known_count_are_the_boolean_index_and_need_no_device_read(lea
                  torch.ones(lead, dtype=torch.bool)):
         count = int(mask.sum())
         assert torch.equal(rows_at(values, mask, count), values[mask])
-        assert torch.equal(rows_at(values, mask, None), values[mask])
         assert rows_at(values.to("meta"), mask.to("meta"), count).shape == (count, 3)
     with pytest.raises(NotImplementedError):  # the boolean index on meta: the test can fail
         values.to("meta")[mask.to("meta")]

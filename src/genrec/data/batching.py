@@ -126,13 +126,10 @@ def jagged_index(offsets: torch.Tensor, total: int, max_len: int) -> tuple[torch
     return seq, pos, torch.arange(max_len, device=offsets.device)[None, :] < lengths[:, None]
 
 
-def rows_at(values: torch.Tensor, mask: torch.Tensor, count: int | None) -> torch.Tensor:
+def rows_at(values: torch.Tensor, mask: torch.Tensor, count: int) -> torch.Tensor:
     """``values[mask]`` (``mask`` over the leading dims of ``values``, row-major order), given
-    ``count = mask.sum()`` when it is known on the host: a boolean index sizes its output from the
-    device, a host sync per gather (the last ones a training step had); ``nonzero_static`` is told
-    its size. ``count`` None: the boolean index."""
-    if count is None:
-        return values[mask]
+    ``count = mask.sum()`` as the host knows it: a boolean index sizes its output from the device, a
+    host sync per gather (the last ones a training step had); ``nonzero_static`` is told its size."""
     return values[torch.nonzero_static(mask, size=count).unbind(1)]
 
 
