@@ -37,22 +37,6 @@ _INSTRUCTION = re.compile(r"\s+/\*([0-9a-f]{4,})\*/\s+(.*?);")
 _BRANCH = re.compile(r"BRA\s+(?:\S+,\s*)?0x([0-9a-f]+)")
 
 
-def compiled(fn, tile, constants: dict, capability: int) -> bytes:
-    """The kernel's cubin, specialised as the JIT specialises a launch of genrec's tensors."""
-    from triton import compile as triton_compile
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    block_m, block_n, warps, stages = tile
-    constants = {**constants, "BLOCK_M": block_m, "BLOCK_N": block_n}
-    sig = tiles_fit.signature(fn, "bf16", constants)
-    aligned = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names) if name not in constants
-               and (sig[name].startswith("*") or name.startswith("s_") or name in ("L", "LQ", "NUM_TIME"))}
-    kernel = triton_compile(ASTSource(fn, sig, constants, aligned), target=GPUTarget("cuda", capability, 32),
-                            options=dict(num_warps=warps, num_stages=stages))
-    return kernel.asm["cubin"]
-
-
 def sass(cubin: bytes) -> tuple[str, str]:
     """The machine code and resource usage (registers, stack) of a cubin, by Triton's cuobjdump."""
     import triton
@@ -97,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for name, fn, tile, extra in kernels:
         constants = dict(RULE=RULE_IDS["causal"], PRECISION="tf32", D=128, **extra)
-        code, usage = sass(compiled(fn, tile, constants, args.capability))
+        code, usage = sass(tiles_fit.compiled(fn, "bf16", tile, constants, args.capability, aligned=True).asm["cubin"])
         registers, stack = (int(re.search(rf"{key}:(\d+)", usage).group(1)) for key in ("REG", "STACK"))
         for i, ops in enumerate(loops(code)):
             rows.append({"kernel": name, "loop": i, "registers": registers, "stack_bytes": stack,

@@ -46,21 +46,32 @@ def signature(fn, dtype: str, constants: dict) -> dict[str, str]:
     return {name: kind(name) for name in fn.arg_names}
 
 
-def compile_kernel(fn, dtype: str, head_dim: int, tile, extra: dict, capability: int) -> dict:
+def compiled(fn, dtype: str, tile, constants: dict, capability: int, aligned: bool = False):
+    """The kernel compiled for sm_``capability`` with ``tile`` and ``constants``. ``aligned``: as the
+    JIT specialises a launch of genrec's tensors (pointers 16-byte aligned, strides and sizes
+    multiples of 16), without which Triton emits narrow loads."""
     from triton import compile as triton_compile
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    block_m, block_n, warps, stages = tile
+    constants = {**constants, "BLOCK_M": block_m, "BLOCK_N": block_n}
+    sig = signature(fn, dtype, constants)
+    attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names) if aligned and name not in constants
+             and (sig[name].startswith("*") or name.startswith("s_") or name in ("L", "LQ", "NUM_TIME"))}
+    return triton_compile(ASTSource(fn, sig, constants, attrs), target=GPUTarget("cuda", capability, 32),
+                          options=dict(num_warps=warps, num_stages=stages))
+
+
+def compile_kernel(fn, dtype: str, head_dim: int, tile, extra: dict, capability: int) -> dict:
     from genrec.ops.layout import RULE_IDS
 
-    block_m, block_n, warps, stages = tile
     constants = dict(RULE=RULE_IDS["dual_flow"], PRECISION="ieee" if dtype == "fp32" else "tf32", D=head_dim,
-                     BLOCK_M=block_m, BLOCK_N=block_n, **extra)
+                     **extra)
     if "HAS_BIAS" in fn.arg_names:  # the bias-gradient kernel always has it
         constants["HAS_BIAS"] = True
     start = time.perf_counter()
-    kernel = triton_compile(ASTSource(fn, signature(fn, dtype, constants), constants),
-                            target=GPUTarget("cuda", capability, 32), options=dict(num_warps=warps, num_stages=stages))
+    kernel = compiled(fn, dtype, tile, constants, capability)
     seconds = time.perf_counter() - start
     return {"shared_bytes": kernel.metadata.shared, "compile_s": seconds, "cubin_bytes": len(kernel.asm["cubin"])}
 

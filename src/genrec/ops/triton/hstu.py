@@ -713,7 +713,7 @@ def _bias_flags(layout: TokenLayout, meta: KernelMeta, grads: bool, dq_separate:
     exactly one kernel), and the dK/dV tiles' extremes that the bias-gradient kernel reads.
     Without ``grads`` the backward schedules are the forward's (placeholders), without
     ``dq_separate`` the dQ schedule is the dK/dV one's (dQ in its kernel)."""
-    (fwd_q, fwd_k), (bwd_q, bwd_k), (dq_q, dq_k) = (tile[:2] for tile in tile_table)
+    _, (bwd_q, bwd_k), (dq_q, dq_k) = (tile[:2] for tile in tile_table)
 
     def extremes(start: int, block: int) -> torch.Tensor:
         return layout.cached(("triton_extremes", start, block), lambda: tile_extremes(meta, start, block))
@@ -722,22 +722,26 @@ def _bias_flags(layout: TokenLayout, meta: KernelMeta, grads: bool, dq_separate:
         return layout.cached(("triton_forms", block_q, block_k, q_offset, num_pos, num_time),
                              lambda: bias_forms(extremes(q_offset, block_q), extremes(0, block_k), num_pos, num_time))
 
-    def listed(tile: Tile, pair_forms: torch.Tensor, extra: torch.Tensor | None = None, transpose: bool = False):
+    def simple(block_q: int, block_k: int) -> torch.Tensor:  # [B, nQ, nK]: the lists' lead and the dQ share
+        return layout.cached(("triton_simple", block_q, block_k, q_offset, num_pos, num_time),
+                             lambda: simple_bias_pairs(forms(block_q, block_k)))
+
+    def listed(tile: Tile, extra: torch.Tensor | None = None, transpose: bool = False):
         def lists():  # shared by the forward and dQ schedules where their tiles are the same
             pairs, full = _pairs_and_full(layout, meta, tile, q_offset)
-            simple = simple_bias_pairs(pair_forms)
-            return tile_lists(pairs.mT, full.mT, simple.mT) if transpose else tile_lists(pairs, full, simple)
+            first = simple(*tile[:2])
+            return tile_lists(pairs.mT, full.mT, first.mT) if transpose else tile_lists(pairs, full, first)
         count, index, flags = layout.cached(("triton_bias_lists", *tile[:2], q_offset, transpose, num_pos, num_time),
                                             lists)
-        bits = pair_forms if extra is None else pair_forms | extra  # [B, nQ, nK]
+        bits = forms(*tile[:2]) if extra is None else forms(*tile[:2]) | extra  # [B, nQ, nK]
         return count, index, (flags | (bits.mT if transpose else bits).gather(-1, index.long())).contiguous()
-    forward = listed(tile_table[0], forms(fwd_q, fwd_k))
+    forward = listed(tile_table[0])
     if grads:
-        dq_forms, bwd_forms = forms(dq_q, dq_k), forms(bwd_q, bwd_k)
-        in_dq = simple_bias_pairs(dq_forms).int() * BIAS_IN_DQ if split else None  # [B, nQ, nK]
-        per_dq = None if in_dq is None else in_dq.repeat_interleave(dq_q // bwd_q, 1)[:, :bwd_forms.shape[1]]
-        backward = listed(tile_table[1], bwd_forms, per_dq, transpose=True)
-        dq = listed(tile_table[2], dq_forms, in_dq) if dq_separate else backward
+        in_dq = simple(dq_q, dq_k).int() * BIAS_IN_DQ if split else None  # [B, nQ, nK]
+        bwd_rows = forms(bwd_q, bwd_k).shape[1]
+        per_dq = None if in_dq is None else in_dq.repeat_interleave(dq_q // bwd_q, 1)[:, :bwd_rows]
+        backward = listed(tile_table[1], per_dq, transpose=True)
+        dq = listed(tile_table[2], in_dq) if dq_separate else backward
     else:
         backward = dq = forward
     return (forward, backward, dq, extremes(q_offset, bwd_q), extremes(0, bwd_k))
