@@ -591,7 +591,8 @@ def _hstu_bwd_rab(Q, K, V, DO, REQ, EVT, FLAG, POS, TS, REL_POS, REL_TIME, PAIR_
                     hi_rows = tl.zeros((BLOCK_N,), dtype=tl.float32)
                     t = t_lo
                 if t_hi == t_lo + 1:
-                    dt = tl.load(TS + q_at, mask=q_in, other=0)[None, :] - tl.load(TS + k_at, mask=k_in, other=0)[:, None]
+                    q_ts, k_ts = tl.load(TS + q_at, mask=q_in, other=0), tl.load(TS + k_at, mask=k_in, other=0)
+                    dt = q_ts[None, :] - k_ts[:, None]
                     upper = tl.sum(tl.where(_bucket_at_least(dt, t_hi), ds, 0.0), axis=1)
                     hi_rows += upper
                     lo_rows += by_key - upper
@@ -836,9 +837,9 @@ def _fwd_fake(q, k, v, *args, **kwargs) -> torch.Tensor:
 def _bwd_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, request: torch.Tensor,
             event: torch.Tensor, flags: torch.Tensor, position: torch.Tensor, timestamp: torch.Tensor,
             q_ext: torch.Tensor, k_ext: torch.Tensor, bias_pairs: torch.Tensor, rel_pos: torch.Tensor,
-            rel_time: torch.Tensor, bwd_count: torch.Tensor, bwd_index: torch.Tensor, bwd_full: torch.Tensor, dq_count: torch.Tensor,
-            dq_index: torch.Tensor, dq_full: torch.Tensor, scale: float, q_offset: int, rule: int, has_bias: bool,
-            bwd_tile: list[int], dq_tile: list[int], dq_separate: bool,
+            rel_time: torch.Tensor, bwd_count: torch.Tensor, bwd_index: torch.Tensor, bwd_full: torch.Tensor,
+            dq_count: torch.Tensor, dq_index: torch.Tensor, dq_full: torch.Tensor, scale: float, q_offset: int,
+            rule: int, has_bias: bool, bwd_tile: list[int], dq_tile: list[int], dq_separate: bool,
             bias_chunk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """dq, dk, dv and the fp32 gradients of both bias tables."""
     b, h, lq, d = q.shape
