@@ -14,6 +14,7 @@ from genrec.ops.triton import tiles
 from genrec.ops.triton.tiles import (
     KernelMeta,
     bias_forms,
+    diagonal_lists,
     simple_bias_pairs,
     tile_extremes,
     tile_full,
@@ -209,6 +210,24 @@ def test_a_training_steps_layout_metadata_and_schedules_read_nothing_back_from_t
         assert all(t.device.type == "meta" for t in schedule)
     with pytest.raises(RuntimeError, match="meta"):  # the test can fail: a read of the span is caught
         KernelMeta.from_layout(layout)
+
+
+@pytest.mark.parametrize("shape", [(3, 5), (5, 3), (4, 4)])
+def test_diagonal_lists_hold_each_diagonals_listed_pairs_in_order(shape):
+    """What the bias-gradient kernel walks: per diagonal d (query tile - key tile = d - (nK - 1)) the
+    listed pairs' key tiles ascending, their flags beside them, unlisted and off-grid pairs not."""
+    n_q, n_k = shape
+    gen = torch.Generator().manual_seed(n_q * 10 + n_k)
+    flags = torch.randint(0, 64, (2, n_q, n_k), generator=gen, dtype=torch.int32)  # LISTED = 8 in half of them
+    count, index, listed_flags = diagonal_lists(flags)
+    assert count.shape == (2, n_q + n_k - 1) and index.shape == listed_flags.shape == (2, n_q + n_k - 1, n_k)
+    for b in range(2):
+        for d in range(n_q + n_k - 1):
+            on_grid = [k for k in range(n_k) if 0 <= k + d - (n_k - 1) < n_q]
+            want = [k for k in on_grid if flags[b, k + d - (n_k - 1), k] & tiles.LISTED]
+            assert index[b, d, :count[b, d]].tolist() == want
+            assert listed_flags[b, d, :count[b, d]].tolist() == [int(flags[b, k + d - (n_k - 1), k]) for k in want]
+    assert count.sum() == ((flags & tiles.LISTED) != 0).sum()
 
 
 def test_schedule_skips_the_upper_triangle_and_marks_the_lower_full():

@@ -60,6 +60,7 @@ from genrec.ops.triton.tiles import (
     VALID,
     KernelMeta,
     bias_forms,
+    diagonal_lists,
     simple_bias_pairs,
     tile_extremes,
     tile_full,
@@ -115,7 +116,6 @@ VALID_BIT: tl.constexpr = tl.constexpr(VALID)
 FAKE_BIT: tl.constexpr = tl.constexpr(FAKE)
 FULL_BIT: tl.constexpr = tl.constexpr(FULL)
 BIAS_IN_DQ_BIT: tl.constexpr = tl.constexpr(BIAS_IN_DQ)
-LISTED_BIT: tl.constexpr = tl.constexpr(LISTED)
 NO_SHIFT: tl.constexpr = tl.constexpr(tiles.POS_BOUND)  # a tile's shift where its positions do not run on
 EXTREMES: tl.constexpr = tl.constexpr(tiles.EXTREMES)
 # The rule ids the kernels branch on, from the one table of mask rules (genrec.ops.layout.RULES).
@@ -537,15 +537,16 @@ def _time_rows_flush(time_grad, lo_rows, hi_rows, t, SLOTS: tl.constexpr):
 
 
 @triton.jit
-def _hstu_bwd_rab(Q, K, V, DO, REQ, EVT, FLAG, POS, TS, REL_POS, REL_TIME, PAIR_FLAGS,
-                  s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_db, s_dh, s_dm, s_fb, s_fq,
+def _hstu_bwd_rab(Q, K, V, DO, REQ, EVT, FLAG, POS, TS, REL_POS, REL_TIME, D_COUNT, D_INDEX, D_FLAGS,
+                  s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_db, s_dh, s_dm, s_cb, s_ib, s_iq,
                   H, LQ, L, Q_OFFSET, NUM_POS, NUM_TIME, alpha, scale, Q_EXT, K_EXT, s_qeb, s_keb,
-                  D_REL_POS, D_REL_TIME, N_Q, N_K, CHUNKS, RULE: tl.constexpr, PRECISION: tl.constexpr,
+                  D_REL_POS, D_REL_TIME, N_K, CHUNKS, RULE: tl.constexpr, PRECISION: tl.constexpr,
                   TIME_SLOTS: tl.constexpr, CHUNK: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
                   BLOCK_N: tl.constexpr):
     """The bias tables' gradients, one program per ``CHUNK`` tile pairs along a diagonal of the tile
-    grid (query tile - key tile fixed; ``CHUNKS`` programs per diagonal), recomputing the scores and
-    their gradients (the dK/dV kernel's would spill registers beside its accumulators). The position
+    grid (query tile - key tile fixed; ``CHUNKS`` programs per diagonal; ``D_COUNT``, ``D_INDEX``,
+    ``D_FLAGS``: :func:`genrec.ops.triton.tiles.diagonal_lists`), recomputing the scores and their
+    gradients (the dK/dV kernel's would spill registers beside its accumulators). The position
     gradient is a sum along diagonals of the pairs' score gradients; with one event per token (a
     single flow: :func:`genrec.ops.triton.tiles.tile_extremes`' shifts) every pair of a diagonal has
     the same distances, so the program sums the score gradients themselves (``acc``) and reduces them
@@ -553,14 +554,14 @@ def _hstu_bwd_rab(Q, K, V, DO, REQ, EVT, FLAG, POS, TS, REL_POS, REL_TIME, PAIR_
     (:func:`_diagonal_grad`). Its time gradient and the pairs past the position table
     (``top_rows``) are row sums, gathered per bucket as in :func:`_hstu_bwd_dq`; pairs spanning more
     than two time buckets, or whose positions do not run on, are reduced per pair. Each table gets one
-    atomic add per slot and program at its end. ``PAIR_FLAGS``: the dense ``[B, nQ, nK]`` schedule
-    flags (:func:`_bias_flags`: LISTED, FULL, BIAS_IN_DQ, the bias form)."""
+    atomic add per slot and program at its end."""
     tl.static_assert((BLOCK_M == BLOCK_N) & (BLOCK_N >= 64), "the position-bias gradient needs square tiles >= 64")
     prog, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
-    delta = prog // CHUNKS - (N_K - 1)  # query tile - key tile on this program's diagonal
-    first = tl.maximum(-delta, 0) + (prog % CHUNKS) * CHUNK
-    last = tl.minimum(tl.minimum(N_K, N_Q - delta), first + CHUNK)
+    diagonal = prog // CHUNKS
+    delta = diagonal - (N_K - 1)  # query tile - key tile
+    lo = (prog % CHUNKS) * CHUNK
+    hi = tl.minimum(tl.load(D_COUNT + b * s_cb + diagonal), lo + CHUNK)
     cols = tl.arange(0, D)
     pos_top = _position_top(REL_POS, h, NUM_POS, True)
     d_pos = D_REL_POS + h * NUM_POS
@@ -571,53 +572,54 @@ def _hstu_bwd_rab(Q, K, V, DO, REQ, EVT, FLAG, POS, TS, REL_POS, REL_TIME, PAIR_
     hi_rows = tl.zeros((BLOCK_N,), dtype=tl.float32)  # time bucket t + 1
     t = -1
     time_grad = tl.zeros((TIME_SLOTS,), dtype=tl.float32)
-    for k_tile in range(first, last):
+    for i in range(lo, hi):
+        at = b * s_ib + diagonal * s_iq + i
+        k_tile = tl.load(D_INDEX + at)
+        flags = tl.load(D_FLAGS + at)
         q_tile = k_tile + delta
-        flags = tl.load(PAIR_FLAGS + b * s_fb + q_tile * s_fq + k_tile)
-        if (flags & (LISTED_BIT | BIAS_IN_DQ_BIT)) == LISTED_BIT:  # BIAS_IN_DQ: _hstu_bwd_dq adds them
-            keys, k_in, k, v, k_req, k_evt, k_flag = _key_tile(K, V, REQ, EVT, FLAG, b, h, k_tile, cols, s_kb, s_kh,
-                                                               s_kn, s_vb, s_vh, s_vn, L, BLOCK_N)
-            rows, q_in, _, _, _, ds, allowed = _query_tile_grads(
-                Q, DO, REQ, EVT, FLAG, POS, TS, REL_POS, REL_TIME, q_tile, flags, k, v, keys, k_in, k_req, k_evt,
-                k_flag, pos_top, b, h, cols, s_qb, s_qh, s_qm, s_db, s_dh, s_dm, LQ, L, Q_OFFSET, NUM_POS,
-                NUM_TIME, alpha, scale, RULE, True, False, PRECISION, BLOCK_M, BLOCK_N)  # ds: [keys, queries]
-            q_at, k_at = b * L + rows + Q_OFFSET, b * L + keys
-            near, t_lo, t_hi = _bias_form(flags)
-            by_key = tl.sum(ds, axis=1)  # [BLOCK_N]: within each row's threads, no barrier
-            if t_hi <= t_lo + 1:  # one or two time buckets
-                if t_lo != t:
-                    time_grad = _time_rows_flush(time_grad, lo_rows, hi_rows, t, TIME_SLOTS)
-                    lo_rows = tl.zeros((BLOCK_N,), dtype=tl.float32)
-                    hi_rows = tl.zeros((BLOCK_N,), dtype=tl.float32)
-                    t = t_lo
-                if t_hi == t_lo + 1:
-                    q_ts, k_ts = tl.load(TS + q_at, mask=q_in, other=0), tl.load(TS + k_at, mask=k_in, other=0)
-                    dt = q_ts[None, :] - k_ts[:, None]
-                    upper = tl.sum(tl.where(_bucket_at_least(dt, t_hi), ds, 0.0), axis=1)
-                    hi_rows += upper
-                    lo_rows += by_key - upper
-                else:
-                    lo_rows += by_key
+        keys, k_in, k, v, k_req, k_evt, k_flag = _key_tile(K, V, REQ, EVT, FLAG, b, h, k_tile, cols, s_kb, s_kh,
+                                                           s_kn, s_vb, s_vh, s_vn, L, BLOCK_N)
+        rows, q_in, _, _, _, ds, allowed = _query_tile_grads(
+            Q, DO, REQ, EVT, FLAG, POS, TS, REL_POS, REL_TIME, q_tile, flags, k, v, keys, k_in, k_req, k_evt,
+            k_flag, pos_top, b, h, cols, s_qb, s_qh, s_qm, s_db, s_dh, s_dm, LQ, L, Q_OFFSET, NUM_POS,
+            NUM_TIME, alpha, scale, RULE, True, False, PRECISION, BLOCK_M, BLOCK_N)  # ds: [keys, queries]
+        q_at, k_at = b * L + rows + Q_OFFSET, b * L + keys
+        near, t_lo, t_hi = _bias_form(flags)
+        by_key = tl.sum(ds, axis=1)  # [BLOCK_N]: within each row's threads, no barrier
+        if t_hi <= t_lo + 1:  # one or two time buckets
+            if t_lo != t:
+                time_grad = _time_rows_flush(time_grad, lo_rows, hi_rows, t, TIME_SLOTS)
+                lo_rows = tl.zeros((BLOCK_N,), dtype=tl.float32)
+                hi_rows = tl.zeros((BLOCK_N,), dtype=tl.float32)
+                t = t_lo
+            if t_hi == t_lo + 1:
+                q_ts, k_ts = tl.load(TS + q_at, mask=q_in, other=0), tl.load(TS + k_at, mask=k_in, other=0)
+                dt = q_ts[None, :] - k_ts[:, None]
+                upper = tl.sum(tl.where(_bucket_at_least(dt, t_hi), ds, 0.0), axis=1)
+                hi_rows += upper
+                lo_rows += by_key - upper
             else:
-                time_grad = _time_buckets_grad(time_grad, ds, tl.load(TS + q_at, mask=q_in, other=0)[None, :],
-                                               tl.load(TS + k_at, mask=k_in, other=0)[:, None], t_lo, t_hi, NUM_TIME,
-                                               TIME_SLOTS)
-            if not near:
-                top_rows += by_key
+                lo_rows += by_key
+        else:
+            time_grad = _time_buckets_grad(time_grad, ds, tl.load(TS + q_at, mask=q_in, other=0)[None, :],
+                                           tl.load(TS + k_at, mask=k_in, other=0)[:, None], t_lo, t_hi, NUM_TIME,
+                                           TIME_SLOTS)
+        if not near:
+            top_rows += by_key
+        else:
+            q_ext, k_ext = Q_EXT + b * s_qeb + q_tile * EXTREMES, K_EXT + b * s_keb + k_tile * EXTREMES
+            q_shift, k_shift = tl.load(q_ext + 4), tl.load(k_ext + 4)
+            if (q_shift != NO_SHIFT) & (k_shift != NO_SHIFT):
+                if q_shift - k_shift != shift:
+                    if shift != NO_SHIFT:
+                        _diagonal_grad(d_pos, acc, shift, NUM_POS, PRECISION, BLOCK_N)
+                    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+                    shift = q_shift - k_shift
+                acc += ds
             else:
-                q_ext, k_ext = Q_EXT + b * s_qeb + q_tile * EXTREMES, K_EXT + b * s_keb + k_tile * EXTREMES
-                q_shift, k_shift = tl.load(q_ext + 4), tl.load(k_ext + 4)
-                if (q_shift != NO_SHIFT) & (k_shift != NO_SHIFT):
-                    if q_shift - k_shift != shift:
-                        if shift != NO_SHIFT:
-                            _diagonal_grad(d_pos, acc, shift, NUM_POS, PRECISION, BLOCK_N)
-                        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-                        shift = q_shift - k_shift
-                    acc += ds
-                else:
-                    q_pos, k_pos = tl.load(POS + q_at, mask=q_in, other=0), tl.load(POS + k_at, mask=k_in, other=0)
-                    _scattered_position_grad(d_pos, ds, q_pos, k_pos, tl.load(q_ext), tl.load(q_ext + 1),
-                                             tl.load(k_ext), tl.load(k_ext + 1), allowed, NUM_POS, PRECISION, BLOCK_N)
+                q_pos, k_pos = tl.load(POS + q_at, mask=q_in, other=0), tl.load(POS + k_at, mask=k_in, other=0)
+                _scattered_position_grad(d_pos, ds, q_pos, k_pos, tl.load(q_ext), tl.load(q_ext + 1),
+                                         tl.load(k_ext), tl.load(k_ext + 1), allowed, NUM_POS, PRECISION, BLOCK_N)
     if shift != NO_SHIFT:
         _diagonal_grad(d_pos, acc, shift, NUM_POS, PRECISION, BLOCK_N)
     top = tl.sum(top_rows)
@@ -739,10 +741,10 @@ def _bias_flags(layout: TokenLayout, meta: KernelMeta, grads: bool, dq_separate:
                 q_offset: int, num_pos: int, num_time: int, split: bool) -> tuple:
     """The forward, dK/dV and dQ schedules with the bias: each list led by its simple pairs
     (:func:`genrec.ops.triton.tiles.simple_bias_pairs`, :func:`tile_lists`), each pair's bias form in
-    its flags; the bias-gradient kernel's dense ``[B, nQ, nK]`` flags of the dK/dV tile pairs (it
-    walks the tile grid's diagonals: LISTED, FULL, the form), with BIAS_IN_DQ where the dQ kernel
-    adds the pair's bias gradients instead (``split``: its simple pairs, so each pair's gradients are
-    added by exactly one kernel); and the dK/dV tiles' extremes that the bias-gradient kernel reads.
+    its flags; the bias-gradient kernel's lists of the dK/dV tile pairs along the tile grid's
+    diagonals (:func:`genrec.ops.triton.tiles.diagonal_lists`), without those whose bias gradients the
+    dQ kernel adds (``split``: its simple pairs, so each pair's gradients are added by exactly one
+    kernel); and the dK/dV tiles' extremes that the bias-gradient kernel reads.
     Without ``grads`` the backward schedules are the forward's (placeholders), without
     ``dq_separate`` the dQ schedule is the dK/dV one's (dQ in its kernel)."""
     _, (bwd_q, bwd_k), (dq_q, dq_k) = (tile[:2] for tile in tile_table)
@@ -773,13 +775,12 @@ def _bias_flags(layout: TokenLayout, meta: KernelMeta, grads: bool, dq_separate:
         backward = listed(tile_table[1], transpose=True)
         dq = listed(tile_table[2], in_dq) if dq_separate else backward
         pairs, full = _pairs_and_full(layout, meta, tile_table[1], q_offset)
-        bias_pairs = forms(bwd_q, bwd_k) | pairs.int() * LISTED | full.int() * FULL  # [B, nQ, nK]
         if in_dq is not None:  # a dK/dV pair inherits its dQ pair's flag
-            bias_pairs |= in_dq.repeat_interleave(dq_q // bwd_q, 1)[:, :bias_pairs.shape[1]]
+            pairs = pairs & ~in_dq.bool().repeat_interleave(dq_q // bwd_q, 1)[:, :pairs.shape[1]]
+        bias = diagonal_lists(forms(bwd_q, bwd_k) | pairs.int() * LISTED | full.int() * FULL)
     else:
-        backward = dq = forward
-        bias_pairs = forward[2]  # a placeholder
-    return forward, backward, dq, bias_pairs.contiguous(), extremes(q_offset, bwd_q), extremes(0, bwd_k)
+        backward = dq = bias = forward  # placeholders
+    return forward, backward, dq, bias, extremes(q_offset, bwd_q), extremes(0, bwd_k)
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -808,8 +809,8 @@ def _strides(*tensors: torch.Tensor) -> tuple[int, ...]:
 @torch.library.custom_op("genrec::hstu_attention_fwd", mutates_args=())
 def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, request: torch.Tensor, event: torch.Tensor,
             flags: torch.Tensor, position: torch.Tensor, timestamp: torch.Tensor, q_ext: torch.Tensor,
-            k_ext: torch.Tensor, bias_pairs: torch.Tensor, rel_pos: torch.Tensor, rel_time: torch.Tensor,
-            count: torch.Tensor,
+            k_ext: torch.Tensor, bias_count: torch.Tensor, bias_index: torch.Tensor, bias_flags: torch.Tensor,
+            rel_pos: torch.Tensor, rel_time: torch.Tensor, count: torch.Tensor,
             index: torch.Tensor, full: torch.Tensor, bwd_count: torch.Tensor, bwd_index: torch.Tensor,
             bwd_full: torch.Tensor, dq_count: torch.Tensor, dq_index: torch.Tensor, dq_full: torch.Tensor,
             scale: float, q_offset: int, rule: int, has_bias: bool, fwd_tile: list[int], bwd_tile: list[int],
@@ -836,10 +837,11 @@ def _fwd_fake(q, k, v, *args, **kwargs) -> torch.Tensor:
 @torch.library.custom_op("genrec::hstu_attention_bwd", mutates_args=())
 def _bwd_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, request: torch.Tensor,
             event: torch.Tensor, flags: torch.Tensor, position: torch.Tensor, timestamp: torch.Tensor,
-            q_ext: torch.Tensor, k_ext: torch.Tensor, bias_pairs: torch.Tensor, rel_pos: torch.Tensor,
-            rel_time: torch.Tensor, bwd_count: torch.Tensor, bwd_index: torch.Tensor, bwd_full: torch.Tensor,
-            dq_count: torch.Tensor, dq_index: torch.Tensor, dq_full: torch.Tensor, scale: float, q_offset: int,
-            rule: int, has_bias: bool, bwd_tile: list[int], dq_tile: list[int], dq_separate: bool,
+            q_ext: torch.Tensor, k_ext: torch.Tensor, bias_count: torch.Tensor, bias_index: torch.Tensor,
+            bias_flags: torch.Tensor, rel_pos: torch.Tensor, rel_time: torch.Tensor, bwd_count: torch.Tensor,
+            bwd_index: torch.Tensor, bwd_full: torch.Tensor, dq_count: torch.Tensor, dq_index: torch.Tensor,
+            dq_full: torch.Tensor, scale: float, q_offset: int, rule: int, has_bias: bool, bwd_tile: list[int],
+            dq_tile: list[int], dq_separate: bool,
             bias_chunk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """dq, dk, dv and the fp32 gradients of both bias tables."""
     b, h, lq, d = q.shape
@@ -860,11 +862,12 @@ def _bwd_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
     time_slots = triton.next_power_of_2(max(rel_time.shape[-1], 16))
     split = _splits_bias_grads(has_bias, dq_separate, bwd_tile, dq_tile)  # as hstu_attention flagged
     if has_bias:  # CHUNK pairs per program along each diagonal of the [nQ, nK] tile grid
-        n_q, n_k = bias_pairs.shape[1:]
-        chunks = triton.cdiv(min(n_q, n_k), bias_chunk)
-        _hstu_bwd_rab[((n_q + n_k - 1) * chunks, b * h)](
-            q, k, v, grad_out, *meta, bias_pairs, *strides, bias_pairs.stride(0), bias_pairs.stride(1),
-            *sizes[3:], q_ext, k_ext, q_ext.stride(0), k_ext.stride(0), d_pos, d_time, n_q, n_k, chunks, RULE=rule,
+        diagonals, n_k = bias_index.shape[1:]
+        chunks = triton.cdiv(min(diagonals + 1 - n_k, n_k), bias_chunk)  # a diagonal's pairs: min(nQ, nK) at most
+        _hstu_bwd_rab[(diagonals * chunks, b * h)](
+            q, k, v, grad_out, *meta, bias_count, bias_index, bias_flags, *strides,
+            *_sizes(bias_count, bias_index, q, seq, q_offset, rel_pos.shape[-1], rel_time.shape[-1], scale), q_ext,
+            k_ext, q_ext.stride(0), k_ext.stride(0), d_pos, d_time, n_k, chunks, RULE=rule,
             PRECISION=precision, TIME_SLOTS=time_slots, CHUNK=bias_chunk, **launch)
     if dq_separate:  # with the bias split, this launch also adds the BIAS_IN_DQ pairs' bias gradients
         block_m, block_n, warps, stages = dq_tile
@@ -877,8 +880,8 @@ def _bwd_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
 
 
 @_bwd_op.register_fake
-def _bwd_fake(grad_out, q, k, v, request, event, flags, position, timestamp, q_ext, k_ext, bias_pairs, rel_pos,
-              rel_time, *args, **kwargs):
+def _bwd_fake(grad_out, q, k, v, request, event, flags, position, timestamp, q_ext, k_ext, bias_count, bias_index,
+              bias_flags, rel_pos, rel_time, *args, **kwargs):
     b, h, lq, d = q.shape
     seq = k.shape[2]
     dk, dv = (t.new_empty(b, seq, h, d).transpose(1, 2) for t in (k, v))
@@ -890,8 +893,8 @@ _NON_TENSOR_ARGS = ("scale", "q_offset", "rule", "has_bias", "fwd_tile", "bwd_ti
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    ctx.save_for_backward(*inputs[:13], *inputs[16:22])  # q .. rel_time, both backward schedules
-    ctx.args = dict(zip(_NON_TENSOR_ARGS, inputs[22:], strict=True))
+    ctx.save_for_backward(*inputs[:15], *inputs[18:24])  # q .. rel_time, both backward schedules
+    ctx.args = dict(zip(_NON_TENSOR_ARGS, inputs[24:], strict=True))
 
 
 def _backward(ctx, grad_out: torch.Tensor):
@@ -930,17 +933,17 @@ def hstu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: To
         split = _splits_bias_grads(has_bias, config.dq_separate, bwd_tile, dq_tile)
         key = ("triton_bias_flags", tuple(fwd_tile), tuple(bwd_tile), tuple(dq_tile), q_offset, rel_pos.shape[-1],
                rel_time.shape[-1], grads, config.dq_separate, split)
-        forward, backward, dq, bias_pairs, q_ext, k_ext = layout.cached(key, lambda: _bias_flags(
+        forward, backward, dq, bias, q_ext, k_ext = layout.cached(key, lambda: _bias_flags(
             layout, meta, grads, config.dq_separate, (fwd_tile, bwd_tile, dq_tile), q_offset, rel_pos.shape[-1],
             rel_time.shape[-1], split))
     else:
         rel_pos = rel_time = torch.zeros(1, device=q.device, dtype=torch.float32)
         q_ext = k_ext = torch.zeros(1, 1, 5, device=q.device, dtype=torch.int32)  # unread
         forward = _schedule(layout, meta, fwd_tile, q_offset, transpose=False)
-        bias_pairs = forward[2]  # unread
+        bias = forward  # unread
         # placeholders where no gradient is asked, or dQ comes from the dK/dV kernel
         backward = _schedule(layout, meta, bwd_tile, q_offset, transpose=True) if grads else forward
         dq = _schedule(layout, meta, dq_tile, q_offset, transpose=False) if grads and config.dq_separate else backward
     return _fwd_op(q, k, v, meta.request, meta.event, meta.flags, meta.position, meta.timestamp, q_ext, k_ext,
-                   bias_pairs, rel_pos, rel_time, *forward, *backward, *dq, scale, q_offset, RULE_IDS[layout.rule],
+                   *bias, rel_pos, rel_time, *forward, *backward, *dq, scale, q_offset, RULE_IDS[layout.rule],
                    has_bias, list(fwd_tile), list(bwd_tile), list(dq_tile), config.dq_separate, config.bias_chunk)

@@ -19,8 +19,7 @@ from genrec.ops.layout import TokenLayout, check_time_span
 from genrec.ops.masks import time_bucket
 
 VALID, FAKE = 1, 2  # bits of KernelMeta.flags
-# bits of a schedule's per-pair flags (tile_lists, simple_bias_pairs, bias_forms; LISTED: the dense table of
-# the bias-gradient kernel, hstu._bias_flags)
+# bits of a schedule's per-pair flags (tile_lists, simple_bias_pairs, bias_forms; LISTED: diagonal_lists' input)
 FULL, BIAS_IN_DQ, NEAR, LISTED = 1, 2, 4, 8
 LO_SHIFT, HI_SHIFT, BUCKET_MASK = 8, 16, 31  # a pair's time buckets in its flags (bias_forms; buckets <= 31)
 _BIG = 2**30
@@ -197,3 +196,21 @@ def tile_lists(pairs: torch.Tensor, full: torch.Tensor,
     first = torch.zeros_like(count) if simple is None else (pairs & simple).sum(-1).to(torch.int32)
     return (torch.stack([count, first], -1), order.to(torch.int32).contiguous(),
             (full.gather(-1, order).to(torch.int32) * FULL).contiguous())
+
+
+def diagonal_lists(flags: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``[B, nQ, nK]`` int32 pair flags (LISTED where a pair is to be visited) -> per diagonal of the
+    tile grid, ``d = query tile - key tile + nK - 1`` for ``d`` in ``0 .. nQ + nK - 2``: the number of
+    listed pairs ``[B, nD]``, their key tiles ascending ``[B, nD, nK]`` (the listed ones first) and
+    their flags. The bias-gradient kernel walks the diagonals, where the tiles' distances repeat
+    (``hstu._hstu_bwd_rab``); listing them in a table, not testing each pair in the kernel, keeps its
+    loop free of branches around the loads, which Triton then pipelines. Kept at full width (a
+    trimmed one would cost a device-to-host sync)."""
+    n_q, n_k = flags.shape[1:]
+    k = torch.arange(n_k, device=flags.device)
+    q = torch.arange(n_q + n_k - 1, device=flags.device)[:, None] + (k - (n_k - 1))  # [nD, nK]
+    diagonal = flags[:, q.clamp(0, n_q - 1), k].masked_fill((q < 0) | (q >= n_q), 0)  # [B, nD, nK]
+    listed = (diagonal & LISTED) != 0
+    order = torch.sort((~listed).to(torch.int8), dim=-1, stable=True).indices
+    return (listed.sum(-1, dtype=torch.int32), order.to(torch.int32).contiguous(),
+            diagonal.gather(-1, order).contiguous())
