@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     fwd, bwd, dq = hstu.KernelConfig().tiles(128)
     kernels = (("forward", hstu._hstu_fwd, fwd, {"HAS_BIAS": True}),
                ("dk_dv", hstu._hstu_bwd, bwd, {"HAS_BIAS": True, "DQ_ATOMIC": False}),
-               ("bias_grad", hstu._hstu_bwd_rab, bwd, {"TIME_SLOTS": 32, "CHUNK": hstu.KernelConfig().bias_chunk}),
+               ("bias_grad", hstu._hstu_bwd_rab, bwd, {"TIME_SLOTS": 32}),
                ("dq", hstu._hstu_bwd_dq, dq, {"HAS_BIAS": True, "BIAS_GRADS": True, "TIME_SLOTS": 32}))
     rows = []
     for name, fn, tile, extra in kernels:

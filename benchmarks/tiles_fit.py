@@ -27,7 +27,7 @@ import report
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED_LIMIT = {90: 232_448}  # bytes of shared memory one block may use (opt-in maximum)
-_INTS = {"H", "LQ", "L", "Q_OFFSET", "NUM_POS", "NUM_TIME", "N_K", "CHUNKS"}  # upper-case non-pointers
+_INTS = {"H", "LQ", "L", "Q_OFFSET", "NUM_POS", "NUM_TIME"}  # upper-case kernel arguments that are not pointers
 _FLOATS = {"alpha", "scale"}
 _FP32_POINTERS = {"DQ", "REL_POS", "REL_TIME", "D_REL_POS", "D_REL_TIME"}  # the rest: inputs' dtype or int32
 _DATA_POINTERS = {"Q", "K", "V", "O", "DO", "DK", "DV"}
@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
             fwd, bwd, dq = config.tiles(head_dim, torch_dtype)
             kernels = (("forward", hstu._hstu_fwd, fwd, {}),
                        ("dk_dv", hstu._hstu_bwd, bwd, {"DQ_ATOMIC": not config.dq_separate}),
-                       ("bias_grad", hstu._hstu_bwd_rab, bwd, {"TIME_SLOTS": 32, "CHUNK": config.bias_chunk}),
+                       ("bias_grad", hstu._hstu_bwd_rab, bwd, {"TIME_SLOTS": 32}),
                        ("dq", hstu._hstu_bwd_dq, dq, {"BIAS_GRADS": config.dq_separate, "TIME_SLOTS": 32}))
             for name, fn, tile, extra in kernels:
                 row = {"dtype": dtype, "head_dim": head_dim, "kernel": name, "tile": list(tile),

@@ -227,34 +227,6 @@ def test_bias_gradients_shared_by_the_dq_and_bias_gradient_kernels_match_referen
            backend=backend_module.triton_backend(KernelConfig(dq=tile, dq_large=tile, dq_fp32_large=tile)))
 
 
-@pytest.mark.parametrize("chunk", [1, 2, 16])
-def test_bias_gradients_summed_along_tile_diagonals_match_reference(chunk):
-    """The bias-gradient kernel walks the tile grid's diagonals, ``chunk`` pairs per program, and
-    sums the score gradients of consecutive pairs whose tiles' positions lie equally far apart before
-    reducing them by distance. Positions here jump between some tiles (a diagonal's distances change
-    within a chunk), one tile holds a repeated position (reduced per pair instead) and one sequence
-    ends inside a tile; the test checks the layout holds each case before comparing. Quadratic
-    timestamps put two and many time buckets into different pairs. Chunks of 1 and 2
-    cut every diagonal of 5 tiles into several programs."""
-    from genrec.ops.triton.hstu import KernelConfig
-    from genrec.ops.triton.tiles import POS_BOUND, KernelMeta, tile_extremes
-
-    idx = torch.arange(320)
-    jump = torch.tensor([0, 0, 0, 40, 40])[idx // 64]  # tiles 0-2 and 3-4 run on, 3 jumps ahead
-    pos = torch.stack([idx + jump, torch.where(idx == 200, idx + jump - 1, idx + jump)])  # row 1: tile 3 repeats one
-    layout = TokenLayout(valid=torch.stack([idx < 320, idx < 290]).to(DEVICE), request=idx.expand(2, -1).to(DEVICE),
-                         event=idx.expand(2, -1).to(DEVICE), fake=torch.zeros(2, 320, dtype=torch.bool, device=DEVICE),
-                         position=pos.to(DEVICE), timestamp=(3 * idx**2).expand(2, -1).to(DEVICE), rule="causal")
-    shifts = tile_extremes(KernelMeta.from_layout(layout), 0, 64)[..., 4].cpu()
-    diagonal_1 = (shifts[0, 1:] - shifts[0, :-1]).tolist()  # the distances of the pairs (k, k + 1)
-    repeated = any(a == b for a, b in zip(diagonal_1, diagonal_1[1:], strict=False))
-    assert len(set(diagonal_1)) > 1 and repeated, diagonal_1
-    assert shifts[1, 3] == POS_BOUND and shifts[1, 4] != POS_BOUND
-    # a 200-slot table: the last tile reads the first past it (the one-value form), the second in part clamped
-    config = KernelConfig(bias_chunk=chunk)
-    _check(layout, DTYPES[0], bias=True, pos_buckets=200, backend=backend_module.triton_backend(config))
-
-
 @gpu_only
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("dim", [32, 64, 128])
@@ -291,12 +263,12 @@ def test_the_fused_attention_passes_the_custom_op_checks():
     q, k, v, (rel_pos, rel_time) = _op_args(layout)
     meta = hstu.KernelMeta.from_layout(layout)
     tile = hstu.DEFAULT_CONFIG.tiles(32)
-    fwd, bwd, dq, bias, q_ext, k_ext = hstu._bias_flags(layout, meta, True, True, tile, 0, rel_pos.shape[-1],
-                                                        rel_time.shape[-1], split=True)
+    fwd, bwd, dq, q_ext, k_ext = hstu._bias_flags(layout, meta, True, True, tile, 0, rel_pos.shape[-1],
+                                                  rel_time.shape[-1], split=True)
     args = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), meta.request, meta.event, meta.flags,
-            meta.position, meta.timestamp, q_ext, k_ext, *bias, rel_pos.requires_grad_(),
-            rel_time.requires_grad_(), *fwd, *bwd, *dq, 0.05, 0, 2, True, list(tile[0]), list(tile[1]),
-            list(tile[2]), True, 16)
+            meta.position, meta.timestamp, q_ext, k_ext, rel_pos.requires_grad_(), rel_time.requires_grad_(), *fwd,
+            *bwd, *dq,
+            0.05, 0, 2, True, list(tile[0]), list(tile[1]), list(tile[2]), True)
     torch.library.opcheck(torch.ops.genrec.hstu_attention_fwd.default, args)
 
 

@@ -14,7 +14,6 @@ from genrec.ops.triton import tiles
 from genrec.ops.triton.tiles import (
     KernelMeta,
     bias_forms,
-    diagonal_lists,
     simple_bias_pairs,
     tile_extremes,
     tile_full,
@@ -78,33 +77,24 @@ def test_schedule_lists_every_tile_with_an_allowed_pair(name, tiles):
 def test_tile_extremes_are_those_of_each_tiles_valid_tokens(name, block):
     """What the bias forms and the bias-gradient kernel read: per tile of ``block`` tokens from the
     queries' start, the lowest and highest position and time of the valid ones (the layouts hold
-    padding, fake tokens and cache offsets that are not multiples of the tile), the empty fill, and
-    the shift ``position - i`` where all valid tokens share it (else POS_BOUND)."""
+    padding, fake tokens and cache offsets that are not multiples of the tile), and the empty fill."""
     layout, q_offset = _layouts()[name]
     meta = KernelMeta.from_layout(layout)
     extremes = tile_extremes(meta, q_offset, block)
     b, seq = meta.flags.shape
-    assert extremes.dtype == torch.int32 and extremes.shape == (b, -(-(seq - q_offset) // block), tiles.EXTREMES)
-    empty, shifted, not_shifted = 0, 0, 0
+    assert extremes.dtype == torch.int32 and extremes.shape == (b, -(-(seq - q_offset) // block), 4)
+    empty = 0
     for row in range(b):
         for tile in range(extremes.shape[1]):
             at = slice(q_offset + tile * block, min(q_offset + (tile + 1) * block, seq))
             valid = meta.flags[row, at] & 1 != 0
             if not valid.any():
                 empty += 1
-                assert extremes[row, tile].tolist() == [tiles.POS_BOUND, -tiles.POS_BOUND, tiles.TS_TOP, 0,
-                                                        tiles.POS_BOUND]
+                assert extremes[row, tile].tolist() == [tiles.POS_BOUND, -tiles.POS_BOUND, tiles.TS_TOP, 0]
                 continue
             pos, ts = meta.position[row, at][valid], meta.timestamp[row, at][valid]
-            shifts = torch.unique((meta.position[row, at] - torch.arange(at.stop - at.start))[valid])
-            shift = int(shifts[0]) if len(shifts) == 1 else tiles.POS_BOUND
-            shifted, not_shifted = shifted + (len(shifts) == 1), not_shifted + (len(shifts) > 1)
-            assert extremes[row, tile].tolist() == [pos.min(), pos.max(), ts.min(), ts.max(), shift]
+            assert extremes[row, tile].tolist() == [pos.min(), pos.max(), ts.min(), ts.max()]
     assert empty or name.endswith("_cache"), "no empty tile: the fill is not exercised"
-    if name == "causal":  # one event per token: every tile's positions run on
-        assert shifted and not not_shifted
-    if name == "dual_flow":  # the real flow's do, the fake flow's (a request's tokens share one position) not
-        assert shifted and not_shifted
 
 
 @pytest.mark.parametrize("name", ["causal", "dual_flow", "hstu_cache", "dfgr_cache"])
@@ -210,24 +200,6 @@ def test_a_training_steps_layout_metadata_and_schedules_read_nothing_back_from_t
         assert all(t.device.type == "meta" for t in schedule)
     with pytest.raises(RuntimeError, match="meta"):  # the test can fail: a read of the span is caught
         KernelMeta.from_layout(layout)
-
-
-@pytest.mark.parametrize("shape", [(3, 5), (5, 3), (4, 4)])
-def test_diagonal_lists_hold_each_diagonals_listed_pairs_in_order(shape):
-    """What the bias-gradient kernel walks: per diagonal d (query tile - key tile = d - (nK - 1)) the
-    listed pairs' key tiles ascending, their flags beside them, unlisted and off-grid pairs not."""
-    n_q, n_k = shape
-    gen = torch.Generator().manual_seed(n_q * 10 + n_k)
-    flags = torch.randint(0, 64, (2, n_q, n_k), generator=gen, dtype=torch.int32)  # LISTED = 8 in half of them
-    count, index, listed_flags = diagonal_lists(flags)
-    assert count.shape == (2, n_q + n_k - 1) and index.shape == listed_flags.shape == (2, n_q + n_k - 1, n_k)
-    for b in range(2):
-        for d in range(n_q + n_k - 1):
-            on_grid = [k for k in range(n_k) if 0 <= k + d - (n_k - 1) < n_q]
-            want = [k for k in on_grid if flags[b, k + d - (n_k - 1), k] & tiles.LISTED]
-            assert index[b, d, :count[b, d]].tolist() == want
-            assert listed_flags[b, d, :count[b, d]].tolist() == [int(flags[b, k + d - (n_k - 1), k]) for k in want]
-    assert count.sum() == ((flags & tiles.LISTED) != 0).sum()
 
 
 def test_schedule_skips_the_upper_triangle_and_marks_the_lower_full():

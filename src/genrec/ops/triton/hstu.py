@@ -55,12 +55,10 @@ from genrec.ops.triton.tiles import (
     BIAS_IN_DQ,
     FAKE,
     FULL,
-    LISTED,
     NEAR,
     VALID,
     KernelMeta,
     bias_forms,
-    diagonal_lists,
     simple_bias_pairs,
     tile_extremes,
     tile_full,
@@ -86,9 +84,7 @@ class KernelConfig:
     benchmarks/tiles_fit.py compiles every table for sm_90 on the CPU: results/tiles_fit_sm90.md). ``dq_separate``:
     dQ by its own kernel (no atomics) rather than fp32 atomic adds in the dK/dV kernel, twice as fast
     on the H100 despite two more matrix products per tile pair (same sweep). The backward's tiles
-    must be square and >= 64 (the position-bias gradient's reduction). ``bias_chunk``: tile pairs per
-    program of the bias-gradient kernel along a diagonal of the tile grid (:func:`_hstu_bwd_rab`):
-    longer chunks reduce by distance less often, shorter ones spread a long diagonal over more SMs."""
+    must be square and >= 64 (the position-bias gradient's reduction)."""
 
     fwd: Tile = (64, 64, 4, 3)
     bwd: Tile = (64, 64, 4, 2)
@@ -100,7 +96,6 @@ class KernelConfig:
     bwd_fp32_large: Tile = (64, 64, 4, 1)
     dq_fp32_large: Tile = (64, 64, 4, 2)
     dq_separate: bool = True
-    bias_chunk: int = 16
 
     def tiles(self, head_dim: int, dtype: torch.dtype = torch.bfloat16) -> tuple[Tile, Tile, Tile]:
         """(forward, dK/dV, dQ) tiles for this head dim and dtype."""
@@ -116,8 +111,6 @@ VALID_BIT: tl.constexpr = tl.constexpr(VALID)
 FAKE_BIT: tl.constexpr = tl.constexpr(FAKE)
 FULL_BIT: tl.constexpr = tl.constexpr(FULL)
 BIAS_IN_DQ_BIT: tl.constexpr = tl.constexpr(BIAS_IN_DQ)
-NO_SHIFT: tl.constexpr = tl.constexpr(tiles.POS_BOUND)  # a tile's shift where its positions do not run on
-EXTREMES: tl.constexpr = tl.constexpr(tiles.EXTREMES)
 # The rule ids the kernels branch on, from the one table of mask rules (genrec.ops.layout.RULES).
 CAUSAL: tl.constexpr = tl.constexpr(RULE_IDS["causal"])
 REQUEST_CAUSAL: tl.constexpr = tl.constexpr(RULE_IDS["request_causal"])
@@ -242,6 +235,13 @@ def _rule_meta(REQ, EVT, FLAG, at, mask):
 
 
 @triton.jit
+def _bias_meta(POS, TS, FLAG, at, mask):
+    """Position, time and liveness (valid, in range) of tokens ``at``: what the bias gradients read."""
+    live = mask & ((tl.load(FLAG + at, mask=mask, other=0) & VALID_BIT) != 0)
+    return tl.load(POS + at, mask=mask, other=0), tl.load(TS + at, mask=mask, other=0), live
+
+
+@triton.jit
 def _bucket_at_least(dt, t):
     """Whether Δt's bucket is >= ``t`` (``t`` >= 1): ``1 + Δt >= 2^t``, one comparison per pair."""
     return dt >= (1 << t) - 1
@@ -298,15 +298,21 @@ def _scores(x, y, flags, POS, TS, q_at, k_at, q_in, k_in, pos_top, POS_H, TIME_H
 
 
 @triton.jit
-def _time_buckets_grad(acc, ds, q_ts, k_ts, t_lo, t_hi, NUM_TIME, SLOTS: tl.constexpr):
-    """``acc`` ``[SLOTS]`` (the program's time-table gradient) plus ``ds``'s sum per time bucket
-    ``t_lo..t_hi`` (``q_ts, k_ts`` shaped to broadcast to ``ds``): one masked sum per bucket, for the
-    pairs whose times span more than two buckets (near the time diagonal; the others are row sums).
-    Masked pairs have ``ds = 0``, so bucket edges need no mask."""
+def _time_grad(acc, ds, total, q_ts, k_ts, t_lo, t_hi, NUM_TIME, SLOTS: tl.constexpr):
+    """``acc`` ``[SLOTS]`` (the program's time-table gradient, added to the table once at its end)
+    plus ``ds``'s sum per time bucket: the tile sum ``total`` where the tile holds one bucket, split
+    by one comparison where it holds two, one masked sum per bucket elsewhere (``q_ts, k_ts`` shaped
+    to broadcast to ``ds``). Masked pairs have ``ds = 0``, so bucket edges need no mask."""
     slot = tl.arange(0, SLOTS)
-    bucket = _time_slot(q_ts, k_ts, NUM_TIME) - SLOT_BASE
-    for t in range(t_lo, t_hi + 1):
-        acc += tl.where(slot == t, tl.sum(tl.where(bucket == t, ds, 0.0)), 0.0)
+    if t_hi == t_lo:
+        acc += tl.where(slot == t_lo, total, 0.0)
+    elif t_hi == t_lo + 1:
+        upper = tl.sum(tl.where(_bucket_at_least(q_ts - k_ts, t_hi), ds, 0.0))
+        acc += tl.where(slot == t_hi, upper, tl.where(slot == t_lo, total - upper, 0.0))
+    else:
+        bucket = _time_slot(q_ts, k_ts, NUM_TIME) - SLOT_BASE
+        for t in range(t_lo, t_hi + 1):
+            acc += tl.where(slot == t, tl.sum(tl.where(bucket == t, ds, 0.0)), 0.0)
     return acc
 
 
@@ -338,27 +344,31 @@ def _grouped_sums(c, T: tl.constexpr, DIFF: tl.constexpr, PRECISION: tl.constexp
 
 
 @triton.jit
-def _diagonal_grad(D_POS, acc, shift, NUM_POS, PRECISION: tl.constexpr, T: tl.constexpr):
-    """Adds ``acc`` ``[keys, queries]`` (T x T: the score gradients of tile pairs whose query ``j``
-    and key ``i`` lie ``shift + j - i`` apart, summed) into the position-bias gradient ``D_POS`` by
-    distance: its diagonal sums (:func:`_grouped_sums`), 16 x 16 atomic adds."""
-    sums = _grouped_sums(acc, T, True, PRECISION)  # [e, f]: distance shift + 8 (f - T/8 + 1) + e - 7
-    dist = shift + 8 * (tl.arange(0, 2 * T // 8)[None, :] - T // 8 + 1) + tl.arange(0, 16)[:, None] - 7
-    tl.atomic_add(D_POS + tl.minimum(tl.maximum(dist, 0), NUM_POS - 1), sums, mask=sums != 0.0)
+def _consecutive(pos, live, lo, T: tl.constexpr):
+    """Whether all T tokens are live at positions ``lo, lo + 1, ...`` (one event per token)."""
+    return tl.sum((live & (pos == lo + tl.arange(0, T))).to(tl.int32)) == T
 
 
 @triton.jit
-def _scattered_position_grad(D_POS, ds, q_pos, k_pos, q_lo, q_hi, k_lo, k_hi, allowed, NUM_POS,
-                             PRECISION: tl.constexpr, T: tl.constexpr):
+def _position_grad(D_POS, top, ds, total, far, q_pos, k_pos, q_live, q_lo, q_hi, k_lo, k_hi, k_run, allowed,
+                   NUM_POS, PRECISION: tl.constexpr, T: tl.constexpr):
     """Adds ``ds`` ``[keys, queries]`` (T x T) into the position-bias gradient ``D_POS`` at
-    ``clamp(q_pos - k_pos)``, for a tile pair whose positions do not run on token by token (several
-    tokens per event, fake flows beside real ones; the others sum along diagonals,
-    :func:`_diagonal_grad`). Where the live positions of both tiles span fewer than T values: one-hot
-    products group the pairs by (query position - lowest, highest - key position), whose sum is the
-    distance up to a constant, then diagonal sums; 16 x 16 atomics instead of T x T. Else per pair.
-    ``q_lo`` .. ``k_hi``: the live positions' spans (empty ones: ds is all 0)."""
-    live = (q_hi >= q_lo) & (k_hi >= k_lo)
-    if live & (q_hi - q_lo < T) & (k_hi - k_lo < T):
+    ``clamp(q_pos - k_pos)``; returns ``top``, the program's gradient of the table's last slot.
+    Per-pair atomic adds dominated the whole backward, so: a tile past the table (``far``) adds
+    its sum ``total`` to ``top`` (one atomic per program at its end). A tile whose live positions
+    span fewer than T values (always, inside one flow of one sequence) sums along (anti-)diagonals:
+    directly where both sides hold consecutive positions (``k_run`` for the keys), else after one-hot
+    products that group the pairs by (query position - lowest, highest - key position), whose sum is
+    the distance up to a constant; 16 x 16 atomics instead of T x T. Other tiles add per pair.
+    ``q_lo`` .. ``k_hi``: the live positions' spans."""
+    live = (q_hi >= q_lo) & (k_hi >= k_lo)  # else ds is all 0
+    if far:
+        top += total
+    elif live & k_run & _consecutive(q_pos, q_live, q_lo, T):
+        sums = _grouped_sums(ds, T, True, PRECISION)  # [e, f]: distance q_lo - k_lo + 8 (f - T/8 + 1) + e - 7
+        dist = q_lo - k_lo + 8 * (tl.arange(0, 2 * T // 8)[None, :] - T // 8 + 1) + tl.arange(0, 16)[:, None] - 7
+        tl.atomic_add(D_POS + tl.minimum(tl.maximum(dist, 0), NUM_POS - 1), sums, mask=sums != 0.0)
+    elif live & (q_hi - q_lo < T) & (k_hi - k_lo < T):
         slot = tl.arange(0, T)
         by_query = ((q_pos[:, None] - q_lo) == slot[None, :]).to(tl.float32)  # [queries, q_pos - q_lo]
         by_key = ((k_hi - k_pos[:, None]) == slot[None, :]).to(tl.float32)  # [keys, k_hi - k_pos]
@@ -370,6 +380,7 @@ def _scattered_position_grad(D_POS, ds, q_pos, k_pos, q_lo, q_hi, k_lo, k_hi, al
     elif live:
         pos_idx = tl.minimum(tl.maximum(q_pos[None, :] - k_pos[:, None], 0), NUM_POS - 1)
         tl.atomic_add(D_POS + pos_idx, ds, mask=allowed)
+    return top
 
 
 @triton.jit
@@ -530,103 +541,59 @@ def _hstu_bwd(Q, K, V, DO, DQ, DK, DV, REQ, EVT, FLAG, POS, TS, REL_POS, REL_TIM
 
 
 @triton.jit
+def _hstu_bwd_rab(Q, K, V, DO, REQ, EVT, FLAG, POS, TS, REL_POS, REL_TIME, Q_COUNT, Q_INDEX, Q_FLAGS,
+                  s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_db, s_dh, s_dm, s_cb, s_ib, s_iq,
+                  H, LQ, L, Q_OFFSET, NUM_POS, NUM_TIME, alpha, scale, Q_EXT, K_EXT, s_qeb, s_keb,
+                  D_REL_POS, D_REL_TIME, RULE: tl.constexpr, PRECISION: tl.constexpr, TIME_SLOTS: tl.constexpr,
+                  D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The bias tables' gradients, one key tile per program over the dK/dV schedule: its own kernel
+    (two more matrix products per tile pair) because beside dK/dV's ``[BLOCK_N, D]`` accumulators the
+    gradient's reductions left no registers (1,992 bytes of spills per thread on sm_90). The
+    gradients gather in the program (``pos_top``: the position table's last slot; ``time_grad``: the
+    time table, ``TIME_SLOTS`` >= its size) and reach the tables by one atomic add each at the end,
+    where one per tile pair contended across programs. ``Q_EXT``, ``K_EXT``: the backward tiles'
+    extremes (:func:`genrec.ops.triton.tiles.tile_extremes`), the position spans the reductions need."""
+    tl.static_assert((BLOCK_M == BLOCK_N) & (BLOCK_N >= 64), "the position-bias gradient needs square tiles >= 64")
+    tile, bh = tl.program_id(0), tl.program_id(1)
+    b, h = bh // H, bh % H
+    cols = tl.arange(0, D)
+    keys, k_in, k, v, k_req, k_evt, k_flag = _key_tile(K, V, REQ, EVT, FLAG, b, h, tile, cols, s_kb, s_kh, s_kn,
+                                                       s_vb, s_vh, s_vn, L, BLOCK_N)
+    k_pos_lo, k_pos_hi = tl.load(K_EXT + b * s_keb + tile * 4), tl.load(K_EXT + b * s_keb + tile * 4 + 1)
+    k_pos, k_ts, k_live = _bias_meta(POS, TS, FLAG, b * L + keys, k_in)
+    k_run = _consecutive(k_pos, k_live, k_pos_lo, BLOCK_N)
+    pos_top = _position_top(REL_POS, h, NUM_POS, True)
+    top_grad = tl.sum(tl.zeros((BLOCK_N,), dtype=tl.float32))
+    time_grad = tl.zeros((TIME_SLOTS,), dtype=tl.float32)
+    count = tl.load(Q_COUNT + b * s_cb + tile * 2)
+    for i in range(0, count):
+        at = b * s_ib + tile * s_iq + i
+        flags = tl.load(Q_FLAGS + at)
+        if (flags & BIAS_IN_DQ_BIT) == 0:  # else _hstu_bwd_dq adds them
+            q_tile = tl.load(Q_INDEX + at)
+            rows, q_in, _, _, _, ds, allowed = _query_tile_grads(
+                Q, DO, REQ, EVT, FLAG, POS, TS, REL_POS, REL_TIME, q_tile, flags, k, v, keys, k_in, k_req, k_evt,
+                k_flag, pos_top, b, h, cols, s_qb, s_qh, s_qm, s_db, s_dh, s_dm, LQ, L, Q_OFFSET, NUM_POS,
+                NUM_TIME, alpha, scale, RULE, True, False, PRECISION, BLOCK_M, BLOCK_N)
+            q_pos, q_ts, q_live = _bias_meta(POS, TS, FLAG, b * L + rows + Q_OFFSET, q_in)
+            near, t_lo, t_hi = _bias_form(flags)
+            q_pos_lo, q_pos_hi = tl.load(Q_EXT + b * s_qeb + q_tile * 4), tl.load(Q_EXT + b * s_qeb + q_tile * 4 + 1)
+            total = tl.sum(ds)
+            top_grad = _position_grad(D_REL_POS + h * NUM_POS, top_grad, ds, total, (flags & NEAR_BIT) == 0, q_pos,
+                                      k_pos, q_live, q_pos_lo, q_pos_hi, k_pos_lo, k_pos_hi, k_run, allowed, NUM_POS,
+                                      PRECISION, BLOCK_N)
+            time_grad = _time_grad(time_grad, ds, total, q_ts[None, :], k_ts[:, None], t_lo, t_hi, NUM_TIME,
+                                   TIME_SLOTS)
+    tl.atomic_add(D_REL_POS + h * NUM_POS + NUM_POS - 1, top_grad, mask=top_grad != 0.0)
+    slot = tl.arange(0, TIME_SLOTS)
+    tl.atomic_add(D_REL_TIME + h * NUM_TIME + slot, time_grad, mask=(slot < NUM_TIME) & (time_grad != 0.0))
+
+
+@triton.jit
 def _time_rows_flush(time_grad, lo_rows, hi_rows, t, SLOTS: tl.constexpr):
     """``time_grad`` ``[SLOTS]`` plus the sums of the row accumulators of buckets ``t`` and ``t + 1``."""
     slot = tl.arange(0, SLOTS)
     return time_grad + tl.where(slot == t, tl.sum(lo_rows), tl.where(slot == t + 1, tl.sum(hi_rows), 0.0))
-
-
-@triton.jit
-def _hstu_bwd_rab(Q, K, V, DO, REQ, EVT, FLAG, POS, TS, REL_POS, REL_TIME, D_COUNT, D_INDEX, D_FLAGS,
-                  s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_db, s_dh, s_dm, s_cb, s_ib, s_iq,
-                  H, LQ, L, Q_OFFSET, NUM_POS, NUM_TIME, alpha, scale, Q_EXT, K_EXT, s_qeb, s_keb,
-                  D_REL_POS, D_REL_TIME, N_K, CHUNKS, RULE: tl.constexpr, PRECISION: tl.constexpr,
-                  TIME_SLOTS: tl.constexpr, CHUNK: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
-                  BLOCK_N: tl.constexpr):
-    """The bias tables' gradients, one program per ``CHUNK`` tile pairs along a diagonal of the tile
-    grid (query tile - key tile fixed; ``CHUNKS`` programs per diagonal; ``D_COUNT``, ``D_INDEX``,
-    ``D_FLAGS``: :func:`genrec.ops.triton.tiles.diagonal_lists`), recomputing the scores and their
-    gradients (the dK/dV kernel's would spill registers beside its accumulators). The position
-    gradient is a sum along diagonals of the pairs' score gradients; with one event per token (a
-    single flow: :func:`genrec.ops.triton.tiles.tile_extremes`' shifts) every pair of a diagonal has
-    the same distances, so the program sums the score gradients themselves (``acc``) and reduces them
-    by distance once, where a key tile's program did it per pair, a chain of layout conversions
-    (:func:`_diagonal_grad`). Its time gradient and the pairs past the position table
-    (``top_rows``) are row sums, gathered per bucket as in :func:`_hstu_bwd_dq`; pairs spanning more
-    than two time buckets, or whose positions do not run on, are reduced per pair. Each table gets one
-    atomic add per slot and program at its end."""
-    tl.static_assert((BLOCK_M == BLOCK_N) & (BLOCK_N >= 64), "the position-bias gradient needs square tiles >= 64")
-    prog, bh = tl.program_id(0), tl.program_id(1)
-    b, h = bh // H, bh % H
-    diagonal = prog // CHUNKS
-    delta = diagonal - (N_K - 1)  # query tile - key tile
-    lo = (prog % CHUNKS) * CHUNK
-    hi = tl.minimum(tl.load(D_COUNT + b * s_cb + diagonal), lo + CHUNK)
-    cols = tl.arange(0, D)
-    pos_top = _position_top(REL_POS, h, NUM_POS, True)
-    d_pos = D_REL_POS + h * NUM_POS
-    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # score gradients of the pairs at `shift`
-    shift = NO_SHIFT + 0
-    top_rows = tl.zeros((BLOCK_N,), dtype=tl.float32)  # the position table's last slot, per key
-    lo_rows = tl.zeros((BLOCK_N,), dtype=tl.float32)  # time bucket t, per key
-    hi_rows = tl.zeros((BLOCK_N,), dtype=tl.float32)  # time bucket t + 1
-    t = -1
-    time_grad = tl.zeros((TIME_SLOTS,), dtype=tl.float32)
-    for i in range(lo, hi):
-        at = b * s_ib + diagonal * s_iq + i
-        k_tile = tl.load(D_INDEX + at)
-        flags = tl.load(D_FLAGS + at)
-        q_tile = k_tile + delta
-        keys, k_in, k, v, k_req, k_evt, k_flag = _key_tile(K, V, REQ, EVT, FLAG, b, h, k_tile, cols, s_kb, s_kh,
-                                                           s_kn, s_vb, s_vh, s_vn, L, BLOCK_N)
-        rows, q_in, _, _, _, ds, allowed = _query_tile_grads(
-            Q, DO, REQ, EVT, FLAG, POS, TS, REL_POS, REL_TIME, q_tile, flags, k, v, keys, k_in, k_req, k_evt,
-            k_flag, pos_top, b, h, cols, s_qb, s_qh, s_qm, s_db, s_dh, s_dm, LQ, L, Q_OFFSET, NUM_POS,
-            NUM_TIME, alpha, scale, RULE, True, False, PRECISION, BLOCK_M, BLOCK_N)  # ds: [keys, queries]
-        q_at, k_at = b * L + rows + Q_OFFSET, b * L + keys
-        near, t_lo, t_hi = _bias_form(flags)
-        by_key = tl.sum(ds, axis=1)  # [BLOCK_N]: within each row's threads, no barrier
-        if t_hi <= t_lo + 1:  # one or two time buckets
-            if t_lo != t:
-                time_grad = _time_rows_flush(time_grad, lo_rows, hi_rows, t, TIME_SLOTS)
-                lo_rows = tl.zeros((BLOCK_N,), dtype=tl.float32)
-                hi_rows = tl.zeros((BLOCK_N,), dtype=tl.float32)
-                t = t_lo
-            if t_hi == t_lo + 1:
-                q_ts, k_ts = tl.load(TS + q_at, mask=q_in, other=0), tl.load(TS + k_at, mask=k_in, other=0)
-                dt = q_ts[None, :] - k_ts[:, None]
-                upper = tl.sum(tl.where(_bucket_at_least(dt, t_hi), ds, 0.0), axis=1)
-                hi_rows += upper
-                lo_rows += by_key - upper
-            else:
-                lo_rows += by_key
-        else:
-            time_grad = _time_buckets_grad(time_grad, ds, tl.load(TS + q_at, mask=q_in, other=0)[None, :],
-                                           tl.load(TS + k_at, mask=k_in, other=0)[:, None], t_lo, t_hi, NUM_TIME,
-                                           TIME_SLOTS)
-        if not near:
-            top_rows += by_key
-        else:
-            q_ext, k_ext = Q_EXT + b * s_qeb + q_tile * EXTREMES, K_EXT + b * s_keb + k_tile * EXTREMES
-            q_shift, k_shift = tl.load(q_ext + 4), tl.load(k_ext + 4)
-            if (q_shift != NO_SHIFT) & (k_shift != NO_SHIFT):
-                if q_shift - k_shift != shift:
-                    if shift != NO_SHIFT:
-                        _diagonal_grad(d_pos, acc, shift, NUM_POS, PRECISION, BLOCK_N)
-                    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-                    shift = q_shift - k_shift
-                acc += ds
-            else:
-                q_pos, k_pos = tl.load(POS + q_at, mask=q_in, other=0), tl.load(POS + k_at, mask=k_in, other=0)
-                _scattered_position_grad(d_pos, ds, q_pos, k_pos, tl.load(q_ext), tl.load(q_ext + 1),
-                                         tl.load(k_ext), tl.load(k_ext + 1), allowed, NUM_POS, PRECISION, BLOCK_N)
-    if shift != NO_SHIFT:
-        _diagonal_grad(d_pos, acc, shift, NUM_POS, PRECISION, BLOCK_N)
-    top = tl.sum(top_rows)
-    tl.atomic_add(d_pos + NUM_POS - 1, top, mask=top != 0.0)
-    time_grad = _time_rows_flush(time_grad, lo_rows, hi_rows, t, TIME_SLOTS)
-    slot = tl.arange(0, TIME_SLOTS)
-    tl.atomic_add(D_REL_TIME + h * NUM_TIME + slot, time_grad, mask=(slot < NUM_TIME) & (time_grad != 0.0))
 
 
 @triton.jit
@@ -741,10 +708,9 @@ def _bias_flags(layout: TokenLayout, meta: KernelMeta, grads: bool, dq_separate:
                 q_offset: int, num_pos: int, num_time: int, split: bool) -> tuple:
     """The forward, dK/dV and dQ schedules with the bias: each list led by its simple pairs
     (:func:`genrec.ops.triton.tiles.simple_bias_pairs`, :func:`tile_lists`), each pair's bias form in
-    its flags; the bias-gradient kernel's lists of the dK/dV tile pairs along the tile grid's
-    diagonals (:func:`genrec.ops.triton.tiles.diagonal_lists`), without those whose bias gradients the
-    dQ kernel adds (``split``: its simple pairs, so each pair's gradients are added by exactly one
-    kernel); and the dK/dV tiles' extremes that the bias-gradient kernel reads.
+    its flags, BIAS_IN_DQ set where the dQ kernel adds the pair's bias gradients (``split``: its
+    simple pairs; a dK/dV pair inherits its dQ pair's flag, so each pair's gradients are added by
+    exactly one kernel), and the dK/dV tiles' extremes that the bias-gradient kernel reads.
     Without ``grads`` the backward schedules are the forward's (placeholders), without
     ``dq_separate`` the dQ schedule is the dK/dV one's (dQ in its kernel)."""
     _, (bwd_q, bwd_k), (dq_q, dq_k) = (tile[:2] for tile in tile_table)
@@ -772,15 +738,13 @@ def _bias_flags(layout: TokenLayout, meta: KernelMeta, grads: bool, dq_separate:
     forward = listed(tile_table[0])
     if grads:
         in_dq = simple(dq_q, dq_k).int() * BIAS_IN_DQ if split else None  # [B, nQ, nK]
-        backward = listed(tile_table[1], transpose=True)
+        bwd_rows = forms(bwd_q, bwd_k).shape[1]
+        per_dq = None if in_dq is None else in_dq.repeat_interleave(dq_q // bwd_q, 1)[:, :bwd_rows]
+        backward = listed(tile_table[1], per_dq, transpose=True)
         dq = listed(tile_table[2], in_dq) if dq_separate else backward
-        pairs, full = _pairs_and_full(layout, meta, tile_table[1], q_offset)
-        if in_dq is not None:  # a dK/dV pair inherits its dQ pair's flag
-            pairs = pairs & ~in_dq.bool().repeat_interleave(dq_q // bwd_q, 1)[:, :pairs.shape[1]]
-        bias = diagonal_lists(forms(bwd_q, bwd_k) | pairs.int() * LISTED | full.int() * FULL)
     else:
-        backward = dq = bias = forward  # placeholders
-    return forward, backward, dq, bias, extremes(q_offset, bwd_q), extremes(0, bwd_k)
+        backward = dq = forward
+    return (forward, backward, dq, extremes(q_offset, bwd_q), extremes(0, bwd_k))
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -809,12 +773,11 @@ def _strides(*tensors: torch.Tensor) -> tuple[int, ...]:
 @torch.library.custom_op("genrec::hstu_attention_fwd", mutates_args=())
 def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, request: torch.Tensor, event: torch.Tensor,
             flags: torch.Tensor, position: torch.Tensor, timestamp: torch.Tensor, q_ext: torch.Tensor,
-            k_ext: torch.Tensor, bias_count: torch.Tensor, bias_index: torch.Tensor, bias_flags: torch.Tensor,
-            rel_pos: torch.Tensor, rel_time: torch.Tensor, count: torch.Tensor,
+            k_ext: torch.Tensor, rel_pos: torch.Tensor, rel_time: torch.Tensor, count: torch.Tensor,
             index: torch.Tensor, full: torch.Tensor, bwd_count: torch.Tensor, bwd_index: torch.Tensor,
             bwd_full: torch.Tensor, dq_count: torch.Tensor, dq_index: torch.Tensor, dq_full: torch.Tensor,
             scale: float, q_offset: int, rule: int, has_bias: bool, fwd_tile: list[int], bwd_tile: list[int],
-            dq_tile: list[int], dq_separate: bool, bias_chunk: int) -> torch.Tensor:
+            dq_tile: list[int], dq_separate: bool) -> torch.Tensor:
     b, h, lq, d = q.shape
     seq = k.shape[2]
     block_m, block_n, warps, stages = fwd_tile
@@ -837,12 +800,11 @@ def _fwd_fake(q, k, v, *args, **kwargs) -> torch.Tensor:
 @torch.library.custom_op("genrec::hstu_attention_bwd", mutates_args=())
 def _bwd_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, request: torch.Tensor,
             event: torch.Tensor, flags: torch.Tensor, position: torch.Tensor, timestamp: torch.Tensor,
-            q_ext: torch.Tensor, k_ext: torch.Tensor, bias_count: torch.Tensor, bias_index: torch.Tensor,
-            bias_flags: torch.Tensor, rel_pos: torch.Tensor, rel_time: torch.Tensor, bwd_count: torch.Tensor,
-            bwd_index: torch.Tensor, bwd_full: torch.Tensor, dq_count: torch.Tensor, dq_index: torch.Tensor,
-            dq_full: torch.Tensor, scale: float, q_offset: int, rule: int, has_bias: bool, bwd_tile: list[int],
-            dq_tile: list[int], dq_separate: bool,
-            bias_chunk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+            q_ext: torch.Tensor, k_ext: torch.Tensor, rel_pos: torch.Tensor, rel_time: torch.Tensor,
+            bwd_count: torch.Tensor, bwd_index: torch.Tensor, bwd_full: torch.Tensor, dq_count: torch.Tensor,
+            dq_index: torch.Tensor, dq_full: torch.Tensor, scale: float, q_offset: int, rule: int, has_bias: bool,
+            bwd_tile: list[int], dq_tile: list[int],
+            dq_separate: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """dq, dk, dv and the fp32 gradients of both bias tables."""
     b, h, lq, d = q.shape
     seq = k.shape[2]
@@ -861,14 +823,11 @@ def _bwd_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
         RULE=rule, HAS_BIAS=has_bias, PRECISION=precision, DQ_ATOMIC=not dq_separate, **launch)
     time_slots = triton.next_power_of_2(max(rel_time.shape[-1], 16))
     split = _splits_bias_grads(has_bias, dq_separate, bwd_tile, dq_tile)  # as hstu_attention flagged
-    if has_bias:  # CHUNK pairs per program along each diagonal of the [nQ, nK] tile grid
-        diagonals, n_k = bias_index.shape[1:]
-        chunks = triton.cdiv(min(diagonals + 1 - n_k, n_k), bias_chunk)  # a diagonal's pairs: min(nQ, nK) at most
-        _hstu_bwd_rab[(diagonals * chunks, b * h)](
-            q, k, v, grad_out, *meta, bias_count, bias_index, bias_flags, *strides,
-            *_sizes(bias_count, bias_index, q, seq, q_offset, rel_pos.shape[-1], rel_time.shape[-1], scale), q_ext,
-            k_ext, q_ext.stride(0), k_ext.stride(0), d_pos, d_time, n_k, chunks, RULE=rule,
-            PRECISION=precision, TIME_SLOTS=time_slots, CHUNK=bias_chunk, **launch)
+    if has_bias:
+        _hstu_bwd_rab[(triton.cdiv(seq, block_n), b * h)](
+            q, k, v, grad_out, *meta, bwd_count, bwd_index, bwd_full, *strides, *sizes, q_ext, k_ext,
+            q_ext.stride(0), k_ext.stride(0), d_pos, d_time, RULE=rule, PRECISION=precision, TIME_SLOTS=time_slots,
+            **launch)
     if dq_separate:  # with the bias split, this launch also adds the BIAS_IN_DQ pairs' bias gradients
         block_m, block_n, warps, stages = dq_tile
         _hstu_bwd_dq[(triton.cdiv(lq, block_m), b * h)](
@@ -880,21 +839,20 @@ def _bwd_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
 
 
 @_bwd_op.register_fake
-def _bwd_fake(grad_out, q, k, v, request, event, flags, position, timestamp, q_ext, k_ext, bias_count, bias_index,
-              bias_flags, rel_pos, rel_time, *args, **kwargs):
+def _bwd_fake(grad_out, q, k, v, request, event, flags, position, timestamp, q_ext, k_ext, rel_pos, rel_time,
+              *args, **kwargs):
     b, h, lq, d = q.shape
     seq = k.shape[2]
     dk, dv = (t.new_empty(b, seq, h, d).transpose(1, 2) for t in (k, v))
     return q.new_empty(b, h, lq, d), dk, dv, torch.empty_like(rel_pos), torch.empty_like(rel_time)
 
 
-_NON_TENSOR_ARGS = ("scale", "q_offset", "rule", "has_bias", "fwd_tile", "bwd_tile", "dq_tile", "dq_separate",
-                    "bias_chunk")
+_NON_TENSOR_ARGS = ("scale", "q_offset", "rule", "has_bias", "fwd_tile", "bwd_tile", "dq_tile", "dq_separate")
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    ctx.save_for_backward(*inputs[:15], *inputs[18:24])  # q .. rel_time, both backward schedules
-    ctx.args = dict(zip(_NON_TENSOR_ARGS, inputs[24:], strict=True))
+    ctx.save_for_backward(*inputs[:12], *inputs[15:21])  # q .. rel_time, both backward schedules
+    ctx.args = dict(zip(_NON_TENSOR_ARGS, inputs[21:], strict=True))
 
 
 def _backward(ctx, grad_out: torch.Tensor):
@@ -904,7 +862,7 @@ def _backward(ctx, grad_out: torch.Tensor):
         grad_out = grad_out.contiguous()
     dq, dk, dv, d_pos, d_time = _bwd_op(grad_out, q, k, v, *meta, rel_pos, rel_time, bc, bi, bf, dc, di, df,
                                          a["scale"], a["q_offset"], a["rule"], a["has_bias"], a["bwd_tile"],
-                                         a["dq_tile"], a["dq_separate"], a["bias_chunk"])
+                                         a["dq_tile"], a["dq_separate"])
     bias = (d_pos, d_time) if a["has_bias"] else (None, None)
     return dq, dk, dv, *([None] * len(meta)), *bias, *([None] * 9), *([None] * len(_NON_TENSOR_ARGS))
 
@@ -933,17 +891,16 @@ def hstu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: To
         split = _splits_bias_grads(has_bias, config.dq_separate, bwd_tile, dq_tile)
         key = ("triton_bias_flags", tuple(fwd_tile), tuple(bwd_tile), tuple(dq_tile), q_offset, rel_pos.shape[-1],
                rel_time.shape[-1], grads, config.dq_separate, split)
-        forward, backward, dq, bias, q_ext, k_ext = layout.cached(key, lambda: _bias_flags(
+        forward, backward, dq, q_ext, k_ext = layout.cached(key, lambda: _bias_flags(
             layout, meta, grads, config.dq_separate, (fwd_tile, bwd_tile, dq_tile), q_offset, rel_pos.shape[-1],
             rel_time.shape[-1], split))
     else:
         rel_pos = rel_time = torch.zeros(1, device=q.device, dtype=torch.float32)
-        q_ext = k_ext = torch.zeros(1, 1, 5, device=q.device, dtype=torch.int32)  # unread
+        q_ext = k_ext = torch.zeros(1, 1, 4, device=q.device, dtype=torch.int32)  # unread
         forward = _schedule(layout, meta, fwd_tile, q_offset, transpose=False)
-        bias = forward  # unread
         # placeholders where no gradient is asked, or dQ comes from the dK/dV kernel
         backward = _schedule(layout, meta, bwd_tile, q_offset, transpose=True) if grads else forward
         dq = _schedule(layout, meta, dq_tile, q_offset, transpose=False) if grads and config.dq_separate else backward
     return _fwd_op(q, k, v, meta.request, meta.event, meta.flags, meta.position, meta.timestamp, q_ext, k_ext,
-                   *bias, rel_pos, rel_time, *forward, *backward, *dq, scale, q_offset, RULE_IDS[layout.rule],
-                   has_bias, list(fwd_tile), list(bwd_tile), list(dq_tile), config.dq_separate, config.bias_chunk)
+                   rel_pos, rel_time, *forward, *backward, *dq, scale, q_offset, RULE_IDS[layout.rule], has_bias,
+                   list(fwd_tile), list(bwd_tile), list(dq_tile), config.dq_separate)

@@ -19,13 +19,11 @@ from genrec.ops.layout import TokenLayout, check_time_span
 from genrec.ops.masks import time_bucket
 
 VALID, FAKE = 1, 2  # bits of KernelMeta.flags
-# bits of a schedule's per-pair flags (tile_lists, simple_bias_pairs, bias_forms; LISTED: diagonal_lists' input)
-FULL, BIAS_IN_DQ, NEAR, LISTED = 1, 2, 4, 8
+FULL, BIAS_IN_DQ, NEAR = 1, 2, 4  # bits of a schedule's per-pair flags (tile_lists, simple_bias_pairs, bias_forms)
 LO_SHIFT, HI_SHIFT, BUCKET_MASK = 8, 16, 31  # a pair's time buckets in its flags (bias_forms; buckets <= 31)
 _BIG = 2**30
 POS_BOUND = 2**29  # above any position: differences of +-POS_BOUND fit int32
 TS_TOP = 2**31 - 1  # kernel timestamps lie in [0, 2^31)
-EXTREMES = 5  # columns of tile_extremes
 
 
 @dataclass
@@ -98,24 +96,17 @@ def tile_stats(meta: KernelMeta, block_q: int, block_k: int, q_offset: int = 0) 
 
 
 def tile_extremes(meta: KernelMeta, start: int, block: int) -> torch.Tensor:
-    """``[B, ceil((L - start) / block), 5]`` int32: the lowest and highest position and timestamp of
+    """``[B, ceil((L - start) / block), 4]`` int32: the lowest and highest position and timestamp of
     the valid tokens of each tile of ``block`` tokens from ``start`` ((POS_BOUND, -POS_BOUND, TS_TOP,
-    0) where none is), and the tile's *shift*: ``position - i`` where that is one value over its valid
-    tokens (token ``i`` of the tile; one event per token, as a single flow lays them out), else
-    POS_BOUND. :func:`bias_forms` compares the first four per tile pair; the bias-gradient kernel
-    reads a pair's position spans and shifts from them (two tiles with shifts lie ``shift_q -
-    shift_k + j - i`` apart: its gradients sum along diagonals). Reduced once per layout, not per
-    tile pair and layer."""
+    0) where none is). :func:`bias_forms` compares them per tile pair, and the bias-gradient kernel
+    reads a pair's position spans from them: reduced once per layout, not per tile pair and layer."""
     valid = (meta.flags[:, start:] & VALID) != 0
 
     def low_high(x: torch.Tensor, low: int, high: int) -> tuple[torch.Tensor, torch.Tensor]:
         return (_chunks(torch.where(valid, x, low), block, low).amin(-1),
                 _chunks(torch.where(valid, x, high), block, high).amax(-1))
-    position = meta.position[:, start:]
-    offset = torch.arange(position.shape[1], device=position.device, dtype=position.dtype) % block
-    shift_low, shift_high = low_high(position - offset, POS_BOUND, -POS_BOUND)
-    extremes = (*low_high(position, POS_BOUND, -POS_BOUND), *low_high(meta.timestamp[:, start:], TS_TOP, 0),
-                torch.where(shift_low == shift_high, shift_low, POS_BOUND))
+    extremes = (*low_high(meta.position[:, start:], POS_BOUND, -POS_BOUND),
+                *low_high(meta.timestamp[:, start:], TS_TOP, 0))
     return torch.stack(extremes, -1).to(torch.int32).contiguous()
 
 
@@ -196,21 +187,3 @@ def tile_lists(pairs: torch.Tensor, full: torch.Tensor,
     first = torch.zeros_like(count) if simple is None else (pairs & simple).sum(-1).to(torch.int32)
     return (torch.stack([count, first], -1), order.to(torch.int32).contiguous(),
             (full.gather(-1, order).to(torch.int32) * FULL).contiguous())
-
-
-def diagonal_lists(flags: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``[B, nQ, nK]`` int32 pair flags (LISTED where a pair is to be visited) -> per diagonal of the
-    tile grid, ``d = query tile - key tile + nK - 1`` for ``d`` in ``0 .. nQ + nK - 2``: the number of
-    listed pairs ``[B, nD]``, their key tiles ascending ``[B, nD, nK]`` (the listed ones first) and
-    their flags. The bias-gradient kernel walks the diagonals, where the tiles' distances repeat
-    (``hstu._hstu_bwd_rab``); listing them in a table, not testing each pair in the kernel, keeps its
-    loop free of branches around the loads, which Triton then pipelines. Kept at full width (a
-    trimmed one would cost a device-to-host sync)."""
-    n_q, n_k = flags.shape[1:]
-    k = torch.arange(n_k, device=flags.device)
-    q = torch.arange(n_q + n_k - 1, device=flags.device)[:, None] + (k - (n_k - 1))  # [nD, nK]
-    diagonal = flags[:, q.clamp(0, n_q - 1), k].masked_fill((q < 0) | (q >= n_q), 0)  # [B, nD, nK]
-    listed = (diagonal & LISTED) != 0
-    order = torch.sort((~listed).to(torch.int8), dim=-1, stable=True).indices
-    return (listed.sum(-1, dtype=torch.int32), order.to(torch.int32).contiguous(),
-            diagonal.gather(-1, order).contiguous())
