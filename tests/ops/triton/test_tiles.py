@@ -77,24 +77,33 @@ def test_schedule_lists_every_tile_with_an_allowed_pair(name, tiles):
 def test_tile_extremes_are_those_of_each_tiles_valid_tokens(name, block):
     """What the bias forms and the bias-gradient kernel read: per tile of ``block`` tokens from the
     queries' start, the lowest and highest position and time of the valid ones (the layouts hold
-    padding, fake tokens and cache offsets that are not multiples of the tile), and the empty fill."""
+    padding, fake tokens and cache offsets that are not multiples of the tile), the empty fill, and
+    the shift ``position - i`` where all valid tokens share it (else POS_BOUND)."""
     layout, q_offset = _layouts()[name]
     meta = KernelMeta.from_layout(layout)
     extremes = tile_extremes(meta, q_offset, block)
     b, seq = meta.flags.shape
-    assert extremes.dtype == torch.int32 and extremes.shape == (b, -(-(seq - q_offset) // block), 4)
-    empty = 0
+    assert extremes.dtype == torch.int32 and extremes.shape == (b, -(-(seq - q_offset) // block), tiles.EXTREMES)
+    empty, shifted, not_shifted = 0, 0, 0
     for row in range(b):
         for tile in range(extremes.shape[1]):
             at = slice(q_offset + tile * block, min(q_offset + (tile + 1) * block, seq))
             valid = meta.flags[row, at] & 1 != 0
             if not valid.any():
                 empty += 1
-                assert extremes[row, tile].tolist() == [tiles.POS_BOUND, -tiles.POS_BOUND, tiles.TS_TOP, 0]
+                assert extremes[row, tile].tolist() == [tiles.POS_BOUND, -tiles.POS_BOUND, tiles.TS_TOP, 0,
+                                                        tiles.POS_BOUND]
                 continue
             pos, ts = meta.position[row, at][valid], meta.timestamp[row, at][valid]
-            assert extremes[row, tile].tolist() == [pos.min(), pos.max(), ts.min(), ts.max()]
+            shifts = torch.unique((meta.position[row, at] - torch.arange(at.stop - at.start))[valid])
+            shift = int(shifts[0]) if len(shifts) == 1 else tiles.POS_BOUND
+            shifted, not_shifted = shifted + (len(shifts) == 1), not_shifted + (len(shifts) > 1)
+            assert extremes[row, tile].tolist() == [pos.min(), pos.max(), ts.min(), ts.max(), shift]
     assert empty or name.endswith("_cache"), "no empty tile: the fill is not exercised"
+    if name == "causal":  # one event per token: every tile's positions run on
+        assert shifted and not not_shifted
+    if name == "dual_flow":  # the real flow's do, the fake flow's (a request's tokens share one position) not
+        assert shifted and not_shifted
 
 
 @pytest.mark.parametrize("name", ["causal", "dual_flow", "hstu_cache", "dfgr_cache"])

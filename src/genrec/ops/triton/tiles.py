@@ -24,6 +24,7 @@ LO_SHIFT, HI_SHIFT, BUCKET_MASK = 8, 16, 31  # a pair's time buckets in its flag
 _BIG = 2**30
 POS_BOUND = 2**29  # above any position: differences of +-POS_BOUND fit int32
 TS_TOP = 2**31 - 1  # kernel timestamps lie in [0, 2^31)
+EXTREMES = 5  # columns of tile_extremes
 
 
 @dataclass
@@ -96,17 +97,24 @@ def tile_stats(meta: KernelMeta, block_q: int, block_k: int, q_offset: int = 0) 
 
 
 def tile_extremes(meta: KernelMeta, start: int, block: int) -> torch.Tensor:
-    """``[B, ceil((L - start) / block), 4]`` int32: the lowest and highest position and timestamp of
+    """``[B, ceil((L - start) / block), 5]`` int32: the lowest and highest position and timestamp of
     the valid tokens of each tile of ``block`` tokens from ``start`` ((POS_BOUND, -POS_BOUND, TS_TOP,
-    0) where none is). :func:`bias_forms` compares them per tile pair, and the bias-gradient kernel
-    reads a pair's position spans from them: reduced once per layout, not per tile pair and layer."""
+    0) where none is), and the tile's *shift*: ``position - i`` where that is one value over its valid
+    tokens (token ``i`` of the tile; one event per token, as a single flow lays them out), else
+    POS_BOUND. :func:`bias_forms` compares the first four per tile pair; the bias-gradient kernel
+    reads a pair's position spans and shifts from them (two tiles with shifts lie ``shift_q -
+    shift_k + j - i`` apart: its gradients sum along diagonals). Reduced once per layout, not per
+    tile pair and layer."""
     valid = (meta.flags[:, start:] & VALID) != 0
 
     def low_high(x: torch.Tensor, low: int, high: int) -> tuple[torch.Tensor, torch.Tensor]:
         return (_chunks(torch.where(valid, x, low), block, low).amin(-1),
                 _chunks(torch.where(valid, x, high), block, high).amax(-1))
-    extremes = (*low_high(meta.position[:, start:], POS_BOUND, -POS_BOUND),
-                *low_high(meta.timestamp[:, start:], TS_TOP, 0))
+    position = meta.position[:, start:]
+    offset = torch.arange(position.shape[1], device=position.device, dtype=position.dtype) % block
+    shift_low, shift_high = low_high(position - offset, POS_BOUND, -POS_BOUND)
+    extremes = (*low_high(position, POS_BOUND, -POS_BOUND), *low_high(meta.timestamp[:, start:], TS_TOP, 0),
+                torch.where(shift_low == shift_high, shift_low, POS_BOUND))
     return torch.stack(extremes, -1).to(torch.int32).contiguous()
 
 
