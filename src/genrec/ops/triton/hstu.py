@@ -113,6 +113,7 @@ FULL_BIT: tl.constexpr = tl.constexpr(FULL)
 BIAS_IN_DQ_BIT: tl.constexpr = tl.constexpr(BIAS_IN_DQ)
 NO_SHIFT: tl.constexpr = tl.constexpr(tiles.POS_BOUND)  # a tile's shift where its positions do not run on
 EXTREMES: tl.constexpr = tl.constexpr(tiles.EXTREMES)
+COUNTS: tl.constexpr = tl.constexpr(tiles.COUNTS)
 # The rule ids the kernels branch on, from the one table of mask rules (genrec.ops.layout.RULES).
 CAUSAL: tl.constexpr = tl.constexpr(RULE_IDS["causal"])
 REQUEST_CAUSAL: tl.constexpr = tl.constexpr(RULE_IDS["request_causal"])
@@ -428,7 +429,7 @@ def _hstu_fwd(Q, K, V, O, REQ, EVT, FLAG, POS, TS, REL_POS, REL_TIME, KV_COUNT, 
     acc = tl.zeros((BLOCK_M, D), dtype=tl.float32)
     for part in tl.static_range(2):
         if HAS_BIAS or part == 0:
-            lo, hi = _pair_range(KV_COUNT, b * s_cb + tile * 2, part, HAS_BIAS)
+            lo, hi = _pair_range(KV_COUNT, b * s_cb + tile * COUNTS, part, HAS_BIAS)
             for i in range(lo, hi):
                 keys, k_in, k, v, s, flags = _visited_key_tile(
                     K, V, POS, TS, REL_POS, REL_TIME, KV_INDEX, KV_FLAGS, i, q, q_tok, q_in, pos_top, b, h, tile,
@@ -505,7 +506,7 @@ def _hstu_bwd(Q, K, V, DO, DQ, DK, DV, REQ, EVT, FLAG, POS, TS, REL_POS, REL_TIM
     dv = tl.zeros((BLOCK_N, D), dtype=tl.float32)
     for part in tl.static_range(2):
         if HAS_BIAS or part == 0:
-            lo, hi = _pair_range(Q_COUNT, b * s_cb + tile * 2, part, HAS_BIAS)
+            lo, hi = _pair_range(Q_COUNT, b * s_cb + tile * COUNTS, part, HAS_BIAS)
             for i in range(lo, hi):
                 at = b * s_ib + tile * s_iq + i
                 rows, q_in, q, do, a, ds, _ = _query_tile_grads(
@@ -564,47 +565,46 @@ def _hstu_bwd_rab(Q, K, V, DO, REQ, EVT, FLAG, POS, TS, REL_POS, REL_TIME, Q_COU
     hi_rows = tl.zeros((BLOCK_N,), dtype=tl.float32)  # time bucket t + 1
     t = -1
     time_grad = tl.zeros((TIME_SLOTS,), dtype=tl.float32)
-    count = tl.load(Q_COUNT + b * s_cb + tile * 2)
-    for i in range(0, count):
+    counts = Q_COUNT + b * s_cb + tile * COUNTS
+    for i in range(tl.load(counts + 2), tl.load(counts)):  # past the BIAS_IN_DQ pairs, which _hstu_bwd_dq adds
         at = b * s_ib + tile * s_iq + i
         flags = tl.load(Q_FLAGS + at)
-        if (flags & BIAS_IN_DQ_BIT) == 0:  # else _hstu_bwd_dq adds them
-            q_tile = tl.load(Q_INDEX + at)
-            rows, q_in, _, _, _, ds, allowed = _query_tile_grads(
-                Q, DO, REQ, EVT, FLAG, POS, TS, REL_POS, REL_TIME, q_tile, flags, k, v, keys, k_in, k_req, k_evt,
-                k_flag, pos_top, b, h, cols, s_qb, s_qh, s_qm, s_db, s_dh, s_dm, LQ, L, Q_OFFSET, NUM_POS,
-                NUM_TIME, alpha, scale, RULE, True, False, PRECISION, BLOCK_M, BLOCK_N)  # ds: [keys, queries]
-            q_at = b * L + rows + Q_OFFSET
-            near, t_lo, t_hi = _bias_form(flags)
-            by_key = tl.sum(ds, axis=1)  # [BLOCK_N]
-            if t_hi <= t_lo + 1:  # one or two time buckets
-                if t_lo != t:
-                    time_grad = _time_rows_flush(time_grad, lo_rows, hi_rows, t, TIME_SLOTS)
-                    lo_rows = tl.zeros((BLOCK_N,), dtype=tl.float32)
-                    hi_rows = tl.zeros((BLOCK_N,), dtype=tl.float32)
-                    t = t_lo
-                if t_hi == t_lo + 1:
-                    q_ts, k_ts = tl.load(TS + q_at, mask=q_in, other=0), tl.load(TS + k_at, mask=k_in, other=0)
-                    upper = tl.sum(tl.where(_bucket_at_least(q_ts[None, :] - k_ts[:, None], t_hi), ds, 0.0), axis=1)
-                    hi_rows += upper
-                    lo_rows += by_key - upper
-                else:
-                    lo_rows += by_key
+        q_tile = tl.load(Q_INDEX + at)
+        rows, q_in, _, _, _, ds, allowed = _query_tile_grads(
+            Q, DO, REQ, EVT, FLAG, POS, TS, REL_POS, REL_TIME, q_tile, flags, k, v, keys, k_in, k_req, k_evt,
+            k_flag, pos_top, b, h, cols, s_qb, s_qh, s_qm, s_db, s_dh, s_dm, LQ, L, Q_OFFSET, NUM_POS,
+            NUM_TIME, alpha, scale, RULE, True, False, PRECISION, BLOCK_M, BLOCK_N)  # ds: [keys, queries]
+        q_at = b * L + rows + Q_OFFSET
+        near, t_lo, t_hi = _bias_form(flags)
+        by_key = tl.sum(ds, axis=1)  # [BLOCK_N]
+        if t_hi <= t_lo + 1:  # one or two time buckets
+            if t_lo != t:
+                time_grad = _time_rows_flush(time_grad, lo_rows, hi_rows, t, TIME_SLOTS)
+                lo_rows = tl.zeros((BLOCK_N,), dtype=tl.float32)
+                hi_rows = tl.zeros((BLOCK_N,), dtype=tl.float32)
+                t = t_lo
+            if t_hi == t_lo + 1:
+                q_ts, k_ts = tl.load(TS + q_at, mask=q_in, other=0), tl.load(TS + k_at, mask=k_in, other=0)
+                upper = tl.sum(tl.where(_bucket_at_least(q_ts[None, :] - k_ts[:, None], t_hi), ds, 0.0), axis=1)
+                hi_rows += upper
+                lo_rows += by_key - upper
             else:
-                time_grad = _time_buckets_grad(time_grad, ds, tl.load(TS + q_at, mask=q_in, other=0)[None, :],
-                                               tl.load(TS + k_at, mask=k_in, other=0)[:, None], t_lo, t_hi, NUM_TIME,
-                                               TIME_SLOTS)
-            if not near:
-                top_rows += by_key
+                lo_rows += by_key
+        else:
+            time_grad = _time_buckets_grad(time_grad, ds, tl.load(TS + q_at, mask=q_in, other=0)[None, :],
+                                           tl.load(TS + k_at, mask=k_in, other=0)[:, None], t_lo, t_hi, NUM_TIME,
+                                           TIME_SLOTS)
+        if not near:
+            top_rows += by_key
+        else:
+            q_ext = Q_EXT + b * s_qeb + q_tile * EXTREMES
+            q_shift = tl.load(q_ext + 4)
+            if (q_shift != NO_SHIFT) & (k_shift != NO_SHIFT):
+                _diagonal_grad(d_pos, ds, q_shift - k_shift, NUM_POS, PRECISION, BLOCK_N)
             else:
-                q_ext = Q_EXT + b * s_qeb + q_tile * EXTREMES
-                q_shift = tl.load(q_ext + 4)
-                if (q_shift != NO_SHIFT) & (k_shift != NO_SHIFT):
-                    _diagonal_grad(d_pos, ds, q_shift - k_shift, NUM_POS, PRECISION, BLOCK_N)
-                else:
-                    q_pos, k_pos = tl.load(POS + q_at, mask=q_in, other=0), tl.load(POS + k_at, mask=k_in, other=0)
-                    _scattered_position_grad(d_pos, ds, q_pos, k_pos, tl.load(q_ext), tl.load(q_ext + 1), k_lo, k_hi,
-                                             allowed, NUM_POS, PRECISION, BLOCK_N)
+                q_pos, k_pos = tl.load(POS + q_at, mask=q_in, other=0), tl.load(POS + k_at, mask=k_in, other=0)
+                _scattered_position_grad(d_pos, ds, q_pos, k_pos, tl.load(q_ext), tl.load(q_ext + 1), k_lo, k_hi,
+                                         allowed, NUM_POS, PRECISION, BLOCK_N)
     top = tl.sum(top_rows)
     tl.atomic_add(d_pos + NUM_POS - 1, top, mask=top != 0.0)
     time_grad = _time_rows_flush(time_grad, lo_rows, hi_rows, t, TIME_SLOTS)
@@ -647,7 +647,7 @@ def _hstu_bwd_dq(Q, K, V, DO, DQ, REQ, EVT, FLAG, POS, TS, REL_POS, REL_TIME, KV
         time_grad = tl.zeros((TIME_SLOTS,), dtype=tl.float32)
     for part in tl.static_range(2):
         if HAS_BIAS or part == 0:
-            lo, hi = _pair_range(KV_COUNT, b * s_cb + tile * 2, part, HAS_BIAS)
+            lo, hi = _pair_range(KV_COUNT, b * s_cb + tile * COUNTS, part, HAS_BIAS)
             for i in range(lo, hi):
                 keys, k_in, k, v, s, flags = _visited_key_tile(
                     K, V, POS, TS, REL_POS, REL_TIME, KV_INDEX, KV_FLAGS, i, q, q_tok, q_in, pos_top, b, h, tile,
@@ -743,12 +743,16 @@ def _bias_flags(layout: TokenLayout, meta: KernelMeta, grads: bool, dq_separate:
                              lambda: simple_bias_pairs(forms(block_q, block_k)))
 
     def listed(tile: Tile, extra: torch.Tensor | None = None, transpose: bool = False):
+        lead = extra is not None and transpose  # the dK/dV list: its BIAS_IN_DQ pairs first
+
         def lists():  # shared by the forward and dQ schedules where their tiles are the same
             pairs, full = _pairs_and_full(layout, meta, tile, q_offset)
             first = simple(*tile[:2])
-            return tile_lists(pairs.mT, full.mT, first.mT) if transpose else tile_lists(pairs, full, first)
-        count, index, flags = layout.cached(("triton_bias_lists", *tile[:2], q_offset, transpose, num_pos, num_time),
-                                            lists)
+            if transpose:
+                return tile_lists(pairs.mT, full.mT, first.mT, extra.mT != 0 if lead else None)
+            return tile_lists(pairs, full, first)
+        count, index, flags = layout.cached(("triton_bias_lists", *tile[:2], q_offset, transpose, lead, num_pos,
+                                             num_time), lists)
         bits = forms(*tile[:2]) if extra is None else forms(*tile[:2]) | extra  # [B, nQ, nK]
         return count, index, (flags | (bits.mT if transpose else bits).gather(-1, index.long())).contiguous()
     forward = listed(tile_table[0])
