@@ -65,7 +65,7 @@ def test_schedule_lists_every_tile_with_an_allowed_pair(name, tiles):
     assert not (full & everything).any(), "a tile marked full holds a masked pair: the kernel would read it"
     counts, index, listed_full = tile_lists(pairs, full)
     count = counts[..., 0]
-    assert not counts[..., 1:].any(), "without the simple pairs given, none may lead a list as simple"
+    assert not counts[..., 1].any(), "without the simple pairs given, none may lead a list as simple"
     for b, i in torch.nonzero(count).tolist():
         listed = index[b, i, : count[b, i]].long()
         assert torch.equal(listed, torch.nonzero(pairs[b, i]).flatten())
@@ -77,33 +77,24 @@ def test_schedule_lists_every_tile_with_an_allowed_pair(name, tiles):
 def test_tile_extremes_are_those_of_each_tiles_valid_tokens(name, block):
     """What the bias forms and the bias-gradient kernel read: per tile of ``block`` tokens from the
     queries' start, the lowest and highest position and time of the valid ones (the layouts hold
-    padding, fake tokens and cache offsets that are not multiples of the tile), the empty fill, and
-    the shift ``position - i`` where all valid tokens share it (else POS_BOUND)."""
+    padding, fake tokens and cache offsets that are not multiples of the tile), and the empty fill."""
     layout, q_offset = _layouts()[name]
     meta = KernelMeta.from_layout(layout)
     extremes = tile_extremes(meta, q_offset, block)
     b, seq = meta.flags.shape
-    assert extremes.dtype == torch.int32 and extremes.shape == (b, -(-(seq - q_offset) // block), tiles.EXTREMES)
-    empty, shifted, not_shifted = 0, 0, 0
+    assert extremes.dtype == torch.int32 and extremes.shape == (b, -(-(seq - q_offset) // block), 4)
+    empty = 0
     for row in range(b):
         for tile in range(extremes.shape[1]):
             at = slice(q_offset + tile * block, min(q_offset + (tile + 1) * block, seq))
             valid = meta.flags[row, at] & 1 != 0
             if not valid.any():
                 empty += 1
-                assert extremes[row, tile].tolist() == [tiles.POS_BOUND, -tiles.POS_BOUND, tiles.TS_TOP, 0,
-                                                        tiles.POS_BOUND]
+                assert extremes[row, tile].tolist() == [tiles.POS_BOUND, -tiles.POS_BOUND, tiles.TS_TOP, 0]
                 continue
             pos, ts = meta.position[row, at][valid], meta.timestamp[row, at][valid]
-            shifts = torch.unique((meta.position[row, at] - torch.arange(at.stop - at.start))[valid])
-            shift = int(shifts[0]) if len(shifts) == 1 else tiles.POS_BOUND
-            shifted, not_shifted = shifted + (len(shifts) == 1), not_shifted + (len(shifts) > 1)
-            assert extremes[row, tile].tolist() == [pos.min(), pos.max(), ts.min(), ts.max(), shift]
+            assert extremes[row, tile].tolist() == [pos.min(), pos.max(), ts.min(), ts.max()]
     assert empty or name.endswith("_cache"), "no empty tile: the fill is not exercised"
-    if name == "causal":  # one event per token: every tile's positions run on
-        assert shifted and not not_shifted
-    if name == "dual_flow":  # the real flow's do, the fake flow's (a request's tokens share one position) not
-        assert shifted and not_shifted
 
 
 @pytest.mark.parametrize("name", ["causal", "dual_flow", "hstu_cache", "dfgr_cache"])
@@ -147,30 +138,22 @@ def test_lists_with_the_bias_put_the_simple_pairs_first_and_keep_the_rest(name, 
     """The kernels run a list's first ``counts[..., 1]`` pairs through the loop compiled for the simple
     bias form and the rest through the general one: those must be exactly the listed pairs that are
     simple, then the other listed ones, each in ascending order (the dQ kernel's bias gradients
-    need it), each with its own flags. Both kinds occur. In the dK/dV orientation the simple pairs
-    whose bias gradients the dQ kernel adds (``lead``, here a checkerboard of them) come first among them,
-    ``counts[..., 2]`` of them: the bias-gradient kernel starts past them."""
+    need it), each with its own flags. Both kinds occur."""
     layout, q_offset = _layouts((300, 170, 5))[name]
     meta = KernelMeta.from_layout(layout)
     pairs, full = tile_pairs(meta, layout.rule, 32, 16, q_offset), tile_full(meta, layout.rule, 32, 16, q_offset)
     simple = simple_bias_pairs(bias_forms(tile_extremes(meta, q_offset, 32), tile_extremes(meta, 0, 16), 40, 32))
-    lead = None
     if transpose:  # the dK/dV orientation: per key tile
         pairs, full, simple = pairs.mT, full.mT, simple.mT
-        lead = simple & ((torch.arange(simple.shape[1])[:, None] + torch.arange(simple.shape[2])) % 2 == 0)
-    counts, index, flags = tile_lists(pairs, full, simple, lead)
+    counts, index, flags = tile_lists(pairs, full, simple)
     for b, row in itertools.product(*map(range, pairs.shape[:2])):
-        listed, first, led = (int(c) for c in counts[b, row])
-        first_group = pairs[b, row] & simple[b, row] & (lead[b, row] if transpose else True)
-        easy = torch.nonzero(first_group).flatten()
-        rest = torch.nonzero(pairs[b, row] & simple[b, row] & ~first_group).flatten()
+        listed, first = int(counts[b, row, 0]), int(counts[b, row, 1])
+        easy = torch.nonzero(pairs[b, row] & simple[b, row]).flatten()
         other = torch.nonzero(pairs[b, row] & ~simple[b, row]).flatten()
-        assert listed == len(easy) + len(rest) + len(other) and first == len(easy) + len(rest), (b, row)
-        assert led == (len(easy) if transpose else 0), (b, row)
-        assert torch.equal(index[b, row, :listed].long(), torch.cat([easy, rest, other])), (b, row)
+        assert listed == len(easy) + len(other) and first == len(easy), (b, row)
+        assert torch.equal(index[b, row, :listed].long(), torch.cat([easy, other])), (b, row)
         assert torch.equal(flags[b, row, :listed].bool(), full[b, row, index[b, row, :listed].long()]), (b, row)
     assert counts[..., 1].any() and (counts[..., 1] < counts[..., 0]).any()
-    assert not transpose or ((counts[..., 2] > 0).any() and (counts[..., 2] < counts[..., 1]).any())
 
 
 @pytest.mark.parametrize("name", ["dual_flow", "dfgr_cache"])

@@ -111,9 +111,6 @@ VALID_BIT: tl.constexpr = tl.constexpr(VALID)
 FAKE_BIT: tl.constexpr = tl.constexpr(FAKE)
 FULL_BIT: tl.constexpr = tl.constexpr(FULL)
 BIAS_IN_DQ_BIT: tl.constexpr = tl.constexpr(BIAS_IN_DQ)
-NO_SHIFT: tl.constexpr = tl.constexpr(tiles.POS_BOUND)  # a tile's shift where its positions do not run on
-EXTREMES: tl.constexpr = tl.constexpr(tiles.EXTREMES)
-COUNTS: tl.constexpr = tl.constexpr(tiles.COUNTS)
 # The rule ids the kernels branch on, from the one table of mask rules (genrec.ops.layout.RULES).
 CAUSAL: tl.constexpr = tl.constexpr(RULE_IDS["causal"])
 REQUEST_CAUSAL: tl.constexpr = tl.constexpr(RULE_IDS["request_causal"])
@@ -238,6 +235,13 @@ def _rule_meta(REQ, EVT, FLAG, at, mask):
 
 
 @triton.jit
+def _bias_meta(POS, TS, FLAG, at, mask):
+    """Position, time and liveness (valid, in range) of tokens ``at``: what the bias gradients read."""
+    live = mask & ((tl.load(FLAG + at, mask=mask, other=0) & VALID_BIT) != 0)
+    return tl.load(POS + at, mask=mask, other=0), tl.load(TS + at, mask=mask, other=0), live
+
+
+@triton.jit
 def _bucket_at_least(dt, t):
     """Whether Δt's bucket is >= ``t`` (``t`` >= 1): ``1 + Δt >= 2^t``, one comparison per pair."""
     return dt >= (1 << t) - 1
@@ -294,15 +298,21 @@ def _scores(x, y, flags, POS, TS, q_at, k_at, q_in, k_in, pos_top, POS_H, TIME_H
 
 
 @triton.jit
-def _time_buckets_grad(acc, ds, q_ts, k_ts, t_lo, t_hi, NUM_TIME, SLOTS: tl.constexpr):
-    """``acc`` ``[SLOTS]`` (the program's time-table gradient) plus ``ds``'s sum per time bucket
-    ``t_lo..t_hi`` (``q_ts, k_ts`` shaped to broadcast to ``ds``): one masked sum per bucket, for the
-    pairs whose times span more than two buckets (near the time diagonal; the others are row sums).
-    Masked pairs have ``ds = 0``, so bucket edges need no mask."""
+def _time_grad(acc, ds, total, q_ts, k_ts, t_lo, t_hi, NUM_TIME, SLOTS: tl.constexpr):
+    """``acc`` ``[SLOTS]`` (the program's time-table gradient, added to the table once at its end)
+    plus ``ds``'s sum per time bucket: the tile sum ``total`` where the tile holds one bucket, split
+    by one comparison where it holds two, one masked sum per bucket elsewhere (``q_ts, k_ts`` shaped
+    to broadcast to ``ds``). Masked pairs have ``ds = 0``, so bucket edges need no mask."""
     slot = tl.arange(0, SLOTS)
-    bucket = _time_slot(q_ts, k_ts, NUM_TIME) - SLOT_BASE
-    for t in range(t_lo, t_hi + 1):
-        acc += tl.where(slot == t, tl.sum(tl.where(bucket == t, ds, 0.0)), 0.0)
+    if t_hi == t_lo:
+        acc += tl.where(slot == t_lo, total, 0.0)
+    elif t_hi == t_lo + 1:
+        upper = tl.sum(tl.where(_bucket_at_least(q_ts - k_ts, t_hi), ds, 0.0))
+        acc += tl.where(slot == t_hi, upper, tl.where(slot == t_lo, total - upper, 0.0))
+    else:
+        bucket = _time_slot(q_ts, k_ts, NUM_TIME) - SLOT_BASE
+        for t in range(t_lo, t_hi + 1):
+            acc += tl.where(slot == t, tl.sum(tl.where(bucket == t, ds, 0.0)), 0.0)
     return acc
 
 
@@ -334,27 +344,31 @@ def _grouped_sums(c, T: tl.constexpr, DIFF: tl.constexpr, PRECISION: tl.constexp
 
 
 @triton.jit
-def _diagonal_grad(D_POS, ds, shift, NUM_POS, PRECISION: tl.constexpr, T: tl.constexpr):
-    """Adds ``ds`` ``[keys, queries]`` (T x T, a tile pair whose query ``j`` and key ``i`` lie
-    ``shift + j - i`` apart) into the position-bias gradient ``D_POS`` by distance: its diagonal sums
-    (:func:`_grouped_sums`), 16 x 16 atomic adds instead of T x T."""
-    sums = _grouped_sums(ds, T, True, PRECISION)  # [e, f]: distance shift + 8 (f - T/8 + 1) + e - 7
-    dist = shift + 8 * (tl.arange(0, 2 * T // 8)[None, :] - T // 8 + 1) + tl.arange(0, 16)[:, None] - 7
-    tl.atomic_add(D_POS + tl.minimum(tl.maximum(dist, 0), NUM_POS - 1), sums, mask=sums != 0.0)
+def _consecutive(pos, live, lo, T: tl.constexpr):
+    """Whether all T tokens are live at positions ``lo, lo + 1, ...`` (one event per token)."""
+    return tl.sum((live & (pos == lo + tl.arange(0, T))).to(tl.int32)) == T
 
 
 @triton.jit
-def _scattered_position_grad(D_POS, ds, q_pos, k_pos, q_lo, q_hi, k_lo, k_hi, allowed, NUM_POS,
-                             PRECISION: tl.constexpr, T: tl.constexpr):
+def _position_grad(D_POS, top, ds, total, far, q_pos, k_pos, q_live, q_lo, q_hi, k_lo, k_hi, k_run, allowed,
+                   NUM_POS, PRECISION: tl.constexpr, T: tl.constexpr):
     """Adds ``ds`` ``[keys, queries]`` (T x T) into the position-bias gradient ``D_POS`` at
-    ``clamp(q_pos - k_pos)``, for a tile pair whose positions do not run on token by token (several
-    tokens per event, fake flows beside real ones; the others sum along diagonals,
-    :func:`_diagonal_grad`). Where the live positions of both tiles span fewer than T values: one-hot
-    products group the pairs by (query position - lowest, highest - key position), whose sum is the
-    distance up to a constant, then diagonal sums; 16 x 16 atomics instead of T x T. Else per pair.
-    ``q_lo`` .. ``k_hi``: the live positions' spans (empty ones: ds is all 0)."""
-    live = (q_hi >= q_lo) & (k_hi >= k_lo)
-    if live & (q_hi - q_lo < T) & (k_hi - k_lo < T):
+    ``clamp(q_pos - k_pos)``; returns ``top``, the program's gradient of the table's last slot.
+    Per-pair atomic adds dominated the whole backward, so: a tile past the table (``far``) adds
+    its sum ``total`` to ``top`` (one atomic per program at its end). A tile whose live positions
+    span fewer than T values (always, inside one flow of one sequence) sums along (anti-)diagonals:
+    directly where both sides hold consecutive positions (``k_run`` for the keys), else after one-hot
+    products that group the pairs by (query position - lowest, highest - key position), whose sum is
+    the distance up to a constant; 16 x 16 atomics instead of T x T. Other tiles add per pair.
+    ``q_lo`` .. ``k_hi``: the live positions' spans."""
+    live = (q_hi >= q_lo) & (k_hi >= k_lo)  # else ds is all 0
+    if far:
+        top += total
+    elif live & k_run & _consecutive(q_pos, q_live, q_lo, T):
+        sums = _grouped_sums(ds, T, True, PRECISION)  # [e, f]: distance q_lo - k_lo + 8 (f - T/8 + 1) + e - 7
+        dist = q_lo - k_lo + 8 * (tl.arange(0, 2 * T // 8)[None, :] - T // 8 + 1) + tl.arange(0, 16)[:, None] - 7
+        tl.atomic_add(D_POS + tl.minimum(tl.maximum(dist, 0), NUM_POS - 1), sums, mask=sums != 0.0)
+    elif live & (q_hi - q_lo < T) & (k_hi - k_lo < T):
         slot = tl.arange(0, T)
         by_query = ((q_pos[:, None] - q_lo) == slot[None, :]).to(tl.float32)  # [queries, q_pos - q_lo]
         by_key = ((k_hi - k_pos[:, None]) == slot[None, :]).to(tl.float32)  # [keys, k_hi - k_pos]
@@ -366,6 +380,7 @@ def _scattered_position_grad(D_POS, ds, q_pos, k_pos, q_lo, q_hi, k_lo, k_hi, al
     elif live:
         pos_idx = tl.minimum(tl.maximum(q_pos[None, :] - k_pos[:, None], 0), NUM_POS - 1)
         tl.atomic_add(D_POS + pos_idx, ds, mask=allowed)
+    return top
 
 
 @triton.jit
@@ -429,7 +444,7 @@ def _hstu_fwd(Q, K, V, O, REQ, EVT, FLAG, POS, TS, REL_POS, REL_TIME, KV_COUNT, 
     acc = tl.zeros((BLOCK_M, D), dtype=tl.float32)
     for part in tl.static_range(2):
         if HAS_BIAS or part == 0:
-            lo, hi = _pair_range(KV_COUNT, b * s_cb + tile * COUNTS, part, HAS_BIAS)
+            lo, hi = _pair_range(KV_COUNT, b * s_cb + tile * 2, part, HAS_BIAS)
             for i in range(lo, hi):
                 keys, k_in, k, v, s, flags = _visited_key_tile(
                     K, V, POS, TS, REL_POS, REL_TIME, KV_INDEX, KV_FLAGS, i, q, q_tok, q_in, pos_top, b, h, tile,
@@ -506,7 +521,7 @@ def _hstu_bwd(Q, K, V, DO, DQ, DK, DV, REQ, EVT, FLAG, POS, TS, REL_POS, REL_TIM
     dv = tl.zeros((BLOCK_N, D), dtype=tl.float32)
     for part in tl.static_range(2):
         if HAS_BIAS or part == 0:
-            lo, hi = _pair_range(Q_COUNT, b * s_cb + tile * COUNTS, part, HAS_BIAS)
+            lo, hi = _pair_range(Q_COUNT, b * s_cb + tile * 2, part, HAS_BIAS)
             for i in range(lo, hi):
                 at = b * s_ib + tile * s_iq + i
                 rows, q_in, q, do, a, ds, _ = _query_tile_grads(
@@ -526,13 +541,6 @@ def _hstu_bwd(Q, K, V, DO, DQ, DK, DV, REQ, EVT, FLAG, POS, TS, REL_POS, REL_TIM
 
 
 @triton.jit
-def _time_rows_flush(time_grad, lo_rows, hi_rows, t, SLOTS: tl.constexpr):
-    """``time_grad`` ``[SLOTS]`` plus the sums of the row accumulators of buckets ``t`` and ``t + 1``."""
-    slot = tl.arange(0, SLOTS)
-    return time_grad + tl.where(slot == t, tl.sum(lo_rows), tl.where(slot == t + 1, tl.sum(hi_rows), 0.0))
-
-
-@triton.jit
 def _hstu_bwd_rab(Q, K, V, DO, REQ, EVT, FLAG, POS, TS, REL_POS, REL_TIME, Q_COUNT, Q_INDEX, Q_FLAGS,
                   s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_db, s_dh, s_dm, s_cb, s_ib, s_iq,
                   H, LQ, L, Q_OFFSET, NUM_POS, NUM_TIME, alpha, scale, Q_EXT, K_EXT, s_qeb, s_keb,
@@ -540,76 +548,52 @@ def _hstu_bwd_rab(Q, K, V, DO, REQ, EVT, FLAG, POS, TS, REL_POS, REL_TIME, Q_COU
                   D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """The bias tables' gradients, one key tile per program over the dK/dV schedule: its own kernel
     (two more matrix products per tile pair) because beside dK/dV's ``[BLOCK_N, D]`` accumulators the
-    gradient's reductions left no registers (1,992 bytes of spills per thread on sm_90). Per pair, the
-    position gradient is a sum along the diagonals of the score gradients where both tiles' positions
-    run on token by token (their shifts, :func:`genrec.ops.triton.tiles.tile_extremes`:
-    :func:`_diagonal_grad`), else :func:`_scattered_position_grad`. The time gradient and the pairs
-    past the position table (``top_rows``) are row sums (within each row's threads, no barrier),
-    gathered per bucket as in :func:`_hstu_bwd_dq` (the query tiles ascend, so a sorted sequence's
-    buckets only rise); pairs spanning more than two buckets are summed per bucket. Each table gets
-    one atomic add per slot at the program's end. ``Q_EXT``, ``K_EXT``: the backward tiles'
-    extremes."""
+    gradient's reductions left no registers (1,992 bytes of spills per thread on sm_90). The
+    gradients gather in the program (``pos_top``: the position table's last slot; ``time_grad``: the
+    time table, ``TIME_SLOTS`` >= its size) and reach the tables by one atomic add each at the end,
+    where one per tile pair contended across programs. ``Q_EXT``, ``K_EXT``: the backward tiles'
+    extremes (:func:`genrec.ops.triton.tiles.tile_extremes`), the position spans the reductions need."""
     tl.static_assert((BLOCK_M == BLOCK_N) & (BLOCK_N >= 64), "the position-bias gradient needs square tiles >= 64")
     tile, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
     cols = tl.arange(0, D)
     keys, k_in, k, v, k_req, k_evt, k_flag = _key_tile(K, V, REQ, EVT, FLAG, b, h, tile, cols, s_kb, s_kh, s_kn,
                                                        s_vb, s_vh, s_vn, L, BLOCK_N)
-    k_ext = K_EXT + b * s_keb + tile * EXTREMES
-    k_lo, k_hi, k_shift = tl.load(k_ext), tl.load(k_ext + 1), tl.load(k_ext + 4)
-    k_at = b * L + keys
+    k_pos_lo, k_pos_hi = tl.load(K_EXT + b * s_keb + tile * 4), tl.load(K_EXT + b * s_keb + tile * 4 + 1)
+    k_pos, k_ts, k_live = _bias_meta(POS, TS, FLAG, b * L + keys, k_in)
+    k_run = _consecutive(k_pos, k_live, k_pos_lo, BLOCK_N)
     pos_top = _position_top(REL_POS, h, NUM_POS, True)
-    d_pos = D_REL_POS + h * NUM_POS
-    top_rows = tl.zeros((BLOCK_N,), dtype=tl.float32)  # the position table's last slot, per key
-    lo_rows = tl.zeros((BLOCK_N,), dtype=tl.float32)  # time bucket t, per key
-    hi_rows = tl.zeros((BLOCK_N,), dtype=tl.float32)  # time bucket t + 1
-    t = -1
+    top_grad = tl.sum(tl.zeros((BLOCK_N,), dtype=tl.float32))
     time_grad = tl.zeros((TIME_SLOTS,), dtype=tl.float32)
-    counts = Q_COUNT + b * s_cb + tile * COUNTS
-    for i in range(tl.load(counts + 2), tl.load(counts)):  # past the BIAS_IN_DQ pairs, which _hstu_bwd_dq adds
+    count = tl.load(Q_COUNT + b * s_cb + tile * 2)
+    for i in range(0, count):
         at = b * s_ib + tile * s_iq + i
         flags = tl.load(Q_FLAGS + at)
-        q_tile = tl.load(Q_INDEX + at)
-        rows, q_in, _, _, _, ds, allowed = _query_tile_grads(
-            Q, DO, REQ, EVT, FLAG, POS, TS, REL_POS, REL_TIME, q_tile, flags, k, v, keys, k_in, k_req, k_evt,
-            k_flag, pos_top, b, h, cols, s_qb, s_qh, s_qm, s_db, s_dh, s_dm, LQ, L, Q_OFFSET, NUM_POS,
-            NUM_TIME, alpha, scale, RULE, True, False, PRECISION, BLOCK_M, BLOCK_N)  # ds: [keys, queries]
-        q_at = b * L + rows + Q_OFFSET
-        near, t_lo, t_hi = _bias_form(flags)
-        by_key = tl.sum(ds, axis=1)  # [BLOCK_N]
-        if t_hi <= t_lo + 1:  # one or two time buckets
-            if t_lo != t:
-                time_grad = _time_rows_flush(time_grad, lo_rows, hi_rows, t, TIME_SLOTS)
-                lo_rows = tl.zeros((BLOCK_N,), dtype=tl.float32)
-                hi_rows = tl.zeros((BLOCK_N,), dtype=tl.float32)
-                t = t_lo
-            if t_hi == t_lo + 1:
-                q_ts, k_ts = tl.load(TS + q_at, mask=q_in, other=0), tl.load(TS + k_at, mask=k_in, other=0)
-                upper = tl.sum(tl.where(_bucket_at_least(q_ts[None, :] - k_ts[:, None], t_hi), ds, 0.0), axis=1)
-                hi_rows += upper
-                lo_rows += by_key - upper
-            else:
-                lo_rows += by_key
-        else:
-            time_grad = _time_buckets_grad(time_grad, ds, tl.load(TS + q_at, mask=q_in, other=0)[None, :],
-                                           tl.load(TS + k_at, mask=k_in, other=0)[:, None], t_lo, t_hi, NUM_TIME,
-                                           TIME_SLOTS)
-        if not near:
-            top_rows += by_key
-        else:
-            q_ext = Q_EXT + b * s_qeb + q_tile * EXTREMES
-            q_shift = tl.load(q_ext + 4)
-            if (q_shift != NO_SHIFT) & (k_shift != NO_SHIFT):
-                _diagonal_grad(d_pos, ds, q_shift - k_shift, NUM_POS, PRECISION, BLOCK_N)
-            else:
-                q_pos, k_pos = tl.load(POS + q_at, mask=q_in, other=0), tl.load(POS + k_at, mask=k_in, other=0)
-                _scattered_position_grad(d_pos, ds, q_pos, k_pos, tl.load(q_ext), tl.load(q_ext + 1), k_lo, k_hi,
-                                         allowed, NUM_POS, PRECISION, BLOCK_N)
-    top = tl.sum(top_rows)
-    tl.atomic_add(d_pos + NUM_POS - 1, top, mask=top != 0.0)
-    time_grad = _time_rows_flush(time_grad, lo_rows, hi_rows, t, TIME_SLOTS)
+        if (flags & BIAS_IN_DQ_BIT) == 0:  # else _hstu_bwd_dq adds them
+            q_tile = tl.load(Q_INDEX + at)
+            rows, q_in, _, _, _, ds, allowed = _query_tile_grads(
+                Q, DO, REQ, EVT, FLAG, POS, TS, REL_POS, REL_TIME, q_tile, flags, k, v, keys, k_in, k_req, k_evt,
+                k_flag, pos_top, b, h, cols, s_qb, s_qh, s_qm, s_db, s_dh, s_dm, LQ, L, Q_OFFSET, NUM_POS,
+                NUM_TIME, alpha, scale, RULE, True, False, PRECISION, BLOCK_M, BLOCK_N)
+            q_pos, q_ts, q_live = _bias_meta(POS, TS, FLAG, b * L + rows + Q_OFFSET, q_in)
+            near, t_lo, t_hi = _bias_form(flags)
+            q_pos_lo, q_pos_hi = tl.load(Q_EXT + b * s_qeb + q_tile * 4), tl.load(Q_EXT + b * s_qeb + q_tile * 4 + 1)
+            total = tl.sum(ds)
+            top_grad = _position_grad(D_REL_POS + h * NUM_POS, top_grad, ds, total, (flags & NEAR_BIT) == 0, q_pos,
+                                      k_pos, q_live, q_pos_lo, q_pos_hi, k_pos_lo, k_pos_hi, k_run, allowed, NUM_POS,
+                                      PRECISION, BLOCK_N)
+            time_grad = _time_grad(time_grad, ds, total, q_ts[None, :], k_ts[:, None], t_lo, t_hi, NUM_TIME,
+                                   TIME_SLOTS)
+    tl.atomic_add(D_REL_POS + h * NUM_POS + NUM_POS - 1, top_grad, mask=top_grad != 0.0)
     slot = tl.arange(0, TIME_SLOTS)
     tl.atomic_add(D_REL_TIME + h * NUM_TIME + slot, time_grad, mask=(slot < NUM_TIME) & (time_grad != 0.0))
+
+
+@triton.jit
+def _time_rows_flush(time_grad, lo_rows, hi_rows, t, SLOTS: tl.constexpr):
+    """``time_grad`` ``[SLOTS]`` plus the sums of the row accumulators of buckets ``t`` and ``t + 1``."""
+    slot = tl.arange(0, SLOTS)
+    return time_grad + tl.where(slot == t, tl.sum(lo_rows), tl.where(slot == t + 1, tl.sum(hi_rows), 0.0))
 
 
 @triton.jit
@@ -647,7 +631,7 @@ def _hstu_bwd_dq(Q, K, V, DO, DQ, REQ, EVT, FLAG, POS, TS, REL_POS, REL_TIME, KV
         time_grad = tl.zeros((TIME_SLOTS,), dtype=tl.float32)
     for part in tl.static_range(2):
         if HAS_BIAS or part == 0:
-            lo, hi = _pair_range(KV_COUNT, b * s_cb + tile * COUNTS, part, HAS_BIAS)
+            lo, hi = _pair_range(KV_COUNT, b * s_cb + tile * 2, part, HAS_BIAS)
             for i in range(lo, hi):
                 keys, k_in, k, v, s, flags = _visited_key_tile(
                     K, V, POS, TS, REL_POS, REL_TIME, KV_INDEX, KV_FLAGS, i, q, q_tok, q_in, pos_top, b, h, tile,
@@ -743,16 +727,12 @@ def _bias_flags(layout: TokenLayout, meta: KernelMeta, grads: bool, dq_separate:
                              lambda: simple_bias_pairs(forms(block_q, block_k)))
 
     def listed(tile: Tile, extra: torch.Tensor | None = None, transpose: bool = False):
-        lead = extra is not None and transpose  # the dK/dV list: its BIAS_IN_DQ pairs first
-
         def lists():  # shared by the forward and dQ schedules where their tiles are the same
             pairs, full = _pairs_and_full(layout, meta, tile, q_offset)
             first = simple(*tile[:2])
-            if transpose:
-                return tile_lists(pairs.mT, full.mT, first.mT, extra.mT != 0 if lead else None)
-            return tile_lists(pairs, full, first)
-        count, index, flags = layout.cached(("triton_bias_lists", *tile[:2], q_offset, transpose, lead, num_pos,
-                                             num_time), lists)
+            return tile_lists(pairs.mT, full.mT, first.mT) if transpose else tile_lists(pairs, full, first)
+        count, index, flags = layout.cached(("triton_bias_lists", *tile[:2], q_offset, transpose, num_pos, num_time),
+                                            lists)
         bits = forms(*tile[:2]) if extra is None else forms(*tile[:2]) | extra  # [B, nQ, nK]
         return count, index, (flags | (bits.mT if transpose else bits).gather(-1, index.long())).contiguous()
     forward = listed(tile_table[0])
@@ -916,7 +896,7 @@ def hstu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: To
             rel_time.shape[-1], split))
     else:
         rel_pos = rel_time = torch.zeros(1, device=q.device, dtype=torch.float32)
-        q_ext = k_ext = torch.zeros(1, 1, 5, device=q.device, dtype=torch.int32)  # unread
+        q_ext = k_ext = torch.zeros(1, 1, 4, device=q.device, dtype=torch.int32)  # unread
         forward = _schedule(layout, meta, fwd_tile, q_offset, transpose=False)
         # placeholders where no gradient is asked, or dQ comes from the dK/dV kernel
         backward = _schedule(layout, meta, bwd_tile, q_offset, transpose=True) if grads else forward

@@ -24,8 +24,6 @@ LO_SHIFT, HI_SHIFT, BUCKET_MASK = 8, 16, 31  # a pair's time buckets in its flag
 _BIG = 2**30
 POS_BOUND = 2**29  # above any position: differences of +-POS_BOUND fit int32
 TS_TOP = 2**31 - 1  # kernel timestamps lie in [0, 2^31)
-EXTREMES = 5  # columns of tile_extremes
-COUNTS = 3  # columns of tile_lists' counts
 
 
 @dataclass
@@ -98,24 +96,17 @@ def tile_stats(meta: KernelMeta, block_q: int, block_k: int, q_offset: int = 0) 
 
 
 def tile_extremes(meta: KernelMeta, start: int, block: int) -> torch.Tensor:
-    """``[B, ceil((L - start) / block), 5]`` int32: the lowest and highest position and timestamp of
+    """``[B, ceil((L - start) / block), 4]`` int32: the lowest and highest position and timestamp of
     the valid tokens of each tile of ``block`` tokens from ``start`` ((POS_BOUND, -POS_BOUND, TS_TOP,
-    0) where none is), and the tile's *shift*: ``position - i`` where that is one value over its valid
-    tokens (token ``i`` of the tile; one event per token, as a single flow lays them out), else
-    POS_BOUND. :func:`bias_forms` compares the first four per tile pair; the bias-gradient kernel
-    reads a pair's position spans and shifts from them (two tiles with shifts lie ``shift_q -
-    shift_k + j - i`` apart: its gradients sum along diagonals). Reduced once per layout, not per
-    tile pair and layer."""
+    0) where none is). :func:`bias_forms` compares them per tile pair, and the bias-gradient kernel
+    reads a pair's position spans from them: reduced once per layout, not per tile pair and layer."""
     valid = (meta.flags[:, start:] & VALID) != 0
 
     def low_high(x: torch.Tensor, low: int, high: int) -> tuple[torch.Tensor, torch.Tensor]:
         return (_chunks(torch.where(valid, x, low), block, low).amin(-1),
                 _chunks(torch.where(valid, x, high), block, high).amax(-1))
-    position = meta.position[:, start:]
-    offset = torch.arange(position.shape[1], device=position.device, dtype=position.dtype) % block
-    shift_low, shift_high = low_high(position - offset, POS_BOUND, -POS_BOUND)
-    extremes = (*low_high(position, POS_BOUND, -POS_BOUND), *low_high(meta.timestamp[:, start:], TS_TOP, 0),
-                torch.where(shift_low == shift_high, shift_low, POS_BOUND))
+    extremes = (*low_high(meta.position[:, start:], POS_BOUND, -POS_BOUND),
+                *low_high(meta.timestamp[:, start:], TS_TOP, 0))
     return torch.stack(extremes, -1).to(torch.int32).contiguous()
 
 
@@ -178,28 +169,21 @@ def tile_full(meta: KernelMeta, rule: str, block_q: int, block_k: int, q_offset:
     raise ValueError(f"mask rule {rule!r} has no full-tile test in genrec.ops.triton.tiles.tile_full")
 
 
-def tile_lists(pairs: torch.Tensor, full: torch.Tensor, simple: torch.Tensor | None = None,
-               lead: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``[B, nQ, nK]`` pairs and full flags -> per query tile the counts ``[B, nQ, COUNTS]`` (the pairs
-    listed, how many of them lead the list as simple ones, and how many of those lead it as ``lead``
-    ones), the key tiles ``[B, nQ, nK]`` with the listed ones first, and each one's flags (int32: the
-    FULL bit; ``hstu._bias_flags`` adds the bias forms and BIAS_IN_DQ). ``simple`` (with the relative
-    bias: :func:`simple_bias_pairs`): the listed pairs it marks come first, then the other listed
-    ones, each group in ascending order; the kernels run the first through a loop compiled for the
-    simple bias form alone, without the per-pair table reads and time buckets in its body. Without it
-    none is simple. ``lead`` (simple pairs whose bias gradients the dQ kernel adds: BIAS_IN_DQ) go
-    first among the simple ones, so the bias-gradient kernel starts its loop past them, with no
-    branch around the loop's loads (Triton pipelines only those). Kept at full width: trimming to the
-    largest count would cost a device-to-host sync."""
+def tile_lists(pairs: torch.Tensor, full: torch.Tensor,
+               simple: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``[B, nQ, nK]`` pairs and full flags -> per query tile the counts ``[B, nQ, 2]`` (the pairs
+    listed, and how many of them lead the list as simple ones), the key tiles ``[B, nQ, nK]`` with
+    the listed ones first, and each one's flags (int32: the FULL bit; ``hstu._bias_flags`` adds the
+    bias forms and BIAS_IN_DQ). ``simple`` (with the relative bias: :func:`simple_bias_pairs`): the
+    listed pairs it marks come first, then the other listed ones, each group in ascending order;
+    the kernels run the first through a loop compiled for the simple bias form alone, without the
+    per-pair table reads and time buckets in its body. Without it none is simple.
+    Kept at full width: trimming to the largest count would cost a device-to-host sync."""
     group = (~pairs).to(torch.int8)  # listed 0, unlisted 1
     if simple is not None:  # simple 0, other listed 1, unlisted 2
         group = group * 2 + (pairs & ~simple).to(torch.int8)
-    if lead is not None:  # lead 0, other simple 1, other listed 2, unlisted 3
-        group = group + (group > 0).to(torch.int8) + (pairs & simple & ~lead).to(torch.int8)
     order = torch.sort(group, dim=-1, stable=True).indices
     count = pairs.sum(-1).to(torch.int32)
-    none = torch.zeros_like(count)
-    first = none if simple is None else (pairs & simple).sum(-1).to(torch.int32)
-    led = none if lead is None else (pairs & simple & lead).sum(-1).to(torch.int32)
-    return (torch.stack([count, first, led], -1), order.to(torch.int32).contiguous(),
+    first = torch.zeros_like(count) if simple is None else (pairs & simple).sum(-1).to(torch.int32)
+    return (torch.stack([count, first], -1), order.to(torch.int32).contiguous(),
             (full.gather(-1, order).to(torch.int32) * FULL).contiguous())
