@@ -132,6 +132,23 @@ def test_each_tile_pairs_bias_form_and_dq_share_hold_for_every_token_pair_in_it(
     assert any(not near and spread <= 1 for near, spread in seen) and any(near for near, _ in seen), seen
 
 
+@pytest.mark.parametrize("num_time", [32, 8])
+def test_bias_forms_bucket_the_time_extremes_as_the_reference_does(num_time):
+    """bias_forms buckets a tile pair's extreme time differences by float exponents, not through
+    genrec.ops.masks.time_bucket: the same bucket at each bucket's first second and the one before
+    (2^t - 1, 2^t - 2), at the widest span (2^31 - 1 s, bucket 31), below zero and capped."""
+    seconds = torch.tensor([-5, 0] + [e for t in range(1, 32) for e in (2**t - 2, 2**t - 1)])
+    # one query tile per difference against one key tile at time 0 (positions far apart: not near)
+    q_ext = torch.stack([torch.full_like(seconds, 10**6), torch.full_like(seconds, 10**6), seconds.clamp(min=0),
+                         seconds], -1)[None].int()  # [1, n, 4]: low 0.. (negatives clamp), high = the difference
+    k_ext = torch.tensor([[[0, 0, 0, 0]]], dtype=torch.int32)
+    forms = bias_forms(q_ext, k_ext, 16, num_time)[0, :, 0]
+    want_low, want_high = time_bucket(seconds.clamp(min=0), num_time), time_bucket(seconds, num_time)
+    assert torch.equal((forms >> tiles.LO_SHIFT) & tiles.BUCKET_MASK, want_low.int())
+    assert torch.equal((forms >> tiles.HI_SHIFT) & tiles.BUCKET_MASK, want_high.int())
+    assert not (forms & tiles.NEAR).any() and want_high.max() == min(31, num_time - 1)
+
+
 @pytest.mark.parametrize("name", ["causal", "dual_flow", "hstu_cache"])
 @pytest.mark.parametrize("transpose", [False, True])
 def test_lists_with_the_bias_put_the_simple_pairs_first_and_keep_the_rest(name, transpose):

@@ -16,7 +16,6 @@ import torch
 import torch.nn.functional as F
 
 from genrec.ops.layout import TokenLayout, check_time_span
-from genrec.ops.masks import time_bucket
 
 VALID, FAKE = 1, 2  # bits of KernelMeta.flags
 FULL, BIAS_IN_DQ, NEAR = 1, 2, 4  # bits of a schedule's per-pair flags (tile_lists, simple_bias_pairs, bias_forms)
@@ -55,34 +54,39 @@ class KernelMeta:
 
 
 def _chunks(t: torch.Tensor, size: int, fill: int) -> torch.Tensor:
-    """``[..., L]`` -> ``[..., ceil(L / size), size]``, padded with ``fill``."""
+    """``[..., L]`` -> ``[..., ceil(L / size), size]``, padded with ``fill`` (no copy where L divides)."""
     pad = -t.shape[-1] % size
-    return F.pad(t, (0, pad), value=fill).unflatten(-1, (-1, size))
+    return (F.pad(t, (0, pad), value=fill) if pad else t).unflatten(-1, (-1, size))
 
 
 _SUBSETS = ("", "real_", "fake_")  # token subsets of the statistics: valid, real, fake (stacked so)
 _FIELDS = ("idx", "req", "evt")
 
 
-def _stats(meta: KernelMeta, start: int, size: int, tile_dim: int) -> dict[str, torch.Tensor]:
-    """Per-tile counts and minima / maxima over the tokens ``start..L-1`` cut into tiles of ``size``,
-    for each field and token subset, shaped for the ``[B, nQ, nK]`` grid of tile pairs: ``tile_dim``
-    1 (query tiles: ``[B, nT, 1]``) or 2 (key tiles: ``[B, 1, nT]``). Empty sets give +_BIG for a
-    minimum and -_BIG for a maximum, so every comparison with them fails. All fields and subsets go
-    through one stacked reduction: this runs per serving request, where each small kernel's launch
-    costs more than its work."""
+def _reduce(meta: KernelMeta, start: int, size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-tile counts ``[3 subsets, B, nT]`` and minima / maxima ``[3 subsets x 3 fields, B, nT]``
+    over the tokens ``start..L-1`` cut into tiles of ``size``. Empty sets give +_BIG for a minimum and
+    -_BIG for a maximum, so every comparison with them fails. All fields and subsets go through one
+    stacked reduction: this runs per serving request, where each small kernel's launch costs more
+    than its work."""
     sl = slice(start, None)
     idx = torch.arange(start, meta.flags.shape[1], device=meta.flags.device, dtype=torch.int32)
     valid = (meta.flags[:, sl] & VALID) != 0
     fake = valid & ((meta.flags[:, sl] & FAKE) != 0)
     subsets = torch.stack([valid, valid & ~fake, fake])[:, None]  # [3 subsets, 1, B, L']
     values = torch.stack([idx.expand_as(valid), meta.request[:, sl], meta.event[:, sl]])  # [3 fields, B, L']
-    counts = _chunks(subsets[:, 0].int(), size, 0).sum(-1)  # [3, B, nT]
+    counts = _chunks(subsets[:, 0], size, 0).sum(-1, dtype=torch.int32)  # [3, B, nT]
     low = _chunks(torch.where(subsets, values, _BIG), size, _BIG).amin(-1)  # [3 subsets, 3 fields, B, nT]
     high = _chunks(torch.where(subsets, values, -_BIG), size, -_BIG).amax(-1)
-    # one unsqueeze and one unbind per table, not one call per field: this is dispatch-bound
-    low, high = (t.flatten(0, 1).unsqueeze(4 - tile_dim).unbind() for t in (low, high))
-    out = dict(zip(("n_valid", "n_real", "n_fake"), counts.unsqueeze(4 - tile_dim).unbind(), strict=True))
+    return counts, low.flatten(0, 1), high.flatten(0, 1)
+
+
+def _oriented(reduced: tuple[torch.Tensor, torch.Tensor, torch.Tensor], tile_dim: int) -> dict[str, torch.Tensor]:
+    """:func:`_reduce`'s tables by name, shaped for the ``[B, nQ, nK]`` grid of tile pairs: ``tile_dim``
+    1 (query tiles: ``[B, nT, 1]``) or 2 (key tiles: ``[B, 1, nT]``); one unsqueeze and one unbind per
+    table, not one call per field (this is dispatch-bound)."""
+    counts, low, high = (t.unsqueeze(4 - tile_dim).unbind() for t in reduced)
+    out = dict(zip(("n_valid", "n_real", "n_fake"), counts, strict=True))
     for i, subset in enumerate(_SUBSETS):
         for j, name in enumerate(_FIELDS):
             out[f"{subset}{name}_min"], out[f"{subset}{name}_max"] = low[3 * i + j], high[3 * i + j]
@@ -91,8 +95,11 @@ def _stats(meta: KernelMeta, start: int, size: int, tile_dim: int) -> dict[str, 
 
 def tile_stats(meta: KernelMeta, block_q: int, block_k: int, q_offset: int = 0) -> tuple[dict, dict]:
     """Statistics of the query tiles ``[B, nQ, 1]`` and key tiles ``[B, 1, nK]``, which
-    :func:`tile_pairs` and :func:`tile_full` compare (computed once when both are needed)."""
-    return _stats(meta, q_offset, block_q, 1), _stats(meta, 0, block_k, 2)
+    :func:`tile_pairs` and :func:`tile_full` compare (computed once when both are needed; one
+    reduction for both sides where their tiles are the same, as without a cache offset)."""
+    queries = _reduce(meta, q_offset, block_q)
+    keys = queries if (q_offset, block_q) == (0, block_k) else _reduce(meta, 0, block_k)
+    return _oriented(queries, 1), _oriented(keys, 2)
 
 
 def tile_extremes(meta: KernelMeta, start: int, block: int) -> torch.Tensor:
@@ -117,11 +124,13 @@ def bias_forms(q_extremes: torch.Tensor, k_extremes: torch.Tensor, num_pos: int,
     lowest and highest time bucket of the pair (bits ``LO_SHIFT`` and ``HI_SHIFT``; the bucket is
     monotone in the time difference, so the extremes bound it). Decided here once per layout, the
     kernels read one word per pair where they combined span rows, a chain of dependent loads."""
-    q, k = q_extremes[:, :, None].long(), k_extremes[:, None].long()  # [B, nQ, 1, 4], [B, 1, nK, 4]
-
+    q, k = q_extremes[:, :, None], k_extremes[:, None]  # [B, nQ, 1, 4], [B, 1, nK, 4]: int32 differences fit
     near = q[..., 0] - k[..., 1] < num_pos - 1
-    low, high = time_bucket(q[..., 2] - k[..., 3], num_time), time_bucket(q[..., 3] - k[..., 2], num_time)
-    return (near.long() * NEAR | low << LO_SHIFT | high << HI_SHIFT).to(torch.int32)
+    # time_bucket of the lowest and highest difference, in one pass: floor(log2(1 + dt)) is frexp's
+    # exponent - 1, exact for every int32 difference (genrec.ops.masks.time_bucket's values, fewer ops)
+    spans = torch.stack([q[..., 2] - k[..., 3], q[..., 3] - k[..., 2]]).clamp_(min=0).double() + 1  # [2, B, nQ, nK]
+    low, high = (torch.frexp(spans).exponent - 1).clamp_(max=num_time - 1)
+    return near.int() * NEAR | low << LO_SHIFT | high << HI_SHIFT
 
 
 def simple_bias_pairs(forms: torch.Tensor) -> torch.Tensor:
@@ -183,7 +192,7 @@ def tile_lists(pairs: torch.Tensor, full: torch.Tensor,
     if simple is not None:  # simple 0, other listed 1, unlisted 2
         group = group * 2 + (pairs & ~simple).to(torch.int8)
     order = torch.sort(group, dim=-1, stable=True).indices
-    count = pairs.sum(-1).to(torch.int32)
-    first = torch.zeros_like(count) if simple is None else (pairs & simple).sum(-1).to(torch.int32)
+    count = pairs.sum(-1, dtype=torch.int32)
+    first = torch.zeros_like(count) if simple is None else (pairs & simple).sum(-1, dtype=torch.int32)
     return (torch.stack([count, first], -1), order.to(torch.int32).contiguous(),
             (full.gather(-1, order).to(torch.int32) * FULL).contiguous())
