@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     text += f"\n### {first}: the schedules with the bias by caller\n\n"
     text += report.markdown_table([{"caller": c, "ops": k} for c, k in callers[first].most_common()],
                                   ["caller", "ops"])
-    meta = report.meta(device=f"CPU (op counts; torch {torch.__version__})")
+    meta = report.meta(device="CPU (op counts)")
     out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / "layout_ops_cpu"
     report.write(out, rows, text, meta, targets=[])
     return 0
