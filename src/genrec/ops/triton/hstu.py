@@ -64,6 +64,7 @@ from genrec.ops.triton.tiles import (
     tile_full,
     tile_lists,
     tile_pairs,
+    tile_reduction,
     tile_stats,
 )
 
@@ -680,7 +681,9 @@ def _pairs_and_full(layout: TokenLayout, meta: KernelMeta, tile: Tile, q_offset:
     block_q, block_k = tile[:2]
 
     def build():
-        stats = tile_stats(meta, block_q, block_k, q_offset)
+        def reduction(start: int, size: int) -> tuple:  # per tile size, shared by the tile shapes
+            return layout.cached(("triton_reduction", start, size), lambda: tile_reduction(meta, start, size))
+        stats = tile_stats(meta, block_q, block_k, q_offset, reduction)
         return (tile_pairs(meta, layout.rule, block_q, block_k, q_offset, stats),
                 tile_full(meta, layout.rule, block_q, block_k, q_offset, stats))
     return layout.cached(("triton_pairs", block_q, block_k, q_offset), build)

@@ -10,6 +10,8 @@ and conservative (extra work, never a wrong answer) otherwise.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -63,7 +65,7 @@ _SUBSETS = ("", "real_", "fake_")  # token subsets of the statistics: valid, rea
 _FIELDS = ("idx", "req", "evt")
 
 
-def _reduce(meta: KernelMeta, start: int, size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def tile_reduction(meta: KernelMeta, start: int, size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-tile counts ``[3 subsets, B, nT]`` and minima / maxima ``[3 subsets x 3 fields, B, nT]``
     over the tokens ``start..L-1`` cut into tiles of ``size``. Empty sets give +_BIG for a minimum and
     -_BIG for a maximum, so every comparison with them fails. All fields and subsets go through one
@@ -82,7 +84,7 @@ def _reduce(meta: KernelMeta, start: int, size: int) -> tuple[torch.Tensor, torc
 
 
 def _oriented(reduced: tuple[torch.Tensor, torch.Tensor, torch.Tensor], tile_dim: int) -> dict[str, torch.Tensor]:
-    """:func:`_reduce`'s tables by name, shaped for the ``[B, nQ, nK]`` grid of tile pairs: ``tile_dim``
+    """:func:`tile_reduction`'s tables by name, shaped for the ``[B, nQ, nK]`` grid of tile pairs: ``tile_dim``
     1 (query tiles: ``[B, nT, 1]``) or 2 (key tiles: ``[B, 1, nT]``); one unsqueeze and one unbind per
     table, not one call per field (this is dispatch-bound)."""
     counts, low, high = (t.unsqueeze(4 - tile_dim).unbind() for t in reduced)
@@ -93,13 +95,15 @@ def _oriented(reduced: tuple[torch.Tensor, torch.Tensor, torch.Tensor], tile_dim
     return out
 
 
-def tile_stats(meta: KernelMeta, block_q: int, block_k: int, q_offset: int = 0) -> tuple[dict, dict]:
+def tile_stats(meta: KernelMeta, block_q: int, block_k: int, q_offset: int = 0,
+               reduction: Callable[[int, int], tuple] | None = None) -> tuple[dict, dict]:
     """Statistics of the query tiles ``[B, nQ, 1]`` and key tiles ``[B, 1, nK]``, which
-    :func:`tile_pairs` and :func:`tile_full` compare (computed once when both are needed; one
-    reduction for both sides where their tiles are the same, as without a cache offset)."""
-    queries = _reduce(meta, q_offset, block_q)
-    keys = queries if (q_offset, block_q) == (0, block_k) else _reduce(meta, 0, block_k)
-    return _oriented(queries, 1), _oriented(keys, 2)
+    :func:`tile_pairs` and :func:`tile_full` compare (computed once when both are needed).
+    ``reduction(start, size)``: :func:`tile_reduction` of ``meta``, memoised, so the two sides share
+    one where their tiles are the same (no cache offset); the kernels pass one memoised per layout,
+    shared by every tile shape too."""
+    reduction = reduction or functools.cache(functools.partial(tile_reduction, meta))
+    return _oriented(reduction(q_offset, block_q), 1), _oriented(reduction(0, block_k), 2)
 
 
 def tile_extremes(meta: KernelMeta, start: int, block: int) -> torch.Tensor:
