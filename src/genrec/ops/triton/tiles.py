@@ -102,7 +102,8 @@ def tile_stats(meta: KernelMeta, block_q: int, block_k: int, q_offset: int = 0,
     ``reduction(start, size)``: :func:`tile_reduction` of ``meta``, memoised, so the two sides share
     one where their tiles are the same (no cache offset); the kernels pass one memoised per layout,
     shared by every tile shape too."""
-    reduction = reduction or functools.cache(functools.partial(tile_reduction, meta))
+    if reduction is None:  # not `or`: dynamo of torch 2.11 cannot branch on a function's truth value
+        reduction = functools.cache(functools.partial(tile_reduction, meta))
     return _oriented(reduction(q_offset, block_q), 1), _oriented(reduction(0, block_k), 2)
 
 
