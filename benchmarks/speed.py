@@ -20,13 +20,17 @@ Three parts, each a table in the result file:
   fake flow of the target events only (``fake_flow="targets"``: N + T tokens, not 2N); each model
   runs per ``--train-target-shares`` (``target_share`` 1: every event a target; 0.1: the last 10 %
   of each sequence, the temporal setting of issue 14 item 5b). Each step takes a host batch as
-  :meth:`genrec.train.trainer.Trainer.train_step` does: its times checked on the host, moved to the GPU,
-  the forward run without reading the time span back. ``layout`` rows measure what a step pays for
-  building its layout (token layout, kernel metadata, tile schedules, bias spans): ``step_ms`` on
-  one batch, ``step_ms_layout_reused`` on the same batch with its layout built once and reused
-  (:func:`layouts_reused`), ``layout_in_step_ms`` their difference and ``in_step_share`` its share
-  of the step, what issue 14's target bounds (in a step the work is asynchronous and overlaps the
-  step's kernels; a difference of medians, so a share near 0 can come out below it). ``layout_ms``
+  :meth:`genrec.train.trainer.Trainer.train_step` does: its times checked on the host, its layout's
+  kernel metadata and schedules built on the host by the model's plan as the trainer's loader does
+  (:mod:`genrec.nn.prepared`, :func:`prepared`), moved to the GPU, the forward run without reading
+  the time span back. ``layout`` rows measure what a step pays for its layout (token layout, kernel
+  metadata, tile schedules, bias spans), all on one batch: ``step_ms`` with the layout built in the
+  step, ``step_ms_layout_reused`` with it built once and reused (:func:`layouts_reused`: the step
+  without that work), ``layout_in_step_ms`` their difference and ``in_step_share`` its share of the
+  step; ``step_ms_prepared`` the trainer's step on the loader-built layout and
+  ``prepared_in_step_share`` its difference to the reused one over it, what issue 14's target bounds
+  (differences of medians, so a share near 0 can come out below it); ``prepare_host_ms`` the plan's
+  host time per batch (a loader worker's, beside the step: ``prepare_share_of_step``). ``layout_ms``
   times the build (events, token layout, metadata, the three tile schedules) standalone and
   synchronised, with the timestamp check's read-back the step skips but without the bias's span
   tables and split flags: ``standalone_share_of_step``, quoted beside the target without one.
@@ -49,6 +53,7 @@ CUDA device.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import statistics
@@ -392,16 +397,32 @@ def train_rows(ns: list[int], args, peak: float) -> list[dict]:
     return rows
 
 
+def prepared(model: torch.nn.Module, batch: JaggedBatch) -> tuple[JaggedBatch, float]:
+    """``batch`` (a host batch) with its layout built by the model's :class:`~genrec.nn.prepared.LayoutPlan`
+    for bf16 steps, as the trainer's loader hands it over, and the milliseconds the plan took on the
+    host (a loader worker's time per batch)."""
+    plan = model.layout_plan(torch.bfloat16)
+    start = time.perf_counter()
+    layout = plan(batch)
+    host_ms = (time.perf_counter() - start) * 1e3
+    return dataclasses.replace(batch, known_layout=layout), host_ms
+
+
 def _layout_row(model: torch.nn.Module, name: str, n: int, share: float, batch: JaggedBatch, args) -> dict:
-    """What building the layout costs a step of ``model`` on ``batch``: the step timed as it is and
-    with its layout reused (both on this one batch), and the standalone build beside them."""
+    """What building the layout costs a step of ``model`` on ``batch``: the step timed as it is
+    (the layout built in it), with its layout reused, and with the layout the loader built on the
+    host (the trainer's path: :func:`prepared`), all on this one batch; the standalone build beside them."""
     built = _train_step_seconds(model, [batch], args.train_steps) * 1e3
     with layouts_reused(model):
         reused = _train_step_seconds(model, [batch], args.train_steps) * 1e3
+    host_ms = statistics.median(prepared(model, batch)[1] for _ in range(5))
+    on_host = _train_step_seconds(model, [prepared(model, batch)[0]], args.train_steps) * 1e3
     standalone = layout_ms(name, batch, args)
     return {"bench": "layout", "model": name, "n": n, "target_share": share, "batch": batch.batch_size,
             "step_ms": built, "step_ms_layout_reused": reused, "layout_in_step_ms": built - reused,
-            "in_step_share": (built - reused) / built, "layout_ms": standalone,
+            "in_step_share": (built - reused) / built, "step_ms_prepared": on_host,
+            "prepared_in_step_share": (on_host - reused) / on_host, "prepare_host_ms": host_ms,
+            "prepare_share_of_step": host_ms / on_host, "layout_ms": standalone,
             "standalone_share_of_step": standalone / built}
 
 
@@ -410,7 +431,8 @@ def _train_model_rows(name: str, n: int, share: float, data: list[JaggedBatch], 
     batch = data[0].batch_size
     torch.manual_seed(0)
     model = make_model(name, n, args).train()
-    seconds = _train_step_seconds(model, data, args.train_steps)
+    planned = [prepared(model, b)[0] if name in TRAIN_LAYOUTS else b for b in data]  # as the trainer's loader
+    seconds = _train_step_seconds(model, planned, args.train_steps)
     gflop = train_gflop_per_event(name, n, args, share)
     events_per_s = batch * n / seconds
     rows = [{"bench": "train", "model": name, "n": n, "target_share": share, "batch": batch, "d": args.d,
@@ -424,7 +446,8 @@ def _train_model_rows(name: str, n: int, share: float, data: list[JaggedBatch], 
         rows.append(_layout_row(model, name, n, share, data[0], args))
         r = rows[-1]
         print(f"layout {name:11s} N={n:5d} in the step {r['layout_in_step_ms']:8.2f} ms = {r['in_step_share']:.3f} "
-              f"of it; standalone {r['layout_ms']:8.2f} ms = {r['standalone_share_of_step']:.3f}", flush=True)
+              f"of it; prepared by the loader {r['prepared_in_step_share']:.3f} (host {r['prepare_host_ms']:.2f} ms); "
+              f"standalone {r['layout_ms']:8.2f} ms = {r['standalone_share_of_step']:.3f}", flush=True)
     del model
     torch.cuda.empty_cache()
     return rows
@@ -537,7 +560,8 @@ def write(rows: list[dict], meta: dict, stem: Path) -> None:
         "train": ["model", "n", "target_share", "batch", "step_ms", "train_events_per_s", "tflops", "mfu",
                   "peak_mem_gb"],
         "layout": ["model", "n", "target_share", "batch", "step_ms", "step_ms_layout_reused", "layout_in_step_ms",
-                   "in_step_share", "layout_ms", "standalone_share_of_step"],
+                   "in_step_share", "step_ms_prepared", "prepared_in_step_share", "prepare_host_ms",
+                   "prepare_share_of_step", "layout_ms", "standalone_share_of_step"],
         "infer": ["model", "mode", "n", "m", "micro_batch", "p50_ms", "p99_ms", "infer_candidates_per_s"],
         "ratio": ["part", "model", "mode", "n", "m", "target_share", "dfgr_over_hstu", "flop_ratio"],
     }
@@ -568,18 +592,18 @@ def _informational(name: str, values: list[float], rows: str, missing: str) -> d
             "rows": rows, "reason": "informational, no target" if values else missing}
 
 
-def _in_step_shares(layout: list[dict]) -> tuple[list[float], str]:
-    """The layout rows' in-step shares, or none (and why) when a row lacks one: rows of runs before
-    the in-step timing built their layout standalone only, and a worst case over the other rows
-    would not cover their shapes."""
+def _in_step_shares(layout: list[dict], field: str = "prepared_in_step_share") -> tuple[list[float], str]:
+    """The layout rows' ``field`` shares, or none (and why) when a row lacks one: rows of earlier
+    runs timed less (their layout standalone only, or built in the step only), and a worst case over
+    the other rows would not cover their shapes."""
     if not layout:
         return [], "no layout rows"
-    untimed = [r for r in layout if "in_step_share" not in r]
+    untimed = [r for r in layout if field not in r]
     if untimed:
         shapes = sorted({f"{r['model']} at share {r.get('target_share', 1.0)}" for r in untimed})
-        return [], (f"{len(untimed)} of {len(layout)} layout rows (of earlier runs) have no in_step_share, their "
-                    f"layout timed standalone only: rerun the train part of {', '.join(shapes)}")
-    return [r["in_step_share"] for r in layout], ""
+        return [], (f"{len(untimed)} of {len(layout)} layout rows (of earlier runs) have no {field}: rerun the "
+                    f"train part of {', '.join(shapes)}")
+    return [r[field] for r in layout], ""
 
 
 def targets(rows: list[dict]) -> list[dict]:
@@ -595,6 +619,8 @@ def targets(rows: list[dict]) -> list[dict]:
               and r["n"] >= 1024]
     layout = [r for r in rows if r["bench"] == "layout"]
     in_step, untimed = _in_step_shares(layout)
+    built_in_step, built_untimed = _in_step_shares(layout, "in_step_share")
+    worker, worker_untimed = _in_step_shares(layout, "prepare_share_of_step")
     return [
         _target("bias_over_nobias_fwd_bwd_max", bias, "<=", 1.3,
                 "kernel rows hstu_causal_rab and hstu_causal_rab256 over hstu_causal, N = 1024-8192", "no kernel rows"),
@@ -606,8 +632,15 @@ def targets(rows: list[dict]) -> list[dict]:
         _target("dfgr_train_ratio_over_flop_ratio_min", [r["dfgr_over_hstu"] / r["flop_ratio"] for r in train], ">=",
                 0.95, "ratio rows of the train part, every DFGR model and target share (relative bias on: the "
                 "models' default)", "no train rows"),
-        _target("layout_share_of_step_max", in_step, "<=", 0.05, "layout rows (HSTU and DFGR): in_step_share, the "
-                "step's time less its time with the layout reused, over the step's", untimed),
+        _target("layout_share_of_step_max", in_step, "<=", 0.05, "layout rows (HSTU and DFGR): "
+                "prepared_in_step_share, the trainer's step (its layout built by the loader on the host) less the "
+                "step with the layout reused, over the step", untimed),
+        _informational("layout_built_in_step_share_max", built_in_step, "layout rows (HSTU and DFGR): "
+                       "in_step_share, the step that builds its own layout less the step with it reused, over the "
+                       "step (a loader without the model's plan)", built_untimed),
+        _informational("layout_prepare_share_of_step_max", worker, "layout rows (HSTU and DFGR): the plan's host "
+                       "time per batch over the trainer's step; at most 1, one loader worker keeps up",
+                       worker_untimed),
         _informational("layout_standalone_share_of_step_max", [r["layout_ms"] / r["step_ms"] for r in layout],
                        "layout rows (HSTU and DFGR): the standalone, synchronised build over the step (earlier "
                        "runs' share_of_step)", "no layout rows"),

@@ -125,32 +125,43 @@ def test_combining_a_cut_device_call_drops_the_kernel_rows_its_new_code_replaced
         speed.main(["--rows", str(tmp_path / "speed_Some_GPU.json"), "--merge", str(tmp_path / "old.json")])
 
 
-def _layout(model: str, n: int, share: float, step_ms: float, reused_ms: float, layout_ms: float) -> dict:
+def _layout(model: str, n: int, share: float, step_ms: float, reused_ms: float, layout_ms: float,
+            prepared_ms: float | None = None, host_ms: float = 5.0) -> dict:
+    """A layout row; ``prepared_ms`` (default: the reused step's) is the step on the loader-built layout."""
+    prepared_ms = reused_ms if prepared_ms is None else prepared_ms
     return {"bench": "layout", "model": model, "n": n, "target_share": share, "step_ms": step_ms,
             "step_ms_layout_reused": reused_ms, "layout_in_step_ms": step_ms - reused_ms,
-            "in_step_share": (step_ms - reused_ms) / step_ms, "layout_ms": layout_ms,
+            "in_step_share": (step_ms - reused_ms) / step_ms, "step_ms_prepared": prepared_ms,
+            "prepared_in_step_share": (prepared_ms - reused_ms) / prepared_ms, "prepare_host_ms": host_ms,
+            "prepare_share_of_step": host_ms / prepared_ms, "layout_ms": layout_ms,
             "standalone_share_of_step": layout_ms / step_ms}
 
 
-def test_the_layout_target_is_the_worst_in_step_share_and_the_standalone_share_is_informational():
-    rows = [_layout("hstu", 1024, 1.0, 100.0, 98.0, 6.0), _layout("dfgr", 1024, 1.0, 50.0, 48.5, 6.0)]
+def test_the_layout_target_is_the_trainers_prepared_step_and_the_other_shares_are_informational():
+    rows = [_layout("hstu", 1024, 1.0, 100.0, 90.0, 6.0, prepared_ms=92.0),
+            _layout("dfgr", 1024, 1.0, 50.0, 48.5, 6.0, prepared_ms=50.0, host_ms=10.0)]
     goal = _goal(rows, "layout_share_of_step_max")
     assert goal["value"] == pytest.approx(0.03) and goal["met"] is True  # DFGR: 1.5 ms of 50
+    built = _goal(rows, "layout_built_in_step_share_max")
+    assert built["value"] == pytest.approx(0.1) and built["met"] is None  # HSTU building its own: 10 of 100
+    assert _goal(rows, "layout_prepare_share_of_step_max")["value"] == pytest.approx(0.2)  # 10 ms of DFGR's 50
     standalone = _goal(rows, "layout_standalone_share_of_step_max")
     assert standalone["value"] == pytest.approx(0.12) and standalone["met"] is None and standalone["target"] is None
-    rows[0]["in_step_share"] = 0.06
+    rows[0]["prepared_in_step_share"] = 0.06
     assert _goal(rows, "layout_share_of_step_max")["met"] is False
 
 
 def test_a_layout_row_of_an_earlier_run_leaves_the_layout_target_null_and_unmet():
-    """A row timed before the in-step timing (standalone only, its share named ``share_of_step``)
-    beside new ones: no worst case over the new rows alone, which would not cover its shape."""
-    old = {"bench": "layout", "model": "dfgr_sparse", "n": 2048, "target_share": 0.1, "layout_ms": 7.0,
-           "step_ms": 50.0, "share_of_step": 0.14}
+    """A row timed before the loader-built layouts (the step building its own only) beside new ones:
+    no worst case over the new rows alone, which would not cover its shape."""
+    old = _layout("dfgr_sparse", 2048, 0.1, 50.0, 45.0, 7.0)
+    for name in ("step_ms_prepared", "prepared_in_step_share", "prepare_host_ms", "prepare_share_of_step"):
+        del old[name]
     rows = [_layout("hstu", 1024, 1.0, 100.0, 99.0, 6.0), old]
     goal = _goal(rows, "layout_share_of_step_max")
     assert goal["value"] is None and goal["met"] is False
     assert "1 of 2 layout rows" in goal["reason"] and "dfgr_sparse at share 0.1" in goal["reason"]
+    assert _goal(rows, "layout_built_in_step_share_max")["value"] == pytest.approx(0.1)
     assert _goal(rows, "layout_standalone_share_of_step_max")["value"] == pytest.approx(0.14)
 
 

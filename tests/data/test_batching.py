@@ -107,3 +107,41 @@ def test_workers_yield_the_same_batches(shared_data):
     assert len(one) == len(two)
     for x, y in zip(one, two, strict=True):
         assert torch.equal(x.items, y.items) and torch.equal(x.offsets, y.offsets)
+
+
+def _events_and_first_item(batch) -> dict:
+    """A picklable stand-in for a LayoutPlan: what it returns rides on the batch."""
+    return {"events": torch.tensor(batch.num_events), "first": (batch.items[:1].clone(),)}
+
+
+def test_a_loader_with_a_prepare_step_carries_its_result_on_each_batch_from_its_workers(shared_data):
+    ds = _dataset(shared_data, max_len=20)
+    plain = list(make_loader(ds, 64, shuffle=True, seed=1))
+    prepared = list(make_loader(ds, 64, shuffle=True, seed=1, num_workers=2, prepare=_events_and_first_item))
+    assert len(plain) == len(prepared)
+    for x, y in zip(plain, prepared, strict=True):
+        assert x.known_layout is None and torch.equal(x.items, y.items)
+        assert int(y.known_layout["events"]) == y.num_events and torch.equal(y.known_layout["first"][0], y.items[:1])
+
+
+def test_moving_a_batch_moves_what_its_layout_carries_and_a_rebuilt_batch_drops_it():
+    """``to`` moves every tensor inside tuples, dicts and dataclasses (the kernels' metadata); a batch
+    built from ``tensors()`` (a modified copy) must not carry a layout of other tokens."""
+    from dataclasses import dataclass
+
+    from genrec.data.batching import JaggedBatch, to_device
+
+    @dataclass
+    class Meta:
+        flags: torch.Tensor
+        note: str = "kept"
+
+    batch = make_batch([4, 2], seed=0)
+    batch.known_layout = {("a", 1): (torch.ones(2), [Meta(torch.zeros(3, dtype=torch.int32))], None)}
+    moved = batch.to("meta")
+    ones, (meta,), nothing = moved.known_layout[("a", 1)]
+    assert ones.device.type == "meta" and meta.flags.device.type == "meta" and meta.flags.dtype == torch.int32
+    assert meta.note == "kept" and nothing is None
+    assert to_device(3, "meta") == 3
+    assert "known_layout" not in batch.tensors()
+    assert JaggedBatch(**batch.tensors()).known_layout is None

@@ -32,6 +32,22 @@ def test_lr_warms_up_then_decays_by_cosine():
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:], strict=False))
 
 
+def _events(batch) -> int:  # a picklable stand-in for a model's LayoutPlan
+    return batch.num_events
+
+
+def test_the_training_loader_builds_what_the_model_plans_on_each_batch_and_the_others_do_not(
+        tmp_path, shared_data, monkeypatch):
+    """The trainer asks the model for its LayoutPlan in the step's attention dtype (float32: no
+    autocast on the CPU) and hands it to the training loader only."""
+    trainer = Trainer(_small(tmp_path, shared_data, "data.num_workers=1"))
+    asked = []
+    monkeypatch.setattr(trainer.model, "layout_plan", lambda dtype: asked.append(dtype) or _events)
+    batch = next(iter(trainer.loader("train")))
+    assert asked == [torch.float32] and batch.known_layout == batch.num_events
+    assert next(iter(trainer.loader("valid"))).known_layout is None
+
+
 def _small(tmp_path, shared_data, *extra):
     return load(None, [f"data.data_dir={shared_data}", "data.max_len=30", "data.batch_size=64",
                        "model_args.d_model=16", "model_args.num_negatives=32", "train.progress=false",

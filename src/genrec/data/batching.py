@@ -21,7 +21,11 @@ Two windows (users 7 and 3) of 3 and 2 events; user 7's second and third events 
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
+from functools import partial
+from typing import Any
 
 import numpy as np
 import torch
@@ -49,6 +53,10 @@ class JaggedBatch:
     # the target events of the batch, the same way: the size of every gather at the targets (so a
     # moved batch's target_mask is not to be changed: build a new batch from its tensors instead)
     known_num_targets: int | None = field(default=None, repr=False, compare=False)
+    # the model's token layout's kernel metadata and schedules, built from this batch on the host by
+    # the loader (genrec.nn.prepared.LayoutPlan; a genrec.ops.layout.PreparedLayout), moved by ``to``
+    # and seeded into the step's layout; a batch built from this one's tensors() does not carry it
+    known_layout: Any = field(default=None, repr=False, compare=False)
 
     def __post_init__(self):
         if self.signals is None:  # one-signal data: the binary label is the only signal
@@ -105,7 +113,7 @@ class JaggedBatch:
     def to(self, device: torch.device | str) -> JaggedBatch:
         moved = {name: t.to(device, non_blocking=True) for name, t in self.tensors().items()}
         return JaggedBatch(**moved, known_max_len=self.max_len, known_max_targets=self.max_targets,
-                           known_num_targets=self.num_targets)
+                           known_num_targets=self.num_targets, known_layout=to_device(self.known_layout, device))
 
     def sequence_index(self) -> torch.Tensor:
         """``[T]`` index of the sequence each event belongs to."""
@@ -114,6 +122,21 @@ class JaggedBatch:
     def positions(self) -> torch.Tensor:
         """``[T]`` position of each event inside its sequence (0-based)."""
         return torch.arange(self.num_events, device=self.offsets.device) - self.offsets[:-1][self.sequence_index()]
+
+
+def to_device(value: Any, device: torch.device | str) -> Any:
+    """``value`` with every tensor in it on ``device``: through tuples, lists, dicts and dataclasses
+    (a prepared layout's entries are tuples of schedules and the kernels' metadata)."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device, non_blocking=True)
+    if isinstance(value, tuple | list):
+        return type(value)(to_device(v, device) for v in value)
+    if isinstance(value, dict):
+        return {k: to_device(v, device) for k, v in value.items()}
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.replace(value, **{f.name: to_device(getattr(value, f.name), device)
+                                             for f in fields(value) if f.init})
+    return value
 
 
 def jagged_index(offsets: torch.Tensor, total: int, max_len: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -237,8 +260,22 @@ class BucketBatchSampler(Sampler[list[int]]):
         return -(-len(self.lengths) // self.batch_size) - self.start_batch
 
 
+def collate_prepared(samples: list[tuple], prepare: Callable[[JaggedBatch], Any]) -> JaggedBatch:
+    """:func:`collate`, then ``prepare(batch)`` as the batch's :attr:`JaggedBatch.known_layout`: in a
+    loader worker, so the step does not build it."""
+    batch = collate(samples)
+    batch.known_layout = prepare(batch)
+    return batch
+
+
+def batch_collate(prepare: Callable[[JaggedBatch], Any] | None = None) -> Callable[[list[tuple]], JaggedBatch]:
+    """The loaders' collate function: :func:`collate`, with ``prepare`` (a picklable
+    :class:`genrec.nn.prepared.LayoutPlan`) run on each batch where given."""
+    return collate if prepare is None else partial(collate_prepared, prepare=prepare)
+
+
 def make_loader(dataset: WindowDataset, batch_size: int, *, shuffle: bool, seed: int = 0,
-                num_workers: int = 0) -> DataLoader:
+                num_workers: int = 0, prepare: Callable[[JaggedBatch], Any] | None = None) -> DataLoader:
     sampler = BucketBatchSampler(dataset.lengths(), batch_size, shuffle=shuffle, seed=seed)
-    return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=num_workers,
+    return DataLoader(dataset, batch_sampler=sampler, collate_fn=batch_collate(prepare), num_workers=num_workers,
                       persistent_workers=False)

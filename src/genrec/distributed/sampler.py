@@ -17,9 +17,12 @@ targets, which adds nothing to the loss or the gradient but keeps the collective
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from genrec.data.batching import BucketBatchSampler, WindowDataset, collate
+from genrec.data.batching import BucketBatchSampler, JaggedBatch, WindowDataset, batch_collate
 
 
 def ghost(index: int) -> int:
@@ -73,9 +76,9 @@ class ShardedBatchSampler(Sampler[list[int]]):
 
 
 def sharded_loader(dataset: WindowDataset, global_batch: int, rank: int, world_size: int, *, seed: int,
-                   num_workers: int = 0) -> DataLoader:
+                   num_workers: int = 0, prepare: Callable[[JaggedBatch], Any] | None = None) -> DataLoader:
     """The training loader of one rank: per-rank batches of about ``global_batch / world_size`` windows."""
     sampler = ShardedBatchSampler(BucketBatchSampler(dataset.lengths(), global_batch, shuffle=True, seed=seed),
                                   rank, world_size)
-    return DataLoader(GhostableWindows(dataset), batch_sampler=sampler, collate_fn=collate,
+    return DataLoader(GhostableWindows(dataset), batch_sampler=sampler, collate_fn=batch_collate(prepare),
                       num_workers=num_workers, persistent_workers=False)

@@ -25,6 +25,7 @@ from genrec.distributed.evaluate import sharded_evaluate
 from genrec.distributed.launch import ProcessGroup
 from genrec.distributed.sampler import sharded_loader
 from genrec.models.base import RecModel
+from genrec.nn.prepared import LayoutPlan
 from genrec.nn.ranks import mean_over_ranks
 from genrec.train.strategy import Strategy
 
@@ -67,11 +68,13 @@ class DataParallel(Strategy):
             return fsdp2(model, device)
         return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
-    def train_loader(self, dataset: WindowDataset, batch_size: int, seed: int, num_workers: int):
+    def train_loader(self, dataset: WindowDataset, batch_size: int, seed: int, num_workers: int,
+                     prepare: LayoutPlan | None = None):
         if batch_size < self.world_size:
             raise ValueError(f"data.batch_size ({batch_size}) is the global batch; it must be at least the "
                              f"number of ranks ({self.world_size})")
-        return sharded_loader(dataset, batch_size, self.rank, self.world_size, seed=seed, num_workers=num_workers)
+        return sharded_loader(dataset, batch_size, self.rank, self.world_size, seed=seed, num_workers=num_workers,
+                              prepare=prepare)
 
     def loss_scale(self, batch: JaggedBatch) -> torch.Tensor:
         local = batch.target_mask.sum().to(torch.float64)

@@ -35,6 +35,7 @@ from torch import nn
 
 from genrec.data.batching import JaggedBatch, rows_at
 from genrec.nn.kv_cache import KVServing
+from genrec.nn.prepared import LayoutPlan
 
 Task = Literal["ranking", "retrieval"]
 
@@ -53,6 +54,12 @@ class RecModel(nn.Module):
 
     def forward(self, batch: JaggedBatch) -> dict[str, torch.Tensor]:  # {"loss": ..., parts...}
         raise NotImplementedError
+
+    def layout_plan(self, dtype: torch.dtype) -> LayoutPlan | None:
+        """What the training loader builds from each batch ahead of its step (the token layout's
+        schedules on the fused backend; :mod:`genrec.nn.prepared`), for steps whose attention runs in
+        ``dtype``; None: nothing."""
+        return None
 
     def rank_logits(self, batch: JaggedBatch) -> torch.Tensor:  # [num_targets] main action
         raise NotImplementedError(f"{type(self).__name__} does not rank (tasks: {self.tasks})")

@@ -20,6 +20,7 @@ Features: item id, action, position and time through HSTU's relative bias.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Literal
 
 import torch
@@ -32,6 +33,7 @@ from genrec.nn.embeddings import ActionEmbedding
 from genrec.nn.events import Events, append_candidates, dual_flow_layout, event_layout, target_dual_flow_layout
 from genrec.nn.hstu import HSTUBlock, attention_scale
 from genrec.nn.kv_cache import KVCache, KVServing
+from genrec.nn.prepared import LayoutPlan
 from genrec.ops.dispatch import BackendName, get_backend
 from genrec.ops.layout import TokenLayout
 
@@ -53,6 +55,30 @@ class DFGRConfig:
     # training's fake flow: one token per event ("dense", [real N | fake N]) or per target event only
     # ("targets", [real N | fake T]); the same logits at the targets, fewer tokens when few are targets
     fake_flow: Literal["dense", "targets"] = "dense"
+
+
+def fake_tail(layout: TokenLayout, m: int) -> TokenLayout:
+    """``layout`` with exactly its last ``m`` tokens flagged fake (``m`` may be 0)."""
+    hidden = torch.ones_like(layout.fake[:, layout.shape[1] - m:])
+    fake = torch.cat([torch.zeros_like(layout.fake[:, :layout.shape[1] - m]), hidden], dim=1)
+    return TokenLayout(layout.valid, layout.request, layout.event, fake, layout.position, layout.timestamp,
+                       layout.rule)
+
+
+def training_layout(ev: Events, batch: JaggedBatch, fake_flow: str) -> tuple[TokenLayout, torch.Tensor | None]:
+    """Training's ``[real | fake]`` layout of ``batch`` (``ev`` its events) before its fake tokens are
+    flagged (:func:`fake_tail`), and the event of each fake token ``[B, T]`` (None for the dense fake
+    flow: every event's, in order)."""
+    if fake_flow == "targets":
+        return target_dual_flow_layout(ev, batch.max_targets)  # [B, N + T], [B, T]
+    return dual_flow_layout(ev), None  # [B, 2N]
+
+
+def _batch_layout(batch: JaggedBatch, fake_flow: str) -> TokenLayout:
+    """The layout :meth:`DFGR.target_hidden` hands its blocks, from the batch alone (for the loader)."""
+    ev = Events.from_batch(batch)
+    layout, _ = training_layout(ev, batch, fake_flow)
+    return fake_tail(layout, layout.shape[1] - ev.valid.shape[1])
 
 
 class DFGR(GenerativeRanker):
@@ -79,12 +105,9 @@ class DFGR(GenerativeRanker):
         and ``layout`` (whose last M tokens they are) with exactly those tokens flagged ``fake``.
         Training's ``[real | fake]`` sequence and serving's candidates both come from here, so the
         tokens the mask treats as fake are always the ones embedded without their action."""
-        m = items.shape[1]
         hidden = torch.ones_like(items, dtype=torch.bool)
         tokens = self.item_emb(items) + self.action_emb(torch.zeros_like(items), hidden)
-        fake = torch.cat([torch.zeros_like(layout.fake[:, :layout.shape[1] - m]), hidden], dim=1)  # m may be 0
-        return tokens, TokenLayout(layout.valid, layout.request, layout.event, fake, layout.position,
-                                   layout.timestamp, layout.rule)
+        return tokens, fake_tail(layout, items.shape[1])
 
     def candidate_tokens(self, candidates: torch.Tensor, cache: KVCache,
                          request_time: torch.Tensor) -> tuple[torch.Tensor, TokenLayout]:
@@ -95,15 +118,20 @@ class DFGR(GenerativeRanker):
     def candidate_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [B, M, D] -> [B, M, T]
         return self.heads.candidate_logits(self.norm(hidden))
 
+    def layout_plan(self, dtype: torch.dtype) -> LayoutPlan | None:
+        return LayoutPlan.of(partial(_batch_layout, fake_flow=self.cfg.fake_flow),
+                             (block.attention_spec() for block in self.blocks), dtype)
+
     def target_hidden(self, batch: JaggedBatch) -> torch.Tensor:
         ev = Events.from_batch(batch)
         real_flow, _ = self.history_tokens(ev)
-        if self.cfg.fake_flow == "targets":
-            layout, index = target_dual_flow_layout(ev, batch.max_targets)  # [B, N + T], [B, T]
+        layout, index = training_layout(ev, batch, self.cfg.fake_flow)
+        if index is not None:  # the target events' fake tokens
             fake_items, at_targets = ev.items.gather(1, index), layout.valid[:, ev.valid.shape[1]:]  # [B, T]
         else:
-            layout, fake_items, at_targets = dual_flow_layout(ev), ev.items, ev.target  # [B, 2N], [B, N], [B, N]
+            fake_items, at_targets = ev.items, ev.target  # [B, N], [B, N]
         fake_flow, layout = self.fake_flow(fake_items, layout)
+        layout.seed(batch.known_layout)
         x = torch.cat([real_flow, fake_flow], dim=1)  # [B, N + T or 2N, D]
         for block in self.blocks:
             x = block(x, layout)

@@ -22,6 +22,7 @@ from genrec.nn.embeddings import ActionEmbedding
 from genrec.nn.events import Events, append_candidates, interleave, item_action_layout
 from genrec.nn.hstu import HSTUBlock, attention_scale
 from genrec.nn.kv_cache import KVCache, KVServing
+from genrec.nn.prepared import LayoutPlan
 from genrec.ops.dispatch import BackendName, get_backend
 from genrec.ops.layout import TokenLayout
 
@@ -40,6 +41,11 @@ class HSTUConfig:
     task_weights: tuple[float, ...] = ()  # BCE weight per signal (default 1 each)
     task_head: str = "mlp"  # "mlp" (shared bottom) or "mmoe"
     num_experts: int = 4  # mmoe only
+
+
+def _batch_layout(batch: JaggedBatch) -> TokenLayout:
+    """The layout :meth:`HSTU.target_hidden` hands its blocks, from the batch alone (for the loader)."""
+    return item_action_layout(Events.from_batch(batch))
 
 
 class HSTU(GenerativeRanker):
@@ -70,9 +76,13 @@ class HSTU(GenerativeRanker):
     def candidate_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [B, M, D] -> [B, M, T]
         return self.heads.candidate_logits(self.norm(hidden))
 
+    def layout_plan(self, dtype: torch.dtype) -> LayoutPlan | None:
+        return LayoutPlan.of(_batch_layout, (block.attention_spec() for block in self.blocks), dtype)
+
     def target_hidden(self, batch: JaggedBatch) -> torch.Tensor:
         ev = Events.from_batch(batch)
         x, layout = self.history_tokens(ev)
+        layout.seed(batch.known_layout)
         for block in self.blocks:
             x = block(x, layout)
         return self.norm(rows_at(x[:, 0::2], ev.target, batch.num_targets))  # item tokens at targets, [N_t, D]

@@ -21,6 +21,7 @@ from genrec.models.generative import GenerativeRanker
 from genrec.nn.embeddings import ActionEmbedding
 from genrec.nn.events import Events, append_candidates, event_layout
 from genrec.nn.hstu import HSTUBlock, attention_scale
+from genrec.nn.prepared import LayoutPlan
 from genrec.ops.dispatch import BackendName, get_backend
 from genrec.ops.layout import TokenLayout
 
@@ -41,6 +42,18 @@ class SFGRConfig:
     num_experts: int = 4  # mmoe only
 
 
+def training_layout(ev: Events) -> TokenLayout:
+    """One token per event, the targets' actions hidden (``fake``) and their position their request's first event's."""
+    return TokenLayout(valid=ev.valid, request=ev.request, event=ev.position, fake=ev.target,
+                       position=torch.where(ev.target, ev.request_start, ev.position), timestamp=ev.timestamp,
+                       rule="request_causal")
+
+
+def _batch_layout(batch: JaggedBatch) -> TokenLayout:
+    """The layout :meth:`SFGR.target_hidden` hands its blocks, from the batch alone (for the loader)."""
+    return training_layout(Events.from_batch(batch))
+
+
 class SFGR(GenerativeRanker):
     def __init__(self, cfg: SFGRConfig, info: DatasetInfo):
         super().__init__(cfg.d_model, info, cfg)
@@ -56,12 +69,14 @@ class SFGR(GenerativeRanker):
             for _ in range(cfg.num_layers))
         self.norm = nn.LayerNorm(cfg.d_model)
 
+    def layout_plan(self, dtype: torch.dtype) -> LayoutPlan | None:
+        return LayoutPlan.of(_batch_layout, (block.attention_spec() for block in self.blocks), dtype)
+
     def target_hidden(self, batch: JaggedBatch) -> torch.Tensor:
         ev = Events.from_batch(batch)
         x = self.item_emb(ev.items) + self.action_emb(ev.actions, hidden=ev.target)  # [B, N, D]
-        layout = TokenLayout(valid=ev.valid, request=ev.request, event=ev.position,
-                             fake=ev.target, position=torch.where(ev.target, ev.request_start, ev.position),
-                             timestamp=ev.timestamp, rule="request_causal")
+        layout = training_layout(ev)
+        layout.seed(batch.known_layout)
         return rows_at(self._run(x, layout), ev.target, batch.num_targets)
 
     def _run(self, x: torch.Tensor, layout: TokenLayout) -> torch.Tensor:

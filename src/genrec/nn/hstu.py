@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from genrec.nn.kv_cache import LayerCache
+from genrec.nn.prepared import AttentionSpec
 from genrec.ops.dispatch import AttentionBackend
 from genrec.ops.layout import TokenLayout
 
@@ -42,6 +43,14 @@ class HSTUBlock(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.rel_pos = nn.Parameter(torch.zeros(num_heads, num_position_buckets))
         self.rel_time = nn.Parameter(torch.zeros(num_heads, num_time_buckets))
+
+    def attention_spec(self) -> AttentionSpec | None:
+        """What a :class:`~genrec.nn.prepared.LayoutPlan` prepares for this block (None: its backend
+        prepares nothing)."""
+        if self.backend.prepare_hstu is None:
+            return None
+        return AttentionSpec(self.backend, self.uvqk.in_features // self.num_heads, self.rel_pos.shape[1],
+                             self.rel_time.shape[1])
 
     def forward(self, x: torch.Tensor, layout: TokenLayout, cache: LayerCache | None = None) -> torch.Tensor:
         """``x`` ``[B, n, D]``: all of the layout's tokens, or with a ``cache`` the new tokens after the

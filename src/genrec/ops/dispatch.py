@@ -34,14 +34,26 @@ class SoftmaxAttention(Protocol):
                  alibi: torch.Tensor | None = None, q_offset: int = 0) -> torch.Tensor: ...
 
 
+class PrepareHSTU(Protocol):
+    def __call__(self, layout: TokenLayout, head_dim: int, dtype: torch.dtype, num_pos: int | None,
+                 num_time: int | None, grads: bool, q_offset: int = 0) -> tuple[tuple, ...]: ...
+
+
 @dataclass(frozen=True)
 class AttentionBackend:
     """The attention functions of one backend: q ``[B, H, L - q_offset, Dh]``, k, v ``[B, H, L, Dh]``
-    -> ``[B, H, L - q_offset, Dh]`` (see :mod:`genrec.ops.reference.attention`)."""
+    -> ``[B, H, L - q_offset, Dh]`` (see :mod:`genrec.ops.reference.attention`).
+
+    ``prepare_hstu`` (None: nothing worth it) builds into a layout's cache what ``hstu_attention``
+    will read from it and returns those keys, so a data loader can build it on the host ahead of the
+    step (:class:`genrec.nn.prepared.LayoutPlan`): the fused kernels' schedules, a few hundred small
+    tensor ops per step otherwise. The reference backend has none: its cache is dense ``[B, L, L]``
+    masks and distances, cheaper to build where they are used than to ship from a worker."""
 
     name: BackendName
     hstu_attention: HSTUAttention
     softmax_attention: SoftmaxAttention
+    prepare_hstu: PrepareHSTU | None = None
 
 
 REFERENCE = AttentionBackend("reference", reference.hstu_attention, reference.softmax_attention)

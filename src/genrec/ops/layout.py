@@ -49,6 +49,22 @@ class TokenLayout:
             self._cache[key] = build()
         return self._cache[key]
 
+    def prepared(self, keys) -> PreparedLayout:
+        """The entries of this layout's cache under ``keys``, to seed the same layout elsewhere."""
+        return PreparedLayout(self.shape, self.rule, {key: self._cache[key] for key in keys})
+
+    def seed(self, prepared: PreparedLayout | None) -> None:
+        """Fill the cache with what was built ahead of the step from the same batch (the data loader's
+        :class:`genrec.nn.prepared.LayoutPlan`), so no forward builds it again. A plan of another
+        shape or rule is an error: its schedules would describe other tokens."""
+        if prepared is None:
+            return
+        if (tuple(prepared.shape), prepared.rule) != (self.shape, self.rule):
+            raise ValueError(f"a prepared layout of shape {tuple(prepared.shape)} under rule {prepared.rule!r} "
+                             f"cannot seed a layout of shape {self.shape} under rule {self.rule!r}: the batch's "
+                             "known_layout was built from another batch or model")
+        self._cache.update(prepared.entries)
+
     def __post_init__(self):
         if self.rule not in RULES:
             raise ValueError(f"unknown mask rule {self.rule!r}; known: {RULES}")
@@ -56,6 +72,17 @@ class TokenLayout:
     @property
     def shape(self) -> tuple[int, int]:
         return tuple(self.valid.shape)
+
+
+@dataclass
+class PreparedLayout:
+    """Cache entries of a :class:`TokenLayout` (kernel metadata, tile schedules) built before its step,
+    on the host in a data-loader worker, and moved to the device with the batch: what the step would
+    otherwise build between its kernels, one small launch at a time (issue 14, item 4)."""
+
+    shape: tuple[int, int]
+    rule: Rule
+    entries: dict
 
 
 TIME_LIMIT_S = 2**31  # the kernels' int32 time differences

@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader
 from genrec.data.batching import JaggedBatch, WindowDataset, make_loader
 from genrec.errors import ConfigError
 from genrec.eval.evaluate import evaluate
+from genrec.nn.prepared import LayoutPlan
 from genrec.train import checkpoint
 
 
@@ -44,10 +45,12 @@ class Strategy:
         """The module the training step calls (``model`` itself, or a DDP/FSDP2 wrapper of it)."""
         return model
 
-    def train_loader(self, dataset: WindowDataset, batch_size: int, seed: int, num_workers: int) -> DataLoader:
+    def train_loader(self, dataset: WindowDataset, batch_size: int, seed: int, num_workers: int,
+                     prepare: LayoutPlan | None = None) -> DataLoader:
         """Batches of the training split, in an order that is a pure function of (seed, epoch); the
-        loader's ``batch_sampler`` has ``set_epoch(epoch, start_batch)`` and ``batches()``."""
-        return make_loader(dataset, batch_size, shuffle=True, seed=seed, num_workers=num_workers)
+        loader's ``batch_sampler`` has ``set_epoch(epoch, start_batch)`` and ``batches()``; ``prepare``:
+        each batch's layout built in the loader (:mod:`genrec.nn.prepared`)."""
+        return make_loader(dataset, batch_size, shuffle=True, seed=seed, num_workers=num_workers, prepare=prepare)
 
     def loss_scale(self, batch: JaggedBatch) -> float | torch.Tensor:
         """Factor on this process's loss before ``backward`` (1: the batch is the whole global batch)."""

@@ -689,6 +689,10 @@ def _pairs_and_full(layout: TokenLayout, meta: KernelMeta, tile: Tile, q_offset:
     return layout.cached(("triton_pairs", block_q, block_k, q_offset), build)
 
 
+def _schedule_key(tile: Tile, q_offset: int, transpose: bool) -> tuple:
+    return ("triton_tiles", *tile[:2], q_offset, transpose)
+
+
 def _schedule(layout: TokenLayout, meta: KernelMeta, tile: Tile, q_offset: int, transpose: bool):
     """Per query tile the key tiles to visit (forward, dQ), or per key tile the query tiles (dK/dV),
     without the bias (:func:`_bias_flags` lists them with it): built once per layout, shared by
@@ -696,7 +700,7 @@ def _schedule(layout: TokenLayout, meta: KernelMeta, tile: Tile, q_offset: int, 
     def build():
         pairs, full = _pairs_and_full(layout, meta, tile, q_offset)
         return tile_lists(pairs.mT, full.mT) if transpose else tile_lists(pairs, full)
-    return layout.cached(("triton_tiles", *tile[:2], q_offset, transpose), build)
+    return layout.cached(_schedule_key(tile, q_offset, transpose), build)
 
 
 def _splits_bias_grads(has_bias: bool, dq_separate: bool, bwd_tile: Tile, dq_tile: Tile) -> bool:
@@ -873,6 +877,42 @@ def _backward(ctx, grad_out: torch.Tensor):
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _plan(layout: TokenLayout, head_dim: int, dtype: torch.dtype, q_offset: int, num_pos: int | None,
+          num_time: int | None, grads: bool, config: KernelConfig) -> tuple[tuple, tuple]:
+    """What the kernels read from the layout for these arguments (``num_pos`` None: no bias), from its
+    cache: ``(meta, tiles, forward, backward, dq, q_ext, k_ext)`` (the extremes None without the
+    bias), and the cache keys those are under. Where the cache lacks them they are built: once per
+    layout, shared by every layer, or ahead of the step by :func:`prepare_attention`."""
+    keys = [("triton_meta",)]
+    meta = layout.cached(keys[0], lambda: KernelMeta.from_layout(layout))
+    fwd_tile, bwd_tile, dq_tile = tile_table = config.tiles(head_dim, dtype)
+    if num_pos is not None:
+        split = _splits_bias_grads(True, config.dq_separate, bwd_tile, dq_tile)
+        keys.append(("triton_bias_flags", tuple(fwd_tile), tuple(bwd_tile), tuple(dq_tile), q_offset, num_pos,
+                     num_time, grads, config.dq_separate, split))
+        forward, backward, dq, q_ext, k_ext = layout.cached(keys[-1], lambda: _bias_flags(
+            layout, meta, grads, config.dq_separate, tile_table, q_offset, num_pos, num_time, split))
+        return (meta, tile_table, forward, backward, dq, q_ext, k_ext), tuple(keys)
+    # placeholders where no gradient is asked, or dQ comes from the dK/dV kernel
+    parts = [(fwd_tile, False, True), (bwd_tile, True, grads), (dq_tile, False, grads and config.dq_separate)]
+    keys += [_schedule_key(tile, q_offset, transpose) for tile, transpose, used in parts if used]
+    forward = _schedule(layout, meta, fwd_tile, q_offset, transpose=False)
+    backward = _schedule(layout, meta, bwd_tile, q_offset, transpose=True) if grads else forward
+    dq = _schedule(layout, meta, dq_tile, q_offset, transpose=False) if grads and config.dq_separate else backward
+    return (meta, tile_table, forward, backward, dq, None, None), tuple(dict.fromkeys(keys))
+
+
+def prepare_attention(layout: TokenLayout, head_dim: int, dtype: torch.dtype, num_pos: int | None,
+                      num_time: int | None, grads: bool, q_offset: int = 0,
+                      config: KernelConfig = DEFAULT_CONFIG) -> tuple[tuple, ...]:
+    """Build into ``layout``'s cache what :func:`hstu_attention` will read for queries of ``dtype`` and
+    ``head_dim`` (``num_pos``/``num_time``: the bias tables' slots, None without the bias; ``grads``:
+    the backward's schedules too), on whatever device the layout is: a data-loader worker does it on
+    the host, ahead of the step. Returns the keys of those entries (the ones built on the way to them
+    are not read again)."""
+    return _plan(layout, head_dim, dtype, q_offset, num_pos, num_time, grads, config)[1]
+
+
 def hstu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLayout,
                    rel_pos: torch.Tensor | None, rel_time: torch.Tensor | None, scale: float,
                    q_offset: int = 0, config: KernelConfig = DEFAULT_CONFIG) -> torch.Tensor:
@@ -884,26 +924,17 @@ def hstu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: To
     d = q.shape[-1]
     if d not in (16, 32, 64, 128, 256):
         raise ValueError(f"the triton backend needs a head dim that is a power of two in 16..256, got {d}")
-    meta = layout.cached(("triton_meta",), lambda: KernelMeta.from_layout(layout))
-    fwd_tile, bwd_tile, dq_tile = config.tiles(d, q.dtype)
     tables = () if rel_pos is None else (rel_pos, rel_time)
     grads = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, *tables))
     has_bias = rel_pos is not None
+    sizes = (rel_pos.shape[-1], rel_time.shape[-1]) if has_bias else (None, None)
+    (meta, (fwd_tile, bwd_tile, dq_tile), forward, backward, dq, q_ext, k_ext), _ = _plan(
+        layout, d, q.dtype, q_offset, *sizes, grads, config)
     if has_bias:  # fp32 copies: autograd casts the tables' gradients back to their dtype
         rel_pos, rel_time = rel_pos.float().contiguous(), rel_time.float().contiguous()
-        split = _splits_bias_grads(has_bias, config.dq_separate, bwd_tile, dq_tile)
-        key = ("triton_bias_flags", tuple(fwd_tile), tuple(bwd_tile), tuple(dq_tile), q_offset, rel_pos.shape[-1],
-               rel_time.shape[-1], grads, config.dq_separate, split)
-        forward, backward, dq, q_ext, k_ext = layout.cached(key, lambda: _bias_flags(
-            layout, meta, grads, config.dq_separate, (fwd_tile, bwd_tile, dq_tile), q_offset, rel_pos.shape[-1],
-            rel_time.shape[-1], split))
     else:
         rel_pos = rel_time = torch.zeros(1, device=q.device, dtype=torch.float32)
         q_ext = k_ext = torch.zeros(1, 1, 4, device=q.device, dtype=torch.int32)  # unread
-        forward = _schedule(layout, meta, fwd_tile, q_offset, transpose=False)
-        # placeholders where no gradient is asked, or dQ comes from the dK/dV kernel
-        backward = _schedule(layout, meta, bwd_tile, q_offset, transpose=True) if grads else forward
-        dq = _schedule(layout, meta, dq_tile, q_offset, transpose=False) if grads and config.dq_separate else backward
     return _fwd_op(q, k, v, meta.request, meta.event, meta.flags, meta.position, meta.timestamp, q_ext, k_ext,
                    rel_pos, rel_time, *forward, *backward, *dq, scale, q_offset, RULE_IDS[layout.rule], has_bias,
                    list(fwd_tile), list(bwd_tile), list(dq_tile), config.dq_separate)

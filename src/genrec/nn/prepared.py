@@ -1,0 +1,64 @@
+"""A model's attention layout built ahead of its training step, in the data loader.
+
+On the fused backend a step's forward builds its token layout's kernel metadata and tile schedules
+before the first attention can run: ~180 small tensor ops, each a launch the GPU waits for, 6-8 ms
+of a 45-70 ms step on an H100 (benchmarks/results/speed_*.md, issue 14 item 4). They depend on the
+batch only, so a :class:`LayoutPlan` builds them on the host, in a loader worker, while the previous
+step runs; the batch carries them (:attr:`genrec.data.batching.JaggedBatch.known_layout`) and the
+model seeds its layout with them (:meth:`genrec.ops.layout.TokenLayout.seed`).
+
+A plan holds no weights (a worker process gets a copy): the function that builds the model's layout
+from a batch, and per distinct block the attention's sizes (:class:`AttentionSpec`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+
+from genrec.data.batching import JaggedBatch
+from genrec.ops.dispatch import AttentionBackend
+from genrec.ops.layout import PreparedLayout, TokenLayout
+
+
+@dataclass(frozen=True)
+class AttentionSpec:
+    """What one block's HSTU attention needs from a layout: its backend, head dim and bias tables'
+    slots (None: no bias)."""
+
+    backend: AttentionBackend
+    head_dim: int
+    num_pos: int | None
+    num_time: int | None
+
+
+@dataclass(frozen=True)
+class LayoutPlan:
+    """``plan(host_batch)``: the layout's cache entries the model's attention reads in a step of
+    ``dtype`` queries (``grads``: with the backward's schedules), built on the host."""
+
+    batch_layout: Callable[[JaggedBatch], TokenLayout]  # picklable: a module's function or a partial of one
+    attention: tuple[AttentionSpec, ...]
+    dtype: torch.dtype
+    grads: bool = True
+
+    @classmethod
+    def of(cls, batch_layout: Callable[[JaggedBatch], TokenLayout], specs: Iterable[AttentionSpec | None],
+           dtype: torch.dtype, grads: bool = True) -> LayoutPlan | None:
+        """The plan for blocks of these specs (None for a block whose backend prepares nothing), or
+        None when no block's does."""
+        distinct = tuple(dict.fromkeys(spec for spec in specs if spec is not None))
+        return cls(batch_layout, distinct, dtype, grads) if distinct else None
+
+    def __call__(self, batch: JaggedBatch) -> PreparedLayout:
+        if batch.offsets.device.type != "cpu":
+            raise ValueError(f"a LayoutPlan builds on the host, in the data loader: the batch is on "
+                             f"{batch.offsets.device}")
+        layout = self.batch_layout(batch)
+        keys: dict[tuple, None] = {}
+        for spec in self.attention:
+            keys.update(dict.fromkeys(spec.backend.prepare_hstu(layout, spec.head_dim, self.dtype, spec.num_pos,
+                                                                spec.num_time, self.grads)))
+        return layout.prepared(keys)
