@@ -12,7 +12,8 @@ a slot per distance, 32 time buckets). The batch is the speed file's training ba
 (``genrec.ops.layout.host_checked``). Every aten op is counted through a ``TorchDispatchMode``;
 ``views`` (no kernel) are counted apart. The counts depend on the torch version (decompositions),
 not on the device: the same code dispatches the same ops on the GPU. No target: the speed file's
-layout share is the target; this is where its host time goes.
+layout share is the target; this is where its host time goes, and what the step is left with when
+the training loader builds the metadata and schedules on the host (``prepared_copy``).
 
     python benchmarks/layout_ops.py     # -> results/layout_ops_cpu.{json,md}
 """
@@ -29,13 +30,14 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import report
 import speed
+from genrec.data.batching import to_device
 from genrec.nn.events import Events
 from genrec.ops.layout import host_checked
 from genrec.ops.triton import hstu
 from genrec.ops.triton.tiles import KernelMeta
 
 ROOT = Path(__file__).resolve().parent.parent
-STAGES = ("events", "layout", "kernel_meta", "schedules_no_bias", "schedules_bias_grads")
+STAGES = ("events", "layout", "kernel_meta", "schedules_no_bias", "schedules_bias_grads", "prepared_copy")
 
 
 class _Counting(TorchDispatchMode):
@@ -86,10 +88,15 @@ def count(name: str, n: int, batch: int, head_dim: int) -> tuple[list[dict], Cou
             hstu._bias_flags(layout, meta, True, config.dq_separate, tiles, 0, n + 1, 32, split)
             counts[next(stages)] = (mode.ops - before[0], mode.views - before[1])
             by_caller = mode.callers - by_caller_before
+        host = speed.TRAIN_LAYOUTS[name](Events.from_batch(data))  # the loader's build, then the step's copy
+        prepared = host.prepared(hstu.prepare_attention(host, head_dim, torch.bfloat16, n + 1, 32, grads=True))
+        with _Counting() as mode:
+            to_device(prepared, "meta")
+            counts[next(stages)] = (mode.ops, mode.views)
     rows, previous = [], (0, 0)
     for stage in STAGES:
         ops, views = counts[stage]
-        if stage != "schedules_bias_grads":
+        if stage not in ("schedules_bias_grads", "prepared_copy"):
             ops, views, previous = ops - previous[0], views - previous[1], (ops, views)
         rows.append({"model": name, "n": n, "batch": batch, "stage": stage, "ops": ops, "views": views,
                      "launching": ops - views})
@@ -113,7 +120,9 @@ def main(argv: list[str] | None = None) -> int:
     text = report.markdown_table(rows, ["model", "n", "batch", "stage", "ops", "views", "launching"])
     text += ("\nOps dispatched per layout build, counted on the CPU; `launching` = ops less views. "
              "`schedules_bias_grads`: what the fused attention builds with the bias in training "
-             "(after the layout and metadata, which it shares).\n")
+             "(after the layout and metadata, which it shares). `prepared_copy`: what the step runs instead of "
+             "`kernel_meta` and `schedules_bias_grads` when the training loader built them on the host "
+             "(`genrec.nn.prepared`, the trainer's path): one host-to-device copy per tensor of the plan.\n")
     first = args.models.split(",")[0]
     text += f"\n### {first}: the schedules with the bias by caller\n\n"
     text += report.markdown_table([{"caller": c, "ops": k} for c, k in callers[first].most_common()],
