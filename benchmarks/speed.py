@@ -14,26 +14,27 @@ Three parts, each a table in the result file:
   benchmark shapes). TFLOP/s count the pairs the mask allows (4·Dh FLOPs per pair forward, 2.5x that
   backward); ``vs_sdpa`` is a time over the *fastest* SDPA backend's on the same N (``sdpa_fastest``
   names it; all causal over N tokens; the dual-flow row's N tokens are N/2 real + N/2 fake).
-* ``train``: one optimizer step (AdamW, bf16 autocast) of HSTU, GenRank and DFGR (d=512, 8 heads,
-  4 layers, backend ``triton``) on synthetic equal-length sequences; events/s, peak memory and MFU
+* ``train``: one optimizer step (AdamW, bf16 autocast) of HSTU, GenRank and DFGR (d=512, 8 heads, 4
+  layers, backend ``triton``) on synthetic equal-length sequences; events/s, peak memory and MFU
   (model FLOPs per second over the matmul peak of the same run). ``dfgr_sparse`` is DFGR with the
   fake flow of the target events only (``fake_flow="targets"``: N + T tokens, not 2N); each model
   runs per ``--train-target-shares`` (``target_share`` 1: every event a target; 0.1: the last 10 %
   of each sequence, the temporal setting of issue 14 item 5b). Each step takes a host batch as
   :meth:`genrec.train.trainer.Trainer.train_step` does: its times checked on the host, its layout's
-  kernel metadata and schedules built on the host by the model's plan as the trainer's loader does
-  (:mod:`genrec.nn.prepared`, :func:`prepared`), moved to the GPU, the forward run without reading
-  the time span back. ``layout`` rows measure what a step pays for its layout (token layout, kernel
-  metadata, tile schedules, bias spans), all on one batch: ``step_ms`` with the layout built in the
-  step, ``step_ms_layout_reused`` with it built once and reused (:func:`layouts_reused`: the step
-  without that work), ``layout_in_step_ms`` their difference and ``in_step_share`` its share of the
-  step; ``step_ms_prepared`` the trainer's step on the loader-built layout and
-  ``prepared_in_step_share`` its difference to the reused one over it, what issue 14's target bounds
-  (differences of medians, so a share near 0 can come out below it); ``prepare_host_ms`` the plan's
-  host time per batch (a loader worker's, beside the step: ``prepare_share_of_step``). ``layout_ms``
-  times the build (events, token layout, metadata, the three tile schedules) standalone and
-  synchronised, with the timestamp check's read-back the step skips but without the bias's span
-  tables and split flags: ``standalone_share_of_step``, quoted beside the target without one.
+  kernel metadata and schedules built on the host by the model's plan as the trainer's loader
+  workers do (``data.num_workers`` >= 1; :mod:`genrec.nn.prepared`, :func:`prepared`), moved to the
+  GPU, the forward run without reading the time span back. ``layout`` rows measure what a step pays
+  for its layout (token layout, kernel metadata, tile schedules, bias spans), all on one batch:
+  ``step_ms`` with the layout built in the step, ``step_ms_layout_reused`` with it built once and
+  reused (:func:`layouts_reused`: the step without that work), ``layout_in_step_ms`` their
+  difference and ``in_step_share`` its share of the step; ``step_ms_prepared`` the trainer's step on
+  the loader-built layout and ``prepared_in_step_share`` its difference to the reused one over it,
+  what issue 14's target bounds (differences of medians, so a share near 0 can come out below it);
+  ``prepare_host_ms`` the plan's host time per batch (a loader worker's, beside the step:
+  ``prepare_share_of_step``). ``layout_ms`` times the build (events, token layout, metadata, the
+  three tile schedules) standalone and synchronised, with the timestamp check's read-back the step
+  skips but without the bias's span tables and split flags: ``standalone_share_of_step``, quoted
+  beside the target without one.
 * ``infer``: per-request latency of scoring M candidates after an N-event history, one request at a
   time: ``cold`` runs the history once (KV cache) then the candidates in micro-batches of at most
   512 (M-FALCON); ``cached`` scores against a history cache built earlier. Each eagerly and replayed

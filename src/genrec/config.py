@@ -55,7 +55,8 @@ class DataConfig:
     stride: Positive | None = None  # new targets per extra window of a long sequence (null: max_len // 2)
     batch_size: Positive = 64  # training windows per optimizer step
     eval_batch_size: Positive = 128  # windows per evaluation batch
-    num_workers: NonNegative = 0  # data-loader worker processes
+    num_workers: NonNegative = 0  # data-loader worker processes; on the triton backend >= 1 also builds
+    # each training batch's attention schedules in them, off the step (genrec.nn.prepared)
 
     def check(self) -> None:
         if self.event_log is None and self.dataset not in DATASETS and self.dataset not in PUBLIC_LOGS:

@@ -38,14 +38,17 @@ def _events(batch) -> int:  # a picklable stand-in for a model's LayoutPlan
 
 def test_the_training_loader_builds_what_the_model_plans_on_each_batch_and_the_others_do_not(
         tmp_path, shared_data, monkeypatch):
-    """The trainer asks the model for its LayoutPlan in the step's attention dtype (float32: no
-    autocast on the CPU) and hands it to the training loader only."""
+    """With loader workers, the trainer asks the model for its LayoutPlan in the step's attention
+    dtype (float32: no autocast on the CPU) and hands it to the training loader only; without
+    workers it asks for none (built in the main process, the work would only move before the step)."""
     trainer = Trainer(_small(tmp_path, shared_data, "data.num_workers=1"))
     asked = []
     monkeypatch.setattr(trainer.model, "layout_plan", lambda dtype: asked.append(dtype) or _events)
     batch = next(iter(trainer.loader("train")))
     assert asked == [torch.float32] and batch.known_layout == batch.num_events
     assert next(iter(trainer.loader("valid"))).known_layout is None
+    trainer.cfg.data.num_workers = 0
+    assert next(iter(trainer.loader("train"))).known_layout is None and asked == [torch.float32]
 
 
 def _small(tmp_path, shared_data, *extra):

@@ -172,8 +172,9 @@ class Trainer:
     def loader(self, split: str):
         d = self.cfg.data
         if split == "train":
-            # each batch's layout built in the loader (on the fused backend: its schedules), not in the step
-            plan = self.model.layout_plan(torch.bfloat16 if self.autocast else torch.float32)
+            # with loader workers, each batch's layout (on the fused backend: its schedules) is built in
+            # one while the step before runs; in the main process it would only move the work before the step
+            plan = self.model.layout_plan(torch.bfloat16 if self.autocast else torch.float32) if d.num_workers else None
             return self.strategy.train_loader(self.data[split], d.batch_size, self.cfg.train.seed, d.num_workers,
                                               prepare=plan)
         return make_loader(self.data[split], d.eval_batch_size, shuffle=False, num_workers=d.num_workers)
