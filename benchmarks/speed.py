@@ -401,11 +401,16 @@ def train_rows(ns: list[int], args, peak: float) -> list[dict]:
 def prepared(model: torch.nn.Module, batch: JaggedBatch) -> tuple[JaggedBatch, float]:
     """``batch`` (a host batch) with its layout built by the model's :class:`~genrec.nn.prepared.LayoutPlan`
     for bf16 steps, as the trainer's loader hands it over, and the milliseconds the plan took on the
-    host (a loader worker's time per batch)."""
+    host on one thread (a loader worker's time per batch: the loader runs its workers on one each)."""
     plan = model.layout_plan(torch.bfloat16)
-    start = time.perf_counter()
-    layout = plan(batch)
-    host_ms = (time.perf_counter() - start) * 1e3
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        start = time.perf_counter()
+        layout = plan(batch)
+        host_ms = (time.perf_counter() - start) * 1e3
+    finally:
+        torch.set_num_threads(threads)
     return dataclasses.replace(batch, known_layout=layout), host_ms
 
 
