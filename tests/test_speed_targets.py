@@ -45,6 +45,28 @@ def test_the_sparse_target_is_the_worst_sparse_dfgr_over_hstu_at_a_tenth_of_targ
         "name": "dfgr_over_hstu_train_sparse_min", "value": 1.5, "op": ">=", "target": 2.0, "met": False, "rows": ""}
 
 
+def test_the_training_targets_read_the_compiled_rows_where_the_file_has_them_for_every_eager_shape():
+    """``--train-compile`` rows (genrec train's train.compile) pair with each other, never with eager
+    ones; the targets read them when they cover every eager shape, the eager values stay beside them."""
+    eager = [_train("hstu", 1024, 0.1, 100.0, 2.0), _train("dfgr_sparse", 1024, 0.1, 180.0, 0.9),
+             _train("hstu", 2048, 0.1, 80.0, 2.0), _train("dfgr_sparse", 2048, 0.1, 168.0, 0.9)]
+    compiled = [r | {"mode": "compiled", "train_events_per_s": r["train_events_per_s"] * f}
+                for r, f in zip(eager, (1.2, 1.4, 1.2, 1.3), strict=True)]
+    ratios = speed.ratios(eager + compiled)
+    assert sorted((r["mode"], r["n"], round(r["dfgr_over_hstu"], 4)) for r in ratios) == [
+        ("train", 1024, 1.8), ("train", 2048, 2.1), ("train, compiled", 1024, 2.1), ("train, compiled", 2048, 2.275)]
+    goal = _goal(eager + compiled, "dfgr_over_hstu_train_sparse_min")
+    assert goal["value"] == pytest.approx(2.1) and goal["met"] is True and "compiled steps" in goal["rows"]
+    assert _goal(eager + compiled, "dfgr_over_hstu_train_sparse_min_eager")["value"] == pytest.approx(1.8)
+    flop = _goal(eager + compiled, "dfgr_train_ratio_over_flop_ratio_min")
+    assert flop["value"] == pytest.approx(2.1 / (2.0 / 0.9))
+    partial = _goal(eager + compiled[:2], "dfgr_over_hstu_train_sparse_min")  # N = 2048 compiled missing
+    assert partial["value"] is None and partial["met"] is False and "1 of the eager ones" in partial["reason"]
+    only_eager = _goal(eager, "dfgr_over_hstu_train_sparse_min")
+    assert only_eager["value"] == pytest.approx(1.8) and "eager steps" in only_eager["rows"]
+    assert not any(t["name"].endswith("_eager") for t in speed.targets(eager + speed.ratios(eager)))
+
+
 def test_a_target_without_rows_is_null_and_not_met():
     rows = [_train("hstu", 1024, 1.0, 100.0, 2.0), _train("dfgr", 1024, 1.0, 150.0, 1.5)]
     goal = _goal(rows, "dfgr_over_hstu_train_sparse_min")

@@ -51,6 +51,27 @@ def test_the_training_loader_builds_what_the_model_plans_on_each_batch_and_the_o
     assert next(iter(trainer.loader("train"))).known_layout is None and asked == [torch.float32]
 
 
+def test_a_compiled_training_step_takes_the_same_step_as_the_eager_one(tmp_path, shared_data):
+    """train.compile: the step runs a torch.compile'd model (inductor, here on the CPU), and its first
+    steps' losses and weights match the eager trainer's."""
+    runs = []
+    for compiled in (False, True):
+        trainer = Trainer(load(None, [f"data.data_dir={shared_data}", "data.max_len=30", "data.batch_size=64",
+                                      "model=hstu", "model_args.d_model=16", "model_args.dropout=0",
+                                      "train.progress=false", "train.tensorboard=false",
+                                      f"train.out_dir={tmp_path / str(compiled)}",
+                                      f"train.compile={str(compiled).lower()}"]))
+        assert isinstance(trainer.train_model, torch._dynamo.eval_frame.OptimizedModule) == compiled
+        state = trainer.start("overwrite")
+        batches = iter(trainer.train_loader)
+        losses = [trainer.train_step(next(batches), state)["loss"] for _ in range(2)]
+        runs.append((losses, [p.detach().clone() for p in trainer.model.parameters()]))
+    (eager, eager_weights), (compiled, compiled_weights) = runs
+    assert compiled == pytest.approx(eager, rel=1e-4)
+    for got, want in zip(compiled_weights, eager_weights, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-5)
+
+
 def _small(tmp_path, shared_data, *extra):
     return load(None, [f"data.data_dir={shared_data}", "data.max_len=30", "data.batch_size=64",
                        "model_args.d_model=16", "model_args.num_negatives=32", "train.progress=false",

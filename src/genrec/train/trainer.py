@@ -137,6 +137,8 @@ class Trainer:
             checkpoint.load_weights(self.model, weights)
         self.model.to(self.device)
         self.train_model = self.strategy.wrap(self.model, self.device)
+        if t.compile:  # the step's module only: evaluation and checkpoints use the model itself
+            self.train_model = torch.compile(self.train_model)
         decay = [p for n, p in self.model.named_parameters() if p.ndim >= 2 and "emb" not in n]
         other = [p for n, p in self.model.named_parameters() if not (p.ndim >= 2 and "emb" not in n)]
         self.optimizer = torch.optim.AdamW(
