@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from genrec.config import load
+from genrec.errors import ConfigError
 from genrec.train import checkpoint
 from genrec.train.checkpoint import CheckpointError
 from genrec.train.trainer import CsvLog, Trainer, lr_at
@@ -70,6 +71,21 @@ def test_a_compiled_training_step_takes_the_same_step_as_the_eager_one(tmp_path,
     assert compiled == pytest.approx(eager, rel=1e-4)
     for got, want in zip(compiled_weights, eager_weights, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-5)
+
+
+def test_a_step_that_torch_fails_to_compile_is_a_clear_error_naming_the_setting(tmp_path, shared_data):
+    trainer = Trainer(load(None, [f"data.data_dir={shared_data}", "data.max_len=30", "model=hstu",
+                                  "model_args.d_model=16", "train.progress=false", "train.tensorboard=false",
+                                  f"train.out_dir={tmp_path / 'run'}", "train.compile=true"]))
+    state = trainer.start("overwrite")
+
+    def fails(batch):  # what inductor raised on an H100 for sparse DFGR at N = 2048 (torch 2.11)
+        raise torch._dynamo.exc.BackendCompilerFailed(lambda *a: None, AssertionError("tiling"), None)
+
+    trainer.train_model = fails
+    with pytest.raises(ConfigError, match=r"train.compile: torch .* failed to compile hstu's step on a batch of "
+                                          r"\d+ x \d+ events .*set train.compile=false"):
+        trainer.train_step(next(iter(trainer.train_loader)), state)
 
 
 def _small(tmp_path, shared_data, *extra):

@@ -293,7 +293,15 @@ class Trainer:
         times_checked = host_checked(batch.timestamps)
         batch = batch.to(self.device)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast), times_checked:
-            losses = self.train_model(batch)
+            try:
+                losses = self.train_model(batch)
+            except torch._dynamo.exc.BackendCompilerFailed as e:
+                if not t.compile:
+                    raise
+                cause = (str(e).strip().splitlines() or ["-"])[-1]
+                raise ConfigError(f"train.compile: torch {torch.__version__} failed to compile {self.cfg.model}'s "
+                                  f"step on a batch of {batch.batch_size} x {batch.max_len} events "
+                                  f"({type(e).__name__}: {cause}); set train.compile=false") from e
         self.optimizer.zero_grad(set_to_none=True)
         (losses["loss"] * self.strategy.loss_scale(batch)).backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
