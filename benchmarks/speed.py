@@ -34,7 +34,9 @@ Three parts, each a table in the result file:
   ``prepare_share_of_step``). ``layout_ms`` times the build (events, token layout, metadata, the
   three tile schedules) standalone and synchronised, with the timestamp check's read-back the step
   skips but without the bias's span tables and split flags: ``standalone_share_of_step``, quoted
-  beside the target without one.
+  beside the target without one. ``--train-compile`` times the models ``torch.compile``'d (``genrec
+  train``'s ``train.compile``): train rows of mode ``compiled``, no layout rows; the ratio rows pair
+  them with each other, and the training targets read them where they cover every eager shape.
 * ``infer``: per-request latency of scoring M candidates after an N-event history, one request at a
   time: ``cold`` runs the history once (KV cache) then the candidates in micro-batches of at most
   512 (M-FALCON); ``cached`` scores against a history cache built earlier. Each eagerly and replayed
