@@ -4,8 +4,9 @@ On the fused backend a step's forward builds its token layout's kernel metadata 
 before the first attention can run: ~180 small tensor ops, each a launch the GPU waits for (2-3 ms,
 up to 7.7 % of a training step on an H100; benchmarks/results/speed_*.md, issue 14 item 4). They
 depend on the batch only, so a :class:`LayoutPlan` builds them on the host, in a loader worker,
-while the previous step runs (then they cost the step 0.5-2 %: copies to the device); the batch carries them (:attr:`genrec.data.batching.JaggedBatch.known_layout`) and the
-model seeds its layout with them (:meth:`genrec.ops.layout.TokenLayout.seed`).
+while the previous step runs (then they cost the step 0.5-2 %: copies to the device); the batch
+carries them (:attr:`genrec.data.batching.JaggedBatch.known_layout`) and the model seeds its layout
+with them (:meth:`genrec.ops.layout.TokenLayout.seed`).
 
 A plan holds no weights (a worker process gets a copy): the function that builds the model's layout
 from a batch, and per distinct block the attention's sizes (:class:`AttentionSpec`).
