@@ -135,3 +135,35 @@ def test_a_training_step_on_a_loader_prepared_batch_builds_no_schedule_and_match
     assert len(grads) == len(want_grads)
     for got, expected in zip(grads, want_grads, strict=True):
         torch.testing.assert_close(got, expected, **ATOMIC_ORDER)
+
+
+def test_the_trainer_with_a_loader_worker_hands_each_step_a_layout_the_step_does_not_build(
+        tmp_path, shared_data, monkeypatch, builds):
+    """End to end: ``genrec train`` on the triton backend with ``data.num_workers=1`` (on the CPU the
+    interpreter stands in for the GPU): the worker builds each batch's layout, the step builds none,
+    and the losses are those of the same steps with the layout built in the step (no workers)."""
+    import math
+
+    from genrec.config import load
+    from genrec.ops import dispatch
+    from genrec.train.trainer import Trainer
+
+    monkeypatch.setattr(dispatch, "triton_available", lambda: None)
+    losses = {}
+    for workers in (1, 0):
+        trainer = Trainer(load(None, [
+            f"data.data_dir={shared_data}", "data.max_len=12", "data.batch_size=4", f"data.num_workers={workers}",
+            "model=hstu", "model_args.d_model=32", "model_args.num_heads=2", "model_args.dropout=0",
+            "model_args.attention_backend=triton", f"train.device={DEVICE}", "train.bf16=false",
+            "train.progress=false", "train.tensorboard=false", f"train.out_dir={tmp_path / str(workers)}"]))
+        state = trainer.start("overwrite")
+        batches = iter(trainer.train_loader)
+        losses[workers] = []
+        for _ in range(2):
+            batch = next(batches)
+            assert (batch.known_layout is not None) == (workers > 0)
+            builds.clear()
+            losses[workers].append(trainer.train_step(batch, state)["loss"])
+            assert (builds == []) == (workers > 0), builds
+            assert math.isfinite(losses[workers][-1])
+    assert losses[1] == pytest.approx(losses[0], rel=1e-6)
