@@ -423,8 +423,9 @@ def _layout_row(model: torch.nn.Module, name: str, n: int, share: float, batch: 
     built = _train_step_seconds(model, [batch], args.train_steps) * 1e3
     with layouts_reused(model):
         reused = _train_step_seconds(model, [batch], args.train_steps) * 1e3
-    host_ms = statistics.median(prepared(model, batch)[1] for _ in range(5))
-    on_host = _train_step_seconds(model, [prepared(model, batch)[0]], args.train_steps) * 1e3
+    builds = [prepared(model, batch) for _ in range(5)]
+    host_ms = statistics.median(ms for _, ms in builds)
+    on_host = _train_step_seconds(model, [builds[-1][0]], args.train_steps) * 1e3
     standalone = layout_ms(name, batch, args)
     return {"bench": "layout", "model": name, "n": n, "target_share": share, "batch": batch.batch_size,
             "step_ms": built, "step_ms_layout_reused": reused, "layout_in_step_ms": built - reused,

@@ -893,12 +893,13 @@ def _plan(layout: TokenLayout, head_dim: int, dtype: torch.dtype, q_offset: int,
         forward, backward, dq, q_ext, k_ext = layout.cached(keys[-1], lambda: _bias_flags(
             layout, meta, grads, config.dq_separate, tile_table, q_offset, num_pos, num_time, split))
         return (meta, tile_table, forward, backward, dq, q_ext, k_ext), tuple(keys)
+    def scheduled(tile: Tile, transpose: bool):  # a schedule, its key noted where it is read
+        keys.append(_schedule_key(tile, q_offset, transpose))
+        return _schedule(layout, meta, tile, q_offset, transpose)
     # placeholders where no gradient is asked, or dQ comes from the dK/dV kernel
-    parts = [(fwd_tile, False, True), (bwd_tile, True, grads), (dq_tile, False, grads and config.dq_separate)]
-    keys += [_schedule_key(tile, q_offset, transpose) for tile, transpose, used in parts if used]
-    forward = _schedule(layout, meta, fwd_tile, q_offset, transpose=False)
-    backward = _schedule(layout, meta, bwd_tile, q_offset, transpose=True) if grads else forward
-    dq = _schedule(layout, meta, dq_tile, q_offset, transpose=False) if grads and config.dq_separate else backward
+    forward = scheduled(fwd_tile, transpose=False)
+    backward = scheduled(bwd_tile, transpose=True) if grads else forward
+    dq = scheduled(dq_tile, transpose=False) if grads and config.dq_separate else backward
     return (meta, tile_table, forward, backward, dq, None, None), tuple(dict.fromkeys(keys))
 
 
