@@ -79,9 +79,8 @@ class TrainConfig:
     device: str = "auto"  # "auto" (cuda when available), "cpu", "cuda" or "cuda:N"
     bf16: bool = True  # autocast to bf16 on GPU (ignored on CPU)
     # torch.compile the training forward (and through it the backward): fused elementwise work and
-    # fewer launches, 17 % (HSTU) and 23 % (sparse DFGR) off an H100 step at N = 1024; each new batch
-    # shape compiles first. torch 2.11's inductor failed on sparse DFGR at N = 2048 (a clear error then;
-    # pytorch/pytorch#197077)
+    # fewer launches; each new batch shape compiles first. torch 2.11's inductor failed on sparse DFGR
+    # at N = 2048 (a clear error then; pytorch/pytorch#197077)
     compile: bool = False
     deterministic: bool = True  # CPU: deterministic kernels, so repeated and resumed runs are bit-identical
     # validation metric to select and stop on; "auc+ndcg@10" sums several; "ndcg@10,auc" selects per task:
