@@ -14,16 +14,19 @@ Three parts, each a table in the result file:
   benchmark shapes). TFLOP/s count the pairs the mask allows (4·Dh FLOPs per pair forward, 2.5x that
   backward); ``vs_sdpa`` is a time over the *fastest* SDPA backend's on the same N (``sdpa_fastest``
   names it; all causal over N tokens; the dual-flow row's N tokens are N/2 real + N/2 fake).
-* ``train``: one optimizer step (AdamW, bf16 autocast) of HSTU, GenRank and DFGR (d=512, 8 heads, 4
-  layers, backend ``triton``) on synthetic equal-length sequences; events/s, peak memory and MFU
-  (model FLOPs per second over the matmul peak of the same run). ``dfgr_sparse`` is DFGR with the
+* ``train``: one optimizer step (fused AdamW, bf16 autocast, clipped gradients) of HSTU, GenRank
+  and DFGR (d=512, 8 heads, 4 layers, backend ``triton``) on synthetic equal-length sequences;
+  events/s, peak memory and MFU (model FLOPs per second over the matmul peak of the same run).
+  ``dfgr_sparse`` is DFGR with the
   fake flow of the target events only (``fake_flow="targets"``: N + T tokens, not 2N); each model
   runs per ``--train-target-shares`` (``target_share`` 1: every event a target; 0.1: the last 10 %
   of each sequence, the temporal setting of issue 14 item 5b). Each step takes a host batch as
-  :meth:`genrec.train.trainer.Trainer.train_step` does: its times checked on the host, its layout's
-  kernel metadata and schedules built on the host by the model's plan as the trainer's loader
-  workers do (``data.num_workers`` >= 1; :mod:`genrec.nn.prepared`, :func:`prepared`), moved to the
-  GPU, the forward run without reading the time span back. ``layout`` rows measure what a step pays
+  :meth:`genrec.train.trainer.Trainer.queue_step` does: in pinned memory, its times checked on the
+  host, its layout's kernel metadata and schedules built on the host by the model's plan as the
+  trainer's loader workers do (``data.num_workers`` >= 1; :mod:`genrec.nn.prepared`,
+  :func:`prepared`), moved to the GPU, the forward run without reading the time span back; the
+  steps are queued back to back and timed together (``step_ms`` is their mean), as the trainer
+  runs them. ``layout`` rows measure what a step pays
   for its layout (token layout, kernel metadata, tile schedules, bias spans), all on one batch:
   ``step_ms`` with the layout built in the step, ``step_ms_layout_reused`` with it built once and
   reused (:func:`layouts_reused`: the step without that work), ``layout_in_step_ms`` their
@@ -294,33 +297,35 @@ def infer_gflop_per_request(model, ev: Events, m: int, micro: int, cached: bool,
 
 
 def _train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, batch: JaggedBatch) -> None:
-    """One AdamW step under bf16 autocast on a host batch, as the trainer takes it: the batch's
-    times checked on the host (:func:`genrec.ops.layout.host_checked`), the batch moved to the GPU,
-    the forward run without reading the time span back."""
+    """One step on a host batch as :meth:`genrec.train.trainer.Trainer.queue_step` takes it on a GPU:
+    the batch in pinned memory (the trainer's loaders pin it), its times checked on the host
+    (:func:`genrec.ops.layout.host_checked`), moved to the GPU, the forward run under bf16 autocast
+    without reading the time span back, the gradients clipped, a fused AdamW step; nothing read back."""
     times_checked = host_checked(batch.timestamps)
     batch = batch.to("cuda")
     opt.zero_grad(set_to_none=True)
     with torch.autocast("cuda", dtype=torch.bfloat16), times_checked:
         loss = model(batch)["loss"]
     loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     opt.step()
 
 
 def _train_step_seconds(model: torch.nn.Module, data: list[JaggedBatch], steps: int) -> float:
-    """Median wall time of one step (:func:`_train_step`) over ``data`` in turn, after 3 warm-up (and
-    compile) steps; resets the peak-memory counter after the warm-up."""
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    """Seconds per step (:func:`_train_step`) over ``steps`` steps on ``data`` in turn, queued back to
+    back and timed to the GPU's end of the last, as the trainer's loop runs them (it reads each
+    step's row one step late, so the host queues a step while the GPU runs the one before); after 3
+    warm-up (and compile) steps. Resets the peak-memory counter after the warm-up."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     for i in range(3):
         _train_step(model, opt, data[i % len(data)])
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
-    times = []
+    start = time.perf_counter()
     for i in range(steps):
-        start = time.perf_counter()
         _train_step(model, opt, data[i % len(data)])
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / steps
 
 
 @contextmanager
@@ -381,9 +386,10 @@ def layout_ms(name: str, batch: JaggedBatch, args, repeats: int = 10) -> float:
 
 
 def train_data(batch: int, n: int, share: float) -> list[JaggedBatch]:
-    """Three host batches of the train part (the trainer's loader yields host batches), their times
-    within the kernels' limit so that every step skips the device check, as a training run's do."""
-    data = [synthetic_batch(batch, n, seed, device="cpu", target_share=share) for seed in range(3)]
+    """Three host batches of the train part (the trainer's loader yields host batches, pinned on a
+    GPU), their times within the kernels' limit so that every step skips the device check, as a
+    training run's do."""
+    data = [synthetic_batch(batch, n, seed, device="cpu", target_share=share).pin_memory() for seed in range(3)]
     if not all(times_within_limit(b.timestamps) for b in data):
         raise SystemExit(f"synthetic timestamps of N = {n} reach 2^31 s: the steps would read the span back")
     return data
@@ -413,7 +419,7 @@ def prepared(model: torch.nn.Module, batch: JaggedBatch) -> tuple[JaggedBatch, f
         host_ms = (time.perf_counter() - start) * 1e3
     finally:
         torch.set_num_threads(threads)
-    return dataclasses.replace(batch, known_layout=layout), host_ms
+    return dataclasses.replace(batch, known_layout=layout).pin_memory(), host_ms  # the loader pins it
 
 
 def _layout_row(model: torch.nn.Module, name: str, n: int, share: float, batch: JaggedBatch, args) -> dict:

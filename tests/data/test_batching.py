@@ -124,6 +124,31 @@ def test_a_loader_with_a_prepare_step_carries_its_result_on_each_batch_from_its_
         assert int(y.known_layout["events"]) == y.num_events and torch.equal(y.known_layout["first"][0], y.items[:1])
 
 
+def test_pinning_a_batch_pins_every_tensor_its_layout_too_and_keeps_what_the_host_knows(monkeypatch, shared_data):
+    """A loader with ``pin_memory`` calls ``JaggedBatch.pin_memory``: every field and every tensor of
+    its layout page-locked (pinning needs a GPU build: here a stand-in marks what it is given), the
+    host-known sizes kept, so the moved batch still reads nothing back."""
+    pinned = []
+
+    def pin(t):
+        pinned.append(t)
+        return t.clone()
+
+    monkeypatch.setattr(torch.Tensor, "pin_memory", pin)
+    batch = make_batch([4, 2], seed=0)
+    batch.known_layout = {("a", 1): (torch.ones(2), [torch.zeros(3, dtype=torch.int32)], None)}
+    batch.known_max_len = 4
+    out = batch.pin_memory()
+    assert len(pinned) == len(batch.tensors()) + 2
+    assert all(any(p is t for p in pinned) for t in batch.tensors().values())
+    assert out.known_max_len == 4 and out.known_layout[("a", 1)][2] is None
+    assert torch.equal(out.known_layout[("a", 1)][1][0], batch.known_layout[("a", 1)][1][0])
+    assert all(getattr(out, k) is not getattr(batch, k) for k in batch.tensors())
+    dataset = _dataset(shared_data)
+    assert make_loader(dataset, 4, shuffle=False, pin_memory=True).pin_memory
+    assert not make_loader(dataset, 4, shuffle=False).pin_memory
+
+
 def test_moving_a_batch_moves_what_its_layout_carries_and_a_rebuilt_batch_drops_it():
     """``to`` moves every tensor inside tuples, dicts and dataclasses (the kernels' metadata); a batch
     built from ``tensors()`` (a modified copy) must not carry a layout of other tokens."""

@@ -94,6 +94,38 @@ def _small(tmp_path, shared_data, *extra):
                        "train.tensorboard=false", f"train.out_dir={tmp_path / 'run'}", *extra])
 
 
+def test_the_epoch_loop_reads_each_steps_row_after_queuing_the_next_and_before_a_checkpoint(
+        tmp_path, shared_data, monkeypatch):
+    """A row read waits for its step on a GPU, so the loop queues step k + 1 before reading row k;
+    a checkpoint's step and the last step are read before it goes on. The rows are the steps' own:
+    the same losses and norms as steps read at once, every step logged once."""
+    from genrec.train import trainer as trainer_lib
+
+    events = []
+    queue, read = Trainer.queue_step, trainer_lib.QueuedStep.read
+    monkeypatch.setattr(Trainer, "queue_step", lambda self, b, s: events.append(f"q{s['global_step'] + 1}")
+                        or queue(self, b, s))
+    monkeypatch.setattr(trainer_lib.QueuedStep, "read", lambda self, since=0.0: events.append(
+        f"r{self.head['step']}") or read(self, since))
+    trainer = Trainer(_small(tmp_path, shared_data, "train.max_steps=5", "train.checkpoint_every_steps=3"))
+    state = trainer.start("overwrite")
+    trainer.train_epoch(state)
+    assert events == ["q1", "q2", "r1", "q3", "r2", "r3", "q4", "q5", "r4", "r5"]
+    assert [c.name for c in sorted((tmp_path / "run").glob("checkpoints/step-*"))] == ["step-00000003"]
+    with open(tmp_path / "run" / "train_log.csv") as f:
+        logged = list(csv.DictReader(f))
+
+    other = Trainer(_small(tmp_path, shared_data, "train.max_steps=5", f"train.out_dir={tmp_path / 'at_once'}"))
+    other_state = other.start("overwrite")
+    batches = iter(other.train_loader)
+    at_once = [other.train_step(next(batches), other_state) for _ in range(5)]
+    assert [int(r["step"]) for r in logged] == [1, 2, 3, 4, 5]
+    for row, want in zip(logged, at_once, strict=True):
+        for column in ("loss", "grad_norm", "lr"):
+            assert float(row[column]) == pytest.approx(want[column], rel=1e-6), column
+        assert float(row["events_per_s"]) > 0
+
+
 def test_training_lowers_the_loss_on_real_data(tmp_path, shared_data):
     trainer = Trainer(_small(tmp_path, shared_data, "train.lr=0.01"))
     first, last = loss_before_and_after_fitting(trainer)

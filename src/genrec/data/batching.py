@@ -115,6 +115,14 @@ class JaggedBatch:
         return JaggedBatch(**moved, known_max_len=self.max_len, known_max_targets=self.max_targets,
                            known_num_targets=self.num_targets, known_layout=to_device(self.known_layout, device))
 
+    def pin_memory(self) -> JaggedBatch:
+        """The batch (its layout too) in page-locked host memory; a loader with ``pin_memory`` calls it.
+        A copy to the GPU from pageable memory waits for every kernel queued before it, so each
+        step's ``to`` would let the GPU run dry while the host queues the step; from pinned memory
+        the copies join the queue and the host runs ahead into the next step."""
+        pinned = {name: t.pin_memory() for name, t in self.tensors().items()}
+        return dataclasses.replace(self, **pinned, known_layout=map_tensors(self.known_layout, torch.Tensor.pin_memory))
+
     def sequence_index(self) -> torch.Tensor:
         """``[T]`` index of the sequence each event belongs to."""
         return jagged_index(self.offsets, self.num_events, 0)[0]
@@ -124,19 +132,24 @@ class JaggedBatch:
         return torch.arange(self.num_events, device=self.offsets.device) - self.offsets[:-1][self.sequence_index()]
 
 
-def to_device(value: Any, device: torch.device | str) -> Any:
-    """``value`` with every tensor in it on ``device``: through tuples, lists, dicts and dataclasses
-    (a prepared layout's entries are tuples of schedules and the kernels' metadata)."""
+def map_tensors(value: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    """``value`` with ``fn`` applied to every tensor in it: through tuples, lists, dicts and
+    dataclasses (a prepared layout's entries are tuples of schedules and the kernels' metadata)."""
     if isinstance(value, torch.Tensor):
-        return value.to(device, non_blocking=True)
+        return fn(value)
     if isinstance(value, tuple | list):
-        return type(value)(to_device(v, device) for v in value)
+        return type(value)(map_tensors(v, fn) for v in value)
     if isinstance(value, dict):
-        return {k: to_device(v, device) for k, v in value.items()}
+        return {k: map_tensors(v, fn) for k, v in value.items()}
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return dataclasses.replace(value, **{f.name: to_device(getattr(value, f.name), device)
+        return dataclasses.replace(value, **{f.name: map_tensors(getattr(value, f.name), fn)
                                              for f in fields(value) if f.init})
     return value
+
+
+def to_device(value: Any, device: torch.device | str) -> Any:
+    """``value`` with every tensor in it on ``device`` (:func:`map_tensors`), copied without blocking."""
+    return map_tensors(value, lambda t: t.to(device, non_blocking=True))
 
 
 def jagged_index(offsets: torch.Tensor, total: int, max_len: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -274,8 +287,9 @@ def batch_collate(prepare: Callable[[JaggedBatch], Any] | None = None) -> Callab
     return collate if prepare is None else partial(collate_prepared, prepare=prepare)
 
 
-def make_loader(dataset: WindowDataset, batch_size: int, *, shuffle: bool, seed: int = 0,
-                num_workers: int = 0, prepare: Callable[[JaggedBatch], Any] | None = None) -> DataLoader:
+def make_loader(dataset: WindowDataset, batch_size: int, *, shuffle: bool, seed: int = 0, num_workers: int = 0,
+                prepare: Callable[[JaggedBatch], Any] | None = None, pin_memory: bool = False) -> DataLoader:
+    """``pin_memory``: batches in page-locked memory (:meth:`JaggedBatch.pin_memory`), for a GPU step."""
     sampler = BucketBatchSampler(dataset.lengths(), batch_size, shuffle=shuffle, seed=seed)
     return DataLoader(dataset, batch_sampler=sampler, collate_fn=batch_collate(prepare), num_workers=num_workers,
-                      persistent_workers=False)
+                      persistent_workers=False, pin_memory=pin_memory)

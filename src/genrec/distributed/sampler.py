@@ -76,9 +76,10 @@ class ShardedBatchSampler(Sampler[list[int]]):
 
 
 def sharded_loader(dataset: WindowDataset, global_batch: int, rank: int, world_size: int, *, seed: int,
-                   num_workers: int = 0, prepare: Callable[[JaggedBatch], Any] | None = None) -> DataLoader:
+                   num_workers: int = 0, prepare: Callable[[JaggedBatch], Any] | None = None,
+                   pin_memory: bool = False) -> DataLoader:
     """The training loader of one rank: per-rank batches of about ``global_batch / world_size`` windows."""
     sampler = ShardedBatchSampler(BucketBatchSampler(dataset.lengths(), global_batch, shuffle=True, seed=seed),
                                   rank, world_size)
     return DataLoader(GhostableWindows(dataset), batch_sampler=sampler, collate_fn=batch_collate(prepare),
-                      num_workers=num_workers, persistent_workers=False)
+                      num_workers=num_workers, persistent_workers=False, pin_memory=pin_memory)

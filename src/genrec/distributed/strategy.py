@@ -69,12 +69,12 @@ class DataParallel(Strategy):
         return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
     def train_loader(self, dataset: WindowDataset, batch_size: int, seed: int, num_workers: int,
-                     prepare: LayoutPlan | None = None):
+                     prepare: LayoutPlan | None = None, pin_memory: bool = False):
         if batch_size < self.world_size:
             raise ValueError(f"data.batch_size ({batch_size}) is the global batch; it must be at least the "
                              f"number of ranks ({self.world_size})")
         return sharded_loader(dataset, batch_size, self.rank, self.world_size, seed=seed, num_workers=num_workers,
-                              prepare=prepare)
+                              prepare=prepare, pin_memory=pin_memory)
 
     def loss_scale(self, batch: JaggedBatch) -> torch.Tensor:
         local = batch.target_mask.sum().to(torch.float64)
@@ -83,10 +83,10 @@ class DataParallel(Strategy):
         self._targets = local
         return (self.world_size * local / total).float()
 
-    def reduce_losses(self, losses: dict[str, torch.Tensor], batch: JaggedBatch) -> dict[str, float]:
+    def reduce_losses(self, losses: dict[str, torch.Tensor], batch: JaggedBatch) -> dict[str, torch.Tensor]:
         # a ghost rank (no targets) has NaN losses, a mean over nothing: it adds nothing
         means = torch.stack([v.detach().double() for v in losses.values()])
-        return dict(zip(losses, mean_over_ranks(means, self._targets.expand(len(means))).tolist(), strict=True))
+        return dict(zip(losses, mean_over_ranks(means, self._targets.expand(len(means))).unbind(), strict=True))
 
     def _reduce(self, value: float, op) -> float:
         t = torch.tensor(float(value), dtype=torch.float64, device=self.group.device)

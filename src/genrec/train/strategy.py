@@ -46,19 +46,22 @@ class Strategy:
         return model
 
     def train_loader(self, dataset: WindowDataset, batch_size: int, seed: int, num_workers: int,
-                     prepare: LayoutPlan | None = None) -> DataLoader:
+                     prepare: LayoutPlan | None = None, pin_memory: bool = False) -> DataLoader:
         """Batches of the training split, in an order that is a pure function of (seed, epoch); the
         loader's ``batch_sampler`` has ``set_epoch(epoch, start_batch)`` and ``batches()``; ``prepare``:
-        each batch's layout built in the loader (:mod:`genrec.nn.prepared`)."""
-        return make_loader(dataset, batch_size, shuffle=True, seed=seed, num_workers=num_workers, prepare=prepare)
+        each batch's layout built in the loader (:mod:`genrec.nn.prepared`); ``pin_memory``: batches
+        in page-locked memory, for a GPU step."""
+        return make_loader(dataset, batch_size, shuffle=True, seed=seed, num_workers=num_workers, prepare=prepare,
+                           pin_memory=pin_memory)
 
     def loss_scale(self, batch: JaggedBatch) -> float | torch.Tensor:
         """Factor on this process's loss before ``backward`` (1: the batch is the whole global batch)."""
         return 1.0
 
-    def reduce_losses(self, losses: dict[str, torch.Tensor], batch: JaggedBatch) -> dict[str, float]:
-        """The logged losses: the global batch's target-weighted means."""
-        return {k: float(v.detach()) for k, v in losses.items()}
+    def reduce_losses(self, losses: dict[str, torch.Tensor], batch: JaggedBatch) -> dict[str, torch.Tensor]:
+        """The logged losses: the global batch's target-weighted means, left on the device (reading
+        them waits for the step; the trainer reads them a step later)."""
+        return {k: v.detach() for k, v in losses.items()}
 
     def sum(self, value: float) -> float:
         """``value`` summed over processes (events, FLOPs)."""

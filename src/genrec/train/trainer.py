@@ -91,6 +91,27 @@ class CsvLog:
             w.writerow(row)
 
 
+@dataclasses.dataclass
+class QueuedStep:
+    """A training step queued on the device, its log row not yet read: the grad norm and the losses
+    are device scalars, and reading them waits for the step's last kernel. The epoch loop reads a
+    step's row once it has queued the next step, so the GPU does not run dry while the host queues a
+    step (which, for small steps, takes about as long as the step's kernels)."""
+
+    head: dict  # step, epoch, lr: known on the host
+    values: dict[str, torch.Tensor]  # grad_norm, then the losses: device scalars
+    events: int
+    started: float  # perf_counter at the step's start
+
+    def read(self, since: float = 0.0) -> dict:
+        """The log row: ``events_per_s`` over the time from the step's start, or from ``since`` (the
+        previous row's read) if later, until now: in a loop that reads each row a step late, the time
+        between reads, which is the step's time on the device once the host runs ahead."""
+        row = {k: float(v) for k, v in self.values.items()}  # the first waits; FSDP2's norm is a DTensor
+        seconds = time.perf_counter() - max(self.started, since)
+        return self.head | {"grad_norm": row.pop("grad_norm"), "events_per_s": self.events / seconds} | row
+
+
 class Trainer:
     """Checks and builds everything a run needs on construction, writing nothing; :meth:`fit` trains.
 
@@ -141,9 +162,11 @@ class Trainer:
             self.train_model = torch.compile(self.train_model)
         decay = [p for n, p in self.model.named_parameters() if p.ndim >= 2 and "emb" not in n]
         other = [p for n, p in self.model.named_parameters() if not (p.ndim >= 2 and "emb" not in n)]
+        # fused on a GPU: one kernel per parameter group and tensor chunk, where the default
+        # (foreach) launches ~100 for a 4-layer HSTU, each a host dispatch in a host-bound step
         self.optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": t.weight_decay}, {"params": other, "weight_decay": 0.0}],
-            lr=t.lr, betas=t.betas)
+            lr=t.lr, betas=t.betas, fused=self.device.type == "cuda")
         self.autocast = t.bf16 and self.device.type == "cuda"
         self.record = record(cfg, self.seq.source_digest)
         self.writer = None
@@ -178,15 +201,21 @@ class Trainer:
             # one while the step before runs; in the main process it would only move the work before the step
             plan = self.model.layout_plan(torch.bfloat16 if self.autocast else torch.float32) if d.num_workers else None
             return self.strategy.train_loader(self.data[split], d.batch_size, self.cfg.train.seed, d.num_workers,
-                                              prepare=plan)
-        return make_loader(self.data[split], d.eval_batch_size, shuffle=False, num_workers=d.num_workers)
+                                              prepare=plan, pin_memory=self.pin_memory)
+        return make_loader(self.data[split], d.eval_batch_size, shuffle=False, num_workers=d.num_workers,
+                           pin_memory=self.pin_memory)
+
+    @property
+    def pin_memory(self) -> bool:
+        """Loaders hand over page-locked batches when the steps run on a GPU (:meth:`JaggedBatch.pin_memory`)."""
+        return self.device.type == "cuda"
 
     def history_loader(self):
         """Each user's latest training window, in order: the training history as it ends."""
         w = self.data["train"].windows  # grouped by user, in time order within a user
         last = np.flatnonzero(np.append(w[1:, 0] != w[:-1, 0], True))
         return make_loader(WindowDataset(self.seq, w[last]), self.cfg.data.eval_batch_size, shuffle=False,
-                           num_workers=self.cfg.data.num_workers)
+                           num_workers=self.cfg.data.num_workers, pin_memory=self.pin_memory)
 
     def stop_value(self, metrics: dict, task: str | None = None) -> float:
         """A task's selection value (default: the first task's); ``"auc+ndcg@10"`` sums several."""
@@ -281,7 +310,12 @@ class Trainer:
         return state
 
     def train_step(self, batch, state: dict) -> dict:
-        """One optimizer step on ``batch``; returns its log row (step, lr, grad norm, events/s, losses)."""
+        """One optimizer step on ``batch``; returns its log row (step, lr, grad norm, events/s, losses),
+        waiting for the step to finish (the epoch loop uses :meth:`queue_step` and reads rows late)."""
+        return self.queue_step(batch, state).read()
+
+    def queue_step(self, batch, state: dict) -> QueuedStep:
+        """One optimizer step on ``batch`` (a host batch), queued without reading anything back."""
         t = self.cfg.train
         t0 = time.perf_counter()
         torch.manual_seed(t.seed * 1_000_003 + state["global_step"])
@@ -291,7 +325,7 @@ class Trainer:
         # times checked here on the host batch, so the fused kernels' layout does not read the span
         # back from the device in every forward
         times_checked = host_checked(batch.timestamps)
-        batch = batch.to(self.device)
+        host_batch, batch = batch, batch.to(self.device)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast), times_checked:
             try:
                 losses = self.train_model(batch)
@@ -308,10 +342,10 @@ class Trainer:
         self.optimizer.step()
         state["global_step"] += 1
         state["batch_in_epoch"] += 1
-        self.meter.add(batch)
-        return {"step": state["global_step"], "epoch": state["epoch"], "lr": lr, "grad_norm": float(grad_norm),
-                "events_per_s": batch.num_events / (time.perf_counter() - t0)  # this process's
-                } | self.strategy.reduce_losses(losses, batch)
+        self.meter.add(host_batch)
+        return QueuedStep({"step": state["global_step"], "epoch": state["epoch"], "lr": lr},
+                          {"grad_norm": grad_norm} | self.strategy.reduce_losses(losses, batch),
+                          batch.num_events, t0)  # this process's events
 
     def train_epoch(self, state: dict) -> None:
         """The rest of the current epoch's steps (all of them unless resuming mid-epoch)."""
@@ -323,21 +357,38 @@ class Trainer:
         progress = Progress(self.console, f"epoch {state['epoch']}", state["batch_in_epoch"], self.steps_per_epoch,
                             enabled=t.progress and main, every_s=t.progress_every_s)
         self.meter.start()
+        queued: QueuedStep | None = None  # the step before, its row read once this one is queued
+        read_at = 0.0
+
+        def log_queued() -> None:
+            nonlocal queued, read_at
+            row, events = queued.read(read_at), queued.events
+            queued, read_at = None, time.perf_counter()
+            if main:
+                self.step_log.write(row)
+            if self.writer is not None:
+                for k, v in row.items():
+                    if k not in ("step", "epoch"):
+                        self.writer.add_scalar(f"train/{k}", v, row["step"])
+            progress.step(events, row["loss"])
+
         try:
             for batch in self.train_loader:
-                row = self.train_step(batch, state)
-                if main:
-                    self.step_log.write(row)
-                if self.writer is not None:
-                    for k, v in row.items():
-                        if k not in ("step", "epoch"):
-                            self.writer.add_scalar(f"train/{k}", v, state["global_step"])
-                progress.step(batch.num_events, row["loss"])
-                if t.checkpoint_every_steps and state["global_step"] % t.checkpoint_every_steps == 0:
+                step = self.queue_step(batch, state)
+                if queued is not None:
+                    log_queued()
+                queued = step
+                checkpoint_due = t.checkpoint_every_steps and state["global_step"] % t.checkpoint_every_steps == 0
+                last = t.max_steps and state["global_step"] >= t.max_steps
+                if checkpoint_due or last:
+                    log_queued()  # a checkpoint's step is logged: a resumed run logs from the step after
+                if checkpoint_due:
                     self.strategy.save_checkpoint(self.out, self.model, self.optimizer, state, t.keep_checkpoints)
-                if t.max_steps and state["global_step"] >= t.max_steps:
+                if last:
                     state["done"] = True
                     break
+            if queued is not None:
+                log_queued()
         finally:
             progress.close()
 

@@ -12,7 +12,7 @@ import pickle
 import pytest
 import torch
 
-from genrec.data.batching import JaggedBatch, collate, to_device
+from genrec.data.batching import JaggedBatch, collate, map_tensors, to_device
 from genrec.ops.layout import TokenLayout
 from tests.models.test_generative import make_model
 from tests.ops.triton.test_hstu import CUDA, DEVICE, INTERPRET, LAYOUTS, _inputs, _layout
@@ -137,11 +137,19 @@ def test_a_training_step_on_a_loader_prepared_batch_builds_no_schedule_and_match
         torch.testing.assert_close(got, expected, **ATOMIC_ORDER)
 
 
+def _pinned(value) -> set[bool]:
+    """Whether the tensors in ``value`` are page-locked: {True}, {False} or both."""
+    flags = []
+    map_tensors(value, lambda t: flags.append(t.is_pinned()) or t)
+    return set(flags)
+
+
 def test_the_trainer_with_a_loader_worker_hands_each_step_a_layout_the_step_does_not_build(
         tmp_path, shared_data, monkeypatch, builds):
     """End to end: ``genrec train`` on the triton backend with ``data.num_workers=1`` (on the CPU the
     interpreter stands in for the GPU): the worker builds each batch's layout, the step builds none,
-    and the losses are those of the same steps with the layout built in the step (no workers)."""
+    and the losses are those of the same steps with the layout built in the step (no workers); on a
+    GPU the batches come pinned."""
     import math
 
     from genrec.config import load
@@ -162,6 +170,8 @@ def test_the_trainer_with_a_loader_worker_hands_each_step_a_layout_the_step_does
         for _ in range(2):
             batch = next(batches)
             assert (batch.known_layout is not None) == (workers > 0)
+            # on a GPU the loader pins the batch and its layout (so their copies do not wait for the GPU)
+            assert _pinned((batch.tensors(), batch.known_layout)) == {DEVICE == "cuda"}
             builds.clear()
             losses[workers].append(trainer.train_step(batch, state)["loss"])
             assert (builds == []) == (workers > 0), builds
