@@ -81,6 +81,7 @@ from genrec.models import build_model
 from genrec.nn.events import Events, dual_flow_layout, item_action_layout, target_dual_flow_layout
 from genrec.nn.kv_cache import in_micro_batches
 from genrec.ops.layout import TokenLayout, host_checked, times_within_limit
+from genrec.train.trainer import COMPILE_OPTIONS
 
 ROOT = Path(__file__).resolve().parent.parent
 NUM_ITEMS = 100_000
@@ -447,7 +448,8 @@ def _train_model_rows(name: str, n: int, share: float, data: list[JaggedBatch], 
     torch.manual_seed(0)
     model = make_model(name, n, args).train()
     planned = [prepared(model, b)[0] if name in TRAIN_LAYOUTS else b for b in data]  # as the trainer's loader
-    seconds = _train_step_seconds(torch.compile(model) if args.train_compile else model, planned, args.train_steps)
+    step_model = torch.compile(model, options=COMPILE_OPTIONS) if args.train_compile else model  # as the trainer
+    seconds = _train_step_seconds(step_model, planned, args.train_steps)
     gflop = train_gflop_per_event(name, n, args, share)
     events_per_s = batch * n / seconds
     rows = [{"bench": "train", "model": name, "n": n, "target_share": share, "batch": batch, "d": args.d,

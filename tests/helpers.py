@@ -11,7 +11,7 @@ from genrec.data.batching import JaggedBatch
 def loss_before_and_after_fitting(trainer, steps: int = 30) -> tuple[float, float]:
     """Fit one real training batch for ``steps`` steps; its loss before and after, measured the same
     way (eval mode, fixed seed: same negatives, no dropout) so only the weights differ."""
-    batch = next(iter(trainer.loader("train")))
+    batch = next(iter(trainer.loader("train"))).to(trainer.device)
 
     def loss() -> float:
         trainer.model.eval()

@@ -79,8 +79,9 @@ class TrainConfig:
     device: str = "auto"  # "auto" (cuda when available), "cpu", "cuda" or "cuda:N"
     bf16: bool = True  # autocast to bf16 on GPU (ignored on CPU)
     # torch.compile the training forward (and through it the backward): fused elementwise work and
-    # fewer launches; each new batch shape compiles first. torch 2.11's inductor failed on sparse DFGR
-    # at N = 2048 (a clear error then; pytorch/pytorch#197077)
+    # fewer launches; each new batch shape compiles first. A compile failure is a clear error naming
+    # this setting (torch 2.11's inductor failed on sparse DFGR at N = 2048 until its coalesced-tiling
+    # analysis was switched off: genrec.train.trainer.COMPILE_OPTIONS, pytorch/pytorch#197077)
     compile: bool = False
     deterministic: bool = True  # CPU: deterministic kernels, so repeated and resumed runs are bit-identical
     # validation metric to select and stop on; "auc+ndcg@10" sums several; "ndcg@10,auc" selects per task:

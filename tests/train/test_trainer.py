@@ -43,13 +43,14 @@ def test_the_training_loader_builds_what_the_model_plans_on_each_batch_and_the_o
     dtype (float32: no autocast on the CPU) and hands it to the training loader only; without
     workers it asks for none (built in the main process, the work would only move before the step)."""
     trainer = Trainer(_small(tmp_path, shared_data, "data.num_workers=1"))
+    dtype = torch.bfloat16 if trainer.device.type == "cuda" else torch.float32  # bf16 autocast on a GPU
     asked = []
     monkeypatch.setattr(trainer.model, "layout_plan", lambda dtype: asked.append(dtype) or _events)
     batch = next(iter(trainer.loader("train")))
-    assert asked == [torch.float32] and batch.known_layout == batch.num_events
+    assert asked == [dtype] and batch.known_layout == batch.num_events
     assert next(iter(trainer.loader("valid"))).known_layout is None
     trainer.cfg.data.num_workers = 0
-    assert next(iter(trainer.loader("train"))).known_layout is None and asked == [torch.float32]
+    assert next(iter(trainer.loader("train"))).known_layout is None and asked == [dtype]
 
 
 def test_a_compiled_training_step_takes_the_same_step_as_the_eager_one(tmp_path, shared_data):
@@ -59,7 +60,7 @@ def test_a_compiled_training_step_takes_the_same_step_as_the_eager_one(tmp_path,
     for compiled in (False, True):
         trainer = Trainer(load(None, [f"data.data_dir={shared_data}", "data.max_len=30", "data.batch_size=64",
                                       "model=hstu", "model_args.d_model=16", "model_args.dropout=0",
-                                      "train.progress=false", "train.tensorboard=false",
+                                      "train.bf16=false", "train.progress=false", "train.tensorboard=false",
                                       f"train.out_dir={tmp_path / str(compiled)}",
                                       f"train.compile={str(compiled).lower()}"]))
         assert isinstance(trainer.train_model, torch._dynamo.eval_frame.OptimizedModule) == compiled
@@ -134,7 +135,7 @@ def test_training_lowers_the_loss_on_real_data(tmp_path, shared_data):
 
 def test_checkpoint_round_trip_restores_weights_and_optimizer(tmp_path, shared_data):
     trainer = Trainer(_small(tmp_path, shared_data))
-    batch = next(iter(trainer.loader("train")))
+    batch = next(iter(trainer.loader("train"))).to(trainer.device)
     trainer.model(batch)["loss"].backward()
     trainer.optimizer.step()
     saved = checkpoint.save(tmp_path, trainer.model, trainer.optimizer, {"global_step": 1, "epoch": 0})

@@ -52,6 +52,10 @@ from genrec.train.run_folder import Mode, RunFolder, default_path, record
 from genrec.train.strategy import Strategy
 from genrec.train.throughput import EpochMeter
 
+# torch.compile's inductor options for the training step: torch 2.11's coalesced-tiling analysis fails
+# an assertion on sparse DFGR's step at N = 2048 (pytorch/pytorch#197077); it only picks tile shapes
+COMPILE_OPTIONS = {"triton.coalesce_tiling_analysis": False}
+
 
 def lr_at(step: int, base: float, warmup: int, total: int, min_ratio: float) -> float:
     """Linear warm-up over ``warmup`` steps, then cosine from ``base`` down to ``base * min_ratio``."""
@@ -159,7 +163,7 @@ class Trainer:
         self.model.to(self.device)
         self.train_model = self.strategy.wrap(self.model, self.device)
         if t.compile:  # the step's module only: evaluation and checkpoints use the model itself
-            self.train_model = torch.compile(self.train_model)
+            self.train_model = torch.compile(self.train_model, options=COMPILE_OPTIONS)
         decay = [p for n, p in self.model.named_parameters() if p.ndim >= 2 and "emb" not in n]
         other = [p for n, p in self.model.named_parameters() if not (p.ndim >= 2 and "emb" not in n)]
         # fused on a GPU: one kernel per parameter group and tensor chunk, where the default
