@@ -324,21 +324,24 @@ def test_a_block_on_the_triton_backend_exports():
 
 
 @gpu_only
-@pytest.mark.parametrize("name", ["hstu", "dfgr"])
-def test_a_compiled_training_step_on_the_triton_backend_has_no_graph_break_in_the_attention(name):
-    """torch.compile of a whole model's training step: every graph break dynamo reports happens outside
-    the attention (the batch's jagged bookkeeping reads lengths on the host), and the compiled loss and
-    gradients equal eager ones. A break is placed by its innermost frame: the outer ones name every
-    model module it was called through."""
+@pytest.mark.parametrize("name, preset", [("hstu", {}), ("dfgr", {}), ("dfgr", {"fake_flow": "targets"})],
+                         ids=["hstu", "dfgr", "dfgr_sparse"])
+def test_a_compiled_training_step_on_the_triton_backend_has_no_graph_break_in_the_attention(name, preset):
+    """torch.compile of a whole model's training step (with the trainer's inductor options): every
+    graph break dynamo reports happens outside the attention (the batch's jagged bookkeeping reads
+    lengths on the host), and the compiled loss and gradients equal eager ones. A break is placed by
+    its innermost frame: the outer ones name every model module it was called through. DFGR's
+    target-only fake flow on a batch whose targets are some of its events."""
     import genrec.nn.hstu
     from genrec.models import build_model
+    from genrec.train.trainer import COMPILE_OPTIONS
     from tests.models.test_generative import INFO
 
     hstu_block_file = genrec.nn.hstu.__file__
-    batch = make_batch(random_lengths(1, 4, 90), seed=5).to(DEVICE)
+    batch = make_batch(random_lengths(1, 4, 90), seed=5, all_targets=not preset).to(DEVICE)
     torch.manual_seed(0)
     model = build_model(name, {"d_model": 64, "num_heads": 2, "num_layers": 2, "dropout": 0.0,
-                               "attention_backend": "triton"}, INFO, 128).to(DEVICE)
+                               "attention_backend": "triton", **preset}, INFO, 128).to(DEVICE)
     explanation = torch._dynamo.explain(lambda b: model(b)["loss"])(batch)
     sites = [(f"{r.user_stack[-1].filename}:{r.user_stack[-1].lineno}" if r.user_stack else "?",
               str(r.reason).splitlines()[0]) for r in explanation.break_reasons]
@@ -348,7 +351,7 @@ def test_a_compiled_training_step_on_the_triton_backend_has_no_graph_break_in_th
     eager.backward()
     want = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
-    loss = torch.compile(lambda b: model(b)["loss"])(batch)
+    loss = torch.compile(lambda b: model(b)["loss"], options=COMPILE_OPTIONS)(batch)
     loss.backward()
     torch.testing.assert_close(loss, eager, rtol=1e-4, atol=1e-5)
     for got, ref in zip((p.grad for p in model.parameters()), want, strict=True):
