@@ -17,8 +17,8 @@ Three parts, each a table in the result file:
 * ``train``: one optimizer step (fused AdamW, bf16 autocast, clipped gradients) of HSTU, GenRank
   and DFGR (d=512, 8 heads, 4 layers, backend ``triton``) on synthetic equal-length sequences;
   events/s, peak memory and MFU (model FLOPs per second over the matmul peak of the same run).
-  ``dfgr_sparse`` is DFGR with the
-  fake flow of the target events only (``fake_flow="targets"``: N + T tokens, not 2N); each model
+  ``dfgr_sparse`` is DFGR with the fake flow of the target events only (``fake_flow="targets"``:
+  N + T tokens, not 2N); each model
   runs per ``--train-target-shares`` (``target_share`` 1: every event a target; 0.1: the last 10 %
   of each sequence, the temporal setting of issue 14 item 5b). Each step takes a host batch as
   :meth:`genrec.train.trainer.Trainer.queue_step` does: in pinned memory, its times checked on the
@@ -32,7 +32,7 @@ Three parts, each a table in the result file:
   reused (:func:`layouts_reused`: the step without that work), ``layout_in_step_ms`` their
   difference and ``in_step_share`` its share of the step; ``step_ms_prepared`` the trainer's step on
   the loader-built layout and ``prepared_in_step_share`` its difference to the reused one over it,
-  what issue 14's target bounds (differences of medians, so a share near 0 can come out below it);
+  what issue 14's target bounds (differences of timed means, so a share near 0 can come out below it);
   ``prepare_host_ms`` the plan's host time per batch (a loader worker's, beside the step:
   ``prepare_share_of_step``). ``layout_ms`` times the build (events, token layout, metadata, the
   three tile schedules) standalone and synchronised, with the timestamp check's read-back the step
