@@ -386,11 +386,16 @@ def layout_ms(name: str, batch: JaggedBatch, args, repeats: int = 10) -> float:
     return statistics.median(times) * 1e3
 
 
+def loaded(batch: JaggedBatch) -> JaggedBatch:
+    """``batch`` as the trainer's loaders hand it over: pinned where the steps run on a GPU."""
+    return batch.pin_memory() if torch.cuda.is_available() else batch
+
+
 def train_data(batch: int, n: int, share: float) -> list[JaggedBatch]:
     """Three host batches of the train part (the trainer's loader yields host batches, pinned on a
     GPU), their times within the kernels' limit so that every step skips the device check, as a
     training run's do."""
-    data = [synthetic_batch(batch, n, seed, device="cpu", target_share=share).pin_memory() for seed in range(3)]
+    data = [loaded(synthetic_batch(batch, n, seed, device="cpu", target_share=share)) for seed in range(3)]
     if not all(times_within_limit(b.timestamps) for b in data):
         raise SystemExit(f"synthetic timestamps of N = {n} reach 2^31 s: the steps would read the span back")
     return data
@@ -420,7 +425,7 @@ def prepared(model: torch.nn.Module, batch: JaggedBatch) -> tuple[JaggedBatch, f
         host_ms = (time.perf_counter() - start) * 1e3
     finally:
         torch.set_num_threads(threads)
-    return dataclasses.replace(batch, known_layout=layout).pin_memory(), host_ms  # the loader pins it
+    return loaded(dataclasses.replace(batch, known_layout=layout)), host_ms
 
 
 def _layout_row(model: torch.nn.Module, name: str, n: int, share: float, batch: JaggedBatch, args) -> dict:

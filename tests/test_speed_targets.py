@@ -194,6 +194,7 @@ def test_train_batches_are_host_batches_whose_steps_skip_the_device_check():
     assert len(data) == 3 and all(b.timestamps.device.type == "cpu" and times_within_limit(b.timestamps)
                                   for b in data)
     assert int(data[0].timestamps.min()) >= speed.FIRST_EVENT_S
+    assert all(b.offsets.is_pinned() == torch.cuda.is_available() for b in data)  # as the trainer's loaders
 
 
 def _cpu_model(name: str) -> torch.nn.Module:
