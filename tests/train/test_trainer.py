@@ -40,7 +40,7 @@ def _events(batch) -> int:  # a picklable stand-in for a model's LayoutPlan
 def test_the_training_loader_builds_what_the_model_plans_on_each_batch_and_the_others_do_not(
         tmp_path, shared_data, monkeypatch):
     """With loader workers, the trainer asks the model for its LayoutPlan in the step's attention
-    dtype (float32: no autocast on the CPU) and hands it to the training loader only; without
+    dtype (bf16 under a GPU's autocast, float32 on the CPU) and hands it to the training loader only; without
     workers it asks for none (built in the main process, the work would only move before the step)."""
     trainer = Trainer(_small(tmp_path, shared_data, "data.num_workers=1"))
     dtype = torch.bfloat16 if trainer.device.type == "cuda" else torch.float32  # bf16 autocast on a GPU
@@ -54,8 +54,9 @@ def test_the_training_loader_builds_what_the_model_plans_on_each_batch_and_the_o
 
 
 def test_a_compiled_training_step_takes_the_same_step_as_the_eager_one(tmp_path, shared_data):
-    """train.compile: the step runs a torch.compile'd model (inductor, here on the CPU), and its first
-    steps' losses and weights match the eager trainer's."""
+    """train.compile: the step runs a torch.compile'd model (inductor, on the CPU or a GPU; float32,
+    so that bf16 rounding cannot hide a wrong step), and its first steps' losses and weights match
+    the eager trainer's."""
     runs = []
     for compiled in (False, True):
         trainer = Trainer(load(None, [f"data.data_dir={shared_data}", "data.max_len=30", "data.batch_size=64",
