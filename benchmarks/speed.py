@@ -3,17 +3,19 @@
 Three parts, each a table in the result file:
 
 * ``kernel``: our Triton HSTU attention (causal, without and with the relative position/time bias:
-  ``_rab`` with one table slot per distance, the models' table (``max_len + 1`` slots), ``_rab256``
-  with HSTUBlock's default 256 slots, distances past it sharing the last), the dual-flow
-  attention of DFGR, and ALiBi softmax attention through ``flex_attention``, each forward and
-  forward+backward, beside PyTorch's causal ``scaled_dot_product_attention`` through each of its
-  backends (flash, cuDNN, memory-efficient; one that cannot run is a row with its error), the HSTU
-  authors' Triton kernel when ``--anchor-path`` names a checkout of meta-recsys/generative-recommenders
-  (imported from there, never copied), and a bf16 matrix product, all in the same run. bf16, 4 heads,
-  head dim 128, ``--kernel-tokens`` tokens per batch in equal-length sequences (the HSTU authors'
-  benchmark shapes). TFLOP/s count the pairs the mask allows (4·Dh FLOPs per pair forward, 2.5x that
-  backward); ``vs_sdpa`` is a time over the *fastest* SDPA backend's on the same N (``sdpa_fastest``
-  names it; all causal over N tokens; the dual-flow row's N tokens are N/2 real + N/2 fake).
+  ``_rab`` with one table slot per distance, the models' table (``max_len + 1`` slots),
+  ``_rab256`` with HSTUBlock's default 256 slots, distances past it sharing the last), the
+  dual-flow attention of DFGR (``dual_flow_rab``: with the models' table), and ALiBi softmax
+  attention through ``flex_attention``, each forward and forward+backward, beside PyTorch's causal
+  ``scaled_dot_product_attention`` through each of its backends (flash, cuDNN, memory-efficient;
+  one that cannot run is a row with its error), the HSTU authors' Triton kernel when
+  ``--anchor-path`` names a checkout of meta-recsys/generative-recommenders (imported from there,
+  never copied), and a bf16 matrix product, all in the same run. bf16, 4 heads, head dim 128,
+  ``--kernel-tokens`` tokens per batch in equal-length sequences (the HSTU authors' benchmark
+  shapes). TFLOP/s count the pairs the mask allows (4·Dh FLOPs per pair forward, 2.5x that
+  backward); ``vs_sdpa`` is a time over the *fastest* SDPA backend's on the same N
+  (``sdpa_fastest`` names it; all causal over N tokens; the dual-flow row's N tokens are N/2 real
+  + N/2 fake).
 * ``train``: one optimizer step (fused AdamW, bf16 autocast, clipped gradients) of HSTU, GenRank
   and DFGR (d=512, 8 heads, 4 layers, backend ``triton``) on synthetic equal-length sequences;
   events/s, peak memory and MFU (model FLOPs per second over the matmul peak of the same run).
@@ -160,6 +162,8 @@ def _kernel_variants(backend, batch: int, n: int, rel_pos, rel_time, rel_pos256,
         "hstu_causal_rab256": (lambda q, k, v: backend.hstu_attention(q, k, v, causal, rel_pos256, rel_time,
                                                                       1.0 / n), causal_pairs),
         "dual_flow": (lambda q, k, v: backend.hstu_attention(q, k, v, dual, None, None, 1.0 / n), dual_pairs),
+        "dual_flow_rab": (lambda q, k, v: backend.hstu_attention(q, k, v, dual, rel_pos, rel_time, 1.0 / n),
+                          dual_pairs),
         "flex_alibi_causal": (lambda q, k, v: backend.softmax_attention(q, k, v, causal, slopes), causal_pairs),
     }
 
@@ -652,12 +656,16 @@ def _sparse_ratios(train: list[dict]) -> list[float]:
             and r["n"] >= 1024]
 
 
+BIAS_ROWS = (("hstu_causal_rab", "hstu_causal"), ("hstu_causal_rab256", "hstu_causal"),
+             ("dual_flow_rab", "dual_flow"))  # a kernel row with the relative bias, the row without it
+
+
 def targets(rows: list[dict]) -> list[dict]:
     """Issue 14's targets, from this file's rows."""
     kern = {(r["kernel"], r["n"]): r for r in rows if r["bench"] == "kernel" and "fwd_bwd_ms" in r}
     ns = sorted({n for _, n in kern if 1024 <= n <= 8192})
-    bias = [kern[(v, n)]["fwd_bwd_ms"] / kern[("hstu_causal", n)]["fwd_bwd_ms"] for n in ns
-            for v in ("hstu_causal_rab", "hstu_causal_rab256") if (v, n) in kern and ("hstu_causal", n) in kern]
+    bias = [kern[(v, n)]["fwd_bwd_ms"] / kern[(base, n)]["fwd_bwd_ms"] for n in ns
+            for v, base in BIAS_ROWS if (v, n) in kern and (base, n) in kern]
     nobias = [kern[(v, n)]["fwd_bwd_vs_sdpa"] for n in ns for v in ("hstu_causal", "dual_flow")
               if "fwd_bwd_vs_sdpa" in kern.get((v, n), {})]  # rows with an SDPA backend beside them
     every_train = [r for r in rows if r["bench"] == "ratio" and r["part"] == "train" and r["flop_ratio"]]
@@ -669,7 +677,8 @@ def targets(rows: list[dict]) -> list[dict]:
     worker, worker_untimed = _in_step_shares(layout, "prepare_share_of_step")
     return [
         _target("bias_over_nobias_fwd_bwd_max", bias, "<=", 1.3,
-                "kernel rows hstu_causal_rab and hstu_causal_rab256 over hstu_causal, N = 1024-8192", "no kernel rows"),
+                "kernel rows hstu_causal_rab and hstu_causal_rab256 over hstu_causal, dual_flow_rab over dual_flow "
+                "(where timed), N = 1024-8192", "no kernel rows"),
         _target("nobias_over_fastest_sdpa_fwd_bwd_max", nobias, "<=", 1.0,
                 "kernel rows hstu_causal and dual_flow over the fastest SDPA backend, N = 1024-8192", "no kernel rows"),
         _target("dfgr_over_hstu_train_sparse_min", _sparse_ratios(train), ">=", 2.0,

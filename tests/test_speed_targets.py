@@ -116,6 +116,15 @@ def _kernel(name: str, n: int, fwd_bwd_ms: float) -> dict:
     return {"bench": "kernel", "kernel": name, "n": n, "fwd_ms": fwd_bwd_ms / 3, "fwd_bwd_ms": fwd_bwd_ms, "run": 0}
 
 
+def test_the_bias_target_reads_each_kernel_with_the_bias_over_the_same_kernel_without_it():
+    """The causal rows over the causal kernel, the dual-flow row over the dual-flow kernel (half the
+    pairs at one N: over the causal kernel it would look cheap)."""
+    rows = [_kernel("hstu_causal", 1024, 2.0), _kernel("hstu_causal_rab", 1024, 5.0),
+            _kernel("hstu_causal_rab256", 1024, 4.0), _kernel("dual_flow", 1024, 1.0)]
+    assert _goal(rows, "bias_over_nobias_fwd_bwd_max")["value"] == 2.5
+    assert _goal(rows + [_kernel("dual_flow_rab", 1024, 3.0)], "bias_over_nobias_fwd_bwd_max")["value"] == 3.0
+
+
 def test_combining_a_cut_device_call_drops_the_kernel_rows_its_new_code_replaced(tmp_path):
     """``--rows A --merge B --merge-skip K``: A's rows, plus B's rows of other shapes except kernel
     rows named in K (timed with the kernel code A's run replaced); the targets come from the result,
