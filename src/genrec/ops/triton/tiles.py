@@ -132,7 +132,9 @@ def bias_forms(q_extremes: torch.Tensor, k_extremes: torch.Tensor, num_pos: int,
     q, k = q_extremes[:, :, None], k_extremes[:, None]  # [B, nQ, 1, 4], [B, 1, nK, 4]: int32 differences fit
     near = q[..., 0] - k[..., 1] < num_pos - 1
     # time_bucket of the lowest and highest difference, in one pass: floor(log2(1 + dt)) is frexp's
-    # exponent - 1, exact for every int32 difference (genrec.ops.masks.time_bucket's values, fewer ops)
+    # exponent - 1, exact for every int32 difference (genrec.ops.masks.time_bucket's values, fewer ops;
+    # time_bucket itself keeps its corrected log2: inductor's CPU code for frexp does not compile, and
+    # it runs in the exported serving models)
     spans = torch.stack([q[..., 2] - k[..., 3], q[..., 3] - k[..., 2]]).clamp_(min=0).double() + 1  # [2, B, nQ, nK]
     low, high = (torch.frexp(spans).exponent - 1).clamp_(max=num_time - 1)
     return near.int() * NEAR | low << LO_SHIFT | high << HI_SHIFT
