@@ -1,10 +1,10 @@
 """A model's attention layout built ahead of its training step, in the data loader.
 
 On the fused backend a step's forward builds its token layout's kernel metadata and tile schedules
-before the first attention can run: ~180 small tensor ops, each a launch the GPU waits for (2-3 ms,
-up to 7.7 % of a training step on an H100; benchmarks/results/speed_*.md, issue 14 item 4). They
-depend on the batch only, so a :class:`LayoutPlan` builds them on the host, in a loader worker,
-while the previous step runs (then they cost the step 0.5-2 %: copies to the device); the batch
+before the first attention can run: ~180 small tensor ops, each a host launch (the layout rows of
+benchmarks/results/speed_*.md time what they cost a step; issue 14 item 4). They depend on the
+batch only, so a :class:`LayoutPlan` builds them on the host, in a loader worker, while the
+previous step runs (the step then only copies them to the device); the batch
 carries them (:attr:`genrec.data.batching.JaggedBatch.known_layout`) and the model seeds its layout
 with them (:meth:`genrec.ops.layout.TokenLayout.seed`).
 
