@@ -141,16 +141,19 @@ def test_hstu_attention_with_a_clamped_position_table_matches_reference(kind):
 
 
 def _bias_form_layout(positions: str) -> TokenLayout:
-    """Two causal sequences (192 and 150 tokens: three 64-token tiles, the last partial) whose
-    timestamps put one, two and many time buckets into different tile pairs; ``positions``
-    "consecutive" (one per token), "pairs" (two tokens per position: the one-hot gradient path) or
-    "spread" (3 apart: a tile spans more positions than it has tokens, the per-pair path)."""
-    idx = torch.arange(192)
+    """Two causal sequences (256 and 150 tokens: four 64-token tiles, the third partial in the second)
+    whose timestamps put one, two and many time buckets into different tile pairs, among them pairs
+    past the position table in one bucket (tile 2 against 0) and in many (tile 3 against 0 and 1:
+    its times spread over a factor of 9, and fall before tile 1's); ``positions`` "consecutive" (one
+    per token), "pairs" (two tokens per position: the one-hot gradient path) or "spread" (3 apart: a
+    tile spans more positions than it has tokens, the per-pair path)."""
+    idx = torch.arange(256)
     ts = torch.where(idx < 64, idx, torch.where(idx < 128, 2**20 + idx - 64, 3 * 2**20 + idx - 128))
+    ts = torch.where(idx < 192, ts, 2**18 + (idx - 192) * 2**15)
     pos = {"consecutive": idx, "pairs": idx // 2, "spread": 3 * idx}[positions]
-    valid = torch.stack([idx < 192, idx < 150])
+    valid = torch.stack([idx < 256, idx < 150])
     return TokenLayout(valid=valid.to(DEVICE), request=idx.expand(2, -1).to(DEVICE), event=idx.expand(2, -1).to(DEVICE),
-                       fake=torch.zeros(2, 192, dtype=torch.bool, device=DEVICE), position=pos.expand(2, -1).to(DEVICE),
+                       fake=torch.zeros(2, 256, dtype=torch.bool, device=DEVICE), position=pos.expand(2, -1).to(DEVICE),
                        timestamp=ts.expand(2, -1).to(DEVICE), rule="causal")
 
 
@@ -165,13 +168,13 @@ def test_every_bias_form_of_a_tile_matches_reference(positions, forward_tiles):
     from genrec.ops.masks import time_bucket
 
     layout = _bias_form_layout(positions)
-    ts = layout.timestamp[0]
-    buckets = {len(torch.unique(time_bucket(ts[q * 64:(q + 1) * 64, None] - ts[None, k * 64:(k + 1) * 64], 32)))
-               for q in range(3) for k in range(q + 1)}
-    assert {1, 2} <= buckets and max(buckets) >= 3, buckets
-    far = layout.position[0, 128:].min() - layout.position[0, :64].max()
-    if positions == "consecutive":
-        assert far >= 40 - 1  # the third tile reads the first past a 40-slot table: the one-value form
+    ts, pos = layout.timestamp[0], layout.position[0]
+    buckets = {(q, k): len(torch.unique(time_bucket(ts[q * 64:(q + 1) * 64, None] - ts[None, k * 64:(k + 1) * 64],
+                                                    32))) for q in range(4) for k in range(q + 1)}
+    assert {1, 2} <= set(buckets.values()) and max(buckets.values()) >= 3, buckets
+    if positions == "consecutive":  # past a 40-slot table: the one-value form, and its gradient summed per tile
+        far = {(q, k) for q, k in buckets if pos[q * 64:(q + 1) * 64].min() - pos[k * 64:(k + 1) * 64].max() >= 40 - 1}
+        assert buckets[2, 0] == 1 and (3, 0) in far and buckets[3, 0] >= 3, (far, buckets)
     from genrec.ops.triton.hstu import KernelConfig
 
     small = (16, 16, 4, 1)
