@@ -639,7 +639,7 @@ def _hstu_bwd_dq(Q, K, V, DO, DQ, REQ, EVT, FLAG, POS, TS, REL_POS, REL_TIME, KV
         time_grad = tl.zeros((TIME_SLOTS,), dtype=tl.float32)
         top_grad = tl.sum(tl.zeros((BLOCK_M,), dtype=tl.float32))  # the last position slot, other pairs
     if ALL_BIAS_GRADS:
-        q_pos, _, q_live = _bias_meta(POS, TS, FLAG, b * L + q_tok, q_in)
+        q_pos, q_ts, q_live = _bias_meta(POS, TS, FLAG, b * L + q_tok, q_in)
         q_pos_lo, q_pos_hi = tl.load(Q_EXT + b * s_qeb + tile * 4), tl.load(Q_EXT + b * s_qeb + tile * 4 + 1)
     for part in tl.static_range(2):
         if HAS_BIAS or part == 0:
