@@ -95,12 +95,10 @@ def main(argv: list[str] | None = None) -> int:
     for dtype, torch_dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
         for head_dim in (int(d) for d in args.head_dims.split(",")):
             fwd, bwd, dq = config.tiles(head_dim, torch_dtype)
-            dq_bias = {"BIAS_GRADS": hstu._splits_bias_grads(True, config.dq_separate, bwd, dq),
-                       "ALL_BIAS_GRADS": hstu._dq_adds_every_bias_grad(True, config.dq_separate, bwd, dq)}
             kernels = (("forward", hstu._hstu_fwd, fwd, {}),
                        ("dk_dv", hstu._hstu_bwd, bwd, {"DQ_ATOMIC": not config.dq_separate}),
                        ("bias_grad", hstu._hstu_bwd_rab, bwd, {"TIME_SLOTS": 32}),
-                       ("dq", hstu._hstu_bwd_dq, dq, {"TIME_SLOTS": 32, **dq_bias}))
+                       ("dq", hstu._hstu_bwd_dq, dq, {"BIAS_GRADS": config.dq_separate, "TIME_SLOTS": 32}))
             for name, fn, tile, extra in kernels:
                 row = {"dtype": dtype, "head_dim": head_dim, "kernel": name, "tile": list(tile),
                        **compile_kernel(fn, dtype, head_dim, tile, extra, args.capability)}

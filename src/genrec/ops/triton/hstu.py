@@ -601,10 +601,9 @@ def _time_rows_flush(time_grad, lo_rows, hi_rows, t, SLOTS: tl.constexpr):
 def _hstu_bwd_dq(Q, K, V, DO, DQ, REQ, EVT, FLAG, POS, TS, REL_POS, REL_TIME, KV_COUNT, KV_INDEX, KV_FLAGS,
                  s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_db, s_dh, s_dm, s_cb, s_ib, s_iq,
                  H, LQ, L, Q_OFFSET, NUM_POS, NUM_TIME, alpha, scale,
-                 s_gb, s_gh, s_gm, D_REL_POS, D_REL_TIME, Q_EXT, K_EXT, s_qeb, s_keb, RULE: tl.constexpr,
-                 HAS_BIAS: tl.constexpr, BIAS_GRADS: tl.constexpr, ALL_BIAS_GRADS: tl.constexpr,
-                 PRECISION: tl.constexpr, TIME_SLOTS: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
-                 BLOCK_N: tl.constexpr):
+                 s_gb, s_gh, s_gm, D_REL_POS, D_REL_TIME, RULE: tl.constexpr, HAS_BIAS: tl.constexpr,
+                 BIAS_GRADS: tl.constexpr, PRECISION: tl.constexpr, TIME_SLOTS: tl.constexpr, D: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """dQ without atomics: one query tile per program over the forward schedule (recomputes the
     scores once more: two extra matrix products per tile pair). ``BIAS_GRADS``: it also adds the bias
     gradients of the pairs flagged BIAS_IN_DQ (the simple pairs, past the position table in at most
@@ -612,13 +611,7 @@ def _hstu_bwd_dq(Q, K, V, DO, DQ, REQ, EVT, FLAG, POS, TS, REL_POS, REL_TIME, KV
     then skips: here they are row sums of ``ds`` (a reduction within each row's threads, no
     barrier), gathered per bucket in registers. The schedule visits the simple key tiles first, in
     ascending order, so a query tile's time bucket only falls: the rows' sums reach the time table's
-    registers when it changes. ``ALL_BIAS_GRADS`` (square tiles, the dK/dV kernel's): it adds the
-    other pairs' bias gradients too, as :func:`_hstu_bwd_rab` would from the same score gradients,
-    and that kernel is not launched: its recomputed scores (two matrix products, the sigmoid and the
-    bias reads per tile pair) were as costly as this whole kernel. ``Q_EXT``, ``K_EXT``: the tiles'
-    extremes, read only then."""
-    tl.static_assert(not ALL_BIAS_GRADS or ((BLOCK_M == BLOCK_N) & (BLOCK_N >= 64)),
-                     "the position-bias gradient needs square tiles >= 64")
+    registers when it changes."""
     tile, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
     rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -637,10 +630,6 @@ def _hstu_bwd_dq(Q, K, V, DO, DQ, REQ, EVT, FLAG, POS, TS, REL_POS, REL_TIME, KV
         hi_rows = tl.zeros((BLOCK_M,), dtype=tl.float32)  # time bucket t + 1
         t = -1
         time_grad = tl.zeros((TIME_SLOTS,), dtype=tl.float32)
-        top_grad = tl.sum(tl.zeros((BLOCK_M,), dtype=tl.float32))  # the last position slot, other pairs
-    if ALL_BIAS_GRADS:
-        q_pos, q_ts, q_live = _bias_meta(POS, TS, FLAG, b * L + q_tok, q_in)
-        q_pos_lo, q_pos_hi = tl.load(Q_EXT + b * s_qeb + tile * 4), tl.load(Q_EXT + b * s_qeb + tile * 4 + 1)
     for part in tl.static_range(2):
         if HAS_BIAS or part == 0:
             lo, hi = _pair_range(KV_COUNT, b * s_cb + tile * 2, part, HAS_BIAS)
@@ -657,22 +646,7 @@ def _hstu_bwd_dq(Q, K, V, DO, DQ, REQ, EVT, FLAG, POS, TS, REL_POS, REL_TIME, KV
                     allowed = _allowed(q_tok[:, None], keys[None, :], q_req[:, None], k_req[None, :],
                                        q_evt[:, None], k_evt[None, :], q_flag[:, None], k_flag[None, :], RULE)
                     ds = tl.where(allowed, ds, 0.0)
-                else:
-                    allowed = tl.full((BLOCK_M, BLOCK_N), 1, tl.int1)
                 dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
-                if ALL_BIAS_GRADS and part == 1:  # the other pairs, as _hstu_bwd_rab adds them ([keys, queries])
-                    k_tile = tl.load(KV_INDEX + b * s_ib + tile * s_iq + i)
-                    k_pos, k_ts, k_live = _bias_meta(POS, TS, FLAG, b * L + keys, k_in)
-                    k_pos_lo = tl.load(K_EXT + b * s_keb + k_tile * 4)
-                    k_pos_hi = tl.load(K_EXT + b * s_keb + k_tile * 4 + 1)
-                    _, t_lo, t_hi = _bias_form(flags)
-                    total = tl.sum(ds)
-                    top_grad = _position_grad(D_REL_POS + h * NUM_POS, top_grad, tl.trans(ds), total,
-                                              (flags & NEAR_BIT) == 0, q_pos, k_pos, q_live, q_pos_lo, q_pos_hi,
-                                              k_pos_lo, k_pos_hi, _consecutive(k_pos, k_live, k_pos_lo, BLOCK_N),
-                                              tl.trans(allowed), NUM_POS, PRECISION, BLOCK_N)
-                    time_grad = _time_grad(time_grad, ds, total, q_ts[:, None], k_ts[None, :], t_lo, t_hi,
-                                           NUM_TIME, TIME_SLOTS)
                 if BIAS_GRADS and part == 0:  # the simple pairs: BIAS_IN_DQ ones among them
                     if (flags & BIAS_IN_DQ_BIT) != 0:
                         _, t_lo, t_hi = _bias_form(flags)
@@ -695,7 +669,7 @@ def _hstu_bwd_dq(Q, K, V, DO, DQ, REQ, EVT, FLAG, POS, TS, REL_POS, REL_TIME, KV
     tl.store(out, (dq * alpha).to(DQ.dtype.element_ty), mask=rows[:, None] < LQ)
     if BIAS_GRADS:
         time_grad = _time_rows_flush(time_grad, lo_rows, hi_rows, t, TIME_SLOTS)
-        top = tl.sum(pos_rows) + top_grad
+        top = tl.sum(pos_rows)
         tl.atomic_add(D_REL_POS + h * NUM_POS + NUM_POS - 1, top, mask=top != 0.0)
         slot = tl.arange(0, TIME_SLOTS)
         tl.atomic_add(D_REL_TIME + h * NUM_TIME + slot, time_grad, mask=(slot < NUM_TIME) & (time_grad != 0.0))
@@ -735,13 +709,6 @@ def _splits_bias_grads(has_bias: bool, dq_separate: bool, bwd_tile: Tile, dq_til
     the separate dQ kernel on, its pairs must each cover whole pairs of the dK/dV schedule (same key
     tiles, query tiles a multiple)."""
     return has_bias and dq_separate and dq_tile[1] == bwd_tile[1] and dq_tile[0] % bwd_tile[0] == 0
-
-
-def _dq_adds_every_bias_grad(has_bias: bool, dq_separate: bool, bwd_tile: Tile, dq_tile: Tile) -> bool:
-    """Whether the dQ kernel adds the bias gradients of every tile pair and :func:`_hstu_bwd_rab` is
-    not launched: its tiles must be the dK/dV kernel's (square, the extremes and the position-bias
-    gradient's reductions are per those tiles)."""
-    return _splits_bias_grads(has_bias, dq_separate, bwd_tile, dq_tile) and tuple(dq_tile[:2]) == tuple(bwd_tile[:2])
 
 
 def _bias_flags(layout: TokenLayout, meta: KernelMeta, grads: bool, dq_separate: bool, tile_table: tuple,
@@ -863,20 +830,18 @@ def _bwd_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
         RULE=rule, HAS_BIAS=has_bias, PRECISION=precision, DQ_ATOMIC=not dq_separate, **launch)
     time_slots = triton.next_power_of_2(max(rel_time.shape[-1], 16))
     split = _splits_bias_grads(has_bias, dq_separate, bwd_tile, dq_tile)  # as hstu_attention flagged
-    every = _dq_adds_every_bias_grad(has_bias, dq_separate, bwd_tile, dq_tile)
-    if has_bias and not every:
+    if has_bias:
         _hstu_bwd_rab[(triton.cdiv(seq, block_n), b * h)](
             q, k, v, grad_out, *meta, bwd_count, bwd_index, bwd_full, *strides, *sizes, q_ext, k_ext,
             q_ext.stride(0), k_ext.stride(0), d_pos, d_time, RULE=rule, PRECISION=precision, TIME_SLOTS=time_slots,
             **launch)
-    if dq_separate:  # with the bias split, this launch also adds the BIAS_IN_DQ (or every) pairs' bias gradients
+    if dq_separate:  # with the bias split, this launch also adds the BIAS_IN_DQ pairs' bias gradients
         block_m, block_n, warps, stages = dq_tile
         _hstu_bwd_dq[(triton.cdiv(lq, block_m), b * h)](
             q, k, v, grad_out, dq, *meta, dq_count, dq_index, dq_full, *strides,
             *_sizes(dq_count, dq_index, q, seq, q_offset, rel_pos.shape[-1], rel_time.shape[-1], scale),
-            *_strides(dq), d_pos, d_time, q_ext, k_ext, q_ext.stride(0), k_ext.stride(0), RULE=rule,
-            HAS_BIAS=has_bias, BIAS_GRADS=split, ALL_BIAS_GRADS=every, PRECISION=precision, TIME_SLOTS=time_slots,
-            D=d, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
+            *_strides(dq), d_pos, d_time, RULE=rule, HAS_BIAS=has_bias, BIAS_GRADS=split, PRECISION=precision,
+            TIME_SLOTS=time_slots, D=d, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
     return dq.to(q.dtype), dk, dv, d_pos, d_time
 
 
