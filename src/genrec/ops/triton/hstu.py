@@ -299,48 +299,17 @@ def _scores(x, y, flags, POS, TS, q_at, k_at, q_in, k_in, pos_top, POS_H, TIME_H
 
 
 @triton.jit
-def _queries_before(q_ts, k_ts, edge, K: tl.constexpr, Q: tl.constexpr, SLOTS: tl.constexpr):
-    """``[K, SLOTS]``: per key ``i`` and bucket ``t`` the number of queries ``j`` with ``q_ts[j] -
-    k_ts[i] < edge[t]``, for ``q_ts`` ``[1, Q]`` in ascending order (``k_ts`` ``[K, 1]``, ``edge``
-    ``[1, SLOTS]``): a binary search of log2(Q) + 1 gathers instead of ``K · Q`` comparisons per
-    bucket."""
-    times = tl.broadcast_to(q_ts, (K, Q))
-    count = tl.zeros((K, SLOTS), dtype=tl.int32)
-    for s in tl.static_range(1, 8):  # steps Q/2 .. 1 (Q <= 128); the first `count` queries lie below the edge
-        if (Q >> s) >= 1:
-            below = (tl.gather(times, count + ((Q >> s) - 1), axis=1) - k_ts) < edge
-            count = tl.where(below, count + (Q >> s), count)
-    return tl.where((tl.gather(times, count, axis=1) - k_ts) < edge, count + 1, count)
-
-
-@triton.jit
-def _time_grad(acc, ds, total, q_ts, k_ts, t_lo, t_hi, q_sorted, NUM_TIME, SLOTS: tl.constexpr):
+def _time_grad(acc, ds, total, q_ts, k_ts, t_lo, t_hi, NUM_TIME, SLOTS: tl.constexpr):
     """``acc`` ``[SLOTS]`` (the program's time-table gradient, added to the table once at its end)
     plus ``ds``'s sum per time bucket: the tile sum ``total`` where the tile holds one bucket, split
-    by one comparison where it holds two. With more: where the query times ascend (``q_sorted``;
-    ``ds`` ``[keys, queries]``, ``q_ts`` ``[1, Q]``, ``k_ts`` ``[K, 1]``), the pairs at or above
-    bucket t are, per key, a suffix of the queries, found by a binary search: their sum is the
-    rows' suffix sums read there, and a bucket's is the difference of two such. Otherwise one masked
-    sum per bucket, which costs ``K · Q`` selects and a whole-tile reduction per bucket (the tiles
-    near a sequence's diagonal span 10-20 buckets). Masked pairs have ``ds = 0``, so bucket edges
-    need no mask."""
+    by one comparison where it holds two, one masked sum per bucket elsewhere (``q_ts, k_ts`` shaped
+    to broadcast to ``ds``). Masked pairs have ``ds = 0``, so bucket edges need no mask."""
     slot = tl.arange(0, SLOTS)
     if t_hi == t_lo:
         acc += tl.where(slot == t_lo, total, 0.0)
     elif t_hi == t_lo + 1:
         upper = tl.sum(tl.where(_bucket_at_least(q_ts - k_ts, t_hi), ds, 0.0))
         acc += tl.where(slot == t_hi, upper, tl.where(slot == t_lo, total - upper, 0.0))
-    elif q_sorted:
-        K: tl.constexpr = ds.shape[0]
-        Q: tl.constexpr = ds.shape[1]
-        edge = (tl.full((1, SLOTS), 1, tl.int32) << slot[None, :]) - 1  # bucket >= t <=> Δt >= 2^t - 1 (int32 wraps
-        # to 2^31 - 1 at t = 31; slots past 31 are masked below)
-        first = _queries_before(q_ts, k_ts, edge, K, Q, SLOTS)  # [K, SLOTS]: the first query at or above t
-        suffix = tl.cumsum(ds, axis=1, reverse=True)  # [K, Q]: Σ ds from query m on
-        at_least = tl.sum(tl.where(first < Q, tl.gather(suffix, tl.minimum(first, Q - 1), axis=1), 0.0), axis=0)
-        at_least = tl.where(slot == 0, total, tl.where((slot < NUM_TIME) & (slot < 32), at_least, 0.0))  # [SLOTS]
-        above = tl.sum(tl.where(slot[:, None] + 1 == slot[None, :], at_least[None, :], 0.0), axis=1)  # t + 1's
-        acc += at_least - above
     else:
         bucket = _time_slot(q_ts, k_ts, NUM_TIME) - SLOT_BASE
         for t in range(t_lo, t_hi + 1):
@@ -608,19 +577,13 @@ def _hstu_bwd_rab(Q, K, V, DO, REQ, EVT, FLAG, POS, TS, REL_POS, REL_TIME, Q_COU
                 k_flag, pos_top, b, h, cols, s_qb, s_qh, s_qm, s_db, s_dh, s_dm, LQ, L, Q_OFFSET, NUM_POS,
                 NUM_TIME, alpha, scale, RULE, True, False, PRECISION, BLOCK_M, BLOCK_N)
             q_pos, q_ts, q_live = _bias_meta(POS, TS, FLAG, b * L + rows + Q_OFFSET, q_in)
-            q_ts = tl.where(q_in, q_ts, TS_TOP)  # past the sequence: after every time, so a tile stays ascending
             near, t_lo, t_hi = _bias_form(flags)
             q_pos_lo, q_pos_hi = tl.load(Q_EXT + b * s_qeb + q_tile * 4), tl.load(Q_EXT + b * s_qeb + q_tile * 4 + 1)
             total = tl.sum(ds)
             top_grad = _position_grad(D_REL_POS + h * NUM_POS, top_grad, ds, total, (flags & NEAR_BIT) == 0, q_pos,
                                       k_pos, q_live, q_pos_lo, q_pos_hi, k_pos_lo, k_pos_hi, k_run, allowed, NUM_POS,
                                       PRECISION, BLOCK_N)
-            q_sorted = t_hi < 0  # asked only where the tile pair spans three buckets or more
-            if t_hi > t_lo + 1:
-                next_ts = tl.load(TS + b * L + rows + Q_OFFSET + 1,
-                                  mask=(rows + 1 < LQ) & (tl.arange(0, BLOCK_M) < BLOCK_M - 1), other=TS_TOP)
-                q_sorted = tl.max((q_ts > next_ts).to(tl.int32)) == 0
-            time_grad = _time_grad(time_grad, ds, total, q_ts[None, :], k_ts[:, None], t_lo, t_hi, q_sorted, NUM_TIME,
+            time_grad = _time_grad(time_grad, ds, total, q_ts[None, :], k_ts[:, None], t_lo, t_hi, NUM_TIME,
                                    TIME_SLOTS)
     tl.atomic_add(D_REL_POS + h * NUM_POS + NUM_POS - 1, top_grad, mask=top_grad != 0.0)
     slot = tl.arange(0, TIME_SLOTS)
