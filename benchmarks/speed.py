@@ -42,6 +42,10 @@ Three parts, each a table in the result file:
   beside the target without one. ``--train-compile`` times the models ``torch.compile``'d (``genrec
   train``'s ``train.compile``): train rows of mode ``compiled``, no layout rows; the ratio rows pair
   them with each other, and the training targets read them where they cover every eager shape.
+  ``--train-no-bias`` times the models without the relative bias (``model_args.relative_bias:
+  false``): train and layout rows of mode ``no bias`` (``compiled, no bias`` with both), paired with
+  each other; the training targets take the worst over the biased rows and these (issue 14: "bias
+  on and off").
 * ``infer``: per-request latency of scoring M candidates after an N-event history, one request at a
   time: ``cold`` runs the history once (KV cache) then the candidates in micro-batches of at most
   512 (M-FALCON); ``cached`` scores against a history cache built earlier. Each eagerly and replayed
@@ -79,7 +83,7 @@ import report
 from genrec.data.batching import JaggedBatch
 from genrec.data.info import DatasetInfo
 from genrec.flops import layout_flops
-from genrec.models import build_model
+from genrec.models import MODELS, build_model
 from genrec.nn.events import Events, dual_flow_layout, item_action_layout, target_dual_flow_layout
 from genrec.nn.kv_cache import in_micro_batches
 from genrec.ops.layout import TokenLayout, host_checked, times_within_limit
@@ -264,12 +268,15 @@ INFO = DatasetInfo(num_items=NUM_ITEMS, num_actions=5, num_users=1, item_genres=
 VARIANTS = {"dfgr_sparse": ("dfgr", {"fake_flow": "targets"})}  # row name -> registry model and its arguments
 
 
-def make_model(name: str, n: int, args) -> torch.nn.Module:
+def make_model(name: str, n: int, args, relative_bias: bool = True) -> torch.nn.Module:
     """The model (a registry name or one of :data:`VARIANTS`) on the triton backend, its blocks
-    holding ``args.backend`` (the kernels' tiles of ``--tiles``)."""
+    holding ``args.backend`` (the kernels' tiles of ``--tiles``); ``relative_bias`` False turns the
+    bias off where the model has one (GenRank has none)."""
     name, preset = VARIANTS.get(name, (name, {}))
     model_args = {"d_model": args.d, "num_heads": args.heads, "num_layers": args.layers, "dropout": 0.0,
                   "attention_backend": "triton", **preset}
+    if "relative_bias" in MODELS[name][1].__dataclass_fields__:
+        model_args["relative_bias"] = relative_bias
     model = build_model(name, model_args, INFO, n).cuda()
     for block in model.blocks:
         block.backend = args.backend
@@ -451,11 +458,20 @@ def _layout_row(model: torch.nn.Module, name: str, n: int, share: float, batch: 
             "standalone_share_of_step": standalone / built}
 
 
+NO_BIAS = "no bias"  # the mode of train and layout rows of models without the relative bias (--train-no-bias)
+
+
+def train_mode(args) -> str | None:
+    """A train row's mode: ``compiled`` (``--train-compile``), ``no bias`` (``--train-no-bias``), both,
+    or None (eager, the models' bias on)."""
+    return ", ".join(m for m, on in (("compiled", args.train_compile), (NO_BIAS, args.train_no_bias)) if on) or None
+
+
 def _train_model_rows(name: str, n: int, share: float, data: list[JaggedBatch], args, peak: float) -> list[dict]:
     """The train row of one model on one shape and target share, and its layout row."""
     batch = data[0].batch_size
     torch.manual_seed(0)
-    model = make_model(name, n, args).train()
+    model = make_model(name, n, args, relative_bias=not args.train_no_bias).train()
     planned = [prepared(model, b)[0] if name in TRAIN_LAYOUTS else b for b in data]  # as the trainer's loader
     step_model = torch.compile(model, options=COMPILE_OPTIONS) if args.train_compile else model  # as the trainer
     seconds = _train_step_seconds(step_model, planned, args.train_steps)
@@ -466,11 +482,13 @@ def _train_model_rows(name: str, n: int, share: float, data: list[JaggedBatch], 
              "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30, "gflop_per_event": gflop,
              "tflops": gflop * events_per_s / 1e3 if gflop else None,
              "mfu": gflop * events_per_s / 1e3 / peak if gflop else None,
-             **({"mode": "compiled"} if args.train_compile else {})}]
+             **({"mode": train_mode(args)} if train_mode(args) else {})}]
     print(f"train {name:11s} N={n:5d} targets {share:4.2f} B={batch:4d} {seconds * 1e3:8.2f} ms/step "
-          f"{events_per_s:12.0f} events/s mfu {rows[-1]['mfu'] or float('nan'):.3f}", flush=True)
+          f"{events_per_s:12.0f} events/s mfu {rows[-1]['mfu'] or float('nan'):.3f} {train_mode(args) or ''}",
+          flush=True)
     if name in TRAIN_LAYOUTS and not args.train_compile:  # the layout's cost: timed eagerly
-        rows.append(_layout_row(model, name, n, share, data[0], args))
+        rows.append(_layout_row(model, name, n, share, data[0], args)
+                    | ({"mode": NO_BIAS} if args.train_no_bias else {}))
         r = rows[-1]
         print(f"layout {name:11s} N={n:5d} in the step {r['layout_in_step_ms']:8.2f} ms = {r['in_step_share']:.3f} "
               f"of it; prepared by the loader {r['prepared_in_step_share']:.3f} (host {r['prepare_host_ms']:.2f} ms); "
@@ -639,11 +657,12 @@ def _training_path(train: list[dict]) -> tuple[list[dict], str, str]:
     """The train ratio rows that the training targets read: the compiled ones (``train.compile``, the
     faster path) where the file has them, else the eager ones; the path's name; and, where the
     compiled rows leave out shapes of the eager ones, why no value (a worst case over fewer shapes)."""
-    compiled = [r for r in train if r["mode"] == "train, compiled"]
-    eager = [r for r in train if r["mode"] == "train"]
+    compiled = [r for r in train if "compiled" in r["mode"]]
+    eager = [r for r in train if "compiled" not in r["mode"]]
     if not compiled:
         return eager, "eager", ""
-    shapes = [{(r["model"], r["n"], r["target_share"]) for r in part} for part in (eager, compiled)]
+    shapes = [{(r["model"], r["n"], r["target_share"], NO_BIAS in r["mode"]) for r in part}
+              for part in (eager, compiled)]
     missing = sorted(shapes[0] - shapes[1])
     if missing:
         return [], "compiled", (f"no compiled ratio rows for {len(missing)} of the eager ones' shapes "
@@ -670,7 +689,7 @@ def targets(rows: list[dict]) -> list[dict]:
               if "fwd_bwd_vs_sdpa" in kern.get((v, n), {})]  # rows with an SDPA backend beside them
     every_train = [r for r in rows if r["bench"] == "ratio" and r["part"] == "train" and r["flop_ratio"]]
     train, path, uncovered = _training_path(every_train)
-    eager = [r for r in every_train if r["mode"] == "train"]
+    eager = [r for r in every_train if "compiled" not in r["mode"]]
     layout = [r for r in rows if r["bench"] == "layout"]
     in_step, untimed = _in_step_shares(layout)
     built_in_step, built_untimed = _in_step_shares(layout, "in_step_share")
@@ -683,11 +702,11 @@ def targets(rows: list[dict]) -> list[dict]:
                 "kernel rows hstu_causal and dual_flow over the fastest SDPA backend, N = 1024-8192", "no kernel rows"),
         _target("dfgr_over_hstu_train_sparse_min", _sparse_ratios(train), ">=", 2.0,
                 f"ratio rows of the train part, {path} steps: dfgr_sparse (the fake flow of the targets only) over "
-                "hstu, targets = the last 10 % of events, N >= 1024",
+                "hstu, targets = the last 10 % of events, N >= 1024, relative bias on and (where timed) off",
                 uncovered or "no train rows of dfgr_sparse and hstu with target_share 0.1"),
         _target("dfgr_train_ratio_over_flop_ratio_min", [r["dfgr_over_hstu"] / r["flop_ratio"] for r in train], ">=",
-                0.95, f"ratio rows of the train part, {path} steps, every DFGR model and target share (relative "
-                "bias on: the models' default)", uncovered or "no train rows"),
+                0.95, f"ratio rows of the train part, {path} steps, every DFGR model and target share, relative "
+                "bias on (the models' default) and, where timed, off (mode 'no bias')", uncovered or "no train rows"),
         *([_informational("dfgr_over_hstu_train_sparse_min_eager", _sparse_ratios(eager), "the same, eager steps",
                           "no eager train rows of dfgr_sparse and hstu with target_share 0.1", worst=min),
            _informational("dfgr_train_ratio_over_flop_ratio_min_eager",
@@ -754,6 +773,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-steps", type=int, default=10)
     parser.add_argument("--train-compile", action="store_true", help="train rows of torch.compile'd models "
                         "(genrec train's train.compile; mode 'compiled', no layout rows)")
+    parser.add_argument("--train-no-bias", action="store_true", help="train (and layout) rows of the models "
+                        "without the relative bias (model_args.relative_bias false; mode 'no bias')")
     parser.add_argument("--requests", type=int, default=30)
     parser.add_argument("--micro-batch", type=int, default=512)
     parser.add_argument("--tiles", help="JSON of HSTU kernel tiles from benchmarks/tune_hstu_kernel.py")

@@ -67,6 +67,30 @@ def test_the_training_targets_read_the_compiled_rows_where_the_file_has_them_for
     assert not any(t["name"].endswith("_eager") for t in speed.targets(eager + speed.ratios(eager)))
 
 
+def test_rows_without_the_relative_bias_pair_with_each_other_and_count_in_the_training_targets():
+    """``--train-no-bias`` rows (mode 'no bias', with ``--train-compile`` 'compiled, no bias') are
+    DFGR over HSTU without the bias, never against a biased row, and the training targets take the
+    worst over both; compiled rows must cover the eager shapes of both."""
+    import argparse
+
+    assert [speed.train_mode(argparse.Namespace(train_compile=c, train_no_bias=b)) for c, b in
+            ((False, False), (True, False), (False, True), (True, True))] == [
+        None, "compiled", "no bias", "compiled, no bias"]
+    biased = [_train("hstu", 1024, 1.0, 100.0, 2.0), _train("dfgr", 1024, 1.0, 140.0, 1.5)]
+    plain = [r | {"mode": "no bias", "train_events_per_s": s}
+             for r, s in zip(biased, (200.0, 220.0), strict=True)]
+    ratios = speed.ratios(biased + plain)
+    assert sorted((r["mode"], round(r["dfgr_over_hstu"], 4)) for r in ratios) == [
+        ("train", 1.4), ("train, no bias", 1.1)]
+    flop = _goal(biased + plain, "dfgr_train_ratio_over_flop_ratio_min")
+    assert flop["value"] == pytest.approx(1.1 / (2.0 / 1.5)) and "off (mode 'no bias')" in flop["rows"]
+    compiled = [r | {"mode": "compiled"} for r in biased]  # the biased shape only: not every eager one
+    partial = _goal(biased + plain + compiled, "dfgr_train_ratio_over_flop_ratio_min")
+    assert partial["value"] is None and "1 of the eager ones" in partial["reason"]
+    both = compiled + [r | {"mode": "compiled, no bias"} for r in plain]
+    assert _goal(biased + plain + both, "dfgr_train_ratio_over_flop_ratio_min")["value"] == pytest.approx(0.825)
+
+
 def test_a_target_without_rows_is_null_and_not_met():
     rows = [_train("hstu", 1024, 1.0, 100.0, 2.0), _train("dfgr", 1024, 1.0, 150.0, 1.5)]
     goal = _goal(rows, "dfgr_over_hstu_train_sparse_min")

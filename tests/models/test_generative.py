@@ -205,3 +205,31 @@ def test_multiclass_and_extra_binary_heads_train():
     out = model(make_batch([8, 5], seed=2))
     assert {"ranking_loss", "extra_binary_loss", "multiclass_loss"} <= set(out)
     out["loss"].backward()
+
+
+@pytest.mark.parametrize("name", ["hstu", "dfgr", "dfgr_sparse", "sfgr", "unigrf"])
+def test_a_model_without_the_relative_bias_has_no_tables_and_equals_one_whose_tables_are_zero(name):
+    """``relative_bias: false``: no bias tables in any block (nothing to train or to checkpoint), and
+    training logits and served scores exactly those of the biased model, whose tables start at zero,
+    before it learns them. A bias left in (or a table read) would show once those tables are moved."""
+    from tests.models.test_unigrf import make_unigrf
+
+    def build(**args):
+        return make_unigrf("hstu", **args) if name == "unigrf" else make_model(name, **args)
+    without, with_bias = build(relative_bias=False), build()
+    names = {n for n, _ in without.named_parameters()}
+    assert not any("rel_pos" in n or "rel_time" in n for n in names)
+    assert names == {n for n, _ in with_bias.named_parameters() if "rel_" not in n}
+    batch = make_batch([13, 1, 7, 20], seed=2, all_targets=name not in ("sfgr", "dfgr_sparse"))
+    history, cands, when = make_batch([11], seed=4), torch.tensor([[3, 7, 9, 21]]), torch.tensor([10**6])
+
+    def outputs(model) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.no_grad():
+            return model.rank_logits(batch), model.score(history, cands, when)
+    plain = outputs(without)
+    assert all(torch.equal(a, b) for a, b in zip(plain, outputs(with_bias), strict=True))
+    with torch.no_grad():
+        for block in with_bias.blocks:
+            block.rel_pos.normal_(0, 0.5)
+            block.rel_time.normal_(0, 0.5)
+    assert not any(torch.allclose(a, b) for a, b in zip(plain, outputs(with_bias), strict=True))

@@ -40,6 +40,7 @@ class SFGRConfig:
     task_weights: tuple[float, ...] = ()  # BCE weight per signal (default 1 each)
     task_head: str = "mlp"  # "mlp" (shared bottom) or "mmoe"
     num_experts: int = 4  # mmoe only
+    relative_bias: bool = True  # the relative position + time bias of every HSTU block (genrec.nn.hstu.HSTUBlock)
 
 
 def training_layout(ev: Events) -> TokenLayout:
@@ -65,7 +66,8 @@ class SFGR(GenerativeRanker):
         nn.init.normal_(self.item_emb.weight, std=0.02)
         scale = attention_scale(cfg.max_len, tokens_per_event=1)
         self.blocks = nn.ModuleList(
-            HSTUBlock(cfg.d_model, cfg.num_heads, cfg.dropout, scale, backend, num_position_buckets=cfg.max_len + 1)
+            HSTUBlock(cfg.d_model, cfg.num_heads, cfg.dropout, scale, backend, num_position_buckets=cfg.max_len + 1,
+                      relative_bias=cfg.relative_bias)
             for _ in range(cfg.num_layers))
         self.norm = nn.LayerNorm(cfg.d_model)
 

@@ -70,6 +70,7 @@ class UniGRFConfig:
     weighter_smoothing: float = 0.9  # μ of the loss moving average; 0 = the paper's raw L(t) / L(t-1)
     alpha: float = 1.0  # retrieval loss scale
     beta: float = 1.0  # ranking loss scale
+    relative_bias: bool = True  # the hstu backbone's relative position + time bias (genrec.nn.hstu.HSTUBlock)
     # several signals: the ranking head gives one logit per signal (BCE each, summed); the feedback
     # token reads the label b ("label", the paper) or the action vector ("sum" of per-signal embeddings)
     feedback_encoding: str = "label"
@@ -146,7 +147,8 @@ class UniGRF(RecModel):
         if cfg.backbone == "hstu":
             scale = attention_scale(cfg.max_len, tokens_per_event=2)
             self.blocks = nn.ModuleList(HSTUBlock(d, cfg.num_heads, cfg.dropout, scale, backend,
-                                                  num_position_buckets=cfg.max_len + 1)
+                                                  num_position_buckets=cfg.max_len + 1,
+                                                  relative_bias=cfg.relative_bias)
                                         for _ in range(cfg.num_layers))
             self.norm = nn.LayerNorm(d)
         elif cfg.backbone == "llama":

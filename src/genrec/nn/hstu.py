@@ -28,8 +28,13 @@ def attention_scale(max_len: int, tokens_per_event: int) -> float:
 
 
 class HSTUBlock(nn.Module):
+    """``relative_bias`` False: no ``rab`` term and no tables (``rel_pos``, ``rel_time`` None). The
+    bias is the costliest part of the fused attention (its gradients most of all: README, GPU
+    section), so it is a model setting, for ablations and for logs where positions and times carry
+    little."""
+
     def __init__(self, dim: int, num_heads: int, dropout: float, attn_scale: float, backend: AttentionBackend,
-                 num_position_buckets: int = 256, num_time_buckets: int = 32):
+                 num_position_buckets: int = 256, num_time_buckets: int = 32, relative_bias: bool = True):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"d_model {dim} is not divisible by num_heads {num_heads}")
@@ -41,16 +46,17 @@ class HSTUBlock(nn.Module):
         self.norm_attn = nn.LayerNorm(dim)
         self.out = nn.Linear(dim, dim)
         self.dropout = nn.Dropout(dropout)
-        self.rel_pos = nn.Parameter(torch.zeros(num_heads, num_position_buckets))
-        self.rel_time = nn.Parameter(torch.zeros(num_heads, num_time_buckets))
+        tables = ((num_heads, num_position_buckets), (num_heads, num_time_buckets)) if relative_bias else (None, None)
+        for name, shape in zip(("rel_pos", "rel_time"), tables, strict=True):
+            self.register_parameter(name, None if shape is None else nn.Parameter(torch.zeros(shape)))
 
     def attention_spec(self) -> AttentionSpec | None:
         """What a :class:`~genrec.nn.prepared.LayoutPlan` prepares for this block (None: its backend
         prepares nothing)."""
         if self.backend.prepare_hstu is None:
             return None
-        return AttentionSpec(self.backend, self.uvqk.in_features // self.num_heads, self.rel_pos.shape[1],
-                             self.rel_time.shape[1])
+        slots = (None, None) if self.rel_pos is None else (self.rel_pos.shape[1], self.rel_time.shape[1])
+        return AttentionSpec(self.backend, self.uvqk.in_features // self.num_heads, *slots)
 
     def forward(self, x: torch.Tensor, layout: TokenLayout, cache: LayerCache | None = None) -> torch.Tensor:
         """``x`` ``[B, n, D]``: all of the layout's tokens, or with a ``cache`` the new tokens after the
