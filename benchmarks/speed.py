@@ -45,7 +45,10 @@ Three parts, each a table in the result file:
   ``--train-no-bias`` times the models without the relative bias (``model_args.relative_bias:
   false``): train and layout rows of mode ``no bias`` (``compiled, no bias`` with both), paired with
   each other; the training targets take the worst over the biased rows and these (issue 14: "bias
-  on and off").
+  on and off"). ``--train-profile`` adds to each train row where its step's GPU time goes (3 more
+  steps under torch.profiler): all CUDA kernels (``kernels_ms``), the fused attention's
+  (``attention_ms``) and each of its four kernels, the bias-gradient kernel's (``bias_grad_ms``)
+  among them.
 * ``infer``: per-request latency of scoring M candidates after an N-event history, one request at a
   time: ``cold`` runs the history once (KV cache) then the candidates in micro-batches of at most
   512 (M-FALCON); ``cached`` scores against a history cache built earlier. Each eagerly and replayed
@@ -340,6 +343,38 @@ def _train_step_seconds(model: torch.nn.Module, data: list[JaggedBatch], steps: 
     return (time.perf_counter() - start) / steps
 
 
+ATTENTION_KERNELS = {"_hstu_fwd": "attention_fwd_ms", "_hstu_bwd": "attention_dkdv_ms",
+                     "_hstu_bwd_rab": "bias_grad_ms", "_hstu_bwd_dq": "attention_dq_ms"}  # Triton kernel -> field
+
+
+def kernel_fields(device_ms: dict[str, float], steps: int) -> dict[str, float]:
+    """Per step: every CUDA kernel's time (``kernels_ms``), the fused attention's four kernels each
+    and together (``attention_ms``); ``device_ms``: profiled device milliseconds by kernel name over
+    ``steps`` steps. Kernels the profile lacks count 0 (no bias: no bias-gradient kernel)."""
+    fields = dict.fromkeys(ATTENTION_KERNELS.values(), 0.0)
+    for name, ms in device_ms.items():
+        if name in ATTENTION_KERNELS:
+            fields[ATTENTION_KERNELS[name]] += ms / steps
+    return {"kernels_ms": sum(device_ms.values()) / steps, "attention_ms": sum(fields.values()), **fields}
+
+
+def _step_kernels(model: torch.nn.Module, data: list[JaggedBatch], steps: int = 3) -> dict[str, float]:
+    """:func:`kernel_fields` of ``steps`` training steps (:func:`_train_step`, after one warm-up) under
+    torch.profiler: where a step's GPU time goes, the fused attention's kernels by name."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    _train_step(model, opt, data[0])
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for i in range(steps):
+            _train_step(model, opt, data[i % len(data)])
+        torch.cuda.synchronize()
+    device_ms: dict[str, float] = {}
+    for event in prof.key_averages():
+        if event.self_device_time_total > 0:
+            device_ms[event.key] = device_ms.get(event.key, 0.0) + event.self_device_time_total / 1e3
+    return kernel_fields(device_ms, steps)
+
+
 @contextmanager
 def layouts_reused(model: torch.nn.Module) -> Iterator[None]:
     """Under it, every forward of ``model`` hands its blocks the token layout of its first forward
@@ -483,6 +518,8 @@ def _train_model_rows(name: str, n: int, share: float, data: list[JaggedBatch], 
              "tflops": gflop * events_per_s / 1e3 if gflop else None,
              "mfu": gflop * events_per_s / 1e3 / peak if gflop else None,
              **({"mode": train_mode(args)} if train_mode(args) else {})}]
+    if args.train_profile:
+        rows[-1] |= _step_kernels(step_model, planned)
     print(f"train {name:11s} N={n:5d} targets {share:4.2f} B={batch:4d} {seconds * 1e3:8.2f} ms/step "
           f"{events_per_s:12.0f} events/s mfu {rows[-1]['mfu'] or float('nan'):.3f} {train_mode(args) or ''}",
           flush=True)
@@ -604,7 +641,7 @@ def write(rows: list[dict], meta: dict, stem: Path) -> None:
         "kernel": ["kernel", "n", "batch", "fwd_ms", "fwd_tflops", "fwd_frac_of_matmul_peak", "fwd_bwd_ms",
                    "fwd_bwd_tflops", "fwd_vs_sdpa", "fwd_bwd_vs_sdpa", "sdpa_fastest_fwd_bwd", "error"],
         "train": ["model", "mode", "n", "target_share", "batch", "step_ms", "train_events_per_s", "tflops", "mfu",
-                  "peak_mem_gb"],
+                  "peak_mem_gb", "kernels_ms", "attention_ms", "bias_grad_ms"],
         "layout": ["model", "n", "target_share", "batch", "step_ms", "step_ms_layout_reused", "layout_in_step_ms",
                    "in_step_share", "step_ms_prepared", "prepared_in_step_share", "prepare_host_ms",
                    "prepare_share_of_step", "layout_ms", "standalone_share_of_step"],
@@ -694,6 +731,7 @@ def targets(rows: list[dict]) -> list[dict]:
     in_step, untimed = _in_step_shares(layout)
     built_in_step, built_untimed = _in_step_shares(layout, "in_step_share")
     worker, worker_untimed = _in_step_shares(layout, "prepare_share_of_step")
+    profiled = [r for r in rows if r["bench"] == "train" and "kernels_ms" in r]
     return [
         _target("bias_over_nobias_fwd_bwd_max", bias, "<=", 1.3,
                 "kernel rows hstu_causal_rab and hstu_causal_rab256 over hstu_causal, dual_flow_rab over dual_flow "
@@ -712,6 +750,10 @@ def targets(rows: list[dict]) -> list[dict]:
            _informational("dfgr_train_ratio_over_flop_ratio_min_eager",
                           [r["dfgr_over_hstu"] / r["flop_ratio"] for r in eager], "the same, eager steps",
                           "no eager train rows", worst=min)] if path == "compiled" else []),
+        _informational("bias_grad_share_of_train_kernels_max",
+                       [r["bias_grad_ms"] / r["kernels_ms"] for r in profiled],
+                       "profiled train rows (--train-profile): the relative bias's gradient kernel over all CUDA "
+                       "kernels of the step (what the bias target costs training)", "no profiled train rows"),
         _target("layout_share_of_step_max", in_step, "<=", 0.05, "layout rows (HSTU and DFGR): "
                 "prepared_in_step_share, the trainer's step (its layout built by the loader on the host) less the "
                 "step with the layout reused, over the step", untimed),
@@ -775,6 +817,8 @@ def main(argv: list[str] | None = None) -> int:
                         "(genrec train's train.compile; mode 'compiled', no layout rows)")
     parser.add_argument("--train-no-bias", action="store_true", help="train (and layout) rows of the models "
                         "without the relative bias (model_args.relative_bias false; mode 'no bias')")
+    parser.add_argument("--train-profile", action="store_true", help="profile 3 more steps per train row: its "
+                        "CUDA kernels' time, the fused attention's by kernel (kernels_ms, attention_ms, bias_grad_ms)")
     parser.add_argument("--requests", type=int, default=30)
     parser.add_argument("--micro-batch", type=int, default=512)
     parser.add_argument("--tiles", help="JSON of HSTU kernel tiles from benchmarks/tune_hstu_kernel.py")

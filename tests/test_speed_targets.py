@@ -91,6 +91,22 @@ def test_rows_without_the_relative_bias_pair_with_each_other_and_count_in_the_tr
     assert _goal(biased + plain + both, "dfgr_train_ratio_over_flop_ratio_min")["value"] == pytest.approx(0.825)
 
 
+def test_a_profiled_steps_kernels_are_grouped_by_the_fused_attentions_kernel_names():
+    """``--train-profile``: per-step times from the profiler's device times over 3 steps, the four
+    attention kernels by their Triton names (a model without the bias has no bias-gradient kernel),
+    and the informational bias-gradient share over the profiled train rows only."""
+    device_ms = {"_hstu_fwd": 3.0, "_hstu_bwd": 6.0, "_hstu_bwd_rab": 12.0, "_hstu_bwd_dq": 4.5,
+                 "nvjet_sm90_tst_256x128": 4.5}
+    fields = speed.kernel_fields(device_ms, steps=3)
+    assert fields == {"kernels_ms": 10.0, "attention_ms": 8.5, "attention_fwd_ms": 1.0, "attention_dkdv_ms": 2.0,
+                      "bias_grad_ms": 4.0, "attention_dq_ms": 1.5}
+    assert speed.kernel_fields({"_hstu_fwd": 3.0, "other": 3.0}, steps=3)["bias_grad_ms"] == 0.0
+    rows = [_train("hstu", 1024, 1.0, 100.0, 2.0) | fields, _train("dfgr", 1024, 1.0, 150.0, 1.5)]
+    share = _goal(rows, "bias_grad_share_of_train_kernels_max")
+    assert share["value"] == pytest.approx(0.4) and share["met"] is None
+    assert _goal(rows[1:], "bias_grad_share_of_train_kernels_max")["value"] is None
+
+
 def test_a_target_without_rows_is_null_and_not_met():
     rows = [_train("hstu", 1024, 1.0, 100.0, 2.0), _train("dfgr", 1024, 1.0, 150.0, 1.5)]
     goal = _goal(rows, "dfgr_over_hstu_train_sparse_min")
