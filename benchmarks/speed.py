@@ -348,9 +348,9 @@ ATTENTION_KERNELS = {"_hstu_fwd": "attention_fwd_ms", "_hstu_bwd": "attention_dk
 
 
 def kernel_fields(device_ms: dict[str, float], steps: int) -> dict[str, float]:
-    """Per step: every CUDA kernel's time (``kernels_ms``), the fused attention's four kernels each
-    and together (``attention_ms``); ``device_ms``: profiled device milliseconds by kernel name over
-    ``steps`` steps. Kernels the profile lacks count 0 (no bias: no bias-gradient kernel)."""
+    """Per step: the device's time in kernels and copies (``kernels_ms``), the fused attention's four
+    kernels each and together (``attention_ms``); ``device_ms``: profiled device milliseconds by
+    kernel name over ``steps`` steps. Kernels the profile lacks count 0 (no bias: no bias-gradient kernel)."""
     fields = dict.fromkeys(ATTENTION_KERNELS.values(), 0.0)
     for name, ms in device_ms.items():
         if name in ATTENTION_KERNELS:
