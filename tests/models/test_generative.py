@@ -221,7 +221,8 @@ def test_a_model_without_the_relative_bias_has_no_tables_and_equals_one_whose_ta
     assert not any("rel_pos" in n or "rel_time" in n for n in names)
     assert names == {n for n, _ in with_bias.named_parameters() if "rel_" not in n}
     batch = make_batch([13, 1, 7, 20], seed=2, all_targets=name not in ("sfgr", "dfgr_sparse"))
-    history, cands, when = make_batch([11], seed=4), torch.tensor([[3, 7, 9, 21]]), torch.tensor([10**6])
+    history, cands = make_batch([11], seed=4), torch.tensor([[3, 7, 9, 21]])
+    when = history.timestamps.max().view(1) + 3600
 
     def outputs(model) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.no_grad():

@@ -145,7 +145,7 @@ def _bias_form_layout(positions: str) -> TokenLayout:
     """Two causal sequences (256 and 150 tokens: four 64-token tiles, the third partial in the second)
     whose timestamps put one, two and many time buckets into different tile pairs, among them pairs
     past the position table in one bucket (tile 2 against 0) and in many (tile 3 against 0 and 1:
-    its times spread over a factor of 9, and fall before tile 1's); ``positions`` "consecutive" (one
+    its times spread over a factor of 9, straddling tile 1's); ``positions`` "consecutive" (one
     per token), "pairs" (two tokens per position: the one-hot gradient path) or "spread" (3 apart: a
     tile spans more positions than it has tokens, the per-pair path)."""
     idx = torch.arange(256)
