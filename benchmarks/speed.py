@@ -332,15 +332,19 @@ def _train_step_seconds(model: torch.nn.Module, data: list[JaggedBatch], steps: 
     step's row one step late, so the host queues a step while the GPU runs the one before); after 3
     warm-up (and compile) steps. Resets the peak-memory counter after the warm-up."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    for i in range(3):
-        _train_step(model, opt, data[i % len(data)])
-    torch.cuda.synchronize()
+    _queue_steps(model, opt, data, 3)
     torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
+    _queue_steps(model, opt, data, steps)
+    return (time.perf_counter() - start) / steps
+
+
+def _queue_steps(model: torch.nn.Module, opt: torch.optim.Optimizer, data: list[JaggedBatch], steps: int) -> None:
+    """``steps`` steps (:func:`_train_step`) on ``data`` in turn, queued back to back; returns once the
+    GPU has run the last."""
     for i in range(steps):
         _train_step(model, opt, data[i % len(data)])
     torch.cuda.synchronize()
-    return (time.perf_counter() - start) / steps
 
 
 ATTENTION_KERNELS = {"_hstu_fwd": "attention_fwd_ms", "_hstu_bwd": "attention_dkdv_ms",
@@ -350,7 +354,8 @@ ATTENTION_KERNELS = {"_hstu_fwd": "attention_fwd_ms", "_hstu_bwd": "attention_dk
 def kernel_fields(device_ms: dict[str, float], steps: int) -> dict[str, float]:
     """Per step: the device's time in kernels and copies (``kernels_ms``), the fused attention's four
     kernels each and together (``attention_ms``); ``device_ms``: profiled device milliseconds by
-    kernel name over ``steps`` steps. Kernels the profile lacks count 0 (no bias: no bias-gradient kernel)."""
+    kernel name over ``steps`` steps. Kernels the profile lacks count 0 (no bias: no bias-gradient
+    kernel)."""
     fields = dict.fromkeys(ATTENTION_KERNELS.values(), 0.0)
     for name, ms in device_ms.items():
         if name in ATTENTION_KERNELS:
@@ -362,12 +367,9 @@ def _step_kernels(model: torch.nn.Module, data: list[JaggedBatch], steps: int = 
     """:func:`kernel_fields` of ``steps`` training steps (:func:`_train_step`, after one warm-up) under
     torch.profiler: where a step's GPU time goes, the fused attention's kernels by name."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    _train_step(model, opt, data[0])
-    torch.cuda.synchronize()
+    _queue_steps(model, opt, data, 1)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        for i in range(steps):
-            _train_step(model, opt, data[i % len(data)])
-        torch.cuda.synchronize()
+        _queue_steps(model, opt, data, steps)
     device_ms: dict[str, float] = {}
     for event in prof.key_averages():
         if event.self_device_time_total > 0:
@@ -510,6 +512,7 @@ def _train_model_rows(name: str, n: int, share: float, data: list[JaggedBatch], 
     planned = [prepared(model, b)[0] if name in TRAIN_LAYOUTS else b for b in data]  # as the trainer's loader
     step_model = torch.compile(model, options=COMPILE_OPTIONS) if args.train_compile else model  # as the trainer
     seconds = _train_step_seconds(step_model, planned, args.train_steps)
+    mode = train_mode(args)
     gflop = train_gflop_per_event(name, n, args, share)
     events_per_s = batch * n / seconds
     rows = [{"bench": "train", "model": name, "n": n, "target_share": share, "batch": batch, "d": args.d,
@@ -517,15 +520,14 @@ def _train_model_rows(name: str, n: int, share: float, data: list[JaggedBatch], 
              "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30, "gflop_per_event": gflop,
              "tflops": gflop * events_per_s / 1e3 if gflop else None,
              "mfu": gflop * events_per_s / 1e3 / peak if gflop else None,
-             **({"mode": train_mode(args)} if train_mode(args) else {})}]
+             **({"mode": mode} if mode else {})}]
     if args.train_profile:
         rows[-1] |= _step_kernels(step_model, planned)
     print(f"train {name:11s} N={n:5d} targets {share:4.2f} B={batch:4d} {seconds * 1e3:8.2f} ms/step "
-          f"{events_per_s:12.0f} events/s mfu {rows[-1]['mfu'] or float('nan'):.3f} {train_mode(args) or ''}",
+          f"{events_per_s:12.0f} events/s mfu {rows[-1]['mfu'] or float('nan'):.3f} {mode or ''}",
           flush=True)
-    if name in TRAIN_LAYOUTS and not args.train_compile:  # the layout's cost: timed eagerly
-        rows.append(_layout_row(model, name, n, share, data[0], args)
-                    | ({"mode": NO_BIAS} if args.train_no_bias else {}))
+    if name in TRAIN_LAYOUTS and not args.train_compile:  # the layout's cost: timed eagerly (mode: no bias or none)
+        rows.append(_layout_row(model, name, n, share, data[0], args) | ({"mode": mode} if mode else {}))
         r = rows[-1]
         print(f"layout {name:11s} N={n:5d} in the step {r['layout_in_step_ms']:8.2f} ms = {r['in_step_share']:.3f} "
               f"of it; prepared by the loader {r['prepared_in_step_share']:.3f} (host {r['prepare_host_ms']:.2f} ms); "
@@ -707,6 +709,11 @@ def _training_path(train: list[dict]) -> tuple[list[dict], str, str]:
     return compiled, "compiled", ""
 
 
+def _flop_shares(train: list[dict]) -> list[float]:
+    """Each train ratio row's DFGR / HSTU speed over its FLOP ratio."""
+    return [r["dfgr_over_hstu"] / r["flop_ratio"] for r in train]
+
+
 def _sparse_ratios(train: list[dict]) -> list[float]:
     return [r["dfgr_over_hstu"] for r in train if r["model"] == "dfgr_sparse" and math.isclose(r["target_share"], 0.1)
             and r["n"] >= 1024]
@@ -742,13 +749,13 @@ def targets(rows: list[dict]) -> list[dict]:
                 f"ratio rows of the train part, {path} steps: dfgr_sparse (the fake flow of the targets only) over "
                 "hstu, targets = the last 10 % of events, N >= 1024, relative bias on and (where timed) off",
                 uncovered or "no train rows of dfgr_sparse and hstu with target_share 0.1"),
-        _target("dfgr_train_ratio_over_flop_ratio_min", [r["dfgr_over_hstu"] / r["flop_ratio"] for r in train], ">=",
+        _target("dfgr_train_ratio_over_flop_ratio_min", _flop_shares(train), ">=",
                 0.95, f"ratio rows of the train part, {path} steps, every DFGR model and target share, relative "
                 "bias on (the models' default) and, where timed, off (mode 'no bias')", uncovered or "no train rows"),
         *([_informational("dfgr_over_hstu_train_sparse_min_eager", _sparse_ratios(eager), "the same, eager steps",
                           "no eager train rows of dfgr_sparse and hstu with target_share 0.1", worst=min),
            _informational("dfgr_train_ratio_over_flop_ratio_min_eager",
-                          [r["dfgr_over_hstu"] / r["flop_ratio"] for r in eager], "the same, eager steps",
+                          _flop_shares(eager), "the same, eager steps",
                           "no eager train rows", worst=min)] if path == "compiled" else []),
         _informational("bias_grad_share_of_train_kernels_max",
                        [r["bias_grad_ms"] / r["kernels_ms"] for r in profiled],

@@ -46,9 +46,8 @@ class HSTUBlock(nn.Module):
         self.norm_attn = nn.LayerNorm(dim)
         self.out = nn.Linear(dim, dim)
         self.dropout = nn.Dropout(dropout)
-        tables = ((num_heads, num_position_buckets), (num_heads, num_time_buckets)) if relative_bias else (None, None)
-        for name, shape in zip(("rel_pos", "rel_time"), tables, strict=True):
-            self.register_parameter(name, None if shape is None else nn.Parameter(torch.zeros(shape)))
+        self.rel_pos = nn.Parameter(torch.zeros(num_heads, num_position_buckets)) if relative_bias else None
+        self.rel_time = nn.Parameter(torch.zeros(num_heads, num_time_buckets)) if relative_bias else None
 
     def attention_spec(self) -> AttentionSpec | None:
         """What a :class:`~genrec.nn.prepared.LayoutPlan` prepares for this block (None: its backend
