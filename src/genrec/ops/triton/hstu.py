@@ -323,24 +323,29 @@ def _grouped_sums(c, T: tl.constexpr, DIFF: tl.constexpr, PRECISION: tl.constexp
     (anti-diagonals) or, ``DIFF``, over ``j - i = 8 (f - T/8 + 1) + e - 7`` (diagonals): by two
     one-hot products instead of a gather. With ``i = 8a + b`` and ``j = 8c + d``, first ``b ± d`` is
     summed out of each 8 x 8 block, then ``a ± c``. Returns ``[16, 2T/8]``; two entries may share one
-    (anti-)diagonal (``e`` reaches 14)."""
+    (anti-)diagonal (``e`` reaches 14). With half-precision inputs (``PRECISION`` "tf32") the products
+    take bfloat16 operands, ``c`` and the partial sums rounded to it (the one-hot factors are exact):
+    float32 operands went through shared memory at twice the bytes, and the position gradient was
+    most of the bias-gradient kernel (H100: HSTU training step 58.3 -> 55.4 ms; the table's gradient
+    stays within bf16 rounding of the float64 reference, GPU parity tests)."""
     S: tl.constexpr = 8
     B: tl.constexpr = T // S
-    x = tl.reshape(tl.permute(tl.reshape(c, [B, S, B, S]), (0, 2, 1, 3)), [B * B, S * S])  # [(a, c), (b, d)]
+    OP: tl.constexpr = tl.bfloat16 if PRECISION == "tf32" else tl.float32  # bf16 inputs: bf16 products
+    x = tl.reshape(tl.permute(tl.reshape(c.to(OP), [B, S, B, S]), (0, 2, 1, 3)), [B * B, S * S])  # [(a, c), (b, d)]
     bd = tl.arange(0, S * S)
     e = tl.arange(0, 2 * S)
     if DIFF:
-        inner = ((bd[:, None] % S - bd[:, None] // S + S - 1) == e[None, :]).to(tl.float32)  # [(b, d), e]
+        inner = ((bd[:, None] % S - bd[:, None] // S + S - 1) == e[None, :]).to(OP)  # [(b, d), e]
     else:
-        inner = ((bd[:, None] // S + bd[:, None] % S) == e[None, :]).to(tl.float32)
+        inner = ((bd[:, None] // S + bd[:, None] % S) == e[None, :]).to(OP)
     y = tl.dot(x, inner, input_precision=PRECISION)  # [(a, c), e]
-    y = tl.reshape(tl.permute(tl.reshape(y, [B, B, 2 * S]), (2, 0, 1)), [2 * S, B * B])  # [e, (a, c)]
+    y = tl.reshape(tl.permute(tl.reshape(y.to(OP), [B, B, 2 * S]), (2, 0, 1)), [2 * S, B * B])  # [e, (a, c)]
     ac = tl.arange(0, B * B)
     f = tl.arange(0, 2 * B)
     if DIFF:
-        outer = ((ac[:, None] % B - ac[:, None] // B + B - 1) == f[None, :]).to(tl.float32)  # [(a, c), f]
+        outer = ((ac[:, None] % B - ac[:, None] // B + B - 1) == f[None, :]).to(OP)  # [(a, c), f]
     else:
-        outer = ((ac[:, None] // B + ac[:, None] % B) == f[None, :]).to(tl.float32)
+        outer = ((ac[:, None] // B + ac[:, None] % B) == f[None, :]).to(OP)
     return tl.dot(y, outer, input_precision=PRECISION)  # [e, f]
 
 
@@ -371,9 +376,10 @@ def _position_grad(D_POS, top, ds, total, far, q_pos, k_pos, q_live, q_lo, q_hi,
         tl.atomic_add(D_POS + tl.minimum(tl.maximum(dist, 0), NUM_POS - 1), sums, mask=sums != 0.0)
     elif live & (q_hi - q_lo < T) & (k_hi - k_lo < T):
         slot = tl.arange(0, T)
-        by_query = ((q_pos[:, None] - q_lo) == slot[None, :]).to(tl.float32)  # [queries, q_pos - q_lo]
-        by_key = ((k_hi - k_pos[:, None]) == slot[None, :]).to(tl.float32)  # [keys, k_hi - k_pos]
-        grouped = tl.dot(tl.trans(by_key), tl.dot(ds, by_query, input_precision=PRECISION),
+        OP: tl.constexpr = tl.bfloat16 if PRECISION == "tf32" else tl.float32  # as in _grouped_sums
+        by_query = ((q_pos[:, None] - q_lo) == slot[None, :]).to(OP)  # [queries, q_pos - q_lo]
+        by_key = ((k_hi - k_pos[:, None]) == slot[None, :]).to(OP)  # [keys, k_hi - k_pos]
+        grouped = tl.dot(tl.trans(by_key), tl.dot(ds.to(OP), by_query, input_precision=PRECISION).to(OP),
                          input_precision=PRECISION)  # [k_hi - k_pos, q_pos - q_lo]
         sums = _grouped_sums(grouped, T, False, PRECISION)  # [e, f]: distance q_lo - k_hi + 8 f + e
         dist = q_lo - k_hi + 8 * tl.arange(0, 2 * T // 8)[None, :] + tl.arange(0, 16)[:, None]
