@@ -102,20 +102,21 @@ class DFGR(GenerativeRanker):
     def history_tokens(self, ev: Events) -> tuple[torch.Tensor, TokenLayout]:
         return self.item_emb(ev.items) + self.action_emb(ev.actions), event_layout(ev, "dual_flow")  # real flow
 
-    def fake_flow(self, items: torch.Tensor, layout: TokenLayout) -> tuple[torch.Tensor, TokenLayout]:
-        """The fake flow: tokens ``[B, M, D]`` for ``items`` ``[B, M]`` with the placeholder action F,
-        and ``layout`` (whose last M tokens they are) with exactly those tokens flagged ``fake``.
-        Training's ``[real | fake]`` sequence and serving's candidates both come from here, so the
-        tokens the mask treats as fake are always the ones embedded without their action."""
-        hidden = torch.ones_like(items, dtype=torch.bool)
-        tokens = self.item_emb(items) + self.action_emb(torch.zeros_like(items), hidden)
-        return tokens, fake_tail(layout, items.shape[1])
+    def fake_flow(self, item_vectors: torch.Tensor, layout: TokenLayout) -> tuple[torch.Tensor, TokenLayout]:
+        """The fake flow: tokens ``[B, M, D]`` for the items' embeddings ``[B, M, D]`` with the
+        placeholder action F, and ``layout`` (whose last M tokens they are) with exactly those tokens
+        flagged ``fake``. Training's ``[real | fake]`` sequence and serving's candidates both come from
+        here, so the tokens the mask treats as fake are always the ones embedded without their action.
+        It takes embeddings, not ids, so training looks its items up once for both flows."""
+        hidden = torch.ones(item_vectors.shape[:2], dtype=torch.bool, device=item_vectors.device)
+        tokens = item_vectors + self.action_emb(torch.zeros_like(hidden, dtype=torch.long), hidden)
+        return tokens, fake_tail(layout, item_vectors.shape[1])
 
     def candidate_tokens(self, candidates: torch.Tensor, cache: KVCache,
                          request_time: torch.Tensor) -> tuple[torch.Tensor, TokenLayout]:
         """Candidates of the next request as fake tokens after the cached real flow, and their layout."""
         layout = append_candidates(cache.layout, cache.events, candidates.shape[1], request_time)
-        return self.fake_flow(candidates, layout)
+        return self.fake_flow(self.item_emb(candidates), layout)
 
     def candidate_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [B, M, D] -> [B, M, T]
         return self.heads.candidate_logits(self.norm(hidden))
@@ -126,12 +127,15 @@ class DFGR(GenerativeRanker):
 
     def target_hidden(self, batch: JaggedBatch) -> torch.Tensor:
         ev = Events.from_batch(batch)
-        real_flow, _ = self.history_tokens(ev)
+        # One lookup for both flows: each lookup's backward is a pass over the whole item table.
+        items = self.item_emb(ev.items)  # [B, N, D]
+        real_flow = items + self.action_emb(ev.actions)  # as history_tokens
         layout, index = training_layout(ev, batch, self.cfg.fake_flow)
         if index is not None:  # the target events' fake tokens
-            fake_items, at_targets = ev.items.gather(1, index), layout.valid[:, ev.valid.shape[1]:]  # [B, T]
+            fake_items = items.gather(1, index[..., None].expand(-1, -1, items.shape[2]))  # [B, T, D]
+            at_targets = layout.valid[:, ev.valid.shape[1]:]  # [B, T]
         else:
-            fake_items, at_targets = ev.items, ev.target  # [B, N], [B, N]
+            fake_items, at_targets = items, ev.target  # [B, N, D], [B, N]
         fake_flow, layout = self.fake_flow(fake_items, layout)
         layout.seed(batch.known_layout)
         x = torch.cat([real_flow, fake_flow], dim=1)  # [B, N + T or 2N, D]
