@@ -13,6 +13,7 @@ import torch
 from genrec.errors import ConfigError
 from genrec.models import build_model
 from genrec.nn import kv_cache
+from genrec.nn.events import Events
 from tests.helpers import make_batch, with_last_targets
 from tests.models.test_generative import INFO, make_model
 
@@ -113,3 +114,16 @@ def test_serving_is_unchanged_by_the_fake_flow_switch():
 def test_an_unknown_fake_flow_is_a_config_error():
     with pytest.raises(ConfigError, match="fake_flow"):
         build_model("dfgr", {"fake_flow": "sparse"}, INFO, 32)
+
+
+@pytest.mark.parametrize("fake_flow", ["dense", "targets"])
+def test_a_training_step_looks_its_items_up_once_for_both_flows(fake_flow):
+    """Each lookup of the item table costs a backward over the whole table (its gradient is dense),
+    so the fake flow reuses the real flow's item embeddings (gathered at the targets when it holds
+    only theirs) instead of looking the same items up again. Serving still looks candidates up."""
+    batch = with_last_targets(make_batch([13, 1, 7, 20], seed=3), 0.3)
+    model = make_model("dfgr", torch.float64, fake_flow=fake_flow)
+    calls = []
+    model.item_emb.register_forward_hook(lambda module, args, out: calls.append(tuple(args[0].shape)))
+    model(batch)["loss"].backward()
+    assert calls == [tuple(Events.from_batch(batch).items.shape)]  # one lookup: [B, N]
