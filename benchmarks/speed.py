@@ -15,7 +15,9 @@ Three parts, each a table in the result file:
   shapes). TFLOP/s count the pairs the mask allows (4·Dh FLOPs per pair forward, 2.5x that
   backward); ``vs_sdpa`` is a time over the *fastest* SDPA backend's on the same N
   (``sdpa_fastest`` names it; all causal over N tokens; the dual-flow row's N tokens are N/2 real
-  + N/2 fake).
+  + N/2 fake). ``--kernel-profile`` adds to each genrec row its four kernels' times under
+  torch.profiler (5 more forward + backward calls): ``attention_fwd_ms``, ``attention_dkdv_ms``,
+  ``attention_dq_ms`` and the bias gradients' ``bias_grad_ms``, what the bias target is made of.
 * ``train``: one optimizer step (fused AdamW, bf16 autocast, clipped gradients) of HSTU, GenRank
   and DFGR (d=512, 8 heads, 4 layers, backend ``triton``) on synthetic equal-length sequences;
   events/s, peak memory and MFU (model FLOPs per second over the matmul peak of the same run).
@@ -181,8 +183,19 @@ def _time_variant(fn, leaves, do) -> tuple[float, float]:
     return fwd_ms, both_ms
 
 
+def _kernel_split(fn, leaves, do, steps: int = 5) -> dict[str, float]:
+    """:func:`_profiled` forward + backward calls of a genrec kernel row (after :func:`_time_variant`
+    warmed it up): its four kernels' times, the bias-gradient kernel's (``bias_grad_ms``) among them."""
+    def run():
+        for _ in range(steps):
+            torch.autograd.grad(fn(*leaves), leaves, do)
+        torch.cuda.synchronize()
+
+    return _profiled(run, steps)
+
+
 def kernel_rows(ns: list[int], tokens: int, heads: int, dim: int, peak: float, backend,
-                anchor_path: str | None = None, only: set[str] | None = None) -> list[dict]:
+                anchor_path: str | None = None, only: set[str] | None = None, profile: bool = False) -> list[dict]:
     from genrec.ops.reference.attention import alibi_slopes
 
     anchor = anchor_attention(anchor_path) if anchor_path else None
@@ -223,9 +236,14 @@ def kernel_rows(ns: list[int], tokens: int, heads: int, dim: int, peak: float, b
             part.append(row | {"fwd_ms": fwd_ms, "fwd_tflops": fwd_flops / fwd_ms / 1e9, "fwd_bwd_ms": both_ms,
                                "fwd_bwd_tflops": 3.5 * fwd_flops / both_ms / 1e9,
                                "fwd_frac_of_matmul_peak": fwd_flops / fwd_ms / 1e9 / peak})
+            if profile and name.startswith(GENREC_KERNELS):
+                part[-1] |= _kernel_split(fn, leaves, base[3])
             print(f"kernel {name:22s} N={n:5d} fwd {fwd_ms:7.3f} ms fwd+bwd {both_ms:7.3f} ms", flush=True)
         rows += part
     return rows
+
+
+GENREC_KERNELS = ("hstu_", "dual_flow")  # kernel rows of genrec's fused attention (--kernel-profile splits them)
 
 
 def _versus_fastest_sdpa(rows: list[dict]) -> list[dict]:
@@ -363,18 +381,23 @@ def kernel_fields(device_ms: dict[str, float], steps: int) -> dict[str, float]:
     return {"kernels_ms": sum(device_ms.values()) / steps, "attention_ms": sum(fields.values()), **fields}
 
 
-def _step_kernels(model: torch.nn.Module, data: list[JaggedBatch], steps: int = 3) -> dict[str, float]:
-    """:func:`kernel_fields` of ``steps`` training steps (:func:`_train_step`, after one warm-up) under
+def _profiled(run, steps: int) -> dict[str, float]:
+    """:func:`kernel_fields` of ``run()``, which runs ``steps`` steps and waits for the GPU, under
     torch.profiler: where a step's GPU time goes, the fused attention's kernels by name."""
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    _queue_steps(model, opt, data, 1)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        _queue_steps(model, opt, data, steps)
+        run()
     device_ms: dict[str, float] = {}
     for event in prof.key_averages():
         if event.self_device_time_total > 0:
             device_ms[event.key] = device_ms.get(event.key, 0.0) + event.self_device_time_total / 1e3
     return kernel_fields(device_ms, steps)
+
+
+def _step_kernels(model: torch.nn.Module, data: list[JaggedBatch], steps: int = 3) -> dict[str, float]:
+    """:func:`_profiled` training steps (:func:`_train_step`, after one warm-up)."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    _queue_steps(model, opt, data, 1)
+    return _profiled(lambda: _queue_steps(model, opt, data, steps), steps)
 
 
 @contextmanager
@@ -641,7 +664,8 @@ def write(rows: list[dict], meta: dict, stem: Path) -> None:
     tables = [f"bf16 matmul peak (8192³, same run): {peak:.0f} TFLOP/s"]
     columns = {
         "kernel": ["kernel", "n", "batch", "fwd_ms", "fwd_tflops", "fwd_frac_of_matmul_peak", "fwd_bwd_ms",
-                   "fwd_bwd_tflops", "fwd_vs_sdpa", "fwd_bwd_vs_sdpa", "sdpa_fastest_fwd_bwd", "error"],
+                   "fwd_bwd_tflops", "fwd_vs_sdpa", "fwd_bwd_vs_sdpa", "sdpa_fastest_fwd_bwd", "attention_fwd_ms",
+                   "attention_dkdv_ms", "attention_dq_ms", "bias_grad_ms", "error"],
         "train": ["model", "mode", "n", "target_share", "batch", "step_ms", "train_events_per_s", "tflops", "mfu",
                   "peak_mem_gb", "kernels_ms", "attention_ms", "bias_grad_ms"],
         "layout": ["model", "n", "target_share", "batch", "step_ms", "step_ms_layout_reused", "layout_in_step_ms",
@@ -826,6 +850,8 @@ def main(argv: list[str] | None = None) -> int:
                         "without the relative bias (model_args.relative_bias false; mode 'no bias')")
     parser.add_argument("--train-profile", action="store_true", help="profile 3 more steps per train row: its "
                         "CUDA kernels' time, the fused attention's by kernel (kernels_ms, attention_ms, bias_grad_ms)")
+    parser.add_argument("--kernel-profile", action="store_true", help="profile 5 more forward + backward calls "
+                        "of each genrec kernel row: its four kernels' times (attention_fwd/dkdv/dq_ms, bias_grad_ms)")
     parser.add_argument("--requests", type=int, default=30)
     parser.add_argument("--micro-batch", type=int, default=512)
     parser.add_argument("--tiles", help="JSON of HSTU kernel tiles from benchmarks/tune_hstu_kernel.py")
@@ -868,7 +894,8 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict] = [{"bench": "matmul", "n": 8192, "tflops": peak}]
     if "kernel" in parts:
         rows += kernel_rows([int(x) for x in args.kernel_ns.split(",")], args.kernel_tokens, 4, 128, peak, args.backend,
-                            args.anchor_path, set(args.kernels.split(",")) if args.kernels else None)
+                            args.anchor_path, set(args.kernels.split(",")) if args.kernels else None,
+                            args.kernel_profile)
     if "train" in parts:
         rows += train_rows([int(x) for x in args.train_ns.split(",")] if args.train_ns else ns, args, peak)
     if "infer" in parts:
