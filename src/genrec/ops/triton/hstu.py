@@ -325,9 +325,10 @@ def _grouped_sums(c, T: tl.constexpr, DIFF: tl.constexpr, PRECISION: tl.constexp
     summed out of each 8 x 8 block, then ``a ± c``. Returns ``[16, 2T/8]``; two entries may share one
     (anti-)diagonal (``e`` reaches 14). With half-precision inputs (``PRECISION`` "tf32") the products
     take bfloat16 operands, ``c`` and the partial sums rounded to it (the one-hot factors are exact):
-    float32 operands went through shared memory at twice the bytes, and the position gradient was
-    most of the bias-gradient kernel (H100: HSTU training step 58.3 -> 55.4 ms; the table's gradient
-    stays within bf16 rounding of the float64 reference, GPU parity tests)."""
+    float32 operands went through shared memory at twice the bytes, and the position gradient is
+    most of the bias-gradient kernel (an H100 A/B: benchmarks/results/gpu_logs/
+    position_grad_bf16_ab_NVIDIA_H100.log). The table's gradient stays within bf16 rounding of the
+    float64 reference (GPU parity tests)."""
     S: tl.constexpr = 8
     B: tl.constexpr = T // S
     OP: tl.constexpr = tl.bfloat16 if PRECISION == "tf32" else tl.float32  # bf16 inputs: bf16 products
