@@ -183,6 +183,9 @@ def _time_variant(fn, leaves, do) -> tuple[float, float]:
     return fwd_ms, both_ms
 
 
+GENREC_KERNELS = ("hstu_", "dual_flow")  # kernel rows of genrec's fused attention (--kernel-profile splits them)
+
+
 def _kernel_split(fn, leaves, do, steps: int = 5) -> dict[str, float]:
     """:func:`_profiled` forward + backward calls of a genrec kernel row (after :func:`_time_variant`
     warmed it up): its four kernels' times, the bias-gradient kernel's (``bias_grad_ms``) among them."""
@@ -241,9 +244,6 @@ def kernel_rows(ns: list[int], tokens: int, heads: int, dim: int, peak: float, b
             print(f"kernel {name:22s} N={n:5d} fwd {fwd_ms:7.3f} ms fwd+bwd {both_ms:7.3f} ms", flush=True)
         rows += part
     return rows
-
-
-GENREC_KERNELS = ("hstu_", "dual_flow")  # kernel rows of genrec's fused attention (--kernel-profile splits them)
 
 
 def _versus_fastest_sdpa(rows: list[dict]) -> list[dict]:

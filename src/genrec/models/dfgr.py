@@ -99,8 +99,11 @@ class DFGR(GenerativeRanker):
         self.norm = nn.LayerNorm(cfg.d_model)
         self.kv_serving = KVServing(self.blocks, self.history_tokens, self.candidate_tokens, self.candidate_logits)
 
-    def history_tokens(self, ev: Events) -> tuple[torch.Tensor, TokenLayout]:
-        return self.item_emb(ev.items) + self.action_emb(ev.actions), event_layout(ev, "dual_flow")  # real flow
+    def history_tokens(self, ev: Events, item_vectors: torch.Tensor | None = None) -> tuple[torch.Tensor, TokenLayout]:
+        """The real flow and its layout; ``item_vectors``: ``ev.items``' embeddings where the caller
+        looked them up already (training, for both flows)."""
+        items = self.item_emb(ev.items) if item_vectors is None else item_vectors
+        return items + self.action_emb(ev.actions), event_layout(ev, "dual_flow")
 
     def fake_flow(self, item_vectors: torch.Tensor, layout: TokenLayout) -> tuple[torch.Tensor, TokenLayout]:
         """The fake flow: tokens ``[B, M, D]`` for the items' embeddings ``[B, M, D]`` with the
@@ -129,7 +132,7 @@ class DFGR(GenerativeRanker):
         ev = Events.from_batch(batch)
         # One lookup for both flows: each lookup's backward is a pass over the whole item table.
         items = self.item_emb(ev.items)  # [B, N, D]
-        real_flow = items + self.action_emb(ev.actions)  # as history_tokens
+        real_flow, _ = self.history_tokens(ev, items)
         layout, index = training_layout(ev, batch, self.cfg.fake_flow)
         if index is not None:  # the target events' fake tokens
             fake_items = items.gather(1, index[..., None].expand(-1, -1, items.shape[2]))  # [B, T, D]

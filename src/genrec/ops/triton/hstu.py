@@ -318,20 +318,19 @@ def _time_grad(acc, ds, total, q_ts, k_ts, t_lo, t_hi, NUM_TIME, SLOTS: tl.const
 
 
 @triton.jit
-def _grouped_sums(c, T: tl.constexpr, DIFF: tl.constexpr, PRECISION: tl.constexpr):
+def _grouped_sums(c, T: tl.constexpr, DIFF: tl.constexpr, PRECISION: tl.constexpr, OP: tl.constexpr):
     """``z[e, f] = Σ c[i, j]`` for ``c`` ``[T, T]`` (T = 64 or 128) over ``i + j = 8 f + e``
     (anti-diagonals) or, ``DIFF``, over ``j - i = 8 (f - T/8 + 1) + e - 7`` (diagonals): by two
     one-hot products instead of a gather. With ``i = 8a + b`` and ``j = 8c + d``, first ``b ± d`` is
     summed out of each 8 x 8 block, then ``a ± c``. Returns ``[16, 2T/8]``; two entries may share one
-    (anti-)diagonal (``e`` reaches 14). With half-precision inputs (``PRECISION`` "tf32") the products
-    take bfloat16 operands, ``c`` and the partial sums rounded to it (the one-hot factors are exact):
-    float32 operands went through shared memory at twice the bytes, and the position gradient is
-    most of the bias-gradient kernel (an H100 A/B: benchmarks/results/gpu_logs/
+    (anti-)diagonal (``e`` reaches 14). ``OP``: the products' operand type, bfloat16 with
+    half-precision inputs (``PRECISION`` "tf32"), ``c`` and the partial sums rounded to it (the
+    one-hot factors are exact): float32 operands went through shared memory at twice the bytes, and
+    the position gradient is most of the bias-gradient kernel (an H100 A/B: benchmarks/results/gpu_logs/
     position_grad_bf16_ab_NVIDIA_H100.log). The table's gradient stays within bf16 rounding of the
     float64 reference (GPU parity tests)."""
     S: tl.constexpr = 8
     B: tl.constexpr = T // S
-    OP: tl.constexpr = tl.bfloat16 if PRECISION == "tf32" else tl.float32  # bf16 inputs: bf16 products
     x = tl.reshape(tl.permute(tl.reshape(c.to(OP), [B, S, B, S]), (0, 2, 1, 3)), [B * B, S * S])  # [(a, c), (b, d)]
     bd = tl.arange(0, S * S)
     e = tl.arange(0, 2 * S)
@@ -369,20 +368,20 @@ def _position_grad(D_POS, top, ds, total, far, q_pos, k_pos, q_live, q_lo, q_hi,
     the distance up to a constant; 16 x 16 atomics instead of T x T. Other tiles add per pair.
     ``q_lo`` .. ``k_hi``: the live positions' spans."""
     live = (q_hi >= q_lo) & (k_hi >= k_lo)  # else ds is all 0
+    OP: tl.constexpr = tl.bfloat16 if PRECISION == "tf32" else tl.float32  # bf16 inputs: bf16 products
     if far:
         top += total
     elif live & k_run & _consecutive(q_pos, q_live, q_lo, T):
-        sums = _grouped_sums(ds, T, True, PRECISION)  # [e, f]: distance q_lo - k_lo + 8 (f - T/8 + 1) + e - 7
+        sums = _grouped_sums(ds, T, True, PRECISION, OP)  # [e, f]: distance q_lo - k_lo + 8 (f - T/8 + 1) + e - 7
         dist = q_lo - k_lo + 8 * (tl.arange(0, 2 * T // 8)[None, :] - T // 8 + 1) + tl.arange(0, 16)[:, None] - 7
         tl.atomic_add(D_POS + tl.minimum(tl.maximum(dist, 0), NUM_POS - 1), sums, mask=sums != 0.0)
     elif live & (q_hi - q_lo < T) & (k_hi - k_lo < T):
         slot = tl.arange(0, T)
-        OP: tl.constexpr = tl.bfloat16 if PRECISION == "tf32" else tl.float32  # as in _grouped_sums
         by_query = ((q_pos[:, None] - q_lo) == slot[None, :]).to(OP)  # [queries, q_pos - q_lo]
         by_key = ((k_hi - k_pos[:, None]) == slot[None, :]).to(OP)  # [keys, k_hi - k_pos]
         grouped = tl.dot(tl.trans(by_key), tl.dot(ds.to(OP), by_query, input_precision=PRECISION).to(OP),
                          input_precision=PRECISION)  # [k_hi - k_pos, q_pos - q_lo]
-        sums = _grouped_sums(grouped, T, False, PRECISION)  # [e, f]: distance q_lo - k_hi + 8 f + e
+        sums = _grouped_sums(grouped, T, False, PRECISION, OP)  # [e, f]: distance q_lo - k_hi + 8 f + e
         dist = q_lo - k_hi + 8 * tl.arange(0, 2 * T // 8)[None, :] + tl.arange(0, 16)[:, None]
         tl.atomic_add(D_POS + tl.minimum(tl.maximum(dist, 0), NUM_POS - 1), sums, mask=sums != 0.0)
     elif live:
