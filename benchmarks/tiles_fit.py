@@ -27,7 +27,7 @@ import report
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED_LIMIT = {90: 232_448}  # bytes of shared memory one block may use (opt-in maximum)
-_INTS = {"H", "LQ", "L", "Q_OFFSET", "NUM_POS", "NUM_TIME"}  # upper-case kernel arguments that are not pointers
+_INTS = {"H", "LQ", "L", "Q_OFFSET", "NUM_POS", "NUM_TIME", "NUM_K"}  # upper-case kernel arguments, not pointers
 _FLOATS = {"alpha", "scale"}
 _FP32_POINTERS = {"DQ", "REL_POS", "REL_TIME", "D_REL_POS", "D_REL_TIME"}  # the rest: inputs' dtype or int32
 _DATA_POINTERS = {"Q", "K", "V", "O", "DO", "DK", "DV"}

@@ -52,6 +52,7 @@ from triton.runtime.interpreter import InterpretedFunction
 from genrec.ops.layout import RULE_IDS, TokenLayout
 from genrec.ops.triton import tiles
 from genrec.ops.triton.tiles import (
+    BAND,
     BIAS_IN_DQ,
     FAKE,
     FULL,
@@ -59,6 +60,7 @@ from genrec.ops.triton.tiles import (
     VALID,
     KernelMeta,
     bias_forms,
+    consecutive_tiles,
     simple_bias_pairs,
     tile_extremes,
     tile_full,
@@ -112,6 +114,7 @@ VALID_BIT: tl.constexpr = tl.constexpr(VALID)
 FAKE_BIT: tl.constexpr = tl.constexpr(FAKE)
 FULL_BIT: tl.constexpr = tl.constexpr(FULL)
 BIAS_IN_DQ_BIT: tl.constexpr = tl.constexpr(BIAS_IN_DQ)
+BAND_BIT: tl.constexpr = tl.constexpr(BAND)
 # The rule ids the kernels branch on, from the one table of mask rules (genrec.ops.layout.RULES).
 CAUSAL: tl.constexpr = tl.constexpr(RULE_IDS["causal"])
 REQUEST_CAUSAL: tl.constexpr = tl.constexpr(RULE_IDS["request_causal"])
@@ -158,6 +161,7 @@ def _log2_floor(x):
 
 
 TS_TOP: tl.constexpr = tl.constexpr(tiles.TS_TOP)
+NO_RUN: tl.constexpr = tl.constexpr(-tiles.POS_BOUND)  # below any difference of two positions
 NEAR_BIT: tl.constexpr = tl.constexpr(NEAR)
 LO_SHIFT: tl.constexpr = tl.constexpr(tiles.LO_SHIFT)
 HI_SHIFT: tl.constexpr = tl.constexpr(tiles.HI_SHIFT)
@@ -350,6 +354,17 @@ def _grouped_sums(c, T: tl.constexpr, DIFF: tl.constexpr, PRECISION: tl.constexp
 
 
 @triton.jit
+def _add_diagonals(D_POS, c, offset, NUM_POS, PRECISION: tl.constexpr, T: tl.constexpr):
+    """Adds ``c`` ``[keys, queries]`` (T x T) of a tile pair whose positions are consecutive on both
+    sides into the position-bias gradient ``D_POS``: its diagonals' sums (:func:`_grouped_sums`) at
+    distance ``offset`` (first query position - first key position) + query - key, 16 x 16 atomics."""
+    OP: tl.constexpr = tl.bfloat16 if PRECISION == "tf32" else tl.float32  # bf16 inputs: bf16 products
+    sums = _grouped_sums(c, T, True, PRECISION, OP)  # [e, f]: distance offset + 8 (f - T/8 + 1) + e - 7
+    dist = offset + 8 * (tl.arange(0, 2 * T // 8)[None, :] - T // 8 + 1) + tl.arange(0, 16)[:, None] - 7
+    tl.atomic_add(D_POS + tl.minimum(tl.maximum(dist, 0), NUM_POS - 1), sums, mask=sums != 0.0)
+
+
+@triton.jit
 def _consecutive(pos, live, lo, T: tl.constexpr):
     """Whether all T tokens are live at positions ``lo, lo + 1, ...`` (one event per token)."""
     return tl.sum((live & (pos == lo + tl.arange(0, T))).to(tl.int32)) == T
@@ -362,28 +377,33 @@ def _position_grad(D_POS, top, ds, total, far, q_pos, k_pos, q_live, q_lo, q_hi,
     ``clamp(q_pos - k_pos)``; returns ``top``, the program's gradient of the table's last slot.
     Per-pair atomic adds dominated the whole backward, so: a tile past the table (``far``) adds
     its sum ``total`` to ``top`` (one atomic per program at its end). A tile whose live positions
-    span fewer than T values (always, inside one flow of one sequence) sums along (anti-)diagonals:
-    directly where both sides hold consecutive positions (``k_run`` for the keys), else after one-hot
-    products that group the pairs by (query position - lowest, highest - key position), whose sum is
-    the distance up to a constant; 16 x 16 atomics instead of T x T. Other tiles add per pair.
-    ``q_lo`` .. ``k_hi``: the live positions' spans."""
+    span fewer than 2T values (always within one flow of a sequence whose requests hold at most
+    T + 1 events) sums along (anti-)diagonals: directly where both sides hold consecutive positions
+    (``k_run`` for the keys), else after one-hot products that group the pairs by (query position -
+    a base, a base - key position), whose sum is the distance up to a constant; 16 x 16 atomics
+    instead of T x T. A side spanning T or more positions takes two bases, T apart, each grouping its
+    share of the pairs (DFGR's fake tokens sit at their requests' first events, so a fake tile
+    often spans a few positions more than T: per pair, those tiles were most of DFGR's bias-gradient
+    time). Other tiles add per pair. ``q_lo`` .. ``k_hi``: the live positions' spans."""
     live = (q_hi >= q_lo) & (k_hi >= k_lo)  # else ds is all 0
     OP: tl.constexpr = tl.bfloat16 if PRECISION == "tf32" else tl.float32  # bf16 inputs: bf16 products
     if far:
         top += total
     elif live & k_run & _consecutive(q_pos, q_live, q_lo, T):
-        sums = _grouped_sums(ds, T, True, PRECISION, OP)  # [e, f]: distance q_lo - k_lo + 8 (f - T/8 + 1) + e - 7
-        dist = q_lo - k_lo + 8 * (tl.arange(0, 2 * T // 8)[None, :] - T // 8 + 1) + tl.arange(0, 16)[:, None] - 7
-        tl.atomic_add(D_POS + tl.minimum(tl.maximum(dist, 0), NUM_POS - 1), sums, mask=sums != 0.0)
-    elif live & (q_hi - q_lo < T) & (k_hi - k_lo < T):
+        _add_diagonals(D_POS, ds, q_lo - k_lo, NUM_POS, PRECISION, T)
+    elif live & (q_hi - q_lo < 2 * T) & (k_hi - k_lo < 2 * T):
         slot = tl.arange(0, T)
-        by_query = ((q_pos[:, None] - q_lo) == slot[None, :]).to(OP)  # [queries, q_pos - q_lo]
-        by_key = ((k_hi - k_pos[:, None]) == slot[None, :]).to(OP)  # [keys, k_hi - k_pos]
-        grouped = tl.dot(tl.trans(by_key), tl.dot(ds.to(OP), by_query, input_precision=PRECISION).to(OP),
-                         input_precision=PRECISION)  # [k_hi - k_pos, q_pos - q_lo]
-        sums = _grouped_sums(grouped, T, False, PRECISION, OP)  # [e, f]: distance q_lo - k_hi + 8 f + e
-        dist = q_lo - k_hi + 8 * tl.arange(0, 2 * T // 8)[None, :] + tl.arange(0, 16)[:, None]
-        tl.atomic_add(D_POS + tl.minimum(tl.maximum(dist, 0), NUM_POS - 1), sums, mask=sums != 0.0)
+        for q_base in range(q_lo, q_hi + 1, T):  # one or two
+            ds_by_query = tl.dot(ds.to(OP), ((q_pos[:, None] - q_base) == slot[None, :]).to(OP),
+                                 input_precision=PRECISION).to(OP)  # [keys, q_pos - q_base]
+            for k_shift in range(0, k_hi - k_lo + 1, T):  # one or two
+                k_base = k_hi - k_shift
+                by_key = ((k_base - k_pos[:, None]) == slot[None, :]).to(OP)  # [keys, k_base - k_pos]
+                grouped = tl.dot(tl.trans(by_key), ds_by_query,
+                                 input_precision=PRECISION)  # [k_base - k_pos, q_pos - q_base]
+                sums = _grouped_sums(grouped, T, False, PRECISION, OP)  # [e, f]: distance q_base - k_base + 8 f + e
+                dist = q_base - k_base + 8 * tl.arange(0, 2 * T // 8)[None, :] + tl.arange(0, 16)[:, None]
+                tl.atomic_add(D_POS + tl.minimum(tl.maximum(dist, 0), NUM_POS - 1), sums, mask=sums != 0.0)
     elif live:
         pos_idx = tl.minimum(tl.maximum(q_pos[None, :] - k_pos[:, None], 0), NUM_POS - 1)
         tl.atomic_add(D_POS + pos_idx, ds, mask=allowed)
@@ -576,7 +596,7 @@ def _hstu_bwd_rab(Q, K, V, DO, REQ, EVT, FLAG, POS, TS, REL_POS, REL_TIME, Q_COU
     for i in range(0, count):
         at = b * s_ib + tile * s_iq + i
         flags = tl.load(Q_FLAGS + at)
-        if (flags & BIAS_IN_DQ_BIT) == 0:  # else _hstu_bwd_dq adds them
+        if (flags & (BIAS_IN_DQ_BIT | BAND_BIT)) == 0:  # else _hstu_bwd_dq or _hstu_bwd_rab_bands adds them
             q_tile = tl.load(Q_INDEX + at)
             rows, q_in, _, _, _, ds, allowed = _query_tile_grads(
                 Q, DO, REQ, EVT, FLAG, POS, TS, REL_POS, REL_TIME, q_tile, flags, k, v, keys, k_in, k_req, k_evt,
@@ -592,6 +612,59 @@ def _hstu_bwd_rab(Q, K, V, DO, REQ, EVT, FLAG, POS, TS, REL_POS, REL_TIME, Q_COU
             time_grad = _time_grad(time_grad, ds, total, q_ts[None, :], k_ts[:, None], t_lo, t_hi, NUM_TIME,
                                    TIME_SLOTS)
     tl.atomic_add(D_REL_POS + h * NUM_POS + NUM_POS - 1, top_grad, mask=top_grad != 0.0)
+    slot = tl.arange(0, TIME_SLOTS)
+    tl.atomic_add(D_REL_TIME + h * NUM_TIME + slot, time_grad, mask=(slot < NUM_TIME) & (time_grad != 0.0))
+
+
+@triton.jit
+def _hstu_bwd_rab_bands(Q, K, V, DO, REQ, EVT, FLAG, POS, TS, REL_POS, REL_TIME, BANDS,
+                        s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_db, s_dh, s_dm, s_nb, s_nq,
+                        H, LQ, L, Q_OFFSET, NUM_POS, NUM_TIME, alpha, scale, NUM_K, Q_EXT, K_EXT, s_qeb, s_keb,
+                        D_REL_POS, D_REL_TIME, RULE: tl.constexpr, PRECISION: tl.constexpr,
+                        TIME_SLOTS: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The bias tables' gradients of the BAND pairs (:func:`_bias_flags`: near pairs of tiles at
+    consecutive positions, which :func:`_hstu_bwd_rab` skips), one program per diagonal band of
+    tile pairs (query tile - key tile = ``program_id(0) - (NUM_K - 1)``). Within a band the pairs'
+    first positions differ by one offset (in a sequence of one event per token), so their score
+    gradients add up elementwise in registers and their diagonals are summed once per run of equal
+    offsets (:func:`_add_diagonals`), where the key-tile programs grouped each pair (most of the
+    bias-gradient kernel's time: benchmarks/results/gpu_logs/bias_grad_knockouts_NVIDIA_H100.log).
+    ``BANDS``: the dense ``[B, nQ, nK]`` pair flags, BAND where this kernel adds the pair. The time
+    table's gradient is per pair, as in :func:`_hstu_bwd_rab`."""
+    tl.static_assert((BLOCK_M == BLOCK_N) & (BLOCK_N >= 64), "the position-bias gradient needs square tiles >= 64")
+    band, bh = tl.program_id(0), tl.program_id(1)
+    b, h = bh // H, bh % H
+    shift = band - (NUM_K - 1)  # query tile - key tile
+    cols = tl.arange(0, D)
+    num_q = tl.cdiv(LQ, BLOCK_M)
+    pos_top = _position_top(REL_POS, h, NUM_POS, True)
+    time_grad = tl.zeros((TIME_SLOTS,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # [keys, queries]: the run's summed score gradients
+    offset = NO_RUN  # the run's first query position - first key position
+    for k_tile in range(tl.maximum(0, -shift), tl.minimum(NUM_K, num_q - shift)):
+        q_tile = k_tile + shift
+        flags = tl.load(BANDS + b * s_nb + q_tile * s_nq + k_tile)
+        if (flags & BAND_BIT) != 0:
+            keys, k_in, k, v, k_req, k_evt, k_flag = _key_tile(K, V, REQ, EVT, FLAG, b, h, k_tile, cols, s_kb, s_kh,
+                                                               s_kn, s_vb, s_vh, s_vn, L, BLOCK_N)
+            rows, q_in, _, _, _, ds, _ = _query_tile_grads(
+                Q, DO, REQ, EVT, FLAG, POS, TS, REL_POS, REL_TIME, q_tile, flags, k, v, keys, k_in, k_req, k_evt,
+                k_flag, pos_top, b, h, cols, s_qb, s_qh, s_qm, s_db, s_dh, s_dm, LQ, L, Q_OFFSET, NUM_POS,
+                NUM_TIME, alpha, scale, RULE, True, False, PRECISION, BLOCK_M, BLOCK_N)
+            pair_offset = tl.load(Q_EXT + b * s_qeb + q_tile * 4) - tl.load(K_EXT + b * s_keb + k_tile * 4)
+            if pair_offset != offset:  # a new run: the last one's diagonals
+                if offset != NO_RUN:
+                    _add_diagonals(D_REL_POS + h * NUM_POS, acc, offset, NUM_POS, PRECISION, BLOCK_N)
+                acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+                offset = pair_offset
+            acc += ds
+            _, q_ts, _ = _bias_meta(POS, TS, FLAG, b * L + rows + Q_OFFSET, q_in)
+            _, k_ts, _ = _bias_meta(POS, TS, FLAG, b * L + keys, k_in)
+            _, t_lo, t_hi = _bias_form(flags)
+            time_grad = _time_grad(time_grad, ds, tl.sum(ds), q_ts[None, :], k_ts[:, None], t_lo, t_hi, NUM_TIME,
+                                   TIME_SLOTS)
+    if offset != NO_RUN:
+        _add_diagonals(D_REL_POS + h * NUM_POS, acc, offset, NUM_POS, PRECISION, BLOCK_N)
     slot = tl.arange(0, TIME_SLOTS)
     tl.atomic_add(D_REL_TIME + h * NUM_TIME + slot, time_grad, mask=(slot < NUM_TIME) & (time_grad != 0.0))
 
@@ -722,9 +795,11 @@ def _bias_flags(layout: TokenLayout, meta: KernelMeta, grads: bool, dq_separate:
     """The forward, dK/dV and dQ schedules with the bias: each list led by its simple pairs
     (:func:`genrec.ops.triton.tiles.simple_bias_pairs`, :func:`tile_lists`), each pair's bias form in
     its flags, BIAS_IN_DQ set where the dQ kernel adds the pair's bias gradients (``split``: its
-    simple pairs; a dK/dV pair inherits its dQ pair's flag, so each pair's gradients are added by
-    exactly one kernel), and the dK/dV tiles' extremes that the bias-gradient kernel reads.
-    Without ``grads`` the backward schedules are the forward's (placeholders), without
+    simple pairs; a dK/dV pair inherits its dQ pair's flag), BAND where the diagonal-band kernel
+    does (near pairs of tiles at consecutive positions, the rest's), so each pair's gradients are
+    added by exactly one kernel; the dense ``[B, nQ, nK]`` dK/dV pair flags that the band kernel
+    reads, and the dK/dV tiles' extremes that the bias-gradient kernels read. Without ``grads`` the
+    backward schedules are the forward's (placeholders, the dense flags one word), without
     ``dq_separate`` the dQ schedule is the dK/dV one's (dQ in its kernel)."""
     _, (bwd_q, bwd_k), (dq_q, dq_k) = (tile[:2] for tile in tile_table)
 
@@ -748,16 +823,27 @@ def _bias_flags(layout: TokenLayout, meta: KernelMeta, grads: bool, dq_separate:
                                             lists)
         bits = forms(*tile[:2]) if extra is None else forms(*tile[:2]) | extra  # [B, nQ, nK]
         return count, index, (flags | (bits.mT if transpose else bits).gather(-1, index.long())).contiguous()
+    def bands(per_dq: torch.Tensor | None) -> torch.Tensor:  # [B, nQ, nK]: dense dK/dV pair flags
+        pairs, full = _pairs_and_full(layout, meta, tile_table[1], q_offset)
+        bits = forms(bwd_q, bwd_k)
+        runs = consecutive_tiles(meta, q_offset, bwd_q)[:, :, None] & consecutive_tiles(meta, 0, bwd_k)[:, None]
+        band = pairs & ((bits & NEAR) != 0) & runs
+        if per_dq is not None:
+            band &= per_dq == 0
+        return (band.int() * BAND | bits | full.int() * FULL).contiguous()
     forward = listed(tile_table[0])
     if grads:
         in_dq = simple(dq_q, dq_k).int() * BIAS_IN_DQ if split else None  # [B, nQ, nK]
         bwd_rows = forms(bwd_q, bwd_k).shape[1]
         per_dq = None if in_dq is None else in_dq.repeat_interleave(dq_q // bwd_q, 1)[:, :bwd_rows]
-        backward = listed(tile_table[1], per_dq, transpose=True)
+        dense = bands(per_dq)
+        band = dense & BAND
+        backward = listed(tile_table[1], band if per_dq is None else per_dq | band, transpose=True)
         dq = listed(tile_table[2], in_dq) if dq_separate else backward
     else:
         backward = dq = forward
-    return (forward, backward, dq, extremes(q_offset, bwd_q), extremes(0, bwd_k))
+        dense = torch.zeros(1, 1, 1, device=meta.flags.device, dtype=torch.int32)  # unread
+    return (forward, backward, dq, dense, extremes(q_offset, bwd_q), extremes(0, bwd_k))
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -789,8 +875,8 @@ def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, request: torch.Te
             k_ext: torch.Tensor, rel_pos: torch.Tensor, rel_time: torch.Tensor, count: torch.Tensor,
             index: torch.Tensor, full: torch.Tensor, bwd_count: torch.Tensor, bwd_index: torch.Tensor,
             bwd_full: torch.Tensor, dq_count: torch.Tensor, dq_index: torch.Tensor, dq_full: torch.Tensor,
-            scale: float, q_offset: int, rule: int, has_bias: bool, fwd_tile: list[int], bwd_tile: list[int],
-            dq_tile: list[int], dq_separate: bool) -> torch.Tensor:
+            bands: torch.Tensor, scale: float, q_offset: int, rule: int, has_bias: bool, fwd_tile: list[int],
+            bwd_tile: list[int], dq_tile: list[int], dq_separate: bool) -> torch.Tensor:
     b, h, lq, d = q.shape
     seq = k.shape[2]
     block_m, block_n, warps, stages = fwd_tile
@@ -815,8 +901,8 @@ def _bwd_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
             event: torch.Tensor, flags: torch.Tensor, position: torch.Tensor, timestamp: torch.Tensor,
             q_ext: torch.Tensor, k_ext: torch.Tensor, rel_pos: torch.Tensor, rel_time: torch.Tensor,
             bwd_count: torch.Tensor, bwd_index: torch.Tensor, bwd_full: torch.Tensor, dq_count: torch.Tensor,
-            dq_index: torch.Tensor, dq_full: torch.Tensor, scale: float, q_offset: int, rule: int, has_bias: bool,
-            bwd_tile: list[int], dq_tile: list[int],
+            dq_index: torch.Tensor, dq_full: torch.Tensor, bands: torch.Tensor, scale: float, q_offset: int,
+            rule: int, has_bias: bool, bwd_tile: list[int], dq_tile: list[int],
             dq_separate: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """dq, dk, dv and the fp32 gradients of both bias tables."""
     b, h, lq, d = q.shape
@@ -841,6 +927,11 @@ def _bwd_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
             q, k, v, grad_out, *meta, bwd_count, bwd_index, bwd_full, *strides, *sizes, q_ext, k_ext,
             q_ext.stride(0), k_ext.stride(0), d_pos, d_time, RULE=rule, PRECISION=precision, TIME_SLOTS=time_slots,
             **launch)
+        num_k = triton.cdiv(seq, block_n)
+        _hstu_bwd_rab_bands[(triton.cdiv(lq, block_m) + num_k - 1, b * h)](
+            q, k, v, grad_out, *meta, bands, *strides, bands.stride(0), bands.stride(1), *sizes[3:], num_k,
+            q_ext, k_ext, q_ext.stride(0), k_ext.stride(0), d_pos, d_time, RULE=rule, PRECISION=precision,
+            TIME_SLOTS=time_slots, **launch)
     if dq_separate:  # with the bias split, this launch also adds the BIAS_IN_DQ pairs' bias gradients
         block_m, block_n, warps, stages = dq_tile
         _hstu_bwd_dq[(triton.cdiv(lq, block_m), b * h)](
@@ -864,20 +955,20 @@ _NON_TENSOR_ARGS = ("scale", "q_offset", "rule", "has_bias", "fwd_tile", "bwd_ti
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    ctx.save_for_backward(*inputs[:12], *inputs[15:21])  # q .. rel_time, both backward schedules
-    ctx.args = dict(zip(_NON_TENSOR_ARGS, inputs[21:], strict=True))
+    ctx.save_for_backward(*inputs[:12], *inputs[15:22])  # q .. rel_time, both backward schedules, bands
+    ctx.args = dict(zip(_NON_TENSOR_ARGS, inputs[22:], strict=True))
 
 
 def _backward(ctx, grad_out: torch.Tensor):
-    q, k, v, *meta, rel_pos, rel_time, bc, bi, bf, dc, di, df = ctx.saved_tensors
+    q, k, v, *meta, rel_pos, rel_time, bc, bi, bf, dc, di, df, bands = ctx.saved_tensors
     a = ctx.args
     if grad_out.stride(-1) != 1:
         grad_out = grad_out.contiguous()
     dq, dk, dv, d_pos, d_time = _bwd_op(grad_out, q, k, v, *meta, rel_pos, rel_time, bc, bi, bf, dc, di, df,
-                                         a["scale"], a["q_offset"], a["rule"], a["has_bias"], a["bwd_tile"],
+                                         bands, a["scale"], a["q_offset"], a["rule"], a["has_bias"], a["bwd_tile"],
                                          a["dq_tile"], a["dq_separate"])
     bias = (d_pos, d_time) if a["has_bias"] else (None, None)
-    return dq, dk, dv, *([None] * len(meta)), *bias, *([None] * 9), *([None] * len(_NON_TENSOR_ARGS))
+    return dq, dk, dv, *([None] * len(meta)), *bias, *([None] * 10), *([None] * len(_NON_TENSOR_ARGS))
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -886,9 +977,10 @@ _fwd_op.register_autograd(_backward, setup_context=_setup_context)
 def _plan(layout: TokenLayout, head_dim: int, dtype: torch.dtype, q_offset: int, num_pos: int | None,
           num_time: int | None, grads: bool, config: KernelConfig) -> tuple[tuple, tuple]:
     """What the kernels read from the layout for these arguments (``num_pos`` None: no bias), from its
-    cache: ``(meta, tiles, forward, backward, dq, q_ext, k_ext)`` (the extremes None without the
-    bias), and the cache keys those are under. Where the cache lacks them they are built: once per
-    layout, shared by every layer, or ahead of the step by :func:`prepare_attention`."""
+    cache: ``(meta, tiles, forward, backward, dq, bands, q_ext, k_ext)`` (the dense pair flags and
+    the extremes None without the bias), and the cache keys those are under. Where the cache lacks
+    them they are built: once per layout, shared by every layer, or ahead of the step by
+    :func:`prepare_attention`."""
     keys = [("triton_meta",)]
     meta = layout.cached(keys[0], lambda: KernelMeta.from_layout(layout))
     fwd_tile, bwd_tile, dq_tile = tile_table = config.tiles(head_dim, dtype)
@@ -896,9 +988,9 @@ def _plan(layout: TokenLayout, head_dim: int, dtype: torch.dtype, q_offset: int,
         split = _splits_bias_grads(True, config.dq_separate, bwd_tile, dq_tile)
         keys.append(("triton_bias_flags", tuple(fwd_tile), tuple(bwd_tile), tuple(dq_tile), q_offset, num_pos,
                      num_time, grads, config.dq_separate, split))
-        forward, backward, dq, q_ext, k_ext = layout.cached(keys[-1], lambda: _bias_flags(
+        forward, backward, dq, bands, q_ext, k_ext = layout.cached(keys[-1], lambda: _bias_flags(
             layout, meta, grads, config.dq_separate, tile_table, q_offset, num_pos, num_time, split))
-        return (meta, tile_table, forward, backward, dq, q_ext, k_ext), tuple(keys)
+        return (meta, tile_table, forward, backward, dq, bands, q_ext, k_ext), tuple(keys)
     def scheduled(tile: Tile, transpose: bool):  # a schedule, its key noted where it is read
         keys.append(_schedule_key(tile, q_offset, transpose))
         return _schedule(layout, meta, tile, q_offset, transpose)
@@ -906,7 +998,7 @@ def _plan(layout: TokenLayout, head_dim: int, dtype: torch.dtype, q_offset: int,
     forward = scheduled(fwd_tile, transpose=False)
     backward = scheduled(bwd_tile, transpose=True) if grads else forward
     dq = scheduled(dq_tile, transpose=False) if grads and config.dq_separate else backward
-    return (meta, tile_table, forward, backward, dq, None, None), tuple(dict.fromkeys(keys))
+    return (meta, tile_table, forward, backward, dq, None, None, None), tuple(dict.fromkeys(keys))
 
 
 def prepare_attention(layout: TokenLayout, head_dim: int, dtype: torch.dtype, num_pos: int | None,
@@ -935,13 +1027,14 @@ def hstu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: To
     grads = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, *tables))
     has_bias = rel_pos is not None
     sizes = (rel_pos.shape[-1], rel_time.shape[-1]) if has_bias else (None, None)
-    (meta, (fwd_tile, bwd_tile, dq_tile), forward, backward, dq, q_ext, k_ext), _ = _plan(
+    (meta, (fwd_tile, bwd_tile, dq_tile), forward, backward, dq, bands, q_ext, k_ext), _ = _plan(
         layout, d, q.dtype, q_offset, *sizes, grads, config)
     if has_bias:  # fp32 copies: autograd casts the tables' gradients back to their dtype
         rel_pos, rel_time = rel_pos.float().contiguous(), rel_time.float().contiguous()
     else:
         rel_pos = rel_time = torch.zeros(1, device=q.device, dtype=torch.float32)
         q_ext = k_ext = torch.zeros(1, 1, 4, device=q.device, dtype=torch.int32)  # unread
+        bands = torch.zeros(1, 1, 1, device=q.device, dtype=torch.int32)
     return _fwd_op(q, k, v, meta.request, meta.event, meta.flags, meta.position, meta.timestamp, q_ext, k_ext,
-                   rel_pos, rel_time, *forward, *backward, *dq, scale, q_offset, RULE_IDS[layout.rule], has_bias,
+                   rel_pos, rel_time, *forward, *backward, *dq, bands, scale, q_offset, RULE_IDS[layout.rule], has_bias,
                    list(fwd_tile), list(bwd_tile), list(dq_tile), config.dq_separate)

@@ -21,6 +21,7 @@ from genrec.ops.layout import TokenLayout, check_time_span
 
 VALID, FAKE = 1, 2  # bits of KernelMeta.flags
 FULL, BIAS_IN_DQ, NEAR = 1, 2, 4  # bits of a schedule's per-pair flags (tile_lists, simple_bias_pairs, bias_forms)
+BAND = 1 << 24  # and a pair whose position gradient the diagonal-band kernel adds (hstu._bias_flags)
 LO_SHIFT, HI_SHIFT, BUCKET_MASK = 8, 16, 31  # a pair's time buckets in its flags (bias_forms; buckets <= 31)
 _BIG = 2**30
 POS_BOUND = 2**29  # above any position: differences of +-POS_BOUND fit int32
@@ -120,6 +121,17 @@ def tile_extremes(meta: KernelMeta, start: int, block: int) -> torch.Tensor:
     extremes = (*low_high(meta.position[:, start:], POS_BOUND, -POS_BOUND),
                 *low_high(meta.timestamp[:, start:], TS_TOP, 0))
     return torch.stack(extremes, -1).to(torch.int32).contiguous()
+
+
+def consecutive_tiles(meta: KernelMeta, start: int, block: int) -> torch.Tensor:
+    """``[B, ceil((L - start) / block)]`` bool: tiles of ``block`` tokens from ``start`` whose tokens
+    are all valid at consecutive positions (one event per token: a causal sequence, DFGR's real flow).
+    All distances of a pair of such tiles lie on its diagonals, at offsets their first positions fix."""
+    pos, valid = meta.position[:, start:], (meta.flags[:, start:] & VALID) != 0
+    step = torch.arange(pos.shape[1], device=pos.device, dtype=pos.dtype) % block
+    first = _chunks(pos, block, 0)[..., :1]  # [B, nT, 1]
+    run = _chunks(valid & (pos == (first.expand(-1, -1, block).flatten(1)[:, :pos.shape[1]] + step)), block, False)
+    return run.all(-1)
 
 
 def bias_forms(q_extremes: torch.Tensor, k_extremes: torch.Tensor, num_pos: int, num_time: int) -> torch.Tensor:
