@@ -98,7 +98,9 @@ def main(argv: list[str] | None = None) -> int:
             kernels = (("forward", hstu._hstu_fwd, fwd, {}),
                        ("dk_dv", hstu._hstu_bwd, bwd, {"DQ_ATOMIC": not config.dq_separate}),
                        ("bias_grad", hstu._hstu_bwd_rab, bwd, {"TIME_SLOTS": 32}),
-                       ("dq", hstu._hstu_bwd_dq, dq, {"BIAS_GRADS": config.dq_separate, "TIME_SLOTS": 32}))
+                       ("dq", hstu._hstu_bwd_dq, dq, {"BIAS_GRADS": config.dq_separate, "TIME_SLOTS": 32}),
+                       *((("bias_grad_bands", hstu._hstu_bwd_rab_bands, bwd, {"TIME_SLOTS": 32}),)
+                         if head_dim <= hstu.BAND_MAX_DIM else ()))
             for name, fn, tile, extra in kernels:
                 row = {"dtype": dtype, "head_dim": head_dim, "kernel": name, "tile": list(tile),
                        **compile_kernel(fn, dtype, head_dim, tile, extra, args.capability)}

@@ -147,14 +147,13 @@ def _bias_form_layout(positions: str) -> TokenLayout:
     past the position table in one bucket (tile 2 against 0) and in many (tile 3 against 0 and 1:
     its times spread over a factor of 9, straddling tile 1's); ``positions`` "consecutive" (one
     per token; the diagonal-band kernel's pairs), "jump" (consecutive, 7 skipped from tile 2 on: a
-    band's pairs at two offsets), "pairs" (two tokens per position: the one-hot gradient path), "stretched" (3 per 2
-    tokens: a tile spans 94 positions, the one-hot path from two bases per side, as DFGR's fake
-    tiles take it) or "spread" (3 apart: a tile spans 189, past two bases: the per-pair path)."""
+    band's pairs at two offsets), "pairs" (two tokens per position: the one-hot gradient path) or
+    "spread" (3 apart: a tile spans more positions than it has tokens, the per-pair path)."""
     idx = torch.arange(256)
     ts = torch.where(idx < 64, idx, torch.where(idx < 128, 2**20 + idx - 64, 3 * 2**20 + idx - 128))
     ts = torch.where(idx < 192, ts, 2**18 + (idx - 192) * 2**15)
     pos = {"consecutive": idx, "jump": torch.where(idx < 128, idx, idx + 7), "pairs": idx // 2,
-           "stretched": 3 * idx // 2, "spread": 3 * idx}[positions]
+           "spread": 3 * idx}[positions]
     valid = torch.stack([idx < 256, idx < 150])
     return TokenLayout(valid=valid.to(DEVICE), request=idx.expand(2, -1).to(DEVICE), event=idx.expand(2, -1).to(DEVICE),
                        fake=torch.zeros(2, 256, dtype=torch.bool, device=DEVICE), position=pos.expand(2, -1).to(DEVICE),
@@ -162,7 +161,7 @@ def _bias_form_layout(positions: str) -> TokenLayout:
 
 
 @pytest.mark.parametrize("forward_tiles", [64, 16])
-@pytest.mark.parametrize("positions", ["consecutive", "jump", "pairs", "stretched", "spread"])
+@pytest.mark.parametrize("positions", ["consecutive", "jump", "pairs", "spread"])
 def test_every_bias_form_of_a_tile_matches_reference(positions, forward_tiles):
     """The kernels pick a tile's bias form from its flags (one value, one comparison or one read per
     pair; the gradient by tile sum, diagonal sums, one-hot products or per pair): this layout holds
@@ -180,16 +179,17 @@ def test_every_bias_form_of_a_tile_matches_reference(positions, forward_tiles):
         far = {(q, k) for q, k in buckets if pos[q * 64:(q + 1) * 64].min() - pos[k * 64:(k + 1) * 64].max() >= 40 - 1}
         assert buckets[2, 0] == 1 and (3, 0) in far and buckets[3, 0] >= 3, (far, buckets)
     spans = {int(pos[t * 64:(t + 1) * 64].max() - pos[t * 64:(t + 1) * 64].min()) for t in range(4)}
-    assert spans == {"consecutive": {63}, "jump": {63}, "pairs": {31}, "stretched": {94}, "spread": {189}}[positions]
+    assert spans == {"consecutive": {63}, "jump": {63}, "pairs": {31}, "spread": {189}}[positions], spans
     from genrec.ops.triton import hstu
 
     small = (16, 16, 4, 1)
     config = hstu.KernelConfig() if forward_tiles == 64 else hstu.KernelConfig(fwd=small, dq=small, fwd_large=small,
                                                                               dq_large=small)
     split = hstu._splits_bias_grads(True, config.dq_separate, *config.tiles(32)[1:])
-    bands = hstu._bias_flags(layout, hstu.KernelMeta.from_layout(layout), True, config.dq_separate, config.tiles(32),
-                             0, 40, 32, split)[3]
-    band_pairs = {(b, q, k) for b, q, k in ((bands & hstu.BAND) != 0).nonzero().tolist()}
+    count, index, _ = hstu._bias_flags(layout, hstu.KernelMeta.from_layout(layout), True, config.dq_separate,
+                                       config.tiles(32), 0, 40, 32, split, bands=True)[3]
+    band_pairs = {(b, band - 3 + int(index[b, band, i]), int(index[b, band, i]))  # (row, query tile, key tile)
+                  for b, band in count[..., 0].nonzero().tolist() for i in range(int(count[b, band, 0]))}
     offsets = {(q - k, int(pos[q * 64] - pos[k * 64])) for b, q, k in band_pairs}  # (band, offset)
     assert bool(band_pairs) == (positions in ("consecutive", "jump")), band_pairs
     assert (len(offsets) > len({band for band, _ in offsets})) == (positions == "jump"), offsets
@@ -280,10 +280,10 @@ def test_the_fused_attention_passes_the_custom_op_checks():
     meta = hstu.KernelMeta.from_layout(layout)
     tile = hstu.DEFAULT_CONFIG.tiles(32)
     fwd, bwd, dq, bands, q_ext, k_ext = hstu._bias_flags(layout, meta, True, True, tile, 0, rel_pos.shape[-1],
-                                                         rel_time.shape[-1], split=True)
+                                                         rel_time.shape[-1], split=True, bands=True)
     args = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), meta.request, meta.event, meta.flags,
             meta.position, meta.timestamp, q_ext, k_ext, rel_pos.requires_grad_(), rel_time.requires_grad_(), *fwd,
-            *bwd, *dq, bands,
+            *bwd, *dq, *bands,
             0.05, 0, 2, True, list(tile[0]), list(tile[1]), list(tile[2]), True)
     torch.library.opcheck(torch.ops.genrec.hstu_attention_fwd.default, args)
 

@@ -20,7 +20,10 @@ load whose address the loop index gives. Its gradients
 come from a kernel of their own over the dK/dV schedule (:func:`_hstu_bwd_rab`: beside dK/dV's
 accumulators they spilled registers), gathered in each program (the table's last slot and the time
 table in registers, added once at the program's end); the position table's other slots are reduced
-per tile by distance (:func:`_position_grad`) before their atomic adds. The pairs whose bias is the
+per tile by distance (:func:`_position_grad`) before their atomic adds. At head dims up to
+``BAND_MAX_DIM`` the near pairs of tiles at consecutive positions go to a second kernel instead, one
+program per diagonal band of tile pairs (:func:`_hstu_bwd_rab_bands`): a band's score gradients add
+up in registers and its diagonals are summed once, not per pair. The pairs whose bias is the
 table's last slot and at most two time buckets (most of a long sequence's pairs with a bounded
 table; :func:`genrec.ops.triton.tiles.simple_bias_pairs`) lead every schedule and run through a
 loop compiled for that form alone (:func:`genrec.ops.triton.tiles.tile_lists`). They need no
@@ -110,6 +113,11 @@ class KernelConfig:
 
 
 DEFAULT_CONFIG = KernelConfig()
+# The diagonal-band kernel (_hstu_bwd_rab_bands) runs at head dims up to this, where it passed the
+# GPU parity tests on the H100 (training's 512 / 8 heads = 64). At 128 it ran only beside a change
+# that failed them there (benchmarks/results/gpu_logs/bias_grad_bands_ab_NVIDIA_H100.log): until it
+# passes them alone, the key-tile kernel adds every pair above it.
+BAND_MAX_DIM = 64
 VALID_BIT: tl.constexpr = tl.constexpr(VALID)
 FAKE_BIT: tl.constexpr = tl.constexpr(FAKE)
 FULL_BIT: tl.constexpr = tl.constexpr(FULL)
@@ -377,33 +385,29 @@ def _position_grad(D_POS, top, ds, total, far, q_pos, k_pos, q_live, q_lo, q_hi,
     ``clamp(q_pos - k_pos)``; returns ``top``, the program's gradient of the table's last slot.
     Per-pair atomic adds dominated the whole backward, so: a tile past the table (``far``) adds
     its sum ``total`` to ``top`` (one atomic per program at its end). A tile whose live positions
-    span fewer than 2T values (always within one flow of a sequence whose requests hold at most
-    T + 1 events) sums along (anti-)diagonals: directly where both sides hold consecutive positions
-    (``k_run`` for the keys), else after one-hot products that group the pairs by (query position -
-    a base, a base - key position), whose sum is the distance up to a constant; 16 x 16 atomics
-    instead of T x T. A side spanning T or more positions takes two bases, T apart, each grouping its
-    share of the pairs (DFGR's fake tokens sit at their requests' first events, so a fake tile
-    often spans a few positions more than T: per pair, those tiles were most of DFGR's bias-gradient
-    time). Other tiles add per pair. ``q_lo`` .. ``k_hi``: the live positions' spans."""
+    span fewer than T values sums along (anti-)diagonals: directly where both sides hold
+    consecutive positions (``k_run`` for the keys), else after one-hot products that group the pairs
+    by (query position - lowest, highest - key position), whose sum is the distance up to a
+    constant; 16 x 16 atomics instead of T x T. Other tiles add per pair (among them DFGR's fake
+    tiles that span a few positions more than T, their requests' first events: a two-base grouping
+    of those spilled registers and failed the bf16 parity tests at head dim 128 on the H100,
+    benchmarks/results/gpu_logs/bias_grad_bands_ab_NVIDIA_H100.log). ``q_lo`` .. ``k_hi``: the live
+    positions' spans."""
     live = (q_hi >= q_lo) & (k_hi >= k_lo)  # else ds is all 0
     OP: tl.constexpr = tl.bfloat16 if PRECISION == "tf32" else tl.float32  # bf16 inputs: bf16 products
     if far:
         top += total
     elif live & k_run & _consecutive(q_pos, q_live, q_lo, T):
         _add_diagonals(D_POS, ds, q_lo - k_lo, NUM_POS, PRECISION, T)
-    elif live & (q_hi - q_lo < 2 * T) & (k_hi - k_lo < 2 * T):
+    elif live & (q_hi - q_lo < T) & (k_hi - k_lo < T):
         slot = tl.arange(0, T)
-        for q_base in range(q_lo, q_hi + 1, T):  # one or two
-            ds_by_query = tl.dot(ds.to(OP), ((q_pos[:, None] - q_base) == slot[None, :]).to(OP),
-                                 input_precision=PRECISION).to(OP)  # [keys, q_pos - q_base]
-            for k_shift in range(0, k_hi - k_lo + 1, T):  # one or two
-                k_base = k_hi - k_shift
-                by_key = ((k_base - k_pos[:, None]) == slot[None, :]).to(OP)  # [keys, k_base - k_pos]
-                grouped = tl.dot(tl.trans(by_key), ds_by_query,
-                                 input_precision=PRECISION)  # [k_base - k_pos, q_pos - q_base]
-                sums = _grouped_sums(grouped, T, False, PRECISION, OP)  # [e, f]: distance q_base - k_base + 8 f + e
-                dist = q_base - k_base + 8 * tl.arange(0, 2 * T // 8)[None, :] + tl.arange(0, 16)[:, None]
-                tl.atomic_add(D_POS + tl.minimum(tl.maximum(dist, 0), NUM_POS - 1), sums, mask=sums != 0.0)
+        by_query = ((q_pos[:, None] - q_lo) == slot[None, :]).to(OP)  # [queries, q_pos - q_lo]
+        by_key = ((k_hi - k_pos[:, None]) == slot[None, :]).to(OP)  # [keys, k_hi - k_pos]
+        grouped = tl.dot(tl.trans(by_key), tl.dot(ds.to(OP), by_query, input_precision=PRECISION).to(OP),
+                         input_precision=PRECISION)  # [k_hi - k_pos, q_pos - q_lo]
+        sums = _grouped_sums(grouped, T, False, PRECISION, OP)  # [e, f]: distance q_lo - k_hi + 8 f + e
+        dist = q_lo - k_hi + 8 * tl.arange(0, 2 * T // 8)[None, :] + tl.arange(0, 16)[:, None]
+        tl.atomic_add(D_POS + tl.minimum(tl.maximum(dist, 0), NUM_POS - 1), sums, mask=sums != 0.0)
     elif live:
         pos_idx = tl.minimum(tl.maximum(q_pos[None, :] - k_pos[:, None], 0), NUM_POS - 1)
         tl.atomic_add(D_POS + pos_idx, ds, mask=allowed)
@@ -617,8 +621,8 @@ def _hstu_bwd_rab(Q, K, V, DO, REQ, EVT, FLAG, POS, TS, REL_POS, REL_TIME, Q_COU
 
 
 @triton.jit
-def _hstu_bwd_rab_bands(Q, K, V, DO, REQ, EVT, FLAG, POS, TS, REL_POS, REL_TIME, BANDS,
-                        s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_db, s_dh, s_dm, s_nb, s_nq,
+def _hstu_bwd_rab_bands(Q, K, V, DO, REQ, EVT, FLAG, POS, TS, REL_POS, REL_TIME, BAND_COUNT, BAND_INDEX, BAND_FLAGS,
+                        s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_db, s_dh, s_dm, s_cb, s_ib, s_iq,
                         H, LQ, L, Q_OFFSET, NUM_POS, NUM_TIME, alpha, scale, NUM_K, Q_EXT, K_EXT, s_qeb, s_keb,
                         D_REL_POS, D_REL_TIME, RULE: tl.constexpr, PRECISION: tl.constexpr,
                         TIME_SLOTS: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -629,40 +633,40 @@ def _hstu_bwd_rab_bands(Q, K, V, DO, REQ, EVT, FLAG, POS, TS, REL_POS, REL_TIME,
     gradients add up elementwise in registers and their diagonals are summed once per run of equal
     offsets (:func:`_add_diagonals`), where the key-tile programs grouped each pair (most of the
     bias-gradient kernel's time: benchmarks/results/gpu_logs/bias_grad_knockouts_NVIDIA_H100.log).
-    ``BANDS``: the dense ``[B, nQ, nK]`` pair flags, BAND where this kernel adds the pair. The time
-    table's gradient is per pair, as in :func:`_hstu_bwd_rab`."""
+    ``BAND_COUNT`` .. ``BAND_FLAGS``: per band its BAND pairs, by key tile (:func:`_band_lists`). The
+    time table's gradient is per pair, as in :func:`_hstu_bwd_rab`."""
     tl.static_assert((BLOCK_M == BLOCK_N) & (BLOCK_N >= 64), "the position-bias gradient needs square tiles >= 64")
     band, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
     shift = band - (NUM_K - 1)  # query tile - key tile
     cols = tl.arange(0, D)
-    num_q = tl.cdiv(LQ, BLOCK_M)
     pos_top = _position_top(REL_POS, h, NUM_POS, True)
     time_grad = tl.zeros((TIME_SLOTS,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # [keys, queries]: the run's summed score gradients
     offset = NO_RUN  # the run's first query position - first key position
-    for k_tile in range(tl.maximum(0, -shift), tl.minimum(NUM_K, num_q - shift)):
+    for i in range(0, tl.load(BAND_COUNT + b * s_cb + band * 2)):
+        at = b * s_ib + band * s_iq + i
+        k_tile = tl.load(BAND_INDEX + at)
+        flags = tl.load(BAND_FLAGS + at)
         q_tile = k_tile + shift
-        flags = tl.load(BANDS + b * s_nb + q_tile * s_nq + k_tile)
-        if (flags & BAND_BIT) != 0:
-            keys, k_in, k, v, k_req, k_evt, k_flag = _key_tile(K, V, REQ, EVT, FLAG, b, h, k_tile, cols, s_kb, s_kh,
-                                                               s_kn, s_vb, s_vh, s_vn, L, BLOCK_N)
-            rows, q_in, _, _, _, ds, _ = _query_tile_grads(
-                Q, DO, REQ, EVT, FLAG, POS, TS, REL_POS, REL_TIME, q_tile, flags, k, v, keys, k_in, k_req, k_evt,
-                k_flag, pos_top, b, h, cols, s_qb, s_qh, s_qm, s_db, s_dh, s_dm, LQ, L, Q_OFFSET, NUM_POS,
-                NUM_TIME, alpha, scale, RULE, True, False, PRECISION, BLOCK_M, BLOCK_N)
-            pair_offset = tl.load(Q_EXT + b * s_qeb + q_tile * 4) - tl.load(K_EXT + b * s_keb + k_tile * 4)
-            if pair_offset != offset:  # a new run: the last one's diagonals
-                if offset != NO_RUN:
-                    _add_diagonals(D_REL_POS + h * NUM_POS, acc, offset, NUM_POS, PRECISION, BLOCK_N)
-                acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-                offset = pair_offset
-            acc += ds
-            _, q_ts, _ = _bias_meta(POS, TS, FLAG, b * L + rows + Q_OFFSET, q_in)
-            _, k_ts, _ = _bias_meta(POS, TS, FLAG, b * L + keys, k_in)
-            _, t_lo, t_hi = _bias_form(flags)
-            time_grad = _time_grad(time_grad, ds, tl.sum(ds), q_ts[None, :], k_ts[:, None], t_lo, t_hi, NUM_TIME,
-                                   TIME_SLOTS)
+        keys, k_in, k, v, k_req, k_evt, k_flag = _key_tile(K, V, REQ, EVT, FLAG, b, h, k_tile, cols, s_kb, s_kh,
+                                                           s_kn, s_vb, s_vh, s_vn, L, BLOCK_N)
+        rows, q_in, _, _, _, ds, _ = _query_tile_grads(
+            Q, DO, REQ, EVT, FLAG, POS, TS, REL_POS, REL_TIME, q_tile, flags, k, v, keys, k_in, k_req, k_evt,
+            k_flag, pos_top, b, h, cols, s_qb, s_qh, s_qm, s_db, s_dh, s_dm, LQ, L, Q_OFFSET, NUM_POS,
+            NUM_TIME, alpha, scale, RULE, True, False, PRECISION, BLOCK_M, BLOCK_N)
+        pair_offset = tl.load(Q_EXT + b * s_qeb + q_tile * 4) - tl.load(K_EXT + b * s_keb + k_tile * 4)
+        if pair_offset != offset:  # a new run: the last one's diagonals
+            if offset != NO_RUN:
+                _add_diagonals(D_REL_POS + h * NUM_POS, acc, offset, NUM_POS, PRECISION, BLOCK_N)
+            acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+            offset = pair_offset
+        acc += ds
+        _, q_ts, _ = _bias_meta(POS, TS, FLAG, b * L + rows + Q_OFFSET, q_in)
+        _, k_ts, _ = _bias_meta(POS, TS, FLAG, b * L + keys, k_in)
+        _, t_lo, t_hi = _bias_form(flags)
+        time_grad = _time_grad(time_grad, ds, tl.sum(ds), q_ts[None, :], k_ts[:, None], t_lo, t_hi, NUM_TIME,
+                               TIME_SLOTS)
     if offset != NO_RUN:
         _add_diagonals(D_REL_POS + h * NUM_POS, acc, offset, NUM_POS, PRECISION, BLOCK_N)
     slot = tl.arange(0, TIME_SLOTS)
@@ -790,17 +794,33 @@ def _splits_bias_grads(has_bias: bool, dq_separate: bool, bwd_tile: Tile, dq_til
     return has_bias and dq_separate and dq_tile[1] == bwd_tile[1] and dq_tile[0] % bwd_tile[0] == 0
 
 
+def _band_lists(band: torch.Tensor, full: torch.Tensor, forms: torch.Tensor) -> tuple:
+    """The diagonal-band kernel's schedule from the ``[B, nQ, nK]`` BAND pairs: per band (query tile -
+    key tile + nK - 1) the counts ``[B, nQ + nK - 1, 2]``, the key tiles of its BAND pairs in order
+    and each one's flags (FULL, the bias form), as :func:`tile_lists` lists a tile's pairs."""
+    _, num_q, num_k = band.shape
+    k_tile = torch.arange(num_k, device=band.device)
+    q_tile = torch.arange(num_q + num_k - 1, device=band.device)[:, None] - (num_k - 1) + k_tile  # [nBands, nK]
+    inside = (q_tile >= 0) & (q_tile < num_q)
+    q_tile = q_tile.clamp(0, num_q - 1)
+
+    def sheared(t: torch.Tensor) -> torch.Tensor:  # [B, nQ, nK] -> [B, nBands, nK]
+        return t[:, q_tile, k_tile]
+    count, index, flags = tile_lists(sheared(band) & inside, sheared(full))
+    return count, index, (flags | sheared(forms).gather(-1, index.long())).contiguous()
+
+
 def _bias_flags(layout: TokenLayout, meta: KernelMeta, grads: bool, dq_separate: bool, tile_table: tuple,
-                q_offset: int, num_pos: int, num_time: int, split: bool) -> tuple:
+                q_offset: int, num_pos: int, num_time: int, split: bool, bands: bool) -> tuple:
     """The forward, dK/dV and dQ schedules with the bias: each list led by its simple pairs
     (:func:`genrec.ops.triton.tiles.simple_bias_pairs`, :func:`tile_lists`), each pair's bias form in
     its flags, BIAS_IN_DQ set where the dQ kernel adds the pair's bias gradients (``split``: its
     simple pairs; a dK/dV pair inherits its dQ pair's flag), BAND where the diagonal-band kernel
-    does (near pairs of tiles at consecutive positions, the rest's), so each pair's gradients are
-    added by exactly one kernel; the dense ``[B, nQ, nK]`` dK/dV pair flags that the band kernel
-    reads, and the dK/dV tiles' extremes that the bias-gradient kernels read. Without ``grads`` the
-    backward schedules are the forward's (placeholders, the dense flags one word), without
-    ``dq_separate`` the dQ schedule is the dK/dV one's (dQ in its kernel)."""
+    does (``bands``: near pairs of tiles at consecutive positions of the rest), so each pair's
+    gradients are added by exactly one kernel; the band kernel's schedule (:func:`_band_lists`), and
+    the dK/dV tiles' extremes that the bias-gradient kernels read. Without ``grads`` the backward
+    schedules are the forward's (placeholders), without ``dq_separate`` the dQ schedule is the
+    dK/dV one's (dQ in its kernel)."""
     _, (bwd_q, bwd_k), (dq_q, dq_k) = (tile[:2] for tile in tile_table)
 
     def extremes(start: int, block: int) -> torch.Tensor:
@@ -823,27 +843,25 @@ def _bias_flags(layout: TokenLayout, meta: KernelMeta, grads: bool, dq_separate:
                                             lists)
         bits = forms(*tile[:2]) if extra is None else forms(*tile[:2]) | extra  # [B, nQ, nK]
         return count, index, (flags | (bits.mT if transpose else bits).gather(-1, index.long())).contiguous()
-    def bands(per_dq: torch.Tensor | None) -> torch.Tensor:  # [B, nQ, nK]: dense dK/dV pair flags
-        pairs, full = _pairs_and_full(layout, meta, tile_table[1], q_offset)
-        bits = forms(bwd_q, bwd_k)
+    def band_pairs(per_dq: torch.Tensor | None) -> torch.Tensor:  # [B, nQ, nK]
+        pairs = _pairs_and_full(layout, meta, tile_table[1], q_offset)[0]
         runs = consecutive_tiles(meta, q_offset, bwd_q)[:, :, None] & consecutive_tiles(meta, 0, bwd_k)[:, None]
-        band = pairs & ((bits & NEAR) != 0) & runs
-        if per_dq is not None:
-            band &= per_dq == 0
-        return (band.int() * BAND | bits | full.int() * FULL).contiguous()
+        band = pairs & ((forms(bwd_q, bwd_k) & NEAR) != 0) & runs
+        return band if per_dq is None else band & (per_dq == 0)
     forward = listed(tile_table[0])
     if grads:
         in_dq = simple(dq_q, dq_k).int() * BIAS_IN_DQ if split else None  # [B, nQ, nK]
         bwd_rows = forms(bwd_q, bwd_k).shape[1]
         per_dq = None if in_dq is None else in_dq.repeat_interleave(dq_q // bwd_q, 1)[:, :bwd_rows]
-        dense = bands(per_dq)
-        band = dense & BAND
-        backward = listed(tile_table[1], band if per_dq is None else per_dq | band, transpose=True)
+        band = band_pairs(per_dq) if bands else None
+        extra = per_dq if band is None else band.int() * BAND if per_dq is None else per_dq | band.int() * BAND
+        backward = listed(tile_table[1], extra, transpose=True)
         dq = listed(tile_table[2], in_dq) if dq_separate else backward
+        full = _pairs_and_full(layout, meta, tile_table[1], q_offset)[1]
+        by_band = forward if band is None else _band_lists(band, full, forms(bwd_q, bwd_k))  # else a placeholder
     else:
-        backward = dq = forward
-        dense = torch.zeros(1, 1, 1, device=meta.flags.device, dtype=torch.int32)  # unread
-    return (forward, backward, dq, dense, extremes(q_offset, bwd_q), extremes(0, bwd_k))
+        backward = dq = by_band = forward
+    return (forward, backward, dq, by_band, extremes(q_offset, bwd_q), extremes(0, bwd_k))
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -875,8 +893,9 @@ def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, request: torch.Te
             k_ext: torch.Tensor, rel_pos: torch.Tensor, rel_time: torch.Tensor, count: torch.Tensor,
             index: torch.Tensor, full: torch.Tensor, bwd_count: torch.Tensor, bwd_index: torch.Tensor,
             bwd_full: torch.Tensor, dq_count: torch.Tensor, dq_index: torch.Tensor, dq_full: torch.Tensor,
-            bands: torch.Tensor, scale: float, q_offset: int, rule: int, has_bias: bool, fwd_tile: list[int],
-            bwd_tile: list[int], dq_tile: list[int], dq_separate: bool) -> torch.Tensor:
+            band_count: torch.Tensor, band_index: torch.Tensor, band_flags: torch.Tensor, scale: float,
+            q_offset: int, rule: int, has_bias: bool, fwd_tile: list[int], bwd_tile: list[int], dq_tile: list[int],
+            dq_separate: bool) -> torch.Tensor:
     b, h, lq, d = q.shape
     seq = k.shape[2]
     block_m, block_n, warps, stages = fwd_tile
@@ -901,8 +920,9 @@ def _bwd_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
             event: torch.Tensor, flags: torch.Tensor, position: torch.Tensor, timestamp: torch.Tensor,
             q_ext: torch.Tensor, k_ext: torch.Tensor, rel_pos: torch.Tensor, rel_time: torch.Tensor,
             bwd_count: torch.Tensor, bwd_index: torch.Tensor, bwd_full: torch.Tensor, dq_count: torch.Tensor,
-            dq_index: torch.Tensor, dq_full: torch.Tensor, bands: torch.Tensor, scale: float, q_offset: int,
-            rule: int, has_bias: bool, bwd_tile: list[int], dq_tile: list[int],
+            dq_index: torch.Tensor, dq_full: torch.Tensor, band_count: torch.Tensor, band_index: torch.Tensor,
+            band_flags: torch.Tensor, scale: float, q_offset: int, rule: int, has_bias: bool, bwd_tile: list[int],
+            dq_tile: list[int],
             dq_separate: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """dq, dk, dv and the fp32 gradients of both bias tables."""
     b, h, lq, d = q.shape
@@ -927,9 +947,11 @@ def _bwd_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
             q, k, v, grad_out, *meta, bwd_count, bwd_index, bwd_full, *strides, *sizes, q_ext, k_ext,
             q_ext.stride(0), k_ext.stride(0), d_pos, d_time, RULE=rule, PRECISION=precision, TIME_SLOTS=time_slots,
             **launch)
+    if has_bias and d <= BAND_MAX_DIM:
         num_k = triton.cdiv(seq, block_n)
         _hstu_bwd_rab_bands[(triton.cdiv(lq, block_m) + num_k - 1, b * h)](
-            q, k, v, grad_out, *meta, bands, *strides, bands.stride(0), bands.stride(1), *sizes[3:], num_k,
+            q, k, v, grad_out, *meta, band_count, band_index, band_flags, *strides,
+            *_sizes(band_count, band_index, q, seq, q_offset, rel_pos.shape[-1], rel_time.shape[-1], scale), num_k,
             q_ext, k_ext, q_ext.stride(0), k_ext.stride(0), d_pos, d_time, RULE=rule, PRECISION=precision,
             TIME_SLOTS=time_slots, **launch)
     if dq_separate:  # with the bias split, this launch also adds the BIAS_IN_DQ pairs' bias gradients
@@ -955,20 +977,21 @@ _NON_TENSOR_ARGS = ("scale", "q_offset", "rule", "has_bias", "fwd_tile", "bwd_ti
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    ctx.save_for_backward(*inputs[:12], *inputs[15:22])  # q .. rel_time, both backward schedules, bands
-    ctx.args = dict(zip(_NON_TENSOR_ARGS, inputs[22:], strict=True))
+    ctx.save_for_backward(*inputs[:12], *inputs[15:24])  # q .. rel_time, the three backward schedules
+    ctx.args = dict(zip(_NON_TENSOR_ARGS, inputs[24:], strict=True))
 
 
 def _backward(ctx, grad_out: torch.Tensor):
-    q, k, v, *meta, rel_pos, rel_time, bc, bi, bf, dc, di, df, bands = ctx.saved_tensors
+    q, k, v, *saved = ctx.saved_tensors
+    meta, (rel_pos, rel_time), schedules = saved[:7], saved[7:9], saved[9:]  # schedules: backward, dQ, bands
     a = ctx.args
     if grad_out.stride(-1) != 1:
         grad_out = grad_out.contiguous()
-    dq, dk, dv, d_pos, d_time = _bwd_op(grad_out, q, k, v, *meta, rel_pos, rel_time, bc, bi, bf, dc, di, df,
-                                         bands, a["scale"], a["q_offset"], a["rule"], a["has_bias"], a["bwd_tile"],
+    dq, dk, dv, d_pos, d_time = _bwd_op(grad_out, q, k, v, *meta, rel_pos, rel_time, *schedules,
+                                         a["scale"], a["q_offset"], a["rule"], a["has_bias"], a["bwd_tile"],
                                          a["dq_tile"], a["dq_separate"])
     bias = (d_pos, d_time) if a["has_bias"] else (None, None)
-    return dq, dk, dv, *([None] * len(meta)), *bias, *([None] * 10), *([None] * len(_NON_TENSOR_ARGS))
+    return dq, dk, dv, *([None] * len(meta)), *bias, *([None] * 12), *([None] * len(_NON_TENSOR_ARGS))
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -977,8 +1000,8 @@ _fwd_op.register_autograd(_backward, setup_context=_setup_context)
 def _plan(layout: TokenLayout, head_dim: int, dtype: torch.dtype, q_offset: int, num_pos: int | None,
           num_time: int | None, grads: bool, config: KernelConfig) -> tuple[tuple, tuple]:
     """What the kernels read from the layout for these arguments (``num_pos`` None: no bias), from its
-    cache: ``(meta, tiles, forward, backward, dq, bands, q_ext, k_ext)`` (the dense pair flags and
-    the extremes None without the bias), and the cache keys those are under. Where the cache lacks
+    cache: ``(meta, tiles, forward, backward, dq, bands, q_ext, k_ext)`` (the band schedule and the
+    extremes None without the bias), and the cache keys those are under. Where the cache lacks
     them they are built: once per layout, shared by every layer, or ahead of the step by
     :func:`prepare_attention`."""
     keys = [("triton_meta",)]
@@ -986,10 +1009,11 @@ def _plan(layout: TokenLayout, head_dim: int, dtype: torch.dtype, q_offset: int,
     fwd_tile, bwd_tile, dq_tile = tile_table = config.tiles(head_dim, dtype)
     if num_pos is not None:
         split = _splits_bias_grads(True, config.dq_separate, bwd_tile, dq_tile)
+        bands = head_dim <= BAND_MAX_DIM
         keys.append(("triton_bias_flags", tuple(fwd_tile), tuple(bwd_tile), tuple(dq_tile), q_offset, num_pos,
-                     num_time, grads, config.dq_separate, split))
+                     num_time, grads, config.dq_separate, split, bands))
         forward, backward, dq, bands, q_ext, k_ext = layout.cached(keys[-1], lambda: _bias_flags(
-            layout, meta, grads, config.dq_separate, tile_table, q_offset, num_pos, num_time, split))
+            layout, meta, grads, config.dq_separate, tile_table, q_offset, num_pos, num_time, split, bands))
         return (meta, tile_table, forward, backward, dq, bands, q_ext, k_ext), tuple(keys)
     def scheduled(tile: Tile, transpose: bool):  # a schedule, its key noted where it is read
         keys.append(_schedule_key(tile, q_offset, transpose))
@@ -1034,7 +1058,7 @@ def hstu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: To
     else:
         rel_pos = rel_time = torch.zeros(1, device=q.device, dtype=torch.float32)
         q_ext = k_ext = torch.zeros(1, 1, 4, device=q.device, dtype=torch.int32)  # unread
-        bands = torch.zeros(1, 1, 1, device=q.device, dtype=torch.int32)
+        bands = forward  # a placeholder, unread
     return _fwd_op(q, k, v, meta.request, meta.event, meta.flags, meta.position, meta.timestamp, q_ext, k_ext,
-                   rel_pos, rel_time, *forward, *backward, *dq, bands, scale, q_offset, RULE_IDS[layout.rule], has_bias,
-                   list(fwd_tile), list(bwd_tile), list(dq_tile), config.dq_separate)
+                   rel_pos, rel_time, *forward, *backward, *dq, *bands, scale, q_offset, RULE_IDS[layout.rule],
+                   has_bias, list(fwd_tile), list(bwd_tile), list(dq_tile), config.dq_separate)
