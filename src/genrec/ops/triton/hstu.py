@@ -1009,11 +1009,11 @@ def _plan(layout: TokenLayout, head_dim: int, dtype: torch.dtype, q_offset: int,
     fwd_tile, bwd_tile, dq_tile = tile_table = config.tiles(head_dim, dtype)
     if num_pos is not None:
         split = _splits_bias_grads(True, config.dq_separate, bwd_tile, dq_tile)
-        bands = head_dim <= BAND_MAX_DIM
+        banded = head_dim <= BAND_MAX_DIM  # as _bwd_op launches the band kernel
         keys.append(("triton_bias_flags", tuple(fwd_tile), tuple(bwd_tile), tuple(dq_tile), q_offset, num_pos,
-                     num_time, grads, config.dq_separate, split, bands))
+                     num_time, grads, config.dq_separate, split, banded))
         forward, backward, dq, bands, q_ext, k_ext = layout.cached(keys[-1], lambda: _bias_flags(
-            layout, meta, grads, config.dq_separate, tile_table, q_offset, num_pos, num_time, split, bands))
+            layout, meta, grads, config.dq_separate, tile_table, q_offset, num_pos, num_time, split, banded))
         return (meta, tile_table, forward, backward, dq, bands, q_ext, k_ext), tuple(keys)
     def scheduled(tile: Tile, transpose: bool):  # a schedule, its key noted where it is read
         keys.append(_schedule_key(tile, q_offset, transpose))
