@@ -17,7 +17,8 @@ Three parts, each a table in the result file:
   (``sdpa_fastest`` names it; all causal over N tokens; the dual-flow row's N tokens are N/2 real
   + N/2 fake). ``--kernel-profile`` adds to each genrec row its four kernels' times under
   torch.profiler (5 more forward + backward calls): ``attention_fwd_ms``, ``attention_dkdv_ms``,
-  ``attention_dq_ms`` and the bias gradients' ``bias_grad_ms``, what the bias target is made of.
+  ``attention_dq_ms`` and the bias gradients' ``bias_grad_ms`` (at head dims up to 64 two kernels,
+  the band kernel's time added in), what the bias target is made of.
 * ``train``: one optimizer step (fused AdamW, bf16 autocast, clipped gradients) of HSTU, GenRank
   and DFGR (d=512, 8 heads, 4 layers, backend ``triton``) on synthetic equal-length sequences;
   events/s, peak memory and MFU (model FLOPs per second over the matmul peak of the same run).
@@ -49,8 +50,8 @@ Three parts, each a table in the result file:
   each other; the training targets take the worst over the biased rows and these (issue 14: "bias
   on and off"). ``--train-profile`` adds to each train row where its step's GPU time goes (3 more
   steps under torch.profiler): all CUDA kernels (``kernels_ms``), the fused attention's
-  (``attention_ms``) and each of its four kernels, the bias-gradient kernel's (``bias_grad_ms``)
-  among them.
+  (``attention_ms``) and each of its four kernels, the bias gradients' (``bias_grad_ms``, both
+  their kernels where the band kernel runs) among them.
 * ``infer``: per-request latency of scoring M candidates after an N-event history, one request at a
   time: ``cold`` runs the history once (KV cache) then the candidates in micro-batches of at most
   512 (M-FALCON); ``cached`` scores against a history cache built earlier. Each eagerly and replayed
@@ -366,7 +367,8 @@ def _queue_steps(model: torch.nn.Module, opt: torch.optim.Optimizer, data: list[
 
 
 ATTENTION_KERNELS = {"_hstu_fwd": "attention_fwd_ms", "_hstu_bwd": "attention_dkdv_ms",
-                     "_hstu_bwd_rab": "bias_grad_ms", "_hstu_bwd_dq": "attention_dq_ms"}  # Triton kernel -> field
+                     "_hstu_bwd_rab": "bias_grad_ms", "_hstu_bwd_rab_bands": "bias_grad_ms",
+                     "_hstu_bwd_dq": "attention_dq_ms"}  # Triton kernel -> field (both bias-gradient kernels in one)
 
 
 def kernel_fields(device_ms: dict[str, float], steps: int) -> dict[str, float]:

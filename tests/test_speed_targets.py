@@ -101,6 +101,8 @@ def test_a_profiled_steps_kernels_are_grouped_by_the_fused_attentions_kernel_nam
     assert fields == {"kernels_ms": 10.0, "attention_ms": 8.5, "attention_fwd_ms": 1.0, "attention_dkdv_ms": 2.0,
                       "bias_grad_ms": 4.0, "attention_dq_ms": 1.5}
     assert speed.kernel_fields({"_hstu_fwd": 3.0, "other": 3.0}, steps=3)["bias_grad_ms"] == 0.0
+    banded = speed.kernel_fields(device_ms | {"_hstu_bwd_rab_bands": 6.0}, steps=3)  # head dim <= 64: two kernels
+    assert banded["bias_grad_ms"] == 6.0 and banded["attention_ms"] == 10.5 and banded["kernels_ms"] == 12.0
     rows = [_train("hstu", 1024, 1.0, 100.0, 2.0) | fields, _train("dfgr", 1024, 1.0, 150.0, 1.5)]
     share = _goal(rows, "bias_grad_share_of_train_kernels_max")
     assert share["value"] == pytest.approx(0.4) and share["met"] is None
