@@ -9,6 +9,7 @@ import torch
 
 from genrec.nn import events
 from genrec.nn.events import Events, append_candidates, dual_flow_layout, event_layout, item_action_layout
+from genrec.ops.layout import TokenLayout
 from genrec.ops.masks import build_mask, time_bucket
 from genrec.ops.triton import tiles
 from genrec.ops.triton.tiles import (
@@ -233,3 +234,21 @@ def test_asking_for_the_triton_backend_without_a_gpu_is_a_clear_error():
 
     with pytest.raises(ValueError, match="'triton' cannot run here: no CUDA device"):
         get_backend("triton")
+
+
+def test_consecutive_tiles_need_every_token_valid_at_consecutive_positions():
+    """The band kernel's tiles (hstu._bias_flags): all valid, positions running on by one from the
+    tile's first. A tile that jumps back, holds one position out of line, is partial or starts at a
+    query offset is judged on its own tokens."""
+    idx = torch.arange(150)
+    pos = torch.stack([torch.where(idx < 100, idx, idx // 2), idx, idx])  # row 0: tile 1 jumps back at 100
+    pos[1, 5] = 77  # row 1: one token of tile 0 out of line
+    valid = torch.stack([idx < 150, idx < 140, idx != 20])  # row 2: token 20 padding
+    layout = TokenLayout(valid=valid, request=idx.expand(3, -1), event=idx.expand(3, -1),
+                         fake=torch.zeros(3, 150, dtype=torch.bool), position=pos, timestamp=idx.expand(3, -1),
+                         rule="causal")
+    meta = KernelMeta.from_layout(layout)
+    assert tiles.consecutive_tiles(meta, 0, 64).tolist() == [[True, False, False], [False, True, False],
+                                                              [False, True, False]]
+    assert tiles.consecutive_tiles(meta, 10, 64).tolist() == [[True, False, False], [True, True, False],
+                                                               [False, True, False]]

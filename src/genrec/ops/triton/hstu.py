@@ -843,22 +843,22 @@ def _bias_flags(layout: TokenLayout, meta: KernelMeta, grads: bool, dq_separate:
                                             lists)
         bits = forms(*tile[:2]) if extra is None else forms(*tile[:2]) | extra  # [B, nQ, nK]
         return count, index, (flags | (bits.mT if transpose else bits).gather(-1, index.long())).contiguous()
-    def band_pairs(per_dq: torch.Tensor | None) -> torch.Tensor:  # [B, nQ, nK]
-        pairs = _pairs_and_full(layout, meta, tile_table[1], q_offset)[0]
-        runs = consecutive_tiles(meta, q_offset, bwd_q)[:, :, None] & consecutive_tiles(meta, 0, bwd_k)[:, None]
-        band = pairs & ((forms(bwd_q, bwd_k) & NEAR) != 0) & runs
-        return band if per_dq is None else band & (per_dq == 0)
     forward = listed(tile_table[0])
     if grads:
         in_dq = simple(dq_q, dq_k).int() * BIAS_IN_DQ if split else None  # [B, nQ, nK]
         bwd_rows = forms(bwd_q, bwd_k).shape[1]
         per_dq = None if in_dq is None else in_dq.repeat_interleave(dq_q // bwd_q, 1)[:, :bwd_rows]
-        band = band_pairs(per_dq) if bands else None
-        extra = per_dq if band is None else band.int() * BAND if per_dq is None else per_dq | band.int() * BAND
+        extra, by_band = per_dq, forward  # without bands: no BAND bits, the band schedule a placeholder
+        if bands:
+            pairs, full = _pairs_and_full(layout, meta, tile_table[1], q_offset)
+            runs = consecutive_tiles(meta, q_offset, bwd_q)[:, :, None] & consecutive_tiles(meta, 0, bwd_k)[:, None]
+            band = pairs & ((forms(bwd_q, bwd_k) & NEAR) != 0) & runs  # [B, nQ, nK]
+            if per_dq is not None:
+                band &= per_dq == 0
+            extra = band.int() * BAND if per_dq is None else per_dq | band.int() * BAND
+            by_band = _band_lists(band, full, forms(bwd_q, bwd_k))
         backward = listed(tile_table[1], extra, transpose=True)
         dq = listed(tile_table[2], in_dq) if dq_separate else backward
-        full = _pairs_and_full(layout, meta, tile_table[1], q_offset)[1]
-        by_band = forward if band is None else _band_lists(band, full, forms(bwd_q, bwd_k))  # else a placeholder
     else:
         backward = dq = by_band = forward
     return (forward, backward, dq, by_band, extremes(q_offset, bwd_q), extremes(0, bwd_k))

@@ -127,11 +127,10 @@ def consecutive_tiles(meta: KernelMeta, start: int, block: int) -> torch.Tensor:
     """``[B, ceil((L - start) / block)]`` bool: tiles of ``block`` tokens from ``start`` whose tokens
     are all valid at consecutive positions (one event per token: a causal sequence, DFGR's real flow).
     All distances of a pair of such tiles lie on its diagonals, at offsets their first positions fix."""
-    pos, valid = meta.position[:, start:], (meta.flags[:, start:] & VALID) != 0
-    step = torch.arange(pos.shape[1], device=pos.device, dtype=pos.dtype) % block
-    first = _chunks(pos, block, 0)[..., :1]  # [B, nT, 1]
-    run = _chunks(valid & (pos == (first.expand(-1, -1, block).flatten(1)[:, :pos.shape[1]] + step)), block, False)
-    return run.all(-1)
+    pos = _chunks(meta.position[:, start:], block, 0)  # [B, nT, block]
+    valid = _chunks((meta.flags[:, start:] & VALID) != 0, block, False)  # padding: not valid
+    step = torch.arange(block, device=pos.device, dtype=pos.dtype)
+    return (valid & (pos == pos[..., :1] + step)).all(-1)
 
 
 def bias_forms(q_extremes: torch.Tensor, k_extremes: torch.Tensor, num_pos: int, num_time: int) -> torch.Tensor:
