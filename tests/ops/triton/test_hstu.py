@@ -147,13 +147,15 @@ def _bias_form_layout(positions: str) -> TokenLayout:
     past the position table in one bucket (tile 2 against 0) and in many (tile 3 against 0 and 1:
     its times spread over a factor of 9, straddling tile 1's); ``positions`` "consecutive" (one
     per token; the diagonal-band kernel's pairs), "jump" (consecutive, 7 skipped from tile 2 on: a
-    band's pairs at two offsets), "pairs" (two tokens per position: the one-hot gradient path) or
-    "spread" (3 apart: a tile spans more positions than it has tokens, the per-pair path)."""
+    band's pairs at two offsets), "pairs" (two tokens per position: the one-hot gradient path),
+    "skips" (one position skipped every 16 tokens: a tile spans 67, the one-hot path with a few
+    tokens past its 64 slots added per pair, as DFGR's fake tiles) or "spread" (3 apart: a tile
+    spans more positions than it has tokens, the per-pair path)."""
     idx = torch.arange(256)
     ts = torch.where(idx < 64, idx, torch.where(idx < 128, 2**20 + idx - 64, 3 * 2**20 + idx - 128))
     ts = torch.where(idx < 192, ts, 2**18 + (idx - 192) * 2**15)
     pos = {"consecutive": idx, "jump": torch.where(idx < 128, idx, idx + 7), "pairs": idx // 2,
-           "spread": 3 * idx}[positions]
+           "skips": idx + idx // 16, "spread": 3 * idx}[positions]
     valid = torch.stack([idx < 256, idx < 150])
     return TokenLayout(valid=valid.to(DEVICE), request=idx.expand(2, -1).to(DEVICE), event=idx.expand(2, -1).to(DEVICE),
                        fake=torch.zeros(2, 256, dtype=torch.bool, device=DEVICE), position=pos.expand(2, -1).to(DEVICE),
@@ -161,7 +163,7 @@ def _bias_form_layout(positions: str) -> TokenLayout:
 
 
 @pytest.mark.parametrize("forward_tiles", [64, 16])
-@pytest.mark.parametrize("positions", ["consecutive", "jump", "pairs", "spread"])
+@pytest.mark.parametrize("positions", ["consecutive", "jump", "pairs", "skips", "spread"])
 def test_every_bias_form_of_a_tile_matches_reference(positions, forward_tiles):
     """The kernels pick a tile's bias form from its flags (one value, one comparison or one read per
     pair; the gradient by tile sum, diagonal sums, one-hot products or per pair): this layout holds
@@ -179,7 +181,8 @@ def test_every_bias_form_of_a_tile_matches_reference(positions, forward_tiles):
         far = {(q, k) for q, k in buckets if pos[q * 64:(q + 1) * 64].min() - pos[k * 64:(k + 1) * 64].max() >= 40 - 1}
         assert buckets[2, 0] == 1 and (3, 0) in far and buckets[3, 0] >= 3, (far, buckets)
     spans = {int(pos[t * 64:(t + 1) * 64].max() - pos[t * 64:(t + 1) * 64].min()) for t in range(4)}
-    assert spans == {"consecutive": {63}, "jump": {63}, "pairs": {31}, "spread": {189}}[positions], spans
+    want = {"consecutive": {63}, "jump": {63}, "pairs": {31}, "skips": {66}, "spread": {189}}[positions]
+    assert spans == want, spans
     from genrec.ops.triton import hstu
 
     small = (16, 16, 4, 1)

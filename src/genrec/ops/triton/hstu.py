@@ -388,19 +388,21 @@ def _position_grad(D_POS, top, ds, total, far, q_pos, k_pos, q_live, q_lo, q_hi,
     span fewer than T values sums along (anti-)diagonals: directly where both sides hold
     consecutive positions (``k_run`` for the keys), else after one-hot products that group the pairs
     by (query position - lowest, highest - key position), whose sum is the distance up to a
-    constant; 16 x 16 atomics instead of T x T. Other tiles add per pair (among them DFGR's fake
-    tiles that span a few positions more than T, their requests' first events: a two-base grouping
-    of those spilled registers and failed the bf16 parity tests at head dim 128 on the H100,
-    benchmarks/results/gpu_logs/bias_grad_bands_ab_NVIDIA_H100.log). ``q_lo`` .. ``k_hi``: the live
-    positions' spans."""
+    constant; 16 x 16 atomics instead of T x T. A tile spanning up to ``T + T / 8`` positions takes
+    the one-hot path too, its few tokens past the first T positions adding per pair: DFGR's fake
+    tiles span a few more than T, their requests' first events (a second one-hot base for those
+    spilled registers and failed the bf16 parity tests at head dim 128 on the H100,
+    benchmarks/results/gpu_logs/bias_grad_bands_ab_NVIDIA_H100.log). Other tiles add per pair.
+    ``q_lo`` .. ``k_hi``: the live positions' spans."""
     live = (q_hi >= q_lo) & (k_hi >= k_lo)  # else ds is all 0
     OP: tl.constexpr = tl.bfloat16 if PRECISION == "tf32" else tl.float32  # bf16 inputs: bf16 products
+    WIDE: tl.constexpr = T + T // 8  # the widest span of the one-hot path
     if far:
         top += total
     elif live & k_run & _consecutive(q_pos, q_live, q_lo, T):
         _add_diagonals(D_POS, ds, q_lo - k_lo, NUM_POS, PRECISION, T)
-    elif live & (q_hi - q_lo < T) & (k_hi - k_lo < T):
-        slot = tl.arange(0, T)
+    elif live & (q_hi - q_lo < WIDE) & (k_hi - k_lo < WIDE):
+        slot = tl.arange(0, T)  # a token past the first T positions matches no slot
         by_query = ((q_pos[:, None] - q_lo) == slot[None, :]).to(OP)  # [queries, q_pos - q_lo]
         by_key = ((k_hi - k_pos[:, None]) == slot[None, :]).to(OP)  # [keys, k_hi - k_pos]
         grouped = tl.dot(tl.trans(by_key), tl.dot(ds.to(OP), by_query, input_precision=PRECISION).to(OP),
@@ -408,6 +410,10 @@ def _position_grad(D_POS, top, ds, total, far, q_pos, k_pos, q_live, q_lo, q_hi,
         sums = _grouped_sums(grouped, T, False, PRECISION, OP)  # [e, f]: distance q_lo - k_hi + 8 f + e
         dist = q_lo - k_hi + 8 * tl.arange(0, 2 * T // 8)[None, :] + tl.arange(0, 16)[:, None]
         tl.atomic_add(D_POS + tl.minimum(tl.maximum(dist, 0), NUM_POS - 1), sums, mask=sums != 0.0)
+        if (q_hi - q_lo >= T) | (k_hi - k_lo >= T):  # the pairs of the tokens past them
+            past = ((q_pos[None, :] - q_lo) >= T) | ((k_hi - k_pos[:, None]) >= T)  # [keys, queries]
+            pos_idx = tl.minimum(tl.maximum(q_pos[None, :] - k_pos[:, None], 0), NUM_POS - 1)
+            tl.atomic_add(D_POS + pos_idx, ds, mask=allowed & past)
     elif live:
         pos_idx = tl.minimum(tl.maximum(q_pos[None, :] - k_pos[:, None], 0), NUM_POS - 1)
         tl.atomic_add(D_POS + pos_idx, ds, mask=allowed)
