@@ -148,8 +148,8 @@ def _bias_form_layout(positions: str) -> TokenLayout:
     its times spread over a factor of 9, straddling tile 1's); ``positions`` "consecutive" (one
     per token; the diagonal-band kernel's pairs), "jump" (consecutive, 7 skipped from tile 2 on: a
     band's pairs at two offsets), "pairs" (two tokens per position: the one-hot gradient path),
-    "skips" (one position skipped every 16 tokens: a tile spans 67, the one-hot path with a few
-    tokens past its 64 slots added per pair, as DFGR's fake tiles) or "spread" (3 apart: a tile
+    "skips" (one position skipped every 16 tokens: a tile's positions span 66, the one-hot path
+    with the few tokens past its 64 slots added per pair, as DFGR's fake tiles) or "spread" (3 apart: a tile
     spans more positions than it has tokens, the per-pair path)."""
     idx = torch.arange(256)
     ts = torch.where(idx < 64, idx, torch.where(idx < 128, 2**20 + idx - 64, 3 * 2**20 + idx - 128))

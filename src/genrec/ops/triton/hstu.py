@@ -388,9 +388,9 @@ def _position_grad(D_POS, top, ds, total, far, q_pos, k_pos, q_live, q_lo, q_hi,
     span fewer than T values sums along (anti-)diagonals: directly where both sides hold
     consecutive positions (``k_run`` for the keys), else after one-hot products that group the pairs
     by (query position - lowest, highest - key position), whose sum is the distance up to a
-    constant; 16 x 16 atomics instead of T x T. A tile spanning up to ``T + T / 8`` positions takes
-    the one-hot path too, its few tokens past the first T positions adding per pair: DFGR's fake
-    tiles span a few more than T, their requests' first events (a second one-hot base for those
+    constant; 16 x 16 atomics instead of T x T. A tile whose positions span less than ``T + T / 8``
+    takes the one-hot path too, its few tokens past the first T positions adding per pair: DFGR's
+    fake tiles span a few more than T, their requests' first events (a second one-hot base for those
     spilled registers and failed the bf16 parity tests at head dim 128 on the H100,
     benchmarks/results/gpu_logs/bias_grad_bands_ab_NVIDIA_H100.log). Other tiles add per pair.
     ``q_lo`` .. ``k_hi``: the live positions' spans."""
