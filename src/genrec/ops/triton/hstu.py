@@ -362,6 +362,13 @@ def _grouped_sums(c, T: tl.constexpr, DIFF: tl.constexpr, PRECISION: tl.constexp
 
 
 @triton.jit
+def _add_at_distance(D_POS, values, dist, mask, NUM_POS):
+    """Atomically adds ``values`` into the position-bias gradient ``D_POS`` at the slots of the
+    distances ``dist`` (same shape), clamped to the table as the bias reads it."""
+    tl.atomic_add(D_POS + tl.minimum(tl.maximum(dist, 0), NUM_POS - 1), values, mask=mask)
+
+
+@triton.jit
 def _add_diagonals(D_POS, c, offset, NUM_POS, PRECISION: tl.constexpr, T: tl.constexpr):
     """Adds ``c`` ``[keys, queries]`` (T x T) of a tile pair whose positions are consecutive on both
     sides into the position-bias gradient ``D_POS``: its diagonals' sums (:func:`_grouped_sums`) at
@@ -369,7 +376,7 @@ def _add_diagonals(D_POS, c, offset, NUM_POS, PRECISION: tl.constexpr, T: tl.con
     OP: tl.constexpr = tl.bfloat16 if PRECISION == "tf32" else tl.float32  # bf16 inputs: bf16 products
     sums = _grouped_sums(c, T, True, PRECISION, OP)  # [e, f]: distance offset + 8 (f - T/8 + 1) + e - 7
     dist = offset + 8 * (tl.arange(0, 2 * T // 8)[None, :] - T // 8 + 1) + tl.arange(0, 16)[:, None] - 7
-    tl.atomic_add(D_POS + tl.minimum(tl.maximum(dist, 0), NUM_POS - 1), sums, mask=sums != 0.0)
+    _add_at_distance(D_POS, sums, dist, sums != 0.0, NUM_POS)
 
 
 @triton.jit
@@ -409,14 +416,12 @@ def _position_grad(D_POS, top, ds, total, far, q_pos, k_pos, q_live, q_lo, q_hi,
                          input_precision=PRECISION)  # [k_hi - k_pos, q_pos - q_lo]
         sums = _grouped_sums(grouped, T, False, PRECISION, OP)  # [e, f]: distance q_lo - k_hi + 8 f + e
         dist = q_lo - k_hi + 8 * tl.arange(0, 2 * T // 8)[None, :] + tl.arange(0, 16)[:, None]
-        tl.atomic_add(D_POS + tl.minimum(tl.maximum(dist, 0), NUM_POS - 1), sums, mask=sums != 0.0)
+        _add_at_distance(D_POS, sums, dist, sums != 0.0, NUM_POS)
         if (q_hi - q_lo >= T) | (k_hi - k_lo >= T):  # the pairs of the tokens past them
             past = ((q_pos[None, :] - q_lo) >= T) | ((k_hi - k_pos[:, None]) >= T)  # [keys, queries]
-            pos_idx = tl.minimum(tl.maximum(q_pos[None, :] - k_pos[:, None], 0), NUM_POS - 1)
-            tl.atomic_add(D_POS + pos_idx, ds, mask=allowed & past)
+            _add_at_distance(D_POS, ds, q_pos[None, :] - k_pos[:, None], allowed & past, NUM_POS)
     elif live:
-        pos_idx = tl.minimum(tl.maximum(q_pos[None, :] - k_pos[:, None], 0), NUM_POS - 1)
-        tl.atomic_add(D_POS + pos_idx, ds, mask=allowed)
+        _add_at_distance(D_POS, ds, q_pos[None, :] - k_pos[:, None], allowed, NUM_POS)
     return top
 
 
