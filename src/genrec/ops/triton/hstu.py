@@ -114,9 +114,10 @@ class KernelConfig:
 
 DEFAULT_CONFIG = KernelConfig()
 # The diagonal-band kernel (_hstu_bwd_rab_bands) runs at head dims up to this, where it passed the
-# GPU parity tests on the H100 (training's 512 / 8 heads = 64). At 128 it ran only beside a change
-# that failed them there (benchmarks/results/gpu_logs/bias_grad_bands_ab_NVIDIA_H100.log): until it
-# passes them alone, the key-tile kernel adds every pair above it.
+# GPU parity tests on the H100 (training's 512 / 8 heads = 64). At 128 it first ran beside a change
+# that failed them (benchmarks/results/gpu_logs/bias_grad_bands_ab_NVIDIA_H100.log), then alone it
+# made the bias gradients slower than the key-tile kernel by itself (band_kernel_dim128_ab_NVIDIA_H100.log
+# there): above it the key-tile kernel adds every pair.
 BAND_MAX_DIM = 64
 VALID_BIT: tl.constexpr = tl.constexpr(VALID)
 FAKE_BIT: tl.constexpr = tl.constexpr(FAKE)
