@@ -880,14 +880,15 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/speed.py measures GPU kernels and needs a CUDA device")
     from genrec.ops.triton.backend import triton_backend
-    from genrec.ops.triton.hstu import DEFAULT_CONFIG, KernelConfig
+    from genrec.ops.triton.hstu import DEFAULT_CONFIG
 
     config = DEFAULT_CONFIG
     if args.tiles:
         tiles = json.loads(Path(args.tiles).read_text())
-        config = KernelConfig(fwd_large=tuple(tiles["fwd"]), bwd_large=tuple(tiles["bwd"]),
-                              dq_large=tuple(tiles["dq"] or DEFAULT_CONFIG.dq_large),
-                              dq_separate=tiles["dq"] is not None)
+        family = "_large" if tiles.get("head_dim", 128) >= 128 else ""  # the KernelConfig fields it tuned
+        config = dataclasses.replace(DEFAULT_CONFIG, dq_separate=tiles["dq"] is not None, **{
+            f"fwd{family}": tuple(tiles["fwd"]), f"bwd{family}": tuple(tiles["bwd"]),
+            f"dq{family}": tuple(tiles["dq"] or getattr(DEFAULT_CONFIG, f"dq{family}"))})
     args.backend, args.backend_config = triton_backend(config), config
     parts = args.parts.split(",")
     ns = [int(x) for x in args.ns.split(",")]
