@@ -30,14 +30,16 @@ Three parts, each a table in the result file:
   host, its layout's kernel metadata and schedules built on the host by the model's plan as the
   trainer's loader workers do (``data.num_workers`` >= 1; :mod:`genrec.nn.prepared`,
   :func:`prepared`), moved to the GPU, the forward run without reading the time span back; the
-  steps are queued back to back and timed together (``step_ms`` is their mean), as the trainer
-  runs them. ``layout`` rows measure what a step pays
+  steps are queued back to back in windows of ``--train-steps`` and each window timed together,
+  as the trainer runs them; ``step_ms`` is the median over ``--train-windows`` windows of their
+  mean (``step_ms_windows`` each: a short compiled step the host only just keeps up with varies
+  with the host from window to window). ``layout`` rows measure what a step pays
   for its layout (token layout, kernel metadata, tile schedules, bias spans), all on one batch:
   ``step_ms`` with the layout built in the step, ``step_ms_layout_reused`` with it built once and
   reused (:func:`layouts_reused`: the step without that work), ``layout_in_step_ms`` their
   difference and ``in_step_share`` its share of the step; ``step_ms_prepared`` the trainer's step on
   the loader-built layout and ``prepared_in_step_share`` its difference to the reused one over it,
-  what issue 14's target bounds (differences of timed means, so a share near 0 can come out below it);
+  what issue 14's target bounds (differences of timed medians, so a share near 0 can come out below it);
   ``prepare_host_ms`` the plan's host time per batch (a loader worker's, beside the step:
   ``prepare_share_of_step``). ``layout_ms`` times the build (events, token layout, metadata, the
   three tile schedules) standalone and synchronised, with the timestamp check's read-back the step
@@ -345,17 +347,23 @@ def _train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, batch: Jagge
     opt.step()
 
 
-def _train_step_seconds(model: torch.nn.Module, data: list[JaggedBatch], steps: int) -> float:
-    """Seconds per step (:func:`_train_step`) over ``steps`` steps on ``data`` in turn, queued back to
-    back and timed to the GPU's end of the last, as the trainer's loop runs them (it reads each
-    step's row one step late, so the host queues a step while the GPU runs the one before); after 3
-    warm-up (and compile) steps. Resets the peak-memory counter after the warm-up."""
+def _train_step_windows(model: torch.nn.Module, data: list[JaggedBatch], args) -> list[float]:
+    """Milliseconds per step (:func:`_train_step`) in each of ``args.train_windows`` windows of
+    ``args.train_steps`` steps on ``data`` in turn, queued back to back and timed to the GPU's end
+    of the window's last step, as the trainer's loop runs them (it reads each step's row one step
+    late, so the host queues a step while the GPU runs the one before); after 3 warm-up (and
+    compile) steps. A row reports their median: a step the host only just keeps up with (short
+    steps, compiled) varies from window to window with the host. Resets the peak-memory counter
+    after the warm-up."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     _queue_steps(model, opt, data, 3)
     torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    _queue_steps(model, opt, data, steps)
-    return (time.perf_counter() - start) / steps
+    windows = []
+    for _ in range(args.train_windows):
+        start = time.perf_counter()
+        _queue_steps(model, opt, data, args.train_steps)
+        windows.append((time.perf_counter() - start) / args.train_steps * 1e3)
+    return windows
 
 
 def _queue_steps(model: torch.nn.Module, opt: torch.optim.Optimizer, data: list[JaggedBatch], steps: int) -> None:
@@ -505,12 +513,12 @@ def _layout_row(model: torch.nn.Module, name: str, n: int, share: float, batch: 
     """What building the layout costs a step of ``model`` on ``batch``: the step timed as it is
     (the layout built in it), with its layout reused, and with the layout the loader built on the
     host (the trainer's path: :func:`prepared`), all on this one batch; the standalone build beside them."""
-    built = _train_step_seconds(model, [batch], args.train_steps) * 1e3
+    built = statistics.median(_train_step_windows(model, [batch], args))
     with layouts_reused(model):
-        reused = _train_step_seconds(model, [batch], args.train_steps) * 1e3
+        reused = statistics.median(_train_step_windows(model, [batch], args))
     builds = [prepared(model, batch) for _ in range(5)]
     host_ms = statistics.median(ms for _, ms in builds)
-    on_host = _train_step_seconds(model, [builds[-1][0]], args.train_steps) * 1e3
+    on_host = statistics.median(_train_step_windows(model, [builds[-1][0]], args))
     standalone = layout_ms(name, batch, args)
     return {"bench": "layout", "model": name, "n": n, "target_share": share, "batch": batch.batch_size,
             "step_ms": built, "step_ms_layout_reused": reused, "layout_in_step_ms": built - reused,
@@ -536,12 +544,14 @@ def _train_model_rows(name: str, n: int, share: float, data: list[JaggedBatch], 
     model = make_model(name, n, args, relative_bias=not args.train_no_bias).train()
     planned = [prepared(model, b)[0] if name in TRAIN_LAYOUTS else b for b in data]  # as the trainer's loader
     step_model = torch.compile(model, options=COMPILE_OPTIONS) if args.train_compile else model  # as the trainer
-    seconds = _train_step_seconds(step_model, planned, args.train_steps)
+    windows = _train_step_windows(step_model, planned, args)
+    seconds = statistics.median(windows) / 1e3
     mode = train_mode(args)
     gflop = train_gflop_per_event(name, n, args, share)
     events_per_s = batch * n / seconds
     rows = [{"bench": "train", "model": name, "n": n, "target_share": share, "batch": batch, "d": args.d,
-             "layers": args.layers, "heads": args.heads, "step_ms": seconds * 1e3, "train_events_per_s": events_per_s,
+             "layers": args.layers, "heads": args.heads, "step_ms": seconds * 1e3, "step_ms_windows": windows,
+             "train_events_per_s": events_per_s,
              "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30, "gflop_per_event": gflop,
              "tflops": gflop * events_per_s / 1e3 if gflop else None,
              "mfu": gflop * events_per_s / 1e3 / peak if gflop else None,
@@ -845,7 +855,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--train-events", type=int, default=32_768)
-    parser.add_argument("--train-steps", type=int, default=10)
+    parser.add_argument("--train-steps", type=int, default=10, help="steps per timed window")
+    parser.add_argument("--train-windows", type=int, default=5, help="timed windows per train or layout row: "
+                        "step_ms is their median (step_ms_windows each)")
     parser.add_argument("--train-compile", action="store_true", help="train rows of torch.compile'd models "
                         "(genrec train's train.compile; mode 'compiled', no layout rows)")
     parser.add_argument("--train-no-bias", action="store_true", help="train (and layout) rows of the models "
