@@ -82,8 +82,10 @@ class KernelConfig:
     (the backend holds one, :func:`genrec.ops.triton.backend.triton_backend`), never module state.
 
     ``*_large`` apply at head dim >= 128: chosen on the H100 by benchmarks/tune_hstu_kernel.py
-    (results/hstu_tuning_NVIDIA_H100_80GB_HBM3.md); the small ones are the same shape family, not
-    swept. The sweep's dQ pick (128, 128, 8, 2) runs out of shared memory with the relative bias;
+    (results/hstu_tuning_NVIDIA_H100_80GB_HBM3.md); the small ones, set by hand, came within about
+    1.5 % of that sweep's best forward + backward on the training steps' layouts at head dim 64
+    (``--head-dim 64``: results/hstu_tuning_d64_NVIDIA_H100_80GB_HBM3.md), so they stay. The
+    head-dim-128 sweep's dQ pick (128, 128, 8, 2) runs out of shared memory with the relative bias;
     (128, 64, 8, 2) is within 1 % of it without. ``*_fp32_large`` are the float32 tiles at head dim
     >= 128: float32 tiles take twice the bytes, and the bf16 ones ask up to 262,676 bytes of shared
     memory where a Hopper SM has 232,448 (fewer pipeline stages and query rows instead;
