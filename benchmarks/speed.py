@@ -812,6 +812,19 @@ def targets(rows: list[dict]) -> list[dict]:
     ]
 
 
+def tiles_config(tiles: dict):
+    """The kernels' :class:`~genrec.ops.triton.hstu.KernelConfig` for a tiles file of
+    benchmarks/tune_hstu_kernel.py: its ``fwd``, ``bwd`` and ``dq`` tiles replace the defaults of the
+    family it tuned (``head_dim`` 128, or no ``head_dim``: the ``*_large`` fields; below 128 the
+    small ones); ``dq`` None: dQ by atomics in the dK/dV kernel."""
+    from genrec.ops.triton.hstu import DEFAULT_CONFIG
+
+    family = "_large" if tiles.get("head_dim", 128) >= 128 else ""
+    return dataclasses.replace(DEFAULT_CONFIG, dq_separate=tiles["dq"] is not None, **{
+        f"fwd{family}": tuple(tiles["fwd"]), f"bwd{family}": tuple(tiles["bwd"]),
+        f"dq{family}": tuple(tiles["dq"] or getattr(DEFAULT_CONFIG, f"dq{family}"))})
+
+
 def merge(rows: list[dict], meta: dict, earlier: dict, skip: frozenset[str] = frozenset()) -> list[dict]:
     """This run's rows (run 0) and the ``earlier`` result file's measured rows of shapes not measured
     now (:func:`_shape_key`), each renumbered to its run, which ``meta["runs"]`` gains. Kernel rows
@@ -894,13 +907,7 @@ def main(argv: list[str] | None = None) -> int:
     from genrec.ops.triton.backend import triton_backend
     from genrec.ops.triton.hstu import DEFAULT_CONFIG
 
-    config = DEFAULT_CONFIG
-    if args.tiles:
-        tiles = json.loads(Path(args.tiles).read_text())
-        family = "_large" if tiles.get("head_dim", 128) >= 128 else ""  # the KernelConfig fields it tuned
-        config = dataclasses.replace(DEFAULT_CONFIG, dq_separate=tiles["dq"] is not None, **{
-            f"fwd{family}": tuple(tiles["fwd"]), f"bwd{family}": tuple(tiles["bwd"]),
-            f"dq{family}": tuple(tiles["dq"] or getattr(DEFAULT_CONFIG, f"dq{family}"))})
+    config = tiles_config(json.loads(Path(args.tiles).read_text())) if args.tiles else DEFAULT_CONFIG
     args.backend, args.backend_config = triton_backend(config), config
     parts = args.parts.split(",")
     ns = [int(x) for x in args.ns.split(",")]

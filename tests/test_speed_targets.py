@@ -300,3 +300,22 @@ def test_layouts_reused_refuses_a_batch_of_another_shape():
         model(speed.synthetic_batch(2, 16, 0, device="cpu"))
         with pytest.raises(ValueError, match="steps on one batch"):
             model(speed.synthetic_batch(2, 8, 0, device="cpu"))
+
+
+def test_a_tiles_file_sets_the_family_it_tuned():
+    """``speed.py --tiles``: a file of the head-dim-64 sweep replaces the small tiles only, one of the
+    head-dim-128 sweep (older files carry no ``head_dim``) the large ones; ``dq`` None turns the
+    separate dQ kernel off. The committed sweep results read back as they were written."""
+    pytest.importorskip("triton")  # the kernels' module imports Triton
+    from genrec.ops.triton.hstu import DEFAULT_CONFIG
+
+    small = speed.tiles_config({"fwd": [64, 32, 4, 3], "bwd": [64, 64, 4, 3], "dq": [64, 64, 4, 3], "head_dim": 64})
+    assert (small.fwd, small.bwd, small.dq) == ((64, 32, 4, 3), (64, 64, 4, 3), (64, 64, 4, 3))
+    assert small.tiles(128) == DEFAULT_CONFIG.tiles(128) and small.dq_separate
+    large = speed.tiles_config({"fwd": [128, 64, 8, 3], "bwd": [128, 128, 8, 2], "dq": None})
+    assert large.tiles(128)[:2] == ((128, 64, 8, 3), (128, 128, 8, 2)) and not large.dq_separate
+    assert large.tiles(64) == DEFAULT_CONFIG.tiles(64) and large.dq_large == DEFAULT_CONFIG.dq_large
+    for prefix, family in (("hstu_tiles", 128), ("hstu_tiles_d64", 64)):
+        tiles = json.loads((REPO / "benchmarks" / "results" / f"{prefix}_NVIDIA_H100_80GB_HBM3.json").read_text())
+        config = speed.tiles_config(tiles)
+        assert config.tiles(family)[0] == tuple(tiles["fwd"]) and config.tiles(family)[1] == tuple(tiles["bwd"])
