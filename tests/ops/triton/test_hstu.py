@@ -284,10 +284,10 @@ def test_the_fused_attention_passes_the_custom_op_checks():
     tile = hstu.DEFAULT_CONFIG.tiles(32)
     fwd, bwd, dq, bands, q_ext, k_ext = hstu._bias_flags(layout, meta, True, True, tile, 0, rel_pos.shape[-1],
                                                          rel_time.shape[-1], split=True, bands=True)
-    args = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), meta.request, meta.event, meta.flags,
-            meta.position, meta.timestamp, q_ext, k_ext, rel_pos.requires_grad_(), rel_time.requires_grad_(), *fwd,
-            *bwd, *dq, *bands,
-            0.05, 0, 2, True, list(tile[0]), list(tile[1]), list(tile[2]), True)
+    args = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(),
+            [meta.request, meta.event, meta.flags, meta.position, meta.timestamp, q_ext, k_ext],
+            rel_pos.requires_grad_(), rel_time.requires_grad_(), [*fwd, *bwd, *dq, *bands],
+            0.05, 0, 2, True, [*tile[0], *tile[1], *tile[2]], True)
     torch.library.opcheck(torch.ops.genrec.hstu_attention_fwd.default, args)
 
 

@@ -899,23 +899,25 @@ def _strides(*tensors: torch.Tensor) -> tuple[int, ...]:
 # The fused attention as two custom ops (forward; backward), so that torch.compile and torch.export
 # trace through them: each has a fake (meta) implementation giving its outputs' shapes and strides,
 # and the forward's autograd formula calls the backward op. Their tensors are what the kernels read;
-# the token layout is reduced to them by :func:`hstu_attention`. The backward's two schedules are
+# the token layout is reduced to them by :func:`hstu_attention`. The backward's schedules are
 # forward inputs (built once per layout, not per layer), and placeholders when no gradient is needed.
+# The layout's tensors come packed in lists (``meta``: request, event, flags, position, timestamp and
+# the bias's two extremes tables; ``schedules``: count, index and flags of the forward, dK/dV, dQ
+# and band schedules; ``tiles``: the tiles' four numbers each) because torch's autograd wrapper of
+# a custom op walks the op's schema once per argument on every call: with the 32 separate
+# arguments these had, that walk took ~280 µs of host time a forward with gradients, more than the
+# forward's kernel at N = 1024 in training.
 @torch.library.custom_op("genrec::hstu_attention_fwd", mutates_args=())
-def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, request: torch.Tensor, event: torch.Tensor,
-            flags: torch.Tensor, position: torch.Tensor, timestamp: torch.Tensor, q_ext: torch.Tensor,
-            k_ext: torch.Tensor, rel_pos: torch.Tensor, rel_time: torch.Tensor, count: torch.Tensor,
-            index: torch.Tensor, full: torch.Tensor, bwd_count: torch.Tensor, bwd_index: torch.Tensor,
-            bwd_full: torch.Tensor, dq_count: torch.Tensor, dq_index: torch.Tensor, dq_full: torch.Tensor,
-            band_count: torch.Tensor, band_index: torch.Tensor, band_flags: torch.Tensor, scale: float,
-            q_offset: int, rule: int, has_bias: bool, fwd_tile: list[int], bwd_tile: list[int], dq_tile: list[int],
-            dq_separate: bool) -> torch.Tensor:
+def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: list[torch.Tensor], rel_pos: torch.Tensor,
+            rel_time: torch.Tensor, schedules: list[torch.Tensor], scale: float, q_offset: int, rule: int,
+            has_bias: bool, tiles: list[int], dq_separate: bool) -> torch.Tensor:
     b, h, lq, d = q.shape
     seq = k.shape[2]
-    block_m, block_n, warps, stages = fwd_tile
+    count, index, full = schedules[:3]
+    block_m, block_n, warps, stages = tiles[:4]
     out = torch.empty(b, lq, h, d, device=q.device, dtype=q.dtype).transpose(1, 2)  # [B, H, LQ, Dh]
     grid = (triton.cdiv(lq, block_m), b * h)
-    _hstu_fwd[grid](q, k, v, out, request, event, flags, position, timestamp, rel_pos, rel_time, count, index, full,
+    _hstu_fwd[grid](q, k, v, out, *meta[:5], rel_pos, rel_time, count, index, full,
                     *_strides(q, k, v, out),
                     *_sizes(count, index, q, seq, q_offset, rel_pos.shape[-1], rel_time.shape[-1], scale),
                     RULE=rule, HAS_BIAS=has_bias, PRECISION=_precision(q.dtype), D=d, BLOCK_M=block_m,
@@ -930,22 +932,22 @@ def _fwd_fake(q, k, v, *args, **kwargs) -> torch.Tensor:
 
 
 @torch.library.custom_op("genrec::hstu_attention_bwd", mutates_args=())
-def _bwd_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, request: torch.Tensor,
-            event: torch.Tensor, flags: torch.Tensor, position: torch.Tensor, timestamp: torch.Tensor,
-            q_ext: torch.Tensor, k_ext: torch.Tensor, rel_pos: torch.Tensor, rel_time: torch.Tensor,
-            bwd_count: torch.Tensor, bwd_index: torch.Tensor, bwd_full: torch.Tensor, dq_count: torch.Tensor,
-            dq_index: torch.Tensor, dq_full: torch.Tensor, band_count: torch.Tensor, band_index: torch.Tensor,
-            band_flags: torch.Tensor, scale: float, q_offset: int, rule: int, has_bias: bool, bwd_tile: list[int],
-            dq_tile: list[int],
+def _bwd_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: list[torch.Tensor],
+            rel_pos: torch.Tensor, rel_time: torch.Tensor, schedules: list[torch.Tensor], scale: float,
+            q_offset: int, rule: int, has_bias: bool, tiles: list[int],
             dq_separate: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """dq, dk, dv and the fp32 gradients of both bias tables."""
+    """dq, dk, dv and the fp32 gradients of both bias tables; ``schedules`` those of dK/dV, dQ and the
+    bands, ``tiles`` the dK/dV tile then the dQ tile (as :func:`_fwd_op` packs them)."""
     b, h, lq, d = q.shape
     seq = k.shape[2]
+    q_ext, k_ext = meta[5:7]
+    bwd_count, bwd_index, bwd_full, dq_count, dq_index, dq_full, band_count, band_index, band_flags = schedules
+    bwd_tile, dq_tile = tiles[:4], tiles[4:8]
     dq = (torch.empty if dq_separate else torch.zeros)(b, h, lq, d, device=q.device, dtype=torch.float32)
     dk = torch.empty(b, seq, h, d, device=q.device, dtype=k.dtype).transpose(1, 2)
     dv = torch.empty(b, seq, h, d, device=q.device, dtype=v.dtype).transpose(1, 2)
     d_pos, d_time = torch.zeros_like(rel_pos), torch.zeros_like(rel_time)
-    meta = (request, event, flags, position, timestamp, rel_pos, rel_time)
+    meta = (*meta[:5], rel_pos, rel_time)  # what every backward kernel reads after its gradients
     strides = _strides(q, k, v, grad_out)
     precision = _precision(q.dtype)
     block_m, block_n, warps, stages = bwd_tile
@@ -979,33 +981,34 @@ def _bwd_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
 
 
 @_bwd_op.register_fake
-def _bwd_fake(grad_out, q, k, v, request, event, flags, position, timestamp, q_ext, k_ext, rel_pos, rel_time,
-              *args, **kwargs):
+def _bwd_fake(grad_out, q, k, v, meta, rel_pos, rel_time, *args, **kwargs):
     b, h, lq, d = q.shape
     seq = k.shape[2]
     dk, dv = (t.new_empty(b, seq, h, d).transpose(1, 2) for t in (k, v))
     return q.new_empty(b, h, lq, d), dk, dv, torch.empty_like(rel_pos), torch.empty_like(rel_time)
 
 
-_NON_TENSOR_ARGS = ("scale", "q_offset", "rule", "has_bias", "fwd_tile", "bwd_tile", "dq_tile", "dq_separate")
+_NON_TENSOR_ARGS = ("scale", "q_offset", "rule", "has_bias", "tiles", "dq_separate")
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    ctx.save_for_backward(*inputs[:12], *inputs[15:24])  # q .. rel_time, the three backward schedules
-    ctx.args = dict(zip(_NON_TENSOR_ARGS, inputs[24:], strict=True))
+    q, k, v, meta, rel_pos, rel_time, schedules, *rest = inputs
+    ctx.save_for_backward(q, k, v, rel_pos, rel_time, *meta, *schedules[3:])  # the backward's schedules
+    ctx.num_meta, ctx.num_schedules = len(meta), len(schedules)
+    ctx.args = dict(zip(_NON_TENSOR_ARGS, rest, strict=True))
 
 
 def _backward(ctx, grad_out: torch.Tensor):
-    q, k, v, *saved = ctx.saved_tensors
-    meta, (rel_pos, rel_time), schedules = saved[:7], saved[7:9], saved[9:]  # schedules: backward, dQ, bands
+    q, k, v, rel_pos, rel_time, *saved = ctx.saved_tensors
+    meta, schedules = saved[:ctx.num_meta], saved[ctx.num_meta:]  # schedules: dK/dV, dQ, bands
     a = ctx.args
     if grad_out.stride(-1) != 1:
         grad_out = grad_out.contiguous()
-    dq, dk, dv, d_pos, d_time = _bwd_op(grad_out, q, k, v, *meta, rel_pos, rel_time, *schedules,
-                                         a["scale"], a["q_offset"], a["rule"], a["has_bias"], a["bwd_tile"],
-                                         a["dq_tile"], a["dq_separate"])
+    dq, dk, dv, d_pos, d_time = _bwd_op(grad_out, q, k, v, meta, rel_pos, rel_time, schedules, a["scale"],
+                                         a["q_offset"], a["rule"], a["has_bias"], a["tiles"][4:], a["dq_separate"])
     bias = (d_pos, d_time) if a["has_bias"] else (None, None)
-    return dq, dk, dv, *([None] * len(meta)), *bias, *([None] * 12), *([None] * len(_NON_TENSOR_ARGS))
+    # one gradient per input, a list of them per list (none for the layout's tensors)
+    return dq, dk, dv, [None] * ctx.num_meta, *bias, [None] * ctx.num_schedules, *([None] * len(_NON_TENSOR_ARGS))
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -1073,6 +1076,6 @@ def hstu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: To
         rel_pos = rel_time = torch.zeros(1, device=q.device, dtype=torch.float32)
         q_ext = k_ext = torch.zeros(1, 1, 4, device=q.device, dtype=torch.int32)  # unread
         bands = forward  # a placeholder, unread
-    return _fwd_op(q, k, v, meta.request, meta.event, meta.flags, meta.position, meta.timestamp, q_ext, k_ext,
-                   rel_pos, rel_time, *forward, *backward, *dq, *bands, scale, q_offset, RULE_IDS[layout.rule],
-                   has_bias, list(fwd_tile), list(bwd_tile), list(dq_tile), config.dq_separate)
+    return _fwd_op(q, k, v, [meta.request, meta.event, meta.flags, meta.position, meta.timestamp, q_ext, k_ext],
+                   rel_pos, rel_time, [*forward, *backward, *dq, *bands], scale, q_offset, RULE_IDS[layout.rule],
+                   has_bias, [*fwd_tile, *bwd_tile, *dq_tile], config.dq_separate)

@@ -1,0 +1,94 @@
+"""Host time of one call of the fused HSTU attention, its kernel launches stubbed out (no GPU needed).
+
+What the Python side of :func:`genrec.ops.triton.hstu.hstu_attention` costs per call: the plan
+lookups, the custom op's dispatch and, with gradients, its autograd wrapper and the backward op.
+A step of a short sequence can take less time on the GPU than the host needs to issue it (eager
+training of sparse DFGR at N = 1024: README, GPU section), so this time is a floor of the eager
+step. The Triton launches are replaced by no-ops, so the numbers leave out Triton's launcher; the
+tensors are small (one head of dim 16) so that allocating the gradients costs little on the CPU.
+Sparse DFGR's training layout at N = 1024, 32 sequences, targets the last 10 %, without and with
+the relative bias; the median of 300 calls on one thread.
+
+    python benchmarks/attention_host.py     # -> results/attention_host_cpu.{json,md}
+
+Another tree's op (``PYTHONPATH=<tree>/src GENREC_COMMIT=<its commit> python benchmarks/attention_host.py
+--out DIR``) times the same calls for an A/B on one machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import report
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class _NoLaunch:
+    """Stands in for a Triton kernel: ``kernel[grid](...)`` does nothing."""
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: None
+
+
+def _median_us(fn, calls: int) -> float:
+    fn()  # the first call builds and caches the layout's plan
+    times = []
+    for _ in range(calls):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e6
+
+
+def _row(hstu, layout, n: int, bias: bool, calls: int) -> dict:
+    """The three host times of one case: a forward without and with gradients, a forward + backward."""
+    shape = (32, 1, layout.valid.shape[1], 16)  # [B, H, L, Dh]: one small head
+    q, k, v = (torch.randn(shape, requires_grad=True) for _ in range(3))
+    tables = tuple(torch.zeros(1, slots, requires_grad=True) for slots in (n + 1, 32)) if bias else (None, None)
+    leaves = [q, k, v, *(tables if bias else ())]
+    grad_out = torch.randn(shape)
+
+    def call() -> torch.Tensor:
+        return hstu.hstu_attention(q, k, v, layout, *tables, 0.01)
+
+    with torch.no_grad():
+        no_grad = _median_us(call, calls)
+    row = {"layout": "dfgr_sparse", "n": n, "bias": bias, "fwd_no_grad_us": no_grad,
+           "fwd_with_grad_us": _median_us(call, calls),
+           "fwd_bwd_us": _median_us(lambda: torch.autograd.grad(call(), leaves, grad_out), calls)}
+    print(row, flush=True)
+    return row
+
+
+def main(argv: list[str] | None = None) -> int:
+    from genrec.nn.events import Events
+    from genrec.ops.triton import hstu
+    from speed import TRAIN_LAYOUTS, synthetic_batch
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--calls", type=int, default=300)
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    for name in ("_hstu_fwd", "_hstu_bwd", "_hstu_bwd_dq", "_hstu_bwd_rab", "_hstu_bwd_rab_bands"):
+        setattr(hstu, name, _NoLaunch())
+    n = 1024
+    layout = TRAIN_LAYOUTS["dfgr_sparse"](Events.from_batch(synthetic_batch(32, n, 0, device="cpu", target_share=0.1)))
+    rows = [_row(hstu, layout, n, bias, args.calls) for bias in (False, True)]
+    table = report.markdown_table(rows, ["layout", "n", "bias", "fwd_no_grad_us", "fwd_with_grad_us", "fwd_bwd_us"])
+    meta = report.meta(["python", "benchmarks/attention_host.py", *(argv if argv is not None else sys.argv[1:])])
+    meta["device"] += ", Triton launches stubbed"
+    report.write(Path(args.out) / "attention_host_cpu", rows, table, meta)
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
