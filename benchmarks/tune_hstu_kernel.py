@@ -14,9 +14,11 @@ case (N x layout x bias). Two shape families, one per field family of ``KernelCo
   buckets). The dQ strategy is one flag for both families, so this sweep keeps the separate kernel
   the head-dim-128 sweep chose and varies its tiles.
 
-Writes ``benchmarks/results/hstu_tiles[_d<dim>]_<device>.json`` (read by ``speed.py --tiles``) and
-``hstu_tuning[_fwd][_d<dim>]_<device>.{json,md}``, and prints the table; the row of the current
-``DEFAULT_CONFIG`` is among the candidates, so the table is its A/B.
+Writes ``benchmarks/results/hstu_tiles[_d<dim>][_graphs]_<device>.json`` (read by ``speed.py
+--tiles``) and ``hstu_tuning[_fwd][_d<dim>][_graphs]_<device>.{json,md}``, and prints the table; the
+row of the current ``DEFAULT_CONFIG`` is among the candidates, so the table is its A/B. Calls are
+timed back to back (``triton.testing.do_bench``): a call shorter than the host's work to issue it
+(the training shapes at N = 1024) then times the host; ``--graphs`` replays them from a CUDA graph.
 
     python benchmarks/tune_hstu_kernel.py [--ns 1024,8192] [--parts fwd]   # fwd: forward tiles only
 """
@@ -32,6 +34,7 @@ from pathlib import Path
 
 import torch
 import triton
+import triton.testing
 
 import report
 
@@ -83,6 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layouts", default="causal",
                         help="comma list: causal, dual_flow (kernel rows) or hstu, dfgr, dfgr_sparse (training)")
     parser.add_argument("--bias", default="0", help="0, 1 or 0,1: without / with the relative bias tables")
+    parser.add_argument("--graphs", action="store_true",
+                        help="time each call replayed from a CUDA graph (triton.testing.do_bench_cudagraph): "
+                        "the kernels alone, where a call is shorter than the host's work to issue it")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = parser.parse_args(argv)
     large = args.head_dim >= 128
@@ -93,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def timed(fn) -> float:
         try:
+            if args.graphs:
+                return triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median")
             return bench_ms(fn, 50, 200)
         except triton.runtime.errors.OutOfResources:  # tiles too large for shared memory: not a candidate
             return float("inf")
@@ -128,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         choice |= {"bwd": ast.literal_eval(best["tiles"]),
                    "dq": None if best["dq"] == "atomic" else ast.literal_eval(best["dq"])}
     device = torch.cuda.get_device_name().replace(" ", "_")
-    suffix = "" if args.head_dim == 128 else f"_d{args.head_dim}"
+    suffix = ("" if args.head_dim == 128 else f"_d{args.head_dim}") + ("_graphs" if args.graphs else "")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"hstu_tiles{suffix}_{device}.json").write_text(json.dumps(choice | {"head_dim": args.head_dim}) + "\n")
