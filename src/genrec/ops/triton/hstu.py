@@ -905,8 +905,9 @@ def _strides(*tensors: torch.Tensor) -> tuple[int, ...]:
 # the bias's two extremes tables; ``schedules``: count, index and flags of the forward, dK/dV, dQ
 # and band schedules; ``tiles``: the tiles' four numbers each) because torch's autograd wrapper of
 # a custom op walks the op's schema once per argument on every call: with the 32 separate
-# arguments these had, that walk took ~280 µs of host time a forward with gradients, more than the
-# forward's kernel at N = 1024 in training.
+# arguments these had, a forward with gradients took ~300 µs of host time before its launch, ~160
+# packed (benchmarks/attention_host.py), where sparse DFGR's forward kernel takes ~220 µs a layer
+# in a training step at N = 1024.
 @torch.library.custom_op("genrec::hstu_attention_fwd", mutates_args=())
 def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: list[torch.Tensor], rel_pos: torch.Tensor,
             rel_time: torch.Tensor, schedules: list[torch.Tensor], scale: float, q_offset: int, rule: int,
