@@ -275,7 +275,8 @@ def _op_args(layout: TokenLayout, bias: bool = True):
 
 def test_the_fused_attention_passes_the_custom_op_checks():
     """torch.library.opcheck: schema, fake (meta) implementation against the real kernels, autograd
-    registration and AOT dispatch, on one small dual-flow batch."""
+    registration and AOT dispatch, on one small dual-flow batch; the backward op too (a compiled
+    training step calls it from its graph), with its packed lists as the forward's autograd passes them."""
     from genrec.ops.triton import hstu
 
     layout = _layout("dual_flow", [20, 6], seed=1)
@@ -289,6 +290,10 @@ def test_the_fused_attention_passes_the_custom_op_checks():
             rel_pos.requires_grad_(), rel_time.requires_grad_(), [*fwd, *bwd, *dq, *bands],
             0.05, 0, 2, True, [*tile[0], *tile[1], *tile[2]], True)
     torch.library.opcheck(torch.ops.genrec.hstu_attention_fwd.default, args)
+    grad_out = torch.randn_like(q)
+    bwd_args = (grad_out, *(t.detach() for t in (q, k, v)), args[3], rel_pos.detach(), rel_time.detach(),
+                [*bwd, *dq, *bands], 0.05, 0, 2, True, [*tile[1], *tile[2]], True)
+    torch.library.opcheck(torch.ops.genrec.hstu_attention_bwd.default, bwd_args)
 
 
 def test_a_block_on_the_triton_backend_compiles_into_one_graph_and_matches_eager():
