@@ -545,12 +545,13 @@ def _train_model_rows(name: str, n: int, share: float, data: list[JaggedBatch], 
     planned = [prepared(model, b)[0] if name in TRAIN_LAYOUTS else b for b in data]  # as the trainer's loader
     step_model = torch.compile(model, options=COMPILE_OPTIONS) if args.train_compile else model  # as the trainer
     windows = _train_step_windows(step_model, planned, args)
-    seconds = statistics.median(windows) / 1e3
+    step_ms = statistics.median(windows)
+    seconds = step_ms / 1e3
     mode = train_mode(args)
     gflop = train_gflop_per_event(name, n, args, share)
     events_per_s = batch * n / seconds
     rows = [{"bench": "train", "model": name, "n": n, "target_share": share, "batch": batch, "d": args.d,
-             "layers": args.layers, "heads": args.heads, "step_ms": seconds * 1e3, "step_ms_windows": windows,
+             "layers": args.layers, "heads": args.heads, "step_ms": step_ms, "step_ms_windows": windows,
              "train_events_per_s": events_per_s,
              "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30, "gflop_per_event": gflop,
              "tflops": gflop * events_per_s / 1e3 if gflop else None,
@@ -558,7 +559,7 @@ def _train_model_rows(name: str, n: int, share: float, data: list[JaggedBatch], 
              **({"mode": mode} if mode else {})}]
     if args.train_profile:
         rows[-1] |= _step_kernels(step_model, planned)
-    print(f"train {name:11s} N={n:5d} targets {share:4.2f} B={batch:4d} {seconds * 1e3:8.2f} ms/step "
+    print(f"train {name:11s} N={n:5d} targets {share:4.2f} B={batch:4d} {step_ms:8.2f} ms/step "
           f"{events_per_s:12.0f} events/s mfu {rows[-1]['mfu'] or float('nan'):.3f} {mode or ''}",
           flush=True)
     if name in TRAIN_LAYOUTS and not args.train_compile:  # the layout's cost: timed eagerly (mode: no bias or none)

@@ -948,33 +948,33 @@ def _bwd_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
     dk = torch.empty(b, seq, h, d, device=q.device, dtype=k.dtype).transpose(1, 2)
     dv = torch.empty(b, seq, h, d, device=q.device, dtype=v.dtype).transpose(1, 2)
     d_pos, d_time = torch.zeros_like(rel_pos), torch.zeros_like(rel_time)
-    meta = (*meta[:5], rel_pos, rel_time)  # what every backward kernel reads after its gradients
+    reads = (*meta[:5], rel_pos, rel_time)  # what every backward kernel reads after its gradients
     strides = _strides(q, k, v, grad_out)
     precision = _precision(q.dtype)
     block_m, block_n, warps, stages = bwd_tile
     launch = dict(D=d, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
     sizes = _sizes(bwd_count, bwd_index, q, seq, q_offset, rel_pos.shape[-1], rel_time.shape[-1], scale)
     _hstu_bwd[(triton.cdiv(seq, block_n), b * h)](
-        q, k, v, grad_out, dq, dk, dv, *meta, bwd_count, bwd_index, bwd_full, *strides, *sizes, *_strides(dq, dk),
+        q, k, v, grad_out, dq, dk, dv, *reads, bwd_count, bwd_index, bwd_full, *strides, *sizes, *_strides(dq, dk),
         RULE=rule, HAS_BIAS=has_bias, PRECISION=precision, DQ_ATOMIC=not dq_separate, **launch)
     time_slots = triton.next_power_of_2(max(rel_time.shape[-1], 16))
     split = _splits_bias_grads(has_bias, dq_separate, bwd_tile, dq_tile)  # as hstu_attention flagged
     if has_bias:
         _hstu_bwd_rab[(triton.cdiv(seq, block_n), b * h)](
-            q, k, v, grad_out, *meta, bwd_count, bwd_index, bwd_full, *strides, *sizes, q_ext, k_ext,
+            q, k, v, grad_out, *reads, bwd_count, bwd_index, bwd_full, *strides, *sizes, q_ext, k_ext,
             q_ext.stride(0), k_ext.stride(0), d_pos, d_time, RULE=rule, PRECISION=precision, TIME_SLOTS=time_slots,
             **launch)
     if has_bias and d <= BAND_MAX_DIM:
         num_k = triton.cdiv(seq, block_n)
         _hstu_bwd_rab_bands[(triton.cdiv(lq, block_m) + num_k - 1, b * h)](
-            q, k, v, grad_out, *meta, band_count, band_index, band_flags, *strides,
+            q, k, v, grad_out, *reads, band_count, band_index, band_flags, *strides,
             *_sizes(band_count, band_index, q, seq, q_offset, rel_pos.shape[-1], rel_time.shape[-1], scale), num_k,
             q_ext, k_ext, q_ext.stride(0), k_ext.stride(0), d_pos, d_time, RULE=rule, PRECISION=precision,
             TIME_SLOTS=time_slots, **launch)
     if dq_separate:  # with the bias split, this launch also adds the BIAS_IN_DQ pairs' bias gradients
         block_m, block_n, warps, stages = dq_tile
         _hstu_bwd_dq[(triton.cdiv(lq, block_m), b * h)](
-            q, k, v, grad_out, dq, *meta, dq_count, dq_index, dq_full, *strides,
+            q, k, v, grad_out, dq, *reads, dq_count, dq_index, dq_full, *strides,
             *_sizes(dq_count, dq_index, q, seq, q_offset, rel_pos.shape[-1], rel_time.shape[-1], scale),
             *_strides(dq), d_pos, d_time, RULE=rule, HAS_BIAS=has_bias, BIAS_GRADS=split, PRECISION=precision,
             TIME_SLOTS=time_slots, D=d, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
