@@ -7,7 +7,8 @@ training of sparse DFGR at N = 1024: README, GPU section), so this time is a flo
 step. The Triton launches are replaced by no-ops, so the numbers leave out Triton's launcher; the
 tensors are small (one head of dim 16) so that allocating the gradients costs little on the CPU.
 Sparse DFGR's training layout at N = 1024, 32 sequences, targets the last 10 %, without and with
-the relative bias; the median of 300 calls on one thread.
+the relative bias; on one thread, the median over 7 rounds of each round's median of 100 calls
+(the rounds interleave the cases, and each row keeps its rounds: ``*_rounds``).
 
     python benchmarks/attention_host.py     # -> results/attention_host_cpu.{json,md}
 
@@ -38,7 +39,6 @@ class _NoLaunch:
 
 
 def _median_us(fn, calls: int) -> float:
-    fn()  # the first call builds and caches the layout's plan
     times = []
     for _ in range(calls):
         start = time.perf_counter()
@@ -47,8 +47,8 @@ def _median_us(fn, calls: int) -> float:
     return statistics.median(times) * 1e6
 
 
-def _row(hstu, layout, n: int, bias: bool, calls: int) -> dict:
-    """The three host times of one case: a forward without and with gradients, a forward + backward."""
+def _timings(hstu, layout, n: int, bias: bool) -> dict:
+    """One case's three calls by column: a forward without and with gradients, a forward + backward."""
     shape = (32, 1, layout.valid.shape[1], 16)  # [B, H, L, Dh]: one small head
     q, k, v = (torch.randn(shape, requires_grad=True) for _ in range(3))
     tables = tuple(torch.zeros(1, slots, requires_grad=True) for slots in (n + 1, 32)) if bias else (None, None)
@@ -58,30 +58,38 @@ def _row(hstu, layout, n: int, bias: bool, calls: int) -> dict:
     def call() -> torch.Tensor:
         return hstu.hstu_attention(q, k, v, layout, *tables, 0.01)
 
-    with torch.no_grad():
-        no_grad = _median_us(call, calls)
-    row = {"layout": "dfgr_sparse", "n": n, "bias": bias, "fwd_no_grad_us": no_grad,
-           "fwd_with_grad_us": _median_us(call, calls),
-           "fwd_bwd_us": _median_us(lambda: torch.autograd.grad(call(), leaves, grad_out), calls)}
-    print(row, flush=True)
-    return row
+    def no_grad() -> torch.Tensor:
+        with torch.no_grad():
+            return call()
+
+    call()  # the first call builds and caches the layout's plan
+    return {"fwd_no_grad_us": no_grad, "fwd_with_grad_us": call,
+            "fwd_bwd_us": lambda: torch.autograd.grad(call(), leaves, grad_out)}
 
 
 def main(argv: list[str] | None = None) -> int:
     from genrec.nn.events import Events
     from genrec.ops.triton import hstu
-    from speed import TRAIN_LAYOUTS, synthetic_batch
+    from speed import ATTENTION_KERNELS, TRAIN_LAYOUTS, synthetic_batch
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--calls", type=int, default=300)
+    parser.add_argument("--calls", type=int, default=100, help="calls per round: a round's time is their median")
+    parser.add_argument("--rounds", type=int, default=7, help="rounds; a row gives the median of its rounds")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    for name in ("_hstu_fwd", "_hstu_bwd", "_hstu_bwd_dq", "_hstu_bwd_rab", "_hstu_bwd_rab_bands"):
+    for name in ATTENTION_KERNELS:  # every Triton kernel of the fused attention
         setattr(hstu, name, _NoLaunch())
     n = 1024
     layout = TRAIN_LAYOUTS["dfgr_sparse"](Events.from_batch(synthetic_batch(32, n, 0, device="cpu", target_share=0.1)))
-    rows = [_row(hstu, layout, n, bias, args.calls) for bias in (False, True)]
+    cases = {bias: _timings(hstu, layout, n, bias) for bias in (False, True)}
+    rounds = {(bias, column): [] for bias, calls in cases.items() for column in calls}
+    for _ in range(args.rounds):  # every case and call in turn, so a burst of other load hits one round of each
+        for (bias, column), medians in rounds.items():
+            medians.append(_median_us(cases[bias][column], args.calls))
+    rows = [{"layout": "dfgr_sparse", "n": n, "bias": bias,
+             **{column: statistics.median(rounds[bias, column]) for column in calls},
+             **{f"{column}_rounds": rounds[bias, column] for column in calls}} for bias, calls in cases.items()]
     table = report.markdown_table(rows, ["layout", "n", "bias", "fwd_no_grad_us", "fwd_with_grad_us", "fwd_bwd_us"])
     meta = report.meta(["python", "benchmarks/attention_host.py", *(argv if argv is not None else sys.argv[1:])])
     meta["device"] += ", Triton launches stubbed"
