@@ -15,6 +15,9 @@ are all counted, whichever runs. They depend on the Triton version: the GPU mach
 look before spending device time.
 
     python benchmarks/kernel_loops.py     # -> results/kernel_loops_sm90.{json,md}
+    python benchmarks/kernel_loops.py --head-dim 64 --no-bias --rules request_causal,dual_flow --odd-length
+    # -> results/kernel_loops_d64_nobias_sm90.{json,md}: training's head dim, HSTU's and DFGR's rules,
+    #    each also with a layout length that is not a multiple of 16 (sparse DFGR's N + T tokens)
 """
 
 from __future__ import annotations
@@ -65,6 +68,11 @@ def loops(code: str) -> list[Counter]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--capability", type=int, default=90)
+    p.add_argument("--head-dim", type=int, default=128, choices=(32, 64, 128))
+    p.add_argument("--no-bias", action="store_true", help="the kernels without the relative bias")
+    p.add_argument("--rules", default="causal", help="comma list of mask rules")
+    p.add_argument("--odd-length", action="store_true",
+                   help="also each kernel with the layout length (L, LQ) not a multiple of 16")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
@@ -73,28 +81,36 @@ def main(argv: list[str] | None = None) -> int:
     from genrec.ops.layout import RULE_IDS
     from genrec.ops.triton import hstu
 
-    fwd, bwd, dq = hstu.KernelConfig().tiles(128)
-    kernels = (("forward", hstu._hstu_fwd, fwd, {"HAS_BIAS": True}),
-               ("dk_dv", hstu._hstu_bwd, bwd, {"HAS_BIAS": True, "DQ_ATOMIC": False}),
-               ("bias_grad", hstu._hstu_bwd_rab, bwd, {"TIME_SLOTS": 32}),
-               ("dq", hstu._hstu_bwd_dq, dq, {"HAS_BIAS": True, "BIAS_GRADS": True, "TIME_SLOTS": 32}))
+    bias = not args.no_bias
+    fwd, bwd, dq = hstu.KernelConfig().tiles(args.head_dim)
+    kernels = (("forward", hstu._hstu_fwd, fwd, {"HAS_BIAS": bias}),
+               ("dk_dv", hstu._hstu_bwd, bwd, {"HAS_BIAS": bias, "DQ_ATOMIC": False}),
+               *([("bias_grad", hstu._hstu_bwd_rab, bwd, {"TIME_SLOTS": 32})] if bias else []),
+               ("dq", hstu._hstu_bwd_dq, dq, {"HAS_BIAS": bias, "BIAS_GRADS": bias, "TIME_SLOTS": 32}))
     rows = []
-    for name, fn, tile, extra in kernels:
-        constants = dict(RULE=RULE_IDS["causal"], PRECISION="tf32", D=128, **extra)
-        code, usage = sass(tiles_fit.compiled(fn, "bf16", tile, constants, args.capability, aligned=True).asm["cubin"])
-        registers, stack = (int(re.search(rf"{key}:(\d+)", usage).group(1)) for key in ("REG", "STACK"))
-        for i, ops in enumerate(loops(code)):
-            rows.append({"kernel": name, "loop": i, "registers": registers, "stack_bytes": stack,
-                         "instructions": sum(ops.values()), **{op.lower(): ops[op] for op in COLUMNS}})
-            print(rows[-1], flush=True)
+    for rule in args.rules.split(","):
+        for odd in (False, True) if args.odd_length else (False,):
+            for name, fn, tile, extra in kernels:
+                constants = dict(RULE=RULE_IDS[rule], PRECISION="tf32", D=args.head_dim, **extra)
+                kernel = tiles_fit.compiled(fn, "bf16", tile, constants, args.capability, aligned=True, odd_length=odd)
+                code, usage = sass(kernel.asm["cubin"])
+                registers, stack = (int(re.search(rf"{key}:(\d+)", usage).group(1)) for key in ("REG", "STACK"))
+                for i, ops in enumerate(loops(code)):
+                    rows.append({"kernel": name, "rule": rule, "length": "odd" if odd else "multiple of 16", "loop": i,
+                                 "registers": registers, "stack_bytes": stack, "instructions": sum(ops.values()),
+                                 **{op.lower(): ops[op] for op in COLUMNS}})
+                    print(rows[-1], flush=True)
     import triton
 
-    text = report.markdown_table(rows, ["kernel", "loop", "registers", "stack_bytes", "instructions",
+    text = report.markdown_table(rows, ["kernel", "rule", "length", "loop", "registers", "stack_bytes", "instructions",
                                         *(op.lower() for op in COLUMNS)])
-    text += ("\nStatic counts per loop iteration and thread, every branch of the loop counted; bf16, head dim 128, "
-             "causal, with the bias. `bar`: barriers, `sts`/`lds`: shared memory, `stl`/`ldl`: spills.\n")
+    text += (f"\nStatic counts per loop iteration and thread, every branch of the loop counted; bf16, head dim "
+             f"{args.head_dim}, {'with' if bias else 'without'} the bias. `length`: whether the layout length "
+             "(L, LQ) is specialised as a multiple of 16. `bar`: barriers, `sts`/`lds`: shared memory, "
+             "`stl`/`ldl`: spills.\n")
     meta = report.meta(device=f"Triton {triton.__version__} compiler for sm_{args.capability} on the CPU (no GPU)")
-    out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"kernel_loops_sm{args.capability}"
+    suffix = ("" if args.head_dim == 128 else f"_d{args.head_dim}") + ("_nobias" if args.no_bias else "")
+    out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"kernel_loops{suffix}_sm{args.capability}"
     report.write(out, rows, text, meta, targets=[])
     return 0
 

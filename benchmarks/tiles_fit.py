@@ -46,10 +46,12 @@ def signature(fn, dtype: str, constants: dict) -> dict[str, str]:
     return {name: kind(name) for name in fn.arg_names}
 
 
-def compiled(fn, dtype: str, tile, constants: dict, capability: int, aligned: bool = False):
+def compiled(fn, dtype: str, tile, constants: dict, capability: int, aligned: bool = False,
+             odd_length: bool = False):
     """The kernel compiled for sm_``capability`` with ``tile`` and ``constants``. ``aligned``: as the
     JIT specialises a launch of genrec's tensors (pointers 16-byte aligned, strides and sizes
-    multiples of 16), without which Triton emits narrow loads."""
+    multiples of 16), without which Triton emits narrow loads; ``odd_length``: but the layout's
+    length (``L``, ``LQ``) not a multiple of 16, as a batch of sparse DFGR's layout (N + T tokens)."""
     from triton import compile as triton_compile
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -58,7 +60,8 @@ def compiled(fn, dtype: str, tile, constants: dict, capability: int, aligned: bo
     constants = {**constants, "BLOCK_M": block_m, "BLOCK_N": block_n}
     sig = signature(fn, dtype, constants)
     attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names) if aligned and name not in constants
-             and (sig[name].startswith("*") or name.startswith("s_") or name in ("L", "LQ", "NUM_TIME"))}
+             and (sig[name].startswith("*") or name.startswith("s_") or name == "NUM_TIME"
+                  or (name in ("L", "LQ") and not odd_length))}
     return triton_compile(ASTSource(fn, sig, constants, attrs), target=GPUTarget("cuda", capability, 32),
                           options=dict(num_warps=warps, num_stages=stages))
 
