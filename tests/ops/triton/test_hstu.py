@@ -134,6 +134,23 @@ def test_hstu_attention_with_atomic_dq_matches_reference(kind, dtype, bias):
     _check(_layout(kind, lengths, seed=2), dtype, bias=bias, backend=_backend(dq_separate=False))
 
 
+@pytest.mark.parametrize("kind", ["causal", "dfgr_target_fake_flow"])
+@pytest.mark.parametrize("longest", [64, 61])
+def test_a_layout_length_on_or_off_a_multiple_of_16_matches_reference(kind, longest):
+    """The kernels read the per-token fields from rows padded to a multiple of 16 and mask those loads
+    by the padded length: a layout whose length is one (64 events, causal) and one whose length is
+    not (61), with the bias, both dQ strategies where the GPU runs them."""
+    from genrec.ops.triton.hstu import KernelMeta, _aligned_rows
+
+    layout = _layout(kind, [longest, 30, 7], seed=longest)
+    rows = _aligned_rows(KernelMeta.from_layout(layout))
+    length = layout.shape[1]
+    assert all(r.shape == (3, length + -length % 16) and r.is_contiguous() for r in rows)
+    assert not any(r[:, length:].any() for r in rows)  # the padding: zeros, so invalid tokens (flags 0)
+    for separate in (True, False) if CUDA else (True,):
+        _check(layout, DTYPES[-1], bias=True, backend=_backend(dq_separate=separate))
+
+
 @pytest.mark.parametrize("kind", ["causal", "dual_flow"])
 def test_hstu_attention_with_a_clamped_position_table_matches_reference(kind):
     """A 150-event sequence against 9 position buckets: most pairs share the last, clamped bucket,

@@ -430,7 +430,7 @@ def _position_grad(D_POS, top, ds, total, far, q_pos, k_pos, q_live, q_lo, q_hi,
 
 @triton.jit
 def _visited_key_tile(K, V, POS, TS, REL_POS, REL_TIME, KV_INDEX, KV_FLAGS, i, q, q_tok, q_in, pos_top, b, h, tile,
-                      cols, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ib, s_iq, L, NUM_POS, NUM_TIME, alpha,
+                      cols, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ib, s_iq, L, s_m, NUM_POS, NUM_TIME, alpha,
                       HAS_BIAS: tl.constexpr, SIMPLE: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
     """The ``i``-th key tile a query tile's program visits (forward, dQ): its tokens, keys and values,
     the biased scores ``[BLOCK_M, BLOCK_N]`` and the pair's schedule flags."""
@@ -441,8 +441,9 @@ def _visited_key_tile(K, V, POS, TS, REL_POS, REL_TIME, KV_INDEX, KV_FLAGS, i, q
     k_in = keys < L
     k = _load_tile(K, b, h, keys, cols, s_kb, s_kh, s_kn, L)
     v = _load_tile(V, b, h, keys, cols, s_vb, s_vh, s_vn, L)
-    s = _scores(q, k, flags, POS, TS, (b * L + q_tok)[:, None], (b * L + keys)[None, :], q_in[:, None],
-                k_in[None, :], pos_top, REL_POS + h * NUM_POS, REL_TIME + h * NUM_TIME, NUM_POS, NUM_TIME, alpha,
+    s = _scores(q, k, flags, POS, TS, (b * s_m + q_tok)[:, None], (b * s_m + keys)[None, :],
+                q_in[:, None], k_in[None, :], pos_top, REL_POS + h * NUM_POS, REL_TIME + h * NUM_TIME, NUM_POS,
+                NUM_TIME, alpha,
                 HAS_BIAS, SIMPLE, PRECISION)  # [BLOCK_M, BLOCK_N]
     return keys, k_in, k, v, s, flags
 
@@ -474,7 +475,7 @@ def _position_top(REL_POS, h, NUM_POS, HAS_BIAS: tl.constexpr):
 @triton.jit
 def _hstu_fwd(Q, K, V, O, REQ, EVT, FLAG, POS, TS, REL_POS, REL_TIME, KV_COUNT, KV_INDEX, KV_FLAGS,
               s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ob, s_oh, s_om, s_cb, s_ib, s_iq,
-              H, LQ, L, Q_OFFSET, NUM_POS, NUM_TIME, alpha, scale,
+              H, LQ, L, s_m, Q_OFFSET, NUM_POS, NUM_TIME, alpha, scale,
               RULE: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, D: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     tile, bh = tl.program_id(0), tl.program_id(1)
@@ -484,7 +485,7 @@ def _hstu_fwd(Q, K, V, O, REQ, EVT, FLAG, POS, TS, REL_POS, REL_TIME, KV_COUNT, 
     q = _load_tile(Q, b, h, rows, cols, s_qb, s_qh, s_qm, LQ)
     q_tok = rows + Q_OFFSET
     q_in = rows < LQ
-    q_req, q_evt, q_flag = _rule_meta(REQ, EVT, FLAG, b * L + q_tok, q_in)
+    q_req, q_evt, q_flag = _rule_meta(REQ, EVT, FLAG, b * s_m + q_tok, q_tok < s_m)
     pos_top = _position_top(REL_POS, h, NUM_POS, HAS_BIAS)
     acc = tl.zeros((BLOCK_M, D), dtype=tl.float32)
     for part in tl.static_range(2):
@@ -493,11 +494,11 @@ def _hstu_fwd(Q, K, V, O, REQ, EVT, FLAG, POS, TS, REL_POS, REL_TIME, KV_COUNT, 
             for i in range(lo, hi):
                 keys, k_in, k, v, s, flags = _visited_key_tile(
                     K, V, POS, TS, REL_POS, REL_TIME, KV_INDEX, KV_FLAGS, i, q, q_tok, q_in, pos_top, b, h, tile,
-                    cols, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ib, s_iq, L, NUM_POS, NUM_TIME, alpha, HAS_BIAS,
+                    cols, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ib, s_iq, L, s_m, NUM_POS, NUM_TIME, alpha, HAS_BIAS,
                     part == 0, PRECISION, BLOCK_N)  # [BLOCK_M, BLOCK_N] scores
                 a = s * _sigmoid(s, PRECISION) * scale
                 if (flags & FULL_BIT) == 0:  # else the rule allows the whole tile
-                    k_req, k_evt, k_flag = _rule_meta(REQ, EVT, FLAG, b * L + keys, k_in)
+                    k_req, k_evt, k_flag = _rule_meta(REQ, EVT, FLAG, b * s_m + keys, keys < s_m)
                     allowed = _allowed(q_tok[:, None], keys[None, :], q_req[:, None], k_req[None, :],
                                        q_evt[:, None], k_evt[None, :], q_flag[:, None], k_flag[None, :], RULE)
                     a = tl.where(allowed, a, 0.0)
@@ -507,19 +508,20 @@ def _hstu_fwd(Q, K, V, O, REQ, EVT, FLAG, POS, TS, REL_POS, REL_TIME, KV_COUNT, 
 
 
 @triton.jit
-def _key_tile(K, V, REQ, EVT, FLAG, b, h, tile, cols, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, L, BLOCK_N: tl.constexpr):
+def _key_tile(K, V, REQ, EVT, FLAG, b, h, tile, cols, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, L, s_m,
+              BLOCK_N: tl.constexpr):
     """What a backward program holds for its key tile: tokens, keys, values and rule metadata."""
     keys = tile * BLOCK_N + tl.arange(0, BLOCK_N)
     k_in = keys < L
     k = _load_tile(K, b, h, keys, cols, s_kb, s_kh, s_kn, L)
     v = _load_tile(V, b, h, keys, cols, s_vb, s_vh, s_vn, L)
-    k_req, k_evt, k_flag = _rule_meta(REQ, EVT, FLAG, b * L + keys, k_in)
+    k_req, k_evt, k_flag = _rule_meta(REQ, EVT, FLAG, b * s_m + keys, keys < s_m)
     return keys, k_in, k, v, k_req, k_evt, k_flag
 
 
 @triton.jit
 def _query_tile_grads(Q, DO, REQ, EVT, FLAG, POS, TS, REL_POS, REL_TIME, q_tile, flags, k, v, keys, k_in, k_req,
-                      k_evt, k_flag, pos_top, b, h, cols, s_qb, s_qh, s_qm, s_db, s_dh, s_dm, LQ, L, Q_OFFSET,
+                      k_evt, k_flag, pos_top, b, h, cols, s_qb, s_qh, s_qm, s_db, s_dh, s_dm, LQ, L, s_m, Q_OFFSET,
                       NUM_POS, NUM_TIME, alpha, scale, RULE: tl.constexpr, HAS_BIAS: tl.constexpr,
                       SIMPLE: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Query tile ``q_tile`` (schedule ``flags``) of a key tile's backward: its queries and output
@@ -530,12 +532,12 @@ def _query_tile_grads(Q, DO, REQ, EVT, FLAG, POS, TS, REL_POS, REL_TIME, q_tile,
     q = _load_tile(Q, b, h, rows, cols, s_qb, s_qh, s_qm, LQ)
     do = _load_tile(DO, b, h, rows, cols, s_db, s_dh, s_dm, LQ)
     q_tok = rows + Q_OFFSET
-    meta = b * L + q_tok
-    s = _scores(k, q, flags, POS, TS, meta[None, :], (b * L + keys)[:, None], q_in[None, :], k_in[:, None], pos_top,
-                REL_POS + h * NUM_POS, REL_TIME + h * NUM_TIME, NUM_POS, NUM_TIME, alpha, HAS_BIAS, SIMPLE,
+    meta = b * s_m + q_tok
+    s = _scores(k, q, flags, POS, TS, meta[None, :], (b * s_m + keys)[:, None], q_in[None, :], k_in[:, None],
+                pos_top, REL_POS + h * NUM_POS, REL_TIME + h * NUM_TIME, NUM_POS, NUM_TIME, alpha, HAS_BIAS, SIMPLE,
                 PRECISION)  # [BLOCK_N, BLOCK_M]
     if (flags & FULL_BIT) == 0:
-        q_req, q_evt, q_flag = _rule_meta(REQ, EVT, FLAG, meta, q_in)
+        q_req, q_evt, q_flag = _rule_meta(REQ, EVT, FLAG, meta, q_tok < s_m)
         allowed = _allowed(q_tok[None, :], keys[:, None], q_req[None, :], k_req[:, None], q_evt[None, :],
                            k_evt[:, None], q_flag[None, :], k_flag[:, None], RULE)
     else:
@@ -550,7 +552,7 @@ def _query_tile_grads(Q, DO, REQ, EVT, FLAG, POS, TS, REL_POS, REL_TIME, q_tile,
 @triton.jit
 def _hstu_bwd(Q, K, V, DO, DQ, DK, DV, REQ, EVT, FLAG, POS, TS, REL_POS, REL_TIME, Q_COUNT, Q_INDEX, Q_FLAGS,
               s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_db, s_dh, s_dm, s_cb, s_ib, s_iq,
-              H, LQ, L, Q_OFFSET, NUM_POS, NUM_TIME, alpha, scale,
+              H, LQ, L, s_m, Q_OFFSET, NUM_POS, NUM_TIME, alpha, scale,
               s_gb, s_gh, s_gm, s_kgb, s_kgh, s_kgn, RULE: tl.constexpr, HAS_BIAS: tl.constexpr,
               PRECISION: tl.constexpr, DQ_ATOMIC: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
               BLOCK_N: tl.constexpr):
@@ -560,7 +562,7 @@ def _hstu_bwd(Q, K, V, DO, DQ, DK, DV, REQ, EVT, FLAG, POS, TS, REL_POS, REL_TIM
     b, h = bh // H, bh % H
     cols = tl.arange(0, D)
     keys, k_in, k, v, k_req, k_evt, k_flag = _key_tile(K, V, REQ, EVT, FLAG, b, h, tile, cols, s_kb, s_kh, s_kn,
-                                                       s_vb, s_vh, s_vn, L, BLOCK_N)
+                                                       s_vb, s_vh, s_vn, L, s_m, BLOCK_N)
     pos_top = _position_top(REL_POS, h, NUM_POS, HAS_BIAS)
     dk = tl.zeros((BLOCK_N, D), dtype=tl.float32)
     dv = tl.zeros((BLOCK_N, D), dtype=tl.float32)
@@ -572,8 +574,8 @@ def _hstu_bwd(Q, K, V, DO, DQ, DK, DV, REQ, EVT, FLAG, POS, TS, REL_POS, REL_TIM
                 rows, q_in, q, do, a, ds, _ = _query_tile_grads(
                     Q, DO, REQ, EVT, FLAG, POS, TS, REL_POS, REL_TIME, tl.load(Q_INDEX + at), tl.load(Q_FLAGS + at),
                     k, v, keys, k_in, k_req, k_evt, k_flag, pos_top, b, h, cols, s_qb, s_qh, s_qm, s_db, s_dh, s_dm,
-                    LQ, L, Q_OFFSET, NUM_POS, NUM_TIME, alpha, scale, RULE, HAS_BIAS, part == 0, PRECISION, BLOCK_M,
-                    BLOCK_N)
+                    LQ, L, s_m, Q_OFFSET, NUM_POS, NUM_TIME, alpha, scale, RULE, HAS_BIAS, part == 0, PRECISION,
+                    BLOCK_M, BLOCK_N)
                 dv += tl.dot(a.to(do.dtype), do, input_precision=PRECISION)
                 dk += tl.dot(ds.to(q.dtype), q, input_precision=PRECISION)
                 if DQ_ATOMIC:
@@ -588,7 +590,7 @@ def _hstu_bwd(Q, K, V, DO, DQ, DK, DV, REQ, EVT, FLAG, POS, TS, REL_POS, REL_TIM
 @triton.jit
 def _hstu_bwd_rab(Q, K, V, DO, REQ, EVT, FLAG, POS, TS, REL_POS, REL_TIME, Q_COUNT, Q_INDEX, Q_FLAGS,
                   s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_db, s_dh, s_dm, s_cb, s_ib, s_iq,
-                  H, LQ, L, Q_OFFSET, NUM_POS, NUM_TIME, alpha, scale, Q_EXT, K_EXT, s_qeb, s_keb,
+                  H, LQ, L, s_m, Q_OFFSET, NUM_POS, NUM_TIME, alpha, scale, Q_EXT, K_EXT, s_qeb, s_keb,
                   D_REL_POS, D_REL_TIME, RULE: tl.constexpr, PRECISION: tl.constexpr, TIME_SLOTS: tl.constexpr,
                   D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """The bias tables' gradients, one key tile per program over the dK/dV schedule: its own kernel
@@ -603,9 +605,9 @@ def _hstu_bwd_rab(Q, K, V, DO, REQ, EVT, FLAG, POS, TS, REL_POS, REL_TIME, Q_COU
     b, h = bh // H, bh % H
     cols = tl.arange(0, D)
     keys, k_in, k, v, k_req, k_evt, k_flag = _key_tile(K, V, REQ, EVT, FLAG, b, h, tile, cols, s_kb, s_kh, s_kn,
-                                                       s_vb, s_vh, s_vn, L, BLOCK_N)
+                                                       s_vb, s_vh, s_vn, L, s_m, BLOCK_N)
     k_pos_lo, k_pos_hi = tl.load(K_EXT + b * s_keb + tile * 4), tl.load(K_EXT + b * s_keb + tile * 4 + 1)
-    k_pos, k_ts, k_live = _bias_meta(POS, TS, FLAG, b * L + keys, k_in)
+    k_pos, k_ts, k_live = _bias_meta(POS, TS, FLAG, b * s_m + keys, k_in)
     k_run = _consecutive(k_pos, k_live, k_pos_lo, BLOCK_N)
     pos_top = _position_top(REL_POS, h, NUM_POS, True)
     top_grad = tl.sum(tl.zeros((BLOCK_N,), dtype=tl.float32))
@@ -618,9 +620,9 @@ def _hstu_bwd_rab(Q, K, V, DO, REQ, EVT, FLAG, POS, TS, REL_POS, REL_TIME, Q_COU
             q_tile = tl.load(Q_INDEX + at)
             rows, q_in, _, _, _, ds, allowed = _query_tile_grads(
                 Q, DO, REQ, EVT, FLAG, POS, TS, REL_POS, REL_TIME, q_tile, flags, k, v, keys, k_in, k_req, k_evt,
-                k_flag, pos_top, b, h, cols, s_qb, s_qh, s_qm, s_db, s_dh, s_dm, LQ, L, Q_OFFSET, NUM_POS,
+                k_flag, pos_top, b, h, cols, s_qb, s_qh, s_qm, s_db, s_dh, s_dm, LQ, L, s_m, Q_OFFSET, NUM_POS,
                 NUM_TIME, alpha, scale, RULE, True, False, PRECISION, BLOCK_M, BLOCK_N)
-            q_pos, q_ts, q_live = _bias_meta(POS, TS, FLAG, b * L + rows + Q_OFFSET, q_in)
+            q_pos, q_ts, q_live = _bias_meta(POS, TS, FLAG, b * s_m + rows + Q_OFFSET, q_in)
             near, t_lo, t_hi = _bias_form(flags)
             q_pos_lo, q_pos_hi = tl.load(Q_EXT + b * s_qeb + q_tile * 4), tl.load(Q_EXT + b * s_qeb + q_tile * 4 + 1)
             total = tl.sum(ds)
@@ -637,7 +639,7 @@ def _hstu_bwd_rab(Q, K, V, DO, REQ, EVT, FLAG, POS, TS, REL_POS, REL_TIME, Q_COU
 @triton.jit
 def _hstu_bwd_rab_bands(Q, K, V, DO, REQ, EVT, FLAG, POS, TS, REL_POS, REL_TIME, BAND_COUNT, BAND_INDEX, BAND_FLAGS,
                         s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_db, s_dh, s_dm, s_cb, s_ib, s_iq,
-                        H, LQ, L, Q_OFFSET, NUM_POS, NUM_TIME, alpha, scale, NUM_K, Q_EXT, K_EXT, s_qeb, s_keb,
+                        H, LQ, L, s_m, Q_OFFSET, NUM_POS, NUM_TIME, alpha, scale, NUM_K, Q_EXT, K_EXT, s_qeb, s_keb,
                         D_REL_POS, D_REL_TIME, RULE: tl.constexpr, PRECISION: tl.constexpr,
                         TIME_SLOTS: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """The bias tables' gradients of the BAND pairs (:func:`_bias_flags`: near pairs of tiles at
@@ -664,10 +666,10 @@ def _hstu_bwd_rab_bands(Q, K, V, DO, REQ, EVT, FLAG, POS, TS, REL_POS, REL_TIME,
         flags = tl.load(BAND_FLAGS + at)
         q_tile = k_tile + shift
         keys, k_in, k, v, k_req, k_evt, k_flag = _key_tile(K, V, REQ, EVT, FLAG, b, h, k_tile, cols, s_kb, s_kh,
-                                                           s_kn, s_vb, s_vh, s_vn, L, BLOCK_N)
+                                                           s_kn, s_vb, s_vh, s_vn, L, s_m, BLOCK_N)
         rows, q_in, _, _, _, ds, _ = _query_tile_grads(
             Q, DO, REQ, EVT, FLAG, POS, TS, REL_POS, REL_TIME, q_tile, flags, k, v, keys, k_in, k_req, k_evt,
-            k_flag, pos_top, b, h, cols, s_qb, s_qh, s_qm, s_db, s_dh, s_dm, LQ, L, Q_OFFSET, NUM_POS,
+            k_flag, pos_top, b, h, cols, s_qb, s_qh, s_qm, s_db, s_dh, s_dm, LQ, L, s_m, Q_OFFSET, NUM_POS,
             NUM_TIME, alpha, scale, RULE, True, False, PRECISION, BLOCK_M, BLOCK_N)
         pair_offset = tl.load(Q_EXT + b * s_qeb + q_tile * 4) - tl.load(K_EXT + b * s_keb + k_tile * 4)
         if pair_offset != offset:  # a new run: the last one's diagonals
@@ -676,8 +678,8 @@ def _hstu_bwd_rab_bands(Q, K, V, DO, REQ, EVT, FLAG, POS, TS, REL_POS, REL_TIME,
             acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
             offset = pair_offset
         acc += ds
-        _, q_ts, _ = _bias_meta(POS, TS, FLAG, b * L + rows + Q_OFFSET, q_in)
-        _, k_ts, _ = _bias_meta(POS, TS, FLAG, b * L + keys, k_in)
+        _, q_ts, _ = _bias_meta(POS, TS, FLAG, b * s_m + rows + Q_OFFSET, q_in)
+        _, k_ts, _ = _bias_meta(POS, TS, FLAG, b * s_m + keys, k_in)
         _, t_lo, t_hi = _bias_form(flags)
         time_grad = _time_grad(time_grad, ds, tl.sum(ds), q_ts[None, :], k_ts[:, None], t_lo, t_hi, NUM_TIME,
                                TIME_SLOTS)
@@ -697,7 +699,7 @@ def _time_rows_flush(time_grad, lo_rows, hi_rows, t, SLOTS: tl.constexpr):
 @triton.jit
 def _hstu_bwd_dq(Q, K, V, DO, DQ, REQ, EVT, FLAG, POS, TS, REL_POS, REL_TIME, KV_COUNT, KV_INDEX, KV_FLAGS,
                  s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_db, s_dh, s_dm, s_cb, s_ib, s_iq,
-                 H, LQ, L, Q_OFFSET, NUM_POS, NUM_TIME, alpha, scale,
+                 H, LQ, L, s_m, Q_OFFSET, NUM_POS, NUM_TIME, alpha, scale,
                  s_gb, s_gh, s_gm, D_REL_POS, D_REL_TIME, RULE: tl.constexpr, HAS_BIAS: tl.constexpr,
                  BIAS_GRADS: tl.constexpr, PRECISION: tl.constexpr, TIME_SLOTS: tl.constexpr, D: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -717,11 +719,11 @@ def _hstu_bwd_dq(Q, K, V, DO, DQ, REQ, EVT, FLAG, POS, TS, REL_POS, REL_TIME, KV
     do = _load_tile(DO, b, h, rows, cols, s_db, s_dh, s_dm, LQ)
     q_tok = rows + Q_OFFSET
     q_in = rows < LQ
-    q_req, q_evt, q_flag = _rule_meta(REQ, EVT, FLAG, b * L + q_tok, q_in)
+    q_req, q_evt, q_flag = _rule_meta(REQ, EVT, FLAG, b * s_m + q_tok, q_tok < s_m)
     pos_top = _position_top(REL_POS, h, NUM_POS, HAS_BIAS)
     dq = tl.zeros((BLOCK_M, D), dtype=tl.float32)
     if BIAS_GRADS:
-        q_ts = tl.load(TS + b * L + q_tok, mask=q_in, other=0)
+        q_ts = tl.load(TS + b * s_m + q_tok, mask=q_in, other=0)
         pos_rows = tl.zeros((BLOCK_M,), dtype=tl.float32)  # the position table's last slot, per query
         lo_rows = tl.zeros((BLOCK_M,), dtype=tl.float32)  # time bucket t, per query
         hi_rows = tl.zeros((BLOCK_M,), dtype=tl.float32)  # time bucket t + 1
@@ -733,13 +735,13 @@ def _hstu_bwd_dq(Q, K, V, DO, DQ, REQ, EVT, FLAG, POS, TS, REL_POS, REL_TIME, KV
             for i in range(lo, hi):
                 keys, k_in, k, v, s, flags = _visited_key_tile(
                     K, V, POS, TS, REL_POS, REL_TIME, KV_INDEX, KV_FLAGS, i, q, q_tok, q_in, pos_top, b, h, tile,
-                    cols, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ib, s_iq, L, NUM_POS, NUM_TIME, alpha, HAS_BIAS,
+                    cols, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ib, s_iq, L, s_m, NUM_POS, NUM_TIME, alpha, HAS_BIAS,
                     part == 0, PRECISION, BLOCK_N)  # [BLOCK_M, BLOCK_N] scores
                 sig = _sigmoid(s, PRECISION)
                 da = tl.dot(do, tl.trans(v), input_precision=PRECISION)  # [BLOCK_M, BLOCK_N]
                 ds = da * scale * sig * (1.0 + s * (1.0 - sig))
                 if (flags & FULL_BIT) == 0:
-                    k_req, k_evt, k_flag = _rule_meta(REQ, EVT, FLAG, b * L + keys, k_in)
+                    k_req, k_evt, k_flag = _rule_meta(REQ, EVT, FLAG, b * s_m + keys, keys < s_m)
                     allowed = _allowed(q_tok[:, None], keys[None, :], q_req[:, None], k_req[None, :],
                                        q_evt[:, None], k_evt[None, :], q_flag[:, None], k_flag[None, :], RULE)
                     ds = tl.where(allowed, ds, 0.0)
@@ -755,7 +757,7 @@ def _hstu_bwd_dq(Q, K, V, DO, DQ, REQ, EVT, FLAG, POS, TS, REL_POS, REL_TIME, KV
                             hi_rows = tl.zeros((BLOCK_M,), dtype=tl.float32)
                             t = t_lo
                         if t_hi == t_lo + 1:  # two buckets: the pairs at or above t_hi's lower edge
-                            k_ts = tl.load(TS + b * L + keys, mask=k_in, other=0)
+                            k_ts = tl.load(TS + b * s_m + keys, mask=k_in, other=0)
                             upper = tl.sum(tl.where(_bucket_at_least(q_ts[:, None] - k_ts[None, :], t_hi), ds, 0.0),
                                            axis=1)
                             hi_rows += upper
@@ -882,13 +884,13 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _sizes(count: torch.Tensor, index: torch.Tensor, q: torch.Tensor, seq: int, q_offset: int, num_pos: int,
-           num_time: int, scale: float) -> tuple:
-    """The scalar arguments every kernel takes after its tensors' strides: schedule strides, sizes,
-    bias-table sizes and the two score scales."""
+def _sizes(count: torch.Tensor, index: torch.Tensor, q: torch.Tensor, seq: int, meta: list[torch.Tensor],
+           q_offset: int, num_pos: int, num_time: int, scale: float) -> tuple:
+    """The scalar arguments every kernel takes after its tensors' strides: schedule strides, sizes
+    (the layout's length, and its metadata's row stride), bias-table sizes and the two score scales."""
     b, h, lq, d = q.shape
-    return (count.stride(0), index.stride(0), index.stride(1), h, lq, seq, q_offset, num_pos, num_time,
-            1.0 / math.sqrt(d), scale)
+    return (count.stride(0), index.stride(0), index.stride(1), h, lq, seq, meta[0].stride(0), q_offset,
+            num_pos, num_time, 1.0 / math.sqrt(d), scale)
 
 
 def _strides(*tensors: torch.Tensor) -> tuple[int, ...]:
@@ -920,7 +922,7 @@ def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: list[torch.
     grid = (triton.cdiv(lq, block_m), b * h)
     _hstu_fwd[grid](q, k, v, out, *meta[:5], rel_pos, rel_time, count, index, full,
                     *_strides(q, k, v, out),
-                    *_sizes(count, index, q, seq, q_offset, rel_pos.shape[-1], rel_time.shape[-1], scale),
+                    *_sizes(count, index, q, seq, meta, q_offset, rel_pos.shape[-1], rel_time.shape[-1], scale),
                     RULE=rule, HAS_BIAS=has_bias, PRECISION=_precision(q.dtype), D=d, BLOCK_M=block_m,
                     BLOCK_N=block_n, num_warps=warps, num_stages=stages)
     return out
@@ -953,7 +955,7 @@ def _bwd_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
     precision = _precision(q.dtype)
     block_m, block_n, warps, stages = bwd_tile
     launch = dict(D=d, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
-    sizes = _sizes(bwd_count, bwd_index, q, seq, q_offset, rel_pos.shape[-1], rel_time.shape[-1], scale)
+    sizes = _sizes(bwd_count, bwd_index, q, seq, meta, q_offset, rel_pos.shape[-1], rel_time.shape[-1], scale)
     _hstu_bwd[(triton.cdiv(seq, block_n), b * h)](
         q, k, v, grad_out, dq, dk, dv, *reads, bwd_count, bwd_index, bwd_full, *strides, *sizes, *_strides(dq, dk),
         RULE=rule, HAS_BIAS=has_bias, PRECISION=precision, DQ_ATOMIC=not dq_separate, **launch)
@@ -968,14 +970,15 @@ def _bwd_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
         num_k = triton.cdiv(seq, block_n)
         _hstu_bwd_rab_bands[(triton.cdiv(lq, block_m) + num_k - 1, b * h)](
             q, k, v, grad_out, *reads, band_count, band_index, band_flags, *strides,
-            *_sizes(band_count, band_index, q, seq, q_offset, rel_pos.shape[-1], rel_time.shape[-1], scale), num_k,
+            *_sizes(band_count, band_index, q, seq, meta, q_offset, rel_pos.shape[-1], rel_time.shape[-1], scale),
+            num_k,
             q_ext, k_ext, q_ext.stride(0), k_ext.stride(0), d_pos, d_time, RULE=rule, PRECISION=precision,
             TIME_SLOTS=time_slots, **launch)
     if dq_separate:  # with the bias split, this launch also adds the BIAS_IN_DQ pairs' bias gradients
         block_m, block_n, warps, stages = dq_tile
         _hstu_bwd_dq[(triton.cdiv(lq, block_m), b * h)](
             q, k, v, grad_out, dq, *reads, dq_count, dq_index, dq_full, *strides,
-            *_sizes(dq_count, dq_index, q, seq, q_offset, rel_pos.shape[-1], rel_time.shape[-1], scale),
+            *_sizes(dq_count, dq_index, q, seq, meta, q_offset, rel_pos.shape[-1], rel_time.shape[-1], scale),
             *_strides(dq), d_pos, d_time, RULE=rule, HAS_BIAS=has_bias, BIAS_GRADS=split, PRECISION=precision,
             TIME_SLOTS=time_slots, D=d, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
     return dq.to(q.dtype), dk, dv, d_pos, d_time
@@ -1015,15 +1018,30 @@ def _backward(ctx, grad_out: torch.Tensor):
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _aligned_rows(meta: KernelMeta) -> tuple[torch.Tensor, ...]:
+    """The kernels' copies of the per-token fields (request, event, flags, position, timestamp):
+    ``[B, L']``, L' the layout's length rounded up to 16, the padding zeros (invalid tokens). The
+    kernels address a token's fields at ``sequence * L' + token`` and mask those loads by ``token <
+    L'`` (``s_m``), not by ``token < L``: a mask the JIT cannot prove uniform over 16 tokens splits a
+    tile's loads into scalar ones, and with an odd L (sparse DFGR's N + T tokens) the forward loop's
+    global loads doubled (sm_90, static: benchmarks/results/kernel_loops_d64_nobias_sm90_9ce88b3.md
+    before, kernel_loops_d64_nobias_sm90.md after)."""
+    fields = (meta.request, meta.event, meta.flags, meta.position, meta.timestamp)
+    pad = -fields[0].shape[1] % 16
+    return tuple(torch.nn.functional.pad(t, (0, pad)) if pad else t for t in fields)
+
+
 def _plan(layout: TokenLayout, head_dim: int, dtype: torch.dtype, q_offset: int, num_pos: int | None,
           num_time: int | None, grads: bool, config: KernelConfig) -> tuple[tuple, tuple]:
     """What the kernels read from the layout for these arguments (``num_pos`` None: no bias), from its
-    cache: ``(meta, tiles, forward, backward, dq, bands, q_ext, k_ext)`` (the band schedule and the
-    extremes None without the bias), and the cache keys those are under. Where the cache lacks
+    cache: ``(rows, tiles, forward, backward, dq, bands, q_ext, k_ext)`` (``rows``: :func:`_aligned_rows`;
+    the band schedule and the extremes None without the bias), and the cache keys those are under. Where the cache lacks
     them they are built: once per layout, shared by every layer, or ahead of the step by
     :func:`prepare_attention`."""
     keys = [("triton_meta",)]
     meta = layout.cached(keys[0], lambda: KernelMeta.from_layout(layout))
+    keys.append(("triton_meta_rows",))
+    rows = layout.cached(keys[-1], lambda: _aligned_rows(meta))
     fwd_tile, bwd_tile, dq_tile = tile_table = config.tiles(head_dim, dtype)
     if num_pos is not None:
         split = _splits_bias_grads(True, config.dq_separate, bwd_tile, dq_tile)
@@ -1032,7 +1050,7 @@ def _plan(layout: TokenLayout, head_dim: int, dtype: torch.dtype, q_offset: int,
                      num_time, grads, config.dq_separate, split, banded))
         forward, backward, dq, bands, q_ext, k_ext = layout.cached(keys[-1], lambda: _bias_flags(
             layout, meta, grads, config.dq_separate, tile_table, q_offset, num_pos, num_time, split, banded))
-        return (meta, tile_table, forward, backward, dq, bands, q_ext, k_ext), tuple(keys)
+        return (rows, tile_table, forward, backward, dq, bands, q_ext, k_ext), tuple(keys)
     def scheduled(tile: Tile, transpose: bool):  # a schedule, its key noted where it is read
         keys.append(_schedule_key(tile, q_offset, transpose))
         return _schedule(layout, meta, tile, q_offset, transpose)
@@ -1040,7 +1058,7 @@ def _plan(layout: TokenLayout, head_dim: int, dtype: torch.dtype, q_offset: int,
     forward = scheduled(fwd_tile, transpose=False)
     backward = scheduled(bwd_tile, transpose=True) if grads else forward
     dq = scheduled(dq_tile, transpose=False) if grads and config.dq_separate else backward
-    return (meta, tile_table, forward, backward, dq, None, None, None), tuple(dict.fromkeys(keys))
+    return (rows, tile_table, forward, backward, dq, None, None, None), tuple(dict.fromkeys(keys))
 
 
 def prepare_attention(layout: TokenLayout, head_dim: int, dtype: torch.dtype, num_pos: int | None,
@@ -1069,7 +1087,7 @@ def hstu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: To
     grads = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, *tables))
     has_bias = rel_pos is not None
     sizes = (rel_pos.shape[-1], rel_time.shape[-1]) if has_bias else (None, None)
-    (meta, (fwd_tile, bwd_tile, dq_tile), forward, backward, dq, bands, q_ext, k_ext), _ = _plan(
+    (rows, (fwd_tile, bwd_tile, dq_tile), forward, backward, dq, bands, q_ext, k_ext), _ = _plan(
         layout, d, q.dtype, q_offset, *sizes, grads, config)
     if has_bias:  # fp32 copies: autograd casts the tables' gradients back to their dtype
         rel_pos, rel_time = rel_pos.float().contiguous(), rel_time.float().contiguous()
@@ -1077,6 +1095,6 @@ def hstu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: To
         rel_pos = rel_time = torch.zeros(1, device=q.device, dtype=torch.float32)
         q_ext = k_ext = torch.zeros(1, 1, 4, device=q.device, dtype=torch.int32)  # unread
         bands = forward  # a placeholder, unread
-    return _fwd_op(q, k, v, [meta.request, meta.event, meta.flags, meta.position, meta.timestamp, q_ext, k_ext],
+    return _fwd_op(q, k, v, [*rows, q_ext, k_ext],
                    rel_pos, rel_time, [*forward, *backward, *dq, *bands], scale, q_offset, RULE_IDS[layout.rule],
                    has_bias, [*fwd_tile, *bwd_tile, *dq_tile], config.dq_separate)
