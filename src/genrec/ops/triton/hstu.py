@@ -443,8 +443,7 @@ def _visited_key_tile(K, V, POS, TS, REL_POS, REL_TIME, KV_INDEX, KV_FLAGS, i, q
     v = _load_tile(V, b, h, keys, cols, s_vb, s_vh, s_vn, L)
     s = _scores(q, k, flags, POS, TS, (b * s_m + q_tok)[:, None], (b * s_m + keys)[None, :],
                 q_in[:, None], k_in[None, :], pos_top, REL_POS + h * NUM_POS, REL_TIME + h * NUM_TIME, NUM_POS,
-                NUM_TIME, alpha,
-                HAS_BIAS, SIMPLE, PRECISION)  # [BLOCK_M, BLOCK_N]
+                NUM_TIME, alpha, HAS_BIAS, SIMPLE, PRECISION)  # [BLOCK_M, BLOCK_N]
     return keys, k_in, k, v, s, flags
 
 
