@@ -10,7 +10,8 @@ import torch
 from genrec.nn import events
 from genrec.nn.events import Events, append_candidates, dual_flow_layout, event_layout, item_action_layout
 from genrec.ops.masks import build_mask
-from genrec.ops.triton.flex import PAD, _mask_mod, _padded_meta
+from genrec.ops.triton.flex import PAD, _mask_mod
+from genrec.ops.triton.tiles import KernelMeta
 from tests.helpers import make_batch
 
 
@@ -29,7 +30,7 @@ def test_flex_mask_equals_the_dense_mask(name):
     layout, q_offset = FLEX_LAYOUTS()[name]
     b, seq = layout.shape
     length = -(-seq // PAD) * PAD
-    allowed = _mask_mod(_padded_meta(layout, length), layout.rule, q_offset)
+    allowed = _mask_mod(KernelMeta.from_layout(layout).padded(length), layout.rule, q_offset)
     batch, queries, keys = torch.arange(b), torch.arange(length - q_offset), torch.arange(length)
     got = allowed(batch[:, None, None], 0, queries[None, :, None], keys[None, None, :])  # [B, Lq, L] padded
     valid = layout.valid

@@ -41,13 +41,6 @@ def _mask_mod(meta: KernelMeta, rule: str, q_offset: int):
     return allowed
 
 
-def _padded_meta(layout: TokenLayout, length: int) -> KernelMeta:
-    meta = KernelMeta.from_layout(layout)
-    pad = length - meta.flags.shape[1]
-    return KernelMeta(*(F.pad(t, (0, pad)) for t in (meta.request, meta.event, meta.flags, meta.position,
-                                                        meta.timestamp)))
-
-
 def softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLayout,
                       alibi: torch.Tensor | None = None, q_offset: int = 0) -> torch.Tensor:
     """As :func:`genrec.ops.reference.attention.softmax_attention`; padded queries give zeros."""
@@ -55,7 +48,7 @@ def softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout:
     seq = k.shape[2]
     length = -(-seq // PAD) * PAD
     q_len = length - q_offset
-    meta = layout.cached(("flex_meta", length), lambda: _padded_meta(layout, length))
+    meta = layout.cached(("flex_meta", length), lambda: KernelMeta.from_layout(layout).padded(length))
     block_mask = layout.cached(("flex_block_mask", length, q_offset), lambda: create_block_mask(
         _mask_mod(meta, layout.rule, q_offset), b, None, q_len, length, device=q.device))
     score_mod = None

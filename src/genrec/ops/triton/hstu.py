@@ -970,8 +970,7 @@ def _bwd_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
         _hstu_bwd_rab_bands[(triton.cdiv(lq, block_m) + num_k - 1, b * h)](
             q, k, v, grad_out, *reads, band_count, band_index, band_flags, *strides,
             *_sizes(band_count, band_index, q, seq, meta, q_offset, rel_pos.shape[-1], rel_time.shape[-1], scale),
-            num_k,
-            q_ext, k_ext, q_ext.stride(0), k_ext.stride(0), d_pos, d_time, RULE=rule, PRECISION=precision,
+            num_k, q_ext, k_ext, q_ext.stride(0), k_ext.stride(0), d_pos, d_time, RULE=rule, PRECISION=precision,
             TIME_SLOTS=time_slots, **launch)
     if dq_separate:  # with the bias split, this launch also adds the BIAS_IN_DQ pairs' bias gradients
         block_m, block_n, warps, stages = dq_tile
@@ -1020,23 +1019,25 @@ _fwd_op.register_autograd(_backward, setup_context=_setup_context)
 def _aligned_rows(meta: KernelMeta) -> tuple[torch.Tensor, ...]:
     """The kernels' copies of the per-token fields (request, event, flags, position, timestamp):
     ``[B, L']``, L' the layout's length rounded up to 16, the padding zeros (invalid tokens). The
-    kernels address a token's fields at ``sequence * L' + token`` and mask those loads by ``token <
-    L'`` (``s_m``), not by ``token < L``: a mask the JIT cannot prove uniform over 16 tokens splits a
-    tile's loads into scalar ones, and with an odd L (sparse DFGR's N + T tokens) the forward loop's
-    global loads doubled (sm_90, static: benchmarks/results/kernel_loops_d64_nobias_sm90_9ce88b3.md
-    before, kernel_loops_d64_nobias_sm90.md after)."""
-    fields = (meta.request, meta.event, meta.flags, meta.position, meta.timestamp)
-    pad = -fields[0].shape[1] % 16
-    return tuple(torch.nn.functional.pad(t, (0, pad)) if pad else t for t in fields)
+    kernels address a token's fields at ``sequence * L' + token`` (``s_m`` = L') and mask the rule's
+    loads (request, event, flags) by ``token < L'``, not ``token < L``: a mask the JIT cannot prove
+    uniform over 16 tokens splits a tile's loads into scalar ones, and with an odd L (sparse DFGR's
+    N + T tokens) the forward loop's global loads doubled (sm_90, static:
+    benchmarks/results/kernel_loops_d64_nobias_sm90_9ce88b3.md before, kernel_loops_d64_nobias_sm90.md
+    after). The bias's loads (position, timestamp) keep the mask by L: at head dim 128 the wider
+    masks cost the bias-gradient kernel more register spills."""
+    length = meta.flags.shape[1]
+    rows = meta.padded(length + -length % 16)
+    return rows.request, rows.event, rows.flags, rows.position, rows.timestamp
 
 
 def _plan(layout: TokenLayout, head_dim: int, dtype: torch.dtype, q_offset: int, num_pos: int | None,
           num_time: int | None, grads: bool, config: KernelConfig) -> tuple[tuple, tuple]:
     """What the kernels read from the layout for these arguments (``num_pos`` None: no bias), from its
-    cache: ``(rows, tiles, forward, backward, dq, bands, q_ext, k_ext)`` (``rows``: :func:`_aligned_rows`;
-    the band schedule and the extremes None without the bias), and the cache keys those are under. Where the cache lacks
-    them they are built: once per layout, shared by every layer, or ahead of the step by
-    :func:`prepare_attention`."""
+    cache: ``(rows, tiles, forward, backward, dq, bands, q_ext, k_ext)`` (``rows``:
+    :func:`_aligned_rows`; the band schedule and the extremes None without the bias), and the cache
+    keys those are under. Where the cache lacks them they are built: once per layout, shared by every
+    layer, or ahead of the step by :func:`prepare_attention`."""
     keys = [("triton_meta",)]
     meta = layout.cached(keys[0], lambda: KernelMeta.from_layout(layout))
     keys.append(("triton_meta_rows",))

@@ -55,6 +55,15 @@ class KernelMeta:
 
         return cls(i32(layout.request), i32(layout.event), i32(flags), i32(layout.position), i32(ts))
 
+    def padded(self, length: int) -> KernelMeta:
+        """The fields padded with zeros to ``length`` tokens (flags 0: invalid tokens); itself when
+        they have that many."""
+        pad = length - self.flags.shape[1]
+        if not pad:
+            return self
+        return KernelMeta(*(F.pad(t, (0, pad)) for t in (self.request, self.event, self.flags, self.position,
+                                                           self.timestamp)))
+
 
 def _chunks(t: torch.Tensor, size: int, fill: int) -> torch.Tensor:
     """``[..., L]`` -> ``[..., ceil(L / size), size]``, padded with ``fill`` (no copy where L divides)."""
