@@ -24,6 +24,7 @@ forward, dK/dV and dQ kernels taken HSTU's time per pair (``train_ratio_at_hstu_
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from pathlib import Path
 
@@ -35,6 +36,7 @@ ROOT = Path(__file__).resolve().parent.parent
 KERNELS = {"fwd": "attention_fwd_ms", "dkdv": "attention_dkdv_ms", "dq": "attention_dq_ms"}  # kernel -> row field
 
 
+@functools.cache  # the speed file's modes (eager, compiled, with and without the bias) share each layout
 def count(model: str, n: int, share: float, batch: int, head_dim: int, config) -> dict:
     """Tile pairs of one training row's layout, over its batch, for one head of one layer: the batch of
     seed 0 (the train part cycles seeds 0-2; at N = 1024 their layouts have the same pairs, and
