@@ -53,7 +53,8 @@ Three parts, each a table in the result file:
   on and off"). ``--train-profile`` adds to each train row where its step's GPU time goes (3 more
   steps under torch.profiler): all CUDA kernels (``kernels_ms``), the fused attention's
   (``attention_ms``) and each of its four kernels, the bias gradients' (``bias_grad_ms``, both
-  their kernels where the band kernel runs) among them.
+  their kernels where the band kernel runs) among them, and the optimizer's and the clipping's
+  passes over every parameter (``optimizer_ms``).
 * ``infer``: per-request latency of scoring M candidates after an N-event history, one request at a
   time: ``cold`` runs the history once (KV cache) then the candidates in micro-batches of at most
   512 (M-FALCON); ``cached`` scores against a history cache built earlier. Each eagerly and replayed
@@ -379,16 +380,23 @@ ATTENTION_KERNELS = {"_hstu_fwd": "attention_fwd_ms", "_hstu_bwd": "attention_dk
                      "_hstu_bwd_dq": "attention_dq_ms"}  # Triton kernel -> field (both bias-gradient kernels in one)
 
 
+OPTIMIZER_KERNEL = "multi_tensor_apply_kernel"  # fused AdamW and clipping's foreach norm and scaling
+
+
 def kernel_fields(device_ms: dict[str, float], steps: int) -> dict[str, float]:
     """Per step: the device's time in kernels and copies (``kernels_ms``), the fused attention's four
-    kernels each and together (``attention_ms``); ``device_ms``: profiled device milliseconds by
+    kernels each and together (``attention_ms``), and the passes over every parameter that the
+    optimizer step and the gradient clipping make (``optimizer_ms``: a cost HSTU and DFGR share,
+    set by the item table's size, not by the tokens); ``device_ms``: profiled device milliseconds by
     kernel name over ``steps`` steps. Kernels the profile lacks count 0 (no bias: no bias-gradient
     kernel)."""
     fields = dict.fromkeys(ATTENTION_KERNELS.values(), 0.0)
     for name, ms in device_ms.items():
         if name in ATTENTION_KERNELS:
             fields[ATTENTION_KERNELS[name]] += ms / steps
-    return {"kernels_ms": sum(device_ms.values()) / steps, "attention_ms": sum(fields.values()), **fields}
+    optimizer = sum(ms for name, ms in device_ms.items() if OPTIMIZER_KERNEL in name) / steps
+    return {"kernels_ms": sum(device_ms.values()) / steps, "attention_ms": sum(fields.values()), **fields,
+            "optimizer_ms": optimizer}
 
 
 def _profiled(run, steps: int) -> dict[str, float]:
@@ -680,7 +688,7 @@ def write(rows: list[dict], meta: dict, stem: Path) -> None:
                    "fwd_bwd_tflops", "fwd_vs_sdpa", "fwd_bwd_vs_sdpa", "sdpa_fastest_fwd_bwd", "attention_fwd_ms",
                    "attention_dkdv_ms", "attention_dq_ms", "bias_grad_ms", "error"],
         "train": ["model", "mode", "n", "target_share", "batch", "step_ms", "train_events_per_s", "tflops", "mfu",
-                  "peak_mem_gb", "kernels_ms", "attention_ms", "bias_grad_ms"],
+                  "peak_mem_gb", "kernels_ms", "attention_ms", "bias_grad_ms", "optimizer_ms"],
         "layout": ["model", "n", "target_share", "batch", "step_ms", "step_ms_layout_reused", "layout_in_step_ms",
                    "in_step_share", "step_ms_prepared", "prepared_in_step_share", "prepare_host_ms",
                    "prepare_share_of_step", "layout_ms", "standalone_share_of_step"],
@@ -877,7 +885,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-no-bias", action="store_true", help="train (and layout) rows of the models "
                         "without the relative bias (model_args.relative_bias false; mode 'no bias')")
     parser.add_argument("--train-profile", action="store_true", help="profile 3 more steps per train row: its "
-                        "CUDA kernels' time, the fused attention's by kernel (kernels_ms, attention_ms, bias_grad_ms)")
+                        "CUDA kernels' time, the fused attention's by kernel and the optimizer's (kernels_ms, "
+                        "attention_ms, bias_grad_ms, optimizer_ms)")
     parser.add_argument("--kernel-profile", action="store_true", help="profile 5 more forward + backward calls "
                         "of each genrec kernel row: its four kernels' times (attention_fwd/dkdv/dq_ms, bias_grad_ms)")
     parser.add_argument("--requests", type=int, default=30)
