@@ -13,7 +13,8 @@ schedule lists) and the dK/dV kernel's (the transpose), over all sequences, head
 share of them that are *partial* (the rule forbids some of their element pairs, so the kernel
 evaluates the mask per element); ``fill``, the element pairs the rule allows over those the visited
 tiles hold; the programs (tiles with at least one pair) and pairs per program; nanoseconds per tile
-pair per kernel, and over HSTU's at the same N, target share and mode; the row's training
+pair per kernel, over HSTU's at the same N, target share and mode, and over what HSTU's rows give
+at the row's pairs per program (``*_per_pair_over_fit``, :func:`program_fits`); the row's training
 throughput over HSTU's (``train_ratio``, as speed.py's ratio rows) and what it would be had its
 forward, dK/dV and dQ kernels taken HSTU's time per pair (``train_ratio_at_hstu_per_pair``).
 
@@ -76,6 +77,7 @@ def rows_of(speed: dict, config) -> list[dict]:
                "attention_ms": r["attention_ms"]}
         for kernel, field in KERNELS.items():
             row[f"{kernel}_pairs"] = c[f"{kernel}_pairs"] * copies
+            row[f"{kernel}_pairs_per_program"] = c[f"{kernel}_pairs"] / c[f"{kernel}_programs"]
             row[f"{kernel}_ms"] = r[field]
             row[f"{kernel}_ns_per_pair"] = r[field] * 1e6 / (c[f"{kernel}_pairs"] * copies)
         if "bias_grad_ms" in r and r["bias_grad_ms"]:
@@ -94,7 +96,33 @@ def rows_of(speed: dict, config) -> list[dict]:
             at_hstu = row["step_ms"] - sum(row[f"{k}_ms"] - h[f"{k}_ns_per_pair"] * row[f"{k}_pairs"] / 1e6
                                            for k in KERNELS)
             row["train_ratio_at_hstu_per_pair"] = h["step_ms"] / at_hstu * row["batch"] / h["batch"]
+    fits = program_fits(rows)
+    for row in rows:  # per pair over what HSTU's fit gives at the row's pairs per program
+        for kernel in KERNELS:
+            fixed, per_program = fits[row["mode"]][kernel]
+            row[f"{kernel}_per_pair_over_fit"] = row[f"{kernel}_ns_per_pair"] / (
+                fixed + per_program / row[f"{kernel}_pairs_per_program"])
     return sorted(rows, key=lambda r: (r["mode"], r["target_share"], r["n"], r["model"]))
+
+
+def program_fits(rows: list[dict]) -> dict[str, dict[str, tuple[float, float]]]:
+    """Per mode and kernel, HSTU's nanoseconds per pair fitted (least squares over its rows, every N
+    and target share) as ``a + b / pairs_per_program``: ``a`` per pair, ``b`` per program (loading its
+    own tile, writing its result, filling the pipeline). Short sequences and sparse fake flows give
+    a program fewer pairs to spread ``b`` over; a row's time per pair over this fit is what is left
+    once that is accounted for (its partial pairs, its loads)."""
+    import numpy as np
+
+    fits: dict[str, dict[str, tuple[float, float]]] = {}
+    for mode in sorted({r["mode"] for r in rows}):
+        hstu = [r for r in rows if r["model"] == "hstu" and r["mode"] == mode]
+        fits[mode] = {}
+        for kernel in KERNELS:
+            basis = np.array([[1.0, 1.0 / r[f"{kernel}_pairs_per_program"]] for r in hstu])
+            times = np.array([r[f"{kernel}_ns_per_pair"] for r in hstu])
+            fixed, per_program = np.linalg.lstsq(basis, times, rcond=None)[0]
+            fits[mode][kernel] = (float(fixed), float(per_program))
+    return fits
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -113,14 +141,20 @@ def main(argv: list[str] | None = None) -> int:
     columns = ["model", "n", "target_share", "mode", "tokens", "fwd_pairs", "partial_share", "fill",
                "pairs_per_program", "fwd_ns_per_pair", "dkdv_ns_per_pair", "dq_ns_per_pair", "pairs_over_hstu",
                "attention_over_hstu", "fwd_per_pair_over_hstu", "dkdv_per_pair_over_hstu", "dq_per_pair_over_hstu",
-               "train_ratio", "train_ratio_at_hstu_per_pair"]
+               "fwd_per_pair_over_fit", "dkdv_per_pair_over_fit", "dq_per_pair_over_fit", "train_ratio",
+               "train_ratio_at_hstu_per_pair"]
     device = speed["meta"]["device"]
     meta = report.meta(["python", "benchmarks/tile_pairs.py", *(argv if argv is not None else sys.argv[1:])],
                        device=f"CPU counts; times from {Path(args.speed).name} ({device})")
     meta["speed_file"] = {"path": Path(args.speed).name,
                           "git_commit": speed["meta"].get("git_commit")}
     meta["tiles"] = {"fwd": DEFAULT_CONFIG.fwd, "bwd": DEFAULT_CONFIG.bwd, "dq": DEFAULT_CONFIG.dq}
-    table = report.markdown_table(rows, columns)
+    fits = program_fits(rows)
+    meta["program_fits_ns"] = {mode: {k: {"per_pair": a, "per_program": b} for k, (a, b) in f.items()}
+                               for mode, f in fits.items()}
+    table = report.markdown_table(rows, columns) + "\n" + report.markdown_table(
+        [{"mode": mode, "kernel": k, "ns_per_pair": a, "ns_per_program": b} for mode, f in fits.items()
+         for k, (a, b) in f.items()], ["mode", "kernel", "ns_per_pair", "ns_per_program"])
     # a diagnostic: issue 14 names no target for it (an empty block, as RESULTS.md's shape has one)
     report.write(Path(args.out) / f"tile_pairs_{device.replace(' ', '_')}", rows, table, meta, targets=[])
     print(table)

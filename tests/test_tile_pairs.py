@@ -70,3 +70,19 @@ def test_times_per_pair_and_the_ratio_at_hstus_time_per_pair():
     scaled = sum(ms * dfgr[f"{k}_pairs"] / hstu[f"{k}_pairs"] for k, ms in (("fwd", 2.0), ("dkdv", 1.0), ("dq", 1.0)))
     assert dfgr["train_ratio_at_hstu_per_pair"] == pytest.approx(10.0 / (8.0 - 5.0 + scaled))
     assert "train_ratio" not in hstu or hstu["train_ratio"] == pytest.approx(1.0)
+    assert hstu["fwd_per_pair_over_fit"] == pytest.approx(1.0)  # HSTU's one row: its fit goes through it
+
+
+def test_program_fits_recover_a_time_per_pair_and_per_program_and_rows_read_over_them():
+    """HSTU rows timed as exactly ``a + b / pairs_per_program`` give back ``a`` and ``b`` per kernel
+    and mode; other models' rows are not fitted."""
+    def row(model, ppp, scale=1.0, mode="compiled"):
+        return {"model": model, "mode": mode, **{f"{k}_pairs_per_program": ppp for k in tile_pairs.KERNELS},
+                **{f"{k}_ns_per_pair": scale * (a + b / ppp) for k, (a, b) in TRUE.items()}}
+
+    TRUE = {"fwd": (2.5, 8.0), "dkdv": (6.0, 13.0), "dq": (3.5, 11.0)}
+    rows = [row("hstu", ppp) for ppp in (16.5, 32.5, 64.5, 128.5)] + [row("hstu", 20.0, mode="eager")] * 2
+    fits = tile_pairs.program_fits(rows + [row("dfgr_sparse", 9.0, scale=2.0)])  # only HSTU's rows are fitted
+    for kernel, (a, b) in TRUE.items():
+        assert fits["compiled"][kernel] == pytest.approx((a, b))
+    assert fits["eager"]["fwd"][0] + fits["eager"]["fwd"][1] / 20.0 == pytest.approx(2.5 + 8.0 / 20.0)
