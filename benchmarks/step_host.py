@@ -14,16 +14,23 @@ compiled graph breaks where a GPU step's does not: the same for every tree. Medi
 each round's mean over 12 steps.
 
     python benchmarks/step_host.py     # -> results/step_host_cpu.{json,md}
+    python benchmarks/step_host.py --trees before=/tmp/old/src,after=src --processes 4
 
-Another tree (``PYTHONPATH=<tree>/src GENREC_COMMIT=<its commit> python benchmarks/step_host.py --out
-DIR``) times the same steps for an A/B on one machine.
+``--trees`` times each tree's own ``genrec`` (its ``src`` on ``PYTHONPATH``) in turn, ``--processes``
+fresh processes each, alternating: the same tree's step moves by a millisecond or two from one
+process to the next (what each compiles and allocates), more than within one, so an A/B compares
+the medians over processes (``step_ms``; ``step_ms_processes`` each process's median).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -64,16 +71,11 @@ def _steps(name: str, n: int, batch: int):
     return step
 
 
-def main(argv: list[str] | None = None) -> int:
+def _measure(args) -> list[dict]:
+    """This process's rows: per model, the median over ``args.rounds`` rounds of 12 steps."""
     from genrec.ops.triton import hstu
     from speed import ATTENTION_KERNELS
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", default="hstu,dfgr_sparse")
-    parser.add_argument("--n", type=int, default=1024)
-    parser.add_argument("--rounds", type=int, default=9, help="rounds of 12 steps; a row gives their median")
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
-    args = parser.parse_args(argv)
     torch.set_num_threads(1)
     for name in ATTENTION_KERNELS:  # every Triton kernel of the fused attention
         setattr(hstu, name, _NoLaunch())
@@ -88,9 +90,41 @@ def main(argv: list[str] | None = None) -> int:
             for i in range(12):
                 step(i)
             rounds[name].append((time.perf_counter() - start) / 12 * 1e3)
-    rows = [{"model": name, "n": args.n, "batch": 2, "step_ms": statistics.median(times), "step_ms_rounds": times}
+    return [{"model": name, "n": args.n, "batch": 2, "step_ms": statistics.median(times), "step_ms_rounds": times}
             for name, times in rounds.items()]
-    table = report.markdown_table(rows, ["model", "n", "batch", "step_ms"])
+
+
+def _trees(args) -> list[dict]:
+    """Each tree of ``--trees`` timed in ``--processes`` fresh processes, the trees alternating; per tree
+    and model the median over its processes."""
+    trees = dict(part.split("=", 1) for part in args.trees.split(","))
+    runs: dict[tuple[str, str], list[float]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(args.processes):
+            for tree, path in trees.items():
+                out = Path(tmp) / f"{tree}{i}"
+                env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(path).resolve()),
+                                                                     os.environ.get("PYTHONPATH", "")])}
+                subprocess.run([sys.executable, __file__, "--models", args.models, "--n", str(args.n), "--rounds",
+                                str(args.rounds), "--out", str(out)], env=env, check=True, stdout=subprocess.DEVNULL)
+                for row in json.loads((out / "step_host_cpu.json").read_text())["rows"]:
+                    runs.setdefault((tree, row["model"]), []).append(row["step_ms"])
+    return [{"tree": tree, "path": trees[tree], "model": model, "n": args.n, "batch": 2,
+             "step_ms": statistics.median(times), "step_ms_processes": times} for (tree, model), times in runs.items()]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="hstu,dfgr_sparse")
+    parser.add_argument("--n", type=int, default=1024)
+    parser.add_argument("--rounds", type=int, default=9, help="rounds of 12 steps; a process's row: their median")
+    parser.add_argument("--trees", help="name=path of a tree's src, comma-separated: an A/B of their genrec")
+    parser.add_argument("--processes", type=int, default=4, help="with --trees: processes per tree")
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    args = parser.parse_args(argv)
+    rows = _trees(args) if args.trees else _measure(args)
+    columns = ["model", "n", "batch", "step_ms"]
+    table = report.markdown_table(rows, ["tree", "path", *columns] if args.trees else columns)
     meta = report.meta(["python", "benchmarks/step_host.py", *(argv if argv is not None else sys.argv[1:])])
     meta["device"] += ", Triton launches stubbed"
     report.write(Path(args.out) / "step_host_cpu", rows, table, meta, targets=[])  # no issue names one
