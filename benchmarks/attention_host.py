@@ -38,6 +38,27 @@ class _NoLaunch:
         return lambda *args, **kwargs: None
 
 
+def stub_launches():
+    """Replace every Triton kernel of the fused attention with a no-op (this process's genrec, on
+    ``PYTHONPATH``); returns its module."""
+    from genrec.ops.triton import hstu
+    from speed import ATTENTION_KERNELS
+
+    torch.set_num_threads(1)
+    for name in ATTENTION_KERNELS:
+        setattr(hstu, name, _NoLaunch())
+    return hstu
+
+
+def write_stubbed(script: str, stem: str, rows: list[dict], table: str, argv: list[str] | None, out: str) -> None:
+    """``<out>/<stem>.{json,md}`` of ``benchmarks/<script>`` run with the launches stubbed (a
+    diagnostic: no issue names a target for it)."""
+    meta = report.meta(["python", f"benchmarks/{script}", *(argv if argv is not None else sys.argv[1:])])
+    meta["device"] += ", Triton launches stubbed"
+    report.write(Path(out) / stem, rows, table, meta, targets=[])
+    print(table)
+
+
 def _median_us(fn, calls: int) -> float:
     times = []
     for _ in range(calls):
@@ -69,17 +90,14 @@ def _timings(hstu, layout, n: int, bias: bool) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     from genrec.nn.events import Events
-    from genrec.ops.triton import hstu
-    from speed import ATTENTION_KERNELS, TRAIN_LAYOUTS, synthetic_batch
+    from speed import TRAIN_LAYOUTS, synthetic_batch
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--calls", type=int, default=100, help="calls per round: a round's time is their median")
     parser.add_argument("--rounds", type=int, default=7, help="rounds; a row gives the median of its rounds")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = parser.parse_args(argv)
-    torch.set_num_threads(1)
-    for name in ATTENTION_KERNELS:  # every Triton kernel of the fused attention
-        setattr(hstu, name, _NoLaunch())
+    hstu = stub_launches()
     n = 1024
     layout = TRAIN_LAYOUTS["dfgr_sparse"](Events.from_batch(synthetic_batch(32, n, 0, device="cpu", target_share=0.1)))
     cases = {bias: _timings(hstu, layout, n, bias) for bias in (False, True)}
@@ -91,10 +109,7 @@ def main(argv: list[str] | None = None) -> int:
              **{column: statistics.median(rounds[bias, column]) for column in calls},
              **{f"{column}_rounds": rounds[bias, column] for column in calls}} for bias, calls in cases.items()]
     table = report.markdown_table(rows, ["layout", "n", "bias", "fwd_no_grad_us", "fwd_with_grad_us", "fwd_bwd_us"])
-    meta = report.meta(["python", "benchmarks/attention_host.py", *(argv if argv is not None else sys.argv[1:])])
-    meta["device"] += ", Triton launches stubbed"
-    report.write(Path(args.out) / "attention_host_cpu", rows, table, meta, targets=[])  # no issue names one
-    print(table)
+    write_stubbed("attention_host.py", "attention_host_cpu", rows, table, argv, args.out)
     return 0
 
 

@@ -37,15 +37,9 @@ from pathlib import Path
 import torch
 
 import report
+from attention_host import stub_launches, write_stubbed
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-class _NoLaunch:
-    """Stands in for a Triton kernel: ``kernel[grid](...)`` does nothing."""
-
-    def __getitem__(self, grid):
-        return lambda *args, **kwargs: None
 
 
 def _steps(name: str, n: int, batch: int):
@@ -73,12 +67,7 @@ def _steps(name: str, n: int, batch: int):
 
 def _measure(args) -> list[dict]:
     """This process's rows: per model, the median over ``args.rounds`` rounds of 12 steps."""
-    from genrec.ops.triton import hstu
-    from speed import ATTENTION_KERNELS
-
-    torch.set_num_threads(1)
-    for name in ATTENTION_KERNELS:  # every Triton kernel of the fused attention
-        setattr(hstu, name, _NoLaunch())
+    stub_launches()
     steps = {name: _steps(name, args.n, batch=2) for name in args.models.split(",")}
     for step in steps.values():
         for i in range(6):  # compiles (a graph per batch shape) and warms up
@@ -125,10 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = _trees(args) if args.trees else _measure(args)
     columns = ["model", "n", "batch", "step_ms"]
     table = report.markdown_table(rows, ["tree", "path", *columns] if args.trees else columns)
-    meta = report.meta(["python", "benchmarks/step_host.py", *(argv if argv is not None else sys.argv[1:])])
-    meta["device"] += ", Triton launches stubbed"
-    report.write(Path(args.out) / "step_host_cpu", rows, table, meta, targets=[])  # no issue names one
-    print(table)
+    write_stubbed("step_host.py", "step_host_cpu", rows, table, argv, args.out)
     return 0
 
 
