@@ -97,7 +97,7 @@ def rows_of(speed: dict, config) -> list[dict]:
                                            for k in KERNELS)
             row["train_ratio_at_hstu_per_pair"] = h["step_ms"] / at_hstu * row["batch"] / h["batch"]
     fits = program_fits(rows)
-    for row in rows:  # per pair over what HSTU's fit gives at the row's pairs per program
+    for row in (row for row in rows if row["mode"] in fits):  # over HSTU's fit at the row's pairs per program
         for kernel in KERNELS:
             fixed, per_program = fits[row["mode"]][kernel]
             row[f"{kernel}_per_pair_over_fit"] = row[f"{kernel}_ns_per_pair"] / (
@@ -106,16 +106,18 @@ def rows_of(speed: dict, config) -> list[dict]:
 
 
 def program_fits(rows: list[dict]) -> dict[str, dict[str, tuple[float, float]]]:
-    """Per mode and kernel, HSTU's nanoseconds per pair fitted (least squares over its rows, every N
-    and target share) as ``a + b / pairs_per_program``: ``a`` per pair, ``b`` per program (loading its
-    own tile, writing its result, filling the pipeline). Short sequences and sparse fake flows give
-    a program fewer pairs to spread ``b`` over; a row's time per pair over this fit is what is left
-    once that is accounted for (its partial pairs, its loads)."""
+    """Per mode (where HSTU has rows) and kernel, HSTU's nanoseconds per pair fitted (least squares
+    over its rows, every N and target share) as ``a + b / pairs_per_program``: ``a`` per pair, ``b``
+    per program (loading its own tile, writing its result, filling the pipeline). Short sequences
+    and sparse fake flows give a program fewer pairs to spread ``b`` over; a row's time per pair
+    over this fit is what is left once that is accounted for (its partial pairs, its loads)."""
     import numpy as np
 
     fits: dict[str, dict[str, tuple[float, float]]] = {}
     for mode in sorted({r["mode"] for r in rows}):
         hstu = [r for r in rows if r["model"] == "hstu" and r["mode"] == mode]
+        if not hstu:  # no fit for a mode HSTU was not timed in
+            continue
         fits[mode] = {}
         for kernel in KERNELS:
             basis = np.array([[1.0, 1.0 / r[f"{kernel}_pairs_per_program"]] for r in hstu])

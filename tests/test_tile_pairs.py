@@ -86,3 +86,4 @@ def test_program_fits_recover_a_time_per_pair_and_per_program_and_rows_read_over
     for kernel, (a, b) in TRUE.items():
         assert fits["compiled"][kernel] == pytest.approx((a, b))
     assert fits["eager"]["fwd"][0] + fits["eager"]["fwd"][1] / 20.0 == pytest.approx(2.5 + 8.0 / 20.0)
+    assert "no bias" not in tile_pairs.program_fits(rows + [row("dfgr", 9.0, mode="no bias")])  # no HSTU row there
