@@ -34,7 +34,6 @@ from genrec.data.batching import to_device
 from genrec.nn.events import Events
 from genrec.ops.layout import host_checked
 from genrec.ops.triton import hstu
-from genrec.ops.triton.tiles import KernelMeta
 
 ROOT = Path(__file__).resolve().parent.parent
 STAGES = ("events", "layout", "kernel_meta", "schedules_no_bias", "schedules_bias_grads", "prepared_copy")
@@ -75,17 +74,16 @@ def count(name: str, n: int, batch: int, head_dim: int) -> tuple[list[dict], Cou
             counts[next(stages)] = (mode.ops, mode.views)
             layout = speed.TRAIN_LAYOUTS[name](ev)
             counts[next(stages)] = (mode.ops, mode.views)
-            meta = KernelMeta.from_layout(layout)
+            hstu._kernel_meta(layout)
             counts[next(stages)] = (mode.ops, mode.views)
             for tile, transpose in zip(tiles, (False, True, False), strict=True):
-                hstu._schedule(layout, meta, tile, 0, transpose)
+                hstu._schedule(layout, tile, 0, transpose)
             counts[next(stages)] = (mode.ops, mode.views)
         with _Counting() as mode:  # on a fresh layout: nothing of the no-bias schedules cached
             layout = speed.TRAIN_LAYOUTS[name](Events.from_batch(data))
-            meta = KernelMeta.from_layout(layout)
             before = (mode.ops, mode.views)
             by_caller_before = Counter(mode.callers)
-            hstu._bias_flags(layout, meta, True, config.dq_separate, tiles, 0, n + 1, 32, split)
+            hstu._bias_flags(layout, True, config.dq_separate, tiles, 0, n + 1, 32, split)
             counts[next(stages)] = (mode.ops - before[0], mode.views - before[1])
             by_caller = mode.callers - by_caller_before
         host = speed.TRAIN_LAYOUTS[name](Events.from_batch(data))  # the loader's build, then the step's copy

@@ -45,16 +45,14 @@ def count(model: str, n: int, share: float, batch: int, head_dim: int, config) -
     from genrec.flops import layout_flops
     from genrec.nn.events import Events
     from genrec.ops.triton.hstu import _pairs_and_full
-    from genrec.ops.triton.tiles import KernelMeta
     from speed import TRAIN_LAYOUTS, synthetic_batch
 
     layout = TRAIN_LAYOUTS[model](Events.from_batch(synthetic_batch(batch, n, 0, device="cpu", target_share=share)))
-    meta = KernelMeta.from_layout(layout)
     fwd_tile, bwd_tile, dq_tile = config.tiles(head_dim, torch.bfloat16)
     out = {"tokens": int(layout.valid.shape[1])}
     allowed = layout_flops(layout, 1, 1)[1] / 4  # element pairs the rule allows, summed over the batch (one head)
     for kernel, tile in (("fwd", fwd_tile), ("dkdv", bwd_tile), ("dq", dq_tile)):
-        pairs, full = _pairs_and_full(layout, meta, tile, 0)  # [B, nQ, nK]
+        pairs, full = _pairs_and_full(layout, tile, 0)  # [B, nQ, nK]
         lead = pairs.any(-1) if kernel != "dkdv" else pairs.any(-2)  # the programs with work: query or key tiles
         out[f"{kernel}_pairs"] = int(pairs.sum())
         out[f"{kernel}_partial_share"] = float((pairs & ~full).sum() / pairs.sum())

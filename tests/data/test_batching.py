@@ -170,3 +170,17 @@ def test_moving_a_batch_moves_what_its_layout_carries_and_a_rebuilt_batch_drops_
     assert to_device(3, "meta") == 3
     assert "known_layout" not in batch.tensors()
     assert JaggedBatch(**batch.tensors()).known_layout is None
+
+
+def test_map_tensors_maps_a_tensor_that_appears_twice_once_and_keeps_the_aliasing():
+    """A prepared layout holds some schedules in two places (the forward's and dQ's lists where their
+    tiles are equal): pinning or copying them must cost one call per tensor, and the result must
+    keep them one tensor."""
+    from genrec.data.batching import map_tensors
+
+    shared, other = torch.arange(3), torch.arange(4)
+    calls = []
+    out = map_tensors({"a": (shared, other), "b": [shared]}, lambda t: calls.append(t) or t + 1)
+    assert len(calls) == 2
+    assert out["a"][0] is out["b"][0] and torch.equal(out["b"][0], shared + 1)
+    assert torch.equal(out["a"][1], other + 1)

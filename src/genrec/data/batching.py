@@ -134,17 +134,28 @@ class JaggedBatch:
 
 def map_tensors(value: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
     """``value`` with ``fn`` applied to every tensor in it: through tuples, lists, dicts and
-    dataclasses (a prepared layout's entries are tuples of schedules and the kernels' metadata)."""
-    if isinstance(value, torch.Tensor):
-        return fn(value)
-    if isinstance(value, tuple | list):
-        return type(value)(map_tensors(v, fn) for v in value)
-    if isinstance(value, dict):
-        return {k: map_tensors(v, fn) for k, v in value.items()}
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return dataclasses.replace(value, **{f.name: map_tensors(getattr(value, f.name), fn)
-                                             for f in fields(value) if f.init})
-    return value
+    dataclasses (a prepared layout's entries are tuples of schedules and the kernels' metadata).
+    Once per tensor: one that appears in several places (the forward and dQ schedules share lists
+    where their tiles are the same) maps to one result, so a copy keeps the aliasing and a pinned
+    batch is pinned and transferred once per tensor."""
+    done: dict[int, torch.Tensor] = {}  # id -> result; the tensors of ``value`` live through the call
+
+    def once(t: torch.Tensor) -> torch.Tensor:
+        if id(t) not in done:
+            done[id(t)] = fn(t)
+        return done[id(t)]
+
+    def walk(v: Any) -> Any:
+        if isinstance(v, torch.Tensor):
+            return once(v)
+        if isinstance(v, tuple | list):
+            return type(v)(walk(x) for x in v)
+        if isinstance(v, dict):
+            return {k: walk(x) for k, x in v.items()}
+        if dataclasses.is_dataclass(v) and not isinstance(v, type):
+            return dataclasses.replace(v, **{f.name: walk(getattr(v, f.name)) for f in fields(v) if f.init})
+        return v
+    return walk(value)
 
 
 def to_device(value: Any, device: torch.device | str) -> Any:

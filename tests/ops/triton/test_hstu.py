@@ -206,8 +206,8 @@ def test_every_bias_form_of_a_tile_matches_reference(positions, forward_tiles):
     config = hstu.KernelConfig() if forward_tiles == 64 else hstu.KernelConfig(fwd=small, dq=small, fwd_large=small,
                                                                               dq_large=small)
     split = hstu._splits_bias_grads(True, config.dq_separate, *config.tiles(32)[1:])
-    count, index, _ = hstu._bias_flags(layout, hstu.KernelMeta.from_layout(layout), True, config.dq_separate,
-                                       config.tiles(32), 0, 40, 32, split, bands=True)[3]
+    count, index, _ = hstu._bias_flags(layout, True, config.dq_separate, config.tiles(32), 0, 40, 32, split,
+                                       bands=True)[3]
     band_pairs = {(b, band - 3 + int(index[b, band, i]), int(index[b, band, i]))  # (row, query tile, key tile)
                   for b, band in count[..., 0].nonzero().tolist() for i in range(int(count[b, band, 0]))}
     offsets = {(q - k, int(pos[q * 64] - pos[k * 64])) for b, q, k in band_pairs}  # (band, offset)
@@ -300,7 +300,7 @@ def test_the_fused_attention_passes_the_custom_op_checks():
     q, k, v, (rel_pos, rel_time) = _op_args(layout)
     meta = hstu.KernelMeta.from_layout(layout)
     tile = hstu.DEFAULT_CONFIG.tiles(32)
-    fwd, bwd, dq, bands, q_ext, k_ext = hstu._bias_flags(layout, meta, True, True, tile, 0, rel_pos.shape[-1],
+    fwd, bwd, dq, bands, q_ext, k_ext = hstu._bias_flags(layout, True, True, tile, 0, rel_pos.shape[-1],
                                                          rel_time.shape[-1], split=True, bands=True)
     args = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(),
             [meta.request, meta.event, meta.flags, meta.position, meta.timestamp, q_ext, k_ext],

@@ -76,6 +76,33 @@ def test_a_layout_seeded_with_host_built_schedules_builds_nothing_and_gives_the_
         torch.testing.assert_close(got, expected, **ATOMIC_ORDER)
 
 
+@pytest.mark.parametrize("kind", list(LAYOUTS))
+@pytest.mark.parametrize("head_dim", [16, 128])  # at 128 no band kernel: its schedule is the forward's
+@pytest.mark.parametrize("bias", [True, False])
+def test_a_prepared_layout_moves_each_tensor_once_and_not_the_unpadded_fields(kind, head_dim, bias):
+    """The loader pins and copies a prepared layout every step. Its entries share tensors (the forward
+    and dQ lists where their tiles are equal, the extremes where the dK/dV tile is square, placeholder
+    schedules), which the copy moves once and keeps shared; and the unpadded per-token fields the
+    schedules are built from are not carried: the kernels read their padded rows (with an aligned
+    length, the same tensors)."""
+    host = _fresh(_layout(kind, [40, 9, 25], seed=5), "cpu")
+    keys = hstu.prepare_attention(host, head_dim, torch.float32, *((41, 32) if bias else (None, None)), grads=True)
+    assert ("triton_meta",) in host._cache and ("triton_meta",) not in keys  # built on the way, left behind
+    prepared = host.prepared(keys)
+    moved = []
+    copy = map_tensors(prepared, lambda t: moved.append(t) or t.clone())
+
+    def places(p) -> list[int]:  # each place a tensor appears in the entries, as the index of its tensor
+        def flat(v) -> list:
+            return [v] if isinstance(v, torch.Tensor) else [t for x in v for t in flat(x)]
+        first: dict[int, int] = {}
+        return [first.setdefault(id(t), len(first)) for t in flat(list(p.entries.values()))]
+    assert len(moved) == len(set(places(prepared)))  # one copy per distinct tensor
+    assert places(copy) == places(prepared)  # what was shared is shared in the copy
+    if bias:
+        assert len(places(prepared)) > len(moved), "no tensor appears twice: the test checks no sharing"
+
+
 def test_a_prepared_layout_of_another_batch_is_refused():
     host = _fresh(_layout("dual_flow", [20, 6], seed=1), "cpu")
     prepared = host.prepared(hstu.prepare_attention(host, 16, torch.float32, 21, 32, grads=True))

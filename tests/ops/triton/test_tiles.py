@@ -184,8 +184,8 @@ def test_both_orientations_of_a_schedule_come_from_one_set_of_tile_pairs(name):
     meta = KernelMeta.from_layout(layout)
     pairs = tile_pairs(meta, layout.rule, 32, 16, q_offset)
     full = tile_full(meta, layout.rule, 32, 16, q_offset)
-    forward = _schedule(layout, meta, (32, 16, 4, 1), q_offset, transpose=False)
-    backward = _schedule(layout, meta, (32, 16, 4, 1), q_offset, transpose=True)
+    forward = _schedule(layout, (32, 16, 4, 1), q_offset, transpose=False)
+    backward = _schedule(layout, (32, 16, 4, 1), q_offset, transpose=True)
     for got, want in ((forward, tile_lists(pairs, full)), (backward, tile_lists(pairs.mT, full.mT))):
         assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
     assert sum(key[0] == "triton_pairs" for key in layout._cache) == 1
@@ -199,22 +199,22 @@ def test_a_training_steps_layout_metadata_and_schedules_read_nothing_back_from_t
     batch build there, so on CUDA they queue without a sync. The target-only fake flow's T is the
     moved batch's host-known count."""
     from genrec.ops.layout import time_spans_checked_on_host
-    from genrec.ops.triton.hstu import _bias_flags, _schedule
+    from genrec.ops.triton.hstu import _bias_flags, _kernel_meta, _schedule
 
     batch = make_batch([37, 90, 5, 61, 1], seed=2, all_targets=False).to("meta")
     ev = Events.from_batch(batch)
     layout = {"causal": lambda: event_layout(ev, "causal"), "request_causal": lambda: item_action_layout(ev),
               "dual_flow": lambda: dual_flow_layout(ev),
               "dfgr_target_fake_flow": lambda: events.target_dual_flow_layout(ev, batch.max_targets)[0]}[name]()
-    with time_spans_checked_on_host():
-        meta = KernelMeta.from_layout(layout)
+    with time_spans_checked_on_host():  # cached in the layout, where the schedules read it
+        meta = _kernel_meta(layout)
     for tile, transpose in (((64, 64, 4, 3), False), ((64, 64, 4, 2), True), ((128, 64, 8, 2), False)):
-        count, index, full = _schedule(layout, meta, tile, 0, transpose)
+        count, index, full = _schedule(layout, tile, 0, transpose)
         assert count.device.type == "meta" and index.shape[1:] == full.shape[1:]
     extremes = tile_extremes(meta, 0, 64)
     assert simple_bias_pairs(bias_forms(extremes, extremes, 256, 32)).device.type == "meta"
     tiles_64 = ((64, 64, 4, 3), (64, 64, 4, 2), (128, 64, 8, 2))
-    for schedule in _bias_flags(layout, meta, True, True, tiles_64, 0, 256, 32, split=True, bands=True)[:4]:  # bias
+    for schedule in _bias_flags(layout, True, True, tiles_64, 0, 256, 32, split=True, bands=True)[:4]:  # bias
         assert all(t.device.type == "meta" for t in schedule)
     with pytest.raises(RuntimeError, match="meta"):  # the test can fail: a read of the span is caught
         KernelMeta.from_layout(layout)

@@ -773,12 +773,21 @@ def _hstu_bwd_dq(Q, K, V, DO, DQ, REQ, EVT, FLAG, POS, TS, REL_POS, REL_TIME, KV
         tl.atomic_add(D_REL_TIME + h * NUM_TIME + slot, time_grad, mask=(slot < NUM_TIME) & (time_grad != 0.0))
 
 
-def _pairs_and_full(layout: TokenLayout, meta: KernelMeta, tile: Tile, q_offset: int) -> tuple:
+def _kernel_meta(layout: TokenLayout) -> KernelMeta:
+    """The layout's per-token fields as the schedule builders read them, from its cache. Not among the
+    keys :func:`prepare_attention` returns: the kernels read :func:`_aligned_rows` instead, so a
+    prepared batch carries no second copy of them."""
+    return layout.cached(("triton_meta",), lambda: KernelMeta.from_layout(layout))
+
+
+def _pairs_and_full(layout: TokenLayout, tile: Tile, q_offset: int) -> tuple:
     """``[B, nQ, nK]`` tile pairs to visit and those the rule allows whole: per layout and tile shape,
     shared by both orientations (the forward's and dK/dV's) and by the schedules with the bias."""
     block_q, block_k = tile[:2]
 
     def build():
+        meta = _kernel_meta(layout)
+
         def reduction(start: int, size: int) -> tuple:  # per tile size, shared by the tile shapes
             return layout.cached(("triton_reduction", start, size), lambda: tile_reduction(meta, start, size))
         stats = tile_stats(meta, block_q, block_k, q_offset, reduction)
@@ -791,12 +800,12 @@ def _schedule_key(tile: Tile, q_offset: int, transpose: bool) -> tuple:
     return ("triton_tiles", *tile[:2], q_offset, transpose)
 
 
-def _schedule(layout: TokenLayout, meta: KernelMeta, tile: Tile, q_offset: int, transpose: bool):
+def _schedule(layout: TokenLayout, tile: Tile, q_offset: int, transpose: bool):
     """Per query tile the key tiles to visit (forward, dQ), or per key tile the query tiles (dK/dV),
     without the bias (:func:`_bias_flags` lists them with it): built once per layout, shared by
     every layer."""
     def build():
-        pairs, full = _pairs_and_full(layout, meta, tile, q_offset)
+        pairs, full = _pairs_and_full(layout, tile, q_offset)
         return tile_lists(pairs.mT, full.mT) if transpose else tile_lists(pairs, full)
     return layout.cached(_schedule_key(tile, q_offset, transpose), build)
 
@@ -825,7 +834,7 @@ def _band_lists(band: torch.Tensor, full: torch.Tensor, forms: torch.Tensor) -> 
     return count, index, (flags | sheared(forms).gather(-1, index.long())).contiguous()
 
 
-def _bias_flags(layout: TokenLayout, meta: KernelMeta, grads: bool, dq_separate: bool, tile_table: tuple,
+def _bias_flags(layout: TokenLayout, grads: bool, dq_separate: bool, tile_table: tuple,
                 q_offset: int, num_pos: int, num_time: int, split: bool, bands: bool) -> tuple:
     """The forward, dK/dV and dQ schedules with the bias: each list led by its simple pairs
     (:func:`genrec.ops.triton.tiles.simple_bias_pairs`, :func:`tile_lists`), each pair's bias form in
@@ -837,6 +846,7 @@ def _bias_flags(layout: TokenLayout, meta: KernelMeta, grads: bool, dq_separate:
     schedules are the forward's (placeholders), without ``dq_separate`` the dQ schedule is the
     dK/dV one's (dQ in its kernel)."""
     _, (bwd_q, bwd_k), (dq_q, dq_k) = (tile[:2] for tile in tile_table)
+    meta = _kernel_meta(layout)
 
     def extremes(start: int, block: int) -> torch.Tensor:
         return layout.cached(("triton_extremes", start, block), lambda: tile_extremes(meta, start, block))
@@ -851,7 +861,7 @@ def _bias_flags(layout: TokenLayout, meta: KernelMeta, grads: bool, dq_separate:
 
     def listed(tile: Tile, extra: torch.Tensor | None = None, transpose: bool = False):
         def lists():  # shared by the forward and dQ schedules where their tiles are the same
-            pairs, full = _pairs_and_full(layout, meta, tile, q_offset)
+            pairs, full = _pairs_and_full(layout, tile, q_offset)
             first = simple(*tile[:2])
             return tile_lists(pairs.mT, full.mT, first.mT) if transpose else tile_lists(pairs, full, first)
         count, index, flags = layout.cached(("triton_bias_lists", *tile[:2], q_offset, transpose, num_pos, num_time),
@@ -865,7 +875,7 @@ def _bias_flags(layout: TokenLayout, meta: KernelMeta, grads: bool, dq_separate:
         per_dq = None if in_dq is None else in_dq.repeat_interleave(dq_q // bwd_q, 1)[:, :bwd_rows]
         extra, by_band = per_dq, forward  # without bands: no BAND bits, the band schedule a placeholder
         if bands:
-            pairs, full = _pairs_and_full(layout, meta, tile_table[1], q_offset)
+            pairs, full = _pairs_and_full(layout, tile_table[1], q_offset)
             runs = consecutive_tiles(meta, q_offset, bwd_q)[:, :, None] & consecutive_tiles(meta, 0, bwd_k)[:, None]
             band = pairs & ((forms(bwd_q, bwd_k) & NEAR) != 0) & runs  # [B, nQ, nK]
             if per_dq is not None:
@@ -1038,10 +1048,8 @@ def _plan(layout: TokenLayout, head_dim: int, dtype: torch.dtype, q_offset: int,
     :func:`_aligned_rows`; the band schedule and the extremes None without the bias), and the cache
     keys those are under. Where the cache lacks them they are built: once per layout, shared by every
     layer, or ahead of the step by :func:`prepare_attention`."""
-    keys = [("triton_meta",)]
-    meta = layout.cached(keys[0], lambda: KernelMeta.from_layout(layout))
-    keys.append(("triton_meta_rows",))
-    rows = layout.cached(keys[-1], lambda: _aligned_rows(meta))
+    keys = [("triton_meta_rows",)]
+    rows = layout.cached(keys[0], lambda: _aligned_rows(_kernel_meta(layout)))
     fwd_tile, bwd_tile, dq_tile = tile_table = config.tiles(head_dim, dtype)
     if num_pos is not None:
         split = _splits_bias_grads(True, config.dq_separate, bwd_tile, dq_tile)
@@ -1049,11 +1057,11 @@ def _plan(layout: TokenLayout, head_dim: int, dtype: torch.dtype, q_offset: int,
         keys.append(("triton_bias_flags", tuple(fwd_tile), tuple(bwd_tile), tuple(dq_tile), q_offset, num_pos,
                      num_time, grads, config.dq_separate, split, banded))
         forward, backward, dq, bands, q_ext, k_ext = layout.cached(keys[-1], lambda: _bias_flags(
-            layout, meta, grads, config.dq_separate, tile_table, q_offset, num_pos, num_time, split, banded))
+            layout, grads, config.dq_separate, tile_table, q_offset, num_pos, num_time, split, banded))
         return (rows, tile_table, forward, backward, dq, bands, q_ext, k_ext), tuple(keys)
     def scheduled(tile: Tile, transpose: bool):  # a schedule, its key noted where it is read
         keys.append(_schedule_key(tile, q_offset, transpose))
-        return _schedule(layout, meta, tile, q_offset, transpose)
+        return _schedule(layout, tile, q_offset, transpose)
     # placeholders where no gradient is asked, or dQ comes from the dK/dV kernel
     forward = scheduled(fwd_tile, transpose=False)
     backward = scheduled(bwd_tile, transpose=True) if grads else forward
