@@ -61,7 +61,9 @@ def count(model: str, n: int, share: float, batch: int, head_dim: int, config) -
     return out
 
 
-def rows_of(speed: dict, config) -> list[dict]:
+def rows_of(speed: dict, config) -> tuple[list[dict], dict]:
+    """The speed file's profiled train rows read per tile pair, and HSTU's per-program fits
+    (:func:`program_fits`) they are read over."""
     rows = []
     for r in speed["rows"]:
         if r.get("bench") != "train" or "attention_fwd_ms" not in r:
@@ -71,7 +73,7 @@ def rows_of(speed: dict, config) -> list[dict]:
         row = {"model": r["model"], "n": r["n"], "target_share": r["target_share"], "mode": r.get("mode", "eager"),
                "batch": r["batch"], "tokens": c["tokens"],
                "partial_share": c["fwd_partial_share"], "fill": c["fwd_fill"],
-               "pairs_per_program": c["fwd_pairs"] / c["fwd_programs"], "step_ms": r["step_ms"],
+               "step_ms": r["step_ms"],
                "attention_ms": r["attention_ms"]}
         for kernel, field in KERNELS.items():
             row[f"{kernel}_pairs"] = c[f"{kernel}_pairs"] * copies
@@ -100,7 +102,7 @@ def rows_of(speed: dict, config) -> list[dict]:
             fixed, per_program = fits[row["mode"]][kernel]
             row[f"{kernel}_per_pair_over_fit"] = row[f"{kernel}_ns_per_pair"] / (
                 fixed + per_program / row[f"{kernel}_pairs_per_program"])
-    return sorted(rows, key=lambda r: (r["mode"], r["target_share"], r["n"], r["model"]))
+    return sorted(rows, key=lambda r: (r["mode"], r["target_share"], r["n"], r["model"])), fits
 
 
 def program_fits(rows: list[dict]) -> dict[str, dict[str, tuple[float, float]]]:
@@ -135,11 +137,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = parser.parse_args(argv)
     speed = json.loads(Path(args.speed).read_text())
-    rows = rows_of(speed, DEFAULT_CONFIG)
+    rows, fits = rows_of(speed, DEFAULT_CONFIG)
     if not rows:
         raise SystemExit(f"{args.speed}: no profiled train rows (speed.py --train-profile)")
     columns = ["model", "n", "target_share", "mode", "tokens", "fwd_pairs", "partial_share", "fill",
-               "pairs_per_program", "fwd_ns_per_pair", "dkdv_ns_per_pair", "dq_ns_per_pair", "pairs_over_hstu",
+               "fwd_pairs_per_program", "fwd_ns_per_pair", "dkdv_ns_per_pair", "dq_ns_per_pair", "pairs_over_hstu",
                "attention_over_hstu", "fwd_per_pair_over_hstu", "dkdv_per_pair_over_hstu", "dq_per_pair_over_hstu",
                "fwd_per_pair_over_fit", "dkdv_per_pair_over_fit", "dq_per_pair_over_fit", "train_ratio",
                "train_ratio_at_hstu_per_pair"]
@@ -149,7 +151,6 @@ def main(argv: list[str] | None = None) -> int:
     meta["speed_file"] = {"path": Path(args.speed).name,
                           "git_commit": speed["meta"].get("git_commit")}
     meta["tiles"] = {"fwd": DEFAULT_CONFIG.fwd, "bwd": DEFAULT_CONFIG.bwd, "dq": DEFAULT_CONFIG.dq}
-    fits = program_fits(rows)
     meta["program_fits_ns"] = {mode: {k: {"per_pair": a, "per_program": b} for k, (a, b) in f.items()}
                                for mode, f in fits.items()}
     table = report.markdown_table(rows, columns) + "\n" + report.markdown_table(

@@ -58,7 +58,7 @@ def _speed_row(model: str, step_ms: float, fwd_ms: float) -> dict:
 
 
 def test_times_per_pair_and_the_ratio_at_hstus_time_per_pair():
-    rows = tile_pairs.rows_of({"rows": [_speed_row("hstu", 10.0, 2.0), _speed_row("dfgr", 8.0, 3.0),
+    rows, _ = tile_pairs.rows_of({"rows": [_speed_row("hstu", 10.0, 2.0), _speed_row("dfgr", 8.0, 3.0),
                                          {"bench": "kernel"}]}, CONFIG)
     hstu, dfgr = (next(r for r in rows if r["model"] == m) for m in ("hstu", "dfgr"))
     copies = 2 * 3  # heads x layers
