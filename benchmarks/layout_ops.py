@@ -81,9 +81,11 @@ def count(name: str, n: int, batch: int, head_dim: int) -> tuple[list[dict], Cou
             counts[next(stages)] = (mode.ops, mode.views)
         with _Counting() as mode:  # on a fresh layout: nothing of the no-bias schedules cached
             layout = speed.TRAIN_LAYOUTS[name](Events.from_batch(data))
+            hstu._kernel_meta(layout)  # counted above: the schedules' stage starts from it
             before = (mode.ops, mode.views)
             by_caller_before = Counter(mode.callers)
-            hstu._bias_flags(layout, True, config.dq_separate, tiles, 0, n + 1, 32, split)
+            hstu._bias_flags(layout, True, config.dq_separate, tiles, 0, n + 1, 32, split,
+                             bands=head_dim <= hstu.BAND_MAX_DIM)  # as _plan decides
             counts[next(stages)] = (mode.ops - before[0], mode.views - before[1])
             by_caller = mode.callers - by_caller_before
         host = speed.TRAIN_LAYOUTS[name](Events.from_batch(data))  # the loader's build, then the step's copy
