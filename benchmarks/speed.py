@@ -313,14 +313,11 @@ TRAIN_LAYOUTS = {"hstu": item_action_layout, "dfgr": dual_flow_layout,
 
 
 def train_gflop_per_event(name: str, n: int, args, target_share: float = 1.0) -> float | None:
-    """Training FLOPs per event (forward + backward: 3x linear, 3.5x attention) on one sequence. DFGR's
-    last block queries its fake flow only (:meth:`genrec.models.dfgr.DFGR.target_hidden`): that
-    block's real tokens count their keys and values alone."""
+    """Training FLOPs per event (forward + backward: 3x linear, 3.5x attention) on one sequence."""
     if name not in TRAIN_LAYOUTS:
         return None
     ev = Events.from_batch(synthetic_batch(1, n, 0, target_share=target_share))
-    last_from = 0 if name == "hstu" else ev.valid.shape[1]  # DFGR: [real N | fake]
-    linear, attention = layout_flops(TRAIN_LAYOUTS[name](ev), args.d, args.layers, last_from=last_from)
+    linear, attention = layout_flops(TRAIN_LAYOUTS[name](ev), args.d, args.layers)
     return (3 * linear + 3.5 * attention) / n / 1e9
 
 

@@ -53,16 +53,3 @@ def test_dfgr_is_about_2x_cheaper_to_train_and_4x_to_serve_than_hstu():
     cached = flops("hstu", n, d, 4, m=64, mode="serve")["total"] / flops("dfgr", n, d, 4, m=64,
                                                                          mode="serve_cached")["total"]
     assert cached > 50
-
-
-def test_a_last_block_queried_from_the_fake_flow_drops_the_real_flows_queries_and_pairs():
-    """DFGR's last block on a dual-flow layout of N real + N fake tokens, one event per request:
-    the real tokens' 4·D² of keys and values stay, their 6·D² and their N(N+1)/2 causal pairs go."""
-    n, d, layers = 9, 16, 3
-    layout = _layout(n, "dfgr")
-    linear, attention = layout_flops(layout, d, layers)
-    pruned_linear, pruned_attention = layout_flops(layout, d, layers, last_from=n)
-    assert linear - pruned_linear == 6 * n * d * d
-    assert attention - pruned_attention == 4 * (n * (n + 1) // 2) * d
-    cached_linear, _ = layout_flops(layout, d, layers, q_offset=n)  # below the offset: nothing more drops
-    assert layout_flops(layout, d, layers, q_offset=n, last_from=n)[0] == cached_linear

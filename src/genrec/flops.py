@@ -52,21 +52,10 @@ def flops(model: str, n: int, d: int, layers: int, m: int | None = None, mode: s
             "per_unit": total / per, "tokens": tokens, "pairs": pairs}
 
 
-def layout_flops(layout: TokenLayout, d: int, layers: int, q_offset: int = 0,
-                 last_from: int = 0) -> tuple[float, float]:
+def layout_flops(layout: TokenLayout, d: int, layers: int, q_offset: int = 0) -> tuple[float, float]:
     """Linear and attention FLOPs of one forward of HSTU blocks over an actual token layout, counting
     the pairs its mask allows (requests of several events, padding, micro-batches: what the closed
-    forms above idealise) for the queries from ``q_offset`` (a KV cache holds the others).
-    ``last_from``: the last block queries the tokens from there on only (DFGR's fake flow,
-    :meth:`genrec.nn.hstu.HSTUBlock.forward`'s ``queries_from``): the tokens before give their keys
-    and values alone (2·D·2D of the 10·D²) and query no pairs."""
-    mask = build_mask(layout)[:, q_offset:]
+    forms above idealise) for the queries from ``q_offset`` (a KV cache holds the others)."""
     tokens = int(layout.valid[:, q_offset:].sum())
-    pairs = int(mask.sum())
-    linear = layers * LINEAR_PER_TOKEN["hstu"] * tokens * d * d
-    attention = layers * 4 * pairs * d
-    if last_from > q_offset:  # the last block: its queries before last_from dropped
-        before = int(layout.valid[:, q_offset:last_from].sum())
-        linear -= (LINEAR_PER_TOKEN["hstu"] - 4) * before * d * d
-        attention -= 4 * int(mask[:, :last_from - q_offset].sum()) * d
-    return float(linear), float(attention)
+    pairs = int(build_mask(layout)[:, q_offset:].sum())
+    return float(layers * LINEAR_PER_TOKEN["hstu"] * tokens * d * d), float(layers * 4 * pairs * d)

@@ -14,9 +14,6 @@ Attention cost per layer: N²/2 (real causal) + N²/2 (fake cross) ≈ N², agai
 Serving runs the history through the real flow once (KV cache) and scores candidates as fake tokens.
 ``fake_flow="targets"`` builds fake tokens for the target events only (``[real N | fake T]``,
 :func:`~genrec.nn.events.target_dual_flow_layout`): the same model and logits, N + T tokens a step.
-The fake flow is the sequence's tail, so the last block queries it alone
-(:meth:`~genrec.nn.hstu.HSTUBlock.forward`'s ``queries_from``): there the real tokens give keys and
-values only, as a KV cache's history does, since no prediction reads their outputs.
 Features: item id, action, position and time through HSTU's relative bias.
 """
 
@@ -78,12 +75,6 @@ def training_layout(ev: Events, batch: JaggedBatch, fake_flow: str) -> tuple[Tok
     return dual_flow_layout(ev), None  # [B, 2N]
 
 
-def _real_flow_length(batch: JaggedBatch) -> int:
-    """Where a training layout's fake flow starts: the tokens its last block queries (the loader's
-    plan prepares that block's attention for it)."""
-    return batch.max_len
-
-
 def _batch_layout(batch: JaggedBatch, fake_flow: str) -> TokenLayout:
     """The layout :meth:`DFGR.target_hidden` hands its blocks, from the batch alone (for the loader)."""
     ev = Events.from_batch(batch)
@@ -134,10 +125,8 @@ class DFGR(GenerativeRanker):
         return self.heads.candidate_logits(self.norm(hidden))
 
     def layout_plan(self, dtype: torch.dtype) -> LayoutPlan | None:
-        *inner, last = self.blocks
         return LayoutPlan.of(partial(_batch_layout, fake_flow=self.cfg.fake_flow),
-                             [*(block.attention_spec() for block in inner), last.attention_spec(_real_flow_length)],
-                             dtype)
+                             (block.attention_spec() for block in self.blocks), dtype)
 
     def target_hidden(self, batch: JaggedBatch) -> torch.Tensor:
         ev = Events.from_batch(batch)
@@ -153,12 +142,9 @@ class DFGR(GenerativeRanker):
         fake_flow, layout = self.fake_flow(fake_items, layout)
         layout.seed(batch.known_layout)
         x = torch.cat([real_flow, fake_flow], dim=1)  # [B, N + T or 2N, D]
-        *inner, last = self.blocks
-        for block in inner:
+        for block in self.blocks:
             x = block(x, layout)
-        # the last block queries the fake flow only: the real flow's outputs there are read by nothing
-        x = last(x, layout, queries_from=real_flow.shape[1])  # [B, T or N, D]
-        return rows_at(self.norm(x), at_targets, batch.num_targets)  # fake flow at targets
+        return rows_at(self.norm(x[:, real_flow.shape[1]:]), at_targets, batch.num_targets)  # fake flow at targets
 
     def score(self, history: JaggedBatch, candidates: torch.Tensor, request_time: torch.Tensor) -> torch.Tensor:
         return self.kv_serving.score(history, candidates, request_time)

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from genrec.nn.kv_cache import LayerCache
-from genrec.nn.prepared import AttentionSpec, QueriesFrom
+from genrec.nn.prepared import AttentionSpec
 from genrec.ops.dispatch import AttentionBackend
 from genrec.ops.layout import TokenLayout
 
@@ -49,35 +49,20 @@ class HSTUBlock(nn.Module):
         self.rel_pos = nn.Parameter(torch.zeros(num_heads, num_position_buckets)) if relative_bias else None
         self.rel_time = nn.Parameter(torch.zeros(num_heads, num_time_buckets)) if relative_bias else None
 
-    def attention_spec(self, queries_from: QueriesFrom | None = None) -> AttentionSpec | None:
+    def attention_spec(self) -> AttentionSpec | None:
         """What a :class:`~genrec.nn.prepared.LayoutPlan` prepares for this block (None: its backend
-        prepares nothing); ``queries_from``: where the model calls it with ``queries_from``, the
-        batch's first queried token (:meth:`forward`)."""
+        prepares nothing)."""
         if self.backend.prepare_hstu is None:
             return None
         slots = (None, None) if self.rel_pos is None else (self.rel_pos.shape[1], self.rel_time.shape[1])
-        return AttentionSpec(self.backend, self.uvqk.in_features // self.num_heads, *slots, queries_from)
+        return AttentionSpec(self.backend, self.uvqk.in_features // self.num_heads, *slots)
 
-    def forward(self, x: torch.Tensor, layout: TokenLayout, cache: LayerCache | None = None,
-                queries_from: int = 0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, layout: TokenLayout, cache: LayerCache | None = None) -> torch.Tensor:
         """``x`` ``[B, n, D]``: all of the layout's tokens, or with a ``cache`` the new tokens after the
-        cached ones (their keys and values are added to it). ``queries_from``: only the tokens from
-        there on are queried and returned, ``[B, n - queries_from, D]``; the earlier ones give their
-        keys and values alone (the ``V, K`` rows of ``W1``). A model whose predictions read a suffix
-        of the last block's tokens (DFGR's fake flow) skips the rest of that block for the others:
-        their outputs would be read by nothing."""
-        if cache is not None and queries_from:
-            raise ValueError("queries_from and a KV cache both set the queries' offset: give one")
+        cached ones (their keys and values are added to it)."""
         b, n, d = x.shape
-        h = self.norm_in(x)
-        u, v, q, k = F.silu(self.uvqk(h[:, queries_from:])).chunk(4, dim=-1)  # each [B, n - queries_from, D]
-        q_offset = queries_from
-        if queries_from:  # the keys and values of the tokens before: [B, queries_from, D] each
-            rows = self.uvqk.weight.view(4, d, d)[1::2].reshape(2 * d, d)  # V and K rows
-            v_before, k_before = F.silu(F.linear(h[:, :queries_from], rows,
-                                                 self.uvqk.bias.view(4, d)[1::2].reshape(2 * d))).chunk(2, dim=-1)
-            v, k = torch.cat([v_before, v], 1), torch.cat([k_before, k], 1)  # [B, n, D]
-            x = x[:, queries_from:]
+        u, v, q, k = F.silu(self.uvqk(self.norm_in(x))).chunk(4, dim=-1)  # each [B, n, D]
+        q_offset = 0
         if cache is not None:
             k, v, q_offset = cache.write(k, v)  # [B, q_offset + n, D]
 
@@ -85,6 +70,6 @@ class HSTUBlock(nn.Module):
             return t.view(b, t.shape[1], self.num_heads, d // self.num_heads).transpose(1, 2)  # [B, H, L, Dh]
 
         a = self.backend.hstu_attention(heads(q), heads(k), heads(v), layout, self.rel_pos, self.rel_time,
-                                        self.attn_scale, q_offset)  # [B, H, n - queries_from, Dh]
-        a = a.transpose(1, 2).reshape(b, x.shape[1], d)
+                                        self.attn_scale, q_offset)  # [B, H, n, Dh]
+        a = a.transpose(1, 2).reshape(b, n, d)
         return x + self.dropout(self.out(self.norm_attn(a) * u))

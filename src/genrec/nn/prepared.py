@@ -23,21 +23,16 @@ from genrec.data.batching import JaggedBatch
 from genrec.ops.dispatch import AttentionBackend
 from genrec.ops.layout import PreparedLayout, TokenLayout
 
-QueriesFrom = Callable[[JaggedBatch], int]  # a batch -> the first token a block queries (picklable)
-
 
 @dataclass(frozen=True)
 class AttentionSpec:
-    """What one block's HSTU attention needs from a layout: its backend, head dim, bias tables'
-    slots (None: no bias) and, for a block that queries a suffix of the tokens only
-    (:meth:`genrec.nn.hstu.HSTUBlock.forward`'s ``queries_from``), where that starts in a batch
-    (None: every token)."""
+    """What one block's HSTU attention needs from a layout: its backend, head dim and bias tables'
+    slots (None: no bias)."""
 
     backend: AttentionBackend
     head_dim: int
     num_pos: int | None
     num_time: int | None
-    queries_from: QueriesFrom | None = None
 
 
 @dataclass(frozen=True)
@@ -65,7 +60,6 @@ class LayoutPlan:
         layout = self.batch_layout(batch)
         keys: dict[tuple, None] = {}
         for spec in self.attention:
-            q_offset = 0 if spec.queries_from is None else spec.queries_from(batch)
             keys.update(dict.fromkeys(spec.backend.prepare_hstu(layout, spec.head_dim, self.dtype, spec.num_pos,
-                                                                spec.num_time, self.grads, q_offset)))
+                                                                spec.num_time, self.grads)))
         return layout.prepared(keys)
