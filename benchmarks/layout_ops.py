@@ -63,9 +63,7 @@ class _Counting(TorchDispatchMode):
 def count(name: str, n: int, batch: int, head_dim: int) -> tuple[list[dict], Counter]:
     """Per-stage op counts of one model's layout build, and the bias schedules' ops by caller."""
     data = speed.synthetic_batch(batch, n, 0, device="cpu", target_share=0.1 if name == "dfgr_sparse" else 1.0)
-    config = hstu.DEFAULT_CONFIG
-    tiles = config.tiles(head_dim, torch.bfloat16)
-    split = hstu._splits_bias_grads(True, config.dq_separate, tiles[1], tiles[2])
+    tiles = hstu.DEFAULT_CONFIG.tiles(head_dim, torch.bfloat16)
     counts, by_caller = {}, Counter()
     with host_checked(data.timestamps):
         stages = iter(STAGES)
@@ -84,8 +82,7 @@ def count(name: str, n: int, batch: int, head_dim: int) -> tuple[list[dict], Cou
             hstu._kernel_meta(layout)  # counted above: the schedules' stage starts from it
             before = (mode.ops, mode.views)
             by_caller_before = Counter(mode.callers)
-            hstu._bias_flags(layout, True, config.dq_separate, tiles, 0, n + 1, 32, split,
-                             bands=head_dim <= hstu.BAND_MAX_DIM)  # as _plan decides
+            hstu.prepare_attention(layout, head_dim, torch.bfloat16, n + 1, 32, grads=True)  # as a step reads them
             counts[next(stages)] = (mode.ops - before[0], mode.views - before[1])
             by_caller = mode.callers - by_caller_before
         host = speed.TRAIN_LAYOUTS[name](Events.from_batch(data))  # the loader's build, then the step's copy
@@ -120,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     text = report.markdown_table(rows, ["model", "n", "batch", "stage", "ops", "views", "launching"])
     text += ("\nOps dispatched per layout build, counted on the CPU; `launching` = ops less views. "
              "`schedules_bias_grads`: what the fused attention builds with the bias in training "
-             "(after the layout and metadata, which it shares). `prepared_copy`: what the step runs instead of "
+             "(`prepare_attention`: the schedules and the per-token rows padded to a multiple of 16; "
+             "after the layout and metadata, which it shares). `prepared_copy`: what the step runs instead of "
              "`kernel_meta` and `schedules_bias_grads` when the training loader built them on the host "
              "(`genrec.nn.prepared`, the trainer's path): one host-to-device copy per tensor of the plan.\n")
     first = args.models.split(",")[0]
