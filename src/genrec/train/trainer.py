@@ -336,10 +336,11 @@ class Trainer:
             except torch._dynamo.exc.BackendCompilerFailed as e:
                 if not t.compile:
                     raise
-                cause = (str(e).strip().splitlines() or ["-"])[-1]
+                inner = getattr(e, "inner_exception", e)  # what the compiler raised, not dynamo's advice
+                cause = (str(inner).strip().splitlines() or ["-"])[0]
                 raise ConfigError(f"train.compile: torch {torch.__version__} failed to compile {self.cfg.model}'s "
                                   f"step on a batch of {batch.batch_size} x {batch.max_len} events "
-                                  f"({type(e).__name__}: {cause}); set train.compile=false") from e
+                                  f"({type(inner).__name__}: {cause}); set train.compile=false") from e
         self.optimizer.zero_grad(set_to_none=True)
         (losses["loss"] * self.strategy.loss_scale(batch)).backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
