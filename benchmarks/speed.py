@@ -47,6 +47,10 @@ Three parts, each a table in the result file:
   beside the target without one. ``--train-compile`` times the models ``torch.compile``'d (``genrec
   train``'s ``train.compile``): train rows of mode ``compiled``, no layout rows; the ratio rows pair
   them with each other, and the training targets read them where they cover every eager shape.
+  ``--train-cuda-graphs`` (with ``--train-compile``) replays those steps as CUDA graphs (``genrec
+  train``'s ``train.cuda_graphs``): rows of mode ``compiled, CUDA graphs``, paired with each other
+  and counted among the compiled rows by the targets. Their ``peak_mem_gb`` leaves out the graphs'
+  memory pool, allocated while they were recorded in the warm-up steps before the counter's reset.
   ``--train-no-bias`` times the models without the relative bias (``model_args.relative_bias:
   false``): train and layout rows of mode ``no bias`` (``compiled, no bias`` with both), paired with
   each other; the training targets take the worst over the biased rows and these (issue 14: "bias
@@ -333,15 +337,18 @@ def infer_gflop_per_request(model, ev: Events, m: int, micro: int, cached: bool,
     return total / 1e9
 
 
-def _train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, batch: JaggedBatch) -> None:
+def _train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, batch: JaggedBatch, graphs: bool) -> None:
     """One step on a host batch as :meth:`genrec.train.trainer.Trainer.queue_step` takes it on a GPU:
     the batch in pinned memory (the trainer's loaders pin it), its times checked on the host
     (:func:`genrec.ops.layout.host_checked`), moved to the GPU, the forward run under bf16 autocast
-    without reading the time span back, the gradients clipped, a fused AdamW step; nothing read back."""
+    without reading the time span back (``graphs``: a new step of the compiled model's CUDA graphs,
+    as ``train.cuda_graphs`` marks it), the gradients clipped, a fused AdamW step; nothing read back."""
     times_checked = host_checked(batch.timestamps)
     batch = batch.to("cuda")
     opt.zero_grad(set_to_none=True)
     with torch.autocast("cuda", dtype=torch.bfloat16), times_checked:
+        if graphs:
+            torch.compiler.cudagraph_mark_step_begin()
         loss = model(batch)["loss"]
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -357,21 +364,22 @@ def _train_step_windows(model: torch.nn.Module, data: list[JaggedBatch], args) -
     steps, compiled) varies from window to window with the host. Resets the peak-memory counter
     after the warm-up."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    _queue_steps(model, opt, data, 3)
+    _queue_steps(model, opt, data, 3, args.train_cuda_graphs)
     torch.cuda.reset_peak_memory_stats()
     windows = []
     for _ in range(args.train_windows):
         start = time.perf_counter()
-        _queue_steps(model, opt, data, args.train_steps)
+        _queue_steps(model, opt, data, args.train_steps, args.train_cuda_graphs)
         windows.append((time.perf_counter() - start) / args.train_steps * 1e3)
     return windows
 
 
-def _queue_steps(model: torch.nn.Module, opt: torch.optim.Optimizer, data: list[JaggedBatch], steps: int) -> None:
+def _queue_steps(model: torch.nn.Module, opt: torch.optim.Optimizer, data: list[JaggedBatch], steps: int,
+                 graphs: bool) -> None:
     """``steps`` steps (:func:`_train_step`) on ``data`` in turn, queued back to back; returns once the
     GPU has run the last."""
     for i in range(steps):
-        _train_step(model, opt, data[i % len(data)])
+        _train_step(model, opt, data[i % len(data)], graphs)
     torch.cuda.synchronize()
 
 
@@ -411,11 +419,11 @@ def _profiled(run, steps: int) -> dict[str, float]:
     return kernel_fields(device_ms, steps)
 
 
-def _step_kernels(model: torch.nn.Module, data: list[JaggedBatch], steps: int = 3) -> dict[str, float]:
+def _step_kernels(model: torch.nn.Module, data: list[JaggedBatch], graphs: bool, steps: int = 3) -> dict[str, float]:
     """:func:`_profiled` training steps (:func:`_train_step`, after one warm-up)."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    _queue_steps(model, opt, data, 1)
-    return _profiled(lambda: _queue_steps(model, opt, data, steps), steps)
+    _queue_steps(model, opt, data, 1, graphs)
+    return _profiled(lambda: _queue_steps(model, opt, data, steps, graphs), steps)
 
 
 @contextmanager
@@ -538,9 +546,11 @@ NO_BIAS = "no bias"  # the mode of train and layout rows of models without the r
 
 
 def train_mode(args) -> str | None:
-    """A train row's mode: ``compiled`` (``--train-compile``), ``no bias`` (``--train-no-bias``), both,
-    or None (eager, the models' bias on)."""
-    return ", ".join(m for m, on in (("compiled", args.train_compile), (NO_BIAS, args.train_no_bias)) if on) or None
+    """A train row's mode: ``compiled`` (``--train-compile``) or ``compiled, CUDA graphs``
+    (``--train-cuda-graphs``), ``no bias`` (``--train-no-bias``), both, or None (eager, the models'
+    bias on)."""
+    compiled = "compiled, CUDA graphs" if args.train_cuda_graphs else "compiled"
+    return ", ".join(m for m, on in ((compiled, args.train_compile), (NO_BIAS, args.train_no_bias)) if on) or None
 
 
 def _train_model_rows(name: str, n: int, share: float, data: list[JaggedBatch], args, peak: float) -> list[dict]:
@@ -549,7 +559,8 @@ def _train_model_rows(name: str, n: int, share: float, data: list[JaggedBatch], 
     torch.manual_seed(0)
     model = make_model(name, n, args, relative_bias=not args.train_no_bias).train()
     planned = [prepared(model, b)[0] if name in TRAIN_LAYOUTS else b for b in data]  # as the trainer's loader
-    step_model = torch.compile(model, options=COMPILE_OPTIONS) if args.train_compile else model  # as the trainer
+    options = COMPILE_OPTIONS | ({"triton.cudagraphs": True} if args.train_cuda_graphs else {})  # as the trainer
+    step_model = torch.compile(model, options=options) if args.train_compile else model
     windows = _train_step_windows(step_model, planned, args)
     step_ms = statistics.median(windows)
     seconds = step_ms / 1e3
@@ -564,7 +575,7 @@ def _train_model_rows(name: str, n: int, share: float, data: list[JaggedBatch], 
              "mfu": gflop * events_per_s / 1e3 / peak if gflop else None,
              **({"mode": mode} if mode else {})}]
     if args.train_profile:
-        rows[-1] |= _step_kernels(step_model, planned)
+        rows[-1] |= _step_kernels(step_model, planned, args.train_cuda_graphs)
     print(f"train {name:11s} N={n:5d} targets {share:4.2f} B={batch:4d} {step_ms:8.2f} ms/step "
           f"{events_per_s:12.0f} events/s mfu {rows[-1]['mfu'] or float('nan'):.3f} {mode or ''}",
           flush=True)
@@ -880,6 +891,8 @@ def main(argv: list[str] | None = None) -> int:
                         "step_ms is their median (step_ms_windows each)")
     parser.add_argument("--train-compile", action="store_true", help="train rows of torch.compile'd models "
                         "(genrec train's train.compile; mode 'compiled', no layout rows)")
+    parser.add_argument("--train-cuda-graphs", action="store_true", help="with --train-compile: the compiled steps "
+                        "replayed as CUDA graphs (genrec train's train.cuda_graphs; mode 'compiled, CUDA graphs')")
     parser.add_argument("--train-no-bias", action="store_true", help="train (and layout) rows of the models "
                         "without the relative bias (model_args.relative_bias false; mode 'no bias')")
     parser.add_argument("--train-profile", action="store_true", help="profile 3 more steps per train row: its "
@@ -903,6 +916,8 @@ def main(argv: list[str] | None = None) -> int:
                         "each naming its run in meta.runs (one device call is limited in time: run the parts in "
                         "turn, the kernel part last, as the tables quote this run's matmul peak)")
     args = parser.parse_args(argv)
+    if args.train_cuda_graphs and not args.train_compile:
+        parser.error("--train-cuda-graphs replays the compiled steps: add --train-compile")
     if args.tables:
         data = json.loads(Path(args.tables).read_text())
         write(data["rows"], data["meta"], Path(args.tables).with_suffix(""))

@@ -73,9 +73,10 @@ def test_rows_without_the_relative_bias_pair_with_each_other_and_count_in_the_tr
     worst over both; compiled rows must cover the eager shapes of both."""
     import argparse
 
-    assert [speed.train_mode(argparse.Namespace(train_compile=c, train_no_bias=b)) for c, b in
-            ((False, False), (True, False), (False, True), (True, True))] == [
-        None, "compiled", "no bias", "compiled, no bias"]
+    assert [speed.train_mode(argparse.Namespace(train_compile=c, train_no_bias=b, train_cuda_graphs=g)) for c, b, g in
+            ((False, False, False), (True, False, False), (False, True, False), (True, True, False),
+             (True, False, True), (True, True, True))] == [
+        None, "compiled", "no bias", "compiled, no bias", "compiled, CUDA graphs", "compiled, CUDA graphs, no bias"]
     biased = [_train("hstu", 1024, 1.0, 100.0, 2.0), _train("dfgr", 1024, 1.0, 140.0, 1.5)]
     plain = [r | {"mode": "no bias", "train_events_per_s": s}
              for r, s in zip(biased, (200.0, 220.0), strict=True)]

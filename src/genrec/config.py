@@ -83,6 +83,12 @@ class TrainConfig:
     # this setting (torch 2.11's inductor failed on sparse DFGR at N = 2048 until its coalesced-tiling
     # analysis was switched off: genrec.train.trainer.COMPILE_OPTIONS, pytorch/pytorch#197077)
     compile: bool = False
+    # with train.compile, on a CUDA device: replay the compiled forward and backward as CUDA graphs
+    # (inductor's cudagraph trees), so the step's hundreds of kernel launches cost the host one replay
+    # each; a step that is short on the GPU (sparse DFGR) is otherwise bound by the host that queues it.
+    # Each new batch shape records a graph of its own (fixed-shape batches suit it best). One process
+    # only. Its trainer test has not yet passed on a GPU (README, GPU section)
+    cuda_graphs: bool = False
     deterministic: bool = True  # CPU: deterministic kernels, so repeated and resumed runs are bit-identical
     # validation metric to select and stop on; "auc+ndcg@10" sums several; "ndcg@10,auc" selects per task:
     # each has its own patience and best weights (best/<metric>/), training stops when every one has

@@ -75,6 +75,43 @@ def test_a_compiled_training_step_takes_the_same_step_as_the_eager_one(tmp_path,
         torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-5)
 
 
+@pytest.mark.parametrize("settings", [["train.cuda_graphs=true"], ["train.cuda_graphs=true", "train.compile=true",
+                                                                  "train.device=cpu"]], ids=["eager", "cpu"])
+def test_cuda_graphs_without_a_compiled_step_on_a_gpu_is_a_clear_error(tmp_path, shared_data, settings):
+    with pytest.raises(ConfigError, match=r"train.cuda_graphs replays the compiled step on a CUDA device"):
+        Trainer(load(None, [f"data.data_dir={shared_data}", "data.max_len=30", "model=hstu", "model_args.d_model=16",
+                            "train.progress=false", "train.tensorboard=false", f"train.out_dir={tmp_path / 'run'}",
+                            *settings]))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+@pytest.mark.parametrize("model", [["model=hstu"], ["model=dfgr", "model_args.fake_flow=targets"]],
+                         ids=["hstu", "dfgr_sparse"])
+def test_a_step_replayed_as_cuda_graphs_takes_the_compiled_step(tmp_path, shared_data, model):
+    """train.cuda_graphs: four steps queued back to back as the epoch loop queues them (each row read
+    only after the next steps replayed the same graphs) log the compiled step's losses and grad norms
+    and leave its weights (float32 on the fused backend, no dropout)."""
+    runs = []
+    for graphs in (False, True):
+        trainer = Trainer(load(None, [f"data.data_dir={shared_data}", "data.max_len=30", "data.batch_size=64",
+                                      *model, "model_args.d_model=32", "model_args.dropout=0",
+                                      "model_args.attention_backend=triton", "train.bf16=false", "train.compile=true",
+                                      f"train.cuda_graphs={str(graphs).lower()}", "train.progress=false",
+                                      "train.tensorboard=false", f"train.out_dir={tmp_path / str(graphs)}"]))
+        state = trainer.start("overwrite")
+        batches = iter(trainer.train_loader)
+        queued = [trainer.queue_step(next(batches), state) for _ in range(4)]
+        rows = [q.read() for q in queued]
+        weights = [p.detach().clone() for p in trainer.model.parameters()]
+        runs.append(([r["loss"] for r in rows], [r["grad_norm"] for r in rows], weights))
+    (losses, norms, weights), (graph_losses, graph_norms, graph_weights) = runs
+    assert len(set(graph_losses)) == 4  # four steps' own values, none overwritten by a later replay
+    assert graph_losses == pytest.approx(losses, rel=1e-4)
+    assert graph_norms == pytest.approx(norms, rel=1e-4)
+    for got, want in zip(graph_weights, weights, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-5)
+
+
 # what torch raised: inductor on an H100 for sparse DFGR at N = 2048 (torch 2.11, an assertion in its
 # tiling analysis), and on the CPU for sparse DFGR's second batch shape (torch 2.13, its symbolic
 # shapes' value ranges); the error names the compiler's exception, not dynamo's advice after it

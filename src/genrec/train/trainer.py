@@ -162,8 +162,14 @@ class Trainer:
             checkpoint.load_weights(self.model, weights)
         self.model.to(self.device)
         self.train_model = self.strategy.wrap(self.model, self.device)
+        if t.cuda_graphs and not (t.compile and self.device.type == "cuda" and self.strategy.world_size == 1):
+            raise ConfigError(f"train.cuda_graphs replays the compiled step on a CUDA device, in one process (its "
+                              f"replay beside DDP's or FSDP2's collectives is untested): it needs train.compile=true, "
+                              f"a CUDA device and no --nproc (here train.compile={str(t.compile).lower()}, device "
+                              f"{self.device}, {self.strategy.world_size} process(es))")
         if t.compile:  # the step's module only: evaluation and checkpoints use the model itself
-            self.train_model = torch.compile(self.train_model, options=COMPILE_OPTIONS)
+            options = COMPILE_OPTIONS | ({"triton.cudagraphs": True} if t.cuda_graphs else {})
+            self.train_model = torch.compile(self.train_model, options=options)
         decay = [p for n, p in self.model.named_parameters() if p.ndim >= 2 and "emb" not in n]
         other = [p for n, p in self.model.named_parameters() if not (p.ndim >= 2 and "emb" not in n)]
         # fused on a GPU: a few kernels per step, where the default (foreach) dispatches ~110 ops
@@ -332,6 +338,8 @@ class Trainer:
         host_batch, batch = batch, batch.to(self.device)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast), times_checked:
             try:
+                if t.cuda_graphs:  # a new step: the graphs' outputs of the last one may be overwritten
+                    torch.compiler.cudagraph_mark_step_begin()
                 losses = self.train_model(batch)
             except torch._dynamo.exc.BackendCompilerFailed as e:
                 if not t.compile:
@@ -341,6 +349,8 @@ class Trainer:
                 raise ConfigError(f"train.compile: torch {torch.__version__} failed to compile {self.cfg.model}'s "
                                   f"step on a batch of {batch.batch_size} x {batch.max_len} events "
                                   f"({type(inner).__name__}: {cause}); set train.compile=false") from e
+        if t.cuda_graphs:  # copies out of the graphs' memory, which the next step's replay overwrites
+            losses = {k: v.clone() for k, v in losses.items()}  # before this step's row is read
         self.optimizer.zero_grad(set_to_none=True)
         (losses["loss"] * self.strategy.loss_scale(batch)).backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
