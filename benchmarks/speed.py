@@ -100,7 +100,7 @@ from genrec.models import MODELS, build_model
 from genrec.nn.events import Events, dual_flow_layout, item_action_layout, target_dual_flow_layout
 from genrec.nn.kv_cache import in_micro_batches
 from genrec.ops.layout import TokenLayout, host_checked, times_within_limit
-from genrec.train.trainer import COMPILE_OPTIONS
+from genrec.train.trainer import compile_options
 
 ROOT = Path(__file__).resolve().parent.parent
 NUM_ITEMS = 100_000
@@ -559,8 +559,8 @@ def _train_model_rows(name: str, n: int, share: float, data: list[JaggedBatch], 
     torch.manual_seed(0)
     model = make_model(name, n, args, relative_bias=not args.train_no_bias).train()
     planned = [prepared(model, b)[0] if name in TRAIN_LAYOUTS else b for b in data]  # as the trainer's loader
-    options = COMPILE_OPTIONS | ({"triton.cudagraphs": True} if args.train_cuda_graphs else {})  # as the trainer
-    step_model = torch.compile(model, options=options) if args.train_compile else model
+    step_model = (torch.compile(model, options=compile_options(args.train_cuda_graphs)) if args.train_compile
+                  else model)  # as the trainer
     windows = _train_step_windows(step_model, planned, args)
     step_ms = statistics.median(windows)
     seconds = step_ms / 1e3

@@ -57,6 +57,12 @@ from genrec.train.throughput import EpochMeter
 COMPILE_OPTIONS = {"triton.coalesce_tiling_analysis": False}
 
 
+def compile_options(cuda_graphs: bool) -> dict:
+    """The step's inductor options: :data:`COMPILE_OPTIONS`, with ``train.cuda_graphs`` inductor's
+    CUDA graphs (its cudagraph trees) on."""
+    return COMPILE_OPTIONS | ({"triton.cudagraphs": True} if cuda_graphs else {})
+
+
 def lr_at(step: int, base: float, warmup: int, total: int, min_ratio: float) -> float:
     """Linear warm-up over ``warmup`` steps, then cosine from ``base`` down to ``base * min_ratio``."""
     if step < warmup:
@@ -168,8 +174,7 @@ class Trainer:
                               f"a CUDA device and no --nproc (here train.compile={str(t.compile).lower()}, device "
                               f"{self.device}, {self.strategy.world_size} process(es))")
         if t.compile:  # the step's module only: evaluation and checkpoints use the model itself
-            options = COMPILE_OPTIONS | ({"triton.cudagraphs": True} if t.cuda_graphs else {})
-            self.train_model = torch.compile(self.train_model, options=options)
+            self.train_model = torch.compile(self.train_model, options=compile_options(t.cuda_graphs))
         decay = [p for n, p in self.model.named_parameters() if p.ndim >= 2 and "emb" not in n]
         other = [p for n, p in self.model.named_parameters() if not (p.ndim >= 2 and "emb" not in n)]
         # fused on a GPU: a few kernels per step, where the default (foreach) dispatches ~110 ops
