@@ -3,7 +3,7 @@
 What the Python side of :func:`genrec.ops.triton.hstu.hstu_attention` costs per call: the plan
 lookups, the custom op's dispatch and, with gradients, its autograd wrapper and the backward op.
 A step of a short sequence can take less time on the GPU than the host needs to issue it (eager
-training of sparse DFGR at N = 1024: README, GPU section), so this time is a floor of the eager
+training of sparse DFGR at N = 1024: docs/gpu-performance-log.md), so this time is a floor of the eager
 step. The Triton launches are replaced by no-ops, so the numbers leave out Triton's launcher; the
 tensors are small (one head of dim 16) so that allocating the gradients costs little on the CPU.
 Sparse DFGR's training layout at N = 1024, 32 sequences, targets the last 10 %, without and with

@@ -6,7 +6,7 @@ the CPU, the tile pairs those kernels visit on the same synthetic batches (the s
 ``synthetic_batch``, the same token layout and the tiles of the row's head dim) and divides. If the
 sparse fake flow of DFGR took HSTU's time per pair, its attention would be HSTU's times its share
 of the pairs; where it takes longer, that, not the pair count, holds its training ratio down
-(README, GPU section: the sparse target at N = 1024 and 2048).
+(docs/gpu-performance-log.md: the sparse target at N = 1024 and 2048).
 
 Per row: the pairs the forward and dQ kernels visit (query tiles against the key tiles their
 schedule lists) and the dK/dV kernel's (the transpose), over all sequences, heads and layers; the
