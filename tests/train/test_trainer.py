@@ -77,9 +77,11 @@ def test_a_compiled_training_step_takes_the_same_step_as_the_eager_one(tmp_path,
 
 @pytest.mark.parametrize("settings", [["train.cuda_graphs=true"], ["train.cuda_graphs=true", "train.compile=true",
                                                                   "train.device=cpu"]], ids=["eager", "cpu"])
-def test_cuda_graphs_without_a_compiled_step_on_a_gpu_is_a_clear_error(tmp_path, shared_data, settings):
+def test_cuda_graphs_without_a_compiled_step_on_a_gpu_is_a_clear_error(tmp_path, settings):
+    """Raised before any data is read: the data directory here holds no dataset."""
     with pytest.raises(ConfigError, match=r"train.cuda_graphs replays the compiled step on a CUDA device"):
-        Trainer(load(None, [f"data.data_dir={shared_data}", "data.max_len=30", "model=hstu", "model_args.d_model=16",
+        Trainer(load(None, [f"data.data_dir={tmp_path / 'no-data'}", "data.allow_download=false", "data.max_len=30",
+                            "model=hstu", "model_args.d_model=16",
                             "train.progress=false", "train.tensorboard=false", f"train.out_dir={tmp_path / 'run'}",
                             *settings]))
 

@@ -145,6 +145,11 @@ class Trainer:
         self.cfg = cfg
         self.out = Path(t.out_dir)
         self.device = self.strategy.device(t.device)
+        if t.cuda_graphs and not (t.compile and self.device.type == "cuda" and self.strategy.world_size == 1):
+            raise ConfigError(f"train.cuda_graphs replays the compiled step on a CUDA device, in one process (its "
+                              f"replay beside DDP's or FSDP2's collectives is untested): it needs train.compile=true, "
+                              f"a CUDA device and no --nproc (here train.compile={str(t.compile).lower()}, device "
+                              f"{self.device}, {self.strategy.world_size} process(es))")
         if t.deterministic and self.device.type == "cpu":
             # multithreaded CPU kernels (e.g. index accumulation) otherwise sum in scheduling order,
             # and two runs of one config drift apart in the last bits. GPU runs keep the fast kernels.
@@ -168,11 +173,6 @@ class Trainer:
             checkpoint.load_weights(self.model, weights)
         self.model.to(self.device)
         self.train_model = self.strategy.wrap(self.model, self.device)
-        if t.cuda_graphs and not (t.compile and self.device.type == "cuda" and self.strategy.world_size == 1):
-            raise ConfigError(f"train.cuda_graphs replays the compiled step on a CUDA device, in one process (its "
-                              f"replay beside DDP's or FSDP2's collectives is untested): it needs train.compile=true, "
-                              f"a CUDA device and no --nproc (here train.compile={str(t.compile).lower()}, device "
-                              f"{self.device}, {self.strategy.world_size} process(es))")
         if t.compile:  # the step's module only: evaluation and checkpoints use the model itself
             self.train_model = torch.compile(self.train_model, options=compile_options(t.cuda_graphs))
         decay = [p for n, p in self.model.named_parameters() if p.ndim >= 2 and "emb" not in n]
