@@ -31,7 +31,7 @@ from tests.models.test_generative import INFO, make_model
 def test_exported_package_scores_equal_eager_scores(tmp_path):
     model = make_model("dfgr", torch.float32, num_layers=1, d_model=8, num_heads=1)  # smallest: compile time
     start = time.perf_counter()
-    package = export(model, tmp_path / "dfgr" / "1" / "model.pt2", INFO.num_items,
+    package = export(model, str(tmp_path / "dfgr" / "1" / "model.pt2"), INFO.num_items,  # a str path too
                      ExportShapes(max_batch=4, max_history=32, max_candidates=8))
     print(f"export (with its own fresh-process check) took {time.perf_counter() - start:.1f} s")
     scorer = Scorer(model, torch.device("cpu"), 3.0)

@@ -16,12 +16,13 @@ A fresh process, not this one, because loading runs native code (the package's s
 AOTInductor's loader): a crash there becomes a :class:`PackageError` that names the signal and the
 torch version instead of ending the caller, and the check sees the package as a serving process
 (Triton, a C++ runner) does, without the exporting process's compiler state. (On the GPU machines'
-torch 2.11 ``aoti_load_package`` died with SIGSEGV in the process that had just compiled the package,
-issue 15.)
+torch 2.11 ``aoti_load_package`` dies with SIGSEGV on any CPU package, a bare ``nn.Linear``'s too, in
+the compiling process and in a fresh one; there this check reports it and the exporter goes on.)
 """
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -157,11 +158,11 @@ def check_package(package: Path, module: CandidateScoring, shapes: ExportShapes,
     return diff
 
 
-def export(model: RecModel, out: Path, num_items: int, shapes: ExportShapes | None = None,
+def export(model: RecModel, out: str | os.PathLike, num_items: int, shapes: ExportShapes | None = None,
            device: torch.device | None = None) -> Path:
     """Trace, compile and package the model's candidate scoring to ``out`` (a ``.pt2`` file), then
     :func:`check_package` it."""
-    shapes, device = shapes or ExportShapes(), device or torch.device("cpu")
+    out, shapes, device = Path(out), shapes or ExportShapes(), device or torch.device("cpu")
     module = CandidateScoring(model).to(device)
     batch = torch.export.Dim("batch", min=1, max=shapes.max_batch)
     history = torch.export.Dim("history", min=3, max=shapes.max_history)  # 0-2 specialise in tracing
