@@ -108,14 +108,16 @@ def test_small_buckets_give_the_same_store_as_one_bucket(tmp_path):
     assert whole.user_raw == pieces.user_raw
 
 
-def test_duplicate_policy_keeps_the_last_line_or_rejects(tmp_path):
+def test_duplicate_policy_merges_the_signals_or_rejects(tmp_path):
     events = {k: [*v, v[2]] for k, v in EVENTS.items()}
-    events["like"][-1] = 0  # same user, item, time, request as row 3 but a different signal
+    events["like"][-1], events["ratio"][-1] = 0, 1.7  # same user, item, time, request as row 3, other signals
     path = write_parquet(tmp_path / "log.parquet", events)
     logs = []
     seq = load(make(spec_for(path), tmp_path / "s", log=logs.append))
-    assert seq.report["duplicate_events_dropped"] == 1 and any("duplicate" in line for line in logs)
-    assert user_events(seq, "u1")["labels"][2] == [1, 0, 1]  # the later line won
+    assert seq.report["duplicate_events_dropped"] == 1 and any("1 duplicate events" in line for line in logs)
+    u1 = user_events(seq, "u1")
+    assert u1["labels"][2] == [1, 1, 1]  # the earlier line's like is not lost
+    assert u1["values"][2] == pytest.approx([1, 1, 1.7]) and len(u1["items"]) == 4  # one event, each signal's max
     with pytest.raises(DataError, match=r"log.parquet row 3.*duplicate"):
         build(spec_for(path), tmp_path / "s2", StoreConfig(duplicates="error"))
     kept = load(make(spec_for(path), tmp_path / "s3", StoreConfig(min_user_events=1, duplicates="keep")))
@@ -148,6 +150,21 @@ def test_non_numeric_time_names_file_line_and_column(tmp_path):
     path.write_text("\n".join(text) + "\n")
     with pytest.raises(DataError, match=r"log.csv:5: column 't_ms' is 'soon', expected an integer time"):
         scan(spec_for(path))
+
+
+@pytest.mark.parametrize("text,columns,error", [
+    ('user_id,item_id,timestamp,click\n"a\nb",1,10,0\n1,2,20,1\n1,3,30,x\n', None,
+     r"log.csv:5: column 'click' is 'x'"),  # a quoted line break: the record spans lines 2 and 3
+    ("user_id,item_id,timestamp,click\n1,1,10,0\n1,2,20,1,9\n1,3,30,1\n", None,
+     r"log.csv:3: more fields than the 4 columns"),
+    ('1,1,10,0\n"x\n""y""",2,20,1\n1,3,30,1,9\n', ("user_id", "item_id", "timestamp", "click"),
+     r"log.csv:4: more fields than the 4 columns"),  # no header; a quoted field with quotes and a break
+])
+def test_csv_errors_name_the_physical_line(tmp_path, text, columns, error):
+    path = tmp_path / "log.csv"
+    path.write_text(text)
+    with pytest.raises(DataError, match=error):
+        scan(EventLogSpec(str(path), (SignalSpec("click", "click"),), csv_columns=columns))
 
 
 def test_binary_signal_out_of_range_names_the_row(tmp_path):
@@ -204,6 +221,12 @@ def test_spec_from_config_mapping_rejects_unknown_keys(tmp_path):
     assert spec.signals[1] == SignalSpec("watch", "ratio", "graded", 0.5)
     with pytest.raises(ValueError, match="unknown field"):
         EventLogSpec.from_dict({"path": "x", "signals": ["a"], "colour": 1})
+
+
+def test_user_features_are_refused_not_silently_ignored():
+    # no model reads user side features: a config naming them must hear so, not train without them
+    with pytest.raises(ValueError, match=r"unknown field\(s\) \['user_features'\]"):
+        EventLogSpec.from_dict({"path": "x", "signals": ["a"], "user_features": ["age"]})
 
 
 def test_pickled_store_sequences_carry_file_names_not_arrays(tmp_path):
@@ -267,6 +290,32 @@ def test_movielens_ratings_and_tags_become_four_signals(tmp_path):
     assert u2["labels"][2] == [0, 0, 1, 1]  # rated 0.5 and tagged at the same time: one event
     assert len(seq.items) == 7 + 2  # seven ratings and two tag-only events
     assert seq.item_genres[seq.item_raw.index("6")] == ["Action", "Crime", "Thriller"]
+
+
+def test_movielens_signals_cache_sees_files_edited_in_place(tmp_path):
+    import os
+
+    from genrec.data.multisignal import prepare_movielens_signals
+    from genrec.data.preprocess import PrepConfig
+    from tests.conftest import write_ml_csv
+
+    folder = write_ml_csv(tmp_path / "root" / "ml-latest-small")
+    (folder / "tags.csv").write_text("userId,movieId,tag,timestamp\n1,7,remake,1000000500\n")
+
+    def signals():
+        return prepare_movielens_signals("ml-latest-small", ("like", "tagged"), tmp_path / "root",
+                                         PrepConfig(min_user_events=1), allow_download=False, log=lambda *_: None)
+
+    before = signals()
+    assert before.signal_labels.sum(0).tolist() == [5, 1]
+    # the same sizes and modification times, only the contents differ: only a content hash can tell
+    for name, old, new in (("ratings.csv", ",4.0,", ",1.0,"), ("tags.csv", "1,7,", "2,7,")):
+        stat = (folder / name).stat()
+        (folder / name).write_text((folder / name).read_text().replace(old, new))
+        os.utime(folder / name, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    after = signals()
+    assert after.signal_labels.sum(0).tolist() == [2, 1]
+    assert user_events(after, "2")["labels"][0] == [0, 1]  # the tag moved to user 2 (its earliest event)
 
 
 def test_batches_carry_every_signal_of_their_events(tmp_path):

@@ -132,6 +132,15 @@ def test_taobao_reads_headerless_behaviour_rows_as_four_signals(tmp_path):
     assert seq.item_genres[seq.item_raw.index("3830808")] == ["category_id=4181361"]
 
 
+def test_taobao_buy_and_view_in_one_second_stay_a_buy(tmp_path):
+    path = tmp_path / "UserBehavior.csv"
+    path.write_text("1,100,7,pv,1511544070\n1,100,7,buy,1511544090\n1,100,7,pv,1511544090\n1,102,7,pv,1511544100\n")
+    logs = []
+    seq = load(build(public_logs.taobao(path), tmp_path / "s", KEEP_ALL, log=logs.append))
+    assert seq.signal_labels.tolist() == [[1, 0, 0, 0], [1, 0, 0, 1], [1, 0, 0, 0]]  # the pv line came last
+    assert seq.labels.tolist() == [0, 1, 0] and any("1 duplicate events" in line for line in logs)
+
+
 def test_taobao_unknown_behaviour_names_the_line(tmp_path):
     path = tmp_path / "UserBehavior.csv"
     path.write_text(TAOBAO.replace("cart", "like"))
@@ -183,6 +192,16 @@ def test_amazon_line_without_a_rating_names_the_line(tmp_path):
         public_logs.amazon(path)
 
 
+@pytest.mark.parametrize("bad,message", [({"reviewerID": "A", "overall": 5.0, "unixReviewTime": 1},
+                                          "field 'asin' is missing"), ("not json", "not a JSON object")])
+def test_amazon_errors_count_blank_lines_in_the_line_number(tmp_path, bad, message):
+    good = json.dumps(AMAZON_2014[0]) + "\n"
+    path = tmp_path / "reviews.json"
+    path.write_text(good + "\n" + good + (bad if isinstance(bad, str) else json.dumps(bad)) + "\n")
+    with pytest.raises(DataError, match=f"reviews.json:4: {message}"):
+        public_logs.amazon_to_parquet(path, tmp_path / "reviews.parquet")
+
+
 def test_kuairand_download_is_checked_against_zenodos_md5(tmp_path):
     source = write_kuairand(tmp_path / "src")
     archive = tmp_path / "KuaiRand-Pure.tar.gz"
@@ -198,7 +217,35 @@ def test_kuairand_download_is_checked_against_zenodos_md5(tmp_path):
     api.write_text(json.dumps({"files": [{"key": "KuaiRand-1K.tar.gz", "checksum": "md5:" + "0" * 32}]}))
     with pytest.raises(DataError, match="Zenodo publishes 0000"):
         public_logs.ensure_log("kuairand-1k", tmp_path / "root2", url=archive.as_uri(), checksum_api=api.as_uri())
-    assert not any((tmp_path / "root2" / "kuairand-1k").iterdir())  # nothing unverified is kept
+    assert not any((tmp_path / "root2").iterdir())  # nothing unverified is kept
+
+
+def test_kuairand_extraction_killed_midway_is_done_again_not_read_half(tmp_path, monkeypatch):
+    source = write_kuairand(tmp_path / "src")
+    (source / "data" / "log_standard_4_22_to_5_08_pure.csv").write_text(
+        "user_id,video_id,time_ms,is_click,is_like,is_follow,is_comment,is_forward,long_view\n"
+        "9,1,2000,1,0,0,0,0,1\n")
+    archive = tmp_path / "KuaiRand-Pure.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(source, arcname="KuaiRand-Pure")
+    api = tmp_path / "record.json"
+    api.write_text(json.dumps({"files": [{"key": archive.name,
+                                          "checksum": "md5:" + hashlib.md5(archive.read_bytes()).hexdigest()}]}))
+    extract_all = tarfile.TarFile.extractall
+
+    def killed(self, path, **kwargs):  # the process dies after the first log file is out
+        first = next(m for m in self.getmembers() if "log_standard" in m.name)
+        self.extract(first, path, filter="data")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tarfile.TarFile, "extractall", killed)
+    with pytest.raises(KeyboardInterrupt):
+        public_logs.ensure_log("kuairand-pure", tmp_path / "root", url=archive.as_uri(), checksum_api=api.as_uri())
+    assert not any((tmp_path / "root").iterdir())  # no folder that looks complete
+    monkeypatch.setattr(tarfile.TarFile, "extractall", extract_all)
+    folder = public_logs.ensure_log("kuairand-pure", tmp_path / "root", url=archive.as_uri(),
+                                    checksum_api=api.as_uri())
+    assert scan(public_logs.kuairand(folder)).report["source_events"] == 6  # both log files
 
 
 def test_logs_behind_a_form_say_where_to_put_the_files(tmp_path):

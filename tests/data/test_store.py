@@ -13,6 +13,7 @@ from genrec.data.eventlog import EventLogSpec, SignalSpec, scan
 from genrec.data.store import (
     StoreConfig,
     _event_order,
+    _last_of_duplicates,
     _later_duplicates,
     _stable_user_sort,
     _Vocabulary,
@@ -34,8 +35,8 @@ def reference(spec: EventLogSpec, cfg: StoreConfig) -> tuple[pl.DataFrame, dict]
     late = int(df.select((pl.col("row") < pl.col("before")).sum()).item() or 0)
     dup = ~pl.col("item").is_last_distinct().over(group)
     n_dup = int(df.select(dup.sum()).item())
-    if cfg.duplicates == "drop":
-        df = df.filter(~dup)
+    if cfg.duplicates == "drop":  # the last of equal events stays, each signal the max over them
+        df = df.with_columns(pl.col("^sig_.*$").max().over([*group, "item"])).filter(~dup)
     n = pl.len().over("user")
     short = df.filter(n < cfg.min_user_events)
     df = df.filter(n >= cfg.min_user_events)
@@ -125,6 +126,18 @@ def test_later_duplicates_equal_a_hash_of_every_group_and_item(items):
     expected = ~pl.Series(key).is_last_distinct().to_numpy()
     assert expected.any() or items == 10**6
     assert np.array_equal(_later_duplicates(new_group, ic), expected)
+
+
+def test_duplicates_merge_into_the_last_event_of_their_group_and_item():
+    rng = np.random.default_rng(3)
+    sizes = rng.geometric(0.2, 3000)
+    new_group = np.zeros(int(sizes.sum()), dtype=bool)
+    new_group[np.r_[0, np.cumsum(sizes)[:-1]]] = True
+    ic = rng.integers(0, 6, len(new_group)).astype(np.int32)
+    later = _later_duplicates(new_group, ic)
+    frame = pl.DataFrame({"group": np.cumsum(new_group), "item": ic}).with_row_index("pos")
+    last = frame.select(pl.col("pos").last().over("group", "item"))["pos"].to_numpy()
+    assert later.any() and np.array_equal(_last_of_duplicates(new_group, ic, later), last[later])
 
 
 @pytest.mark.parametrize("raw,table", [([7, 3, 3, 12, 7], True), ([7 * 10**15, 3, 3, 12, 7 * 10**15], False),

@@ -2,15 +2,16 @@
 
 An :class:`EventLogSpec` names the files (one file, a folder, or a glob) and which columns hold the
 user, the item, the time, an optional request/session id, one or more action signals and optional
-item/user side features. :func:`scan` validates every file and returns one polars ``LazyFrame`` in
-canonical columns, never materialising the log::
+item side features (no model reads user features, so the spec takes none rather than ignore them).
+:func:`scan` validates every file and returns one polars ``LazyFrame`` in canonical columns, never
+materialising the log::
 
     user, item          raw ids (integer or string, as in the files)
     ts                  int64 time in the spec's ``time_unit``
     request             optional request/session id (any type; equal ids within a user = one request)
     sig_<name>          float32 signal value (binary 0/1, or graded such as a rating or watch ratio)
     row                 int64 position in the concatenated input (file order), for policies and errors
-    item_<col>, user_<col>  side features as strings
+    item_<col>          item side features as strings
 
 Validation names the file, the row (Parquet, 1-based) or line (CSV, header = line 1) and the column:
 missing columns, values that are not numbers, binary signals outside {0, 1}, missing values,
@@ -21,7 +22,9 @@ negative times. Policies (each printed with its count, never silent): ``missing`
 
 from __future__ import annotations
 
+import csv
 import glob as globlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -61,7 +64,6 @@ class EventLogSpec:
     time_unit: str = "s"  # unit of the timestamp column: "s", "ms" or "us"
     request: str | None = None  # request / session id column; None: equal timestamps form a request
     item_features: tuple[str, ...] = ()
-    user_features: tuple[str, ...] = ()
     format: str = "auto"  # "parquet", "csv", "ipc" (Feather / Arrow) or "auto" (by file suffix)
     separator: str = ","  # CSV only
     csv_columns: tuple[str, ...] | None = None  # CSV without a header line: its column names
@@ -110,7 +112,7 @@ class EventLogSpec:
             signals = tuple(SignalSpec(str(k), str(v)) for k, v in raw.items())
         else:
             signals = tuple(SignalSpec(s, s) if isinstance(s, str) else SignalSpec(**s) for s in raw)
-        for key in ("item_features", "user_features", "csv_columns"):
+        for key in ("item_features", "csv_columns"):
             if key in values:
                 values[key] = tuple(values[key])
         return cls(signals=signals, **values)
@@ -136,9 +138,44 @@ class ScannedLog:
         return f"row {row}"
 
 
-def _line(path: Path, row: int, spec: EventLogSpec | None = None) -> int:
-    """Physical line of a CSV data row (1-based; the header, when there is one, is line 1)."""
-    return row + (1 if spec is not None and spec.csv_columns else 2)
+def _csv_records(path: Path) -> Iterator[tuple[int, bytes]]:
+    """(first physical line, bytes) of each record of a CSV file, the header and blank lines included
+    (polars reads a blank line as a row). A quoted field may hold line breaks: a line with an odd
+    number of quotes opens or closes one (an escaped quote is doubled, so it keeps the count even)."""
+    start, parts, quoted = 1, [], False
+    with open(path, "rb") as f:
+        for n, line in enumerate(f, 1):
+            if not parts:
+                start = n
+            parts.append(line)
+            quoted ^= line.count(b'"') % 2 == 1
+            if not quoted:
+                yield start, b"".join(parts)
+                parts = []
+    if parts:
+        yield start, b"".join(parts)
+
+
+def _line(path: Path, row: int, spec: EventLogSpec) -> int:
+    """Physical line of a CSV data row (1-based; the header, when there is one, is line 1). Read from
+    the file, which only an error pays for: a quoted line break makes a record longer than a line."""
+    record = row + (0 if spec.csv_columns else 1)
+    for i, (line, _) in enumerate(_csv_records(path)):
+        if i == record:
+            return line
+    return record + 1
+
+
+def _long_record(path: Path, spec: EventLogSpec, columns: int) -> int | None:
+    """Line of the first CSV record with more than ``columns`` fields, or None."""
+    sep = spec.separator.encode()
+    for i, (line, record) in enumerate(_csv_records(path)):
+        text = record.rstrip(b"\r\n")
+        fields = (text.count(sep) + 1 if b'"' not in text else
+                  len(next(csv.reader([text.decode(errors="replace")], delimiter=spec.separator), [])))
+        if (i > 0 or spec.csv_columns) and fields > columns:
+            return line
+    return None
 
 
 def _where(path: Path, row: int, spec: EventLogSpec) -> str:
@@ -201,8 +238,6 @@ def _required(spec: EventLogSpec) -> dict[str, str]:
         cols[f"sig_{s.name}"] = s.column
     for c in spec.item_features:
         cols[f"item_{c}"] = c
-    for c in spec.user_features:
-        cols[f"user_{c}"] = c
     return cols
 
 
@@ -315,6 +350,9 @@ def scan(spec: EventLogSpec, log=print) -> ScannedLog:
             counts = both.select([cond.sum().alias(name) for name, cond in checks] + [pl.len().alias("rows")]
                                  ).collect(engine="streaming").row(0, named=True)
         except pl.exceptions.PolarsError as err:
+            line = _long_record(path, spec, len(columns)) if _is_csv(path) else None
+            if line is not None:
+                raise DataError(str(path), f"more fields than the {len(columns)} columns {columns}", line) from None
             raise DataError(str(path), f"unreadable: {err}") from None
         n = int(counts.pop("rows"))
         drop = pl.lit(False)

@@ -26,7 +26,7 @@ import polars as pl
 from genrec.data import registry
 from genrec.data.errors import DataError
 from genrec.data.eventlog import EventLogSpec, SignalSpec
-from genrec.data.preprocess import PrepConfig, Sequences, cache_root
+from genrec.data.preprocess import PrepConfig, Sequences, cache_root, input_digest
 from genrec.data.readers import RawData, Source, read_movielens_tags
 from genrec.data.store import StoreConfig, build, load
 
@@ -68,8 +68,9 @@ def prepare_movielens_signals(name: str, signals: tuple[str, ...], data_dir: str
     path = registry.ensure(name, data_dir, allow_download=allow_download)
     if "tagged" in signals and not Source(path).has("tags.csv"):
         raise DataError(str(path), f"{name} has no tags.csv; the 'tagged' signal needs it")
-    key = hashlib.sha256(json.dumps([name, str(path), path.stat().st_mtime_ns, path.stat().st_size,
-                                     list(signals), asdict(cfg)]).encode()).hexdigest()[:16]
+    files = registry.spec_for(name).files + (("tags.csv",) if "tagged" in signals else ())
+    key = hashlib.sha256(json.dumps([name, input_digest(path, files), list(signals),
+                                     asdict(cfg)]).encode()).hexdigest()[:16]
     folder = cache_root() / f"{name}-signals-{key}"
     raw = registry.spec_for(name).reader(path)
     if not (folder / "meta.json").is_file():

@@ -222,7 +222,9 @@ def build_sequences(raw: RawData, cfg: PrepConfig, log=print) -> Sequences:
     )
 
 
-def _source_digest(path: Path, files: tuple[str, ...]) -> str:
+def input_digest(path: Path, files: tuple[str, ...]) -> str:
+    """sha256 over the names and contents of a dataset's input ``files`` (or of its archive): the
+    cache key's view of the input, which an edit in place changes (a folder's size and time do not)."""
     h = hashlib.sha256()
     targets = [path] if path.is_file() else [path / f for f in files if (path / f).is_file()]
     for t in targets:
@@ -286,7 +288,7 @@ def prepare(name: str, data_dir: str | Path | None = None, cfg: PrepConfig = Pre
     spec = registry.spec_for(name)
     path = registry.ensure(name, data_dir, allow_download=allow_download)
     key = hashlib.sha256(json.dumps(
-        [name, _source_digest(path, spec.files), asdict(cfg), PREP_VERSION]).encode()).hexdigest()[:16]
+        [name, input_digest(path, spec.files), asdict(cfg), PREP_VERSION]).encode()).hexdigest()[:16]
     folder = cache_root() / f"{name}-{key}"
     if (folder / "meta.json").is_file():
         seq = _load(folder)

@@ -33,8 +33,10 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import os
 import shutil
 import tarfile
+import tempfile
 import urllib.error
 import urllib.request
 from collections.abc import Callable
@@ -136,7 +138,8 @@ def amazon_to_parquet(source: str | Path, target: str | Path, block_bytes: int =
                     nulls = table.column(name).null_count
                     if nulls:
                         row = next(i for i, v in enumerate(table.column(name).to_pylist()) if v is None)
-                        raise DataError(str(source), f"field {name!r} is missing", line_no + row + 1)
+                        raise DataError(str(source), f"field {name!r} is missing",
+                                        line_no + _line_of_row(block, row))
                 writer.write_table(table)
                 line_no += lines
         tmp.replace(target)
@@ -145,8 +148,16 @@ def amazon_to_parquet(source: str | Path, target: str | Path, block_bytes: int =
     return target
 
 
+def _line_of_row(block: bytes, row: int) -> int:
+    """Line (1-based, within ``block``) of the JSON reader's row ``row``: the reader skips blank lines."""
+    filled = (i for i, line in enumerate(block.split(b"\n")) if line.strip())
+    return next(i for k, i in enumerate(filled) if k == row) + 1
+
+
 def _raise_bad_line(source: Path, block: bytes, first_line: int) -> None:
-    for i, line in enumerate(block.splitlines()):
+    for i, line in enumerate(block.split(b"\n")):
+        if not line.strip():  # the reader skips blank lines
+            continue
         try:
             obj = json.loads(line)
         except ValueError:
@@ -226,7 +237,11 @@ def zenodo_md5(record_api: str, file_name: str, timeout: float = 60.0) -> str:
 def ensure_log(name: str, data_dir: str | Path | None = None, *, allow_download: bool = True,
                url: str | None = None, checksum_api: str | None = None) -> Path:
     """The folder of public log ``name`` under the data root, downloaded and extracted when absent
-    (KuaiRand and Amazon; checked against the publisher's md5 where one is published)."""
+    (KuaiRand and Amazon; checked against the publisher's md5 where one is published).
+
+    The download and its extraction happen in a private sibling folder that is renamed into place
+    once complete: a run killed midway leaves no ``name`` folder, so that the next run starts again
+    rather than reading the files extracted before the kill."""
     if name not in PUBLIC_LOGS:
         raise DataError(name, f"unknown public log; known: {', '.join(sorted(PUBLIC_LOGS))}")
     log = PUBLIC_LOGS[name]
@@ -237,27 +252,41 @@ def ensure_log(name: str, data_dir: str | Path | None = None, *, allow_download:
     if url is None or not allow_download:
         raise DataError(str(folder), f"{name} not found; the publisher serves it behind a form or drive link"
                         if url is None else f"{name} not found (downloading not allowed)")
-    folder.mkdir(parents=True, exist_ok=True)
-    target = folder / (log.archive or Path(url).name)
-    tmp = target.with_suffix(target.suffix + ".part")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f"{name}.tmp-"))
     try:
-        with urllib.request.urlopen(url, timeout=60.0) as response, open(tmp, "wb") as out:
+        target = _download(log, url, tmp / (log.archive or Path(url).name), checksum_api, folder)
+        if target.name.endswith((".tar.gz", ".tgz")):
+            with tarfile.open(target) as archive:
+                archive.extractall(tmp, filter="data")
+        try:
+            os.replace(tmp, folder)  # an empty folder is replaced too
+        except OSError:
+            if not any(folder.iterdir()):  # not another run's complete folder: a real failure
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def _download(log: PublicLog, url: str, target: Path, checksum_api: str | None, folder: Path) -> Path:
+    """Download ``url`` to ``target``, checked against Zenodo's md5 where the log has one."""
+    part = target.with_suffix(target.suffix + ".part")
+    try:
+        with urllib.request.urlopen(url, timeout=60.0) as response, open(part, "wb") as out:
             shutil.copyfileobj(response, out)
         if log.checksum == "zenodo":
             expected = zenodo_md5(checksum_api or ZENODO_KUAIRAND.replace("/records/", "/api/records/"), target.name)
-            got = file_digest(tmp, "md5")
+            got = file_digest(part, "md5")
             if got != expected:
                 raise DataError(url, f"md5 of the download is {got}, Zenodo publishes {expected}")
-        tmp.replace(target)
+        part.replace(target)
     except (urllib.error.URLError, OSError) as err:
-        raise DataError(str(target), f"could not download {name} from {url} ({err}); put the files in {folder}") \
-            from None
+        raise DataError(str(folder / target.name), f"could not download {log.name} from {url} ({err}); "
+                        f"put the files in {folder}") from None
     finally:
-        tmp.unlink(missing_ok=True)
-    if target.name.endswith((".tar.gz", ".tgz")):
-        with tarfile.open(target) as archive:
-            archive.extractall(folder, filter="data")
-    return folder
+        part.unlink(missing_ok=True)
+    return target
 
 
 def read_log(name: str, data_dir: str | Path | None = None, *, allow_download: bool = True,

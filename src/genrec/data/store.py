@@ -20,9 +20,10 @@ Folder layout::
                        labels [E] int8; signal_values [E, S] float32; signal_labels [E, S] int8
 
 Policies, each printed with its count: duplicates (same user, item, time, and request when given)
-``"drop"`` keeps the last line / ``"error"`` / ``"keep"``; events out of time order within a user
-(``time_order``) are ``"sort"``-ed (counted) or an ``"error"``; users with fewer than
-``min_user_events`` events are dropped.
+``"drop"`` merges into one event (the last line's, each signal the maximum over the duplicates: a
+view and a purchase in one second stay a purchase) / ``"error"`` / ``"keep"``; events out of time
+order within a user (``time_order``) are ``"sort"``-ed (counted) or an ``"error"``; users with fewer
+than ``min_user_events`` events are dropped.
 
 The joint action code of an event is ``sum_s 2^s * signal_labels[s]``: the action token of the
 single-action models, while multi-action models read ``signal_values`` / ``signal_labels``.
@@ -54,7 +55,7 @@ MAX_SIGNALS = 10  # joint action codes up to 2^10
 class StoreConfig:
     request_window_s: int = 0  # without a request column: events of a user within this gap form one request
     min_user_events: int = 3
-    duplicates: str = "drop"  # "drop" (keep the last line), "error" or "keep"
+    duplicates: str = "drop"  # "drop" (merge into the last line, each signal's max), "error" or "keep"
     time_order: str = "sort"  # events out of time order within a user: "sort" (counted) or "error"
     bucket_events: int = 8_000_000  # events per sorting bucket: bounds peak memory
 
@@ -221,6 +222,23 @@ def _later_duplicates(new_group: np.ndarray, ic: np.ndarray) -> np.ndarray:
     return later
 
 
+def _last_of_duplicates(new_group: np.ndarray, ic: np.ndarray, later: np.ndarray) -> np.ndarray:
+    """``[d]`` for each event of ``later`` (in order), the position of the last event of its group with
+    the same item: the event that it merges into. Looks only at the groups holding a duplicate."""
+    group = np.cumsum(new_group) - 1  # [n]
+    has_dup = np.zeros(int(group[-1]) + 1, dtype=bool)
+    has_dup[group[later]] = True
+    idx = np.flatnonzero(has_dup[group])  # [k] events of those groups
+    key = (group[idx].astype(np.int64) << 32) | ic[idx].astype(np.int64)
+    by_key = np.argsort(key, kind="stable")  # equal keys stay in position order: the last is the target
+    sorted_key = key[by_key]
+    run_end = np.r_[sorted_key[1:] != sorted_key[:-1], True]
+    run = np.cumsum(np.r_[True, run_end[:-1]]) - 1  # [k] run of each sorted event
+    target = np.empty(len(idx), dtype=np.int64)
+    target[by_key] = idx[by_key[run_end]][run]
+    return target[later[idx]]
+
+
 def _sort_and_police(df: pl.DataFrame, signals: list[str], has_request: bool, cfg: StoreConfig,
                      scanned: ScannedLog, counts: dict, users: _Vocabulary,
                      items: _Vocabulary) -> tuple[np.ndarray, np.ndarray, dict] | None:
@@ -259,7 +277,7 @@ def _sort_and_police(df: pl.DataFrame, signals: list[str], has_request: bool, cf
                         f"{', request' if has_request else ''} appear again later in the input (duplicates: error)")
     keep = np.ones(len(uc), dtype=bool)
     if cfg.duplicates == "drop":
-        keep &= ~later  # of equal events keep the last line
+        keep &= ~later  # of equal events keep the last line, merged with the others below
         counts["duplicate_events_dropped"] += n_dup
     else:
         counts["duplicate_events_kept"] += n_dup
@@ -275,9 +293,15 @@ def _sort_and_police(df: pl.DataFrame, signals: list[str], has_request: bool, cf
     if not keep.any():
         return None
     kept = order[keep]  # [m] positions in the bucket file, in store order
+    merged = np.flatnonzero(later) if cfg.duplicates == "drop" else np.zeros(0, dtype=np.int64)  # [d]
+    into = _last_of_duplicates(new_group, ic, later) if len(merged) else merged  # [d]
+    alive = keep[into]  # a short user's duplicates go with the user
+    slot = (np.cumsum(keep) - 1)[into[alive]]  # [d'] rows of values that they merge into
     values = np.empty((len(kept), len(signals)), dtype=np.float32)  # [m, S]
     for s, name in enumerate(signals):
-        values[:, s] = df[name].to_numpy()[kept]
+        column = df[name].to_numpy()
+        values[:, s] = column[kept]
+        np.maximum.at(values[:, s], slot, column[order[merged[alive]]])  # each signal: max over duplicates
     cols = {"ic": ic[keep], "ts": ts[keep], "values": values}
     if has_request:
         cols["request"] = req[keep]
@@ -286,15 +310,17 @@ def _sort_and_police(df: pl.DataFrame, signals: list[str], has_request: bool, cf
 
 def build(spec: EventLogSpec, out: str | Path, cfg: StoreConfig = StoreConfig(), log=print,
           scanned: ScannedLog | None = None) -> Path:
-    """Preprocess ``spec`` into the store folder ``out`` (written privately, then renamed)."""
+    """Preprocess ``spec`` into the store folder ``out`` (written privately, then renamed). ``out`` must
+    be absent, an empty folder or an earlier store, which is replaced."""
     if len(spec.signals) > MAX_SIGNALS:
         raise ValueError(f"{len(spec.signals)} signals: at most {MAX_SIGNALS} (joint action codes up to "
                          f"2^{MAX_SIGNALS})")
+    out = Path(out)
+    _check_replaceable(out)  # before the scan: fail fast
     t_start = time.perf_counter()
     scanned = scanned or scan(spec, log=log)
     report = dict(scanned.report)
     frame = scanned.frame
-    out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=out.name + ".tmp-"))
     try:
@@ -389,20 +415,51 @@ def build(spec: EventLogSpec, out: str | Path, cfg: StoreConfig = StoreConfig(),
             "buckets": buckets,
         }
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        _swap_in(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
 
 
+def _is_store(folder: Path) -> bool:
+    """Whether ``folder`` is a store that :func:`build` wrote: its meta.json is ours (a bare file name
+    such as meta.json is too common to trust on its own)."""
+    try:
+        meta = json.loads((folder / "meta.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and {"version", "columns", "report"} <= meta.keys()
+
+
+def _check_replaceable(out: Path) -> None:
+    """Refuse an ``out`` that holds anything but a store: replacing it deletes it, and ``--out`` may
+    well name the folder of the user's own files (the input log among them)."""
+    if not out.exists() or out.is_dir() and (not any(out.iterdir()) or _is_store(out)):
+        return
+    raise DataError(str(out), "exists and is not an empty folder or a genrec event store (no store meta.json); "
+                    "refusing to replace it: choose a new or empty output folder")
+
+
+def _swap_in(tmp: Path, out: Path) -> None:
+    """Put the finished store ``tmp`` at ``out`` with renames only, so that a kill at any point leaves
+    ``out`` the old store, the new one, or absent, never part of one: the old store is renamed aside
+    (a sibling), the new one renamed in, and only then is the old one deleted."""
+    old = None
+    if out.exists():
+        old = Path(tempfile.mkdtemp(dir=out.parent, prefix=out.name + ".old-"))
+        os.replace(out, old / "store")
+    os.replace(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def _log_policies(spec: EventLogSpec, cfg: StoreConfig, report: dict, log) -> None:
     name = spec.path
     if report["duplicate_events_dropped"]:
         log(f"[data] {name}: {report['duplicate_events_dropped']} duplicate events (same user, item, time"
-            f"{', request' if spec.request else ''}) collapsed, kept the last line (duplicates: drop)")
+            f"{', request' if spec.request else ''}) collapsed into the last line of each, every signal the "
+            "maximum over them (duplicates: drop)")
     if report["duplicate_events_kept"]:
         log(f"[data] {name}: {report['duplicate_events_kept']} duplicate events kept (duplicates: keep)")
     if report["out_of_order_events"]:
