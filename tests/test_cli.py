@@ -172,7 +172,7 @@ def test_config_show_prints_every_field_with_default_and_meaning(capsys):
 
     assert main(["config", "show", "dfgr"]) == 0
     out = capsys.readouterr().out
-    assert "  d_model: 64  # an integer; width of the embeddings and blocks" in out
+    assert "  d_model: 64  # an integer >= 1; width of the embeddings and blocks" in out
     assert '  split.protocol: "loo"  # one of \'loo\', \'temporal\'; ' in out
     assert "  epochs: 30  # an integer >= 1; " in out
     for name, (_, cfg) in MODELS.items():  # every model's every field has a meaning

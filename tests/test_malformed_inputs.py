@@ -249,7 +249,8 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one(tiny_run, tm
 
 
 def test_eval_accepts_the_run_folder_a_checkpoint_folder_or_the_weights_file(tiny_run, capsys):
-    newest = tiny_run / "checkpoints" / "step-00000004"
+    newest = tiny_run / "checkpoints" / (tiny_run / "checkpoints" / "latest").read_text()  # step 4, saved twice: -r1
+    assert newest.name == "step-00000004-r1"
     for path in (tiny_run, tiny_run / "best", tiny_run / "best" / "model.safetensors", newest,
                  newest / "model.safetensors"):
         assert main(["eval", "--checkpoint", str(path), "--split", "valid", "--json"]) == 0, path

@@ -104,7 +104,6 @@ def load_run(path: str, overrides: list[str]):
     """A trainer for the run that ``path`` (run folder, checkpoint folder or weights file) belongs to,
     with those weights loaded, and the weights' path."""
     from genrec import config as config_lib
-    from genrec.distributed.checkpoint import is_distributed_checkpoint, load_model_single_process
     from genrec.train import checkpoint
     from genrec.train.trainer import Trainer
 
@@ -114,11 +113,7 @@ def load_run(path: str, overrides: list[str]):
                                          "so the model and data it was trained on are unknown")
     cfg = config_lib.load(run_dir / "config.yaml", overrides)
     trainer = Trainer(cfg)
-    if is_distributed_checkpoint(weights):  # written by torchrun ranks; read here by one process
-        checkpoint.verify(weights)
-        load_model_single_process(weights, trainer.model)
-    else:
-        weights = checkpoint.load_weights(trainer.model, weights)
+    weights = checkpoint.load_weights(trainer.model, weights)  # a DCP checkpoint's too, in this one process
     trainer.model.to(trainer.device)
     return trainer, weights
 
@@ -206,7 +201,8 @@ def _prepare_arguments(p: argparse.ArgumentParser) -> None:
     source.add_argument("--log", help="YAML: an event-log mapping, or a run config with data.event_log")
     source.add_argument("--public", help="a public log: kuairand-pure, kuairand-1k, kuairand-27k, kuaisar, "
                         "recflow, taobao, amazon-books-2014, amazon-books-2018")
-    p.add_argument("--out", required=True, help="output folder of the store")
+    p.add_argument("--out", required=True, help="output folder of the store: new, empty or an earlier "
+                   "store (replaced)")
     p.add_argument("--data-dir", default=None, help="dataset root for --public (default $GENREC_DATA)")
     p.add_argument("--no-download", action="store_true")
     p.add_argument("--request-window-s", type=int, default=0)
@@ -344,7 +340,8 @@ def _serve_arguments(p: argparse.ArgumentParser) -> None:
                    "(default $GENREC_SERVE_TOKEN; none: no auth)")
     p.add_argument("--cache-bytes", type=_byte_size, default=_byte_size("1G"),
                    help="budget for per-user KV caches, e.g. 512M (LRU eviction; histories stay on the host)")
-    p.add_argument("--state-file", default=None, help="Parquet snapshot of user histories: read on start, "
+    p.add_argument("--state-file", default=None, help="Parquet snapshot of user histories plus a journal of "
+                   "/events appends (<file>.journal, fsync'd before each reply): read and compacted on start, "
                    "written on shutdown")
     p.add_argument("--max-batch", type=int, default=32, help="requests per scoring call")
     p.add_argument("--max-wait-us", type=int, default=500, help="longest wait for a batch to fill, microseconds")

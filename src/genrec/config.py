@@ -35,10 +35,8 @@ from genrec.data.registry import DATASETS
 from genrec.data.splits import SplitConfig
 from genrec.errors import ConfigError
 from genrec.models import MODELS
-from genrec.settings import Invalid, Range
+from genrec.settings import Invalid, NonNegative, Positive, Range
 
-Positive = Annotated[int, Range(1)]
-NonNegative = Annotated[int, Range(0)]
 Decay = Annotated[float, Range(0, 1, high_open=True)]
 
 
@@ -75,7 +73,7 @@ class TrainConfig:
     warmup_steps: NonNegative = 100  # linear warm-up steps before the cosine decay
     min_lr_ratio: Annotated[float, Range(0, 1)] = 0.05  # cosine decays to lr * min_lr_ratio
     grad_clip: Annotated[float, Range(0, low_open=True)] = 1.0  # clip the gradient norm to this
-    seed: int = 0  # weights, batch order, dropout and negatives derive from it
+    seed: NonNegative = 0  # weights, batch order, dropout and negatives derive from it
     device: str = "auto"  # "auto" (cuda when available), "cpu", "cuda" or "cuda:N"
     bf16: bool = True  # autocast to bf16 on GPU (ignored on CPU)
     # torch.compile the training forward (and through it the backward): fused elementwise work and
@@ -117,8 +115,29 @@ class TrainConfig:
         tasks = self.early_stop_metric.split(",")
         if len(set(tasks)) != len(tasks):
             raise Invalid("early_stop_metric", "expected each task's metric once")
-        if "logloss" in tasks and self.early_stop_mode == "max":
-            raise Invalid("early_stop_mode", "logloss is better when smaller: expected 'min'")
+        directions = {name: metric_direction(name) for task in tasks for name in task.split("+")}
+        if len(set(directions.values())) > 1:
+            raise Invalid("early_stop_metric", f"{_listed(directions, 'min')} better when smaller and "
+                          f"{_listed(directions, 'max')} better when larger: one early_stop_mode cannot select both; "
+                          "expected metrics of one direction (e.g. auc instead of logloss)")
+        if self.early_stop_mode not in directions.values():
+            wanted = next(iter(directions.values()))
+            raise Invalid("early_stop_mode", f"{_listed(directions, wanted)} better when "
+                          f"{'smaller' if wanted == 'min' else 'larger'}: expected {wanted!r}")
+
+
+LOWER_IS_BETTER = frozenset({"logloss"})  # the losses among the reported metrics; every other one is a gain
+
+
+def metric_direction(name: str) -> Literal["max", "min"]:
+    """Whether a larger ("max": auc, gauc, ndcg@10, hr@10, mrr) or a smaller ("min": logloss,
+    logloss/click) value of a validation metric is better."""
+    return "min" if re.split(r"[@/]", name)[0] in LOWER_IS_BETTER else "max"
+
+
+def _listed(directions: dict[str, str], direction: str) -> str:
+    names = [n for n, d in directions.items() if d == direction]
+    return f"{', '.join(names)} {'is' if len(names) == 1 else 'are'}"
 
 
 @dataclass

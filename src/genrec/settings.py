@@ -30,7 +30,8 @@ from typing import Annotated, Any, Literal
 
 from genrec.errors import ConfigError
 
-__all__ = ["Fraction", "Invalid", "Range", "build_dataclass", "check", "describe"]
+__all__ = ["DropoutRate", "Fraction", "Invalid", "NonNegative", "Positive", "Range", "build_dataclass", "check",
+           "check_heads", "describe"]
 
 
 class Invalid(ValueError):
@@ -70,6 +71,18 @@ class Range:
 
 
 Fraction = Annotated[float, Range(0, 1, low_open=True, high_open=True)]  # strictly between 0 and 1
+Positive = Annotated[int, Range(1)]  # a count or a width: 0 builds an empty layer or samples nothing
+NonNegative = Annotated[int, Range(0)]
+DropoutRate = Annotated[float, Range(0, 1, high_open=True)]  # a probability of zeroing; 1 zeroes everything
+
+
+def check_heads(d_model: int, num_heads: int, even_head_size: bool = False) -> None:
+    """Raise :class:`Invalid` for ``num_heads`` unless it splits ``d_model`` into whole heads (of an even
+    size, for RoPE), so the models' config ``check()`` names the key before any data is read instead
+    of the block failing to build after the run folder is written."""
+    if d_model % num_heads or (even_head_size and (d_model // num_heads) % 2):
+        size = "an even head size" if even_head_size else "whole heads"
+        raise Invalid("num_heads", f"expected a divisor of d_model ({d_model}) that gives {size}")
 
 Where = Callable[[str], str]  # field path ("train.epochs") -> where it came from, for messages
 

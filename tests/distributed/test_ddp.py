@@ -13,7 +13,6 @@ import torch
 from safetensors.torch import load_file
 
 from genrec.config import load
-from genrec.distributed.checkpoint import load_model_single_process
 from genrec.distributed.sampler import ShardedBatchSampler
 from genrec.eval.evaluate import evaluate
 from genrec.train import checkpoint
@@ -82,7 +81,7 @@ def test_distributed_sharded_evaluation_equals_one_process_exactly(tmp_path, tin
         with open(two_ranks / model / "val_log.csv", newline="") as f:
             sharded = list(csv.DictReader(f))[-1]
         trainer = Trainer(tiny_config(tiny_data, tmp_path / model, model))
-        load_model_single_process(checkpoint.latest(two_ranks / model), trainer.model)
+        checkpoint.load_distributed_weights(trainer.model, checkpoint.latest(two_ranks / model))
         loader = trainer.loader("valid")
         assert len(loader.batch_sampler.batches()) % 2 == 1  # one rank scores a padding batch
         single = evaluate(trainer.model, loader, trainer.device)
@@ -102,3 +101,27 @@ def test_ddp_unigrf_counts_and_weighs_tasks_over_the_global_batch(tmp_path, tiny
     assert float(one["item_counts"].sum()) > 0
     assert torch.equal(two["item_counts"], one["item_counts"])  # counts of the same positives, exactly
     torch.testing.assert_close(two["weighter.smoothed"], one["weighter.smoothed"], rtol=1e-4, atol=0)
+
+
+def _weights_difference(one: Path, two: Path) -> float:
+    """The largest difference of two runs' final weights (values of order 1 here)."""
+    a, b = (load_file(str(run / "best" / "model.safetensors")) for run in (one, two))
+    return max(float((a[n] - b[n]).abs().max()) for n in a if a[n].numel())
+
+
+def test_ddp_matches_one_process_for_shared_draws_and_not_for_draws_per_row(tmp_path, tiny_data, two_ranks,
+                                                                          one_thread):
+    """As genrec.distributed.strategy documents: SASRec's sampled negatives are one draw shared by the
+    batch, so 2 ranks train the single process's weights (to float noise that Adam amplifies on
+    near-zero gradients); BPR-MF draws a negative per row, which each rank does for its own rows from
+    the same seed, so its weights differ by far more."""
+    bprmf = [f"data.data_dir={tiny_data}", "model=bprmf", "train.early_stop_metric=ndcg@10",
+             *[s for s in SETTINGS if "dropout" not in s]]
+    done = run_command([sys.executable, "-m", "genrec", "train", "--nproc", "2", "--out-dir",
+                        str(tmp_path / "two" / "bprmf"), "--set", *bprmf])
+    assert done.returncode == 0, done.stdout[-3000:]
+    for model, two_dir, same in (("sasrec", two_ranks, True), ("bprmf", tmp_path / "two", False)):
+        overrides = bprmf if model == "bprmf" else [f"data.data_dir={tiny_data}", "model=sasrec", *SETTINGS]
+        Trainer(load(None, [*overrides, f"train.out_dir={tmp_path / model}"])).fit()
+        difference = _weights_difference(tmp_path / model, two_dir / model)
+        assert (difference < 1e-4) == same, (model, difference)

@@ -120,3 +120,31 @@ def test_a_path_without_weights_says_what_is_expected(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointError, match="no model.safetensors here"):
         checkpoint.resolve(tmp_path / "empty")
+
+
+def test_a_resave_of_a_step_leaves_latest_naming_a_complete_checkpoint_at_every_instant(tmp_path, monkeypatch):
+    """A mid-epoch checkpoint on the epoch's last step, then the end-of-epoch one at the same step, with
+    keep=1: after every rename and delete of the second save, ``latest`` names a verified checkpoint
+    (a kill at any of those instants resumes), and in the end only the second one is left."""
+    import os
+    import shutil
+
+    model, opt = _saved(tmp_path, steps=(5,))
+    instants = []
+
+    def checked(real):
+        def op(*args, **kwargs):
+            real(*args, **kwargs)
+            folder = checkpoint.latest(tmp_path)
+            assert folder is not None, f"after {real.__name__}{args}: latest names no checkpoint"
+            checkpoint.verify(folder)
+            instants.append(real.__name__)
+        return op
+
+    monkeypatch.setattr(os, "replace", checked(os.replace))
+    monkeypatch.setattr(shutil, "rmtree", checked(shutil.rmtree))
+    checkpoint.save(tmp_path, model, opt, {"global_step": 5, "epoch": 1}, keep=1)
+    monkeypatch.undo()
+    assert len(instants) >= 3
+    assert [p.name for p in checkpoint.kept(tmp_path)] == [checkpoint.latest(tmp_path).name]
+    assert checkpoint.load(checkpoint.latest(tmp_path), _model(), None)["epoch"] == 1

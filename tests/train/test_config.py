@@ -62,8 +62,30 @@ def test_values_are_coerced_to_field_types():
                                           "smaller: expected 'min'"),
     (["train.early_stop_metric=auc,auc"], "--set train.early_stop_metric = 'auc,auc': expected each task's "
                                           "metric once"),
-    (["train.early_stop_metric=ndcg@10,logloss"], "defaults: train.early_stop_mode = 'max': logloss is better "
-                                                  "when smaller: expected 'min'"),
+    # one early_stop_mode for every selected metric: metrics of both directions cannot be selected on
+    (["train.early_stop_metric=ndcg@10,logloss", "train.early_stop_mode=min"],
+     "--set train.early_stop_metric = 'ndcg@10,logloss': logloss is better when smaller and ndcg@10 is better "
+     "when larger: one early_stop_mode cannot select both"),
+    (["train.early_stop_metric=auc+logloss"], "--set train.early_stop_metric = 'auc+logloss': logloss is better "
+                                             "when smaller and auc is better when larger"),
+    (["train.early_stop_metric=logloss/like"], "defaults: train.early_stop_mode = 'max': logloss/like is better "
+                                               "when smaller: expected 'min'"),
+    (["train.early_stop_metric=ndcg@10,mrr", "train.early_stop_mode=min"],
+     "--set train.early_stop_mode = 'min': ndcg@10, mrr are better when larger: expected 'max'"),
+    # values that used to pass the config and fail (or train nonsense) once the run folder was written
+    (["train.seed=-1"], "--set train.seed = -1: expected an integer >= 0"),
+    (["model_args.num_heads=3"], "--set model_args.num_heads = 3: expected a divisor of d_model (64)"),
+    (["model=unigrf", "model_args.backbone=llama", "model_args.d_model=6", "model_args.num_heads=2"],
+     "--set model_args.num_heads = 2: expected a divisor of d_model (6) that gives an even head size"),
+    (["model_args.dropout=1"], "--set model_args.dropout = 1: expected a number >= 0 and < 1"),
+    (["model=hstu", "model_args.dropout=-0.1"], "--set model_args.dropout = -0.1: expected a number >= 0 and < 1"),
+    (["model_args.d_model=0"], "--set model_args.d_model = 0: expected an integer >= 1"),
+    (["model=genrank", "model_args.num_layers=0"], "--set model_args.num_layers = 0: expected an integer >= 1"),
+    (["model_args.num_negatives=0"], "--set model_args.num_negatives = 0: expected an integer >= 1"),
+    (["model=unigrf", "model_args.num_negatives=5"], "defaults: model_args.hard_negatives = 10: expected fewer "
+                                                     "than num_negatives (5)"),
+    (["model=unigrf", "model_args.backbone=lama"], "--set model_args.backbone = 'lama': expected one of 'hstu', "
+                                                   "'llama'"),
     (["model=hsttu"], "--set model = 'hsttu': expected one of bprmf, dcnv2, deepfm, dfgr, dien, din, gdcn, "
                       "genrank, gru4rec, hstu, narm, sasrec, sfgr, unigrf"),
     (["model=dfgr", "model_args.d_modl=8"], "--set model_args.d_modl: unknown field 'd_modl' in model_args; did "

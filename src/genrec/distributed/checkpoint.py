@@ -11,14 +11,15 @@ the same ``latest`` pointer, holding:
 * ``rng-<rank>.safetensors``: each rank's torch RNG states (the trainer re-seeds from (seed, step)
   before every step, so resume does not depend on them; they are kept for code that draws outside).
 
-Every rank writes into ``step-….tmp``; after a barrier rank 0 renames it and moves ``latest``, so a
-run killed at any instant (any rank) leaves the previous complete checkpoint as ``latest``.
+Every rank writes into ``step-….tmp``; after a barrier rank 0 renames it (to a fresh name: a re-save
+of a step never replaces the folder ``latest`` names) and moves ``latest``
+(:func:`genrec.train.checkpoint.publish`), so a run killed at any instant (any rank) leaves the
+previous complete checkpoint as ``latest``.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -38,10 +39,6 @@ from torch.distributed.checkpoint.state_dict import (
 from genrec.train import checkpoint
 
 
-def is_distributed_checkpoint(folder: Path) -> bool:
-    return (Path(folder) / ".metadata").is_file()
-
-
 def _rng_state() -> dict[str, torch.Tensor]:
     state = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -54,7 +51,7 @@ def save(out_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer, stat
     rank = dist.get_rank()
     root = Path(out_dir) / "checkpoints"
     name = f"step-{state['global_step']:08d}"
-    tmp, final = root / (name + ".tmp"), root / name
+    tmp = root / (name + ".tmp")
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -66,24 +63,16 @@ def save(out_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer, stat
     if rank == 0:
         (tmp / "state.json").write_text(json.dumps(state | {"world_size": dist.get_world_size()}, indent=1))
         checkpoint.write_manifest(tmp)  # sizes and hashes, verified before a resume (as single-process ones)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        pointer = root / "latest.tmp"
-        pointer.write_text(name)
-        os.replace(pointer, root / "latest")
-        saved = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-")
-                       and not p.name.endswith(".tmp"))
-        for old in saved[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+        checkpoint.publish(Path(out_dir), tmp, state["global_step"], keep)
     dist.barrier()
-    return final
+    return checkpoint.latest(Path(out_dir))
 
 
 def load(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
     """Collective: restore model and optimizer (resharded to this world) and this rank's RNG; returns
     the trainer state (without the writer's world size)."""
     folder = Path(folder)
-    if not is_distributed_checkpoint(folder):
+    if not checkpoint.is_distributed_checkpoint(folder):
         raise ValueError(f"{folder}: not a distributed (DCP) checkpoint (no .metadata); a single-process "
                          f"checkpoint resumes with plain `genrec train`")
     model_state, optim_state = get_state_dict(model, optimizer)
@@ -101,11 +90,6 @@ def load(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> di
     return state
 
 
-def load_model_single_process(folder: Path, model: nn.Module) -> None:
-    """The model weights of a DCP checkpoint into a plain module, with no process group (``genrec eval``)."""
-    state = {"model": model.state_dict()}
-    dcp.load(state, checkpoint_id=Path(folder), no_dist=True)
-    model.load_state_dict(state["model"])
 
 
 def save_full_weights(model: nn.Module, folder: Path) -> None:

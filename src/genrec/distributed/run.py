@@ -9,7 +9,6 @@ import torch.distributed as dist
 
 from genrec.config import RunConfig
 from genrec.distributed import launch
-from genrec.distributed.checkpoint import is_distributed_checkpoint
 from genrec.distributed.strategy import DataParallel
 from genrec.train import checkpoint
 from genrec.train.run_folder import Mode, default_path
@@ -26,7 +25,7 @@ def train(cfg: RunConfig, mode: Mode = "auto") -> dict | None:
     """
     out = cfg.train.out_dir
     latest = checkpoint.latest(Path(out)) if out and mode != "overwrite" else None
-    if not launch.under_torchrun() and not (latest is not None and is_distributed_checkpoint(latest)):
+    if not launch.under_torchrun() and not (latest is not None and checkpoint.is_distributed_checkpoint(latest)):
         return Trainer(cfg).fit(mode)
     group = launch.init(cfg.train.device)
     try:

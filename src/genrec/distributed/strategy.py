@@ -7,9 +7,16 @@ Scaling rank r's loss by K·n_r/N before ``backward`` makes the averaged gradien
 global one, so K ranks follow the single-process run with the same global batch (tested to fp32
 tolerance on 2 gloo ranks). Logged losses are the same target-weighted means over all ranks.
 
-All ranks draw the same random numbers at a step (the trainer seeds from (seed, step)): sampled
-negatives are shared across the global batch as they are across one process's batch. Dropout
-masks then differ from one process's only in how the batch is cut.
+Random draws: every rank re-seeds from (seed, step) as one process does, so all ranks draw the same
+numbers at a step. A draw whose size does not depend on the batch is then one process's draw: the
+sampled softmax's ``num_negatives`` catalogue negatives, shared by the batch (SASRec, GRU4Rec, NARM,
+UniGRF's uniform part), so without dropout these models follow one process (tested on SASRec and
+HSTU). A draw per row is not: each rank draws for its own rows from the same stream, so its rows
+get other numbers than they would in one process (and both ranks the same ones). That is BPR-MF's
+negative per target, UniGRF's stand-ins for hard negatives not yet mined (``hard_negatives > 0``,
+every row in the first epoch) and every dropout mask (``dropout > 0``, any model): such runs train
+correctly but are not one process's run bit for bit (tested on BPR-MF). Making them match would
+need each rank to draw the global batch's numbers and keep its rows' share.
 """
 
 from __future__ import annotations

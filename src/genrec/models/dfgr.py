@@ -36,14 +36,15 @@ from genrec.nn.kv_cache import KVCache, KVServing
 from genrec.nn.prepared import LayoutPlan
 from genrec.ops.dispatch import BackendName, get_backend
 from genrec.ops.layout import TokenLayout
+from genrec.settings import DropoutRate, Positive, check_heads
 
 
 @dataclass
 class DFGRConfig:
-    d_model: int = 64
-    num_layers: int = 2
-    num_heads: int = 2
-    dropout: float = 0.1
+    d_model: Positive = 64
+    num_layers: Positive = 2
+    num_heads: Positive = 2
+    dropout: DropoutRate = 0.1
     max_len: int = 200  # events (the data's max_len); the attention scale is 1 / max_len
     attention_backend: BackendName = "reference"
     extra_thresholds: tuple[float, ...] = ()
@@ -56,6 +57,9 @@ class DFGRConfig:
     # training's fake flow: one token per event ("dense", [real N | fake N]) or per target event only
     # ("targets", [real N | fake T]); the same logits at the targets, fewer tokens when few are targets
     fake_flow: Literal["dense", "targets"] = "dense"
+
+    def check(self) -> None:
+        check_heads(self.d_model, self.num_heads)
 
 
 def fake_tail(layout: TokenLayout, m: int) -> TokenLayout:

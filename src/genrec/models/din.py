@@ -12,14 +12,15 @@ import torch
 from genrec.data.info import DatasetInfo
 from genrec.models.ctr import CTRRanker
 from genrec.nn.ctr import CTRFeatureEmbedding, CTRInputs, mlp
+from genrec.settings import DropoutRate, Positive
 
 
 @dataclass
 class DINConfig:
-    d_model: int = 64
+    d_model: Positive = 64
     history: int = 50  # most recent behaviours of earlier requests
     hidden: int = 128
-    dropout: float = 0.1
+    dropout: DropoutRate = 0.1
 
 
 class DIN(CTRRanker):

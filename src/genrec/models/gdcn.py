@@ -13,15 +13,16 @@ from torch import nn
 from genrec.data.info import DatasetInfo
 from genrec.models.ctr import CTRRanker
 from genrec.nn.ctr import CTRFeatureEmbedding, CTRInputs, mlp
+from genrec.settings import DropoutRate, Positive
 
 
 @dataclass
 class GDCNConfig:
-    d_model: int = 64
+    d_model: Positive = 64
     history: int = 50
     cross_layers: int = 3
     hidden: int = 128
-    dropout: float = 0.1
+    dropout: DropoutRate = 0.1
 
 
 class GDCN(CTRRanker):

@@ -25,14 +25,15 @@ from genrec.nn.events import Events, append_candidates, dual_flow_layout, event_
 from genrec.nn.softmax import SoftmaxBlock
 from genrec.ops.dispatch import BackendName, get_backend
 from genrec.ops.layout import TokenLayout
+from genrec.settings import DropoutRate, Positive, check_heads
 
 
 @dataclass
 class GenRankConfig:
-    d_model: int = 64
-    num_layers: int = 2
-    num_heads: int = 2
-    dropout: float = 0.1
+    d_model: Positive = 64
+    num_layers: Positive = 2
+    num_heads: Positive = 2
+    dropout: DropoutRate = 0.1
     max_len: int = 200  # events: size of the position and request-index tables
     alibi: bool = True
     attention_backend: BackendName = "reference"
@@ -42,6 +43,9 @@ class GenRankConfig:
     task_weights: tuple[float, ...] = ()  # BCE weight per signal (default 1 each)
     task_head: str = "mlp"  # "mlp" (shared bottom) or "mmoe"
     num_experts: int = 4  # mmoe only
+
+    def check(self) -> None:
+        check_heads(self.d_model, self.num_heads)
 
 
 class GenRank(GenerativeRanker):

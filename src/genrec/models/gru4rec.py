@@ -13,14 +13,15 @@ from torch import nn
 from genrec.data.batching import JaggedBatch, pad_jagged
 from genrec.data.info import DatasetInfo
 from genrec.models.base import NextItemModel, states_before
+from genrec.settings import DropoutRate, Positive
 
 
 @dataclass
 class GRU4RecConfig:
-    d_model: int = 64
-    num_layers: int = 1
-    dropout: float = 0.2
-    num_negatives: int = 128
+    d_model: Positive = 64
+    num_layers: Positive = 1
+    dropout: DropoutRate = 0.2
+    num_negatives: Positive = 128
 
 
 class GRU4Rec(NextItemModel):

@@ -25,14 +25,15 @@ from genrec.nn.kv_cache import KVCache, KVServing
 from genrec.nn.prepared import LayoutPlan
 from genrec.ops.dispatch import BackendName, get_backend
 from genrec.ops.layout import TokenLayout
+from genrec.settings import DropoutRate, Positive, check_heads
 
 
 @dataclass
 class HSTUConfig:
-    d_model: int = 64
-    num_layers: int = 2
-    num_heads: int = 2
-    dropout: float = 0.1
+    d_model: Positive = 64
+    num_layers: Positive = 2
+    num_heads: Positive = 2
+    dropout: DropoutRate = 0.1
     max_len: int = 200  # events (the data's max_len); the attention scale is 1 / (2 * max_len) tokens
     attention_backend: BackendName = "reference"
     extra_thresholds: tuple[float, ...] = ()
@@ -42,6 +43,9 @@ class HSTUConfig:
     task_head: str = "mlp"  # "mlp" (shared bottom) or "mmoe"
     num_experts: int = 4  # mmoe only
     relative_bias: bool = True  # the relative position + time bias of every HSTU block (genrec.nn.hstu.HSTUBlock)
+
+    def check(self) -> None:
+        check_heads(self.d_model, self.num_heads)
 
 
 def _batch_layout(batch: JaggedBatch) -> TokenLayout:

@@ -14,13 +14,14 @@ from torch import nn
 from genrec.data.batching import JaggedBatch, pad_jagged
 from genrec.data.info import DatasetInfo
 from genrec.models.base import NextItemModel, states_before
+from genrec.settings import DropoutRate, Positive
 
 
 @dataclass
 class NARMConfig:
-    d_model: int = 64
-    dropout: float = 0.25
-    num_negatives: int = 128
+    d_model: Positive = 64
+    dropout: DropoutRate = 0.25
+    num_negatives: Positive = 128
 
 
 class NARM(NextItemModel):

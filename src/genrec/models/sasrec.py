@@ -23,18 +23,22 @@ from torch import nn
 from genrec.data.batching import JaggedBatch, pad_jagged
 from genrec.data.info import DatasetInfo
 from genrec.models.base import RecModel, sampled_softmax_loss, states_before
+from genrec.settings import DropoutRate, Positive, check_heads
 
 
 @dataclass
 class SASRecConfig:
-    d_model: int = 64
-    num_layers: int = 2
-    num_heads: int = 2
-    dropout: float = 0.2
+    d_model: Positive = 64
+    num_layers: Positive = 2
+    num_heads: Positive = 2
+    dropout: DropoutRate = 0.2
     max_len: int = 200  # positional table size; must cover data.max_len
-    num_negatives: int = 128  # UniGRF §5.4 on ML-1M
+    num_negatives: Positive = 128  # UniGRF §5.4 on ML-1M
     retrieval_weight: float = 1.0
     ranking_weight: float = 1.0
+
+    def check(self) -> None:
+        check_heads(self.d_model, self.num_heads)
 
 
 class CausalSelfAttention(nn.Module):

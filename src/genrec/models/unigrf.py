@@ -29,6 +29,7 @@ Mined negatives, favourites, loss history and item counts are buffers, so checkp
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -44,24 +45,25 @@ from genrec.nn.hstu import HSTUBlock, attention_scale
 from genrec.nn.llama import LlamaBlock
 from genrec.nn.ranks import mean_over_ranks, sum_over_ranks
 from genrec.ops.dispatch import BackendName, get_backend
+from genrec.settings import DropoutRate, Invalid, NonNegative, Positive, check_heads
 
 OBJECTIVES = {"unified": ("ranking", "retrieval"), "retrieval": ("retrieval",), "ranking": ("ranking",)}
 
 
 @dataclass
 class UniGRFConfig:
-    backbone: str = "hstu"  # "hstu" | "llama"
-    objective: str = "unified"  # "unified" | "retrieval" | "ranking"
-    d_model: int = 64
-    num_layers: int = 2
-    num_heads: int = 2
-    dropout: float = 0.2
+    backbone: Literal["hstu", "llama"] = "hstu"  # "hstu" | "llama"
+    objective: Literal["unified", "retrieval", "ranking"] = "unified"  # "unified" | "retrieval" | "ranking"
+    d_model: Positive = 64
+    num_layers: Positive = 2
+    num_heads: Positive = 2
+    dropout: DropoutRate = 0.2
     max_len: int = 200
     attention_backend: BackendName = "reference"
-    num_negatives: int = 128  # per query, hard negatives included (paper §5.4: 128 on ML-1M)
+    num_negatives: Positive = 128  # per query, hard negatives included (paper §5.4: 128 on ML-1M)
     in_batch_negatives: bool = False
     logq_correction: bool = False  # subtract log(expected count under the samplers) from sampled logits
-    hard_negatives: int = 10  # m of the enhancer (paper Fig. 2: ~10 on ML-1M); 0 turns mining off
+    hard_negatives: NonNegative = 10  # m of the enhancer (paper Fig. 2: ~10 on ML-1M); 0 turns mining off
     favourite_threshold: float = 0.95  # τ; >= 1 turns relabelling off
     max_favourites: int = 10  # per user and epoch, the highest ranking probabilities first
     enhancer_pool: int = 128  # distinct random items scored per user per epoch (at most the catalogue)
@@ -74,6 +76,12 @@ class UniGRFConfig:
     # several signals: the ranking head gives one logit per signal (BCE each, summed); the feedback
     # token reads the label b ("label", the paper) or the action vector ("sum" of per-signal embeddings)
     feedback_encoding: str = "label"
+
+    def check(self) -> None:
+        check_heads(self.d_model, self.num_heads, even_head_size=self.backbone == "llama")
+        if self.hard_negatives >= self.num_negatives:
+            raise Invalid("hard_negatives", f"expected fewer than num_negatives ({self.num_negatives}): "
+                          "the hard negatives are part of each query's negatives")
 
 
 def relative_score(s_ret: torch.Tensor, s_rank: torch.Tensor) -> torch.Tensor:

@@ -3,12 +3,16 @@
 Layout under ``out_dir/checkpoints``: one folder per save (``step-00001234``) and a ``latest`` file
 naming the newest complete one. A save is written to a temporary folder and renamed, and ``latest``
 is replaced atomically afterwards, so a process killed at any instant leaves a loadable checkpoint.
+A folder is never replaced in place: a second save of one step (a mid-epoch checkpoint on the
+epoch's last step, then the end-of-epoch one) is renamed in beside the first as ``step-00001234-r1``,
+and the first is deleted only once ``latest`` names the new one.
 Every checkpoint folder (and ``best/``) holds a ``manifest.json`` with each file's size and SHA-256;
 loading checks it, so a truncated or altered file is named instead of crashing deep in safetensors.
 Resuming falls back to the previous kept checkpoint, with a warning, when the newest is damaged.
 
 Wherever weights are asked for, :func:`resolve` accepts a run folder (its ``best/`` weights, else its
-newest checkpoint), a checkpoint folder, or a ``.safetensors`` file.
+newest checkpoint), a checkpoint folder (single-process, or distributed: DCP, written by torchrun
+ranks), or a ``.safetensors`` file.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import shutil
 from pathlib import Path
 
 import torch
+import torch.distributed.checkpoint as dcp
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
@@ -29,7 +34,7 @@ from genrec.errors import UserError
 
 WEIGHTS = "model.safetensors"
 MANIFEST = "manifest.json"
-_NAME = re.compile(r"step-\d{8}")
+_NAME = re.compile(r"step-(\d{8})(?:-r(\d+))?")  # step-00001234, or its re-save step-00001234-r1
 
 
 class CheckpointError(UserError):
@@ -95,10 +100,29 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path}: not a readable safetensors file ({err})") from None
 
 
+def is_distributed_checkpoint(folder: Path) -> bool:
+    """A DCP checkpoint folder (``.metadata`` + one ``.distcp`` per rank), written by torchrun ranks."""
+    return (Path(folder) / ".metadata").is_file()
+
+
+def load_distributed_weights(model: torch.nn.Module, folder: Path) -> None:
+    """The model weights of a verified DCP checkpoint into a plain module, with no process group. It
+    lives here, below both the trainer (``train.init_from``) and ``genrec eval``, so that every
+    path :func:`resolve` accepts loads the same way wherever weights are asked for."""
+    verify(folder)
+    state = {"model": model.state_dict()}
+    dcp.load(state, checkpoint_id=Path(folder), no_dist=True)
+    model.load_state_dict(state["model"])
+
+
 def load_weights(model: torch.nn.Module, path: Path) -> Path:
-    """Load weights from a ``.safetensors`` file or a folder holding ``model.safetensors`` (verified
-    against its manifest when it has one); returns the file read."""
+    """Load weights from a ``.safetensors`` file, a folder holding ``model.safetensors`` (verified
+    against its manifest when it has one) or a distributed (DCP) checkpoint folder; returns the file
+    (for DCP: the folder) read."""
     path = Path(path)
+    if path.is_dir() and is_distributed_checkpoint(path):
+        load_distributed_weights(model, path)
+        return path
     file = path / WEIGHTS if path.is_dir() else path
     if path.is_dir() and (path / MANIFEST).is_file():
         verify(path)
@@ -128,12 +152,35 @@ def save(out_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer
     (tmp / "optimizer.json").write_text(strict_json.dumps(meta))
     (tmp / "state.json").write_text(strict_json.dumps(state, indent=1))
     write_manifest(tmp)
-    final = root / name
-    shutil.rmtree(final, ignore_errors=True)
+    return publish(out_dir, tmp, state["global_step"], keep)
+
+
+def _order(folder: Path) -> tuple[int, int]:
+    """(step, revision) of a checkpoint folder's name: ``step-00000005-r1`` is newer than ``step-00000005``."""
+    match = _NAME.fullmatch(folder.name)
+    return int(match[1]), int(match[2] or 0)
+
+
+def fresh_name(root: Path, step: int) -> str:
+    """A name for a new save of ``step`` that no folder has: ``step-S``, or ``step-S-rN`` past the
+    highest revision already there, so a re-save never replaces the folder ``latest`` names."""
+    same = [_order(p)[1] for p in kept(root.parent) if _order(p)[0] == step]
+    return f"step-{step:08d}" + (f"-r{max(same) + 1}" if same else "")
+
+
+def publish(out_dir: Path, tmp: Path, step: int, keep: int) -> Path:
+    """Rename the complete checkpoint ``tmp`` to a fresh name, point ``latest`` at it atomically, then
+    delete what it supersedes (older saves of the same step) and all but the newest ``keep``. Every
+    step leaves ``latest`` naming a complete checkpoint (single-process and DCP saves alike)."""
+    root = out_dir / "checkpoints"
+    final = root / fresh_name(root, step)
     os.replace(tmp, final)
     pointer = root / "latest.tmp"
-    pointer.write_text(name)
+    pointer.write_text(final.name)
     os.replace(pointer, root / "latest")
+    for old in kept(out_dir):
+        if _order(old)[0] == step and old != final:
+            shutil.rmtree(old, ignore_errors=True)
     for old in kept(out_dir)[keep:]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -144,7 +191,7 @@ def kept(out_dir: Path) -> list[Path]:
     root = out_dir / "checkpoints"
     if not root.is_dir():
         return []
-    return sorted((p for p in root.iterdir() if p.is_dir() and _NAME.fullmatch(p.name)), reverse=True)
+    return sorted((p for p in root.iterdir() if p.is_dir() and _NAME.fullmatch(p.name)), key=_order, reverse=True)
 
 
 def latest(out_dir: Path) -> Path | None:
@@ -207,7 +254,7 @@ def resolve(path: str | Path) -> tuple[Path | None, Path]:
     run = run_folder_of(path.parent if path.is_file() else path)
     if path.is_file():
         return run, path
-    if (path / WEIGHTS).is_file() or (path / ".metadata").is_file():  # weights, or a distributed (DCP) checkpoint
+    if (path / WEIGHTS).is_file() or is_distributed_checkpoint(path):
         return run, path
     if path == run:
         if (path / "best" / WEIGHTS).is_file():

@@ -79,7 +79,7 @@ class Strategy:
         return checkpoint.save(out_dir, model, optimizer, state, keep)
 
     def load_checkpoint(self, folder, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-        if (folder / ".metadata").is_file():
+        if checkpoint.is_distributed_checkpoint(folder):
             raise ValueError(f"{folder} is a distributed (DCP) checkpoint: resume it with "
                              f"`genrec train --nproc K` or torchrun (any K, 1 included)")
         return checkpoint.load(folder, model, optimizer)

@@ -71,20 +71,45 @@ def lr_at(step: int, base: float, warmup: int, total: int, min_ratio: float) -> 
     return base * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+def optimizer_settings(optimizer: torch.optim.Optimizer) -> list[dict]:
+    """Each parameter group's hyper-parameters (everything but its parameters)."""
+    return [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+
+
+def restore_optimizer_settings(optimizer: torch.optim.Optimizer, settings: list[dict]) -> None:
+    """Put back the groups' hyper-parameters after ``load_state_dict``, which restores the saved run's
+    (weight decay, betas, the fused flag of the device it ran on) along with the moments: a run resumed
+    under changed ``train.*`` settings must train with them, and only its state continues."""
+    for group, own in zip(optimizer.param_groups, settings, strict=True):
+        group.update(own)
+
+
 class CsvLog:
     """Append-only CSV whose rows past a step can be cut, so a resumed run never logs a step twice."""
 
     def __init__(self, path: Path):
         self.path = path
 
-    def truncate_after(self, step: int) -> None:
+    def rows(self) -> list[dict]:
         if not self.path.exists():
-            return
+            return []
         with open(self.path, newline="") as f:
-            rows = list(csv.DictReader(f))
-        kept = [r for r in rows if int(r["step"]) <= step]
-        self.path.unlink()
-        for r in kept:
+            return list(csv.DictReader(f))
+
+    def truncate_after(self, step: int) -> None:
+        """Keep the rows up to ``step`` (the training log: a checkpoint's own step is logged before it)."""
+        self.keep([r for r in self.rows() if int(r["step"]) <= step])
+
+    def keep_first(self, count: int) -> None:
+        """Keep the first ``count`` rows. The validation log: a checkpoint knows how many validations it
+        follows (its history), while a step does not say it: a mid-epoch checkpoint on the epoch's last
+        step comes before that step's validation row, the end-of-epoch one after it."""
+        self.keep(self.rows()[:count])
+
+    def keep(self, rows: list[dict]) -> None:
+        if self.path.exists():
+            self.path.unlink()
+        for r in rows:
             self.write(r)
 
     def write(self, row: dict) -> None:
@@ -267,6 +292,16 @@ class Trainer:
             self.log(f"[train] epoch {state['epoch']} before_epoch " + " ".join(
                 f"{k}={v:.4g}" for k, v in state["epoch_stats"].items()))
 
+    def finished(self, state: dict) -> bool:
+        """Whether the run is over under *this* config: ``max_steps`` reached, or every task out of
+        patience (the epochs are the loop's own condition). A resumed run re-derives it rather than
+        keep the checkpoint's ``done``, so ``--resume`` with a larger ``max_steps``, ``patience`` or
+        ``epochs`` trains on."""
+        t = self.cfg.train
+        if t.max_steps and state["global_step"] >= t.max_steps:
+            return True
+        return all(task["bad_epochs"] >= t.patience for task in self.task_states(state).values())
+
     def evaluate(self, split: str) -> dict:
         return self.strategy.evaluate(self.model, self.loader(split), self.device, self.autocast)
 
@@ -307,17 +342,23 @@ class Trainer:
         state = {"epoch": 0, "batch_in_epoch": 0, "global_step": 0, "best": None, "best_epoch": -1,
                  "bad_epochs": 0, "done": False, "history": [], "epoch_stats": {}}
         if resume_from is not None:
+            settings = optimizer_settings(self.optimizer)
             state = self.strategy.load_checkpoint(resume_from, self.model, self.optimizer)
+            restore_optimizer_settings(self.optimizer, settings)
             state.setdefault("epoch_stats", {})
+            state["done"] = self.finished(state)
             self.log(f"[train] resumed from {resume_from} (epoch {state['epoch']}, step {state['global_step']})")
         self.step_log, self.val_log = CsvLog(self.out / "train_log.csv"), CsvLog(self.out / "val_log.csv")
         if main:
             self.step_log.truncate_after(state["global_step"])
-            self.val_log.truncate_after(state["global_step"])
+            self.val_log.keep_first(len(state["history"]))
         if t.tensorboard and main:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(self.out / "tb"), purge_step=state["global_step"] or None)
+            # events past the checkpoint's step go: the resumed run writes them again. The step's own
+            # training values were logged before the checkpoint and are not written again.
+            self.writer = SummaryWriter(str(self.out / "tb"), purge_step=state["global_step"] + 1
+                                        if state["global_step"] else None)
         self.train_loader = self.loader("train")
         self.steps_per_epoch = len(self.train_loader.batch_sampler.batches())
         self.total_steps = t.max_steps or self.steps_per_epoch * t.epochs
