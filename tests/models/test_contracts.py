@@ -103,6 +103,21 @@ def test_serving_scores_equal_the_offline_scores_of_the_same_request(name, seed)
     assert checked >= 3
 
 
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_serving_reads_user_ids_exactly_where_the_model_says(name):
+    """``reads_user_ids`` decides whom the service may score (only training users where it is set):
+    the serving outputs move with the batch's user indices where it is set, and never elsewhere."""
+    model = make(name)
+    batch = make_batch([5, 12, 1], seed=3)
+    moved = dataclasses.replace(batch, users=(batch.users + 1) % INFO.num_users)
+    candidates, when = torch.tensor([[1, 2], [5, 6], [9, 10]]), batch.timestamps[batch.offsets[1:] - 1] + 60
+    calls = [lambda b: model.score(b, candidates, when)] if "ranking" in model.tasks else []
+    calls += [model.retrieval_queries] if "retrieval" in model.tasks else []
+    with torch.no_grad():
+        same = [torch.equal(call(batch), call(moved)) for call in calls]
+    assert not all(same) if model.reads_user_ids else all(same)
+
+
 @pytest.mark.parametrize("name", RANKERS)
 def test_scoring_a_batch_of_users_equals_scoring_each_alone(name):
     model = make(name)

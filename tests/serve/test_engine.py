@@ -8,11 +8,13 @@ import numpy as np
 import pytest
 import torch
 
+from genrec.data.batching import collate
 from genrec.ops import layout as layout_module
 from genrec.serve import engine as engine_module
 from genrec.serve.engine import Catalogue, Engine, EventsJob, RankJob, RecommendJob, ServiceError
 from genrec.serve.scoring import history_batch
 from genrec.serve.store import History, UserStore
+from tests.models.test_contracts import make
 from tests.models.test_generative import INFO, make_model
 
 POISON = 13  # an item id the patched scorer fails on
@@ -162,3 +164,89 @@ def test_times_the_kernels_cannot_take_are_refused_on_the_host_and_scoring_skips
     (ok,) = engine.rank([RankJob("3", np.array([1, 2]), None, None)])
     assert "scores" in ok and checked == [True]  # scored with the device read-back skipped
     assert not getattr(layout_module._host_checked, "on", False)  # and only inside the handler
+
+
+def _user_engine(model, users: int = INFO.num_users) -> Engine:
+    """An engine whose catalogue has ``users`` dataset users ``"0" .. "users-1"``, user ``u`` seeded with
+    dense index ``u``; other users start with ``/events``."""
+    catalogue = Catalogue([str(i) for i in range(1, INFO.num_items + 1)], INFO.rating_values, 3.0, 0,
+                          [str(u) for u in range(users)])
+
+    def seed(user: str) -> History | None:
+        if user not in catalogue.user_index:
+            return None
+        rng = np.random.default_rng(int(user))
+        n = 8 + int(user)
+        return History.build(rng.integers(1, 41, n), rng.integers(0, 5, n), np.ones(n), np.arange(n) * 100, 0,
+                             catalogue.user_index[user])
+
+    return Engine(model.float().eval(), catalogue, UserStore(1 << 20, seed), torch.device("cpu"), max_history=32)
+
+
+@pytest.mark.parametrize("name", ["deepfm", "din"])
+def test_ctr_rankers_score_a_request_as_its_own_user_wherever_it_sits_in_the_batch(name):
+    """The batch's user column is each user's dense index, not the row's position in the batch."""
+    engine = _user_engine(make(name))
+    cands = np.array([1, 2, 3, 4])
+    alone = engine.rank([RankJob("7", cands, None, None)])[0]["scores"]
+    third = engine.rank([RankJob(u, cands, None, None) for u in ("1", "2", "7")])[2]["scores"]
+    history = engine.store.get("7").history
+    with torch.no_grad():
+        batch = collate([(7, history.items, history.actions, history.labels, history.timestamps,
+                          history.request_ids, len(history))])
+        offline = torch.sigmoid(engine.model.score(batch, torch.from_numpy(cands)[None],
+                                                   torch.tensor([int(history.timestamps[-1])])))[0].numpy()
+    np.testing.assert_allclose(alone, offline, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(third, offline, rtol=0, atol=1e-6)
+
+
+def test_bprmf_recommends_each_user_from_their_own_embedding():
+    engine = _user_engine(make("bprmf"))
+    for user in (1, 4):
+        (top,) = engine.recommend([RecommendJob(str(user), None, 5, True)])
+        with torch.no_grad():
+            scores = engine.model.user_emb.weight[user] @ engine.model.item_emb.weight[1:].T  # [I]
+        assert [int(i) for i in top["items"]] == (scores.topk(5).indices + 1).tolist()
+
+
+def test_only_models_that_read_user_ids_refuse_a_user_the_training_data_does_not_have():
+    """No OOV row in the user tables: a CTR ranker refuses a new or anonymous user (422) instead of
+    scoring it as dataset user 0; a sequence model serves it."""
+    events = History.build([3, 4], [1, 2], [0.0, 1.0], [10, 20], 0)
+    for name, refuses in (("deepfm", True), ("bprmf", True), ("hstu", False)):
+        engine = _user_engine(make(name))
+        assert engine.model.reads_user_ids == refuses
+        assert engine.append_events([EventsJob("newcomer", events)])[0]["mode"] == "new"  # stored either way
+        if "ranking" in engine.model.tasks:
+            results = engine.rank([RankJob("newcomer", np.array([1]), None, None),
+                                   RankJob(None, np.array([1]), None, events), RankJob("3", np.array([1]), None, None)])
+        else:
+            results = engine.recommend([RecommendJob("newcomer", None, 3, True), RecommendJob(None, events, 3, True),
+                                        RecommendJob("3", None, 3, True)])
+        assert isinstance(results[2], dict)  # a dataset user is served
+        for result in results[:2]:
+            assert isinstance(result, ServiceError) == refuses
+            if refuses:
+                assert (result.status, result.field) == (422, "user") and "user embedding" in result.message
+
+
+def test_recommend_leaves_out_items_that_fell_out_of_the_stored_window():
+    """Offline leaves the whole history out; the service keeps every seen item beyond its max_len
+    window (here: the seed's older dataset items and appended events the window dropped)."""
+    engine = _engine("unigrf")
+    engine.store.seed = lambda user: History.build([1, 2], [0, 0], [1.0, 1.0], [0, 100], 0, seen=np.arange(1, 11))
+    long = History.build(np.arange(36) % 30 + 11, np.zeros(36), np.ones(36), 200 + np.arange(36) * 100, 0)
+    assert engine.append_events([EventsJob("9", long)])[0]["mode"] == "window"  # 38 events > max_history 32
+    held = engine.store.get("9").history
+    assert len(held) == 24 and not set(range(17, 23)) & set(held.items.tolist())  # dropped from the window ...
+    (everything,) = engine.recommend([RecommendJob("9", None, INFO.num_items, False)])
+    assert everything["items"] == []  # ... yet still seen: items 1-10 (dataset), 11-40 (appended)
+
+
+def test_the_users_gauge_counts_users_seeded_by_recommend_and_history_reads():
+    engine = _engine("unigrf")
+    users = engine.metrics.users
+    engine.recommend([RecommendJob(u, None, 3, False) for u in ("1", "2", "3")])
+    assert users._value.get() == len(engine.store) == 3
+    engine.user_history(["4", "5"])
+    assert users._value.get() == len(engine.store) == 5

@@ -321,3 +321,42 @@ def test_cuda_graphs_are_refused_without_a_cuda_device(runs, capsys):
         pytest.skip("this machine has a CUDA device")
     assert main(["serve", "--checkpoint", str(runs["dfgr"]), "--device", "cpu", "--cuda-graphs"]) == 2
     assert "CUDA graphs need HSTU or DFGR on a CUDA device" in capsys.readouterr().err
+
+
+def test_appends_answered_before_a_sigkill_are_served_after_the_restart(runs, tmp_path):
+    state = tmp_path / "users.parquet"
+    server = Server(runs["hstu"], "--state-file", str(state))
+    event = {"item": "5", "action": 4.0, "time": 1_000_000_000}
+    try:
+        assert server.post("/events", {"user": "new", "events": [event]}).status_code == 200
+        assert server.post("/events", {"user": "1", "events": [event]}).status_code == 200
+    finally:
+        server.client.close()
+        server.proc.kill()  # SIGKILL: no shutdown hook, no snapshot
+        server.proc.communicate(timeout=30)
+    server = Server(runs["hstu"], "--state-file", str(state))
+    try:
+        assert server.client.get("/users/new/history").json()["events"] == [event]
+        assert server.client.get("/users/1/history").json()["events"][-1] == event
+    finally:
+        server.stop()
+
+
+def test_served_recommendations_equal_offline_genrec_recommend(runs):
+    """/recommend's engine against ``genrec recommend`` for every dataset user (each has more events
+    than max_len): the same items (every rated one left out), retrieval scores and P(like)."""
+    from genrec.serve.engine import RecommendJob, build_engine
+    from genrec.serve.recommend import recommend
+
+    trainer = Offline(runs["unigrf"]).trainer
+    d, seq = trainer.cfg.data, trainer.seq
+    engine = build_engine(trainer.model, seq, d.prep.label_threshold, d.prep.request_window_s, d.max_len,
+                          trainer.device, 1 << 26)
+    k = 40  # of 60 items: users rated 20-35 distinct ones, so the lists reach items they rated
+    served = engine.recommend([RecommendJob(raw, None, k, False) for raw in seq.user_raw])
+    for user, raw in enumerate(seq.user_raw):
+        offline = recommend(trainer.model, seq, user, k, d.max_len, trainer.device)
+        assert served[user]["items"] == [r.item for r in offline], raw
+        np.testing.assert_allclose(served[user]["scores"], [r.score for r in offline], rtol=0, atol=1e-5)
+        np.testing.assert_allclose(served[user]["probabilities"]["rating>3"], [r.p_like for r in offline],
+                                   rtol=0, atol=1e-6)

@@ -46,6 +46,9 @@ class RecModel(nn.Module):
     tasks: tuple[Task, ...] = ()
     signal_names: tuple[str, ...] | list[str] = ("like",)  # the dataset's action signals, the label first
     kv_serving: KVServing | None = None  # serving against a per-user history cache, where the model has one
+    # score / retrieval_queries read the batch's dense user index (a table row per training user): such a
+    # model can serve only the training data's users (tests/models/test_contracts.py checks the flag)
+    reads_user_ids: bool = False
 
     @property
     def actions(self) -> tuple[str, ...]:

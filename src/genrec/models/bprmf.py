@@ -14,15 +14,17 @@ from torch import nn
 from genrec.data.batching import JaggedBatch
 from genrec.data.info import DatasetInfo
 from genrec.models.base import RecModel
+from genrec.settings import Positive
 
 
 @dataclass
 class BPRMFConfig:
-    d_model: int = 64
+    d_model: Positive = 64
 
 
 class BPRMF(RecModel):
     tasks = ("retrieval",)
+    reads_user_ids = True  # the query is the user's embedding
 
     def __init__(self, cfg: BPRMFConfig, info: DatasetInfo):
         super().__init__()

@@ -18,6 +18,7 @@ from genrec.nn.ctr import CTRFeatureEmbedding, CTRInputs
 
 class CTRRanker(RecModel):
     tasks = ("ranking",)
+    reads_user_ids = True  # the user is one of the features
 
     def __init__(self, features: CTRFeatureEmbedding):
         super().__init__()

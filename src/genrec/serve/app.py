@@ -24,6 +24,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictInt
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from genrec.ops.layout import TIME_LIMIT_S
 from genrec.serve.batching import DynamicBatcher
@@ -190,13 +191,14 @@ def build_app(engine: Engine, limits: Limits, token: str | None = None, max_batc
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        if state_file is not None and Path(state_file).is_file():
-            engine.load(Path(state_file))
+        if state_file is not None:  # snapshot + the appends journaled after it; journal from here on
+            engine.restore(Path(state_file))
         batcher.start()
         yield
         await batcher.stop()
         if state_file is not None:
-            engine.save(Path(state_file))
+            engine.snapshot(Path(state_file))
+            engine.close()
 
     outputs = engine.scorer.outputs if engine.scorer else []
     app = FastAPI(title="genrec ranking service", version="1", lifespan=lifespan,
@@ -212,6 +214,17 @@ def build_app(engine: Engine, limits: Limits, token: str | None = None, max_batc
     @app.exception_handler(ServiceError)
     async def refused(request: Request, exc: ServiceError):
         return _error(exc.status, exc.field, exc.message)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        """FastAPI's own refusals in the service's shape: an unknown route (404, field ``path``), a
+        method the route does not take (405, ``method``), a body it could not parse (400, ``body``:
+        not UTF-8, nested past the JSON parser's recursion limit)."""
+        field = {400: "body", 404: "path", 405: "method"}.get(exc.status_code, "")
+        message = {400: "body could not be parsed: not UTF-8 JSON, or nested too deeply",
+                   404: f"no route {request.url.path}",
+                   405: f"{request.method} is not allowed on {request.url.path}"}.get(exc.status_code, str(exc.detail))
+        return _error(exc.status_code, field, message)
 
     def _history(events: list[Event] | None, field: str):
         if events is None:

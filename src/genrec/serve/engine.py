@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -22,10 +23,11 @@ from genrec.models.base import RecModel
 from genrec.nn import kv_cache
 from genrec.ops.layout import TIME_LIMIT_S, time_spans_checked_on_host
 from genrec.serve.graphs import BucketedGraphs
+from genrec.serve.journal import Journal, journal_path, replayable
 from genrec.serve.metrics import ServiceMetrics
 from genrec.serve.recommend import top_items
 from genrec.serve.scoring import Scorer
-from genrec.serve.store import History, UserStore
+from genrec.serve.store import History, UserStore, snapshot_generation
 
 log = logging.getLogger("genrec.serve")
 
@@ -40,16 +42,19 @@ class ServiceError(Exception):
 
 @dataclass
 class Catalogue:
-    """The id spaces of a trained model: raw item ids, action values (ratings) and the label rule."""
+    """The id spaces of a trained model: raw item ids, action values (ratings), the label rule and the
+    dataset's users (those with a dense index, which models with a user embedding read)."""
 
     item_raw: list[str]  # item_raw[i - 1] is dense item i
     action_values: list[float]  # the dataset's sorted rating values; action class = index
     label_threshold: float  # label = action value > threshold
     request_window_s: int
+    user_raw: list[str] = field(default_factory=list)  # user_raw[u] is dense user u
 
     def __post_init__(self):
         self.item_index = {raw: i for i, raw in enumerate(self.item_raw, start=1)}
         self.action_index = {v: i for i, v in enumerate(self.action_values)}
+        self.user_index = {raw: u for u, raw in enumerate(self.user_raw)}
 
     def items(self, raw_ids: Sequence[str], field: str, suffix: str = "") -> np.ndarray:
         """Dense ids of ``raw_ids``; an unknown one is refused as ``{field}[j]{suffix}``."""
@@ -77,15 +82,18 @@ class Catalogue:
 
 
 def dataset_seed(seq: Sequences, max_events: int, request_window_s: int):
-    """The store's seed: a dataset user's latest ``max_events`` events (None for other users)."""
+    """The store's seed: a dataset user's latest ``max_events`` events, with its dense index and every
+    item of its whole dataset history as seen (None for other users)."""
     index = {raw: u for u, raw in enumerate(seq.user_raw)}
 
     def seed(user: str) -> History | None:
         if user not in index:
             return None
-        s, e = int(seq.user_offsets[index[user]]), int(seq.user_offsets[index[user] + 1])
-        s = max(s, e - max_events)
-        return History.build(seq.items[s:e], seq.actions[s:e], seq.labels[s:e], seq.timestamps[s:e], request_window_s)
+        u = index[user]
+        first, e = int(seq.user_offsets[u]), int(seq.user_offsets[u + 1])
+        s = max(first, e - max_events)
+        return History.build(seq.items[s:e], seq.actions[s:e], seq.labels[s:e], seq.timestamps[s:e], request_window_s,
+                             u, np.unique(seq.items[first:e]))
 
     return seed
 
@@ -129,17 +137,29 @@ class Engine:
         self.model_name = model_name or type(model).__name__.lower()
         self.scorer = Scorer(model, device, catalogue.label_threshold, graphs) if Scorer.can_score(model) else None
         self.metrics = ServiceMetrics(device)
+        self.journal: Journal | None = None  # set by restore(): appends are journaled before they are applied
         self.handlers = {"rank": self.rank, "events": self.append_events, "recommend": self.recommend,
                          "history": self.user_history}
 
     # ----------------------------------------------------------------------------------- helpers
     def _history_of(self, user: str | None, inline: History | None, field: str = "user") -> History:
+        """The history a request is scored on: the inline one (as the request's dataset user, if it
+        names one) or the store's. Refused for a model that reads user ids if it has no dataset user:
+        the training data gives dense indices ``0 .. U-1`` to its users and none to anyone else (no OOV
+        row in the user tables; offline ``genrec recommend`` refuses such a user too), so such a user is
+        refused (422) rather than scored as some dataset user (:attr:`RecModel.reads_user_ids`)."""
         if inline is not None:
-            return inline
-        state = self.store.get(user)
-        if state is None:
-            raise ServiceError(404, field, f"user {user!r} has no history here: send it inline or POST /events")
-        return state.history
+            history = replace(inline, user=self.catalogue.user_index.get(user))
+        else:
+            state = self.store.get(user)
+            if state is None:
+                raise ServiceError(404, field, f"user {user!r} has no history here: send it inline or POST /events")
+            history = state.history
+        if self.model.reads_user_ids and history.user is None:
+            who = "an inline history without a dataset user" if user is None else f"user {user!r}"
+            raise ServiceError(422, "user", f"{self.model_name} reads a trained user embedding, and {who} has none "
+                               "(not in the training data); models without one (HSTU, DFGR, SASRec, ...) serve it")
+        return history
 
     def _update_gauges(self) -> None:
         self.metrics.cache_bytes.set(self.store.cache_bytes)
@@ -246,12 +266,14 @@ class Engine:
         self._update_gauges()
         return results
 
-    def _append(self, job: EventsJob) -> dict:
+    def _append(self, job: EventsJob, journaled: bool = True) -> dict:
+        """Append ``job``'s events; the journal (if any, and unless ``journaled`` is False: a replay)
+        holds them on disk before the store changes."""
         check_times(job.events.timestamps, "events")
         state = self.store.get(job.user)
         window = self.catalogue.request_window_s
         if state is None:
-            history, mode = job.events, "new"
+            history, mode = replace(job.events, user=self.catalogue.user_index.get(job.user)), "new"
         else:
             last = int(state.history.timestamps[-1])
             if job.events.timestamps[0] < last:
@@ -268,6 +290,8 @@ class Engine:
             cache = self.scorer.extend(state.cache, history, len(job.events))
         elif mode == "incremental":
             mode = "lazy"  # no cache to extend: the next request encodes the whole history
+        if journaled and self.journal is not None:
+            self.journal.append(job.user, self._raw_events(job.events))
         evicted = self.store.set_history(job.user, history, cache, kv_cache.nbytes(cache) if cache else 0)
         self.metrics.cache_evictions.inc(len(evicted))
         self.metrics.events_appended.inc(len(job.events))
@@ -292,16 +316,22 @@ class Engine:
             tops = self._batched([item[1:] for item in live], self._recommend, "recommend")
         for (i, *_), result in zip(live, tops, strict=True):
             results[i] = result
+        self._update_gauges()  # the requests may have seeded users into the store
         return results
 
     def _recommend(self, jobs: list[RecommendJob], histories: list[History]) -> list[dict]:
+        """Top-k as offline :func:`~genrec.serve.recommend.recommend`: every seen item left out (not only
+        the stored window's), and P(like) conditioned on the latest ``max_len - 1`` events, the events
+        the retrieval query reads before its placeholder next event."""
         tops = top_items(self.model, [h.sample() for h in histories], [job.k for job in jobs], self.max_history,
-                         self.device, [None if job.include_seen else h.items for job, h in zip(jobs, histories,
-                                                                                                 strict=True)])
+                         self.device, [None if job.include_seen else h.seen for job, h in zip(jobs, histories,
+                                                                                                strict=True)])
         out = [{"items": [self.catalogue.item_raw[i - 1] for i in items], "scores": scores} for items, scores in tops]
         ranked = [b for b, (items, _) in enumerate(tops) if items] if self.scorer is not None else []
         if ranked:
-            probs = self.scorer.score([histories[b] for b in ranked], [np.asarray(tops[b][0]) for b in ranked],
+            window = self.catalogue.request_window_s
+            probs = self.scorer.score([histories[b].last(self.max_history - 1, window) for b in ranked],
+                                      [np.asarray(tops[b][0]) for b in ranked],
                                       [int(histories[b].timestamps[-1]) for b in ranked])  # [K_b, T] each
             for b, p in zip(ranked, probs, strict=True):
                 out[b]["probabilities"] = {name: p[:, t].tolist() for t, name in enumerate(self.scorer.outputs)}
@@ -318,17 +348,55 @@ class Engine:
             out.append({"user": user, "events": [
                 {"item": self.catalogue.item_raw[i - 1], "action": self.catalogue.action_values[a], "time": int(t)}
                 for i, a, t in zip(h.items, h.actions, h.timestamps, strict=True)], "cached": state.cache is not None})
+        self._update_gauges()  # a dataset user read here is seeded into the store
         return out
 
     # ---------------------------------------------------------------------------------- snapshot
-    def save(self, path: Path) -> int:
-        return self.store.save(path, self.catalogue.item_raw, self.catalogue.action_values)
+    def save(self, path: Path, generation: int = 0) -> int:
+        return self.store.save(path, self.catalogue.item_raw, self.catalogue.action_values, generation)
 
     def load(self, path: Path) -> int:
         users = self.store.load(path, self.catalogue.item_index, self.catalogue.action_index,
-                                self.catalogue.request_window_s)
+                                self.catalogue.request_window_s, self.catalogue.user_index)
         self._update_gauges()
         return users
+
+    def restore(self, state_file: Path) -> int:
+        """Start from ``state_file``: load the snapshot (if any), replay the appends journaled after it
+        (:mod:`genrec.serve.journal`), write them into a new snapshot and journal from there on.
+        Returns the appends replayed."""
+        state_file = Path(state_file)
+        generation = snapshot_generation(state_file) if state_file.is_file() else 0
+        if state_file.is_file():
+            self.load(state_file)
+        replayed = 0
+        for user, events in replayable(journal_path(state_file), generation):
+            self._append(EventsJob(user, self.catalogue.history([SimpleNamespace(**e) for e in events], "events")),
+                         journaled=False)
+            replayed += 1
+        if replayed:
+            log.warning("%s: replayed %d appends journaled after the last snapshot", state_file, replayed)
+        self.snapshot(state_file, generation + 1)
+        return replayed
+
+    def snapshot(self, state_file: Path, generation: int | None = None) -> int:
+        """Write every history to ``state_file`` and start a new, empty journal after it. Returns rows."""
+        generation = (self.journal.generation + 1) if generation is None else generation
+        rows = self.save(state_file, generation)
+        if self.journal is not None:
+            self.journal.close()
+        self.journal = Journal(journal_path(state_file), generation)
+        return rows
+
+    def close(self) -> None:
+        if self.journal is not None:
+            self.journal.close()
+            self.journal = None
+
+    def _raw_events(self, events: History) -> list[dict]:
+        """``events`` in raw ids, as a request sends them (what the journal holds)."""
+        return [{"item": self.catalogue.item_raw[i - 1], "action": self.catalogue.action_values[a], "time": int(t)}
+                for i, a, t in zip(events.items, events.actions, events.timestamps, strict=True)]
 
 
 def build_engine(model: RecModel, seq: Sequences, label_threshold: float, request_window_s: int, max_len: int,
@@ -337,7 +405,7 @@ def build_engine(model: RecModel, seq: Sequences, label_threshold: float, reques
     """An engine over a trained model and its dataset: the dataset's users start from their latest
     ``max_len`` events. ``cuda_graphs = (max_batch, max_candidates)`` replays cold scoring as CUDA
     graphs (HSTU, DFGR on a CUDA device)."""
-    catalogue = Catalogue(seq.item_raw, seq.rating_values, label_threshold, request_window_s)
+    catalogue = Catalogue(seq.item_raw, seq.rating_values, label_threshold, request_window_s, list(seq.user_raw))
     store = UserStore(cache_bytes, dataset_seed(seq, max_len, request_window_s))
     graphs = None
     if cuda_graphs is not None:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from genrec.data.batching import collate
+from genrec.data.batching import JaggedBatch, collate
 from genrec.data.preprocess import Sequences
 from genrec.models.base import RecModel
 
@@ -45,6 +45,11 @@ def _placeholder(history: tuple, max_len: int) -> tuple:
     return (user, *(np.append(a, v) for a, v in zip(window, next_event, strict=True)), len(window[0]))
 
 
+def query_batch(histories: list[tuple], max_len: int, device: torch.device) -> JaggedBatch:
+    """The batch whose targets' retrieval queries are the users' next-event queries."""
+    return collate([_placeholder(h, max_len) for h in histories]).to(device)
+
+
 @torch.no_grad()
 def top_items(model: RecModel, histories: list[tuple], ks: list[int], max_len: int, device: torch.device,
               excludes: list[np.ndarray | None]) -> list[tuple[list[int], list[float]]]:
@@ -52,7 +57,7 @@ def top_items(model: RecModel, histories: list[tuple], ks: list[int], max_len: i
     items (dense ids, best first) and their retrieval scores; items in ``excludes[b]`` are left out.
     One query call and one catalogue product for the whole batch (the service's batched /recommend)."""
     model.eval()
-    query = model.retrieval_queries(collate([_placeholder(h, max_len) for h in histories]).to(device)).float()
+    query = model.retrieval_queries(query_batch(histories, max_len, device)).float()
     scores = query @ model.item_embeddings().float().T  # [B, I + 1]
     scores[:, 0] = float("-inf")
     left_out = [np.asarray(e, dtype=np.int64) for e in excludes if e is not None]

@@ -23,8 +23,9 @@ from genrec.serve.store import History
 
 
 def history_batch(histories: list[History], device: torch.device) -> JaggedBatch:
-    """Histories -> one jagged batch (no targets)."""
-    return collate([h.sample(i) for i, h in enumerate(histories)]).to(device)
+    """Histories -> one jagged batch (no targets), each row with its own user's dense index (never its
+    position in the batch: models with a user embedding read it)."""
+    return collate([h.sample() for h in histories]).to(device)
 
 
 def pad_candidates(candidates: list[np.ndarray], device: torch.device) -> torch.Tensor:

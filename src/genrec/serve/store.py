@@ -5,7 +5,8 @@ model's per-user cache (the history's keys and values at every layer, on the mod
 optimisation on top of it: caches are evicted least-recently-used when their bytes pass the budget,
 and an evicted user is re-encoded from the host history on its next request, transparently. The host
 history is the state that matters; :meth:`UserStore.save` writes it as Parquet (raw ids, so a file
-outlives a model) and :meth:`UserStore.load` reads it back, so a restart loses nothing.
+outlives a model) and :meth:`UserStore.load` reads it back; appends between two snapshots are kept
+by the write-ahead journal (:mod:`genrec.serve.journal`), so neither a restart nor a crash loses any.
 
 The store is not thread-safe: the service touches it from its one scoring thread only.
 """
@@ -26,40 +27,63 @@ import pyarrow.parquet as pq
 
 @dataclass
 class History:
-    """One user's events in time order, in the model's dense ids (items ``1..I``, action classes)."""
+    """One user's events in time order, in the model's dense ids (items ``1..I``, action classes).
+
+    ``user`` is the dataset's dense user index (what models with a user embedding read: BPR-MF and
+    the CTR rankers), or None for a user the training data does not have (a user that started with
+    ``/events``, an inline history without a dataset user). ``seen`` is every item the user has
+    interacted with, also the dataset events and appended events that fell out of the ``max_len``
+    window: what ``/recommend`` leaves out, as offline :func:`~genrec.serve.recommend.recommend`
+    leaves out the whole dataset history. It is a sorted array of distinct ids, 4 bytes each, so it is
+    bounded by the catalogue (at most ``4 · I`` bytes per user; ~400 KB for all 610 users of
+    ml-latest-small), beside the ``max_len`` events' ~40 bytes each.
+    """
 
     items: np.ndarray  # [N] int64
     actions: np.ndarray  # [N] int64 action class (index into the dataset's rating values)
     labels: np.ndarray  # [N] float32 binary label of the event
     timestamps: np.ndarray  # [N] int64 seconds, non-decreasing
     request_ids: np.ndarray  # [N] int64 from 0: a new request starts after a gap > the request window
+    user: int | None = None  # dense user index, None: not a dataset user
+    seen: np.ndarray | None = None  # [S] int32 sorted distinct item ids, a superset of items (None: items')
+
+    def __post_init__(self):
+        if self.seen is None:
+            self.seen = np.unique(self.items).astype(np.int32)
 
     def __len__(self) -> int:
         return len(self.items)
 
     @classmethod
-    def build(cls, items, actions, labels, timestamps, request_window_s: int) -> History:
+    def build(cls, items, actions, labels, timestamps, request_window_s: int, user: int | None = None,
+              seen: np.ndarray | None = None) -> History:
         """A history from per-event arrays, numbering requests as the preprocessing does."""
         timestamps = np.asarray(timestamps, dtype=np.int64)
         gap = np.diff(timestamps, prepend=timestamps[:1])
         new_request = gap > request_window_s
         if len(new_request):
             new_request[0] = True
-        return cls(np.asarray(items, dtype=np.int64), np.asarray(actions, dtype=np.int64),
-                   np.asarray(labels, dtype=np.float32), timestamps, np.cumsum(new_request) - 1)
+        items = np.asarray(items, dtype=np.int64)
+        seen = None if seen is None else np.union1d(seen, items).astype(np.int32)
+        return cls(items, np.asarray(actions, dtype=np.int64), np.asarray(labels, dtype=np.float32), timestamps,
+                   np.cumsum(new_request) - 1, user, seen)
 
     def appended(self, other: History, request_window_s: int) -> History:
         """This history followed by ``other`` (whose times must not precede this one's last)."""
         return History.build(*(np.concatenate([getattr(self, f), getattr(other, f)])
-                               for f in ("items", "actions", "labels", "timestamps")), request_window_s)
+                               for f in ("items", "actions", "labels", "timestamps")), request_window_s,
+                             self.user, self.seen)
 
     def last(self, n: int, request_window_s: int) -> History:
-        """The latest ``n`` events (request ids renumbered from 0)."""
+        """The latest ``n`` events (request ids renumbered from 0); the user and seen items stay."""
         return History.build(self.items[-n:], self.actions[-n:], self.labels[-n:], self.timestamps[-n:],
-                             request_window_s)
+                             request_window_s, self.user, self.seen)
 
-    def sample(self, user: int = 0) -> tuple:
-        """The history as one :func:`genrec.data.batching.collate` sample (no targets)."""
+    def sample(self) -> tuple:
+        """The history as one :func:`genrec.data.batching.collate` sample (no targets). A history
+        without a dataset user goes in as user 0: the engine lets only models that never read the user
+        index score one (:attr:`genrec.models.base.RecModel.reads_user_ids`)."""
+        user = 0 if self.user is None else self.user
         return (user, self.items, self.actions, self.labels, self.timestamps, self.request_ids, len(self))
 
 
@@ -144,8 +168,10 @@ class UserStore:
         return self.cached
 
     # ------------------------------------------------------------------------------------ snapshot
-    def save(self, path: Path, item_raw: list[str], action_values: list[float]) -> int:
-        """Write every user's history as Parquet (one row per event, raw ids); atomic. Returns rows."""
+    def save(self, path: Path, item_raw: list[str], action_values: list[float], generation: int = 0) -> int:
+        """Write every user's history as Parquet (one row per event, raw ids); atomic and on disk when it
+        returns (temp file, fsync, ``os.replace``, fsync of the folder). ``generation`` goes into the
+        file's metadata (:func:`snapshot_generation`). Returns rows."""
         users, items, actions, labels, times = [], [], [], [], []
         for user, state in self.users.items():
             h = state.history
@@ -158,17 +184,21 @@ class UserStore:
             "user": pa.array(users, pa.string()), "item": pa.array(items, pa.string()),
             "action": pa.array(actions, pa.float64()),
             "label": pa.array(np.concatenate(labels) if labels else np.zeros(0, np.float32), pa.float32()),
-            "time": pa.array(np.concatenate(times) if times else np.zeros(0, np.int64), pa.int64())})
+            "time": pa.array(np.concatenate(times) if times else np.zeros(0, np.int64), pa.int64())},
+            metadata={GENERATION_KEY: str(generation)})
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
         pq.write_table(table, tmp)
-        os.replace(tmp, path)
+        replace_durably(tmp, path)
         return table.num_rows
 
     def load(self, path: Path, item_index: dict[str, int], action_index: dict[float, int],
-             request_window_s: int) -> int:
-        """Read a snapshot written by :meth:`save`; every id must be known to the model. Returns users."""
+             request_window_s: int, user_index: dict[str, int] | None = None) -> int:
+        """Read a snapshot written by :meth:`save`; every id must be known to the model. A dataset user
+        (in ``user_index``) gets its dense index, and its seen items include the seed's (the whole
+        dataset history, which the snapshot's ``max_len`` events do not hold). Returns users."""
+        user_index = user_index or {}
         table = pq.read_table(path)
         expected = {"user", "item", "action", "label", "time"}
         if set(table.column_names) != expected:
@@ -186,6 +216,30 @@ class UserStore:
             times = np.array([columns["time"][r] for r in rows], dtype=np.int64)
             if np.any(np.diff(times) < 0):
                 raise ValueError(f"{path}: user {user!r} has events out of time order")
+            seeded = self.seed(user)
             self.set_history(user, History.build(items, actions, [columns["label"][r] for r in rows], times,
-                                                 request_window_s))
+                                                 request_window_s, user_index.get(user),
+                                                 None if seeded is None else seeded.seen))
         return len(by_user)
+
+
+GENERATION_KEY = "genrec.journal_generation"
+
+
+def snapshot_generation(path: Path) -> int:
+    """The journal generation a snapshot was written at (0 for a file without one)."""
+    metadata = pq.read_schema(path).metadata or {}
+    return int(metadata.get(GENERATION_KEY.encode(), b"0"))
+
+
+def replace_durably(tmp: Path, path: Path) -> None:
+    """``os.replace(tmp, path)`` that survives a power cut: the file's bytes are synced before the
+    rename, the folder's entry after it."""
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    folder = os.open(Path(path).parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
