@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import os
 import tarfile
 
 import polars as pl
@@ -242,10 +243,17 @@ def test_kuairand_extraction_killed_midway_is_done_again_not_read_half(tmp_path,
     with pytest.raises(KeyboardInterrupt):
         public_logs.ensure_log("kuairand-pure", tmp_path / "root", url=archive.as_uri(), checksum_api=api.as_uri())
     assert not any((tmp_path / "root").iterdir())  # no folder that looks complete
+    left = tmp_path / "root" / "kuairand-pure.partial"  # what a SIGKILL (no cleanup at all) leaves
+    (left / "KuaiRand-Pure" / "data").mkdir(parents=True)
+    (left / "KuaiRand-Pure" / "data" / "log_standard_4_08_to_4_21_pure.csv").write_text("half a file")
     monkeypatch.setattr(tarfile.TarFile, "extractall", extract_all)
     folder = public_logs.ensure_log("kuairand-pure", tmp_path / "root", url=archive.as_uri(),
                                     checksum_api=api.as_uri())
     assert scan(public_logs.kuairand(folder)).report["source_events"] == 6  # both log files
+    assert [p.name for p in (tmp_path / "root").iterdir()] == ["kuairand-pure"]  # the leftover is cleared
+    umask = os.umask(0)
+    os.umask(umask)
+    assert folder.stat().st_mode & 0o777 == 0o777 & ~umask  # as a folder made by mkdir, not a private one
 
 
 def test_logs_behind_a_form_say_where_to_put_the_files(tmp_path):

@@ -34,3 +34,5 @@ def test_parse_routing_and_method_errors_use_the_error_shape(client, method, pat
     reply = client.request(method, path, content=body, headers=JSON)
     assert reply.status_code == status
     assert reply.json().keys() == {"error", "field"} and reply.json()["field"] == field and reply.json()["error"]
+    if status == 405:  # HTTP asks a 405 to name the methods the route takes
+        assert reply.headers["allow"] == "POST"

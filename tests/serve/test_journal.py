@@ -99,3 +99,40 @@ def test_a_bad_line_before_the_last_is_corruption_and_stops_the_start(tmp_path):
     path.write_bytes(path.read_bytes().replace(b'"user"', b'"us\xffer"', 1) + b'{"user":"1","events":[]}\n')
     with pytest.raises(ValueError, match="line 2 is not a JSON object; the journal is corrupt"):
         _engine().restore(state)
+
+
+@pytest.mark.parametrize("failure", ["fsync", "short write"])
+def test_a_failed_append_is_cut_out_of_the_journal_so_a_restart_does_not_replay_it(tmp_path, monkeypatch, failure):
+    """The client got an error for it: replayed, it would appear after a restart (and a retry of it
+    would then fail the time order and stop the start); left torn, it would hide every later line. A
+    cut that fails too leaves the journal refusing appends (not tested: it needs a failing disk)."""
+    from genrec.serve import journal
+
+    state = tmp_path / "users.parquet"
+    engine = _engine()
+    engine.restore(state)
+    real_write, real_fsync = journal.os.write, journal.os.fsync
+
+    def half_then_full_disk(fd, data):
+        real_write(fd, bytes(data[: len(data) // 2]))
+        raise OSError(28, "No space left on device")
+
+    failed = []
+
+    def failing_fsync(fd):  # once: the cut's own fsync goes through
+        if not failed:
+            failed.append(fd)
+            raise OSError(5, "Input/output error")
+        real_fsync(fd)
+
+    monkeypatch.setattr(journal.os, "write" if failure == "short write" else "fsync",
+                        half_then_full_disk if failure == "short write" else failing_fsync)
+    before = journal_path(state).read_bytes()
+    [result] = engine.append_events([EventsJob("new", _events(1_000))])
+    assert not isinstance(result, dict) and engine.store.get("new") is None  # refused, nothing stored
+    assert journal_path(state).read_bytes() == before
+    monkeypatch.setattr(journal.os, "write", real_write)
+    monkeypatch.setattr(journal.os, "fsync", real_fsync)
+    assert isinstance(engine.append_events([EventsJob("new", _events(1_000))])[0], dict)  # the retry
+    restarted = _engine()
+    assert restarted.restore(state) == 1 and _held(restarted, "new") == _held(engine, "new")

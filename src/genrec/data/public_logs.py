@@ -36,7 +36,6 @@ import json
 import os
 import shutil
 import tarfile
-import tempfile
 import urllib.error
 import urllib.request
 from collections.abc import Callable
@@ -239,9 +238,10 @@ def ensure_log(name: str, data_dir: str | Path | None = None, *, allow_download:
     """The folder of public log ``name`` under the data root, downloaded and extracted when absent
     (KuaiRand and Amazon; checked against the publisher's md5 where one is published).
 
-    The download and its extraction happen in a private sibling folder that is renamed into place
+    The download and its extraction happen in the sibling folder ``name.partial``, renamed into place
     once complete: a run killed midway leaves no ``name`` folder, so that the next run starts again
-    rather than reading the files extracted before the kill."""
+    rather than reading the files extracted before the kill, and clears what the killed run left
+    there (a fixed name, so a kill leaves at most one partial download behind)."""
     if name not in PUBLIC_LOGS:
         raise DataError(name, f"unknown public log; known: {', '.join(sorted(PUBLIC_LOGS))}")
     log = PUBLIC_LOGS[name]
@@ -252,8 +252,9 @@ def ensure_log(name: str, data_dir: str | Path | None = None, *, allow_download:
     if url is None or not allow_download:
         raise DataError(str(folder), f"{name} not found; the publisher serves it behind a form or drive link"
                         if url is None else f"{name} not found (downloading not allowed)")
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f"{name}.tmp-"))
+    tmp = folder.with_name(f"{name}.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)  # the umask's permissions, as the folder it becomes would have
     try:
         target = _download(log, url, tmp / (log.archive or Path(url).name), checksum_api, folder)
         if target.name.endswith((".tar.gz", ".tgz")):

@@ -119,8 +119,8 @@ def _field(loc: tuple) -> str:
     return out
 
 
-def _error(status: int, field: str, message: str) -> JSONResponse:
-    return JSONResponse({"error": message, "field": field}, status_code=status)
+def _error(status: int, field: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": message, "field": field}, status_code=status, headers=headers)
 
 
 class Guard:
@@ -224,7 +224,7 @@ def build_app(engine: Engine, limits: Limits, token: str | None = None, max_batc
         message = {400: "body could not be parsed: not UTF-8 JSON, or nested too deeply",
                    404: f"no route {request.url.path}",
                    405: f"{request.method} is not allowed on {request.url.path}"}.get(exc.status_code, str(exc.detail))
-        return _error(exc.status_code, field, message)
+        return _error(exc.status_code, field, message, exc.headers)  # e.g. a 405's Allow
 
     def _history(events: list[Event] | None, field: str):
         if events is None:

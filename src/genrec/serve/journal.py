@@ -66,7 +66,12 @@ def read_journal(path: Path) -> tuple[int, list[tuple[str, list[dict]]]]:
 
 
 class Journal:
-    """The open journal of one generation; :meth:`append` returns once the line is on disk."""
+    """The open journal of one generation; :meth:`append` returns once the line is on disk.
+
+    Written through the file descriptor (no Python buffer), so a failed append can be cut back out:
+    a line whose write or fsync failed was answered with an error, and left in the file it would be
+    replayed on the next start (an append the client was told failed, or a torn line that makes every
+    later line unreadable). If even the cut fails, the journal refuses every later append."""
 
     def __init__(self, path: Path, generation: int):
         """Start an empty journal of ``generation`` at ``path`` (atomically replacing the old one)."""
@@ -74,17 +79,35 @@ class Journal:
         tmp = self.path.with_name(self.path.name + ".tmp")
         tmp.write_text(json.dumps({"generation": generation}) + "\n", encoding="utf-8")
         replace_durably(tmp, self.path)
-        self.file = open(self.path, "ab")  # noqa: SIM115 - held open for the service's lifetime
+        self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)  # held open for the service's lifetime
+        self.broken: str | None = None  # why appends are refused, once a failed one could not be cut out
 
     def append(self, user: str, events: list[dict]) -> None:
-        """One append, durable when this returns: one line, flushed and fsync'd."""
+        """One append, durable when this returns: one line, written and fsync'd; on failure the file is
+        cut back to where it was and the error raised."""
+        if self.broken:
+            raise OSError(f"{self.path}: the journal takes no appends: {self.broken}")
         line = json.dumps({"user": user, "events": events}, separators=(",", ":"), allow_nan=False)
-        self.file.write(line.encode() + b"\n")
-        self.file.flush()
-        os.fsync(self.file.fileno())
+        data, start = memoryview(line.encode() + b"\n"), os.lseek(self.fd, 0, os.SEEK_END)
+        try:
+            while data:
+                data = data[os.write(self.fd, data):]
+            os.fsync(self.fd)
+        except BaseException as err:
+            self._cut(start, err)
+            raise
+
+    def _cut(self, size: int, cause: BaseException) -> None:
+        """Truncate the journal back to ``size`` bytes after a failed append."""
+        try:
+            os.ftruncate(self.fd, size)
+            os.fsync(self.fd)
+        except OSError as err:
+            self.broken = f"a failed append ({cause!r}) could not be cut out ({err!r})"
+            log.error("%s: %s; appends are refused until a restart", self.path, self.broken)
 
     def close(self) -> None:
-        self.file.close()
+        os.close(self.fd)
 
 
 def replayable(path: Path, snapshot_generation: int) -> Iterator[tuple[str, list[dict]]]:
