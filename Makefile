@@ -1,9 +1,12 @@
 # Two entry points on a fresh clone (README): `make quickstart` and `make test`.
-# Each creates .venv with the CPU build of PyTorch first, so no multi-GB CUDA wheel is pulled.
+# Each creates .venv with PyTorch first: the CPU build where the pip index serves it (this machine, CI).
+# From plain PyPI on Linux torch is the multi-GB CUDA build; there pass the CPU wheel index:
+#   make test TORCH_INDEX="--index-url https://download.pytorch.org/whl/cpu --extra-index-url https://pypi.org/simple"
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
+TORCH_INDEX ?=
 # Development copies of the datasets sit beside the clone; GENREC_DATA overrides.
 export GENREC_DATA ?= $(abspath ../shared/datasets)
 export GENREC_CACHE ?= $(abspath .cache)
@@ -15,7 +18,7 @@ TORCHREC_VERSION ?= 1.8.0
 $(BIN)/genrec: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q torch==$(TORCH_VERSION)
+	$(BIN)/pip install -q torch==$(TORCH_VERSION) $(TORCH_INDEX)
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $@
 
