@@ -44,8 +44,9 @@ class BatchScores:
     signals: torch.Tensor | None = None  # [N_t, T] float32
     task_logits: torch.Tensor | None = None  # [N_t, T] float32
     signal_names: tuple[str, ...] = ()
-    # full-catalogue rank of the true item (retrieval), float64, per chunk of <= 1024 targets: the
-    # metrics sum chunk by chunk, as they always have, so their last bits do not depend on the batching
+    # where the true item ranks in the full catalogue (retrieval): [n, 2] float64 of (items scored
+    # higher, other items tied), NaN where its score is not finite (target_ranks), per chunk of <= 1024
+    # targets: the metrics sum chunk by chunk, so their last bits do not depend on the batching
     ranks: list[torch.Tensor] | None = None
 
 
@@ -71,14 +72,26 @@ def score_batches(model: RecModel, loader, device: torch.device, autocast: bool 
                 out.labels = batch.at_targets(batch.labels).float().cpu()
                 out.logits = model.rank_logits(batch).float().cpu()
             if items is not None:
-                queries = model.retrieval_queries(batch).float()  # [N, D]
-                targets = batch.at_targets(batch.items)
-                out.ranks = []
-                for chunk in range(0, len(queries), 1024):  # bounds memory at 1024 x num_items scores
-                    scores = queries[chunk: chunk + 1024] @ items.T  # [n, I + 1]
-                    scores[:, 0] = float("-inf")
-                    out.ranks.append(target_ranks(scores, targets[chunk: chunk + 1024]).cpu())
+                queries = model.retrieval_queries(batch)  # [N, D]
+        if items is not None:
+            out.ranks = catalogue_ranks(queries, items, batch.at_targets(batch.items))
         yield out
+
+
+def catalogue_ranks(queries: torch.Tensor, items: torch.Tensor, targets: torch.Tensor) -> list[torch.Tensor]:
+    """:func:`target_ranks` of each query's true item among all items, per chunk of <= 1024 queries.
+
+    The product runs in float32 with autocast off even when the forward autocasts: in bfloat16 (8 bits
+    of mantissa) close scores round to the same value, and ties would decide the ranks.
+    queries ``[N, D]``, items ``[I + 1, D]`` (row 0 the padding item), targets ``[N]``.
+    """
+    ranks = []
+    with torch.autocast(queries.device.type, enabled=False):
+        for chunk in range(0, len(queries), 1024):  # bounds memory at 1024 x num_items scores
+            scores = queries[chunk: chunk + 1024].float() @ items.float().T  # [n, I + 1]
+            scores[:, 0] = float("-inf")
+            ranks.append(target_ranks(scores, targets[chunk: chunk + 1024]).cpu())  # [n, 2]
+    return ranks
 
 
 def reduce_scores(scores: Iterable[BatchScores], ks: tuple[int, ...] = (10, 50)) -> dict[str, float]:
