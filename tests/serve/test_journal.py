@@ -5,7 +5,6 @@ line with a warning and refuses a corrupt journal."""
 from __future__ import annotations
 
 import logging
-import time
 
 import numpy as np
 import pytest
@@ -55,12 +54,6 @@ def test_accepted_appends_survive_a_crash_that_skips_the_shutdown_snapshot(tmp_p
 
     again = _engine()  # the restart wrote a snapshot and started a new journal: nothing is replayed twice
     assert again.restore(state) == 0 and _held(again, "new") == _held(crashed, "new")
-
-    n, start = 200, time.perf_counter()
-    for k in range(n):  # what durability costs an append on this disk (write + flush + fsync of one line)
-        again.append_events([EventsJob("new", _events(10_000 + k, 1))])
-    print(f"\njournaled append: {(time.perf_counter() - start) / n * 1e3:.3f} ms per /events job "
-          f"(fsync included; {tmp_path})")
 
 
 def test_a_journal_the_snapshot_already_holds_is_not_replayed(tmp_path):
