@@ -6,6 +6,7 @@ import gzip
 import hashlib
 import json
 import os
+import shutil
 import tarfile
 
 import polars as pl
@@ -243,14 +244,11 @@ def test_kuairand_extraction_killed_midway_is_done_again_not_read_half(tmp_path,
     with pytest.raises(KeyboardInterrupt):
         public_logs.ensure_log("kuairand-pure", tmp_path / "root", url=archive.as_uri(), checksum_api=api.as_uri())
     assert not any((tmp_path / "root").iterdir())  # no folder that looks complete
-    left = tmp_path / "root" / "kuairand-pure.partial"  # what a SIGKILL (no cleanup at all) leaves
-    (left / "KuaiRand-Pure" / "data").mkdir(parents=True)
-    (left / "KuaiRand-Pure" / "data" / "log_standard_4_08_to_4_21_pure.csv").write_text("half a file")
     monkeypatch.setattr(tarfile.TarFile, "extractall", extract_all)
     folder = public_logs.ensure_log("kuairand-pure", tmp_path / "root", url=archive.as_uri(),
                                     checksum_api=api.as_uri())
     assert scan(public_logs.kuairand(folder)).report["source_events"] == 6  # both log files
-    assert [p.name for p in (tmp_path / "root").iterdir()] == ["kuairand-pure"]  # the leftover is cleared
+    assert [p.name for p in (tmp_path / "root").iterdir()] == ["kuairand-pure"]
     umask = os.umask(0)
     os.umask(umask)
     assert folder.stat().st_mode & 0o777 == 0o777 & ~umask  # as a folder made by mkdir, not a private one
@@ -261,3 +259,27 @@ def test_logs_behind_a_form_say_where_to_put_the_files(tmp_path):
         public_logs.ensure_log("kuaisar", tmp_path)
     with pytest.raises(DataError, match="unknown public log"):
         public_logs.ensure_log("kuairandom", tmp_path)
+
+
+def test_two_runs_fetching_one_log_at_once_both_get_it(tmp_path, monkeypatch):
+    """Every rank of ``genrec train --nproc K`` fetches the log: a second run that starts and finishes
+    while the first is still downloading must not pull the first's files from under it."""
+    archive = tmp_path / "KuaiRand-Pure.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(write_kuairand(tmp_path / "src"), arcname="KuaiRand-Pure")
+    api = tmp_path / "record.json"
+    api.write_text(json.dumps({"files": [{"key": archive.name,
+                                          "checksum": "md5:" + hashlib.md5(archive.read_bytes()).hexdigest()}]}))
+    fetch = {"url": archive.as_uri(), "checksum_api": api.as_uri()}
+    copy, runs = shutil.copyfileobj, []
+
+    def first_run_interrupted_by_a_second(src, dst, *args):
+        runs.append(len(runs))
+        if len(runs) == 1:  # the first run's download: the second run starts and finishes meanwhile
+            runs.append(public_logs.ensure_log("kuairand-pure", tmp_path / "root", **fetch))
+        return copy(src, dst, *args)
+
+    monkeypatch.setattr(public_logs.shutil, "copyfileobj", first_run_interrupted_by_a_second)
+    first = public_logs.ensure_log("kuairand-pure", tmp_path / "root", **fetch)
+    assert first == runs[-1] and scan(public_logs.kuairand(first)).report["source_events"] == 5
+    assert [p.name for p in (tmp_path / "root").iterdir()] == ["kuairand-pure"]

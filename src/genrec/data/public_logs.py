@@ -36,6 +36,7 @@ import json
 import os
 import shutil
 import tarfile
+import tempfile
 import urllib.error
 import urllib.request
 from collections.abc import Callable
@@ -238,10 +239,13 @@ def ensure_log(name: str, data_dir: str | Path | None = None, *, allow_download:
     """The folder of public log ``name`` under the data root, downloaded and extracted when absent
     (KuaiRand and Amazon; checked against the publisher's md5 where one is published).
 
-    The download and its extraction happen in the sibling folder ``name.partial``, renamed into place
-    once complete: a run killed midway leaves no ``name`` folder, so that the next run starts again
-    rather than reading the files extracted before the kill, and clears what the killed run left
-    there (a fixed name, so a kill leaves at most one partial download behind)."""
+    The download and its extraction happen in a sibling folder of this run's own (``name.tmp-*``),
+    renamed into place once complete: a run killed midway leaves no ``name`` folder, so that the next
+    run starts again rather than reading the files extracted before the kill. Its own, because runs
+    fetch at once (every rank of ``genrec train --nproc K``): one folder shared by name would have
+    each run delete the other's download. A run cleans its folder up on any error; one killed by
+    SIGKILL leaves it behind, to delete by hand. The folder gets the umask's permissions, as one made
+    by ``mkdir`` would (``mkdtemp`` makes it private), so a shared data root stays readable."""
     if name not in PUBLIC_LOGS:
         raise DataError(name, f"unknown public log; known: {', '.join(sorted(PUBLIC_LOGS))}")
     log = PUBLIC_LOGS[name]
@@ -252,9 +256,11 @@ def ensure_log(name: str, data_dir: str | Path | None = None, *, allow_download:
     if url is None or not allow_download:
         raise DataError(str(folder), f"{name} not found; the publisher serves it behind a form or drive link"
                         if url is None else f"{name} not found (downloading not allowed)")
-    tmp = folder.with_name(f"{name}.partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)  # the umask's permissions, as the folder it becomes would have
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f"{name}.tmp-"))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)
     try:
         target = _download(log, url, tmp / (log.archive or Path(url).name), checksum_api, folder)
         if target.name.endswith((".tar.gz", ".tgz")):

@@ -23,9 +23,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from genrec.data.synth import LatentModel
-from genrec.eval.metrics import auc
+from genrec.eval.metrics import auc, expected_hit_rate, expected_ndcg
 
 K = 10  # HR@K and NDCG@K
 
@@ -36,8 +37,8 @@ class BayesScores:
 
     hr: np.ndarray  # [E] expected HR@K of the Bayes ranking (sum of the K largest probabilities)
     ndcg: np.ndarray  # [E] expected NDCG@K
-    hit: np.ndarray  # [E] bool: the true item is in the Bayes top K
-    dcg: np.ndarray  # [E] realised NDCG@K of the true item under the Bayes ranking
+    hit: np.ndarray  # [E] P(the true item is in the Bayes top K), ties in a random order
+    dcg: np.ndarray  # [E] realised NDCG@K of the true item under the Bayes ranking (expected over tie orders)
     label_probs: np.ndarray  # [E, S] P(signal = 1 | history, item)
 
 
@@ -72,7 +73,7 @@ def bayes_scores(model: LatentModel, offsets: np.ndarray, items: np.ndarray, sig
     offsets, items = np.asarray(offsets, dtype=np.int64), np.asarray(items, dtype=np.int64)
     lengths = np.diff(offsets)
     n = len(items)
-    out = BayesScores(hr=np.zeros(n), ndcg=np.zeros(n), hit=np.zeros(n, dtype=bool), dcg=np.zeros(n),
+    out = BayesScores(hr=np.zeros(n), ndcg=np.zeros(n), hit=np.zeros(n), dcg=np.zeros(n),
                       label_probs=np.zeros((n, len(model.weights))))
     discount = 1.0 / np.log2(np.arange(2, K + 2))  # [K]
     log_post = np.full((len(lengths), num_topics), -np.log(num_topics))  # [U, topics] log P(c | history)
@@ -89,9 +90,10 @@ def bayes_scores(model: LatentModel, offsets: np.ndarray, items: np.ndarray, sig
         out.hr[at] = top.sum(1)
         out.ndcg[at] = top @ discount
         true = ranked[np.arange(len(live)), items[at]]
-        rank = 1.0 + (ranked > true[:, None]).sum(1) + ((ranked == true[:, None]).sum(1) - 1) / 2.0
-        out.hit[at] = rank <= K
-        out.dcg[at] = np.where(rank <= K, 1.0 / np.log2(1.0 + rank), 0.0)
+        higher = torch.from_numpy((ranked > true[:, None]).sum(1)).double()  # [L]
+        ties = torch.from_numpy((ranked == true[:, None]).sum(1) - 1).double()  # [L]
+        out.hit[at] = expected_hit_rate(higher, ties, K).numpy()  # as the models' HR@K (eval/metrics.py)
+        out.dcg[at] = expected_ndcg(higher, ties, K).numpy()
         # the item is evidence about the topic: P(x_t | c, x_{t-1}) per topic
         item_lik = model.topic_item_probs[:, items[at]].T.copy()  # [L, topics]
         if prev is not None:
