@@ -284,6 +284,8 @@ def test_bad_requests_get_a_4xx_json_error_naming_the_field(runs):
             ({"user": "1", "candidates": ["1"], "history": [ev | {"time": 2**70}]}, 422, "history[0].time"),
             ({"user": "1", "candidates": ["1"], "request_time": 2**31}, 422, "request_time"),
             ({"user": "1", "candidates": ["1"], "history": [ev | {"action": 3.7}]}, 422, "history[0].action"),
+            ({"user": "1", "candidates": ["1"], "history": [ev | {"action": "4"}]}, 422, "history[0].action"),
+            ({"user": "1", "candidates": ["1"], "history": [ev | {"action": True}]}, 422, "history[0].action"),
             ({"user": "1", "candidates": ["1"], "history": [ev | {"item": "nope"}]}, 422, "history[0].item"),
             ({"user": "1", "candidates": ["1"], "history": [{"item": "5", "time": 1}]}, 422, "history[0].action"),
             ({"user": "1", "candidates": ["1"], "history": []}, 422, "history"),

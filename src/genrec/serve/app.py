@@ -23,7 +23,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictInt
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictFloat, StrictInt
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from genrec.ops.layout import TIME_LIMIT_S
@@ -53,7 +53,8 @@ RawIds = Annotated[list[str], BeforeValidator(_raw_ids)]
 class Event(BaseModel):
     model_config = ConfigDict(extra="forbid")
     item: RawId
-    action: float = Field(description="the event's action as in the training data (a rating value on MovieLens)")
+    action: StrictFloat = Field(description="the event's action as in the training data (a rating value on "
+                                "MovieLens); a JSON number (an integer is taken as it is), not a string or a boolean")
     time: StrictInt = Field(ge=0, lt=TIME_LIMIT_S, description="unix seconds, 0 .. 2^31 - 1 (the kernels' int32 times)")
 
 
