@@ -277,22 +277,19 @@ def ensure_log(name: str, data_dir: str | Path | None = None, *, allow_download:
 
 
 def _download(log: PublicLog, url: str, target: Path, checksum_api: str | None, folder: Path) -> Path:
-    """Download ``url`` to ``target``, checked against Zenodo's md5 where the log has one."""
-    part = target.with_suffix(target.suffix + ".part")
+    """Download ``url`` to ``target`` (inside the run's private folder, so no partial-file name is
+    needed), checked against Zenodo's md5 where the log has one."""
     try:
-        with urllib.request.urlopen(url, timeout=60.0) as response, open(part, "wb") as out:
+        with urllib.request.urlopen(url, timeout=60.0) as response, open(target, "wb") as out:
             shutil.copyfileobj(response, out)
         if log.checksum == "zenodo":
             expected = zenodo_md5(checksum_api or ZENODO_KUAIRAND.replace("/records/", "/api/records/"), target.name)
-            got = file_digest(part, "md5")
+            got = file_digest(target, "md5")
             if got != expected:
                 raise DataError(url, f"md5 of the download is {got}, Zenodo publishes {expected}")
-        part.replace(target)
     except (urllib.error.URLError, OSError) as err:
         raise DataError(str(folder / target.name), f"could not download {log.name} from {url} ({err}); "
                         f"put the files in {folder}") from None
-    finally:
-        part.unlink(missing_ok=True)
     return target
 
 

@@ -90,8 +90,6 @@ def load(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> di
     return state
 
 
-
-
 def save_full_weights(model: nn.Module, folder: Path) -> None:
     """Collective: gather the full weights (FSDP2 shards included) and write ``model.safetensors`` from
     rank 0, the same file a single-process run writes."""

@@ -344,10 +344,7 @@ class Engine:
             if state is None:
                 out.append(ServiceError(404, "user", f"user {user!r} has no history here"))
                 continue
-            h = state.history
-            out.append({"user": user, "events": [
-                {"item": self.catalogue.item_raw[i - 1], "action": self.catalogue.action_values[a], "time": int(t)}
-                for i, a, t in zip(h.items, h.actions, h.timestamps, strict=True)], "cached": state.cache is not None})
+            out.append({"user": user, "events": self._raw_events(state.history), "cached": state.cache is not None})
         self._update_gauges()  # a dataset user read here is seeded into the store
         return out
 
@@ -394,7 +391,7 @@ class Engine:
             self.journal = None
 
     def _raw_events(self, events: History) -> list[dict]:
-        """``events`` in raw ids, as a request sends them (what the journal holds)."""
+        """``events`` in raw ids, as a request sends them (what the journal holds and a history read shows)."""
         return [{"item": self.catalogue.item_raw[i - 1], "action": self.catalogue.action_values[a], "time": int(t)}
                 for i, a, t in zip(events.items, events.actions, events.timestamps, strict=True)]
 
