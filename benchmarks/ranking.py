@@ -1,7 +1,8 @@
 """A grid of runs: models x protocols x seeds from one config, same width/depth/steps for all.
 
 Writes ``benchmarks/results/<dataset>_<name>.{json,md}``: one row per (model, protocol, seed) with
-the test metrics the model reports (ranking: AUC, GAUC, LogLoss; retrieval: HR@K, NDCG@K, MRR),
+the test metrics the model reports (ranking: AUC, GAUC, LogLoss; retrieval: HR@K, NDCG@K, MRR, per
+event and per request, ``genrec.eval.evaluate``),
 wall-clock, training events/s and, for the generative rankers, the analytic training FLOPs per
 event, plus a mean ± std table. Runs wherever the dataset is (ML-1M / ML-20M when present).
 
@@ -60,8 +61,8 @@ def main(argv: list[str] | None = None) -> int:
             for s in args.seeds.split(",")]
     with ThreadPoolExecutor(args.jobs) as pool:
         rows = list(pool.map(lambda job: run_one(*job, args), grid))
-    candidates = ["auc", "gauc", "logloss", "hr@10", "hr@50", "ndcg@10", "ndcg@50", "mrr", "wall_s",
-                  "train_events_per_s", "train_flops_per_event"]
+    candidates = ["auc", "gauc", "logloss", "hr@10", "hr@50", "ndcg@10", "ndcg@50", "mrr", "hr@10/request",
+                  "ndcg@10/request", "mrr/request", "wall_s", "train_events_per_s", "train_flops_per_event"]
     metrics = [m for m in candidates if any(m in r for r in rows)]
     summary = report.summary(rows, ["model", "protocol"], metrics)
     table = report.markdown_table(summary, ["model", "protocol", "runs", *metrics], std=True)

@@ -56,7 +56,8 @@ def _fmt(value) -> str:
 
 
 def summary(rows: list[dict], group_by: list[str], metrics: list[str]) -> list[dict]:
-    """Mean and sample std of ``metrics`` over the rows sharing ``group_by`` keys (e.g. over seeds)."""
+    """Mean and sample std of ``metrics`` over the rows sharing ``group_by`` keys (e.g. over seeds);
+    a metric a row has no value of (``None``: GAUC with one target per user; NaN) is left out."""
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in rows:
         groups[tuple(r.get(k) for k in group_by)].append(r)
@@ -64,7 +65,8 @@ def summary(rows: list[dict], group_by: list[str], metrics: list[str]) -> list[d
     for key, members in groups.items():
         entry = dict(zip(group_by, key, strict=True)) | {"runs": len(members)}
         for m in metrics:
-            values = [r[m] for r in members if m in r and not (isinstance(r[m], float) and math.isnan(r[m]))]
+            values = [r[m] for r in members
+                      if r.get(m) is not None and not (isinstance(r[m], float) and math.isnan(r[m]))]
             if values:
                 entry[m] = statistics.fmean(values)
                 entry[m + "_std"] = statistics.stdev(values) if len(values) > 1 else 0.0

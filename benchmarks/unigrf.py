@@ -204,7 +204,8 @@ def main(argv: list[str] | None = None) -> int:
     with ThreadPoolExecutor(args.jobs) as pool:
         for stage in stages:
             rows += pool.map(lambda job: run_one(*job, args), [(v, s) for v in stage for s in seeds])
-    measured = METRICS + ["logloss", "best_epoch", "best_epoch/ndcg@10", "best_epoch/auc",
+    measured = METRICS + ["hr@10/request", "ndcg@10/request", "mrr/request", "logloss", "best_epoch",
+                          "best_epoch/ndcg@10", "best_epoch/auc",
                           "stop_epoch/auc+ndcg@10 (replayed)", "epochs", "wall_s", "enhancer_s", "train_events_per_s"]
     summary = report.summary(rows, ["variant"], measured)
     table = report.markdown_table(summary, ["variant", "runs", *measured], std=True)

@@ -45,6 +45,25 @@ def test_the_batch_drawn_in_the_module_docstring():
     assert batch.timestamps.tolist() == [10, 20, 20, 5, 9]
     assert batch.target_mask.tolist() == [False, True, True, False, True]
     assert batch.users.tolist() == [7, 3]
+    assert batch.request_starts().tolist() == [0, 1, 1, 3, 4]
+
+
+def test_request_starts_restart_at_every_sequence():
+    """Each event's request start, against a loop over random windows; windows of one request each
+    (request id 0 throughout) still start anew where their sequence does."""
+    rng = np.random.default_rng(0)
+    samples = []
+    for user in range(12):
+        n = int(rng.integers(1, 9))
+        requests = np.cumsum(rng.random(n) < (0.0 if user % 3 == 0 else 0.5))
+        samples.append((user, rng.integers(1, 50, n), np.zeros(n), np.zeros(n), 100 + requests, requests, 0))
+    batch = collate(samples)
+    expected, flat = [], 0
+    for sample in samples:
+        requests = sample[5]
+        expected += [flat + int(np.argmax(requests == r)) for r in requests]
+        flat += len(requests)
+    assert batch.request_starts().tolist() == expected
 
 
 @pytest.mark.parametrize("lead", [(11,), (3, 7)])

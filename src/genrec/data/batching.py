@@ -12,6 +12,7 @@ Two windows (users 7 and 3) of 3 and 2 events; user 7's second and third events 
     sequence        0   0   0 | 1   1         sequence_index()
     position        0   1   2 | 0   1         positions()
     request_ids     0   1   1 | 0   1
+    request_starts  0   1   1 | 3   4         request_starts()
     timestamps     10  20  20 | 5   9
     target_mask     .   x   x | .   x
     users           7           3             [B]
@@ -130,6 +131,15 @@ class JaggedBatch:
     def positions(self) -> torch.Tensor:
         """``[T]`` position of each event inside its sequence (0-based)."""
         return torch.arange(self.num_events, device=self.offsets.device) - self.offsets[:-1][self.sequence_index()]
+
+    def request_starts(self) -> torch.Tensor:
+        """``[T]`` flat index of the first event of each event's request in its window. A request's
+        events are consecutive (one user's events at one time, or within ``request_window_s``), so
+        a request starts where its sequence does or its request id changes."""
+        event = torch.arange(self.num_events, device=self.offsets.device)  # [T]
+        first = event == self.offsets[:-1][self.sequence_index()]  # [T]
+        first[1:] |= self.request_ids[1:] != self.request_ids[:-1]
+        return torch.where(first, event, 0).cummax(0).values
 
 
 def map_tensors(value: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:

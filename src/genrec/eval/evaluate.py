@@ -2,7 +2,18 @@
 
 Retrieval ranks the *full* catalogue (items 1..num_items) for each target; nothing is excluded,
 not even items already in the user's history (the UniGRF paper's protocol, §5.1.2: "the entire item
-set is used as the candidate set"). Only the padding id 0 is never a candidate.
+set is used as the candidate set"). Only the padding id 0 is never a candidate. It is reported
+under two query protocols:
+
+* per event (``hr@10``, ``ndcg@10``, ``mrr``, ...; SASRec's): the query for an event reads every
+  event before it, earlier events of its own request included;
+* per request (``hr@10/request``, ...): every target of a request is ranked from one query, the
+  model's query for the request's first event, which reads earlier requests only (what serving
+  sees: ``/recommend`` queries after the history, for a new request); the request's other items
+  are answers too, so they leave that target's catalogue (the "filtered" ranking).
+
+On MovieLens a request is one second of a user's ratings (bulk rating) in item-id order, so the
+per-event metrics also credit a model for that order; the per-request ones do not.
 
 Scoring (:func:`score_batches`, one :class:`BatchScores` per batch) is apart from the reduction to
 metrics (:func:`reduce_scores`), so several processes can each score a share of the batches and
@@ -12,11 +23,13 @@ one reduction over the gathered batches, in the single-process order, gives the 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
 
+from genrec.data.batching import JaggedBatch
 from genrec.eval.metrics import MultiTaskAccumulator, RankingAccumulator, RetrievalAccumulator, target_ranks
 from genrec.models.base import RecModel
 
@@ -29,8 +42,12 @@ def metric_names(tasks: tuple[str, ...], ks: tuple[int, ...] = (10, 50),
     if names and len(signal_names) > 1:
         names += [f"{m}/{s}" for s in [*signal_names, "mean"] for m in ("auc", "gauc", "logloss")]
     if "retrieval" in tasks:
-        names += [f"{m}@{k}" for m in ("hr", "ndcg") for k in ks] + ["mrr"]
+        retrieval = [f"{m}@{k}" for m in ("hr", "ndcg") for k in ks] + ["mrr"]
+        names += retrieval + [f"{m}{PER_REQUEST}" for m in retrieval]
     return names
+
+
+PER_REQUEST = "/request"  # the suffix of the retrieval metrics under the per-request query protocol
 
 
 @dataclass
@@ -48,6 +65,34 @@ class BatchScores:
     # higher, other items tied), NaN where its score is not finite (target_ranks), per chunk of <= 1024
     # targets: the metrics sum chunk by chunk, so their last bits do not depend on the batching
     ranks: list[torch.Tensor] | None = None
+    request_ranks: list[torch.Tensor] | None = None  # the same, per-request protocol (module docstring)
+
+
+@dataclass
+class RequestQueries:
+    """The per-request protocol's queries of a batch (:func:`request_queries`)."""
+
+    batch: JaggedBatch  # the batch with its targets moved to the first event of each target's request
+    of_target: torch.Tensor  # [N_t] int64: the row of ``batch``'s queries each target is ranked from
+    exclude: torch.Tensor  # [P, 2] int64: (target, item) of the other items of each target's request
+
+
+def request_queries(batch: JaggedBatch) -> RequestQueries:
+    """Where each target's per-request query comes from, and which items leave its catalogue."""
+    start = batch.request_starts()  # [T]
+    target_start = batch.at_targets(start)  # [N_t]
+    first = torch.zeros_like(batch.target_mask)
+    first[target_start] = True  # [T]: the first events of the requests holding a target
+    query_batch = dataclasses.replace(batch, target_mask=first, known_num_targets=None, known_max_targets=None,
+                                      known_layout=None)
+    # the events of each target's request: [start, start + size) (``start`` is non-decreasing)
+    size = torch.searchsorted(start, target_start, right=True) - target_start  # [N_t]
+    target = torch.repeat_interleave(torch.arange(len(size), device=size.device), size)  # [P']
+    within = torch.arange(len(target), device=size.device) - (size.cumsum(0) - size)[target]
+    items = batch.items[target_start[target] + within]  # [P']
+    other = items != batch.at_targets(batch.items)[target]  # the target's own item stays a candidate
+    return RequestQueries(batch=query_batch, of_target=(first.cumsum(0) - 1)[target_start],
+                          exclude=torch.stack([target[other], items[other]], 1))
 
 
 @torch.no_grad()
@@ -73,23 +118,32 @@ def score_batches(model: RecModel, loader, device: torch.device, autocast: bool 
                 out.logits = model.rank_logits(batch).float().cpu()
             if items is not None:
                 queries = model.retrieval_queries(batch)  # [N, D]
+                request = request_queries(batch)
+                first_queries = model.retrieval_queries(request.batch)  # [requests with a target, D]
         if items is not None:
-            out.ranks = catalogue_ranks(queries, items, batch.at_targets(batch.items))
+            targets = batch.at_targets(batch.items)
+            out.ranks = catalogue_ranks(queries, items, targets)
+            out.request_ranks = catalogue_ranks(first_queries[request.of_target], items, targets, request.exclude)
         yield out
 
 
-def catalogue_ranks(queries: torch.Tensor, items: torch.Tensor, targets: torch.Tensor) -> list[torch.Tensor]:
+def catalogue_ranks(queries: torch.Tensor, items: torch.Tensor, targets: torch.Tensor,
+                    exclude: torch.Tensor | None = None) -> list[torch.Tensor]:
     """:func:`target_ranks` of each query's true item among all items, per chunk of <= 1024 queries.
 
     The product runs in float32 with autocast off even when the forward autocasts: in bfloat16 (8 bits
     of mantissa) close scores round to the same value, and ties would decide the ranks.
-    queries ``[N, D]``, items ``[I + 1, D]`` (row 0 the padding item), targets ``[N]``.
+    queries ``[N, D]``, items ``[I + 1, D]`` (row 0 the padding item), targets ``[N]``; ``exclude``
+    ``[P, 2]``: (query, item) pairs left out of that query's catalogue.
     """
     ranks = []
     with torch.autocast(queries.device.type, enabled=False):
         for chunk in range(0, len(queries), 1024):  # bounds memory at 1024 x num_items scores
             scores = queries[chunk: chunk + 1024].float() @ items.float().T  # [n, I + 1]
             scores[:, 0] = float("-inf")
+            if exclude is not None:
+                pairs = exclude[(exclude[:, 0] >= chunk) & (exclude[:, 0] < chunk + 1024)]  # [p, 2]
+                scores[pairs[:, 0] - chunk, pairs[:, 1]] = float("-inf")
             ranks.append(target_ranks(scores, targets[chunk: chunk + 1024]).cpu())  # [n, 2]
     return ranks
 
@@ -97,7 +151,7 @@ def catalogue_ranks(queries: torch.Tensor, items: torch.Tensor, targets: torch.T
 def reduce_scores(scores: Iterable[BatchScores], ks: tuple[int, ...] = (10, 50)) -> dict[str, float]:
     """Metrics of the batches' scores, accumulated in the order given."""
     ranking = RankingAccumulator()
-    retrieval = RetrievalAccumulator(ks)
+    retrieval, per_request = RetrievalAccumulator(ks), RetrievalAccumulator(ks)
     tasks = None
     for s in scores:
         if s.logits is not None:
@@ -107,7 +161,10 @@ def reduce_scores(scores: Iterable[BatchScores], ks: tuple[int, ...] = (10, 50))
             tasks.update(s.users, s.signals, s.task_logits)
         for ranks in s.ranks or ():
             retrieval.update_ranks(ranks)
-    return ranking.compute() | (tasks.compute() if tasks is not None else {}) | retrieval.compute()
+        for ranks in s.request_ranks or ():
+            per_request.update_ranks(ranks)
+    requests = {f"{k}{PER_REQUEST}": v for k, v in per_request.compute().items() if k != "retrieval_targets"}
+    return ranking.compute() | (tasks.compute() if tasks is not None else {}) | retrieval.compute() | requests
 
 
 def evaluate(model: RecModel, loader, device: torch.device, ks: tuple[int, ...] = (10, 50),
