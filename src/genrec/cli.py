@@ -52,13 +52,24 @@ class Parser(argparse.ArgumentParser):
 
 
 def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    value = _integer(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"{value} is not a positive integer (expected 1 or more)")
     return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = _integer(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is negative (expected 0 or more)")
+    return value
+
+
+def _integer(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
 
 
 def run_command(fn: Callable[[argparse.Namespace], int], args: argparse.Namespace, debug: bool = False) -> int:
@@ -342,7 +353,10 @@ def _serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="budget for per-user KV caches, e.g. 512M (LRU eviction; histories stay on the host)")
     p.add_argument("--state-file", default=None, help="Parquet snapshot of user histories plus a journal of "
                    "/events appends (<file>.journal, fsync'd before each reply): read and compacted on start, "
-                   "written on shutdown")
+                   "written on shutdown and after every --snapshot-every appends")
+    p.add_argument("--snapshot-every", type=_non_negative_int, default=100_000,
+                   help="appends between snapshots of --state-file, each starting an empty journal "
+                   "(0: only at start and shutdown)")
     p.add_argument("--max-batch", type=int, default=32, help="requests per scoring call")
     p.add_argument("--max-wait-us", type=int, default=500, help="longest wait for a batch to fill, microseconds")
     p.add_argument("--max-candidates", type=int, default=1024)
@@ -379,7 +393,7 @@ def cmd_serve(args) -> int:
               "query it (set --token or GENREC_SERVE_TOKEN)", file=sys.stderr)
     limits = Limits(args.max_body_bytes, args.max_candidates, d.max_len)
     app = build_app(engine, limits, token, args.max_batch, args.max_wait_us,
-                    Path(args.state_file) if args.state_file else None)
+                    Path(args.state_file) if args.state_file else None, args.snapshot_every)
     print(f"genrec serve: {trainer.cfg.model} from {weights} on {trainer.device}; http://{args.host}:{args.port} "
           f"(docs at /docs)", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False)

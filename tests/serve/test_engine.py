@@ -230,9 +230,10 @@ def test_only_models_that_read_user_ids_refuse_a_user_the_training_data_does_not
                 assert (result.status, result.field) == (422, "user") and "user embedding" in result.message
 
 
-def test_recommend_leaves_out_items_that_fell_out_of_the_stored_window():
+def test_recommend_leaves_out_items_that_fell_out_of_the_stored_window(tmp_path):
     """Offline leaves the whole history out; the service keeps every seen item beyond its max_len
-    window (here: the seed's older dataset items and appended events the window dropped)."""
+    window (here: the seed's older dataset items and appended events the window dropped), also
+    across a restart from its snapshot."""
     engine = _engine("unigrf")
     engine.store.seed = lambda user: History.build([1, 2], [0, 0], [1.0, 1.0], [0, 100], 0, seen=np.arange(1, 11))
     long = History.build(np.arange(36) % 30 + 11, np.zeros(36), np.ones(36), 200 + np.arange(36) * 100, 0)
@@ -241,6 +242,12 @@ def test_recommend_leaves_out_items_that_fell_out_of_the_stored_window():
     assert len(held) == 24 and not set(range(17, 23)) & set(held.items.tolist())  # dropped from the window ...
     (everything,) = engine.recommend([RecommendJob("9", None, INFO.num_items, False)])
     assert everything["items"] == []  # ... yet still seen: items 1-10 (dataset), 11-40 (appended)
+    engine.save(tmp_path / "users.parquet")  # and after a restart from the snapshot
+    restarted = _engine("unigrf")
+    restarted.store.seed = engine.store.seed
+    restarted.load(tmp_path / "users.parquet")
+    (everything,) = restarted.recommend([RecommendJob("9", None, INFO.num_items, False)])
+    assert everything["items"] == []
 
 
 def test_the_users_gauge_counts_users_seeded_by_recommend_and_history_reads():

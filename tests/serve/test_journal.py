@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from genrec.serve.engine import Catalogue, Engine, EventsJob
-from genrec.serve.journal import journal_path
+from genrec.serve.journal import journal_path, read_journal
 from genrec.serve.store import History, UserStore
 from tests.models.test_generative import INFO, make_model
 
@@ -54,6 +54,30 @@ def test_accepted_appends_survive_a_crash_that_skips_the_shutdown_snapshot(tmp_p
 
     again = _engine()  # the restart wrote a snapshot and started a new journal: nothing is replayed twice
     assert again.restore(state) == 0 and _held(again, "new") == _held(crashed, "new")
+
+
+def test_a_snapshot_every_n_appends_empties_the_journal_and_a_crash_after_it_loses_nothing(tmp_path):
+    """With ``snapshot_every = 3`` the batch whose appends bring the journal to 3 or more ends with a
+    snapshot and an empty journal of the next generation (refused appends do not count); a crash
+    after more appends replays only those, onto the periodic snapshot."""
+    state = tmp_path / "users.parquet"
+    engine = _engine()
+    engine.restore(state, snapshot_every=3)
+    generation = engine.journal.generation
+    engine.append_events([EventsJob("new", _events(1_000)), EventsJob("1", _events(2_000))])
+    refused = engine.append_events([EventsJob("1", _events(0))])  # before the user's last event: 422, not journaled
+    assert not isinstance(refused[0], dict) and read_journal(journal_path(state)) == (generation, [
+        ("new", engine._raw_events(_events(1_000))), ("1", engine._raw_events(_events(2_000)))])
+    engine.append_events([EventsJob("2", _events(3_000)), EventsJob("new", _events(4_000))])
+    assert read_journal(journal_path(state)) == (generation + 1, [])
+    assert engine.metrics.snapshots.labels("periodic")._value.get() == 1
+    engine.append_events([EventsJob("3", _events(5_000))])
+    restarted = _engine()  # the crash: no shutdown snapshot
+    assert restarted.restore(state) == 1
+    for user in ("new", "1", "2", "3"):
+        assert _held(restarted, user) == _held(engine, user)
+    with pytest.raises(ValueError, match="snapshot_every"):
+        _engine().restore(state, snapshot_every=-1)
 
 
 def test_a_journal_the_snapshot_already_holds_is_not_replayed(tmp_path):

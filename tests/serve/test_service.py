@@ -326,12 +326,15 @@ def test_cuda_graphs_are_refused_without_a_cuda_device(runs, capsys):
 
 
 def test_appends_answered_before_a_sigkill_are_served_after_the_restart(runs, tmp_path):
+    """With ``--snapshot-every 2`` the first two appends go into a periodic snapshot and the third is
+    only in the journal when the process is killed; the restart serves all three."""
     state = tmp_path / "users.parquet"
-    server = Server(runs["hstu"], "--state-file", str(state))
+    server = Server(runs["hstu"], "--state-file", str(state), "--snapshot-every", "2")
     event = {"item": "5", "action": 4.0, "time": 1_000_000_000}
     try:
-        assert server.post("/events", {"user": "new", "events": [event]}).status_code == 200
-        assert server.post("/events", {"user": "1", "events": [event]}).status_code == 200
+        for user in ("new", "1", "2"):
+            assert server.post("/events", {"user": user, "events": [event]}).status_code == 200
+        assert 'genrec_snapshots_total{reason="periodic"} 1.0' in server.client.get("/metrics").text
     finally:
         server.client.close()
         server.proc.kill()  # SIGKILL: no shutdown hook, no snapshot
@@ -339,7 +342,8 @@ def test_appends_answered_before_a_sigkill_are_served_after_the_restart(runs, tm
     server = Server(runs["hstu"], "--state-file", str(state))
     try:
         assert server.client.get("/users/new/history").json()["events"] == [event]
-        assert server.client.get("/users/1/history").json()["events"][-1] == event
+        for user in ("1", "2"):
+            assert server.client.get(f"/users/{user}/history").json()["events"][-1] == event
     finally:
         server.stop()
 

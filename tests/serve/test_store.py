@@ -4,6 +4,8 @@ eviction, request numbering as in preprocessing, and a Parquet snapshot that rou
 from __future__ import annotations
 
 import numpy as np
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import pytest
 
 from genrec.serve.store import History, UserStore
@@ -57,3 +59,26 @@ def test_snapshot_round_trips_raw_ids_and_refuses_unknown_ones(tmp_path):
         assert again.get(user).cache is None  # caches are rebuilt on demand, never saved
     with pytest.raises(ValueError, match="u1.*does not know"):
         UserStore(1000).load(path, {"10": 1, "20": 2}, {0.5: 0, 4.0: 1}, 0)
+
+
+def test_snapshot_keeps_seen_items_that_left_the_window(tmp_path):
+    """Seen items beyond the events and the seed's are seen-only rows (no action, label or time) and
+    come back as seen; a user with such rows and no event is refused."""
+    items = [str(i) for i in range(10, 30)]  # raw ids of dense items 1..20
+
+    def seed(user):
+        return History.build([1], [0], [1.0], [5], 0, 0, np.array([1, 2, 3])) if user == "d" else None
+
+    store = UserStore(1000, seed)
+    store.set_history("d", History.build([4, 5], [0, 0], [1.0, 0.0], [7, 8], 0, 0, np.array([1, 2, 3, 9, 12])))
+    store.set_history("n", History.build([6], [0], [1.0], [9], 0, None, np.array([7])))
+    path = tmp_path / "users.parquet"
+    assert store.save(path, items, [0.5]) == 3 + 3  # three events, and the seen-only items 9, 12 (d) and 7 (n)
+    again = UserStore(1000, seed)
+    assert again.load(path, {raw: i for i, raw in enumerate(items, 1)}, {0.5: 0}, 0) == 2
+    assert again.get("d").history.seen.tolist() == [1, 2, 3, 4, 5, 9, 12]
+    assert again.get("n").history.seen.tolist() == [6, 7]
+    assert again.get("d").history.timestamps.tolist() == [7, 8] and again.get("n").history.items.tolist() == [6]
+    pq.write_table(pq.read_table(path).filter(pc.is_null(pq.read_table(path).column("time"))), path)
+    with pytest.raises(ValueError, match="'d' has seen-only rows .* but no events"):
+        UserStore(1000, seed).load(path, {raw: i for i, raw in enumerate(items, 1)}, {0.5: 0}, 0)

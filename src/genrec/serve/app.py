@@ -184,7 +184,7 @@ class Guard:
 
 
 def build_app(engine: Engine, limits: Limits, token: str | None = None, max_batch: int = 32,
-              max_wait_us: int = 500, state_file: Path | None = None) -> FastAPI:
+              max_wait_us: int = 500, state_file: Path | None = None, snapshot_every: int = 0) -> FastAPI:
     metrics = engine.metrics
     batcher = DynamicBatcher(engine.handlers, max_batch, max_wait_us,
                              on_batch=metrics.observe_batch)
@@ -193,12 +193,12 @@ def build_app(engine: Engine, limits: Limits, token: str | None = None, max_batc
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         if state_file is not None:  # snapshot + the appends journaled after it; journal from here on
-            engine.restore(Path(state_file))
+            engine.restore(Path(state_file), snapshot_every)
         batcher.start()
         yield
         await batcher.stop()
         if state_file is not None:
-            engine.snapshot(Path(state_file))
+            engine.snapshot("shutdown")
             engine.close()
 
     outputs = engine.scorer.outputs if engine.scorer else []

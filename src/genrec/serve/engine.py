@@ -138,6 +138,8 @@ class Engine:
         self.scorer = Scorer(model, device, catalogue.label_threshold, graphs) if Scorer.can_score(model) else None
         self.metrics = ServiceMetrics(device)
         self.journal: Journal | None = None  # set by restore(): appends are journaled before they are applied
+        self.state_file: Path | None = None  # set by restore()
+        self.snapshot_every = 0  # appends between snapshots (0: only at start and shutdown); set by restore()
         self.handlers = {"rank": self.rank, "events": self.append_events, "recommend": self.recommend,
                          "history": self.user_history}
 
@@ -263,6 +265,8 @@ class Engine:
     def append_events(self, jobs: list[EventsJob]) -> list:
         with time_spans_checked_on_host():  # _append checks the times before it extends a cache
             results = [self._guarded(lambda job=job: self._append(job), "append") for job in jobs]
+        if self.journal is not None and self.snapshot_every and self.journal.appends >= self.snapshot_every:
+            self.snapshot("periodic")
         self._update_gauges()
         return results
 
@@ -358,11 +362,15 @@ class Engine:
         self._update_gauges()
         return users
 
-    def restore(self, state_file: Path) -> int:
+    def restore(self, state_file: Path, snapshot_every: int = 0) -> int:
         """Start from ``state_file``: load the snapshot (if any), replay the appends journaled after it
-        (:mod:`genrec.serve.journal`), write them into a new snapshot and journal from there on.
-        Returns the appends replayed."""
-        state_file = Path(state_file)
+        (:mod:`genrec.serve.journal`), write them into a new snapshot and journal from there on, with a
+        new snapshot (and an empty journal) after every ``snapshot_every`` appends (0: only at
+        :meth:`snapshot` calls). Returns the appends replayed."""
+        if snapshot_every < 0:
+            raise ValueError(f"snapshot_every must be >= 0 appends, got {snapshot_every}")
+        state_file = self.state_file = Path(state_file)
+        self.snapshot_every = snapshot_every
         generation = snapshot_generation(state_file) if state_file.is_file() else 0
         if state_file.is_file():
             self.load(state_file)
@@ -373,16 +381,20 @@ class Engine:
             replayed += 1
         if replayed:
             log.warning("%s: replayed %d appends journaled after the last snapshot", state_file, replayed)
-        self.snapshot(state_file, generation + 1)
+        self.snapshot("start", generation + 1)
         return replayed
 
-    def snapshot(self, state_file: Path, generation: int | None = None) -> int:
-        """Write every history to ``state_file`` and start a new, empty journal after it. Returns rows."""
+    def snapshot(self, reason: str = "shutdown", generation: int | None = None) -> int:
+        """Write every history to the state file of :meth:`restore` and start a new, empty journal after
+        it. Returns rows."""
+        if self.state_file is None:
+            raise RuntimeError("snapshot() before restore(): the engine has no state file")
         generation = (self.journal.generation + 1) if generation is None else generation
-        rows = self.save(state_file, generation)
+        rows = self.save(self.state_file, generation)
         if self.journal is not None:
             self.journal.close()
-        self.journal = Journal(journal_path(state_file), generation)
+        self.journal = Journal(journal_path(self.state_file), generation)
+        self.metrics.snapshots.labels(reason).inc()
         return rows
 
     def close(self) -> None:

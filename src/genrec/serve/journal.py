@@ -1,10 +1,12 @@
 """A write-ahead journal of accepted ``/events`` appends, so a crash (SIGKILL, OOM kill, power cut)
 loses nothing the service answered 200 to.
 
-The Parquet snapshot (:meth:`~genrec.serve.store.UserStore.save`) is written only at start and at a
-graceful shutdown; every append in between is one JSON line in ``<state-file>.journal``, written,
-flushed and fsync'd before the store changes and the reply goes out. On start the service loads the
-snapshot, replays the journal on top of it, writes a new snapshot and starts an empty journal.
+The Parquet snapshot (:meth:`~genrec.serve.store.UserStore.save`) is written at start, after every
+``--snapshot-every`` appends and at a graceful shutdown; every append in between is one JSON line in
+``<state-file>.journal``, written, flushed and fsync'd before the store changes and the reply goes
+out. Each snapshot starts an empty journal of the next generation, so the journal holds at most
+``--snapshot-every`` appends. On start the service loads the snapshot, replays the journal on top of
+it, writes a new snapshot and starts an empty journal.
 
 Which journal belongs to which snapshot: the journal's first line is ``{"generation": G}`` and a
 snapshot records the generation it was written at. Events of generation G came after snapshot G,
@@ -79,8 +81,9 @@ class Journal:
         tmp = self.path.with_name(self.path.name + ".tmp")
         tmp.write_text(json.dumps({"generation": generation}) + "\n", encoding="utf-8")
         replace_durably(tmp, self.path)
-        self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)  # held open for the service's lifetime
+        self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)  # held open until the next snapshot
         self.broken: str | None = None  # why appends are refused, once a failed one could not be cut out
+        self.appends = 0  # appends on disk in this journal
 
     def append(self, user: str, events: list[dict]) -> None:
         """One append, durable when this returns: one line, written and fsync'd; on failure the file is
@@ -96,6 +99,7 @@ class Journal:
         except BaseException as err:
             self._cut(start, err)
             raise
+        self.appends += 1
 
     def _cut(self, size: int, cause: BaseException) -> None:
         """Truncate the journal back to ``size`` bytes after a failed append."""

@@ -34,6 +34,10 @@ class ServiceMetrics:
         self.reencodes = Counter("genrec_history_reencodes", "Appends that re-encode instead of extending",
                                  ["reason"], registry=r)
         self.reencodes.labels("window")  # exported at 0 from the start
+        self.snapshots = Counter("genrec_snapshots", "State-file snapshots written (the journal compacted)",
+                                 ["reason"], registry=r)
+        for reason in ("start", "periodic", "shutdown"):
+            self.snapshots.labels(reason)
         self.cache_bytes = Gauge("genrec_cache_bytes", "Bytes held by per-user KV caches", registry=r)
         self.users = Gauge("genrec_users", "Users in the store", registry=r)
         self.cached_users = Gauge("genrec_cached_users", "Users whose KV cache is held", registry=r)

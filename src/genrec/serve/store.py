@@ -171,8 +171,13 @@ class UserStore:
     def save(self, path: Path, item_raw: list[str], action_values: list[float], generation: int = 0) -> int:
         """Write every user's history as Parquet (one row per event, raw ids); atomic and on disk when it
         returns (temp file, fsync, ``os.replace``, fsync of the folder). ``generation`` goes into the
-        file's metadata (:func:`snapshot_generation`). Returns rows."""
+        file's metadata (:func:`snapshot_generation`). Returns rows.
+
+        Items the user has seen beyond its events and its seed's (appended events that left the
+        ``max_len`` window) are rows of their own, with no action, label or time, so ``/recommend``
+        still leaves them out after a restart."""
         users, items, actions, labels, times = [], [], [], [], []
+        seen_users, seen_items = [], []
         for user, state in self.users.items():
             h = state.history
             users += [user] * len(h)
@@ -180,12 +185,20 @@ class UserStore:
             actions += [action_values[a] for a in h.actions]
             labels.append(h.labels)
             times.append(h.timestamps)
-        table = pa.table({
-            "user": pa.array(users, pa.string()), "item": pa.array(items, pa.string()),
-            "action": pa.array(actions, pa.float64()),
-            "label": pa.array(np.concatenate(labels) if labels else np.zeros(0, np.float32), pa.float32()),
-            "time": pa.array(np.concatenate(times) if times else np.zeros(0, np.int64), pa.int64())},
-            metadata={GENERATION_KEY: str(generation)})
+            seeded = self.seed(user)
+            extra = np.setdiff1d(h.seen, h.items if seeded is None else np.union1d(h.items, seeded.seen))
+            seen_users += [user] * len(extra)
+            seen_items += [item_raw[i - 1] for i in extra]
+        schema = pa.schema({"user": pa.string(), "item": pa.string(), "action": pa.float64(), "label": pa.float32(),
+                            "time": pa.int64()}, metadata={GENERATION_KEY: str(generation)})
+        events = pa.table({
+            "user": users, "item": items, "action": actions,
+            "label": np.concatenate(labels) if labels else np.zeros(0, np.float32),
+            "time": np.concatenate(times) if times else np.zeros(0, np.int64)}, schema=schema)
+        seen_only = pa.table({"user": seen_users, "item": seen_items, **{
+            name: pa.nulls(len(seen_users), schema.field(name).type) for name in ("action", "label", "time")}},
+            schema=schema)
+        table = pa.concat_tables([events, seen_only])
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
@@ -197,7 +210,8 @@ class UserStore:
              request_window_s: int, user_index: dict[str, int] | None = None) -> int:
         """Read a snapshot written by :meth:`save`; every id must be known to the model. A dataset user
         (in ``user_index``) gets its dense index, and its seen items include the seed's (the whole
-        dataset history, which the snapshot's ``max_len`` events do not hold). Returns users."""
+        dataset history, which the snapshot's ``max_len`` events do not hold) and the snapshot's
+        seen-only rows. Returns users."""
         user_index = user_index or {}
         table = pq.read_table(path)
         expected = {"user", "item", "action", "label", "time"}
@@ -208,18 +222,24 @@ class UserStore:
         for row, user in enumerate(columns["user"]):
             by_user.setdefault(user, []).append(row)
         for user, rows in by_user.items():
+            events = [r for r in rows if columns["time"][r] is not None]
             try:
-                items = [item_index[columns["item"][r]] for r in rows]
-                actions = [action_index[columns["action"][r]] for r in rows]
+                items = [item_index[columns["item"][r]] for r in events]
+                actions = [action_index[columns["action"][r]] for r in events]
+                seen_only = [item_index[columns["item"][r]] for r in rows if columns["time"][r] is None]
             except KeyError as err:
                 raise ValueError(f"{path}: user {user!r} has an id the model does not know: {err}") from None
-            times = np.array([columns["time"][r] for r in rows], dtype=np.int64)
+            if not events:
+                raise ValueError(f"{path}: user {user!r} has seen-only rows (no time) but no events")
+            if any(columns["label"][r] is None for r in events):
+                raise ValueError(f"{path}: user {user!r} has an event without a label")
+            times = np.array([columns["time"][r] for r in events], dtype=np.int64)
             if np.any(np.diff(times) < 0):
                 raise ValueError(f"{path}: user {user!r} has events out of time order")
             seeded = self.seed(user)
-            self.set_history(user, History.build(items, actions, [columns["label"][r] for r in rows], times,
-                                                 request_window_s, user_index.get(user),
-                                                 None if seeded is None else seeded.seen))
+            seen = np.union1d(seen_only, [] if seeded is None else seeded.seen).astype(np.int32)
+            self.set_history(user, History.build(items, actions, [columns["label"][r] for r in events], times,
+                                                 request_window_s, user_index.get(user), seen))
         return len(by_user)
 
 
