@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import gzip
 import hashlib
 import json
@@ -283,3 +284,30 @@ def test_two_runs_fetching_one_log_at_once_both_get_it(tmp_path, monkeypatch):
     first = public_logs.ensure_log("kuairand-pure", tmp_path / "root", **fetch)
     assert first == runs[-1] and scan(public_logs.kuairand(first)).report["source_events"] == 5
     assert [p.name for p in (tmp_path / "root").iterdir()] == ["kuairand-pure"]
+
+
+def test_download_folders_of_killed_runs_are_removed_by_the_next_run(tmp_path):
+    """A SIGKILLed run's ``name.tmp-*`` folder (its lock free) goes; a live run's (its lock held by
+    another open file description, as another process's would be), one without its lock file yet
+    and another log's stay."""
+    archive = tmp_path / "KuaiRand-Pure.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(write_kuairand(tmp_path / "src"), arcname="KuaiRand-Pure")
+    api = tmp_path / "record.json"
+    api.write_text(json.dumps({"files": [{"key": archive.name,
+                                          "checksum": "md5:" + hashlib.md5(archive.read_bytes()).hexdigest()}]}))
+    root = tmp_path / "root"
+    for name in ("kuairand-pure.tmp-dead", "kuairand-pure.tmp-live", "kuairand-pure.tmp-new", "kuairand-1k.tmp-dead"):
+        (root / name).mkdir(parents=True)
+        (root / name / "KuaiRand-Pure.tar.gz").write_bytes(b"half a download")
+        if not name.endswith("new"):
+            (root / name / ".owner").touch()
+    live = os.open(root / "kuairand-pure.tmp-live" / ".owner", os.O_RDWR)
+    fcntl.flock(live, fcntl.LOCK_EX)
+    try:
+        folder = public_logs.ensure_log("kuairand-pure", root, url=archive.as_uri(), checksum_api=api.as_uri())
+    finally:
+        os.close(live)
+    assert sorted(p.name for p in root.iterdir()) == ["kuairand-1k.tmp-dead", "kuairand-pure",
+                                                       "kuairand-pure.tmp-live", "kuairand-pure.tmp-new"]
+    assert not (folder / ".owner").exists() and scan(public_logs.kuairand(folder)).report["source_events"] == 5

@@ -30,6 +30,7 @@ Taobao are served behind a browser form or a drive link: put the files under the
 
 from __future__ import annotations
 
+import fcntl
 import gzip
 import io
 import json
@@ -243,8 +244,10 @@ def ensure_log(name: str, data_dir: str | Path | None = None, *, allow_download:
     renamed into place once complete: a run killed midway leaves no ``name`` folder, so that the next
     run starts again rather than reading the files extracted before the kill. Its own, because runs
     fetch at once (every rank of ``genrec train --nproc K``): one folder shared by name would have
-    each run delete the other's download. A run cleans its folder up on any error; one killed by
-    SIGKILL leaves it behind, to delete by hand. The folder gets the umask's permissions, as one made
+    each run delete the other's download. A run cleans its folder up on any error. One killed by
+    SIGKILL cannot, so each run holds a lock on its folder (``flock`` on ``.owner`` in it, released by
+    the kernel when the process dies) and the next run deletes every ``name.tmp-*`` folder whose lock
+    nobody holds (:func:`_remove_abandoned`). The folder gets the umask's permissions, as one made
     by ``mkdir`` would (``mkdtemp`` makes it private), so a shared data root stays readable."""
     if name not in PUBLIC_LOGS:
         raise DataError(name, f"unknown public log; known: {', '.join(sorted(PUBLIC_LOGS))}")
@@ -257,7 +260,10 @@ def ensure_log(name: str, data_dir: str | Path | None = None, *, allow_download:
         raise DataError(str(folder), f"{name} not found; the publisher serves it behind a form or drive link"
                         if url is None else f"{name} not found (downloading not allowed)")
     folder.parent.mkdir(parents=True, exist_ok=True)
+    _remove_abandoned(folder.parent, name)
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f"{name}.tmp-"))
+    owner = os.open(tmp / OWNER, os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(owner, fcntl.LOCK_EX)  # ours until this process closes it or dies
     umask = os.umask(0)
     os.umask(umask)
     tmp.chmod(0o777 & ~umask)
@@ -266,6 +272,7 @@ def ensure_log(name: str, data_dir: str | Path | None = None, *, allow_download:
         if target.name.endswith((".tar.gz", ".tgz")):
             with tarfile.open(target) as archive:
                 archive.extractall(tmp, filter="data")
+        (tmp / OWNER).unlink()  # not part of the log; the lock stays held through the open descriptor
         try:
             os.replace(tmp, folder)  # an empty folder is replaced too
         except OSError:
@@ -273,7 +280,29 @@ def ensure_log(name: str, data_dir: str | Path | None = None, *, allow_download:
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        os.close(owner)
     return folder
+
+
+OWNER = ".owner"  # the lock file in a run's download folder
+
+
+def _remove_abandoned(parent: Path, name: str) -> None:
+    """Delete the ``name.tmp-*`` download folders of runs that died (their lock is free). A folder
+    without its lock file is skipped: its run may be between creating the folder and the lock."""
+    for path in parent.glob(f"{name}.tmp-*"):
+        try:
+            fd = os.open(path / OWNER, os.O_RDWR)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:  # a live run's
+            continue
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+        finally:
+            os.close(fd)
 
 
 def _download(log: PublicLog, url: str, target: Path, checksum_api: str | None, folder: Path) -> Path:
