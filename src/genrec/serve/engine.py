@@ -81,10 +81,10 @@ class Catalogue:
         return History.build(items, actions, labels, [e.time for e in events], self.request_window_s)
 
 
-def dataset_seed(seq: Sequences, max_events: int, request_window_s: int):
-    """The store's seed: a dataset user's latest ``max_events`` events, with its dense index and every
-    item of its whole dataset history as seen (None for other users)."""
-    index = {raw: u for u, raw in enumerate(seq.user_raw)}
+def dataset_seed(seq: Sequences, index: dict[str, int], max_events: int, request_window_s: int):
+    """The store's seed: a dataset user's latest ``max_events`` events, with its dense index (``index``:
+    raw user id -> dense, :attr:`Catalogue.user_index`) and every item of its whole dataset history as
+    seen (None for other users)."""
 
     def seed(user: str) -> History | None:
         if user not in index:
@@ -415,7 +415,7 @@ def build_engine(model: RecModel, seq: Sequences, label_threshold: float, reques
     ``max_len`` events. ``cuda_graphs = (max_batch, max_candidates)`` replays cold scoring as CUDA
     graphs (HSTU, DFGR on a CUDA device)."""
     catalogue = Catalogue(seq.item_raw, seq.rating_values, label_threshold, request_window_s, list(seq.user_raw))
-    store = UserStore(cache_bytes, dataset_seed(seq, max_len, request_window_s))
+    store = UserStore(cache_bytes, dataset_seed(seq, catalogue.user_index, max_len, request_window_s))
     graphs = None
     if cuda_graphs is not None:
         if device.type != "cuda" or model.kv_serving is None:
