@@ -1,7 +1,8 @@
 """One table of every model on a dataset, beside the papers' ML-1M rows, from the committed grids.
 
-Reads ``<dataset>_{ranking,ctr,retrieval}.json`` under benchmarks/results (written by
-benchmarks/ranking.py) and writes ``<dataset>_combined.{json,md}``. Paper figures are quoted from
+Reads ``<dataset>_{ranking,ctr,retrieval}.json`` (written by benchmarks/ranking.py) and
+``<dataset>_unigrf.json`` (benchmarks/unigrf.py: one line per variant, ``unigrf/<variant>``) under
+benchmarks/results and writes ``<dataset>_combined.{json,md}``. Paper figures are quoted from
 papers/003 (UniGRF, Tables 2-3, ML-1M, leave-one-out) for orderings only: the data differ.
 
     python benchmarks/combined.py [--dataset ml-latest-small]
@@ -35,12 +36,12 @@ def main(argv: list[str] | None = None) -> int:
         path = Path(args.results) / f"{args.dataset}_{name}.json"
         if path.is_file():
             data = json.loads(path.read_text())
-            rows += data["rows"]
+            rows += [r | {"model": f"{r['model']}/{r['variant']}"} if "variant" in r else r for r in data["rows"]]
             sources.append(f"{path.name} ({data['meta']['device']})")
     if not rows:
         raise SystemExit(f"no result files for {args.dataset} under {args.results}")
-    ranking = [r for r in rows if "auc" in r and "hr@10" not in r]
-    retrieval = [r for r in rows if "hr@10" in r]
+    ranking = [r for r in rows if r.get("auc") is not None]  # every model with a ranking head
+    retrieval = [r for r in rows if r.get("hr@10") is not None]
     rank_summary = report.summary(ranking, ["model", "protocol"], ["auc", "gauc", "logloss"])
     rank_summary.sort(key=lambda r: (r["protocol"], -r["auc"]))
     retr_summary = report.summary(retrieval, ["model", "protocol"], ["hr@10", "ndcg@10", "hr@50", "ndcg@50", "mrr",
