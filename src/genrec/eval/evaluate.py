@@ -1,9 +1,9 @@
 """Evaluation loop: scores every target of a split with the model's ranking and/or retrieval heads.
 
-Retrieval ranks the *full* catalogue (items 1..num_items) for each target; nothing is excluded,
-not even items already in the user's history (the UniGRF paper's protocol, §5.1.2: "the entire item
-set is used as the candidate set"). Only the padding id 0 is never a candidate. It is reported
-under two query protocols:
+Retrieval ranks the *full* catalogue (items 1..num_items) for each target; items already in the
+user's history stay candidates (the UniGRF paper's protocol, §5.1.2: "the entire item set is used
+as the candidate set"). The padding id 0 is never a candidate. It is reported under two query
+protocols:
 
 * per event (``hr@10``, ``ndcg@10``, ``mrr``, ...; SASRec's): the query for an event reads every
   event before it, earlier events of its own request included;
