@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import gzip
 import hashlib
@@ -288,8 +289,8 @@ def test_two_runs_fetching_one_log_at_once_both_get_it(tmp_path, monkeypatch):
 
 def test_download_folders_of_killed_runs_are_removed_by_the_next_run(tmp_path):
     """A SIGKILLed run's ``name.tmp-*`` folder (its lock free) goes; a live run's (its lock held by
-    another open file description, as another process's would be), one without its lock file yet
-    and another log's stay."""
+    another open file description, as another process's would be), one whose run has not locked it
+    yet and another log's stay."""
     archive = tmp_path / "KuaiRand-Pure.tar.gz"
     with tarfile.open(archive, "w:gz") as tar:
         tar.add(write_kuairand(tmp_path / "src"), arcname="KuaiRand-Pure")
@@ -300,8 +301,7 @@ def test_download_folders_of_killed_runs_are_removed_by_the_next_run(tmp_path):
     for name in ("kuairand-pure.tmp-dead", "kuairand-pure.tmp-live", "kuairand-pure.tmp-new", "kuairand-1k.tmp-dead"):
         (root / name).mkdir(parents=True)
         (root / name / "KuaiRand-Pure.tar.gz").write_bytes(b"half a download")
-        if not name.endswith("new"):
-            (root / name / ".owner").touch()
+        (root / name / (".owner.new" if name.endswith("new") else ".owner")).touch()  # "new": not locked yet
     live = os.open(root / "kuairand-pure.tmp-live" / ".owner", os.O_RDWR)
     fcntl.flock(live, fcntl.LOCK_EX)
     try:
@@ -311,3 +311,24 @@ def test_download_folders_of_killed_runs_are_removed_by_the_next_run(tmp_path):
     assert sorted(p.name for p in root.iterdir()) == ["kuairand-1k.tmp-dead", "kuairand-pure",
                                                        "kuairand-pure.tmp-live", "kuairand-pure.tmp-new"]
     assert not (folder / ".owner").exists() and scan(public_logs.kuairand(folder)).report["source_events"] == 5
+
+
+def test_a_download_on_a_file_system_without_locks_still_completes(tmp_path, monkeypatch):
+    """Where flock fails (ENOLCK on some network file systems) the download goes on unlocked, its
+    folder is never swept, and no lock file ends up in the log's folder."""
+    archive = tmp_path / "KuaiRand-Pure.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(write_kuairand(tmp_path / "src"), arcname="KuaiRand-Pure")
+    api = tmp_path / "record.json"
+    api.write_text(json.dumps({"files": [{"key": archive.name,
+                                          "checksum": "md5:" + hashlib.md5(archive.read_bytes()).hexdigest()}]}))
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(public_logs.fcntl, "flock", no_locks)
+    (tmp_path / "root" / "kuairand-pure.tmp-other").mkdir(parents=True)
+    (tmp_path / "root" / "kuairand-pure.tmp-other" / ".owner").touch()  # cannot be tried: kept
+    folder = public_logs.ensure_log("kuairand-pure", tmp_path / "root", url=archive.as_uri(), checksum_api=api.as_uri())
+    assert not list(folder.glob(".owner*")) and scan(public_logs.kuairand(folder)).report["source_events"] == 5
+    assert (tmp_path / "root" / "kuairand-pure.tmp-other").is_dir()

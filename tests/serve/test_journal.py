@@ -80,6 +80,58 @@ def test_a_snapshot_every_n_appends_empties_the_journal_and_a_crash_after_it_los
         _engine().restore(state, snapshot_every=-1)
 
 
+def test_a_failed_periodic_snapshot_leaves_the_batch_answered_and_is_tried_again(tmp_path, monkeypatch):
+    """The snapshot fails after the batch's appends are on disk: the appends are answered, the failure
+    counted, and the snapshot tried again after another ``snapshot_every`` appends."""
+    state = tmp_path / "users.parquet"
+    engine = _engine()
+    engine.restore(state, snapshot_every=2)
+    save = engine.save
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(engine, "save", disk_full)
+    results = engine.append_events([EventsJob("new", _events(1_000)), EventsJob("1", _events(2_000))])
+    assert all(isinstance(r, dict) for r in results)
+    engine.append_events([EventsJob("2", _events(3_000))])  # 3 appends: the retry waits for 4
+    assert engine.metrics.snapshot_failures._value.get() == 1
+    monkeypatch.setattr(engine, "save", save)
+    engine.append_events([EventsJob("3", _events(4_000))])
+    assert read_journal(journal_path(state))[1] == [] and engine.metrics.snapshots.labels("periodic")._value.get() == 1
+    restarted = _engine()
+    assert restarted.restore(state) == 0
+    for user in ("new", "1", "2", "3"):
+        assert _held(restarted, user) == _held(engine, user)
+
+
+def test_a_snapshot_whose_journal_cannot_start_stops_appends_until_a_snapshot_succeeds(tmp_path, monkeypatch):
+    """Snapshot G + 1 is written but its journal is not: appends to the old journal (generation G)
+    would not be replayed onto it after a crash, so they are refused (not answered 200) until the
+    next batch's snapshot starts a journal; nothing answered is lost across a crash."""
+    import genrec.serve.engine as engine_module
+
+    state = tmp_path / "users.parquet"
+    engine = _engine()
+    engine.restore(state, snapshot_every=1)
+    journal = engine_module.Journal
+
+    def no_journal(*args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(engine_module, "Journal", no_journal)
+    assert isinstance(engine.append_events([EventsJob("new", _events(1_000))])[0], dict)  # then the snapshot fails
+    refused = engine.append_events([EventsJob("1", _events(2_000))])[0]
+    assert not isinstance(refused, dict) and refused.status == 500 and "takes no appends" in refused.message
+    monkeypatch.setattr(engine_module, "Journal", journal)
+    engine.append_events([EventsJob("2", _events(3_000))])  # refused too, and its batch's snapshot succeeds
+    assert isinstance(engine.append_events([EventsJob("3", _events(4_000))])[0], dict)
+    restarted = _engine()  # a crash
+    restarted.restore(state)
+    assert _held(restarted, "new") == _held(engine, "new") and _held(restarted, "3") == _held(engine, "3")
+    assert _held(restarted, "1") == _held(engine, "1") == [(2, 4, 10), (3, 4, 20), (4, 4, 30)]  # seed only
+
+
 def test_a_journal_the_snapshot_already_holds_is_not_replayed(tmp_path):
     """A crash between writing the snapshot and starting its new journal: the old journal's appends
     are in the snapshot (its generation is newer), so they are not appended a second time."""

@@ -4,6 +4,7 @@ eviction, request numbering as in preprocessing, and a Parquet snapshot that rou
 from __future__ import annotations
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
@@ -79,6 +80,11 @@ def test_snapshot_keeps_seen_items_that_left_the_window(tmp_path):
     assert again.get("d").history.seen.tolist() == [1, 2, 3, 4, 5, 9, 12]
     assert again.get("n").history.seen.tolist() == [6, 7]
     assert again.get("d").history.timestamps.tolist() == [7, 8] and again.get("n").history.items.tolist() == [6]
-    pq.write_table(pq.read_table(path).filter(pc.is_null(pq.read_table(path).column("time"))), path)
+    table = pq.read_table(path)
+    pq.write_table(table.filter(pc.is_null(table.column("time"))), path)
     with pytest.raises(ValueError, match="'d' has seen-only rows .* but no events"):
+        UserStore(1000, seed).load(path, {raw: i for i, raw in enumerate(items, 1)}, {0.5: 0}, 0)
+    actions = table.column("action").to_pylist()
+    pq.write_table(table.set_column(2, "action", pa.array([None, *actions[1:]], pa.float64())), path)
+    with pytest.raises(ValueError, match="'d' has an event .* without its action"):
         UserStore(1000, seed).load(path, {raw: i for i, raw in enumerate(items, 1)}, {0.5: 0}, 0)

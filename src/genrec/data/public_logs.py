@@ -262,17 +262,18 @@ def ensure_log(name: str, data_dir: str | Path | None = None, *, allow_download:
     folder.parent.mkdir(parents=True, exist_ok=True)
     _remove_abandoned(folder.parent, name)
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f"{name}.tmp-"))
-    owner = os.open(tmp / OWNER, os.O_RDWR | os.O_CREAT, 0o600)
-    fcntl.flock(owner, fcntl.LOCK_EX)  # ours until this process closes it or dies
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)
+    owner = None
     try:
+        owner = _lock_owner(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)
         target = _download(log, url, tmp / (log.archive or Path(url).name), checksum_api, folder)
         if target.name.endswith((".tar.gz", ".tgz")):
             with tarfile.open(target) as archive:
                 archive.extractall(tmp, filter="data")
-        (tmp / OWNER).unlink()  # not part of the log; the lock stays held through the open descriptor
+        for lock_file in (OWNER, UNLOCKED_OWNER):  # not part of the log; the lock stays held through the descriptor
+            (tmp / lock_file).unlink(missing_ok=True)
         try:
             os.replace(tmp, folder)  # an empty folder is replaced too
         except OSError:
@@ -280,16 +281,33 @@ def ensure_log(name: str, data_dir: str | Path | None = None, *, allow_download:
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        os.close(owner)
+        if owner is not None:
+            os.close(owner)
     return folder
 
 
 OWNER = ".owner"  # the lock file in a run's download folder
+UNLOCKED_OWNER = ".owner.new"  # its name until it is locked
+
+
+def _lock_owner(folder: Path) -> int:
+    """Lock ``folder`` for this process: an flock on a file that gets the name ``.owner`` only once it
+    is locked, so a sweep never finds it unlocked while this run lives. The kernel drops the lock when
+    the process dies. Where the file system has no flock, the file keeps its temporary name and the
+    folder is never swept (left behind on a kill, as before)."""
+    fd = os.open(folder / UNLOCKED_OWNER, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    except OSError:  # ENOLCK, EOPNOTSUPP: no locks here
+        return fd
+    os.rename(folder / UNLOCKED_OWNER, folder / OWNER)
+    return fd
 
 
 def _remove_abandoned(parent: Path, name: str) -> None:
     """Delete the ``name.tmp-*`` download folders of runs that died (their lock is free). A folder
-    without its lock file is skipped: its run may be between creating the folder and the lock."""
+    without its lock file (a run not yet past :func:`_lock_owner`) or whose lock cannot be tried is
+    kept."""
     for path in parent.glob(f"{name}.tmp-*"):
         try:
             fd = os.open(path / OWNER, os.O_RDWR)
@@ -297,7 +315,7 @@ def _remove_abandoned(parent: Path, name: str) -> None:
             continue
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:  # a live run's
+        except OSError:  # BlockingIOError: a live run's; anything else: cannot tell
             continue
         else:
             shutil.rmtree(path, ignore_errors=True)

@@ -10,7 +10,10 @@ protocols:
 * per request (``hr@10/request``, ...): every target of a request is ranked from one query, the
   model's query for the request's first event, which reads earlier requests only (what serving
   sees: ``/recommend`` queries after the history, for a new request); the request's other items
-  are answers too, so they leave that target's catalogue (the "filtered" ranking).
+  are answers too, so they leave that target's catalogue (the "filtered" ranking). Both are read
+  from the target's evaluation window: where a window's start or end cuts a request (windows
+  advance by ``data.stride``), its first event in the window stands for its first, and its events
+  outside the window are not left out.
 
 On MovieLens a request is one second of a user's ratings (bulk rating) in item-id order, so the
 per-event metrics also credit a model for that order; the per-request ones do not.

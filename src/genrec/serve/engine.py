@@ -140,6 +140,7 @@ class Engine:
         self.journal: Journal | None = None  # set by restore(): appends are journaled before they are applied
         self.state_file: Path | None = None  # set by restore()
         self.snapshot_every = 0  # appends between snapshots (0: only at start and shutdown); set by restore()
+        self.snapshot_due = 0  # the current journal's append count that calls for the next periodic snapshot
         self.handlers = {"rank": self.rank, "events": self.append_events, "recommend": self.recommend,
                          "history": self.user_history}
 
@@ -265,10 +266,24 @@ class Engine:
     def append_events(self, jobs: list[EventsJob]) -> list:
         with time_spans_checked_on_host():  # _append checks the times before it extends a cache
             results = [self._guarded(lambda job=job: self._append(job), "append") for job in jobs]
-        if self.journal is not None and self.snapshot_every and self.journal.appends >= self.snapshot_every:
-            self.snapshot("periodic")
+        if self.journal is not None and (self.journal.broken or (
+                self.snapshot_every and self.journal.appends >= self.snapshot_due)):
+            self._periodic_snapshot()
         self._update_gauges()
         return results
+
+    def _periodic_snapshot(self) -> None:
+        """A snapshot after ``snapshot_every`` appends, or to replace a journal that refuses appends. Its
+        failure does not touch the batch's replies (their appends are on disk already): it is logged
+        and counted, and tried again after another ``snapshot_every`` appends (at once, if the journal
+        refuses appends meanwhile)."""
+        try:
+            self.snapshot("periodic")
+        except Exception as err:  # noqa: BLE001 - any failure to write: the service goes on journaling
+            log.error("%s: periodic snapshot failed (%r); retried after %d more appends", self.state_file, err,
+                      self.snapshot_every)
+            self.metrics.snapshot_failures.inc()
+            self.snapshot_due = self.journal.appends + self.snapshot_every
 
     def _append(self, job: EventsJob, journaled: bool = True) -> dict:
         """Append ``job``'s events; the journal (if any, and unless ``journaled`` is False: a replay)
@@ -370,7 +385,7 @@ class Engine:
         if snapshot_every < 0:
             raise ValueError(f"snapshot_every must be >= 0 appends, got {snapshot_every}")
         state_file = self.state_file = Path(state_file)
-        self.snapshot_every = snapshot_every
+        self.snapshot_every = self.snapshot_due = snapshot_every
         generation = snapshot_generation(state_file) if state_file.is_file() else 0
         if state_file.is_file():
             self.load(state_file)
@@ -386,14 +401,23 @@ class Engine:
 
     def snapshot(self, reason: str = "shutdown", generation: int | None = None) -> int:
         """Write every history to the state file of :meth:`restore` and start a new, empty journal after
-        it. Returns rows."""
+        it. Returns rows. Runs on the scoring thread: requests wait while it writes.
+
+        If the snapshot is written but its journal cannot be started, the old journal refuses every
+        later append (a restart would not replay it onto the newer snapshot) until a snapshot succeeds."""
         if self.state_file is None:
             raise RuntimeError("snapshot() before restore(): the engine has no state file")
         generation = (self.journal.generation + 1) if generation is None else generation
         rows = self.save(self.state_file, generation)
+        try:
+            journal = Journal(journal_path(self.state_file), generation)
+        except BaseException as err:
+            if self.journal is not None:
+                self.journal.broken = f"snapshot generation {generation} was written but its journal was not ({err!r})"
+            raise
         if self.journal is not None:
             self.journal.close()
-        self.journal = Journal(journal_path(self.state_file), generation)
+        self.journal, self.snapshot_due = journal, self.snapshot_every
         self.metrics.snapshots.labels(reason).inc()
         return rows
 

@@ -223,16 +223,17 @@ class UserStore:
             by_user.setdefault(user, []).append(row)
         for user, rows in by_user.items():
             events = [r for r in rows if columns["time"][r] is not None]
+            if not events:
+                raise ValueError(f"{path}: user {user!r} has seen-only rows (no time) but no events")
+            for field in ("action", "label"):
+                if any(columns[field][r] is None for r in events):
+                    raise ValueError(f"{path}: user {user!r} has an event (a row with a time) without its {field}")
             try:
                 items = [item_index[columns["item"][r]] for r in events]
                 actions = [action_index[columns["action"][r]] for r in events]
                 seen_only = [item_index[columns["item"][r]] for r in rows if columns["time"][r] is None]
             except KeyError as err:
                 raise ValueError(f"{path}: user {user!r} has an id the model does not know: {err}") from None
-            if not events:
-                raise ValueError(f"{path}: user {user!r} has seen-only rows (no time) but no events")
-            if any(columns["label"][r] is None for r in events):
-                raise ValueError(f"{path}: user {user!r} has an event without a label")
             times = np.array([columns["time"][r] for r in events], dtype=np.int64)
             if np.any(np.diff(times) < 0):
                 raise ValueError(f"{path}: user {user!r} has events out of time order")
