@@ -206,6 +206,18 @@ def test_amazon_errors_count_blank_lines_in_the_line_number(tmp_path, bad, messa
         public_logs.amazon_to_parquet(path, tmp_path / "reviews.parquet")
 
 
+def _published(tmp_path, source) -> dict:
+    """``source`` (a KuaiRand-Pure folder) as its publisher serves it: a tar.gz and a Zenodo record
+    with its md5, both local; the ``ensure_log`` arguments that fetch it."""
+    archive = tmp_path / "KuaiRand-Pure.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(source, arcname="KuaiRand-Pure")
+    api = tmp_path / "record.json"
+    api.write_text(json.dumps({"files": [{"key": archive.name,
+                                          "checksum": "md5:" + hashlib.md5(archive.read_bytes()).hexdigest()}]}))
+    return {"url": archive.as_uri(), "checksum_api": api.as_uri()}
+
+
 def test_kuairand_download_is_checked_against_zenodos_md5(tmp_path):
     source = write_kuairand(tmp_path / "src")
     archive = tmp_path / "KuaiRand-Pure.tar.gz"
@@ -229,12 +241,7 @@ def test_kuairand_extraction_killed_midway_is_done_again_not_read_half(tmp_path,
     (source / "data" / "log_standard_4_22_to_5_08_pure.csv").write_text(
         "user_id,video_id,time_ms,is_click,is_like,is_follow,is_comment,is_forward,long_view\n"
         "9,1,2000,1,0,0,0,0,1\n")
-    archive = tmp_path / "KuaiRand-Pure.tar.gz"
-    with tarfile.open(archive, "w:gz") as tar:
-        tar.add(source, arcname="KuaiRand-Pure")
-    api = tmp_path / "record.json"
-    api.write_text(json.dumps({"files": [{"key": archive.name,
-                                          "checksum": "md5:" + hashlib.md5(archive.read_bytes()).hexdigest()}]}))
+    fetch = _published(tmp_path, source)
     extract_all = tarfile.TarFile.extractall
 
     def killed(self, path, **kwargs):  # the process dies after the first log file is out
@@ -244,11 +251,10 @@ def test_kuairand_extraction_killed_midway_is_done_again_not_read_half(tmp_path,
 
     monkeypatch.setattr(tarfile.TarFile, "extractall", killed)
     with pytest.raises(KeyboardInterrupt):
-        public_logs.ensure_log("kuairand-pure", tmp_path / "root", url=archive.as_uri(), checksum_api=api.as_uri())
+        public_logs.ensure_log("kuairand-pure", tmp_path / "root", **fetch)
     assert not any((tmp_path / "root").iterdir())  # no folder that looks complete
     monkeypatch.setattr(tarfile.TarFile, "extractall", extract_all)
-    folder = public_logs.ensure_log("kuairand-pure", tmp_path / "root", url=archive.as_uri(),
-                                    checksum_api=api.as_uri())
+    folder = public_logs.ensure_log("kuairand-pure", tmp_path / "root", **fetch)
     assert scan(public_logs.kuairand(folder)).report["source_events"] == 6  # both log files
     assert [p.name for p in (tmp_path / "root").iterdir()] == ["kuairand-pure"]
     umask = os.umask(0)
@@ -266,13 +272,7 @@ def test_logs_behind_a_form_say_where_to_put_the_files(tmp_path):
 def test_two_runs_fetching_one_log_at_once_both_get_it(tmp_path, monkeypatch):
     """Every rank of ``genrec train --nproc K`` fetches the log: a second run that starts and finishes
     while the first is still downloading must not pull the first's files from under it."""
-    archive = tmp_path / "KuaiRand-Pure.tar.gz"
-    with tarfile.open(archive, "w:gz") as tar:
-        tar.add(write_kuairand(tmp_path / "src"), arcname="KuaiRand-Pure")
-    api = tmp_path / "record.json"
-    api.write_text(json.dumps({"files": [{"key": archive.name,
-                                          "checksum": "md5:" + hashlib.md5(archive.read_bytes()).hexdigest()}]}))
-    fetch = {"url": archive.as_uri(), "checksum_api": api.as_uri()}
+    fetch = _published(tmp_path, write_kuairand(tmp_path / "src"))
     copy, runs = shutil.copyfileobj, []
 
     def first_run_interrupted_by_a_second(src, dst, *args):
@@ -291,12 +291,7 @@ def test_download_folders_of_killed_runs_are_removed_by_the_next_run(tmp_path):
     """A SIGKILLed run's ``name.tmp-*`` folder (its lock free) goes; a live run's (its lock held by
     another open file description, as another process's would be), one whose run has not locked it
     yet and another log's stay."""
-    archive = tmp_path / "KuaiRand-Pure.tar.gz"
-    with tarfile.open(archive, "w:gz") as tar:
-        tar.add(write_kuairand(tmp_path / "src"), arcname="KuaiRand-Pure")
-    api = tmp_path / "record.json"
-    api.write_text(json.dumps({"files": [{"key": archive.name,
-                                          "checksum": "md5:" + hashlib.md5(archive.read_bytes()).hexdigest()}]}))
+    fetch = _published(tmp_path, write_kuairand(tmp_path / "src"))
     root = tmp_path / "root"
     for name in ("kuairand-pure.tmp-dead", "kuairand-pure.tmp-live", "kuairand-pure.tmp-new", "kuairand-1k.tmp-dead"):
         (root / name).mkdir(parents=True)
@@ -305,7 +300,7 @@ def test_download_folders_of_killed_runs_are_removed_by_the_next_run(tmp_path):
     live = os.open(root / "kuairand-pure.tmp-live" / ".owner", os.O_RDWR)
     fcntl.flock(live, fcntl.LOCK_EX)
     try:
-        folder = public_logs.ensure_log("kuairand-pure", root, url=archive.as_uri(), checksum_api=api.as_uri())
+        folder = public_logs.ensure_log("kuairand-pure", root, **fetch)
     finally:
         os.close(live)
     assert sorted(p.name for p in root.iterdir()) == ["kuairand-1k.tmp-dead", "kuairand-pure",
@@ -316,12 +311,7 @@ def test_download_folders_of_killed_runs_are_removed_by_the_next_run(tmp_path):
 def test_a_download_on_a_file_system_without_locks_still_completes(tmp_path, monkeypatch):
     """Where flock fails (ENOLCK on some network file systems) the download goes on unlocked, its
     folder is never swept, and no lock file ends up in the log's folder."""
-    archive = tmp_path / "KuaiRand-Pure.tar.gz"
-    with tarfile.open(archive, "w:gz") as tar:
-        tar.add(write_kuairand(tmp_path / "src"), arcname="KuaiRand-Pure")
-    api = tmp_path / "record.json"
-    api.write_text(json.dumps({"files": [{"key": archive.name,
-                                          "checksum": "md5:" + hashlib.md5(archive.read_bytes()).hexdigest()}]}))
+    fetch = _published(tmp_path, write_kuairand(tmp_path / "src"))
 
     def no_locks(fd, operation):
         raise OSError(errno.ENOLCK, "No locks available")
@@ -329,6 +319,6 @@ def test_a_download_on_a_file_system_without_locks_still_completes(tmp_path, mon
     monkeypatch.setattr(public_logs.fcntl, "flock", no_locks)
     (tmp_path / "root" / "kuairand-pure.tmp-other").mkdir(parents=True)
     (tmp_path / "root" / "kuairand-pure.tmp-other" / ".owner").touch()  # cannot be tried: kept
-    folder = public_logs.ensure_log("kuairand-pure", tmp_path / "root", url=archive.as_uri(), checksum_api=api.as_uri())
+    folder = public_logs.ensure_log("kuairand-pure", tmp_path / "root", **fetch)
     assert not list(folder.glob(".owner*")) and scan(public_logs.kuairand(folder)).report["source_events"] == 5
     assert (tmp_path / "root" / "kuairand-pure.tmp-other").is_dir()
