@@ -80,21 +80,30 @@ def test_per_request_metrics_equal_per_event_ones_when_every_request_is_one_even
         assert metrics[f"{name}/request"] == metrics[name]
 
 
-def _per_request(model, batch: JaggedBatch) -> torch.Tensor:
+def _both(model, batch: JaggedBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each target's per-request and per-event query from the evaluation's one pass, ``[N_t, D]`` each."""
     request = request_queries(batch)
     with torch.no_grad():
-        return model.retrieval_queries(request.batch)[request.of_target]  # [N_t, D]
+        queries = model.retrieval_queries(request.batch)
+    return queries[request.per_request], queries[request.per_event]
 
 
 @pytest.mark.parametrize("name", [*RETRIEVAL, "unigrf-hstu", "unigrf-llama"])
 def test_a_per_request_query_reads_nothing_of_its_request_or_after(name):
     """Every retrieval model, in float64: changing the items, actions and labels of a request and
     of everything after it leaves the per-request queries of that request's targets bit-identical
-    (the per-event queries of its later events move: they read its earlier items)."""
+    (the per-event queries of its later events move: they read its earlier items). The one pass
+    over targets and first events gives each target the query a pass over the targets alone does."""
     model = make_unigrf(name.split("-")[1]) if name.startswith("unigrf") else _model(name)
+    half = make_batch([13, 1, 7, 20], seed=3, all_targets=False)  # first events that are not targets
+    assert (~half.target_mask[half.request_starts()[half.target_mask]]).any()
+    with torch.no_grad():
+        assert torch.equal(_both(model, half)[1], model.retrieval_queries(half))
     batch = make_batch([13, 1, 7, 20], seed=2)
     start = batch.request_starts()
-    before, before_event = _per_request(model, batch), model.retrieval_queries(batch)
+    with torch.no_grad():
+        before_event = model.retrieval_queries(batch)
+    before = _both(model, batch)[0]
     for b in (0, 3):
         first, end = int(batch.offsets[b]), int(batch.offsets[b + 1])
         r = next(e for e in range(first + 3, end) if start[e] == e and e + 1 < end and start[e + 1] == e)
@@ -103,7 +112,7 @@ def test_a_per_request_query_reads_nothing_of_its_request_or_after(name):
         changed.actions[r:end] = (changed.actions[r:end] + 1) % 5
         changed.labels[r:end] = 1 - changed.labels[r:end]
         in_request = start[batch.target_mask] == r  # [N_t]
-        assert torch.equal(_per_request(model, changed)[in_request], before[in_request])
+        assert torch.equal(_both(model, changed)[0][in_request], before[in_request])
         if name != "bprmf":  # a user vector: every query is the same
             with torch.no_grad():
                 assert not torch.equal(model.retrieval_queries(changed)[in_request], before_event[in_request])

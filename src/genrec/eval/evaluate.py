@@ -73,20 +73,25 @@ class BatchScores:
 
 @dataclass
 class RequestQueries:
-    """The per-request protocol's queries of a batch (:func:`request_queries`)."""
+    """Both protocols' queries of a batch from one forward pass (:func:`request_queries`)."""
 
-    batch: JaggedBatch  # the batch with its targets moved to the first event of each target's request
-    of_target: torch.Tensor  # [N_t] int64: the row of ``batch``'s queries each target is ranked from
+    batch: JaggedBatch  # the batch with targets at its targets and at the first event of each one's request
+    per_event: torch.Tensor  # [N_t] int64: the row of ``batch``'s queries that is each target's own
+    per_request: torch.Tensor  # [N_t] int64: the row that is the query for its request's first event
     exclude: torch.Tensor  # [P, 2] int64: (target, item) of the other items of each target's request
 
 
 def request_queries(batch: JaggedBatch) -> RequestQueries:
-    """Where each target's per-request query comes from, and which items leave its catalogue."""
+    """Where each target's queries come from, and which items leave its per-request catalogue. A
+    model's query for an event depends on the batch's targets only through which rows it returns
+    (``tests/eval/test_evaluate.py`` checks every retrieval model), so one pass over the targets and
+    their requests' first events gives both protocols."""
     start = batch.request_starts()  # [T]
     target_start = batch.at_targets(start)  # [N_t]
-    first = torch.zeros_like(batch.target_mask)
-    first[target_start] = True  # [T]: the first events of the requests holding a target
-    query_batch = dataclasses.replace(batch, target_mask=first, known_num_targets=None, known_max_targets=None,
+    queried = batch.target_mask.clone()
+    queried[target_start] = True  # [T]: the targets and the first events of their requests
+    row = queried.cumsum(0) - 1  # [T]: an event's row among the queried ones
+    query_batch = dataclasses.replace(batch, target_mask=queried, known_num_targets=None, known_max_targets=None,
                                       known_layout=None)
     # the events of each target's request: [start, start + size) (``start`` is non-decreasing)
     size = torch.searchsorted(start, target_start, right=True) - target_start  # [N_t]
@@ -94,7 +99,7 @@ def request_queries(batch: JaggedBatch) -> RequestQueries:
     within = torch.arange(len(target), device=size.device) - (size.cumsum(0) - size)[target]
     items = batch.items[target_start[target] + within]  # [P']
     other = items != batch.at_targets(batch.items)[target]  # the target's own item stays a candidate
-    return RequestQueries(batch=query_batch, of_target=(first.cumsum(0) - 1)[target_start],
+    return RequestQueries(batch=query_batch, per_event=batch.at_targets(row), per_request=row[target_start],
                           exclude=torch.stack([target[other], items[other]], 1))
 
 
@@ -120,13 +125,12 @@ def score_batches(model: RecModel, loader, device: torch.device, autocast: bool 
                 out.labels = batch.at_targets(batch.labels).float().cpu()
                 out.logits = model.rank_logits(batch).float().cpu()
             if items is not None:
-                queries = model.retrieval_queries(batch)  # [N, D]
                 request = request_queries(batch)
-                first_queries = model.retrieval_queries(request.batch)  # [requests with a target, D]
+                queries = model.retrieval_queries(request.batch)  # [targets and their requests' first events, D]
         if items is not None:
             targets = batch.at_targets(batch.items)
-            out.ranks = catalogue_ranks(queries, items, targets)
-            out.request_ranks = catalogue_ranks(first_queries[request.of_target], items, targets, request.exclude)
+            out.ranks = catalogue_ranks(queries[request.per_event], items, targets)
+            out.request_ranks = catalogue_ranks(queries[request.per_request], items, targets, request.exclude)
         yield out
 
 
