@@ -37,7 +37,7 @@ quickstart: venv
 
 test: venv $(VENV)/.torchrec
 	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q --durations=15
 
 test-torchrec: $(VENV)/.torchrec
 	$(BIN)/pytest -q -rs tests/distributed/test_sharded_tables.py
