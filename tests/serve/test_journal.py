@@ -132,6 +132,31 @@ def test_a_snapshot_whose_journal_cannot_start_stops_appends_until_a_snapshot_su
     assert _held(restarted, "1") == _held(engine, "1") == [(2, 4, 10), (3, 4, 20), (4, 4, 30)]  # seed only
 
 
+def test_a_save_that_fails_after_its_rename_stops_appends_until_a_snapshot_succeeds(tmp_path, monkeypatch):
+    """The snapshot is in place but its save raised (the folder's fsync after the rename failed): the
+    old journal is not replayed onto it after a crash, so it must take no appends."""
+    state = tmp_path / "users.parquet"
+    engine = _engine()
+    engine.restore(state, snapshot_every=1)
+    save = engine.save
+
+    def renamed_then_failed(*args):
+        save(*args)
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(engine, "save", renamed_then_failed)
+    assert isinstance(engine.append_events([EventsJob("new", _events(1_000))])[0], dict)
+    refused = engine.append_events([EventsJob("1", _events(2_000))])[0]  # and the batch's retry fails again
+    assert not isinstance(refused, dict) and "takes no appends" in refused.message
+    monkeypatch.setattr(engine, "save", save)
+    engine.append_events([EventsJob("2", _events(3_000))])  # refused; its batch's snapshot succeeds
+    assert isinstance(engine.append_events([EventsJob("3", _events(4_000))])[0], dict)
+    restarted = _engine()  # a crash
+    restarted.restore(state)
+    for user in ("new", "1", "2", "3"):
+        assert _held(restarted, user) == _held(engine, user)
+
+
 def test_a_journal_the_snapshot_already_holds_is_not_replayed(tmp_path):
     """A crash between writing the snapshot and starting its new journal: the old journal's appends
     are in the snapshot (its generation is newer), so they are not appended a second time."""

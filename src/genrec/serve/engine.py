@@ -403,28 +403,44 @@ class Engine:
         """Write every history to the state file of :meth:`restore` and start a new, empty journal after
         it. Returns rows. Runs on the scoring thread: requests wait while it writes.
 
-        If the snapshot is written but its journal cannot be started, the old journal refuses every
-        later append (a restart would not replay it onto the newer snapshot) until a snapshot succeeds."""
+        If the snapshot may be in place but its journal was not started (the journal failed, or the
+        save failed after its rename), the old journal refuses every later append (a restart would not
+        replay it onto the newer snapshot) until a snapshot succeeds."""
         if self.state_file is None:
             raise RuntimeError("snapshot() before restore(): the engine has no state file")
         generation = (self.journal.generation + 1) if generation is None else generation
-        rows = self.save(self.state_file, generation)
         try:
+            rows = self.save(self.state_file, generation)
             journal = Journal(journal_path(self.state_file), generation)
         except BaseException as err:
-            if self.journal is not None:
-                self.journal.broken = f"snapshot generation {generation} was written but its journal was not ({err!r})"
+            if self.journal is not None and self._snapshot_may_be(generation):
+                self.journal.broken = f"snapshot generation {generation} may be in place without its journal ({err!r})"
             raise
-        if self.journal is not None:
-            self.journal.close()
-        self.journal, self.snapshot_due = journal, self.snapshot_every
+        old, self.journal, self.snapshot_due = self.journal, journal, self.snapshot_every
         self.metrics.snapshots.labels(reason).inc()
+        if old is not None:
+            self._close(old)
         return rows
 
+    def _snapshot_may_be(self, generation: int) -> bool:
+        """Whether the state file may be the snapshot of ``generation`` (True where it cannot be read)."""
+        try:
+            return snapshot_generation(self.state_file) == generation
+        except Exception:  # noqa: BLE001 - unreadable: assume the worst
+            return True
+
+    @staticmethod
+    def _close(journal: Journal) -> None:
+        """Close a journal that is no longer in use; a failure is logged (its lines are on disk)."""
+        try:
+            journal.close()
+        except OSError as err:
+            log.warning("%s: closing the journal failed (%r)", journal.path, err)
+
     def close(self) -> None:
-        if self.journal is not None:
-            self.journal.close()
-            self.journal = None
+        journal, self.journal = self.journal, None
+        if journal is not None:
+            self._close(journal)
 
     def _raw_events(self, events: History) -> list[dict]:
         """``events`` in raw ids, as a request sends them (what the journal holds and a history read shows)."""
