@@ -294,7 +294,9 @@ def _lock_owner(folder: Path) -> int:
     """Lock ``folder`` for this process: an flock on a file that gets the name ``.owner`` only once it
     is locked, so a sweep never finds it unlocked while this run lives. The kernel drops the lock when
     the process dies. Where the file system has no flock, the file keeps its temporary name and the
-    folder is never swept (left behind on a kill, as before)."""
+    folder is never swept (left behind on a kill, as before). On NFS, Linux emulates flock with
+    POSIX locks, which belong to the process: runs are separate processes (ranks), so that holds;
+    two threads of one process fetching the same log at once are not guarded there."""
     fd = os.open(folder / UNLOCKED_OWNER, os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
