@@ -196,3 +196,10 @@ def test_the_readme_commands_parse_as_written():
             build_parser().parse_args(shlex.split(line)[1:])
         except SystemExit as done:  # --version prints and exits 0; a parse error exits 2
             assert done.code == 0, line
+
+
+@pytest.mark.parametrize("value,message", [("-1", "-1 is negative"), ("x", "'x' is not an integer")])
+def test_serve_snapshot_every_takes_a_non_negative_integer(value, message, capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["serve", "--checkpoint", "nowhere", "--snapshot-every", value])
+    assert stop.value.code == 2 and f"--snapshot-every: {message}" in capsys.readouterr().err
