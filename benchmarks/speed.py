@@ -96,7 +96,7 @@ import report
 from genrec.data.batching import JaggedBatch
 from genrec.data.info import DatasetInfo
 from genrec.flops import layout_flops
-from genrec.models import MODELS, build_model
+from genrec.models import MODELS, build_model, dfgr, hstu
 from genrec.nn.events import Events, dual_flow_layout, item_action_layout, target_dual_flow_layout
 from genrec.nn.kv_cache import in_micro_batches
 from genrec.ops.layout import TokenLayout, host_checked, times_within_limit
@@ -314,14 +314,19 @@ def make_model(name: str, n: int, args, relative_bias: bool = True) -> torch.nn.
 
 TRAIN_LAYOUTS = {"hstu": item_action_layout, "dfgr": dual_flow_layout,
                  "dfgr_sparse": lambda ev: target_dual_flow_layout(ev)[0]}
+# where each model's last block starts its outputs (genrec.nn.hstu.HSTUBlock.forward's outputs_from)
+TRAIN_OUTPUTS_FROM = {"hstu": hstu.last_outputs_from, "dfgr": dfgr.last_outputs_from,
+                      "dfgr_sparse": dfgr.last_outputs_from}
 
 
 def train_gflop_per_event(name: str, n: int, args, target_share: float = 1.0) -> float | None:
-    """Training FLOPs per event (forward + backward: 3x linear, 3.5x attention) on one sequence."""
+    """Training FLOPs per event (forward + backward: 3x linear, 3.5x attention) on one sequence, the
+    last block's counted for the tokens it computes."""
     if name not in TRAIN_LAYOUTS:
         return None
-    ev = Events.from_batch(synthetic_batch(1, n, 0, target_share=target_share))
-    linear, attention = layout_flops(TRAIN_LAYOUTS[name](ev), args.d, args.layers)
+    batch = synthetic_batch(1, n, 0, device="cpu", target_share=target_share)
+    linear, attention = layout_flops(TRAIN_LAYOUTS[name](Events.from_batch(batch)), args.d, args.layers,
+                                     outputs_from=TRAIN_OUTPUTS_FROM[name](batch))
     return (3 * linear + 3.5 * attention) / n / 1e9
 
 

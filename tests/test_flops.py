@@ -43,6 +43,21 @@ def test_flops_counted_on_a_layout_match_the_closed_form(kind):
     assert (linear, attention) == (want["linear"] / 3, want["attention"] / 3)
 
 
+def test_a_last_block_computing_a_tail_is_counted_with_its_tail_queries_and_every_tokens_keys():
+    """DFGR's last block from its fake flow (one event per request, N = 9): every token's keys and
+    values (4·D² each), the fake tokens' queries, gates and output projection (6·D²), and the fake
+    flow's N(N+1)/2 pairs; the two earlier blocks count in full."""
+    n, d, layers = 9, 16, 3
+    layout = _layout(n, "dfgr")
+    full_linear, full_attention = layout_flops(layout, d, layers)
+    linear, attention = layout_flops(layout, d, layers, outputs_from=n)
+    assert linear == full_linear * 2 / 3 + (4 * 2 * n + 6 * n) * d * d
+    assert attention == full_attention * 2 / 3 + 4 * d * n * (n + 1) // 2
+    assert layout_flops(layout, d, layers, outputs_from=0) == (full_linear, full_attention)
+    with pytest.raises(ValueError, match="do not go together"):
+        layout_flops(layout, d, layers, q_offset=2, outputs_from=n)
+
+
 def test_dfgr_is_about_2x_cheaper_to_train_and_4x_to_serve_than_hstu():
     n, d = 4096, 512
     attention_train = flops("hstu", n, d, 4)["attention"] / flops("dfgr", n, d, 4)["attention"]

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from genrec.data.batching import BucketBatchSampler, WindowDataset, collate, make_loader, rows_at
+from genrec.data.batching import BucketBatchSampler, JaggedBatch, WindowDataset, collate, make_loader, rows_at
 from genrec.data.preprocess import prepare
 from genrec.data.splits import SplitConfig, windows
-from tests.helpers import make_batch
+from tests.helpers import make_batch, with_last_targets
 
 
 def _dataset(shared_data, split="train", max_len=30):
@@ -93,6 +93,17 @@ def test_a_moved_batch_gathers_at_its_targets_by_the_count_it_carried_from_the_h
     moved = batch.to("meta")
     assert moved.known_num_targets == moved.num_targets == count
     assert moved.at_targets(moved.signals).shape == (count, batch.signals.shape[1])
+
+
+def test_a_batch_knows_its_earliest_target_position_on_the_host_and_carries_it_when_moved():
+    """``first_target``: the least index within its sequence of a target event (a model's last block
+    computes nothing before it), read on the host, carried by ``to``; ``max_len`` with no target."""
+    batch = with_last_targets(make_batch([37, 9, 21], seed=3), 0.3)  # targets from 25, 6 and 14
+    assert batch.first_target == 6 == int(batch.positions()[batch.target_mask].min())
+    assert batch.to("meta").known_first_target == batch.to("meta").first_target == 6
+    none = JaggedBatch(**batch.tensors() | {"target_mask": torch.zeros_like(batch.target_mask)})
+    assert none.first_target == none.max_len == 37
+    assert make_batch([5, 8], seed=0).first_target == 0
 
 
 def test_sampler_is_deterministic_and_resumable():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -78,6 +80,17 @@ def test_per_request_metrics_equal_per_event_ones_when_every_request_is_one_even
     metrics = evaluate(model, [batch], torch.device("cpu"), ks=(5,))
     for name in ("hr@5", "ndcg@5", "mrr"):
         assert metrics[f"{name}/request"] == metrics[name]
+
+
+def test_the_query_batch_forgets_what_its_batch_knew_of_its_targets():
+    """The per-request pass adds first events to the targets: a moved batch's carried target count,
+    most targets of a row and first target (where a model's last block starts) no longer hold, and
+    the query batch must not carry them (they would be read on a GPU, where the offsets are)."""
+    batch = make_batch([9, 1, 14], seed=4, all_targets=False)
+    known = dataclasses.replace(batch, known_num_targets=batch.num_targets, known_max_targets=batch.max_targets,
+                                known_first_target=batch.first_target)
+    query = request_queries(known).batch
+    assert (query.known_num_targets, query.known_max_targets, query.known_first_target) == (None, None, None)
 
 
 def _both(model, batch: JaggedBatch) -> tuple[torch.Tensor, torch.Tensor]:

@@ -54,6 +54,9 @@ class JaggedBatch:
     # the target events of the batch, the same way: the size of every gather at the targets (so a
     # moved batch's target_mask is not to be changed: build a new batch from its tensors instead)
     known_num_targets: int | None = field(default=None, repr=False, compare=False)
+    # the earliest target event's index within its sequence, the same way: a model's last block
+    # computes outputs from there on only (genrec.nn.hstu.HSTUBlock's ``outputs_from``)
+    known_first_target: int | None = field(default=None, repr=False, compare=False)
     # the model's token layout's kernel metadata and schedules, built from this batch on the host by
     # the loader (genrec.nn.prepared.LayoutPlan; a genrec.ops.layout.PreparedLayout), moved by ``to``
     # and seeded into the step's layout; a batch built from this one's tensors() does not carry it
@@ -98,6 +101,17 @@ class JaggedBatch:
             return int(self.target_mask.sum())
         return self.known_num_targets
 
+    @property
+    def first_target(self) -> int:
+        """The earliest index within its sequence of a target event, over the batch's sequences
+        (:attr:`max_len` when none is a target), read as :attr:`max_len` is: no position before it is
+        read by a loss at the targets."""
+        if self.known_first_target is None or self.offsets.device.type == "cpu":  # host mask: read, no sync
+            if not bool(self.target_mask.any()):
+                return self.max_len
+            return int(self.positions()[self.target_mask].min())
+        return self.known_first_target
+
     def at_targets(self, values: torch.Tensor) -> torch.Tensor:
         """``values[target_mask]`` of a flat ``[T, ...]`` field (``[num_targets, ...]``), sized by
         :attr:`num_targets`: a moved batch reads nothing back (:func:`rows_at`)."""
@@ -114,7 +128,8 @@ class JaggedBatch:
     def to(self, device: torch.device | str) -> JaggedBatch:
         moved = {name: t.to(device, non_blocking=True) for name, t in self.tensors().items()}
         return JaggedBatch(**moved, known_max_len=self.max_len, known_max_targets=self.max_targets,
-                           known_num_targets=self.num_targets, known_layout=to_device(self.known_layout, device))
+                           known_num_targets=self.num_targets, known_first_target=self.first_target,
+                           known_layout=to_device(self.known_layout, device))
 
     def pin_memory(self) -> JaggedBatch:
         """The batch (its layout too) in page-locked host memory; a loader with ``pin_memory`` calls it.

@@ -92,7 +92,7 @@ def request_queries(batch: JaggedBatch) -> RequestQueries:
     queried[target_start] = True  # [T]: the targets and the first events of their requests
     row = queried.cumsum(0) - 1  # [T]: an event's row among the queried ones
     query_batch = dataclasses.replace(batch, target_mask=queried, known_num_targets=None, known_max_targets=None,
-                                      known_layout=None)
+                                      known_first_target=None, known_layout=None)
     # the events of each target's request: [start, start + size) (``start`` is non-decreasing)
     size = torch.searchsorted(start, target_start, right=True) - target_start  # [N_t]
     target = torch.repeat_interleave(torch.arange(len(size), device=size.device), size)  # [P']

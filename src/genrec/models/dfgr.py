@@ -86,6 +86,12 @@ def _batch_layout(batch: JaggedBatch, fake_flow: str) -> TokenLayout:
     return fake_tail(layout, layout.shape[1] - ev.valid.shape[1])
 
 
+def last_outputs_from(batch: JaggedBatch) -> int:
+    """The real flow's length in training's layout: its last block computes the fake flow's outputs
+    only (the loss reads no real token's), the real tokens giving their keys and values."""
+    return batch.max_len
+
+
 class DFGR(GenerativeRanker):
     def __init__(self, cfg: DFGRConfig, info: DatasetInfo):
         super().__init__(cfg.d_model, info, cfg)
@@ -130,7 +136,7 @@ class DFGR(GenerativeRanker):
 
     def layout_plan(self, dtype: torch.dtype) -> LayoutPlan | None:
         return LayoutPlan.of(partial(_batch_layout, fake_flow=self.cfg.fake_flow),
-                             (block.attention_spec() for block in self.blocks), dtype)
+                             (block.attention_spec() for block in self.blocks), dtype, outputs_from=last_outputs_from)
 
     def target_hidden(self, batch: JaggedBatch) -> torch.Tensor:
         ev = Events.from_batch(batch)
@@ -146,9 +152,10 @@ class DFGR(GenerativeRanker):
         fake_flow, layout = self.fake_flow(fake_items, layout)
         layout.seed(batch.known_layout)
         x = torch.cat([real_flow, fake_flow], dim=1)  # [B, N + T or 2N, D]
-        for block in self.blocks:
+        for block in self.blocks[:-1]:
             x = block(x, layout)
-        return rows_at(self.norm(x[:, real_flow.shape[1]:]), at_targets, batch.num_targets)  # fake flow at targets
+        x = self.blocks[-1](x, layout, outputs_from=real_flow.shape[1])  # the fake flow's outputs only, [B, T or N, D]
+        return rows_at(self.norm(x), at_targets, batch.num_targets)  # fake flow at targets
 
     def score(self, history: JaggedBatch, candidates: torch.Tensor, request_time: torch.Tensor) -> torch.Tensor:
         return self.kv_serving.score(history, candidates, request_time)

@@ -53,6 +53,12 @@ def _batch_layout(batch: JaggedBatch) -> TokenLayout:
     return item_action_layout(Events.from_batch(batch))
 
 
+def last_outputs_from(batch: JaggedBatch) -> int:
+    """The first token of ``batch``'s layout whose output :meth:`HSTU.target_hidden` reads (its last
+    block's ``outputs_from``): the item token of the first target event."""
+    return 2 * batch.first_target
+
+
 class HSTU(GenerativeRanker):
     def __init__(self, cfg: HSTUConfig, info: DatasetInfo):
         super().__init__(cfg.d_model, info, cfg)
@@ -83,15 +89,19 @@ class HSTU(GenerativeRanker):
         return self.heads.candidate_logits(self.norm(hidden))
 
     def layout_plan(self, dtype: torch.dtype) -> LayoutPlan | None:
-        return LayoutPlan.of(_batch_layout, (block.attention_spec() for block in self.blocks), dtype)
+        return LayoutPlan.of(_batch_layout, (block.attention_spec() for block in self.blocks), dtype,
+                             outputs_from=last_outputs_from)
 
     def target_hidden(self, batch: JaggedBatch) -> torch.Tensor:
         ev = Events.from_batch(batch)
         x, layout = self.history_tokens(ev)
         layout.seed(batch.known_layout)
-        for block in self.blocks:
+        for block in self.blocks[:-1]:
             x = block(x, layout)
-        return self.norm(rows_at(x[:, 0::2], ev.target, batch.num_targets))  # item tokens at targets, [N_t, D]
+        x = self.blocks[-1](x, layout, outputs_from=last_outputs_from(batch))  # [B, 2(N - first), D]
+        items = x[:, 0::2]  # the item tokens from the first target event's on
+        at_targets = ev.target[:, ev.target.shape[1] - items.shape[1]:]
+        return self.norm(rows_at(items, at_targets, batch.num_targets))  # [N_t, D]
 
     def score(self, history: JaggedBatch, candidates: torch.Tensor, request_time: torch.Tensor) -> torch.Tensor:
         return self.kv_serving.score(history, candidates, request_time)

@@ -57,12 +57,23 @@ class HSTUBlock(nn.Module):
         slots = (None, None) if self.rel_pos is None else (self.rel_pos.shape[1], self.rel_time.shape[1])
         return AttentionSpec(self.backend, self.uvqk.in_features // self.num_heads, *slots)
 
-    def forward(self, x: torch.Tensor, layout: TokenLayout, cache: LayerCache | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, layout: TokenLayout, cache: LayerCache | None = None,
+                outputs_from: int = 0) -> torch.Tensor:
         """``x`` ``[B, n, D]``: all of the layout's tokens, or with a ``cache`` the new tokens after the
-        cached ones (their keys and values are added to it)."""
+        cached ones (their keys and values are added to it). ``outputs_from`` (no cache): return
+        ``[B, n - outputs_from, D]``, the outputs of the tokens from there on only. A model's last block
+        takes it where its loss reads no earlier token (DFGR's fake flow, HSTU's tokens from the first
+        target): the earlier tokens still give their keys and values, but their queries, gates, output
+        projection and residual are skipped, and so are their pairs of the attention."""
         b, n, d = x.shape
-        u, v, q, k = F.silu(self.uvqk(self.norm_in(x))).chunk(4, dim=-1)  # each [B, n, D]
-        q_offset = 0
+        if outputs_from:
+            if cache is not None:
+                raise ValueError("outputs_from skips the queries of a full sequence; with a cache the "
+                                 "queries are the new tokens already")
+            u, q, v, k = self._projections(self.norm_in(x), outputs_from)
+        else:
+            u, v, q, k = F.silu(self.uvqk(self.norm_in(x))).chunk(4, dim=-1)  # each [B, n, D]
+        q_offset = outputs_from
         if cache is not None:
             k, v, q_offset = cache.write(k, v)  # [B, q_offset + n, D]
 
@@ -70,6 +81,19 @@ class HSTUBlock(nn.Module):
             return t.view(b, t.shape[1], self.num_heads, d // self.num_heads).transpose(1, 2)  # [B, H, L, Dh]
 
         a = self.backend.hstu_attention(heads(q), heads(k), heads(v), layout, self.rel_pos, self.rel_time,
-                                        self.attn_scale, q_offset)  # [B, H, n, Dh]
-        a = a.transpose(1, 2).reshape(b, n, d)
-        return x + self.dropout(self.out(self.norm_attn(a) * u))
+                                        self.attn_scale, q_offset)  # [B, H, n - outputs_from, Dh]
+        a = a.transpose(1, 2).reshape(b, n - outputs_from, d)
+        return x[:, outputs_from:] + self.dropout(self.out(self.norm_attn(a) * u))
+
+    def _projections(self, h: torch.Tensor, start: int) -> tuple[torch.Tensor, ...]:
+        """``SiLU(W1 · h)`` split as in :meth:`forward`, the gates and queries ``[B, n - start, D]`` of the
+        tokens from ``start`` only, the values and keys ``[B, n, D]`` of all: two products with the
+        rows of ``uvqk``'s weight they need (its chunks are u, v, q, k)."""
+        d = h.shape[-1]
+        w, bias = self.uvqk.weight.split(d), self.uvqk.bias.split(d)  # u, v, q, k: [D, D] and [D] each
+
+        def project(x: torch.Tensor, first: int, second: int) -> tuple[torch.Tensor, torch.Tensor]:
+            out = F.linear(x, torch.cat([w[first], w[second]]), torch.cat([bias[first], bias[second]]))
+            return F.silu(out).chunk(2, dim=-1)
+
+        return (*project(h[:, start:], 0, 2), *project(h, 1, 3))  # u, q [B, n - start, D]; v, k [B, n, D]

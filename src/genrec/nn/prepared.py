@@ -38,20 +38,31 @@ class AttentionSpec:
 @dataclass(frozen=True)
 class LayoutPlan:
     """``plan(host_batch)``: the layout's cache entries the model's attention reads in a step of
-    ``dtype`` queries (``grads``: with the backward's schedules), built on the host."""
+    ``dtype`` queries (``grads``: with the backward's schedules), built on the host. ``last``: the
+    last block's spec where that block computes the outputs of the tokens from ``outputs_from(batch)``
+    on only (its kernels' schedules then cover those queries:
+    :meth:`genrec.nn.hstu.HSTUBlock.forward`)."""
 
     batch_layout: Callable[[JaggedBatch], TokenLayout]  # picklable: a module's function or a partial of one
-    attention: tuple[AttentionSpec, ...]
+    attention: tuple[AttentionSpec, ...]  # the distinct specs of the blocks whose queries are every token
     dtype: torch.dtype
     grads: bool = True
+    last: AttentionSpec | None = None
+    outputs_from: Callable[[JaggedBatch], int] | None = None  # picklable, as batch_layout
 
     @classmethod
     def of(cls, batch_layout: Callable[[JaggedBatch], TokenLayout], specs: Iterable[AttentionSpec | None],
-           dtype: torch.dtype, grads: bool = True) -> LayoutPlan | None:
-        """The plan for blocks of these specs (None for a block whose backend prepares nothing), or
-        None when no block's does."""
+           dtype: torch.dtype, grads: bool = True,
+           outputs_from: Callable[[JaggedBatch], int] | None = None) -> LayoutPlan | None:
+        """The plan for blocks of these specs (None for a block whose backend prepares nothing), the
+        last one's queries from ``outputs_from(batch)`` where given; None when no block's backend
+        prepares anything."""
+        specs = list(specs)
+        last = specs.pop() if outputs_from is not None and specs else None
         distinct = tuple(dict.fromkeys(spec for spec in specs if spec is not None))
-        return cls(batch_layout, distinct, dtype, grads) if distinct else None
+        if not distinct and last is None:
+            return None
+        return cls(batch_layout, distinct, dtype, grads, last, outputs_from if last is not None else None)
 
     def __call__(self, batch: JaggedBatch) -> PreparedLayout:
         if batch.offsets.device.type != "cpu":
@@ -59,7 +70,10 @@ class LayoutPlan:
                              f"{batch.offsets.device}")
         layout = self.batch_layout(batch)
         keys: dict[tuple, None] = {}
-        for spec in self.attention:
+        queried = [(spec, 0) for spec in self.attention]
+        if self.last is not None:
+            queried.append((self.last, self.outputs_from(batch)))
+        for spec, q_offset in queried:
             keys.update(dict.fromkeys(spec.backend.prepare_hstu(layout, spec.head_dim, self.dtype, spec.num_pos,
-                                                                spec.num_time, self.grads)))
+                                                                spec.num_time, self.grads, q_offset)))
         return layout.prepared(keys)

@@ -448,3 +448,52 @@ def test_models_give_the_same_predictions_and_gradients_on_both_backends(name):
     assert _rel_error(logits, ref_logits) <= 1e-4
     assert _rel_error(grads, ref_grads) <= 1e-4
     assert _rel_error(served, ref_served) <= 1e-4
+
+
+@pytest.mark.parametrize("kind", ["request_causal", "dfgr_target_fake_flow"])
+def test_a_last_block_computing_its_tail_only_on_the_kernels_matches_the_full_reference_block(kind):
+    """A block's ``outputs_from`` on the triton backend (the kernels' queries from an offset, in a
+    training step: forward and backward, the schedules built for that offset) against the reference
+    block run over every token, sliced there: outputs and the gradients of the input and both bias
+    tables (what HSTU's and DFGR's last block runs in training)."""
+    import copy
+
+    from genrec.nn.hstu import HSTUBlock
+    from genrec.ops.dispatch import REFERENCE
+
+    torch.manual_seed(0)
+    want_block = HSTUBlock(32, 2, 0.0, 0.05, REFERENCE, num_position_buckets=64).to(DEVICE)
+    with torch.no_grad():
+        want_block.rel_pos.normal_(0, 0.5)
+        want_block.rel_time.normal_(0, 0.5)
+    block = copy.deepcopy(want_block)
+    block.backend = backend_module.TRITON
+    lengths = _shape(5)
+    layout = _layout(kind, lengths, seed=5)
+    start = max(lengths)  # DFGR's real flow; mid-sequence for HSTU's layout; inside a 64-token tile both
+    x = torch.randn(*layout.shape, 32, device=DEVICE, requires_grad=True)
+    upstream = torch.randn(layout.shape[0], layout.shape[1] - start, 32, device=DEVICE)
+    results = []
+    for b, out in ((want_block, lambda: want_block(x, layout)[:, start:]),
+                   (block, lambda: block(x, layout, outputs_from=start))):
+        x.grad = None
+        got = out()
+        (got * upstream * layout.valid[:, start:, None]).sum().backward()
+        results.append((got * layout.valid[:, start:, None], x.grad.clone(), b.rel_pos.grad, b.rel_time.grad))
+    for got, want in zip(results[1], results[0], strict=True):
+        assert _rel_error(got, want) < TOLERANCE[torch.float32]
+
+
+def test_a_last_block_asked_for_no_output_runs_on_the_kernels_and_gives_every_weight_a_gradient():
+    """No query (a batch without targets): the kernels' grids over queries are empty (the launcher
+    skips them), the dK/dV grid reads no pair, and every weight gets a zero gradient (as DDP needs)."""
+    from genrec.nn.hstu import HSTUBlock
+
+    torch.manual_seed(0)
+    block = HSTUBlock(32, 2, 0.0, 0.05, backend_module.TRITON, num_position_buckets=64).to(DEVICE)
+    layout = _layout("request_causal", _shape(6), seed=6)
+    x = torch.randn(*layout.shape, 32, device=DEVICE, requires_grad=True)
+    out = block(x, layout, outputs_from=layout.shape[1])
+    assert out.shape == (layout.shape[0], 0, 32)
+    (out.sum() + x.sum() * 0).backward()
+    assert all(p.grad is not None and not p.grad.any() for p in block.parameters())

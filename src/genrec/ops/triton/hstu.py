@@ -822,6 +822,8 @@ def _band_lists(band: torch.Tensor, full: torch.Tensor, forms: torch.Tensor) -> 
     """The diagonal-band kernel's schedule from the ``[B, nQ, nK]`` BAND pairs: per band (query tile -
     key tile + nK - 1) the counts ``[B, nQ + nK - 1, 2]``, the key tiles of its BAND pairs in order
     and each one's flags (FULL, the bias form), as :func:`tile_lists` lists a tile's pairs."""
+    if band.shape[1] == 0:  # no query (a last block asked for no output): one query tile of no pair
+        band, full, forms = (t.new_zeros(t.shape[0], 1, t.shape[2]) for t in (band, full, forms))
     _, num_q, num_k = band.shape
     k_tile = torch.arange(num_k, device=band.device)
     q_tile = torch.arange(num_q + num_k - 1, device=band.device)[:, None] - (num_k - 1) + k_tile  # [nBands, nK]
