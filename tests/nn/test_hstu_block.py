@@ -1,10 +1,15 @@
 """An HSTU block asked for the outputs of its last tokens only (``outputs_from``, what a model's last
 block runs when its loss reads no earlier token) against the block run over every token: the same
 outputs there and the same gradients of every input and weight, on each mask rule's layout (fp64,
-reference backend; the triton kernels' queries from an offset: tests/ops/triton/test_hstu.py)."""
+reference backend; the triton kernels' queries from an offset: tests/ops/triton/test_hstu.py); and
+that the offset, which changes with every batch, neither splits a layout's cache nor makes a
+compiled step compile a graph per value."""
 
 from __future__ import annotations
 
+import dataclasses
+
+import numpy as np
 import pytest
 import torch
 
@@ -38,9 +43,10 @@ def outputs_and_grads(block: HSTUBlock, out: torch.Tensor, x: torch.Tensor, upst
 
 @pytest.mark.parametrize("kind", list(LAYOUTS))
 def test_a_block_asked_for_its_last_tokens_outputs_gives_the_full_blocks_there_and_the_same_gradients(kind):
-    block, layout, x = block_and_input(kind)
-    n = layout.shape[1]
+    block, first, x = block_and_input(kind)
+    n = first.shape[1]
     for start in (1, n // 2, n - 1):
+        layout = dataclasses.replace(first, _cache={})  # a layout has one tail: TokenLayout.query_tag
         upstream = torch.randn(x.shape[0], n - start, 16, dtype=torch.float64)
         want, want_dx, want_dw = outputs_and_grads(block, block(x, layout)[:, start:], x, upstream)
         got, dx, dw = outputs_and_grads(block, block(x, layout, outputs_from=start), x, upstream)
@@ -69,3 +75,47 @@ def test_a_block_asked_for_no_output_still_gives_every_weight_a_gradient():
     assert out.shape == (x.shape[0], 0, 16)
     (out.sum() + x.sum() * 0).backward()
     assert all(p.grad is not None and not p.grad.any() for p in block.parameters())
+
+
+def test_a_layout_names_its_tail_in_cache_keys_not_its_offset_and_has_one_tail():
+    """Cache keys name the last block's (or a KV cache's) queries ``"tail"``, not their offset (a key
+    holding a batch's offset makes torch.compile guard on it, a graph per value); a second offset on
+    the same layout is an error, not the first one's schedules; a prepared layout carries its tail."""
+    _, layout, _ = block_and_input("causal")
+    assert layout.query_tag(0) == 0
+    assert layout.query_tag(7) == layout.query_tag(7) == "tail"
+    with pytest.raises(ValueError, match="one tail"):
+        layout.query_tag(8)
+    seeded = dataclasses.replace(layout, _cache={})
+    seeded.seed(layout.prepared([]))
+    with pytest.raises(ValueError, match="from token 7; now from 8"):
+        seeded.query_tag(8)
+
+
+@pytest.mark.parametrize("name", ["hstu", "dfgr", "dfgr_sparse"])
+def test_a_compiled_step_compiles_a_few_graphs_over_batches_of_every_length_and_first_target(name, monkeypatch):
+    """torch.compile of a training step over 10 batches of new lengths and first targets, read as a
+    GPU batch's are (what the host carried: ``known_*``): the last block's offset changes on every
+    batch, yet the step compiles at most three graphs (shapes made dynamic, the offset zero or not)
+    and never falls back to eager after the recompile limit."""
+    from torch._dynamo.utils import counters
+
+    from genrec.data.batching import JaggedBatch
+    from tests.models.test_generative import make_model
+
+    for prop in ("max_len", "max_targets", "num_targets", "first_target"):  # as on a GPU: the host's values
+        monkeypatch.setattr(JaggedBatch, prop, property(lambda self, p=prop: getattr(self, f"known_{p}")))
+    torch._dynamo.reset()
+    counters.clear()
+    model = make_model(name, torch.float32).train()
+    step = torch.compile(model, backend="eager")
+    rng = np.random.default_rng(0)
+    for i in range(10):
+        batch = make_batch([int(n) for n in rng.integers(5, 30, 4)], seed=i)
+        first = int(rng.integers(0, int(batch.lengths.min())))
+        host = JaggedBatch(**batch.tensors() | {"target_mask": batch.positions() >= first})
+        batch = dataclasses.replace(host, known_max_len=int(host.lengths.max()), known_first_target=first,
+                                    known_max_targets=int(host.targets_per_row.max()),
+                                    known_num_targets=int(host.target_mask.sum()))
+        step(batch)["loss"].backward()
+    assert counters["stats"]["unique_graphs"] <= 3  # at the recompile limit (8) it would be 8

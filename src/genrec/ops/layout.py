@@ -25,6 +25,9 @@ RULES: tuple[Rule, ...] = get_args(Rule)
 RULE_IDS: dict[str, int] = {rule: i for i, rule in enumerate(RULES)}  # the kernels' RULE constexpr
 
 
+TAIL_OFFSET = ("tail_offset",)  # the cache entry of the offset a layout's "tail" queries start at
+
+
 @dataclass
 class TokenLayout:
     """Padded ``[B, L]`` metadata of a token sequence (L tokens, right padding)."""
@@ -49,9 +52,30 @@ class TokenLayout:
             self._cache[key] = build()
         return self._cache[key]
 
+    def query_tag(self, q_offset: int) -> int | str:
+        """How a cache key names the queries from ``q_offset``: 0 (every token), or ``"tail"`` for the
+        one other offset a layout is queried from (its KV cache's new tokens, or a last block's
+        outputs: :meth:`genrec.nn.hstu.HSTUBlock.forward`), never the value itself: under
+        ``torch.compile`` a key holding a batch's offset guards on it, one graph per value. The
+        layout notes its tail's offset, and asking for another one eagerly is an error (it would read
+        the first one's schedules); a prepared layout carries the note. A symbolic offset
+        (``torch.export``) stays in the key, which :meth:`cached` then builds each time."""
+        if isinstance(q_offset, torch.SymInt):
+            return q_offset
+        if q_offset == 0:
+            return 0
+        if not torch.compiler.is_compiling():  # a comparison there would guard on the value too
+            noted = self._cache.setdefault(TAIL_OFFSET, q_offset)
+            if noted != q_offset:
+                raise ValueError(f"this layout's queries were taken from token {noted}; now from {q_offset}: "
+                                 "a layout has one tail (build another layout for other queries)")
+        return "tail"
+
     def prepared(self, keys) -> PreparedLayout:
-        """The entries of this layout's cache under ``keys``, to seed the same layout elsewhere."""
-        return PreparedLayout(self.shape, self.rule, {key: self._cache[key] for key in keys})
+        """The entries of this layout's cache under ``keys`` (and its tail's offset, where it has one:
+        :meth:`query_tag`), to seed the same layout elsewhere."""
+        keys = [*keys, *([TAIL_OFFSET] if TAIL_OFFSET in self._cache else [])]
+        return PreparedLayout(self.shape, self.rule, {key: self._cache[key] for key in dict.fromkeys(keys)})
 
     def seed(self, prepared: PreparedLayout | None) -> None:
         """Fill the cache with what was built ahead of the step from the same batch (the data loader's

@@ -31,9 +31,9 @@ def relative_bias(layout: TokenLayout, rel_pos: torch.Tensor, rel_time: torch.Te
     backward scatter-adds B·L² values into a few hundred table slots (atomic contention on GPU)."""
     num_pos, num_time = rel_pos.shape[1], rel_time.shape[1]
     pos, time = layout.position, layout.timestamp
-    dist = layout.cached(("dist", num_pos, q_offset), lambda: (
+    dist = layout.cached(("dist", num_pos, layout.query_tag(q_offset)), lambda: (
         pos[:, q_offset:, None] - pos[:, None, :]).clamp(0, num_pos - 1))  # [B, Lq, L]
-    dt = layout.cached(("dt", num_time, q_offset), lambda: time_bucket(
+    dt = layout.cached(("dt", num_time, layout.query_tag(q_offset)), lambda: time_bucket(
         time[:, q_offset:, None] - time[:, None, :], num_time))  # [B, Lq, L]
     bias = F.embedding(dist, rel_pos.T) + F.embedding(dt, rel_time.T)  # [B, Lq, L, H]
     return bias.permute(0, 3, 1, 2)

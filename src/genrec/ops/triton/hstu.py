@@ -793,11 +793,11 @@ def _pairs_and_full(layout: TokenLayout, tile: Tile, q_offset: int) -> tuple:
         stats = tile_stats(meta, block_q, block_k, q_offset, reduction)
         return (tile_pairs(meta, layout.rule, block_q, block_k, q_offset, stats),
                 tile_full(meta, layout.rule, block_q, block_k, q_offset, stats))
-    return layout.cached(("triton_pairs", block_q, block_k, q_offset), build)
+    return layout.cached(("triton_pairs", block_q, block_k, layout.query_tag(q_offset)), build)
 
 
-def _schedule_key(tile: Tile, q_offset: int, transpose: bool) -> tuple:
-    return ("triton_tiles", *tile[:2], q_offset, transpose)
+def _schedule_key(layout: TokenLayout, tile: Tile, q_offset: int, transpose: bool) -> tuple:
+    return ("triton_tiles", *tile[:2], layout.query_tag(q_offset), transpose)
 
 
 def _schedule(layout: TokenLayout, tile: Tile, q_offset: int, transpose: bool):
@@ -807,7 +807,7 @@ def _schedule(layout: TokenLayout, tile: Tile, q_offset: int, transpose: bool):
     def build():
         pairs, full = _pairs_and_full(layout, tile, q_offset)
         return tile_lists(pairs.mT, full.mT) if transpose else tile_lists(pairs, full)
-    return layout.cached(_schedule_key(tile, q_offset, transpose), build)
+    return layout.cached(_schedule_key(layout, tile, q_offset, transpose), build)
 
 
 def _splits_bias_grads(has_bias: bool, dq_separate: bool, bwd_tile: Tile, dq_tile: Tile) -> bool:
@@ -854,11 +854,11 @@ def _bias_flags(layout: TokenLayout, grads: bool, dq_separate: bool, tile_table:
         return layout.cached(("triton_extremes", start, block), lambda: tile_extremes(meta, start, block))
 
     def forms(block_q: int, block_k: int) -> torch.Tensor:  # [B, nQ, nK]
-        return layout.cached(("triton_forms", block_q, block_k, q_offset, num_pos, num_time),
+        return layout.cached(("triton_forms", block_q, block_k, layout.query_tag(q_offset), num_pos, num_time),
                              lambda: bias_forms(extremes(q_offset, block_q), extremes(0, block_k), num_pos, num_time))
 
     def simple(block_q: int, block_k: int) -> torch.Tensor:  # [B, nQ, nK]: the lists' lead and the dQ share
-        return layout.cached(("triton_simple", block_q, block_k, q_offset, num_pos, num_time),
+        return layout.cached(("triton_simple", block_q, block_k, layout.query_tag(q_offset), num_pos, num_time),
                              lambda: simple_bias_pairs(forms(block_q, block_k)))
 
     def listed(tile: Tile, extra: torch.Tensor | None = None, transpose: bool = False):
@@ -866,8 +866,8 @@ def _bias_flags(layout: TokenLayout, grads: bool, dq_separate: bool, tile_table:
             pairs, full = _pairs_and_full(layout, tile, q_offset)
             first = simple(*tile[:2])
             return tile_lists(pairs.mT, full.mT, first.mT) if transpose else tile_lists(pairs, full, first)
-        count, index, flags = layout.cached(("triton_bias_lists", *tile[:2], q_offset, transpose, num_pos, num_time),
-                                            lists)
+        key = ("triton_bias_lists", *tile[:2], layout.query_tag(q_offset), transpose, num_pos, num_time)
+        count, index, flags = layout.cached(key, lists)
         bits = forms(*tile[:2]) if extra is None else forms(*tile[:2]) | extra  # [B, nQ, nK]
         return count, index, (flags | (bits.mT if transpose else bits).gather(-1, index.long())).contiguous()
     forward = listed(tile_table[0])
@@ -1056,13 +1056,13 @@ def _plan(layout: TokenLayout, head_dim: int, dtype: torch.dtype, q_offset: int,
     if num_pos is not None:
         split = _splits_bias_grads(True, config.dq_separate, bwd_tile, dq_tile)
         banded = head_dim <= BAND_MAX_DIM  # as _bwd_op launches the band kernel
-        keys.append(("triton_bias_flags", tuple(fwd_tile), tuple(bwd_tile), tuple(dq_tile), q_offset, num_pos,
-                     num_time, grads, config.dq_separate, split, banded))
+        keys.append(("triton_bias_flags", tuple(fwd_tile), tuple(bwd_tile), tuple(dq_tile), layout.query_tag(q_offset),
+                     num_pos, num_time, grads, config.dq_separate, split, banded))
         forward, backward, dq, bands, q_ext, k_ext = layout.cached(keys[-1], lambda: _bias_flags(
             layout, grads, config.dq_separate, tile_table, q_offset, num_pos, num_time, split, banded))
         return (rows, tile_table, forward, backward, dq, bands, q_ext, k_ext), tuple(keys)
     def scheduled(tile: Tile, transpose: bool):  # a schedule, its key noted where it is read
-        keys.append(_schedule_key(tile, q_offset, transpose))
+        keys.append(_schedule_key(layout, tile, q_offset, transpose))
         return _schedule(layout, tile, q_offset, transpose)
     # placeholders where no gradient is asked, or dQ comes from the dK/dV kernel
     forward = scheduled(fwd_tile, transpose=False)
