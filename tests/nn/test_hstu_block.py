@@ -8,6 +8,7 @@ compiled step compile a graph per value."""
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import numpy as np
 import pytest
@@ -92,12 +93,16 @@ def test_a_layout_names_its_tail_in_cache_keys_not_its_offset_and_has_one_tail()
         seeded.query_tag(8)
 
 
-@pytest.mark.parametrize("name", ["hstu", "dfgr", "dfgr_sparse"])
-def test_a_compiled_step_compiles_a_few_graphs_over_batches_of_every_length_and_first_target(name, monkeypatch):
-    """torch.compile of a training step over 10 batches of new lengths and first targets, read as a
-    GPU batch's are (what the host carried: ``known_*``): the last block's offset changes on every
-    batch, yet the step compiles at most three graphs (shapes made dynamic, the offset zero or not)
-    and never falls back to eager after the recompile limit."""
+@pytest.mark.parametrize(("name", "backend", "batches"), [("hstu", "reference", 10), ("dfgr", "reference", 10),
+                                                      ("dfgr_sparse", "reference", 10), ("hstu", "triton", 5),
+                                                      ("dfgr_sparse", "triton", 5)])
+def test_a_compiled_step_compiles_a_few_graphs_over_batches_of_every_length_and_first_target(name, backend, batches,
+                                                                                            monkeypatch):
+    """torch.compile of a training step over batches of new lengths and first targets, read as a GPU
+    batch's are (what the host carried: ``known_*``): the last block's offset changes on every batch,
+    yet the step compiles at most three graphs (shapes made dynamic, the offset zero or not) and
+    never falls back to eager after the recompile limit. The triton backend's schedules (with the
+    bias: its extremes, forms and lists) run under the CPU interpreter where there is no GPU."""
     from torch._dynamo.utils import counters
 
     from genrec.data.batching import JaggedBatch
@@ -107,15 +112,23 @@ def test_a_compiled_step_compiles_a_few_graphs_over_batches_of_every_length_and_
         monkeypatch.setattr(JaggedBatch, prop, property(lambda self, p=prop: getattr(self, f"known_{p}")))
     torch._dynamo.reset()
     counters.clear()
-    model = make_model(name, torch.float32).train()
+    model = make_model(name, torch.float32, d_model=32).train()  # head dim 16: the kernels' least
+    if backend == "triton":
+        if not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"):
+            pytest.skip("the triton backend needs a CUDA device, or Triton (the dev extra) for its CPU interpreter")
+        from genrec.ops.triton.backend import TRITON
+
+        model = model.to("cuda" if torch.cuda.is_available() else "cpu")
+        for block in model.blocks:
+            block.backend = TRITON
     step = torch.compile(model, backend="eager")
     rng = np.random.default_rng(0)
-    for i in range(10):
+    for i in range(batches):
         batch = make_batch([int(n) for n in rng.integers(5, 30, 4)], seed=i)
         first = int(rng.integers(0, int(batch.lengths.min())))
         host = JaggedBatch(**batch.tensors() | {"target_mask": batch.positions() >= first})
         batch = dataclasses.replace(host, known_max_len=int(host.lengths.max()), known_first_target=first,
                                     known_max_targets=int(host.targets_per_row.max()),
                                     known_num_targets=int(host.target_mask.sum()))
-        step(batch)["loss"].backward()
+        step(batch.to(next(model.parameters()).device))["loss"].backward()
     assert counters["stats"]["unique_graphs"] <= 3  # at the recompile limit (8) it would be 8

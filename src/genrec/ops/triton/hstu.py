@@ -789,7 +789,8 @@ def _pairs_and_full(layout: TokenLayout, tile: Tile, q_offset: int) -> tuple:
         meta = _kernel_meta(layout)
 
         def reduction(start: int, size: int) -> tuple:  # per tile size, shared by the tile shapes
-            return layout.cached(("triton_reduction", start, size), lambda: tile_reduction(meta, start, size))
+            return layout.cached(("triton_reduction", layout.query_tag(start), size),
+                                 lambda: tile_reduction(meta, start, size))
         stats = tile_stats(meta, block_q, block_k, q_offset, reduction)
         return (tile_pairs(meta, layout.rule, block_q, block_k, q_offset, stats),
                 tile_full(meta, layout.rule, block_q, block_k, q_offset, stats))
@@ -851,7 +852,8 @@ def _bias_flags(layout: TokenLayout, grads: bool, dq_separate: bool, tile_table:
     meta = _kernel_meta(layout)
 
     def extremes(start: int, block: int) -> torch.Tensor:
-        return layout.cached(("triton_extremes", start, block), lambda: tile_extremes(meta, start, block))
+        return layout.cached(("triton_extremes", layout.query_tag(start), block),
+                             lambda: tile_extremes(meta, start, block))
 
     def forms(block_q: int, block_k: int) -> torch.Tensor:  # [B, nQ, nK]
         return layout.cached(("triton_forms", block_q, block_k, layout.query_tag(q_offset), num_pos, num_time),
