@@ -236,10 +236,11 @@ def test_a_model_without_the_relative_bias_has_no_tables_and_equals_one_whose_ta
     assert not any(torch.allclose(a, b) for a, b in zip(plain, outputs(with_bias), strict=True))
 
 
-@pytest.mark.parametrize("name", ["hstu", "dfgr", "dfgr_sparse"])
+@pytest.mark.parametrize("name", ["hstu", "sfgr", "dfgr", "dfgr_sparse"])
 def test_the_last_block_skips_the_tokens_no_loss_reads_and_changes_no_logit_or_gradient(name, monkeypatch):
-    """HSTU's and DFGR's last block computes the outputs of the tokens from the first one the loss
-    reads (HSTU: the first target's item token; DFGR: the fake flow) and nothing before: the loss
+    """HSTU's, SFGR's and DFGR's last block computes the outputs of the tokens from the first one the
+    loss reads (HSTU: the first target's item token; SFGR: the first target's token; DFGR: the fake
+    flow) and nothing before: the loss
     and every gradient are those of the blocks run over every token (fp64), and the last block is
     asked for at most the tokens from there."""
     from genrec.nn.hstu import HSTUBlock
@@ -260,7 +261,7 @@ def test_the_last_block_skips_the_tokens_no_loss_reads_and_changes_no_logit_or_g
         asked.append(outputs_from) or full_forward(self, x, layout, cache, outputs_from)))
     loss, grads = step()
     n = batch.max_len
-    assert asked == [0, {"hstu": 2 * 5, "dfgr": n, "dfgr_sparse": n}[name]]
+    assert asked == [0, {"hstu": 2 * 5, "sfgr": 5, "dfgr": n, "dfgr_sparse": n}[name]]
     monkeypatch.setattr(HSTUBlock, "forward", lambda self, x, layout, cache=None, outputs_from=0: (
         full_forward(self, x, layout, cache)[:, outputs_from:]))  # every token's outputs, then sliced
     want_loss, want_grads = step()

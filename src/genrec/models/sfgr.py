@@ -59,6 +59,12 @@ def _batch_layout(batch: JaggedBatch) -> TokenLayout:
     return training_layout(Events.from_batch(batch))
 
 
+def last_outputs_from(batch: JaggedBatch) -> int:
+    """The first token of ``batch``'s layout whose output :meth:`SFGR.target_hidden` reads (its last
+    block's ``outputs_from``): the first target event's, one token per event."""
+    return batch.first_target
+
+
 class SFGR(GenerativeRanker):
     def __init__(self, cfg: SFGRConfig, info: DatasetInfo):
         super().__init__(cfg.d_model, info, cfg)
@@ -76,14 +82,19 @@ class SFGR(GenerativeRanker):
         self.norm = nn.LayerNorm(cfg.d_model)
 
     def layout_plan(self, dtype: torch.dtype) -> LayoutPlan | None:
-        return LayoutPlan.of(_batch_layout, (block.attention_spec() for block in self.blocks), dtype)
+        return LayoutPlan.of(_batch_layout, (block.attention_spec() for block in self.blocks), dtype,
+                             outputs_from=last_outputs_from)
 
     def target_hidden(self, batch: JaggedBatch) -> torch.Tensor:
         ev = Events.from_batch(batch)
         x = self.item_emb(ev.items) + self.action_emb(ev.actions, hidden=ev.target)  # [B, N, D]
         layout = training_layout(ev)
         layout.seed(batch.known_layout)
-        return rows_at(self._run(x, layout), ev.target, batch.num_targets)
+        for block in self.blocks[:-1]:
+            x = block(x, layout)
+        x = self.blocks[-1](x, layout, outputs_from=last_outputs_from(batch))  # [B, N - first, D]
+        at_targets = ev.target[:, ev.target.shape[1] - x.shape[1]:]  # the targets, all from the first on
+        return self.norm(rows_at(x, at_targets, batch.num_targets))  # [N_t, D]
 
     def _run(self, x: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
         for block in self.blocks:

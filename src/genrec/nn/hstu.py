@@ -62,9 +62,9 @@ class HSTUBlock(nn.Module):
         """``x`` ``[B, n, D]``: all of the layout's tokens, or with a ``cache`` the new tokens after the
         cached ones (their keys and values are added to it). ``outputs_from`` (no cache): return
         ``[B, n - outputs_from, D]``, the outputs of the tokens from there on only. A model's last block
-        takes it where its loss reads no earlier token (DFGR's fake flow, HSTU's tokens from the first
-        target): the earlier tokens still give their keys and values, but their queries, gates, output
-        projection and residual are skipped, and so are their pairs of the attention."""
+        takes it where its loss reads no earlier token (DFGR's fake flow, HSTU's and SFGR's tokens from
+        the first target): the earlier tokens still give their keys and values, but their queries,
+        gates, output projection and residual are skipped, and so are their pairs of the attention."""
         b, n, d = x.shape
         if outputs_from:
             if cache is not None:
