@@ -58,7 +58,10 @@ Three parts, each a table in the result file:
   steps under torch.profiler): all CUDA kernels (``kernels_ms``), the fused attention's
   (``attention_ms``) and each of its four kernels, the bias gradients' (``bias_grad_ms``, both
   their kernels where the band kernel runs) among them, and the optimizer's and the clipping's
-  passes over every parameter (``optimizer_ms``).
+  passes over every parameter (``optimizer_ms``), and ``host_over_kernels``: ``host_ms`` over
+  ``kernels_ms``. Every train row has ``host_ms``, the host's time to issue one step with the GPU
+  idle (:func:`_host_ms`): a short compiled step can take the host longer to issue than the GPU to
+  run, and its ``step_ms`` then times the host.
 * ``infer``: per-request latency of scoring M candidates after an N-event history, one request at a
   time: ``cold`` runs the history once (KV cache) then the candidates in micro-batches of at most
   512 (M-FALCON); ``cached`` scores against a history cache built earlier. Each eagerly and replayed
@@ -424,6 +427,22 @@ def _profiled(run, steps: int) -> dict[str, float]:
     return kernel_fields(device_ms, steps)
 
 
+def _host_ms(model: torch.nn.Module, data: list[JaggedBatch], graphs: bool, steps: int = 5) -> float:
+    """The host's milliseconds to issue one step (:func:`_train_step`) with the GPU idle: the queue
+    drained before the step, timed until the call returns, before the GPU runs it; the median over
+    ``steps`` steps after one warm-up. A step whose ``host_ms`` reaches its CUDA kernels' time
+    (``kernels_ms``) is paced by the host, not the GPU: ``step_ms`` then measures the host."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    _queue_steps(model, opt, data, 1, graphs)
+    issued = []
+    for i in range(steps):
+        start = time.perf_counter()
+        _train_step(model, opt, data[i % len(data)], graphs)
+        issued.append((time.perf_counter() - start) * 1e3)
+        torch.cuda.synchronize()
+    return statistics.median(issued)
+
+
 def _step_kernels(model: torch.nn.Module, data: list[JaggedBatch], graphs: bool, steps: int = 3) -> dict[str, float]:
     """:func:`_profiled` training steps (:func:`_train_step`, after one warm-up)."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
@@ -578,9 +597,10 @@ def _train_model_rows(name: str, n: int, share: float, data: list[JaggedBatch], 
              "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30, "gflop_per_event": gflop,
              "tflops": gflop * events_per_s / 1e3 if gflop else None,
              "mfu": gflop * events_per_s / 1e3 / peak if gflop else None,
-             **({"mode": mode} if mode else {})}]
+             "host_ms": _host_ms(step_model, planned, args.train_cuda_graphs), **({"mode": mode} if mode else {})}]
     if args.train_profile:
         rows[-1] |= _step_kernels(step_model, planned, args.train_cuda_graphs)
+        rows[-1]["host_over_kernels"] = rows[-1]["host_ms"] / rows[-1]["kernels_ms"]
     print(f"train {name:11s} N={n:5d} targets {share:4.2f} B={batch:4d} {step_ms:8.2f} ms/step "
           f"{events_per_s:12.0f} events/s mfu {rows[-1]['mfu'] or float('nan'):.3f} {mode or ''}",
           flush=True)
@@ -702,7 +722,8 @@ def write(rows: list[dict], meta: dict, stem: Path) -> None:
                    "fwd_bwd_tflops", "fwd_vs_sdpa", "fwd_bwd_vs_sdpa", "sdpa_fastest_fwd_bwd", "attention_fwd_ms",
                    "attention_dkdv_ms", "attention_dq_ms", "bias_grad_ms", "error"],
         "train": ["model", "mode", "n", "target_share", "batch", "step_ms", "train_events_per_s", "tflops", "mfu",
-                  "peak_mem_gb", "kernels_ms", "attention_ms", "bias_grad_ms", "optimizer_ms"],
+                  "peak_mem_gb", "host_ms", "kernels_ms", "host_over_kernels", "attention_ms", "bias_grad_ms",
+                  "optimizer_ms"],
         "layout": ["model", "n", "target_share", "batch", "step_ms", "step_ms_layout_reused", "layout_in_step_ms",
                    "in_step_share", "step_ms_prepared", "prepared_in_step_share", "prepare_host_ms",
                    "prepare_share_of_step", "layout_ms", "standalone_share_of_step"],
@@ -820,6 +841,11 @@ def targets(rows: list[dict]) -> list[dict]:
                        [r["bias_grad_ms"] / r["kernels_ms"] for r in profiled],
                        "profiled train rows (--train-profile): the relative bias's gradient kernel over all CUDA "
                        "kernels of the step (what the bias target costs training)", "no profiled train rows"),
+        _informational("train_host_over_kernels_max", [r["host_over_kernels"] for r in profiled
+                                                        if "host_over_kernels" in r],
+                       "profiled train rows: the host's time to issue a step (host_ms, the GPU idle) over the "
+                       "step's CUDA kernels; at 1 or more the host, not the GPU, paces the step and step_ms times it",
+                       "no profiled train rows with host_ms"),
         _target("layout_share_of_step_max", in_step, "<=", 0.05, "layout rows (HSTU and DFGR): "
                 "prepared_in_step_share, the trainer's step (its layout built by the loader on the host) less the "
                 "step with the layout reused, over the step", untimed),

@@ -111,6 +111,20 @@ def test_a_profiled_steps_kernels_are_grouped_by_the_fused_attentions_kernel_nam
     assert _goal(rows[1:], "bias_grad_share_of_train_kernels_max")["value"] is None
 
 
+def test_the_host_bound_share_is_the_largest_host_time_over_kernel_time_of_the_profiled_rows():
+    """``host_over_kernels`` (the host's time to issue a step over its CUDA kernels' time): quoted as
+    the worst, largest, profiled row's, no target; rows of earlier runs without ``host_ms`` leave it
+    null."""
+    rows = [_train("hstu", 1024, 0.1, 100.0, 2.0) | {"kernels_ms": 15.6, "bias_grad_ms": 0.0, "host_ms": 9.0,
+                                                      "host_over_kernels": 9 / 15.6},
+            _train("dfgr_sparse", 1024, 0.1, 150.0, 1.0) | {"kernels_ms": 8.7, "bias_grad_ms": 0.0, "host_ms": 13.0,
+                                                             "host_over_kernels": 13 / 8.7},
+            _train("dfgr", 1024, 1.0, 150.0, 1.5) | {"kernels_ms": 15.0, "bias_grad_ms": 0.0}]
+    goal = _goal(rows, "train_host_over_kernels_max")
+    assert goal["value"] == pytest.approx(13 / 8.7) and goal["met"] is None and goal["op"] is None
+    assert _goal(rows[2:], "train_host_over_kernels_max")["value"] is None
+
+
 def test_a_target_without_rows_is_null_and_not_met():
     rows = [_train("hstu", 1024, 1.0, 100.0, 2.0), _train("dfgr", 1024, 1.0, 150.0, 1.5)]
     goal = _goal(rows, "dfgr_over_hstu_train_sparse_min")
