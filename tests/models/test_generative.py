@@ -236,19 +236,21 @@ def test_a_model_without_the_relative_bias_has_no_tables_and_equals_one_whose_ta
     assert not any(torch.allclose(a, b) for a, b in zip(plain, outputs(with_bias), strict=True))
 
 
-@pytest.mark.parametrize("name", ["hstu", "sfgr", "dfgr", "dfgr_sparse"])
+@pytest.mark.parametrize("name", ["hstu", "sfgr", "dfgr", "dfgr_sparse", "genrank"])
 def test_the_last_block_skips_the_tokens_no_loss_reads_and_changes_no_logit_or_gradient(name, monkeypatch):
-    """HSTU's, SFGR's and DFGR's last block computes the outputs of the tokens from the first one the
-    loss reads (HSTU: the first target's item token; SFGR: the first target's token; DFGR: the fake
-    flow) and nothing before: the loss
-    and every gradient are those of the blocks run over every token (fp64), and the last block is
-    asked for at most the tokens from there."""
+    """The last block of HSTU, SFGR, DFGR and GenRank computes the outputs of the tokens from the
+    first one the loss reads (HSTU: the first target's item token; SFGR: the first target's token;
+    DFGR: the fake flow; GenRank: the candidates) and nothing before: the loss and every gradient
+    are those of the blocks run over every token (fp64), and the last block is asked for at most
+    the tokens from there."""
     from genrec.nn.hstu import HSTUBlock
+    from genrec.nn.softmax import SoftmaxBlock
     from tests.helpers import with_last_targets
 
     model = make_model(name).train()
     batch = with_last_targets(make_batch([13, 30, 7], seed=4), 0.25)  # first target: event 5 of 7
-    full_forward = HSTUBlock.forward
+    block = SoftmaxBlock if name == "genrank" else HSTUBlock
+    full_forward = block.forward
 
     def step():
         model.zero_grad()
@@ -257,13 +259,13 @@ def test_the_last_block_skips_the_tokens_no_loss_reads_and_changes_no_logit_or_g
         return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
     asked = []
-    monkeypatch.setattr(HSTUBlock, "forward", lambda self, x, layout, cache=None, outputs_from=0: (
-        asked.append(outputs_from) or full_forward(self, x, layout, cache, outputs_from)))
+    monkeypatch.setattr(block, "forward", lambda self, x, layout, *args, outputs_from=0: (
+        asked.append(outputs_from) or full_forward(self, x, layout, *args, outputs_from=outputs_from)))
     loss, grads = step()
     n = batch.max_len
-    assert asked == [0, {"hstu": 2 * 5, "sfgr": 5, "dfgr": n, "dfgr_sparse": n}[name]]
-    monkeypatch.setattr(HSTUBlock, "forward", lambda self, x, layout, cache=None, outputs_from=0: (
-        full_forward(self, x, layout, cache)[:, outputs_from:]))  # every token's outputs, then sliced
+    assert asked == [0, {"hstu": 2 * 5, "sfgr": 5, "dfgr": n, "dfgr_sparse": n, "genrank": n}[name]]
+    monkeypatch.setattr(block, "forward", lambda self, x, layout, *args, outputs_from=0: (
+        full_forward(self, x, layout, *args)[:, outputs_from:]))  # every token's outputs, then sliced
     want_loss, want_grads = step()
     torch.testing.assert_close(loss, want_loss, rtol=1e-12, atol=1e-12)
     assert grads.keys() == want_grads.keys()

@@ -95,7 +95,7 @@ def test_a_layout_names_its_tail_in_cache_keys_not_its_offset_and_has_one_tail()
 
 @pytest.mark.parametrize(("name", "backend", "batches"), [("hstu", "reference", 6), ("dfgr", "reference", 6),
                                                       ("dfgr_sparse", "reference", 6), ("sfgr", "reference", 6),
-                                                      ("hstu", "triton", 5)])
+                                                      ("genrank", "reference", 6), ("hstu", "triton", 5)])
 def test_a_compiled_step_compiles_a_few_graphs_over_batches_of_every_length_and_first_target(name, backend, batches,
                                                                                             monkeypatch):
     """torch.compile of a training step over batches of new lengths and first targets, read as a GPU

@@ -71,9 +71,10 @@ class GenRank(GenerativeRanker):
 
     def _run(self, history: torch.Tensor, candidates: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
         x = torch.cat([history, candidates], dim=1)  # [B, N + M, D]
-        for block in self.blocks:
+        for block in self.blocks[:-1]:
             x = block(x, layout)
-        return self.norm(x[:, history.shape[1]:])  # candidate outputs [B, M, D]
+        x = self.blocks[-1](x, layout, outputs_from=history.shape[1])  # the candidates' outputs only, [B, M, D]
+        return self.norm(x)
 
     def target_hidden(self, batch: JaggedBatch) -> torch.Tensor:
         ev = Events.from_batch(batch)

@@ -420,6 +420,29 @@ def test_flex_softmax_attention_matches_reference(kind, dtype):
 
 
 @gpu_only
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_flex_softmax_attention_from_a_tail_matches_reference(dtype):
+    """GenRank's last block: queries from the candidates on (offset N = 150, past the first 128-token
+    edge: the flex call starts at that edge with zero rows before the offset), ALiBi on; outputs
+    and the gradients of q, k, v against the float64 reference."""
+    layout = _layout("genrank_candidates", [150, 40, 133], seed=2)
+    n = layout.shape[1] // 2
+    q, k, v, _, upstream = _inputs(layout, dtype, bias=False, q_offset=n)
+    slopes = torch.tensor([0.5, 0.25], device=DEVICE)
+    outs = []
+    for attention, cast in ((reference.softmax_attention, torch.double),
+                            (backend_module.TRITON.softmax_attention, dtype)):
+        leaves = [t.detach().to(cast).requires_grad_() for t in (q, k, v)]
+        out = attention(*leaves, layout, slopes, n)
+        (out.float() * upstream).sum().backward()
+        outs.append((out.detach(), [t.grad for t in leaves]))
+    valid = layout.valid[:, None, n:, None]
+    assert _rel_error(outs[1][0] * valid, outs[0][0] * valid) <= TOLERANCE[dtype]
+    for g, w in zip(outs[1][1], outs[0][1], strict=True):
+        assert _rel_error(g, w) <= TOLERANCE[dtype]
+
+
+@gpu_only
 @pytest.mark.parametrize("name", ["hstu", "dfgr", "genrank"])
 def test_models_give_the_same_predictions_and_gradients_on_both_backends(name):
     from genrec.models import build_model

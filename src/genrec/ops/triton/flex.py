@@ -3,7 +3,10 @@ ALiBi are small functions of the token metadata that Inductor compiles into one 
 forward and backward, skipping tiles the block mask marks empty.
 
 The sequence length is padded to a multiple of 128 (as padded tokens: ``valid`` False) so that
-batches of nearby lengths reuse one compiled kernel instead of compiling one per length.
+batches of nearby lengths reuse one compiled kernel instead of compiling one per length. Queries
+from an offset (a last block's tail, the tokens after a KV cache) start at the 128-token edge at or
+before it, the rows before the offset zero queries whose outputs are dropped: the query length is a
+multiple of 128 too.
 """
 
 from __future__ import annotations
@@ -47,19 +50,22 @@ def softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout:
     b, h, lq, d = q.shape
     seq = k.shape[2]
     length = -(-seq // PAD) * PAD
-    q_len = length - q_offset
+    q_start = q_offset // PAD * PAD  # the queries' first row: q_offset - q_start zero rows before q
+    q_len = length - q_start
     meta = layout.cached(("flex_meta", length), lambda: KernelMeta.from_layout(layout).padded(length))
-    block_mask = layout.cached(("flex_block_mask", length, q_offset), lambda: create_block_mask(
-        _mask_mod(meta, layout.rule, q_offset), b, None, q_len, length, device=q.device))
+    block_mask = layout.cached(("flex_block_mask", length, layout.query_tag(q_offset)), lambda: create_block_mask(
+        _mask_mod(meta, layout.rule, q_start), b, None, q_len, length, device=q.device))
     score_mod = None
     if alibi is not None:
         slopes, pos = alibi.float(), meta.position
 
         def score_mod(score, b_, h_, qi, ki):
-            return score - slopes[h_] * (pos[b_, qi + q_offset] - pos[b_, ki]).abs()
+            return score - slopes[h_] * (pos[b_, qi + q_start] - pos[b_, ki]).abs()
 
-    def pad(t: torch.Tensor, n: int) -> torch.Tensor:
-        return F.pad(t, (0, 0, 0, n - t.shape[2]))
+    def pad(t: torch.Tensor, before: int, n: int) -> torch.Tensor:
+        return F.pad(t, (0, 0, before, n - before - t.shape[2]))
 
-    out = _flex(pad(q, q_len), pad(k, length), pad(v, length), score_mod=score_mod, block_mask=block_mask)
-    return out[:, :, :lq]
+    first = q_offset - q_start
+    out = _flex(pad(q, first, q_len), pad(k, 0, length), pad(v, 0, length), score_mod=score_mod,
+                block_mask=block_mask)
+    return out[:, :, first:first + lq]
