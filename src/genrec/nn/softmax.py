@@ -44,12 +44,12 @@ class SoftmaxBlock(nn.Module):
     def _projections(self, h: torch.Tensor, start: int) -> tuple[torch.Tensor, ...]:
         """The queries ``[B, H, n - start, Dh]`` of the tokens from ``start`` only, the keys and values
         ``[B, H, n, Dh]`` of all: two products with the rows of ``qkv``'s weight they need (its
-        chunks are q, k, v)."""
+        chunks are q, k, v; k's and v's rows are adjacent, one slice)."""
         b, n, d = h.shape
-        w, bias = self.qkv.weight.split(d), self.qkv.bias.split(d)  # q, k, v: [D, D] and [D] each
+        w, bias = self.qkv.weight, self.qkv.bias  # [3D, D], [3D]
 
         def heads(t: torch.Tensor) -> torch.Tensor:
             return t.view(b, t.shape[1], self.num_heads, d // self.num_heads).transpose(1, 2)
 
-        k, v = F.linear(h, torch.cat([w[1], w[2]]), torch.cat([bias[1], bias[2]])).chunk(2, dim=-1)
-        return heads(F.linear(h[:, start:], w[0], bias[0])), heads(k), heads(v)
+        k, v = F.linear(h, w[d:], bias[d:]).chunk(2, dim=-1)  # [B, n, D] each
+        return heads(F.linear(h[:, start:], w[:d], bias[:d])), heads(k), heads(v)

@@ -30,28 +30,25 @@ def test_flex_mask_equals_the_dense_mask(name):
     layout, q_offset = FLEX_LAYOUTS()[name]
     b, seq = layout.shape
     length = -(-seq // PAD) * PAD
-    allowed = _mask_mod(KernelMeta.from_layout(layout).padded(length), layout.rule, q_offset)
-    batch, queries, keys = torch.arange(b), torch.arange(length - q_offset), torch.arange(length)
-    got = allowed(batch[:, None, None], 0, queries[None, :, None], keys[None, None, :])  # [B, Lq, L] padded
+    tokens = torch.arange(length)
+    allowed = _mask_mod(KernelMeta.from_layout(layout).padded(length), layout.rule, tokens >= q_offset)
+    got = allowed(torch.arange(b)[:, None, None], 0, tokens[None, :, None], tokens[None, None, :])  # [B, L, L] padded
     valid = layout.valid
     want = (build_mask(layout) & valid[:, :, None] & valid[:, None, :])[:, q_offset:]  # padding reads nothing
-    assert torch.equal(got[:, : seq - q_offset, :seq], want)
-    assert not got[:, seq - q_offset:].any() and not got[:, :, seq:].any()
+    assert torch.equal(got[:, q_offset:seq, :seq], want)
+    assert not got[:, :q_offset].any() and not got[:, seq:].any() and not got[:, :, seq:].any()
 
 
-def test_flex_attention_from_a_tail_matches_the_reference_on_the_cpu(monkeypatch):
-    """GenRank's last block: queries from the candidates on (offset N = 150, past the first 128-token
-    edge, so the flex call starts its queries at that edge with 22 zero rows before them), ALiBi on:
-    the outputs equal the reference's at every valid query (fp32; flex_attention has no backward on
-    the CPU: tests/ops/triton/test_hstu.py checks the gradients on a GPU). The compiled call sees
-    query and key lengths that are multiples of 128, so nearby offsets reuse its kernel."""
+def test_flex_attention_from_a_tail_matches_the_reference_and_shares_the_full_blocks_compiled_call():
+    """GenRank's blocks: all queries, then the last block's from the candidates on (offset N = 150,
+    past the first 128-token edge), ALiBi on. Both match the reference at every valid query (fp32;
+    flex_attention has no backward on the CPU: tests/ops/triton/test_hstu.py checks the gradients
+    on a GPU), and the two calls compile flex_attention once: the offset is a mask tensor, the
+    query rows padded to the keys' length."""
+    from torch._dynamo.utils import counters
+
     from genrec.ops.reference import attention as reference
     from genrec.ops.triton import flex
-
-    lengths = []
-    compiled = flex._flex
-    monkeypatch.setattr(flex, "_flex", lambda q, k, v, **kw: lengths.append((q.shape[2], k.shape[2])) or compiled(
-        q, k, v, **kw))
 
     ev = Events.from_batch(make_batch([150, 40, 133], seed=2, all_targets=False))
     layout = dual_flow_layout(ev, ev.target)  # [B, 2N]: history, then a candidate per target event
@@ -59,11 +56,14 @@ def test_flex_attention_from_a_tail_matches_the_reference_on_the_cpu(monkeypatch
     assert n == 150 and n % PAD
     gen = torch.Generator().manual_seed(0)
     b, seq, heads, dh = layout.shape[0], layout.shape[1], 2, 16
-    q, k, v = (torch.randn(b, heads, length, dh, generator=gen) for length in (seq - n, seq, seq))
+    q, k, v = (torch.randn(b, heads, seq, dh, generator=gen) for _ in range(3))
     slopes = reference.alibi_slopes(heads)
-    got = flex.softmax_attention(q, k, v, layout, slopes, q_offset=n)
-    assert lengths == [(256, 384)]  # queries from token 128 (22 zero rows, then the 150..299 ones), keys 0..383
-    want = reference.softmax_attention(q, k, v, layout, slopes, q_offset=n)
-    rows = layout.valid[:, None, n:, None].expand_as(got)  # the candidates' queries that exist
-    assert rows.any(dim=2).all()
-    torch.testing.assert_close(got[rows], want[rows], rtol=1e-4, atol=1e-5)
+    torch._dynamo.reset()
+    counters.clear()
+    for offset in (0, n):
+        got = flex.softmax_attention(q[:, :, offset:], k, v, layout, slopes, q_offset=offset)
+        want = reference.softmax_attention(q[:, :, offset:], k, v, layout, slopes, q_offset=offset)
+        rows = layout.valid[:, None, offset:, None].expand_as(got)  # the queries that exist
+        assert rows.any(dim=2).all()
+        torch.testing.assert_close(got[rows], want[rows], rtol=1e-4, atol=1e-5)
+    assert counters["stats"]["unique_graphs"] == 1
