@@ -431,7 +431,9 @@ def _host_ms(model: torch.nn.Module, data: list[JaggedBatch], graphs: bool, step
     """The host's milliseconds to issue one step (:func:`_train_step`) with the GPU idle: the queue
     drained before the step, timed until the call returns, before the GPU runs it; the median over
     ``steps`` steps after one warm-up. A step whose ``host_ms`` reaches its CUDA kernels' time
-    (``kernels_ms``) is paced by the host, not the GPU: ``step_ms`` then measures the host."""
+    (``kernels_ms``) is paced by the host, not the GPU: ``step_ms`` then measures the host. A step
+    issuing more launches than CUDA's queue holds (about a thousand: an eager step can) waits for
+    the GPU within the call, so there ``host_ms`` is an upper bound; a compiled step issues ~300."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     _queue_steps(model, opt, data, 1, graphs)
     issued = []
