@@ -422,9 +422,9 @@ def test_flex_softmax_attention_matches_reference(kind, dtype):
 @gpu_only
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_flex_softmax_attention_from_a_tail_matches_reference(dtype):
-    """GenRank's last block: queries from the candidates on (offset N = 150, past the first 128-token
-    edge: the flex call starts at that edge with zero rows before the offset), ALiBi on; outputs
-    and the gradients of q, k, v against the float64 reference."""
+    """GenRank's last block: queries from the candidates on (offset N = 150, inside the second
+    128-token tile: flex gets the queries padded to the keys' rows, the rows before the offset masked
+    out), ALiBi on; outputs and the gradients of q, k, v against the float64 reference."""
     layout = _layout("genrank_candidates", [150, 40, 133], seed=2)
     n = layout.shape[1] // 2
     q, k, v, _, upstream = _inputs(layout, dtype, bias=False, q_offset=n)
@@ -446,8 +446,8 @@ def test_flex_softmax_attention_from_a_tail_matches_reference(dtype):
 @pytest.mark.parametrize(("name", "lengths"), [("hstu", [37, 90, 5, 61]), ("dfgr", [37, 90, 5, 61]),
                                                ("genrank", [37, 90, 5, 61]), ("genrank", [150, 40, 133])])
 def test_models_give_the_same_predictions_and_gradients_on_both_backends(name, lengths):
-    """GenRank's longer batch puts its last block's queries (from N = 150) past flex's first
-    128-token edge."""
+    """GenRank's longer batch starts its last block's queries (N = 150) inside flex's second
+    128-token tile, after a tile of masked rows."""
     from genrec.models import build_model
     from tests.models.test_generative import INFO
 
