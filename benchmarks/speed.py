@@ -61,7 +61,10 @@ Three parts, each a table in the result file:
   passes over every parameter (``optimizer_ms``), and ``host_over_kernels``: ``host_ms`` over
   ``kernels_ms``. Every train row has ``host_ms``, the host's time to issue one step with the GPU
   idle (:func:`_host_ms`): a short compiled step can take the host longer to issue than the GPU to
-  run, and its ``step_ms`` then times the host.
+  run, and its ``step_ms`` then times the host. ``--train-host-profile`` adds where that host time
+  goes (3 more steps under torch.profiler): the CUDA launch calls' time and count
+  (``host_launch_ms``, ``host_launches``) and the costliest events by their own host time
+  (``host_top_ms``).
 * ``infer``: per-request latency of scoring M candidates after an N-event history, one request at a
   time: ``cold`` runs the history once (KV cache) then the candidates in micro-batches of at most
   512 (M-FALCON); ``cached`` scores against a history cache built earlier. Each eagerly and replayed
@@ -445,6 +448,40 @@ def _host_ms(model: torch.nn.Module, data: list[JaggedBatch], graphs: bool, step
     return statistics.median(issued)
 
 
+LAUNCH_CALLS = ("cudaLaunchKernel", "cuLaunchKernel")  # CUDA runtime and driver launch calls (and their Ex forms)
+
+
+def host_fields(cpu_ms: dict[str, float], calls: dict[str, int], steps: int, top: int = 12) -> dict:
+    """Per step, where the host's time to issue a step goes: ``host_launch_ms`` in the CUDA launch
+    calls and their count (``host_launches``), and ``host_top_ms``, the ``top`` costliest events
+    by their own (self) host time; ``cpu_ms`` and ``calls``: profiled self host milliseconds and
+    counts by event name over ``steps`` steps."""
+    launches = [name for name in cpu_ms if name.startswith(LAUNCH_CALLS)]
+    costliest = sorted(cpu_ms, key=cpu_ms.get, reverse=True)[:top]
+    return {"host_launch_ms": sum(cpu_ms[n] for n in launches) / steps,
+            "host_launches": sum(calls[n] for n in launches) / steps,
+            "host_top_ms": {n: cpu_ms[n] / steps for n in costliest}}
+
+
+def _host_profile(model: torch.nn.Module, data: list[JaggedBatch], graphs: bool, steps: int = 3) -> dict:
+    """:func:`host_fields` of ``steps`` steps each issued on an idle GPU (as :func:`_host_ms` times
+    them) under torch.profiler, after one warm-up: what the host does while it issues a step."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    _queue_steps(model, opt, data, 1, graphs)
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities) as prof:
+        for i in range(steps):
+            _train_step(model, opt, data[i % len(data)], graphs)
+            torch.cuda.synchronize()
+    cpu_ms: dict[str, float] = {}
+    calls: dict[str, int] = {}
+    for event in prof.key_averages():
+        if event.self_cpu_time_total > 0 and event.key != "cudaDeviceSynchronize":  # the wait between steps
+            cpu_ms[event.key] = cpu_ms.get(event.key, 0.0) + event.self_cpu_time_total / 1e3
+            calls[event.key] = calls.get(event.key, 0) + event.count
+    return host_fields(cpu_ms, calls, steps)
+
+
 def _step_kernels(model: torch.nn.Module, data: list[JaggedBatch], graphs: bool, steps: int = 3) -> dict[str, float]:
     """:func:`_profiled` training steps (:func:`_train_step`, after one warm-up)."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
@@ -603,6 +640,10 @@ def _train_model_rows(name: str, n: int, share: float, data: list[JaggedBatch], 
     if args.train_profile:
         rows[-1] |= _step_kernels(step_model, planned, args.train_cuda_graphs)
         rows[-1]["host_over_kernels"] = rows[-1]["host_ms"] / rows[-1]["kernels_ms"]
+    if args.train_host_profile:
+        rows[-1] |= _host_profile(step_model, planned, args.train_cuda_graphs)
+        print(f"host {name} N={n}: {rows[-1]['host_launches']:.0f} launches, {rows[-1]['host_launch_ms']:.2f} ms in "
+              "them; costliest: " + ", ".join(f"{k} {v:.2f}" for k, v in rows[-1]["host_top_ms"].items()), flush=True)
     print(f"train {name:11s} N={n:5d} targets {share:4.2f} B={batch:4d} {step_ms:8.2f} ms/step "
           f"{events_per_s:12.0f} events/s mfu {rows[-1]['mfu'] or float('nan'):.3f} {mode or ''}",
           flush=True)
@@ -928,6 +969,9 @@ def main(argv: list[str] | None = None) -> int:
                         "replayed as CUDA graphs (genrec train's train.cuda_graphs; mode 'compiled, CUDA graphs')")
     parser.add_argument("--train-no-bias", action="store_true", help="train (and layout) rows of the models "
                         "without the relative bias (model_args.relative_bias false; mode 'no bias')")
+    parser.add_argument("--train-host-profile", action="store_true", help="profile the host's side of 3 more "
+                        "steps per train row, each issued on an idle GPU: its CUDA launch calls (host_launch_ms, "
+                        "host_launches) and costliest events (host_top_ms), where a host-bound step's time goes")
     parser.add_argument("--train-profile", action="store_true", help="profile 3 more steps per train row: its "
                         "CUDA kernels' time, the fused attention's by kernel and the optimizer's (kernels_ms, "
                         "attention_ms, bias_grad_ms, optimizer_ms)")

@@ -125,6 +125,18 @@ def test_the_host_bound_share_is_the_largest_host_time_over_kernel_time_of_the_p
     assert _goal(rows[2:], "train_host_over_kernels_max")["value"] is None
 
 
+def test_a_host_profile_sums_the_launch_calls_and_lists_the_costliest_events_per_step():
+    """``--train-host-profile``: the CUDA runtime's and driver's launch calls (their Ex forms too)
+    summed per step, their count per step, and the costliest events by their own host time."""
+    cpu_ms = {"cuLaunchKernelEx": 6.0, "cudaLaunchKernel": 3.0, "Torch-Compiled Region: 0/0": 4.5,
+              "genrec::hstu_attention_fwd": 1.5, "aten::copy_": 0.3}
+    calls = {"cuLaunchKernelEx": 600, "cudaLaunchKernel": 300, "Torch-Compiled Region: 0/0": 3,
+             "genrec::hstu_attention_fwd": 12, "aten::copy_": 60}
+    fields = speed.host_fields(cpu_ms, calls, steps=3, top=2)
+    assert fields == {"host_launch_ms": 3.0, "host_launches": 300.0,
+                      "host_top_ms": {"cuLaunchKernelEx": 2.0, "Torch-Compiled Region: 0/0": 1.5}}
+
+
 def test_a_target_without_rows_is_null_and_not_met():
     rows = [_train("hstu", 1024, 1.0, 100.0, 2.0), _train("dfgr", 1024, 1.0, 150.0, 1.5)]
     goal = _goal(rows, "dfgr_over_hstu_train_sparse_min")
