@@ -102,7 +102,7 @@ import report
 from genrec.data.batching import JaggedBatch
 from genrec.data.info import DatasetInfo
 from genrec.flops import layout_flops
-from genrec.models import MODELS, build_model, dfgr, hstu
+from genrec.models import MODELS, build_model, dfgr, hstu, sfgr
 from genrec.nn.events import Events, dual_flow_layout, item_action_layout, target_dual_flow_layout
 from genrec.nn.kv_cache import in_micro_batches
 from genrec.ops.layout import TokenLayout, host_checked, times_within_limit
@@ -318,21 +318,27 @@ def make_model(name: str, n: int, args, relative_bias: bool = True) -> torch.nn.
     return model
 
 
+# the training layouts of the models whose loader builds their kernels' layout (genrec.nn.prepared)
 TRAIN_LAYOUTS = {"hstu": item_action_layout, "dfgr": dual_flow_layout,
-                 "dfgr_sparse": lambda ev: target_dual_flow_layout(ev)[0]}
-# where each model's last block starts its outputs (genrec.nn.hstu.HSTUBlock.forward's outputs_from)
-TRAIN_OUTPUTS_FROM = {"hstu": hstu.last_outputs_from, "dfgr": dfgr.last_outputs_from,
-                      "dfgr_sparse": dfgr.last_outputs_from}
+                 "dfgr_sparse": lambda ev: target_dual_flow_layout(ev)[0], "sfgr": sfgr.training_layout}
+# per model: its training layout, where its last block starts its outputs (the blocks' outputs_from)
+# and its blocks' FLOP model (genrec.flops.layout_flops)
+TRAIN_FLOPS = {"hstu": (item_action_layout, hstu.last_outputs_from, "hstu"),
+               "dfgr": (dual_flow_layout, dfgr.last_outputs_from, "dfgr"),
+               "dfgr_sparse": (TRAIN_LAYOUTS["dfgr_sparse"], dfgr.last_outputs_from, "dfgr"),
+               "genrank": (lambda ev: dual_flow_layout(ev, fake_valid=ev.target), lambda batch: batch.max_len,
+                           "genrank"),
+               "sfgr": (sfgr.training_layout, sfgr.last_outputs_from, "sfgr")}
 
 
-def train_gflop_per_event(name: str, n: int, args, target_share: float = 1.0) -> float | None:
+def train_gflop_per_event(name: str, n: int, args, target_share: float = 1.0) -> float:
     """Training FLOPs per event (forward + backward: 3x linear, 3.5x attention) on one sequence, the
-    last block's counted for the tokens it computes."""
-    if name not in TRAIN_LAYOUTS:
-        return None
+    last block's counted for the tokens it computes (GenRank: its candidates), valid tokens only
+    (padding, and GenRank's candidates of events that are not targets, count as waste)."""
+    layout, outputs_from, flop_model = TRAIN_FLOPS[name]
     batch = synthetic_batch(1, n, 0, device="cpu", target_share=target_share)
-    linear, attention = layout_flops(TRAIN_LAYOUTS[name](Events.from_batch(batch)), args.d, args.layers,
-                                     outputs_from=TRAIN_OUTPUTS_FROM[name](batch))
+    linear, attention = layout_flops(layout(Events.from_batch(batch)), args.d, args.layers,
+                                     outputs_from=outputs_from(batch), model=flop_model)
     return (3 * linear + 3.5 * attention) / n / 1e9
 
 
@@ -634,8 +640,7 @@ def _train_model_rows(name: str, n: int, share: float, data: list[JaggedBatch], 
              "layers": args.layers, "heads": args.heads, "step_ms": step_ms, "step_ms_windows": windows,
              "train_events_per_s": events_per_s,
              "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30, "gflop_per_event": gflop,
-             "tflops": gflop * events_per_s / 1e3 if gflop else None,
-             "mfu": gflop * events_per_s / 1e3 / peak if gflop else None,
+             "tflops": gflop * events_per_s / 1e3, "mfu": gflop * events_per_s / 1e3 / peak,
              "host_ms": _host_ms(step_model, planned, args.train_cuda_graphs), **({"mode": mode} if mode else {})}]
     if args.train_profile:
         rows[-1] |= _step_kernels(step_model, planned, args.train_cuda_graphs)
@@ -645,7 +650,7 @@ def _train_model_rows(name: str, n: int, share: float, data: list[JaggedBatch], 
         print(f"host {name} N={n}: {rows[-1]['host_launches']:.0f} launches, {rows[-1]['host_launch_ms']:.2f} ms in "
               "them; costliest: " + ", ".join(f"{k} {v:.2f}" for k, v in rows[-1]["host_top_ms"].items()), flush=True)
     print(f"train {name:11s} N={n:5d} targets {share:4.2f} B={batch:4d} {step_ms:8.2f} ms/step "
-          f"{events_per_s:12.0f} events/s mfu {rows[-1]['mfu'] or float('nan'):.3f} {mode or ''}",
+          f"{events_per_s:12.0f} events/s mfu {rows[-1]['mfu']:.3f} {mode or ''}",
           flush=True)
     if name in TRAIN_LAYOUTS and not args.train_compile:  # the layout's cost: timed eagerly (mode: no bias or none)
         rows.append(_layout_row(model, name, n, share, data[0], args) | ({"mode": mode} if mode else {}))
@@ -949,7 +954,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ns", default="256,512,1024,2048,4096,8192")
     parser.add_argument("--train-ns", help="history lengths of the training part (default: --ns)")
     parser.add_argument("--train-models", default="hstu,genrank,dfgr,dfgr_sparse",
-                        help="dfgr_sparse: DFGR with the fake flow of the target events only")
+                        help="of hstu, genrank, dfgr, dfgr_sparse (DFGR with the fake flow of the target events "
+                        "only) and sfgr")
     parser.add_argument("--train-target-shares", default="1,0.1",
                         help="per share, the last ceil(share * N) events of each sequence are targets")
     parser.add_argument("--kernel-ns", default="1024,2048,4096,8192")
@@ -995,6 +1001,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.train_cuda_graphs and not args.train_compile:
         parser.error("--train-cuda-graphs replays the compiled steps: add --train-compile")
+    unknown = sorted(set(args.train_models.split(",")) - set(TRAIN_FLOPS))
+    if unknown:
+        parser.error(f"--train-models: no training FLOP count for {', '.join(unknown)} "
+                     f"(known: {', '.join(TRAIN_FLOPS)})")
     if args.tables:
         data = json.loads(Path(args.tables).read_text())
         write(data["rows"], data["meta"], Path(args.tables).with_suffix(""))

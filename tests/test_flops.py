@@ -58,6 +58,19 @@ def test_a_last_block_computing_a_tail_is_counted_with_its_tail_queries_and_ever
         layout_flops(layout, d, layers, q_offset=2, outputs_from=n)
 
 
+def test_genranks_last_block_counts_every_tokens_keys_and_its_candidates_other_projections():
+    """GenRank's softmax blocks (24·D² a token) on its [history | candidates] layout, the last block
+    from the candidates: every token's keys and values (4·D²), the candidates' queries, output and
+    feed-forward (20·D²), the candidates' N(N+1)/2 pairs (one event per request, N = 9)."""
+    n, d, layers = 9, 16, 3
+    layout = _layout(n, "dfgr")  # the same dual-flow layout, every event a target
+    full_linear, full_attention = layout_flops(layout, d, layers, model="genrank")
+    assert full_linear == layers * 24 * 2 * n * d * d
+    linear, attention = layout_flops(layout, d, layers, outputs_from=n, model="genrank")
+    assert linear == full_linear * 2 / 3 + (4 * 2 * n + 20 * n) * d * d
+    assert attention == full_attention * 2 / 3 + 4 * d * n * (n + 1) // 2
+
+
 def test_dfgr_is_about_2x_cheaper_to_train_and_4x_to_serve_than_hstu():
     n, d = 4096, 512
     attention_train = flops("hstu", n, d, 4)["attention"] / flops("dfgr", n, d, 4)["attention"]

@@ -5,6 +5,7 @@ file without changing a measured number, the host batches of the train part, and
 
 from __future__ import annotations
 
+import argparse
 import json
 import shutil
 import sys
@@ -135,6 +136,16 @@ def test_a_host_profile_sums_the_launch_calls_and_lists_the_costliest_events_per
     fields = speed.host_fields(cpu_ms, calls, steps=3, top=2)
     assert fields == {"host_launch_ms": 3.0, "host_launches": 300.0,
                       "host_top_ms": {"cuLaunchKernelEx": 2.0, "Torch-Compiled Region: 0/0": 1.5}}
+
+
+def test_every_model_the_train_part_can_run_has_a_flop_count_and_others_are_refused():
+    """Every train row reports its MFU: each model of ``TRAIN_FLOPS`` has a positive FLOP count per
+    event at both target shares, and a model without one is a usage error, not a row without MFU."""
+    args = argparse.Namespace(d=64, layers=2)
+    for name in speed.TRAIN_FLOPS:
+        assert all(speed.train_gflop_per_event(name, 256, args, share) > 0 for share in (1.0, 0.1)), name
+    with pytest.raises(SystemExit):
+        speed.main(["--parts", "train", "--train-models", "hstu,sasrec"])
 
 
 def test_a_target_without_rows_is_null_and_not_met():

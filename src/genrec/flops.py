@@ -52,23 +52,28 @@ def flops(model: str, n: int, d: int, layers: int, m: int | None = None, mode: s
             "per_unit": total / per, "tokens": tokens, "pairs": pairs}
 
 
+KEYS_VALUES_PER_TOKEN = 4  # × D²: the keys' and values' projections, of every token in a last block with a tail
+
+
 def layout_flops(layout: TokenLayout, d: int, layers: int, q_offset: int = 0,
-                 outputs_from: int = 0) -> tuple[float, float]:
-    """Linear and attention FLOPs of one forward of HSTU blocks over an actual token layout, counting
-    the pairs its mask allows (requests of several events, padding, micro-batches: what the closed
-    forms above idealise) for the queries from ``q_offset`` (a KV cache holds the others).
-    ``outputs_from``: the last block computes the outputs of the tokens from there only
-    (:meth:`genrec.nn.hstu.HSTUBlock.forward`, training's HSTU and DFGR): its keys and values are
-    every token's (4·D² each), its queries, gates and output projection (6·D²) and its pairs those
-    of the tokens from there."""
+                 outputs_from: int = 0, model: str = "hstu") -> tuple[float, float]:
+    """Linear and attention FLOPs of one forward of ``model``'s blocks (HSTU's by default; GenRank's
+    softmax blocks) over an actual token layout, counting the pairs its mask allows (requests of
+    several events, padding, micro-batches: what the closed forms above idealise) for the queries
+    from ``q_offset`` (a KV cache holds the others). ``outputs_from``: the last block computes the
+    outputs of the tokens from there only (:meth:`genrec.nn.hstu.HSTUBlock.forward`,
+    :meth:`genrec.nn.softmax.SoftmaxBlock.forward`): its keys and values are every token's (4·D²
+    each), the rest of its projections (HSTU's queries, gates and output, 6·D²; GenRank's queries,
+    output and feed-forward, 20·D²) and its pairs those of the tokens from there."""
     if q_offset and outputs_from:
         raise ValueError("q_offset (a KV cache) and outputs_from (a last block's tail) do not go together")
     mask = build_mask(layout)
     tokens = int(layout.valid[:, q_offset:].sum())
     pairs = int(mask[:, q_offset:].sum())
-    per_token = LINEAR_PER_TOKEN["hstu"]
+    per_token = LINEAR_PER_TOKEN[model]
     if not outputs_from:
         return float(layers * per_token * tokens * d * d), float(layers * 4 * pairs * d)
     tail_tokens, tail_pairs = int(layout.valid[:, outputs_from:].sum()), int(mask[:, outputs_from:].sum())
-    linear = (layers - 1) * per_token * tokens + 4 * tokens + (per_token - 4) * tail_tokens
+    kv = KEYS_VALUES_PER_TOKEN
+    linear = (layers - 1) * per_token * tokens + kv * tokens + (per_token - kv) * tail_tokens
     return float(linear * d * d), float(((layers - 1) * pairs + tail_pairs) * 4 * d)
