@@ -323,12 +323,12 @@ TRAIN_LAYOUTS = {"hstu": item_action_layout, "dfgr": dual_flow_layout,
                  "dfgr_sparse": lambda ev: target_dual_flow_layout(ev)[0], "sfgr": sfgr.training_layout}
 # per model: its training layout, where its last block starts its outputs (the blocks' outputs_from)
 # and its blocks' FLOP model (genrec.flops.layout_flops)
-TRAIN_FLOPS = {"hstu": (item_action_layout, hstu.last_outputs_from, "hstu"),
-               "dfgr": (dual_flow_layout, dfgr.last_outputs_from, "dfgr"),
+TRAIN_FLOPS = {"hstu": (TRAIN_LAYOUTS["hstu"], hstu.last_outputs_from, "hstu"),
+               "dfgr": (TRAIN_LAYOUTS["dfgr"], dfgr.last_outputs_from, "dfgr"),
                "dfgr_sparse": (TRAIN_LAYOUTS["dfgr_sparse"], dfgr.last_outputs_from, "dfgr"),
-               "genrank": (lambda ev: dual_flow_layout(ev, fake_valid=ev.target), lambda batch: batch.max_len,
-                           "genrank"),
-               "sfgr": (sfgr.training_layout, sfgr.last_outputs_from, "sfgr")}
+               "genrank": (lambda ev: dual_flow_layout(ev, fake_valid=ev.target),
+                           lambda batch: batch.max_len, "genrank"),  # the candidates follow the N history tokens
+               "sfgr": (TRAIN_LAYOUTS["sfgr"], sfgr.last_outputs_from, "sfgr")}
 
 
 def train_gflop_per_event(name: str, n: int, args, target_share: float = 1.0) -> float:
@@ -443,15 +443,28 @@ def _host_ms(model: torch.nn.Module, data: list[JaggedBatch], graphs: bool, step
     (``kernels_ms``) is paced by the host, not the GPU: ``step_ms`` then measures the host. A step
     issuing more launches than CUDA's queue holds (about a thousand: an eager step can) waits for
     the GPU within the call, so there ``host_ms`` is an upper bound; a compiled step issues ~300."""
+    return statistics.median(_issued_ms(model, _warm_optimizer(model, data, graphs), data, steps, graphs))
+
+
+def _warm_optimizer(model: torch.nn.Module, data: list[JaggedBatch], graphs: bool) -> torch.optim.Optimizer:
+    """A fused AdamW of ``model`` after one step (:func:`_queue_steps`): its state allocated, the
+    step's code warm."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     _queue_steps(model, opt, data, 1, graphs)
+    return opt
+
+
+def _issued_ms(model: torch.nn.Module, opt: torch.optim.Optimizer, data: list[JaggedBatch], steps: int,
+               graphs: bool) -> list[float]:
+    """``steps`` steps (:func:`_train_step`), each issued on an idle GPU: the host's milliseconds from
+    the call until it returns, the GPU drained after each."""
     issued = []
     for i in range(steps):
         start = time.perf_counter()
         _train_step(model, opt, data[i % len(data)], graphs)
         issued.append((time.perf_counter() - start) * 1e3)
         torch.cuda.synchronize()
-    return statistics.median(issued)
+    return issued
 
 
 LAUNCH_CALLS = ("cudaLaunchKernel", "cuLaunchKernel")  # CUDA runtime and driver launch calls (and their Ex forms)
@@ -472,13 +485,10 @@ def host_fields(cpu_ms: dict[str, float], calls: dict[str, int], steps: int, top
 def _host_profile(model: torch.nn.Module, data: list[JaggedBatch], graphs: bool, steps: int = 3) -> dict:
     """:func:`host_fields` of ``steps`` steps each issued on an idle GPU (as :func:`_host_ms` times
     them) under torch.profiler, after one warm-up: what the host does while it issues a step."""
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    _queue_steps(model, opt, data, 1, graphs)
+    opt = _warm_optimizer(model, data, graphs)
     activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
     with torch.profiler.profile(activities=activities) as prof:
-        for i in range(steps):
-            _train_step(model, opt, data[i % len(data)], graphs)
-            torch.cuda.synchronize()
+        _issued_ms(model, opt, data, steps, graphs)
     cpu_ms: dict[str, float] = {}
     calls: dict[str, int] = {}
     for event in prof.key_averages():
@@ -490,8 +500,7 @@ def _host_profile(model: torch.nn.Module, data: list[JaggedBatch], graphs: bool,
 
 def _step_kernels(model: torch.nn.Module, data: list[JaggedBatch], graphs: bool, steps: int = 3) -> dict[str, float]:
     """:func:`_profiled` training steps (:func:`_train_step`, after one warm-up)."""
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    _queue_steps(model, opt, data, 1, graphs)
+    opt = _warm_optimizer(model, data, graphs)
     return _profiled(lambda: _queue_steps(model, opt, data, steps, graphs), steps)
 
 

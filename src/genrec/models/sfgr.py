@@ -90,16 +90,16 @@ class SFGR(GenerativeRanker):
         x = self.item_emb(ev.items) + self.action_emb(ev.actions, hidden=ev.target)  # [B, N, D]
         layout = training_layout(ev)
         layout.seed(batch.known_layout)
+        x = self._run(x, layout, outputs_from=last_outputs_from(batch))  # [B, N - first, D]
+        at_targets = ev.target[:, ev.target.shape[1] - x.shape[1]:]  # the targets, all from the first on
+        return rows_at(x, at_targets, batch.num_targets)  # [N_t, D]
+
+    def _run(self, x: torch.Tensor, layout: TokenLayout, outputs_from: int = 0) -> torch.Tensor:
+        """The normed outputs ``[B, n - outputs_from, D]`` of the tokens from ``outputs_from`` on (the
+        last block computes only those)."""
         for block in self.blocks[:-1]:
             x = block(x, layout)
-        x = self.blocks[-1](x, layout, outputs_from=last_outputs_from(batch))  # [B, N - first, D]
-        at_targets = ev.target[:, ev.target.shape[1] - x.shape[1]:]  # the targets, all from the first on
-        return self.norm(rows_at(x, at_targets, batch.num_targets))  # [N_t, D]
-
-    def _run(self, x: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
-        for block in self.blocks:
-            x = block(x, layout)
-        return self.norm(x)
+        return self.norm(self.blocks[-1](x, layout, outputs_from=outputs_from))
 
     def score(self, history: JaggedBatch, candidates: torch.Tensor, request_time: torch.Tensor) -> torch.Tensor:
         """Candidates as masked-action tokens of the next request after the whole history, whose
