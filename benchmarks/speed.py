@@ -102,7 +102,7 @@ import report
 from genrec.data.batching import JaggedBatch
 from genrec.data.info import DatasetInfo
 from genrec.flops import layout_flops
-from genrec.models import MODELS, build_model, dfgr, hstu, sfgr
+from genrec.models import MODELS, build_model, dfgr, genrank, hstu, sfgr
 from genrec.nn.events import Events, dual_flow_layout, item_action_layout, target_dual_flow_layout
 from genrec.nn.kv_cache import in_micro_batches
 from genrec.ops.layout import TokenLayout, host_checked, times_within_limit
@@ -326,8 +326,7 @@ TRAIN_LAYOUTS = {"hstu": item_action_layout, "dfgr": dual_flow_layout,
 TRAIN_FLOPS = {"hstu": (TRAIN_LAYOUTS["hstu"], hstu.last_outputs_from, "hstu"),
                "dfgr": (TRAIN_LAYOUTS["dfgr"], dfgr.last_outputs_from, "dfgr"),
                "dfgr_sparse": (TRAIN_LAYOUTS["dfgr_sparse"], dfgr.last_outputs_from, "dfgr"),
-               "genrank": (lambda ev: dual_flow_layout(ev, fake_valid=ev.target),
-                           lambda batch: batch.max_len, "genrank"),  # the candidates follow the N history tokens
+               "genrank": (lambda ev: dual_flow_layout(ev, fake_valid=ev.target), genrank.last_outputs_from, "genrank"),
                "sfgr": (TRAIN_LAYOUTS["sfgr"], sfgr.last_outputs_from, "sfgr")}
 
 

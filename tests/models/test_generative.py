@@ -243,6 +243,7 @@ def test_the_last_block_skips_the_tokens_no_loss_reads_and_changes_no_logit_or_g
     DFGR: the fake flow; GenRank: the candidates) and nothing before: the loss and every gradient
     are those of the blocks run over every token (fp64), and the last block is asked for at most
     the tokens from there."""
+    from genrec.models import dfgr, genrank, hstu, sfgr
     from genrec.nn.hstu import HSTUBlock
     from genrec.nn.softmax import SoftmaxBlock
     from tests.helpers import with_last_targets
@@ -264,6 +265,8 @@ def test_the_last_block_skips_the_tokens_no_loss_reads_and_changes_no_logit_or_g
     loss, grads = step()
     n = batch.max_len
     assert asked == [0, {"hstu": 2 * 5, "sfgr": 5, "dfgr": n, "dfgr_sparse": n, "genrank": n}[name]]
+    module = {"hstu": hstu, "sfgr": sfgr, "dfgr": dfgr, "dfgr_sparse": dfgr, "genrank": genrank}[name]
+    assert module.last_outputs_from(batch) == asked[1]  # the offset the FLOP counts take (benchmarks/speed.py)
     monkeypatch.setattr(block, "forward", lambda self, x, layout, *args, outputs_from=0: (
         full_forward(self, x, layout, *args)[:, outputs_from:]))  # every token's outputs, then sliced
     want_loss, want_grads = step()

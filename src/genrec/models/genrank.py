@@ -48,6 +48,12 @@ class GenRankConfig:
         check_heads(self.d_model, self.num_heads)
 
 
+def last_outputs_from(batch: JaggedBatch) -> int:
+    """The history's length in training's layout (:attr:`JaggedBatch.max_len` tokens, then one
+    candidate slot per event): the last block computes the candidates' outputs only."""
+    return batch.max_len
+
+
 class GenRank(GenerativeRanker):
     def __init__(self, cfg: GenRankConfig, info: DatasetInfo):
         super().__init__(cfg.d_model, info, cfg)
