@@ -326,7 +326,7 @@ TRAIN_LAYOUTS = {"hstu": item_action_layout, "dfgr": dual_flow_layout,
 TRAIN_FLOPS = {"hstu": (TRAIN_LAYOUTS["hstu"], hstu.last_outputs_from, "hstu"),
                "dfgr": (TRAIN_LAYOUTS["dfgr"], dfgr.last_outputs_from, "dfgr"),
                "dfgr_sparse": (TRAIN_LAYOUTS["dfgr_sparse"], dfgr.last_outputs_from, "dfgr"),
-               "genrank": (lambda ev: dual_flow_layout(ev, fake_valid=ev.target), genrank.last_outputs_from, "genrank"),
+               "genrank": (genrank.training_layout, genrank.last_outputs_from, "genrank"),
                "sfgr": (TRAIN_LAYOUTS["sfgr"], sfgr.last_outputs_from, "sfgr")}
 
 

@@ -48,6 +48,12 @@ class GenRankConfig:
         check_heads(self.d_model, self.num_heads)
 
 
+def training_layout(ev: Events) -> TokenLayout:
+    """The history's tokens, then one candidate slot per event, live for the target events only
+    (the ``dual_flow`` rule's fake flow)."""
+    return dual_flow_layout(ev, fake_valid=ev.target)
+
+
 def last_outputs_from(batch: JaggedBatch) -> int:
     """The history's length in training's layout (:attr:`JaggedBatch.max_len` tokens, then one
     candidate slot per event): the last block computes the candidates' outputs only."""
@@ -87,7 +93,7 @@ class GenRank(GenerativeRanker):
         history = self._embed(ev.items, ev.actions, None, ev.position, ev.request, ev.timestamp, ev.prev_request_time)
         candidates = self._embed(ev.items, ev.actions, torch.ones_like(ev.valid), ev.request_start, ev.request,
                                  ev.timestamp, ev.prev_request_time)
-        out = self._run(history, candidates, dual_flow_layout(ev, fake_valid=ev.target))  # [B, N, D]
+        out = self._run(history, candidates, training_layout(ev))  # [B, N, D]
         return rows_at(out, ev.target, batch.num_targets)
 
     def score(self, history: JaggedBatch, candidates: torch.Tensor, request_time: torch.Tensor) -> torch.Tensor:
