@@ -327,14 +327,17 @@ def test_cuda_graphs_are_refused_without_a_cuda_device(runs, capsys):
 
 def test_appends_answered_before_a_sigkill_are_served_after_the_restart(runs, tmp_path):
     """With ``--snapshot-every 2`` the first two appends go into a periodic snapshot and the third is
-    only in the journal when the process is killed; the restart serves all three."""
+    only in the next generation's journal when the process is killed; the restart serves all three."""
     state = tmp_path / "users.parquet"
     server = Server(runs["hstu"], "--state-file", str(state), "--snapshot-every", "2")
     event = {"item": "5", "action": 4.0, "time": 1_000_000_000}
     try:
         for user in ("new", "1", "2"):
             assert server.post("/events", {"user": user, "events": [event]}).status_code == 200
-        assert 'genrec_snapshots_total{reason="periodic"} 1.0' in server.client.get("/metrics").text
+        deadline = time.monotonic() + 30  # the periodic snapshot is written on the writer thread
+        while 'genrec_snapshots_total{reason="periodic"} 1.0' not in server.client.get("/metrics").text:
+            assert time.monotonic() < deadline, "the periodic snapshot was not written within 30 s"
+            time.sleep(0.05)
     finally:
         server.client.close()
         server.proc.kill()  # SIGKILL: no shutdown hook, no snapshot

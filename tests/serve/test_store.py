@@ -88,3 +88,53 @@ def test_snapshot_keeps_seen_items_that_left_the_window(tmp_path):
     pq.write_table(table.set_column(2, "action", pa.array([None, *actions[1:]], pa.float64())), path)
     with pytest.raises(ValueError, match="'d' has an event .* without its action"):
         UserStore(1000, seed).load(path, {raw: i for i, raw in enumerate(items, 1)}, {0.5: 0}, 0)
+
+
+def test_a_snapshot_of_many_users_round_trips_every_field_as_history_build_gives_it(tmp_path):
+    """The column-wise save and load against the per-user definition (:meth:`History.build`): random
+    users, some from a seed, request windows, seen-only items, rows of users interleaved in the file."""
+    rng = np.random.default_rng(3)
+    items = [f"i{k}" for k in range(1, 61)]
+    seeds = {f"d{u}": History.build(rng.integers(1, 61, 4), [0] * 4, [1.0] * 4, [1, 2, 3, 4], 0, u,
+                                    np.unique(rng.integers(1, 61, 9))) for u in range(5)}
+    store = UserStore(0, seeds.get)
+    for name in [*seeds, *(f"n{u}" for u in range(7))]:
+        n = int(rng.integers(1, 30))
+        h = History.build(rng.integers(1, 61, n), rng.integers(0, 3, n), rng.random(n).astype(np.float32),
+                          np.sort(rng.integers(0, 100, n)), 5, seeds[name].user if name in seeds else None,
+                          np.unique(rng.integers(1, 61, 6)) if n % 2 else None)
+        store.set_history(name, h)
+    path = tmp_path / "users.parquet"
+    store.save(path, items, [0.5, 1.0, 4.0])
+    table = pq.read_table(path)  # users' rows interleaved by time, each user's rows in their order
+    by_time = pc.sort_indices(pa.table({"t": table.column("time").fill_null(-1), "r": np.arange(table.num_rows)}),
+                              [("t", "ascending"), ("r", "ascending")])
+    pq.write_table(table.take(by_time), tmp_path / "interleaved.parquet")
+    for target in (path, tmp_path / "interleaved.parquet"):
+        again = UserStore(0, seeds.get)
+        assert again.load(target, {raw: i for i, raw in enumerate(items, 1)}, {0.5: 0, 1.0: 1, 4.0: 2}, 5,
+                          {name: h.user for name, h in seeds.items()}) == len(store)
+        first_rows = list(dict.fromkeys(pq.read_table(target).column("user").to_pylist()))
+        assert [name for name, _ in again.histories()] == first_rows  # in the file's order (LRU first)
+        for name, state in store.users.items():
+            want, got = state.history, again.get(name).history
+            seen = want.seen if name not in seeds else np.union1d(want.seen, seeds[name].seen)  # load adds the seed's
+            rebuilt = History.build(want.items, want.actions, want.labels, want.timestamps, 5, want.user, seen)
+            for field in ("items", "actions", "labels", "timestamps", "request_ids", "seen"):
+                np.testing.assert_array_equal(getattr(got, field), getattr(rebuilt, field), err_msg=f"{name}.{field}")
+                assert getattr(got, field).dtype == getattr(rebuilt, field).dtype
+            assert got.user == want.user
+    assert first_rows != list(store.users)  # the interleaved file really reorders the users
+    empty = UserStore(0)
+    empty.save(tmp_path / "empty.parquet", items, [0.5])
+    assert UserStore(0).load(tmp_path / "empty.parquet", {}, {}, 5) == 0
+    index, actions = {raw: i for i, raw in enumerate(items, 1)}, {0.5: 0, 1.0: 1, 4.0: 2}
+    late_first = table.filter(pc.equal(table.column("user"), "n3"))  # n3's events, the latest first
+    late_first = late_first.filter(pc.is_valid(late_first.column("time"))).take([1, 0])
+    pq.write_table(pa.concat_tables([table, late_first]), path)
+    with pytest.raises(ValueError, match="'n3' has events out of time order"):
+        UserStore(0).load(path, index, actions, 5)
+    pq.write_table(table.set_column(2, "action", pc.if_else(pc.equal(table.column("user"), "n5"), 9.0,
+                                                            table.column("action"))), path)
+    with pytest.raises(ValueError, match="'n5' has an id the model does not know: 9.0"):
+        UserStore(0).load(path, index, actions, 5)

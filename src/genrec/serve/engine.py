@@ -10,7 +10,9 @@ job fails alone; the store changes only after the work for a job succeeded.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import SimpleNamespace
@@ -23,11 +25,11 @@ from genrec.models.base import RecModel
 from genrec.nn import kv_cache
 from genrec.ops.layout import TIME_LIMIT_S, time_spans_checked_on_host
 from genrec.serve.graphs import BucketedGraphs
-from genrec.serve.journal import Journal, journal_path, replayable
+from genrec.serve.journal import Journal, journal_path, prune, replayable
 from genrec.serve.metrics import ServiceMetrics
 from genrec.serve.recommend import top_items
 from genrec.serve.scoring import Scorer
-from genrec.serve.store import History, UserStore, snapshot_generation
+from genrec.serve.store import History, UserStore, save_histories, snapshot_generation
 
 log = logging.getLogger("genrec.serve")
 
@@ -141,6 +143,8 @@ class Engine:
         self.state_file: Path | None = None  # set by restore()
         self.snapshot_every = 0  # appends between snapshots (0: only at start and shutdown); set by restore()
         self.snapshot_due = 0  # the current journal's append count that calls for the next periodic snapshot
+        self.writer = ThreadPoolExecutor(1, thread_name_prefix="genrec-snapshot")  # periodic snapshots' writes
+        self.writing: Future | None = None  # the periodic snapshot being written, if any
         self.handlers = {"rank": self.rank, "events": self.append_events, "recommend": self.recommend,
                          "history": self.user_history}
 
@@ -273,17 +277,23 @@ class Engine:
         return results
 
     def _periodic_snapshot(self) -> None:
-        """A snapshot after ``snapshot_every`` appends, or to replace a journal that refuses appends. Its
-        failure does not touch the batch's replies (their appends are on disk already): it is logged
-        and counted, and tried again after another ``snapshot_every`` appends (at once, if the journal
-        refuses appends meanwhile)."""
+        """A snapshot after ``snapshot_every`` appends, or to replace a journal that refuses appends,
+        written in the background (:meth:`snapshot`). While one is being written the next waits (the
+        next batch tries again). Its failure does not touch the batch's replies (their appends are on
+        disk already): it is logged and counted, and tried again after another ``snapshot_every``
+        appends (at once, if the journal refuses appends meanwhile)."""
+        if self.writing is not None and not self.writing.done():
+            return
         try:
-            self.snapshot("periodic")
-        except Exception as err:  # noqa: BLE001 - any failure to write: the service goes on journaling
-            log.error("%s: periodic snapshot failed (%r); retried after %d more appends", self.state_file, err,
-                      self.snapshot_every)
-            self.metrics.snapshot_failures.inc()
+            self.snapshot("periodic", background=True)
+        except Exception as err:  # noqa: BLE001 - the new journal could not start: the current one goes on
+            self._snapshot_failed(err)
             self.snapshot_due = self.journal.appends + self.snapshot_every
+
+    def _snapshot_failed(self, err: BaseException) -> None:
+        log.error("%s: periodic snapshot failed (%r); the journals keep its appends, retried after %d more appends",
+                  self.state_file, err, self.snapshot_every)
+        self.metrics.snapshot_failures.inc()
 
     def _append(self, job: EventsJob, journaled: bool = True) -> dict:
         """Append ``job``'s events; the journal (if any, and unless ``journaled`` is False: a replay)
@@ -380,8 +390,8 @@ class Engine:
     def restore(self, state_file: Path, snapshot_every: int = 0) -> int:
         """Start from ``state_file``: load the snapshot (if any), replay the appends journaled after it
         (:mod:`genrec.serve.journal`), write them into a new snapshot and journal from there on, with a
-        new snapshot (and an empty journal) after every ``snapshot_every`` appends (0: only at
-        :meth:`snapshot` calls). Returns the appends replayed."""
+        new snapshot after every ``snapshot_every`` appends (0: only at :meth:`snapshot` calls).
+        Returns the appends replayed."""
         if snapshot_every < 0:
             raise ValueError(f"snapshot_every must be >= 0 appends, got {snapshot_every}")
         state_file = self.state_file = Path(state_file)
@@ -389,45 +399,57 @@ class Engine:
         generation = snapshot_generation(state_file) if state_file.is_file() else 0
         if state_file.is_file():
             self.load(state_file)
-        replayed = 0
-        for user, events in replayable(journal_path(state_file), generation):
+        latest, appends = replayable(state_file, generation)
+        for user, events in appends:
             self._append(EventsJob(user, self.catalogue.history([SimpleNamespace(**e) for e in events], "events")),
                          journaled=False)
-            replayed += 1
-        if replayed:
-            log.warning("%s: replayed %d appends journaled after the last snapshot", state_file, replayed)
-        self.snapshot("start", generation + 1)
-        return replayed
+        if appends:
+            log.warning("%s: replayed %d appends journaled after the last snapshot", state_file, len(appends))
+        self.snapshot("start", latest + 1)
+        return len(appends)
 
-    def snapshot(self, reason: str = "shutdown", generation: int | None = None) -> int:
-        """Write every history to the state file of :meth:`restore` and start a new, empty journal after
-        it. Returns rows. Runs on the scoring thread: requests wait while it writes.
+    def snapshot(self, reason: str = "shutdown", generation: int | None = None, background: bool = False) -> None:
+        """Start the journal of the next generation, then write every history as the snapshot of that
+        generation and delete the older journals (:mod:`genrec.serve.journal`). Only the switch runs on
+        the calling (scoring) thread: it takes a view of the store (:meth:`UserStore.histories`, one
+        reference per user). The write runs there too, or with ``background`` on the writer thread,
+        while requests go on (a failure there is logged and counted, the journals keep every append);
+        a snapshot written in the background is waited for before the next one starts.
 
-        If the snapshot may be in place but its journal was not started (the journal failed, or the
-        save failed after its rename), the old journal refuses every later append (a restart would not
-        replay it onto the newer snapshot) until a snapshot succeeds."""
+        If the new journal cannot start, this raises and the current journal goes on taking appends."""
         if self.state_file is None:
             raise RuntimeError("snapshot() before restore(): the engine has no state file")
+        self.wait_for_snapshot()
         generation = (self.journal.generation + 1) if generation is None else generation
-        try:
-            rows = self.save(self.state_file, generation)
-            journal = Journal(journal_path(self.state_file), generation)
-        except BaseException as err:
-            if self.journal is not None and self._snapshot_may_be(generation):
-                self.journal.broken = f"snapshot generation {generation} may be in place without its journal ({err!r})"
-            raise
+        journal = Journal(journal_path(self.state_file, generation), generation)
         old, self.journal, self.snapshot_due = self.journal, journal, self.snapshot_every
-        self.metrics.snapshots.labels(reason).inc()
         if old is not None:
             self._close(old)
-        return rows
+        view = self.store.histories()
+        if background:
+            self.writing = self.writer.submit(self._write_in_background, view, generation, reason)
+        else:
+            self._write(view, generation, reason)
 
-    def _snapshot_may_be(self, generation: int) -> bool:
-        """Whether the state file may be the snapshot of ``generation`` (True where it cannot be read)."""
+    def _write(self, view: list[tuple[str, History]], generation: int, reason: str) -> None:
+        start = time.perf_counter()
+        save_histories(self.state_file, view, self.store.seed, self.catalogue.item_raw, self.catalogue.action_values,
+                       generation)
+        prune(self.state_file, below=generation)
+        self.metrics.snapshots.labels(reason).inc()
+        self.metrics.snapshot_seconds.set(time.perf_counter() - start)
+
+    def _write_in_background(self, view: list[tuple[str, History]], generation: int, reason: str) -> None:
         try:
-            return snapshot_generation(self.state_file) == generation
-        except Exception:  # noqa: BLE001 - unreadable: assume the worst
-            return True
+            self._write(view, generation, reason)
+        except Exception as err:  # noqa: BLE001 - nothing is lost: the journals hold every append
+            self._snapshot_failed(err)
+
+    def wait_for_snapshot(self) -> None:
+        """Return once no snapshot is being written in the background."""
+        if self.writing is not None:
+            self.writing.result()
+            self.writing = None
 
     @staticmethod
     def _close(journal: Journal) -> None:
@@ -438,6 +460,9 @@ class Engine:
             log.warning("%s: closing the journal failed (%r)", journal.path, err)
 
     def close(self) -> None:
+        """Wait for a snapshot being written, stop the writer thread, close the journal."""
+        self.wait_for_snapshot()
+        self.writer.shutdown()
         journal, self.journal = self.journal, None
         if journal is not None:
             self._close(journal)

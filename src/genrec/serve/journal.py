@@ -1,17 +1,22 @@
 """A write-ahead journal of accepted ``/events`` appends, so a crash (SIGKILL, OOM kill, power cut)
 loses nothing the service answered 200 to.
 
-The Parquet snapshot (:meth:`~genrec.serve.store.UserStore.save`) is written at start, after every
+The Parquet snapshot (:func:`~genrec.serve.store.save_histories`) is written at start, after every
 ``--snapshot-every`` appends and at a graceful shutdown; every append in between is one JSON line in
-``<state-file>.journal``, written, flushed and fsync'd before the store changes and the reply goes
-out. Each snapshot starts an empty journal of the next generation, so the journal holds at most
-``--snapshot-every`` appends. On start the service loads the snapshot, replays the journal on top of
-it, writes a new snapshot and starts an empty journal.
+a journal, written, flushed and fsync'd before the store changes and the reply goes out.
 
-Which journal belongs to which snapshot: the journal's first line is ``{"generation": G}`` and a
-snapshot records the generation it was written at. Events of generation G came after snapshot G,
-so they are replayed on a snapshot of generation G; a journal older than the snapshot (a crash
-between writing the snapshot and starting the new journal) is already in it and is not replayed.
+Generations: a snapshot of generation G holds every append journaled before G. Taking it starts
+journal G (``<state-file>.journal.G``) first, on the scoring thread, at one point between two
+batches; the snapshot is then written on a background thread while new appends go to journal G,
+and once it is on disk the journals before G are deleted. So at any moment the snapshot on disk
+(generation S) and the journals S, S + 1, … hold every append: a crash while snapshot G is being
+written leaves snapshot G − 1 (or older) with journals G − 1 and G, which a start replays in
+order; a journal older than the snapshot is already in it and is not replayed. Generation 0 is a
+start without a snapshot (or one written outside the service): its journals start at 1. A missing
+generation among the ones to replay stops the start with an error instead of losing its appends.
+
+On start the service loads the snapshot, replays the journals on top of it, and writes a new
+snapshot of the next generation (before it takes requests).
 
 A crash in the middle of a write leaves a torn last line. Its request was never answered (the reply
 waits for the fsync), so it is dropped with a warning; a bad line anywhere else is corruption and
@@ -28,7 +33,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 from genrec.serve.store import replace_durably
@@ -36,9 +40,34 @@ from genrec.serve.store import replace_durably
 log = logging.getLogger("genrec.serve")
 
 
-def journal_path(state_file: Path) -> Path:
-    """``runs/x/users.parquet`` -> ``runs/x/users.parquet.journal``."""
-    return Path(state_file).with_name(Path(state_file).name + ".journal")
+def journal_path(state_file: Path, generation: int) -> Path:
+    """``runs/x/users.parquet``, 3 -> ``runs/x/users.parquet.journal.3``."""
+    state_file = Path(state_file)
+    return state_file.with_name(f"{state_file.name}.journal.{generation}")
+
+
+def journal_generations(state_file: Path) -> dict[int, Path]:
+    """The journals beside ``state_file`` by the generation their first line names (a file cut before
+    its first line was complete has none and holds no append: it is left out)."""
+    state_file = Path(state_file)
+    found: dict[int, Path] = {}
+    for path in sorted(state_file.parent.glob(f"{state_file.name}.journal*")):
+        if path.suffix == ".tmp":
+            continue
+        with open(path, "rb") as f:
+            first = f.readline()
+        if not first.endswith(b"\n"):
+            continue
+        try:
+            generation = json.loads(first)["generation"]
+        except (ValueError, TypeError, KeyError):
+            generation = None
+        if not isinstance(generation, int):
+            raise ValueError(f"{path}: the first line is not the journal's header {{\"generation\": N}}")
+        if generation in found:
+            raise ValueError(f"{path} and {found[generation]} are both journals of generation {generation}")
+        found[generation] = path
+    return found
 
 
 def read_journal(path: Path) -> tuple[int, list[tuple[str, list[dict]]]]:
@@ -76,7 +105,8 @@ class Journal:
     later line unreadable). If even the cut fails, the journal refuses every later append."""
 
     def __init__(self, path: Path, generation: int):
-        """Start an empty journal of ``generation`` at ``path`` (atomically replacing the old one)."""
+        """Start an empty journal of ``generation`` at ``path`` (atomically: a crash leaves no journal or
+        one with its header)."""
         self.path, self.generation = Path(path), generation
         tmp = self.path.with_name(self.path.name + ".tmp")
         tmp.write_text(json.dumps({"generation": generation}) + "\n", encoding="utf-8")
@@ -114,12 +144,29 @@ class Journal:
         os.close(self.fd)
 
 
-def replayable(path: Path, snapshot_generation: int) -> Iterator[tuple[str, list[dict]]]:
-    """The appends of ``path`` made after the snapshot of ``snapshot_generation``: all of a journal
-    of that generation, none of an older one (the snapshot already holds them)."""
-    generation, appends = read_journal(path)
-    if generation > snapshot_generation:
-        raise ValueError(f"{path}: journal generation {generation} is newer than the snapshot's "
-                         f"{snapshot_generation}: the snapshot is not the one this journal follows")
-    if generation == snapshot_generation:
-        yield from appends
+def replayable(state_file: Path, snapshot_generation: int) -> tuple[int, list[tuple[str, list[dict]]]]:
+    """The appends journaled after the snapshot of ``snapshot_generation``, in order (the journals of
+    that generation and later ones), and the latest journal generation there is (or the snapshot's)."""
+    journals = journal_generations(state_file)
+    live = sorted(g for g in journals if g >= snapshot_generation)
+    first = max(snapshot_generation, 1)  # generation 0 never has a journal
+    if live != list(range(first, first + len(live))):
+        missing = sorted(set(range(first, live[-1] + 1)) - set(live))
+        raise ValueError(f"{state_file}: the snapshot is of generation {snapshot_generation} and journals "
+                         f"{live} follow it, but generation(s) {missing} are missing: their appends would be lost")
+    appends = []
+    for generation in live:
+        appends += read_journal(journals[generation])[1]
+    return max([snapshot_generation, *live]), appends
+
+
+def prune(state_file: Path, below: int) -> None:
+    """Delete the journals older than generation ``below`` (its snapshot holds them). A failure is
+    logged: an old journal left behind is never replayed onto the newer snapshot."""
+    for generation, path in journal_generations(state_file).items():
+        if generation < below:
+            try:
+                path.unlink()
+            except OSError as err:
+                log.warning("%s: could not delete the journal of generation %d (%r); it is not replayed onto "
+                            "the snapshot of generation %d that holds it", path, generation, err, below)

@@ -38,8 +38,10 @@ class ServiceMetrics:
                                  ["reason"], registry=r)
         for reason in ("start", "periodic", "shutdown"):
             self.snapshots.labels(reason)
-        self.snapshot_failures = Counter("genrec_snapshot_failures", "Periodic snapshots that failed (the journal "
-                                         "goes on)", registry=r)
+        self.snapshot_failures = Counter("genrec_snapshot_failures", "Periodic snapshots that failed (the journals "
+                                         "keep every append)", registry=r)
+        self.snapshot_seconds = Gauge("genrec_snapshot_seconds", "Time the last snapshot took to write (in the "
+                                      "background for a periodic one)", registry=r)
         self.cache_bytes = Gauge("genrec_cache_bytes", "Bytes held by per-user KV caches", registry=r)
         self.users = Gauge("genrec_users", "Users in the store", registry=r)
         self.cached_users = Gauge("genrec_cached_users", "Users whose KV cache is held", registry=r)

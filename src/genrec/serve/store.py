@@ -168,80 +168,141 @@ class UserStore:
         return self.cached
 
     # ------------------------------------------------------------------------------------ snapshot
-    def save(self, path: Path, item_raw: list[str], action_values: list[float], generation: int = 0) -> int:
-        """Write every user's history as Parquet (one row per event, raw ids); atomic and on disk when it
-        returns (temp file, fsync, ``os.replace``, fsync of the folder). ``generation`` goes into the
-        file's metadata (:func:`snapshot_generation`). Returns rows.
+    def histories(self) -> list[tuple[str, History]]:
+        """Every user's history, least recently used first: a consistent view to save while the store
+        goes on changing (a :class:`History` is never changed in place, only replaced)."""
+        return [(user, state.history) for user, state in self.users.items()]
 
-        Items the user has seen beyond its events and its seed's (appended events that left the
-        ``max_len`` window) are rows of their own, with no action, label or time, so ``/recommend``
-        still leaves them out after a restart."""
-        users, items, actions, labels, times = [], [], [], [], []
-        seen_users, seen_items = [], []
-        for user, state in self.users.items():
-            h = state.history
-            users += [user] * len(h)
-            items += [item_raw[i - 1] for i in h.items]
-            actions += [action_values[a] for a in h.actions]
-            labels.append(h.labels)
-            times.append(h.timestamps)
-            seeded = self.seed(user)
-            extra = np.setdiff1d(h.seen, h.items if seeded is None else np.union1d(h.items, seeded.seen))
-            seen_users += [user] * len(extra)
-            seen_items += [item_raw[i - 1] for i in extra]
-        schema = pa.schema({"user": pa.string(), "item": pa.string(), "action": pa.float64(), "label": pa.float32(),
-                            "time": pa.int64()}, metadata={GENERATION_KEY: str(generation)})
-        events = pa.table({
-            "user": users, "item": items, "action": actions,
-            "label": np.concatenate(labels) if labels else np.zeros(0, np.float32),
-            "time": np.concatenate(times) if times else np.zeros(0, np.int64)}, schema=schema)
-        seen_only = pa.table({"user": seen_users, "item": seen_items, **{
-            name: pa.nulls(len(seen_users), schema.field(name).type) for name in ("action", "label", "time")}},
-            schema=schema)
-        table = pa.concat_tables([events, seen_only])
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        pq.write_table(table, tmp)
-        replace_durably(tmp, path)
-        return table.num_rows
+    def save(self, path: Path, item_raw: list[str], action_values: list[float], generation: int = 0) -> int:
+        """Write every user's history (:func:`save_histories`). Returns rows."""
+        return save_histories(path, self.histories(), self.seed, item_raw, action_values, generation)
 
     def load(self, path: Path, item_index: dict[str, int], action_index: dict[float, int],
              request_window_s: int, user_index: dict[str, int] | None = None) -> int:
         """Read a snapshot written by :meth:`save`; every id must be known to the model. A dataset user
         (in ``user_index``) gets its dense index, and its seen items include the seed's (the whole
         dataset history, which the snapshot's ``max_len`` events do not hold) and the snapshot's
-        seen-only rows. Returns users."""
+        seen-only rows. Users come back in the file's order (least recently used first). Returns users.
+
+        Column-wise (pyarrow, numpy): the ids are mapped once per distinct value, and the only loop in
+        Python is the one that builds each user's :class:`History`."""
         user_index = user_index or {}
         table = pq.read_table(path)
         expected = {"user", "item", "action", "label", "time"}
         if set(table.column_names) != expected:
             raise ValueError(f"{path}: columns {sorted(table.column_names)}, expected {sorted(expected)}")
-        columns = {name: table.column(name).to_pylist() for name in expected}
-        by_user: dict[str, list[int]] = {}
-        for row, user in enumerate(columns["user"]):
-            by_user.setdefault(user, []).append(row)
-        for user, rows in by_user.items():
-            events = [r for r in rows if columns["time"][r] is not None]
-            if not events:
-                raise ValueError(f"{path}: user {user!r} has seen-only rows (no time) but no events")
-            for field in ("action", "label"):
-                if any(columns[field][r] is None for r in events):
-                    raise ValueError(f"{path}: user {user!r} has an event (a row with a time) without its {field}")
-            try:
-                items = [item_index[columns["item"][r]] for r in events]
-                actions = [action_index[columns["action"][r]] for r in events]
-                seen_only = [item_index[columns["item"][r]] for r in rows if columns["time"][r] is None]
-            except KeyError as err:
-                raise ValueError(f"{path}: user {user!r} has an id the model does not know: {err}") from None
-            times = np.array([columns["time"][r] for r in events], dtype=np.int64)
-            if np.any(np.diff(times) < 0):
-                raise ValueError(f"{path}: user {user!r} has events out of time order")
-            seeded = self.seed(user)
-            seen = np.union1d(seen_only, [] if seeded is None else seeded.seen).astype(np.int32)
-            self.set_history(user, History.build(items, actions, [columns["label"][r] for r in events], times,
-                                                 request_window_s, user_index.get(user), seen))
-        return len(by_user)
+        user_codes, users = _codes(table.column("user"))  # [R], [U] in order of first appearance
+        event = table.column("time").is_valid().to_numpy(zero_copy_only=False)  # [R] False: a seen-only row
+
+        def refuse(rows: np.ndarray, why: str):
+            """The error for the first row of ``rows`` (a bool mask over rows), if any, naming its user."""
+            if rows.any():
+                raise ValueError(f"{path}: user {users[user_codes[np.argmax(rows)]]!r} {why}")
+
+        refuse(np.bincount(user_codes[event], minlength=len(users))[user_codes] == 0,
+               "has seen-only rows (no time) but no events")
+        for field in ("action", "label"):
+            refuse(event & table.column(field).is_null().to_numpy(zero_copy_only=False),
+                   f"has an event (a row with a time) without its {field}")
+        item = _mapped(table.column("item"), item_index)  # [R] dense ids, 0: unknown
+        action = _mapped(table.column("action").fill_null(np.nan), action_index, missing=-1)  # [R]
+        for ids, raw, missing in ((item, "item", 0), (action, "action", -1)):
+            bad = (ids == missing) & (event | (raw == "item"))
+            if bad.any():
+                value = table.column(raw)[int(np.argmax(bad))].as_py()
+                refuse(bad, f"has an id the model does not know: {value!r}")
+        times = table.column("time").fill_null(0).to_numpy()  # [R]
+        labels = table.column("label").fill_null(0).to_numpy()
+        order = np.argsort(user_codes, kind="stable")  # rows grouped by user, in file order within a user
+        ev = order[event[order]]  # event rows, grouped by user
+        step_back = np.zeros(len(event), dtype=bool)  # an event before its user's previous one
+        step_back[ev[1:]] = (times[ev[1:]] < times[ev[:-1]]) & (user_codes[ev[1:]] == user_codes[ev[:-1]])
+        refuse(step_back, "has events out of time order")
+        # per event: a new request where its user's events start or after a gap > the window (History.build)
+        first = np.ones(len(ev), dtype=bool)
+        first[1:] = user_codes[ev[1:]] != user_codes[ev[:-1]]
+        new_request = first | (np.diff(times[ev], prepend=0) > request_window_s)
+        requests = np.cumsum(new_request)
+        starts = np.flatnonzero(first)  # [U] each user's first event (every user has one)
+        requests -= np.repeat(requests[starts], np.diff(np.append(starts, len(ev))))  # [E] from 0 per user
+        # seen: the user's rows' items and its seed's, as sorted distinct (user, item) keys
+        seeds = [self.seed(user) for user in users]
+        width = max(len(item_index), int(item.max(initial=0))) + 1
+        seed_seen = [np.zeros(0, np.int64) if s is None else s.seen for s in seeds]
+        seen = np.concatenate([user_codes * width + item, np.repeat(np.arange(len(users)), [len(a) for a in seed_seen])
+                               * width + np.concatenate(seed_seen or [np.zeros(0, np.int64)]).astype(np.int64)])
+        seen = np.sort(seen)
+        seen = seen[np.append(True, seen[1:] != seen[:-1])] if len(seen) else seen
+        seen_bounds = np.searchsorted(seen, np.arange(len(users) + 1) * width)
+        event_bounds = np.append(starts, len(ev))
+        fields = (item[ev], action[ev], labels[ev].astype(np.float32), times[ev], requests)
+        for u, user in enumerate(users):
+            a, b = event_bounds[u], event_bounds[u + 1]
+            self.set_history(user, History(*(f[a:b].copy() for f in fields), user_index.get(user),
+                                           (seen[seen_bounds[u]:seen_bounds[u + 1]] % width).astype(np.int32)))
+        return len(users)
+
+
+def _codes(column: pa.ChunkedArray) -> tuple[np.ndarray, list]:
+    """A column as codes into its distinct values: ``([R] int64, [V] values in order of first appearance)``."""
+    encoded = column.combine_chunks().dictionary_encode()
+    return encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64), encoded.dictionary.to_pylist()
+
+
+def _mapped(column: pa.ChunkedArray, index: dict, missing: int = 0) -> np.ndarray:
+    """``index[value]`` for every row of ``column`` (``missing`` where it has none), looking up each
+    distinct value once."""
+    codes, values = _codes(column)
+    return np.array([index.get(v, missing) for v in values], dtype=np.int64)[codes] if values else codes
+
+
+def save_histories(path: Path, histories: list[tuple[str, History]], seed: Callable[[str], History | None],
+                   item_raw: list[str], action_values: list[float], generation: int = 0) -> int:
+    """Write ``(user, history)`` pairs as Parquet (one row per event, raw ids); atomic and on disk when
+    it returns (temp file, fsync, ``os.replace``, fsync of the folder). ``generation`` goes into the
+    file's metadata (:func:`snapshot_generation`). Returns rows. Reads only its arguments (and calls
+    ``seed``), so it can run on another thread than the store's (:meth:`UserStore.histories`).
+
+    Items the user has seen beyond its events and its seed's (appended events that left the
+    ``max_len`` window) are rows of their own, with no action, label or time, so ``/recommend``
+    still leaves them out after a restart. Column-wise: ids become raw ids by one ``take`` each."""
+    n = len(histories)
+    user_at = np.arange(n, dtype=np.int64)
+    width = len(item_raw) + 1  # (user, item) pairs as one int64 key: user * width + item
+
+    def joined(arrays: list[np.ndarray], dtype) -> np.ndarray:
+        return np.concatenate(arrays or [np.zeros(0, dtype)]).astype(dtype)
+
+    def keys(arrays: list[np.ndarray]) -> np.ndarray:
+        return np.repeat(user_at, [len(a) for a in arrays]) * width + joined(arrays, np.int64)
+
+    seeds = [seed(user) for user, _ in histories]
+    seen = keys([h.seen for _, h in histories])  # sorted: users in order, each one's seen sorted
+    have = np.sort(np.concatenate([keys([h.items for _, h in histories]),
+                                   keys([np.zeros(0, np.int64) if s is None else s.seen for s in seeds])]))
+    at = np.minimum(np.searchsorted(have, seen), max(len(have) - 1, 0))  # (numpy's set ops hash: slower here)
+    extra = seen[have[at] != seen] if len(have) else seen  # [E] keys of seen-only items
+    names = pa.array([user for user, _ in histories], pa.string())
+    raw_items = pa.array(item_raw, pa.string())
+    schema = pa.schema({"user": pa.string(), "item": pa.string(), "action": pa.float64(), "label": pa.float32(),
+                        "time": pa.int64()}, metadata={GENERATION_KEY: str(generation)})
+    events = pa.table({
+        "user": names.take(np.repeat(user_at, [len(h) for _, h in histories])),
+        "item": raw_items.take(joined([h.items for _, h in histories], np.int64) - 1),
+        "action": np.asarray(action_values, dtype=np.float64)[joined([h.actions for _, h in histories], np.int64)],
+        "label": joined([h.labels for _, h in histories], np.float32),
+        "time": joined([h.timestamps for _, h in histories], np.int64)}, schema=schema)
+    seen_only = pa.table({
+        "user": names.take(extra // width), "item": raw_items.take(extra % width - 1),
+        **{name: pa.nulls(len(extra), schema.field(name).type) for name in ("action", "label", "time")}},
+        schema=schema)
+    table = pa.concat_tables([events, seen_only])
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    pq.write_table(table, tmp)
+    replace_durably(tmp, path)
+    return table.num_rows
 
 
 GENERATION_KEY = "genrec.journal_generation"
