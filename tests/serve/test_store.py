@@ -9,7 +9,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from genrec.serve.store import History, UserStore
+from genrec.serve.store import History, UserStore, save_histories
 
 
 def _history(times, items=None) -> History:
@@ -92,7 +92,8 @@ def test_snapshot_keeps_seen_items_that_left_the_window(tmp_path):
 
 def test_a_snapshot_of_many_users_round_trips_every_field_as_history_build_gives_it(tmp_path):
     """The column-wise save and load against the per-user definition (:meth:`History.build`): random
-    users, some from a seed, request windows, seen-only items, rows of users interleaved in the file."""
+    users, some from a seed, request windows, seen-only items, rows of users interleaved in the file,
+    a file written in many row groups."""
     rng = np.random.default_rng(3)
     items = [f"i{k}" for k in range(1, 61)]
     seeds = {f"d{u}": History.build(rng.integers(1, 61, 4), [0] * 4, [1.0] * 4, [1, 2, 3, 4], 0, u,
@@ -110,12 +111,15 @@ def test_a_snapshot_of_many_users_round_trips_every_field_as_history_build_gives
     by_time = pc.sort_indices(pa.table({"t": table.column("time").fill_null(-1), "r": np.arange(table.num_rows)}),
                               [("t", "ascending"), ("r", "ascending")])
     pq.write_table(table.take(by_time), tmp_path / "interleaved.parquet")
-    for target in (path, tmp_path / "interleaved.parquet"):
+    assert save_histories(tmp_path / "chunked.parquet", *store.histories(), seeds.get, items, [0.5, 1.0, 4.0],
+                          chunk_rows=7) == table.num_rows  # row groups of a few users each
+    assert pq.ParquetFile(tmp_path / "chunked.parquet").num_row_groups > 5
+    for target in (path, tmp_path / "interleaved.parquet", tmp_path / "chunked.parquet"):
         again = UserStore(0, seeds.get)
         assert again.load(target, {raw: i for i, raw in enumerate(items, 1)}, {0.5: 0, 1.0: 1, 4.0: 2}, 5,
                           {name: h.user for name, h in seeds.items()}) == len(store)
         first_rows = list(dict.fromkeys(pq.read_table(target).column("user").to_pylist()))
-        assert [name for name, _ in again.histories()] == first_rows  # in the file's order (LRU first)
+        assert again.histories()[0] == first_rows  # in the file's order (LRU first)
         for name, state in store.users.items():
             want, got = state.history, again.get(name).history
             seen = want.seen if name not in seeds else np.union1d(want.seen, seeds[name].seen)  # load adds the seed's
@@ -124,7 +128,8 @@ def test_a_snapshot_of_many_users_round_trips_every_field_as_history_build_gives
                 np.testing.assert_array_equal(getattr(got, field), getattr(rebuilt, field), err_msg=f"{name}.{field}")
                 assert getattr(got, field).dtype == getattr(rebuilt, field).dtype
             assert got.user == want.user
-    assert first_rows != list(store.users)  # the interleaved file really reorders the users
+    interleaved = pq.read_table(tmp_path / "interleaved.parquet").column("user").to_pylist()
+    assert list(dict.fromkeys(interleaved)) != list(store.users)  # that file really reorders the users
     empty = UserStore(0)
     empty.save(tmp_path / "empty.parquet", items, [0.5])
     assert UserStore(0).load(tmp_path / "empty.parquet", {}, {}, 5) == 0

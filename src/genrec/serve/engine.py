@@ -431,15 +431,15 @@ class Engine:
         else:
             self._write(view, generation, reason)
 
-    def _write(self, view: list[tuple[str, History]], generation: int, reason: str) -> None:
+    def _write(self, view: tuple[list[str], list[History]], generation: int, reason: str) -> None:
         start = time.perf_counter()
-        save_histories(self.state_file, view, self.store.seed, self.catalogue.item_raw, self.catalogue.action_values,
+        save_histories(self.state_file, *view, self.store.seed, self.catalogue.item_raw, self.catalogue.action_values,
                        generation)
         prune(self.state_file, below=generation)
         self.metrics.snapshots.labels(reason).inc()
         self.metrics.snapshot_seconds.set(time.perf_counter() - start)
 
-    def _write_in_background(self, view: list[tuple[str, History]], generation: int, reason: str) -> None:
+    def _write_in_background(self, view: tuple[list[str], list[History]], generation: int, reason: str) -> None:
         try:
             self._write(view, generation, reason)
         except Exception as err:  # noqa: BLE001 - nothing is lost: the journals hold every append

@@ -168,14 +168,15 @@ class UserStore:
         return self.cached
 
     # ------------------------------------------------------------------------------------ snapshot
-    def histories(self) -> list[tuple[str, History]]:
-        """Every user's history, least recently used first: a consistent view to save while the store
-        goes on changing (a :class:`History` is never changed in place, only replaced)."""
-        return [(user, state.history) for user, state in self.users.items()]
+    def histories(self) -> tuple[list[str], list[History]]:
+        """Every user and its history, least recently used first: a consistent view to save while the
+        store goes on changing (a :class:`History` is never changed in place, only replaced). Two
+        lists of references, not pairs: no object per user to allocate, or for the collector to see."""
+        return list(self.users), [state.history for state in self.users.values()]
 
     def save(self, path: Path, item_raw: list[str], action_values: list[float], generation: int = 0) -> int:
         """Write every user's history (:func:`save_histories`). Returns rows."""
-        return save_histories(path, self.histories(), self.seed, item_raw, action_values, generation)
+        return save_histories(path, *self.histories(), self.seed, item_raw, action_values, generation)
 
     def load(self, path: Path, item_index: dict[str, int], action_index: dict[float, int],
              request_window_s: int, user_index: dict[str, int] | None = None) -> int:
@@ -234,12 +235,13 @@ class UserStore:
         seen = np.sort(seen)
         seen = seen[np.append(True, seen[1:] != seen[:-1])] if len(seen) else seen
         seen_bounds = np.searchsorted(seen, np.arange(len(users) + 1) * width)
+        seen_items = (seen % width).astype(np.int32)
         event_bounds = np.append(starts, len(ev))
         fields = (item[ev], action[ev], labels[ev].astype(np.float32), times[ev], requests)
-        for u, user in enumerate(users):
+        for u, user in enumerate(users):  # views into the columns: one allocation per column, not per user
             a, b = event_bounds[u], event_bounds[u + 1]
-            self.set_history(user, History(*(f[a:b].copy() for f in fields), user_index.get(user),
-                                           (seen[seen_bounds[u]:seen_bounds[u + 1]] % width).astype(np.int32)))
+            self.set_history(user, History(*(f[a:b] for f in fields), user_index.get(user),
+                                           seen_items[seen_bounds[u]:seen_bounds[u + 1]]))
         return len(users)
 
 
@@ -256,53 +258,69 @@ def _mapped(column: pa.ChunkedArray, index: dict, missing: int = 0) -> np.ndarra
     return np.array([index.get(v, missing) for v in values], dtype=np.int64)[codes] if values else codes
 
 
-def save_histories(path: Path, histories: list[tuple[str, History]], seed: Callable[[str], History | None],
-                   item_raw: list[str], action_values: list[float], generation: int = 0) -> int:
-    """Write ``(user, history)`` pairs as Parquet (one row per event, raw ids); atomic and on disk when
-    it returns (temp file, fsync, ``os.replace``, fsync of the folder). ``generation`` goes into the
-    file's metadata (:func:`snapshot_generation`). Returns rows. Reads only its arguments (and calls
+def save_histories(path: Path, users: list[str], histories: list[History], seed: Callable[[str], History | None],
+                   item_raw: list[str], action_values: list[float], generation: int = 0,
+                   chunk_rows: int = 1 << 20) -> int:
+    """Write the ``users``' ``histories`` as Parquet (one row per event, raw ids); atomic and on disk
+    when it returns (temp file, fsync, ``os.replace``, fsync of the folder). ``generation`` goes into
+    the file's metadata (:func:`snapshot_generation`). Returns rows. Reads only its arguments (and calls
     ``seed``), so it can run on another thread than the store's (:meth:`UserStore.histories`).
 
-    Items the user has seen beyond its events and its seed's (appended events that left the
-    ``max_len`` window) are rows of their own, with no action, label or time, so ``/recommend``
-    still leaves them out after a restart. Column-wise: ids become raw ids by one ``take`` each."""
-    n = len(histories)
-    user_at = np.arange(n, dtype=np.int64)
-    width = len(item_raw) + 1  # (user, item) pairs as one int64 key: user * width + item
+    Written a row group of about ``chunk_rows`` events at a time: memory stays bounded by a chunk, and
+    no single array operation (which may hold the interpreter's lock) spans the whole store."""
+    schema = pa.schema({"user": pa.string(), "item": pa.string(), "action": pa.float64(), "label": pa.float32(),
+                        "time": pa.int64()}, metadata={GENERATION_KEY: str(generation)})
+    raw_items, values = pa.array(item_raw, pa.string()), np.asarray(action_values, dtype=np.float64)
+    ends = np.cumsum([len(h) for h in histories], dtype=np.int64)  # [U] rows up to each user's last event
+    cuts = np.searchsorted(ends, np.arange(chunk_rows, ends[-1] if len(ends) else 0, chunk_rows), side="right")
+    bounds = [0, *np.unique(cuts).tolist(), len(users)]
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    rows = 0
+    with pq.ParquetWriter(tmp, schema) as writer:
+        for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
+            if hi > lo:
+                table = _snapshot_rows(users[lo:hi], histories[lo:hi], seed, raw_items, values, schema)
+                writer.write_table(table)
+                rows += table.num_rows
+    replace_durably(tmp, path)
+    return rows
+
+
+def _snapshot_rows(users: list[str], histories: list[History], seed: Callable[[str], History | None],
+                   raw_items: pa.Array, action_values: np.ndarray, schema: pa.Schema) -> pa.Table:
+    """The snapshot's rows of some users: their events, then the items each has seen beyond its events
+    and its seed's (appended events that left the ``max_len`` window) as rows with no action, label or
+    time, so ``/recommend`` still leaves them out after a restart. Column-wise: ids become raw ids by
+    one ``take`` each; the seen-only items are found over sorted (user, item) keys."""
+    user_at = np.arange(len(users), dtype=np.int64)
+    width = len(raw_items) + 1  # (user, item) pairs as one int64 key: user * width + item
 
     def joined(arrays: list[np.ndarray], dtype) -> np.ndarray:
-        return np.concatenate(arrays or [np.zeros(0, dtype)]).astype(dtype)
+        return np.concatenate(arrays).astype(dtype, copy=False)
 
     def keys(arrays: list[np.ndarray]) -> np.ndarray:
         return np.repeat(user_at, [len(a) for a in arrays]) * width + joined(arrays, np.int64)
 
-    seeds = [seed(user) for user, _ in histories]
-    seen = keys([h.seen for _, h in histories])  # sorted: users in order, each one's seen sorted
-    have = np.sort(np.concatenate([keys([h.items for _, h in histories]),
+    seeds = [seed(user) for user in users]
+    seen = keys([h.seen for h in histories])  # sorted: users in order, each one's seen sorted
+    have = np.sort(np.concatenate([keys([h.items for h in histories]),
                                    keys([np.zeros(0, np.int64) if s is None else s.seen for s in seeds])]))
     at = np.minimum(np.searchsorted(have, seen), max(len(have) - 1, 0))  # (numpy's set ops hash: slower here)
     extra = seen[have[at] != seen] if len(have) else seen  # [E] keys of seen-only items
-    names = pa.array([user for user, _ in histories], pa.string())
-    raw_items = pa.array(item_raw, pa.string())
-    schema = pa.schema({"user": pa.string(), "item": pa.string(), "action": pa.float64(), "label": pa.float32(),
-                        "time": pa.int64()}, metadata={GENERATION_KEY: str(generation)})
+    names = pa.array(users, pa.string())
     events = pa.table({
-        "user": names.take(np.repeat(user_at, [len(h) for _, h in histories])),
-        "item": raw_items.take(joined([h.items for _, h in histories], np.int64) - 1),
-        "action": np.asarray(action_values, dtype=np.float64)[joined([h.actions for _, h in histories], np.int64)],
-        "label": joined([h.labels for _, h in histories], np.float32),
-        "time": joined([h.timestamps for _, h in histories], np.int64)}, schema=schema)
+        "user": names.take(np.repeat(user_at, [len(h) for h in histories])),
+        "item": raw_items.take(joined([h.items for h in histories], np.int64) - 1),
+        "action": action_values[joined([h.actions for h in histories], np.int64)],
+        "label": joined([h.labels for h in histories], np.float32),
+        "time": joined([h.timestamps for h in histories], np.int64)}, schema=schema)
     seen_only = pa.table({
         "user": names.take(extra // width), "item": raw_items.take(extra % width - 1),
         **{name: pa.nulls(len(extra), schema.field(name).type) for name in ("action", "label", "time")}},
         schema=schema)
-    table = pa.concat_tables([events, seen_only])
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    pq.write_table(table, tmp)
-    replace_durably(tmp, path)
-    return table.num_rows
+    return pa.concat_tables([events, seen_only])
 
 
 GENERATION_KEY = "genrec.journal_generation"
