@@ -351,12 +351,12 @@ def _serve_arguments(p: argparse.ArgumentParser) -> None:
                    "(default $GENREC_SERVE_TOKEN; none: no auth)")
     p.add_argument("--cache-bytes", type=_byte_size, default=_byte_size("1G"),
                    help="budget for per-user KV caches, e.g. 512M (LRU eviction; histories stay on the host)")
-    p.add_argument("--state-file", default=None, help="Parquet snapshot of user histories plus a journal of "
-                   "/events appends (<file>.journal, fsync'd before each reply): read and compacted on start, "
-                   "written on shutdown and after every --snapshot-every appends")
+    p.add_argument("--state-file", default=None, help="Parquet snapshot of user histories plus journals of "
+                   "/events appends (<file>.journal.<generation>, fsync'd before each reply): read and compacted "
+                   "on start, written on shutdown and after every --snapshot-every appends")
     p.add_argument("--snapshot-every", type=_non_negative_int, default=100_000,
-                   help="appends between snapshots of --state-file, each starting an empty journal "
-                   "(0: only at start and shutdown)")
+                   help="appends between snapshots of --state-file, each starting a new journal and written in "
+                   "the background (0: only at start and shutdown)")
     p.add_argument("--max-batch", type=int, default=32, help="requests per scoring call")
     p.add_argument("--max-wait-us", type=int, default=500, help="longest wait for a batch to fill, microseconds")
     p.add_argument("--max-candidates", type=int, default=1024)

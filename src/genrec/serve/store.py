@@ -8,7 +8,9 @@ history is the state that matters; :meth:`UserStore.save` writes it as Parquet (
 outlives a model) and :meth:`UserStore.load` reads it back; appends between two snapshots are kept
 by the write-ahead journal (:mod:`genrec.serve.journal`), so neither a restart nor a crash loses any.
 
-The store is not thread-safe: the service touches it from its one scoring thread only.
+The store is not thread-safe: the service touches it from its one scoring thread only. A snapshot
+written in the background reads a view of it (:meth:`UserStore.histories`) and calls its seed (a
+function of the training data), never the store itself.
 """
 
 from __future__ import annotations
