@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     bias = not args.no_bias
     fwd, bwd, dq = hstu.KernelConfig().tiles(args.head_dim)
     kernels = (("forward", hstu._hstu_fwd, fwd, {"HAS_BIAS": bias}),
-               ("dk_dv", hstu._hstu_bwd, bwd, {"HAS_BIAS": bias, "DQ_ATOMIC": False}),
+               ("dk_dv", hstu._hstu_bwd, bwd, {"HAS_BIAS": bias, "DQ_ATOMIC": False, "DQ_DESC": None}),
                *([("bias_grad", hstu._hstu_bwd_rab, bwd, {"TIME_SLOTS": 32})] if bias else []),
                ("dq", hstu._hstu_bwd_dq, dq, {"HAS_BIAS": bias, "BIAS_GRADS": bias, "TIME_SLOTS": 32}))
     rows = []

@@ -925,7 +925,8 @@ def tiles_config(tiles: dict):
     from genrec.ops.triton.hstu import DEFAULT_CONFIG
 
     family = "_large" if tiles.get("head_dim", 128) >= 128 else ""
-    return dataclasses.replace(DEFAULT_CONFIG, dq_separate=tiles["dq"] is not None, **{
+    flag = "dq_separate" if family else "dq_separate_small"
+    return dataclasses.replace(DEFAULT_CONFIG, **{flag: tiles["dq"] is not None,
         f"fwd{family}": tuple(tiles["fwd"]), f"bwd{family}": tuple(tiles["bwd"]),
         f"dq{family}": tuple(tiles["dq"] or getattr(DEFAULT_CONFIG, f"dq{family}"))})
 
@@ -1048,7 +1049,7 @@ def main(argv: list[str] | None = None) -> int:
     meta["hstu_tiles"] = {"fwd": {"small": config.fwd, "large": config.fwd_large, "fp32_large": config.fwd_fp32_large},
                           "bwd": {"small": config.bwd, "large": config.bwd_large, "fp32_large": config.bwd_fp32_large},
                           "dq": {"small": config.dq, "large": config.dq_large, "fp32_large": config.dq_fp32_large},
-                          "dq_separate": config.dq_separate}
+                          "dq_separate": {"small": config.dq_separate_small, "large": config.dq_separate}}
     if args.anchor_path:
         meta["anchor"] = f"triton_hstu_mha of meta-recsys/generative-recommenders at {args.anchor_commit}"
     meta["shapes"] = {"kernel_heads": 4, "kernel_dh": 128, "kernel_tokens": args.kernel_tokens, "d": args.d,

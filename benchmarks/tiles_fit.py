@@ -38,6 +38,8 @@ def signature(fn, dtype: str, constants: dict) -> dict[str, str]:
     def kind(name: str) -> str:
         if name in constants:
             return "constexpr"
+        if name == "DQ_DESC":  # the dK/dV kernel's dQ buffer, [B*H, LQ, D] in blocks of one query tile
+            return f"tensordesc<fp32[1, {constants['BLOCK_M']}, {constants['D']}]>"
         if name in _FLOATS:
             return "fp32"
         if name in _INTS or not name[0].isupper():
@@ -98,10 +100,12 @@ def main(argv: list[str] | None = None) -> int:
     for dtype, torch_dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
         for head_dim in (int(d) for d in args.head_dims.split(",")):
             fwd, bwd, dq = config.tiles(head_dim, torch_dtype)
+            separate = config.separates_dq(head_dim)
             kernels = (("forward", hstu._hstu_fwd, fwd, {}),
-                       ("dk_dv", hstu._hstu_bwd, bwd, {"DQ_ATOMIC": not config.dq_separate}),
+                       ("dk_dv", hstu._hstu_bwd, bwd, {"DQ_ATOMIC": not separate,
+                                                        **({"DQ_DESC": None} if separate else {})}),
                        ("bias_grad", hstu._hstu_bwd_rab, bwd, {"TIME_SLOTS": 32}),
-                       ("dq", hstu._hstu_bwd_dq, dq, {"BIAS_GRADS": config.dq_separate, "TIME_SLOTS": 32}),
+                       *((("dq", hstu._hstu_bwd_dq, dq, {"BIAS_GRADS": True, "TIME_SLOTS": 32}),) if separate else ()),
                        *((("bias_grad_bands", hstu._hstu_bwd_rab_bands, bwd, {"TIME_SLOTS": 32}),)
                          if head_dim <= hstu.BAND_MAX_DIM else ()))
             for name, fn, tile, extra in kernels:

@@ -123,13 +123,12 @@ def main(argv: list[str] | None = None) -> int:
     rows = [row("fwd", tiles, "", dataclasses.replace(default, **{field("fwd"): tiles}), False) for tiles in FWD]
     fwd = ast.literal_eval(min(rows, key=total)["tiles"])
     choice = {"fwd": fwd, "bwd": getattr(default, field("bwd")),
-              "dq": getattr(default, field("dq")) if default.dq_separate else None}
+              "dq": getattr(default, field("dq")) if default.separates_dq(args.head_dim) else None}
     if "bwd" in args.parts.split(","):
-        strategies = (False, True) if large else (default.dq_separate,)  # one dQ flag for both families
-        for separate in strategies:
+        for separate in (False, True):
             for tiles in BWD:
                 for dq in DQ if separate else [None]:
-                    config = dataclasses.replace(default, dq_separate=separate, **{
+                    config = dataclasses.replace(default, **{"dq_separate" if large else "dq_separate_small": separate,
                         field("fwd"): fwd, field("bwd"): tiles, field("dq"): dq or getattr(default, field("dq"))})
                     rows.append(row("fwd+bwd", tiles, str(dq) if dq else "atomic", config, True))
         best = min((r for r in rows if r["part"] == "fwd+bwd"), key=total)
@@ -145,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     table = report.markdown_table(rows, ["part", "tiles", "dq", *columns, "total_ms"])
     meta = report.meta(["python", "benchmarks/tune_hstu_kernel.py", *(argv if argv is not None else sys.argv[1:])])
     meta["default"] = {part: getattr(default, field(part)) for part in ("fwd", "bwd", "dq")} | {
-        "dq_separate": default.dq_separate}
+        "dq_separate": default.separates_dq(args.head_dim)}
     name = "hstu_tuning" if "bwd" in args.parts.split(",") else "hstu_tuning_fwd"
     report.write(out / f"{name}{suffix}_{device}", rows, table, meta, targets=[])  # no issue names one
     print(table, "\nchosen:", choice)

@@ -350,9 +350,10 @@ def test_a_tiles_file_sets_the_family_it_tuned():
 
     small = speed.tiles_config({"fwd": [64, 32, 4, 3], "bwd": [64, 64, 4, 3], "dq": [64, 64, 4, 3], "head_dim": 64})
     assert (small.fwd, small.bwd, small.dq) == ((64, 32, 4, 3), (64, 64, 4, 3), (64, 64, 4, 3))
-    assert small.tiles(128) == DEFAULT_CONFIG.tiles(128) and small.dq_separate
+    assert small.tiles(128) == DEFAULT_CONFIG.tiles(128) and small.separates_dq(64) and small.separates_dq(128)
     large = speed.tiles_config({"fwd": [128, 64, 8, 3], "bwd": [128, 128, 8, 2], "dq": None})
-    assert large.tiles(128)[:2] == ((128, 64, 8, 3), (128, 128, 8, 2)) and not large.dq_separate
+    assert large.tiles(128)[:2] == ((128, 64, 8, 3), (128, 128, 8, 2)) and not large.separates_dq(128)
+    assert large.separates_dq(64) == DEFAULT_CONFIG.separates_dq(64)
     assert large.tiles(64) == DEFAULT_CONFIG.tiles(64) and large.dq_large == DEFAULT_CONFIG.dq_large
     for prefix, family in (("hstu_tiles", 128), ("hstu_tiles_d64", 64)):
         tiles = json.loads((REPO / "benchmarks" / "results" / f"{prefix}_NVIDIA_H100_80GB_HBM3.json").read_text())

@@ -110,9 +110,10 @@ def _check(layout, dtype, bias, q_offset=0, dim=32, pos_buckets=101, backend=Non
 
 
 def _backend(dq_separate: bool):
+    """The triton backend with one dQ strategy at every head dim."""
     from genrec.ops.triton.hstu import KernelConfig
 
-    return backend_module.triton_backend(KernelConfig(dq_separate=dq_separate))
+    return backend_module.triton_backend(KernelConfig(dq_separate=dq_separate, dq_separate_small=dq_separate))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -205,8 +206,8 @@ def test_every_bias_form_of_a_tile_matches_reference(positions, forward_tiles):
     small = (16, 16, 4, 1)
     config = hstu.KernelConfig() if forward_tiles == 64 else hstu.KernelConfig(fwd=small, dq=small, fwd_large=small,
                                                                               dq_large=small)
-    split = hstu._splits_bias_grads(True, config.dq_separate, *config.tiles(32)[1:])
-    count, index, _ = hstu._bias_flags(layout, True, config.dq_separate, config.tiles(32), 0, 40, 32, split,
+    split = hstu._splits_bias_grads(True, config.separates_dq(32), *config.tiles(32)[1:])
+    count, index, _ = hstu._bias_flags(layout, True, config.separates_dq(32), config.tiles(32), 0, 40, 32, split,
                                        bands=True)[3]
     band_pairs = {(b, band - 3 + int(index[b, band, i]), int(index[b, band, i]))  # (row, query tile, key tile)
                   for b, band in count[..., 0].nonzero().tolist() for i in range(int(count[b, band, 0]))}
@@ -462,7 +463,8 @@ def test_models_give_the_same_predictions_and_gradients_on_both_backends(name, l
         grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
         with torch.no_grad():
             logits = model.rank_logits(batch)
-            cands = torch.randint(1, 41, (4, 9), device=DEVICE, generator=torch.Generator(DEVICE).manual_seed(1))
+            cands = torch.randint(1, 41, (len(lengths), 9), device=DEVICE,
+                                  generator=torch.Generator(DEVICE).manual_seed(1))
             when = batch.timestamps[batch.offsets[1:] - 1] + 60
             if model.kv_serving is not None:  # KV-cache serving in micro-batches of 4
                 serving = model.kv_serving

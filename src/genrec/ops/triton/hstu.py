@@ -9,8 +9,9 @@ causal + fake cross-triangle) is one rule among three, so the whole ``[real | fa
 launch.
 
 Backward: one kernel per key tile computes dK and dV in registers; dQ comes from a second kernel per
-query tile (``KernelConfig.dq_separate``, the default: seven matrix products per tile pair, no
-atomics), or from fp32 atomic adds in the first (the FlashAttention-2 split, five products; half as fast on the H100).
+query tile (seven matrix products per tile pair, no atomics; the default at head dim 128), or from
+the first, which adds each pair's dQ tile to an fp32 buffer by one TMA bulk reduction (the
+FlashAttention-2 split, five products; the default below 128): :meth:`KernelConfig.separates_dq`.
 The relative bias costs each tile pair only what its extremes require (:func:`_scores`): one value
 where all its distances lie past the position table or all its time differences in one bucket,
 one comparison per pair where they span two buckets, a table read per pair otherwise (its time
@@ -51,6 +52,7 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 from triton.runtime.interpreter import InterpretedFunction
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from genrec.ops.layout import RULE_IDS, TokenLayout
 from genrec.ops.triton import tiles
@@ -89,10 +91,16 @@ class KernelConfig:
     (128, 64, 8, 2) is within 1 % of it without. ``*_fp32_large`` are the float32 tiles at head dim
     >= 128: float32 tiles take twice the bytes, and the bf16 ones ask up to 262,676 bytes of shared
     memory where a Hopper SM has 232,448 (fewer pipeline stages and query rows instead;
-    benchmarks/tiles_fit.py compiles every table for sm_90 on the CPU: results/tiles_fit_sm90.md). ``dq_separate``:
-    dQ by its own kernel (no atomics) rather than fp32 atomic adds in the dK/dV kernel, twice as fast
-    on the H100 despite two more matrix products per tile pair (same sweep). The backward's tiles
-    must be square and >= 64 (the position-bias gradient's reduction)."""
+    benchmarks/tiles_fit.py compiles every table for sm_90 on the CPU: results/tiles_fit_sm90.md).
+
+    The dQ strategy, per head-dim family (:meth:`separates_dq`): ``dq_separate`` (head dim >= 128)
+    and ``dq_separate_small`` (below) choose dQ by its own kernel (no atomics, seven matrix products
+    per tile pair) over dQ in the dK/dV kernel (five products), each pair's dQ tile added to an fp32
+    buffer by one TMA bulk reduction (``cp.reduce.async.bulk.tensor``). benchmarks/dq_strategy.py
+    times both on the H100 (results/dq_strategy_NVIDIA_H100_80GB_HBM3.md): at head dim 64 on the
+    training steps' layouts the reductions are faster; at 128 neither wins clearly, so the separate
+    kernel the tuning sweep picked stays. The backward's tiles must be square and >= 64 (the
+    position-bias gradient's reduction)."""
 
     fwd: Tile = (64, 64, 4, 3)
     bwd: Tile = (64, 64, 4, 2)
@@ -104,6 +112,11 @@ class KernelConfig:
     bwd_fp32_large: Tile = (64, 64, 4, 1)
     dq_fp32_large: Tile = (64, 64, 4, 2)
     dq_separate: bool = True
+    dq_separate_small: bool = False
+
+    def separates_dq(self, head_dim: int) -> bool:
+        """Whether dQ comes from its own kernel at this head dim (else from the dK/dV kernel)."""
+        return self.dq_separate if head_dim >= 128 else self.dq_separate_small
 
     def tiles(self, head_dim: int, dtype: torch.dtype = torch.bfloat16) -> tuple[Tile, Tile, Tile]:
         """(forward, dK/dV, dQ) tiles for this head dim and dtype."""
@@ -549,14 +562,16 @@ def _query_tile_grads(Q, DO, REQ, EVT, FLAG, POS, TS, REL_POS, REL_TIME, q_tile,
 
 
 @triton.jit
-def _hstu_bwd(Q, K, V, DO, DQ, DK, DV, REQ, EVT, FLAG, POS, TS, REL_POS, REL_TIME, Q_COUNT, Q_INDEX, Q_FLAGS,
+def _hstu_bwd(Q, K, V, DO, DQ, DQ_DESC, DK, DV, REQ, EVT, FLAG, POS, TS, REL_POS, REL_TIME, Q_COUNT, Q_INDEX, Q_FLAGS,
               s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_db, s_dh, s_dm, s_cb, s_ib, s_iq,
               H, LQ, L, s_m, Q_OFFSET, NUM_POS, NUM_TIME, alpha, scale,
               s_gb, s_gh, s_gm, s_kgb, s_kgh, s_kgn, RULE: tl.constexpr, HAS_BIAS: tl.constexpr,
               PRECISION: tl.constexpr, DQ_ATOMIC: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
               BLOCK_N: tl.constexpr):
     """dK and dV, one key tile per program; scores are held transposed, ``[BLOCK_N keys, BLOCK_M
-    queries]``. The bias tables' gradients come from :func:`_hstu_bwd_rab`."""
+    queries]``. The bias tables' gradients come from :func:`_hstu_bwd_rab`. With ``DQ_ATOMIC``, also
+    each pair's dQ tile, added to the fp32 buffer behind ``DQ_DESC`` (``[B·H, LQ, D]``) by one TMA
+    bulk reduction (rows past ``LQ`` fall outside the descriptor and are dropped)."""
     tile, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
     cols = tl.arange(0, D)
@@ -570,8 +585,9 @@ def _hstu_bwd(Q, K, V, DO, DQ, DK, DV, REQ, EVT, FLAG, POS, TS, REL_POS, REL_TIM
             lo, hi = _pair_range(Q_COUNT, b * s_cb + tile * 2, part, HAS_BIAS)
             for i in range(lo, hi):
                 at = b * s_ib + tile * s_iq + i
+                q_tile = tl.load(Q_INDEX + at)
                 rows, q_in, q, do, a, ds, _ = _query_tile_grads(
-                    Q, DO, REQ, EVT, FLAG, POS, TS, REL_POS, REL_TIME, tl.load(Q_INDEX + at), tl.load(Q_FLAGS + at),
+                    Q, DO, REQ, EVT, FLAG, POS, TS, REL_POS, REL_TIME, q_tile, tl.load(Q_FLAGS + at),
                     k, v, keys, k_in, k_req, k_evt, k_flag, pos_top, b, h, cols, s_qb, s_qh, s_qm, s_db, s_dh, s_dm,
                     LQ, L, s_m, Q_OFFSET, NUM_POS, NUM_TIME, alpha, scale, RULE, HAS_BIAS, part == 0, PRECISION,
                     BLOCK_M, BLOCK_N)
@@ -579,8 +595,11 @@ def _hstu_bwd(Q, K, V, DO, DQ, DK, DV, REQ, EVT, FLAG, POS, TS, REL_POS, REL_TIM
                 dk += tl.dot(ds.to(q.dtype), q, input_precision=PRECISION)
                 if DQ_ATOMIC:
                     dq = tl.dot(tl.trans(ds).to(k.dtype), k, input_precision=PRECISION) * alpha  # [BLOCK_M, D]
-                    tl.atomic_add(DQ + b * s_gb + h * s_gh + rows[:, None] * s_gm + cols[None, :], dq,
-                                  mask=q_in[:, None])
+                    if DEVICE_MATH:  # one bulk reduction by the TMA unit, not BLOCK_M x D atomic adds
+                        DQ_DESC.atomic_add([bh, q_tile * BLOCK_M, 0], tl.reshape(dq, [1, BLOCK_M, D]))
+                    else:  # Triton's interpreter has no TMA reductions
+                        tl.atomic_add(DQ + b * s_gb + h * s_gh + rows[:, None] * s_gm + cols[None, :], dq,
+                                      mask=q_in[:, None])
     out = b * s_kgb + h * s_kgh + keys[:, None] * s_kgn + cols[None, :]
     tl.store(DK + out, (dk * alpha).to(DK.dtype.element_ty), mask=k_in[:, None])
     tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=k_in[:, None])
@@ -969,9 +988,12 @@ def _bwd_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
     block_m, block_n, warps, stages = bwd_tile
     launch = dict(D=d, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
     sizes = _sizes(bwd_count, bwd_index, q, seq, meta, q_offset, rel_pos.shape[-1], rel_time.shape[-1], scale)
+    dq_atomic = not dq_separate and lq > 0  # no query rows (a last block asked for none): no dQ, no descriptor
+    dq_desc = TensorDescriptor.from_tensor(dq.view(b * h, lq, d), [1, block_m, d]) if dq_atomic else None
     _hstu_bwd[(triton.cdiv(seq, block_n), b * h)](
-        q, k, v, grad_out, dq, dk, dv, *reads, bwd_count, bwd_index, bwd_full, *strides, *sizes, *_strides(dq, dk),
-        RULE=rule, HAS_BIAS=has_bias, PRECISION=precision, DQ_ATOMIC=not dq_separate, **launch)
+        q, k, v, grad_out, dq, dq_desc, dk, dv, *reads, bwd_count, bwd_index, bwd_full, *strides, *sizes,
+        *_strides(dq, dk),
+        RULE=rule, HAS_BIAS=has_bias, PRECISION=precision, DQ_ATOMIC=dq_atomic, **launch)
     time_slots = triton.next_power_of_2(max(rel_time.shape[-1], 16))
     split = _splits_bias_grads(has_bias, dq_separate, bwd_tile, dq_tile)  # as hstu_attention flagged
     if has_bias:
@@ -1055,13 +1077,14 @@ def _plan(layout: TokenLayout, head_dim: int, dtype: torch.dtype, q_offset: int,
     keys = [("triton_meta_rows",)]
     rows = layout.cached(keys[0], lambda: _aligned_rows(_kernel_meta(layout)))
     fwd_tile, bwd_tile, dq_tile = tile_table = config.tiles(head_dim, dtype)
+    dq_separate = config.separates_dq(head_dim)
     if num_pos is not None:
-        split = _splits_bias_grads(True, config.dq_separate, bwd_tile, dq_tile)
+        split = _splits_bias_grads(True, dq_separate, bwd_tile, dq_tile)
         banded = head_dim <= BAND_MAX_DIM  # as _bwd_op launches the band kernel
         keys.append(("triton_bias_flags", tuple(fwd_tile), tuple(bwd_tile), tuple(dq_tile), layout.query_tag(q_offset),
-                     num_pos, num_time, grads, config.dq_separate, split, banded))
+                     num_pos, num_time, grads, dq_separate, split, banded))
         forward, backward, dq, bands, q_ext, k_ext = layout.cached(keys[-1], lambda: _bias_flags(
-            layout, grads, config.dq_separate, tile_table, q_offset, num_pos, num_time, split, banded))
+            layout, grads, dq_separate, tile_table, q_offset, num_pos, num_time, split, banded))
         return (rows, tile_table, forward, backward, dq, bands, q_ext, k_ext), tuple(keys)
     def scheduled(tile: Tile, transpose: bool):  # a schedule, its key noted where it is read
         keys.append(_schedule_key(layout, tile, q_offset, transpose))
@@ -1069,7 +1092,7 @@ def _plan(layout: TokenLayout, head_dim: int, dtype: torch.dtype, q_offset: int,
     # placeholders where no gradient is asked, or dQ comes from the dK/dV kernel
     forward = scheduled(fwd_tile, transpose=False)
     backward = scheduled(bwd_tile, transpose=True) if grads else forward
-    dq = scheduled(dq_tile, transpose=False) if grads and config.dq_separate else backward
+    dq = scheduled(dq_tile, transpose=False) if grads and dq_separate else backward
     return (rows, tile_table, forward, backward, dq, None, None, None), tuple(dict.fromkeys(keys))
 
 
@@ -1109,4 +1132,4 @@ def hstu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: To
         bands = forward  # a placeholder, unread
     return _fwd_op(q, k, v, [*rows, q_ext, k_ext],
                    rel_pos, rel_time, [*forward, *backward, *dq, *bands], scale, q_offset, RULE_IDS[layout.rule],
-                   has_bias, [*fwd_tile, *bwd_tile, *dq_tile], config.dq_separate)
+                   has_bias, [*fwd_tile, *bwd_tile, *dq_tile], config.separates_dq(d))
