@@ -9,9 +9,9 @@ causal + fake cross-triangle) is one rule among three, so the whole ``[real | fa
 launch.
 
 Backward: one kernel per key tile computes dK and dV in registers; dQ comes from a second kernel per
-query tile (seven matrix products per tile pair, no atomics; the default at head dim 128), or from
-the first, which adds each pair's dQ tile to an fp32 buffer by one TMA bulk reduction (the
-FlashAttention-2 split, five products; the default below 128): :meth:`KernelConfig.separates_dq`.
+query tile (seven matrix products per tile pair, no atomics; the default), or from the first,
+which adds each pair's dQ tile to an fp32 buffer by one TMA bulk reduction (the FlashAttention-2
+split, five products), per head-dim family: :meth:`KernelConfig.separates_dq`.
 The relative bias costs each tile pair only what its extremes require (:func:`_scores`): one value
 where all its distances lie past the position table or all its time differences in one bucket,
 one comparison per pair where they span two buckets, a table read per pair otherwise (its time
@@ -97,10 +97,11 @@ class KernelConfig:
     and ``dq_separate_small`` (below) choose dQ by its own kernel (no atomics, seven matrix products
     per tile pair) over dQ in the dK/dV kernel (five products), each pair's dQ tile added to an fp32
     buffer by one TMA bulk reduction (``cp.reduce.async.bulk.tensor``). benchmarks/dq_strategy.py
-    times both on the H100 (results/dq_strategy_NVIDIA_H100_80GB_HBM3.md): at head dim 64 on the
-    training steps' layouts the reductions are faster; at 128 neither wins clearly, so the separate
-    kernel the tuning sweep picked stays. The backward's tiles must be square and >= 64 (the
-    position-bias gradient's reduction)."""
+    times both on a GPU. An H100 A/B at N = 1024 (results/gpu_logs/dq_tma_ab_9a3deaf_tma_patch_*):
+    at head dim 64 on the training steps' layouts the reductions were 2-10 % faster, at 128 within
+    3 % either way; the separate kernel stays the default in both families until the reductions
+    have run the GPU test grid (every dtype x head dim) as the default. The backward's tiles must be
+    square and >= 64 (the position-bias gradient's reduction)."""
 
     fwd: Tile = (64, 64, 4, 3)
     bwd: Tile = (64, 64, 4, 2)
@@ -112,7 +113,7 @@ class KernelConfig:
     bwd_fp32_large: Tile = (64, 64, 4, 1)
     dq_fp32_large: Tile = (64, 64, 4, 2)
     dq_separate: bool = True
-    dq_separate_small: bool = False
+    dq_separate_small: bool = True
 
     def separates_dq(self, head_dim: int) -> bool:
         """Whether dQ comes from its own kernel at this head dim (else from the dK/dV kernel)."""
