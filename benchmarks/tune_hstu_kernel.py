@@ -5,14 +5,15 @@ the dQ strategies, bf16, at each N; keeps the configuration with the least summe
 case (N x layout x bias). Two shape families, one per field family of ``KernelConfig``:
 
 * ``--head-dim 128`` (default): the ``*_large`` tiles, on the kernel rows' shapes of
-  benchmarks/speed.py (4 heads, 131,072 tokens per batch, equal-length causal sequences), both dQ
-  strategies (fp32 atomics in the dK/dV kernel, or a separate dQ kernel);
+  benchmarks/speed.py (4 heads, 131,072 tokens per batch, equal-length causal sequences);
 * ``--head-dim 64 --heads 8 --tokens 32768 --layouts hstu,dfgr,dfgr_sparse --bias 0,1``: the small
   tiles (head dims below 128), on what a training step of speed.py's train part runs (d 512,
   8 heads; the token layouts of HSTU, DFGR and DFGR with the targets' fake flow, targets the last
   10 % of events, with and without the models' relative bias: ``N + 1`` position slots, 32 time
-  buckets). The dQ strategy is one flag for both families, so this sweep keeps the separate kernel
-  the head-dim-128 sweep chose and varies its tiles.
+  buckets).
+
+Each family sweeps both dQ strategies (dQ in the dK/dV kernel by TMA bulk reductions, or a separate
+dQ kernel: its flag, ``dq_separate`` or ``dq_separate_small``).
 
 Writes ``benchmarks/results/hstu_tiles[_d<dim>][_graphs]_<device>.json`` (read by ``speed.py
 --tiles``) and ``hstu_tuning[_fwd][_d<dim>][_graphs]_<device>.{json,md}``, and prints the table; the
