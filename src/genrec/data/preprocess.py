@@ -132,6 +132,19 @@ def _dense(values: pa.ChunkedArray) -> tuple[np.ndarray, list[str]]:
     return codes.astype(np.int64), sorted_uniques.to_pylist()
 
 
+def request_ids(timestamps: np.ndarray, offsets: np.ndarray, request_window_s: int) -> np.ndarray:
+    """Each event's request, numbered from 0 per user ([N] int64): events grouped by user (user ``u``'s
+    are ``timestamps[offsets[u]:offsets[u + 1]]``, in time order), a request starting at a user's
+    first event and after every gap longer than ``request_window_s``. The one definition the data,
+    the service's histories and their snapshots share."""
+    lengths = np.diff(offsets)
+    starts = offsets[:-1][lengths > 0]  # [U'] the first event of each user that has one
+    new_request = np.diff(timestamps, prepend=timestamps[:1]) > request_window_s
+    new_request[starts] = True
+    numbered = np.cumsum(new_request)
+    return numbered - np.repeat(numbered[starts], lengths[lengths > 0])
+
+
 def build_sequences(raw: RawData, cfg: PrepConfig, log=print) -> Sequences:
     if cfg.duplicates not in ("drop", "error"):
         raise ValueError(f"duplicates must be 'drop' or 'error', got {cfg.duplicates!r}")
@@ -197,12 +210,7 @@ def build_sequences(raw: RawData, cfg: PrepConfig, log=print) -> Sequences:
 
     offsets = np.zeros(len(users_left) + 1, dtype=np.int64)
     np.cumsum(np.bincount(user_dense, minlength=len(users_left)), out=offsets[1:])
-    new_user = np.zeros(len(ts), dtype=bool)
-    new_user[offsets[:-1]] = True
-    gap = np.diff(ts, prepend=ts[0])
-    new_request = new_user | (gap > cfg.request_window_s)
-    request_global = np.cumsum(new_request) - 1
-    request_ids = (request_global - request_global[offsets[:-1]][user_dense]).astype(np.int32)
+    requests = request_ids(ts, offsets, cfg.request_window_s).astype(np.int32)
 
     rating_values = np.unique(rating)
     return Sequences(
@@ -212,7 +220,7 @@ def build_sequences(raw: RawData, cfg: PrepConfig, log=print) -> Sequences:
         actions=np.searchsorted(rating_values, rating).astype(np.int64),
         labels=(rating > cfg.label_threshold).astype(np.int8),
         timestamps=ts.astype(np.int64),
-        request_ids=request_ids,
+        request_ids=requests,
         user_raw=[str(u) for u in user_raw],
         item_raw=[str(i) for i in item_raw],
         item_genres=item_genres,

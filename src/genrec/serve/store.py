@@ -26,6 +26,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from genrec.data.preprocess import request_ids
+
 
 @dataclass
 class History:
@@ -61,14 +63,10 @@ class History:
               seen: np.ndarray | None = None) -> History:
         """A history from per-event arrays, numbering requests as the preprocessing does."""
         timestamps = np.asarray(timestamps, dtype=np.int64)
-        gap = np.diff(timestamps, prepend=timestamps[:1])
-        new_request = gap > request_window_s
-        if len(new_request):
-            new_request[0] = True
         items = np.asarray(items, dtype=np.int64)
         seen = None if seen is None else np.union1d(seen, items).astype(np.int32)
         return cls(items, np.asarray(actions, dtype=np.int64), np.asarray(labels, dtype=np.float32), timestamps,
-                   np.cumsum(new_request) - 1, user, seen)
+                   request_ids(timestamps, np.array([0, len(timestamps)]), request_window_s), user, seen)
 
     def appended(self, other: History, request_window_s: int) -> History:
         """This history followed by ``other`` (whose times must not precede this one's last)."""
@@ -221,24 +219,16 @@ class UserStore:
         step_back = np.zeros(len(event), dtype=bool)  # an event before its user's previous one
         step_back[ev[1:]] = (times[ev[1:]] < times[ev[:-1]]) & (user_codes[ev[1:]] == user_codes[ev[:-1]])
         refuse(step_back, "has events out of time order")
-        # per event: a new request where its user's events start or after a gap > the window (History.build)
-        first = np.ones(len(ev), dtype=bool)
-        first[1:] = user_codes[ev[1:]] != user_codes[ev[:-1]]
-        new_request = first | (np.diff(times[ev], prepend=0) > request_window_s)
-        requests = np.cumsum(new_request)
-        starts = np.flatnonzero(first)  # [U] each user's first event (every user has one)
-        requests -= np.repeat(requests[starts], np.diff(np.append(starts, len(ev))))  # [E] from 0 per user
+        event_bounds = np.searchsorted(user_codes[ev], np.arange(len(users) + 1))  # [U + 1] (each has one)
+        requests = request_ids(times[ev], event_bounds, request_window_s)  # [E]
         # seen: the user's rows' items and its seed's, as sorted distinct (user, item) keys
-        seeds = [self.seed(user) for user in users]
         width = max(len(item_index), int(item.max(initial=0))) + 1
-        seed_seen = [np.zeros(0, np.int64) if s is None else s.seen for s in seeds]
-        seen = np.concatenate([user_codes * width + item, np.repeat(np.arange(len(users)), [len(a) for a in seed_seen])
-                               * width + np.concatenate(seed_seen or [np.zeros(0, np.int64)]).astype(np.int64)])
-        seen = np.sort(seen)
+        seeds = [self.seed(user) for user in users]
+        seen = np.sort(np.concatenate([user_codes * width + item, _user_item_keys(
+            [np.zeros(0, np.int64) if s is None else s.seen for s in seeds], width)]))
         seen = seen[np.append(True, seen[1:] != seen[:-1])] if len(seen) else seen
         seen_bounds = np.searchsorted(seen, np.arange(len(users) + 1) * width)
         seen_items = (seen % width).astype(np.int32)
-        event_bounds = np.append(starts, len(ev))
         fields = (item[ev], action[ev], labels[ev].astype(np.float32), times[ev], requests)
         for u, user in enumerate(users):  # views into the columns: one allocation per column, not per user
             a, b = event_bounds[u], event_bounds[u + 1]
@@ -251,6 +241,13 @@ def _codes(column: pa.ChunkedArray) -> tuple[np.ndarray, list]:
     """A column as codes into its distinct values: ``([R] int64, [V] values in order of first appearance)``."""
     encoded = column.combine_chunks().dictionary_encode()
     return encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64), encoded.dictionary.to_pylist()
+
+
+def _user_item_keys(arrays: list[np.ndarray], width: int) -> np.ndarray:
+    """The items of ``arrays`` (one per user, in the users' order) as (user, item) keys
+    ``user · width + item`` (int64), the users numbered from 0."""
+    users = np.repeat(np.arange(len(arrays), dtype=np.int64), [len(a) for a in arrays])
+    return users * width + np.concatenate(arrays or [np.zeros(0, np.int64)]).astype(np.int64, copy=False)
 
 
 def _mapped(column: pa.ChunkedArray, index: dict, missing: int = 0) -> np.ndarray:
@@ -302,13 +299,10 @@ def _snapshot_rows(users: list[str], histories: list[History], seed: Callable[[s
     def joined(arrays: list[np.ndarray], dtype) -> np.ndarray:
         return np.concatenate(arrays).astype(dtype, copy=False)
 
-    def keys(arrays: list[np.ndarray]) -> np.ndarray:
-        return np.repeat(user_at, [len(a) for a in arrays]) * width + joined(arrays, np.int64)
-
     seeds = [seed(user) for user in users]
-    seen = keys([h.seen for h in histories])  # sorted: users in order, each one's seen sorted
-    have = np.sort(np.concatenate([keys([h.items for h in histories]),
-                                   keys([np.zeros(0, np.int64) if s is None else s.seen for s in seeds])]))
+    seen = _user_item_keys([h.seen for h in histories], width)  # sorted: users in order, each one's seen sorted
+    have = np.sort(np.concatenate([_user_item_keys([h.items for h in histories], width), _user_item_keys(
+        [np.zeros(0, np.int64) if s is None else s.seen for s in seeds], width)]))
     at = np.minimum(np.searchsorted(have, seen), max(len(have) - 1, 0))  # (numpy's set ops hash: slower here)
     extra = seen[have[at] != seen] if len(have) else seen  # [E] keys of seen-only items
     names = pa.array(users, pa.string())
