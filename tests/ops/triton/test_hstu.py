@@ -121,7 +121,8 @@ def _backend(dq_separate: bool):
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("seed", SHAPE_SEEDS)
 def test_hstu_attention_matches_reference(kind, dtype, bias, seed):
-    """Random jagged shapes (seeded), the default dQ kernel; without the bias too (a model setting,
+    """Random jagged shapes (seeded), the default dQ strategy (at head dim 32: dQ in the dK/dV kernel);
+    without the bias too (a model setting,
     ``relative_bias``), whose kernels are compiled without its code."""
     _check(_layout(kind, _shape(seed + 7 * len(kind)), seed=len(kind) + int(bias)), dtype, bias)
 
@@ -129,10 +130,10 @@ def test_hstu_attention_matches_reference(kind, dtype, bias, seed):
 @pytest.mark.parametrize("kind", ["dual_flow"] if INTERPRET else list(LAYOUTS))
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("bias", [True, False] if CUDA else [True])
-def test_hstu_attention_with_atomic_dq_matches_reference(kind, dtype, bias):
-    """The other dQ strategy: fp32 atomic adds in the dK/dV kernel."""
+def test_hstu_attention_with_the_separate_dq_kernel_matches_reference(kind, dtype, bias):
+    """The other dQ strategy at head dim 32: dQ by its own kernel (the default at 128)."""
     lengths = [37, 90, 5, 61] if CUDA else [37, 9, 21]
-    _check(_layout(kind, lengths, seed=2), dtype, bias=bias, backend=_backend(dq_separate=False))
+    _check(_layout(kind, lengths, seed=2), dtype, bias=bias, backend=_backend(dq_separate=True))
 
 
 @pytest.mark.parametrize("kind", ["causal", "dfgr_target_fake_flow"])
@@ -204,8 +205,8 @@ def test_every_bias_form_of_a_tile_matches_reference(positions, forward_tiles):
     from genrec.ops.triton import hstu
 
     small = (16, 16, 4, 1)
-    config = hstu.KernelConfig() if forward_tiles == 64 else hstu.KernelConfig(fwd=small, dq=small, fwd_large=small,
-                                                                              dq_large=small)
+    tiles = {} if forward_tiles == 64 else dict(fwd=small, dq=small, fwd_large=small, dq_large=small)
+    config = hstu.KernelConfig(dq_separate_small=True, **tiles)  # the dQ kernel, which takes its share
     split = hstu._splits_bias_grads(True, config.separates_dq(32), *config.tiles(32)[1:])
     count, index, _ = hstu._bias_flags(layout, True, config.separates_dq(32), config.tiles(32), 0, 40, 32, split,
                                        bands=True)[3]
@@ -261,7 +262,8 @@ def test_bias_gradients_shared_by_the_dq_and_bias_gradient_kernels_match_referen
     assert forms == {1, 2} and len(lowest) > len({qt for qt, _ in lowest}), (forms, lowest)
     tile = (dq_rows, 64, 4, 1)
     _check(layout, DTYPES[0], bias=True, pos_buckets=9,
-           backend=backend_module.triton_backend(KernelConfig(dq=tile, dq_large=tile, dq_fp32_large=tile)))
+           backend=backend_module.triton_backend(KernelConfig(dq=tile, dq_large=tile, dq_fp32_large=tile,
+                                                              dq_separate_small=True)))
 
 
 @gpu_only
@@ -277,7 +279,7 @@ def test_hstu_attention_over_dtypes_and_head_dims_matches_reference(kind, dtype,
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("kind", ["request_causal", "dual_flow"])
-@pytest.mark.parametrize("dq_separate", [True, False] if CUDA else [True])
+@pytest.mark.parametrize("dq_separate", [True, False])
 def test_hstu_attention_after_a_kv_cache_matches_reference(kind, dtype, dq_separate):
     """Queries = the 7 candidates appended after each history (HSTU and DFGR serving)."""
     ev = Events.from_batch(make_batch([37, 9, 21], seed=11).to(DEVICE))

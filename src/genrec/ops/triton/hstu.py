@@ -97,11 +97,12 @@ class KernelConfig:
     and ``dq_separate_small`` (below) choose dQ by its own kernel (no atomics, seven matrix products
     per tile pair) over dQ in the dK/dV kernel (five products), each pair's dQ tile added to an fp32
     buffer by one TMA bulk reduction (``cp.reduce.async.bulk.tensor``). benchmarks/dq_strategy.py
-    times both on a GPU. An H100 A/B at N = 1024 (results/gpu_logs/dq_tma_ab_9a3deaf_tma_patch_*):
-    at head dim 64 on the training steps' layouts the reductions were 2-10 % faster, at 128 within
-    3 % either way; the separate kernel stays the default in both families until the reductions
-    have run the GPU test grid (every dtype x head dim) as the default. The backward's tiles must be
-    square and >= 64 (the position-bias gradient's reduction)."""
+    times both on a GPU (results/dq_strategy_NVIDIA_H100_80GB_HBM3.md): below head dim 128, on the
+    training steps' layouts at head dim 64, the reductions are 6-15 % faster at N = 1024 and 8192,
+    with the bias and without, so they are the default there; at 128 an A/B
+    (results/gpu_logs/dq_tma_ab_9a3deaf_tma_patch_*) found them within 3 % either way and with the
+    bias 27 % slower at N = 8192, so the separate kernel stays. The backward's tiles must be square
+    and >= 64 (the position-bias gradient's reduction)."""
 
     fwd: Tile = (64, 64, 4, 3)
     bwd: Tile = (64, 64, 4, 2)
@@ -113,7 +114,7 @@ class KernelConfig:
     bwd_fp32_large: Tile = (64, 64, 4, 1)
     dq_fp32_large: Tile = (64, 64, 4, 2)
     dq_separate: bool = True
-    dq_separate_small: bool = True
+    dq_separate_small: bool = False
 
     def separates_dq(self, head_dim: int) -> bool:
         """Whether dQ comes from its own kernel at this head dim (else from the dK/dV kernel)."""
