@@ -221,6 +221,33 @@ def test_a_journal_the_snapshot_already_holds_is_not_replayed(tmp_path, monkeypa
     assert _held(restarted, "new") == _held(engine, "new")
 
 
+@pytest.mark.parametrize("background", [False, True])
+def test_a_corrupt_journal_header_beside_the_state_fails_neither_snapshot_nor_shutdown(tmp_path, caplog,
+                                                                                       background):
+    """A file named as a journal whose first line is no header stops the pruning of the older journals
+    after a snapshot: the snapshot is on disk and counted as written, the cause is logged, and the
+    next start names that file (it cannot know what the file holds) until it is removed."""
+    state = tmp_path / "users.parquet"
+    engine = _engine()
+    engine.restore(state)
+    engine.append_events([EventsJob("new", _events(1_000))])
+    bad = state.with_name(state.name + ".journal.copy")
+    bad.write_text("not a header\n")
+    with caplog.at_level(logging.WARNING, logger="genrec.serve"):
+        engine.snapshot("periodic", background=background)
+        engine.wait_for_snapshot()
+    assert engine.metrics.snapshots.labels("periodic")._value.get() == 1
+    assert engine.metrics.snapshot_failures._value.get() == 0
+    assert any(str(bad) in r.getMessage() and "not deleted" in r.getMessage() for r in caplog.records)
+    engine.close()
+    with pytest.raises(ValueError, match="journal.copy: the first line is not the journal's header"):
+        _engine().restore(state)
+    bad.unlink()
+    restarted = _engine()
+    assert restarted.restore(state) == 0  # the older journal left behind is held by the snapshot
+    assert _held(restarted, "new") == _held(engine, "new")
+
+
 def test_a_torn_last_journal_line_is_dropped_with_a_warning(tmp_path, caplog):
     state = tmp_path / "users.parquet"
     engine = _engine()

@@ -435,8 +435,13 @@ class Engine:
         start = time.perf_counter()
         save_histories(self.state_file, *view, self.store.seed, self.catalogue.item_raw, self.catalogue.action_values,
                        generation)
-        prune(self.state_file, below=generation)
-        self.metrics.snapshots.labels(reason).inc()
+        self.metrics.snapshots.labels(reason).inc()  # on disk: the older journals are no longer needed
+        try:
+            prune(self.state_file, below=generation)
+        except ValueError as err:  # a file named as a journal without a valid header: the snapshot stands
+            log.warning("%s: the snapshot of generation %d is written, but the older journals were not deleted "
+                        "(%s); the next start refuses that file until it is repaired or removed",
+                        self.state_file, generation, err)
         self.metrics.snapshot_seconds.set(time.perf_counter() - start)
 
     def _write_in_background(self, view: tuple[list[str], list[History]], generation: int, reason: str) -> None:
