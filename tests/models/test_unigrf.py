@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from genrec.data.batching import JaggedBatch
 from genrec.models import build_model
 from genrec.models.unigrf import AdaptiveWeighter, adaptive_weights, relative_score
+from genrec.nn.events import item_action_layout
 from tests.helpers import make_batch
 from tests.models.test_generative import INFO
 
@@ -233,3 +234,81 @@ def test_each_objective_learns_a_batch(backbone, objective):
             assert float(last[key]) < 0.8 * float(first[key]), key
     if objective == "unified":
         assert {"w_retrieval", "w_ranking"} <= set(last)
+
+
+@pytest.mark.parametrize("backbone", BACKBONES)
+@pytest.mark.parametrize("favourites", [False, True])
+def test_the_last_block_skips_the_tokens_no_loss_reads_and_changes_no_loss_or_gradient(backbone, favourites,
+                                                                                     monkeypatch):
+    """Training's last block computes the tokens from the first target's retrieval query on (the
+    feedback token before it) and nothing before: the loss and every gradient are those of the blocks
+    run over every token (fp64, both tasks, the same negatives). With favourites the query after each
+    row's last event counts too: a short row without targets pulls the offset back to its last
+    feedback token."""
+    from genrec.models import unigrf
+    from genrec.nn.hstu import HSTUBlock
+    from genrec.nn.llama import LlamaBlock
+    from tests.helpers import with_last_targets
+
+    model = make_unigrf(backbone, weighter=False).train()
+    batch = with_last_targets(make_batch([13, 30, 7, 3], seed=4), 0.25)  # first target: event 5 of 7
+    batch.target_mask[batch.sequence_index() == 3] = False  # 3 events, none a target
+    if favourites:
+        model.favourites[batch.users[3], 0] = 17  # the short row's end query: its last feedback token
+    block = HSTUBlock if backbone == "hstu" else LlamaBlock
+    full_forward = block.forward
+
+    def step():
+        torch.manual_seed(1)  # the same sampled negatives in both passes
+        model.zero_grad()
+        loss = model(batch)["loss"]
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    asked = []
+    monkeypatch.setattr(block, "forward", lambda self, x, layout, *args, outputs_from=0: (
+        asked.append(outputs_from) or full_forward(self, x, layout, *args, outputs_from=outputs_from)))
+    loss, grads = step()
+    assert asked == [0, 2 * 3 - 1 if favourites else 2 * 5 - 1]
+    assert unigrf.last_outputs_from(batch, end_queries=favourites) == asked[1]
+    for read in (model.rank_logits, model.retrieval_queries):  # evaluation reads from the first target's query on
+        asked.clear()
+        read(batch)
+        assert asked == [0, 2 * 5 - 1]
+    monkeypatch.setattr(block, "forward", full_forward)
+    monkeypatch.setattr(unigrf, "last_outputs_from", lambda *args, **kwargs: 0)  # every block over every token
+    want_loss, want_grads = step()
+    torch.testing.assert_close(loss, want_loss, rtol=1e-12, atol=1e-12)
+    assert grads.keys() == want_grads.keys()
+    for key, grad in want_grads.items():
+        torch.testing.assert_close(grads[key], grad, rtol=1e-10, atol=1e-12, msg=key)
+
+
+def test_a_llama_block_asked_for_its_last_tokens_gives_the_full_blocks_outputs_and_gradients():
+    """The Llama block's ``outputs_from`` against the block run over every token (fp64): the same
+    outputs there, the same gradients of the input and every weight; earlier tokens still give keys
+    and values (their input gradient is not zero)."""
+    from genrec.nn.events import Events
+    from genrec.nn.llama import LlamaBlock
+    from genrec.ops.dispatch import REFERENCE
+
+    torch.manual_seed(0)
+    block = LlamaBlock(16, 2, 0.0, REFERENCE).double()
+    layout = item_action_layout(Events.from_batch(make_batch([11, 3, 17], seed=0)))
+    x = torch.randn(*layout.shape, 16, dtype=torch.float64, requires_grad=True)
+    n = layout.shape[1]
+    for start in (1, n // 2, n - 1):
+        upstream = torch.randn(x.shape[0], n - start, 16, dtype=torch.float64)
+        grads = []
+        for tail in (False, True):
+            block.zero_grad()
+            x.grad = None
+            y = block(x, layout, outputs_from=start) if tail else block(x, layout)[:, start:]
+            (y * upstream).sum().backward()
+            grads.append((y.detach(), x.grad.clone(), {k: p.grad.clone() for k, p in block.named_parameters()}))
+        (want, want_dx, want_dw), (got, dx, dw) = grads
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(dx, want_dx, rtol=1e-12, atol=1e-12)
+        assert dx[:, :start].abs().sum() > 0
+        for name, grad in want_dw.items():
+            torch.testing.assert_close(dw[name], grad, rtol=1e-12, atol=1e-12, msg=name)

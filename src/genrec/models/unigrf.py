@@ -50,6 +50,19 @@ from genrec.settings import DropoutRate, Invalid, NonNegative, Positive, check_h
 OBJECTIVES = {"unified": ("ranking", "retrieval"), "retrieval": ("retrieval",), "ranking": ("ranking",)}
 
 
+def last_outputs_from(batch: JaggedBatch, end_queries: bool = False) -> int:
+    """The first token of ``[x0 b0 x1 b1 ...]`` that a pass at ``batch``'s targets reads (its last
+    block's ``outputs_from``): the feedback token before the first target event, its retrieval query
+    (the item token when that event opens a sequence: its query is the start vector). With
+    ``end_queries`` (favourites: the query after each row's last event) no later than the shortest
+    row's last feedback token; its length is read from the batch's offsets (on a GPU, a sync, paid
+    only where favourites exist)."""
+    first = 2 * batch.first_target - 1 if batch.first_target else 0
+    if end_queries:
+        first = min(first, 2 * int(batch.offsets.diff().min()) - 1)
+    return max(first, 0)
+
+
 @dataclass
 class UniGRFConfig:
     backbone: Literal["hstu", "llama"] = "hstu"  # "hstu" | "llama"
@@ -175,19 +188,22 @@ class UniGRF(RecModel):
 
     # ----------------------------------------------------------------------------------- encoder
     def _encode(self, ev: Events, candidates: torch.Tensor | None = None,
-                request_time: torch.Tensor | None = None) -> torch.Tensor:
+                request_time: torch.Tensor | None = None, outputs_from: int = 0) -> torch.Tensor:
         """Hidden states ``[B, 2N + M, D]`` of ``[x0 b0 ... x_{N-1} b_{N-1}]`` followed by ``M``
         candidate item tokens, all in one new request after each row's last event (each reads the
-        history and itself only: the M-FALCON candidate mask)."""
+        history and itself only: the M-FALCON candidate mask). ``outputs_from`` (no candidates): the
+        last block computes the tokens from there on only (:func:`last_outputs_from`); the states
+        before it are zeros, which no loss or query reads."""
         feedback = ev.labels.long() if self.cfg.feedback_encoding == "label" else ev.actions
         x = interleave(self.item_emb(ev.items), self.feedback_emb(feedback))  # [B, 2N, D]
         layout = item_action_layout(ev)
         if candidates is not None:
             x = torch.cat([x, self.item_emb(candidates)], dim=1)
             layout = append_candidates(layout, ev, candidates.shape[1], request_time)
-        for block in self.blocks:
+        for block in self.blocks[:-1]:
             x = block(x, layout)
-        return self.norm(x)
+        x = self.norm(self.blocks[-1](x, layout, outputs_from=outputs_from))  # [B, 2N + M - outputs_from, D]
+        return F.pad(x, (0, 0, outputs_from, 0))
 
     def _rank(self, ev: Events, h: torch.Tensor, num_targets: int) -> torch.Tensor:
         """Ranking logits ``[N_t, T]`` (one per signal) at the target item tokens."""
@@ -206,14 +222,14 @@ class UniGRF(RecModel):
     # ----------------------------------------------------------------------------------- scoring
     def task_logits(self, batch: JaggedBatch) -> torch.Tensor:  # [N_t, T]
         ev = Events.from_batch(batch)
-        return self._rank(ev, self._encode(ev), batch.num_targets)
+        return self._rank(ev, self._encode(ev, outputs_from=last_outputs_from(batch)), batch.num_targets)
 
     def rank_logits(self, batch: JaggedBatch) -> torch.Tensor:  # [N_t], the first signal (the label)
         return self.task_logits(batch)[:, 0]
 
     def retrieval_queries(self, batch: JaggedBatch) -> torch.Tensor:
         ev = Events.from_batch(batch)
-        return self._queries(batch, ev, self._encode(ev))
+        return self._queries(batch, ev, self._encode(ev, outputs_from=last_outputs_from(batch)))
 
     def item_embeddings(self) -> torch.Tensor:
         return self.item_emb.weight
@@ -235,7 +251,9 @@ class UniGRF(RecModel):
     # ----------------------------------------------------------------------------------- training
     def forward(self, batch: JaggedBatch) -> dict[str, torch.Tensor]:
         ev = Events.from_batch(batch)
-        h = self._encode(ev)
+        favourites = self.favourites[batch.users] if "retrieval" in self.tasks else None  # [B, F]
+        with_favourites = favourites is not None and bool((favourites > 0).any())
+        h = self._encode(ev, outputs_from=last_outputs_from(batch, end_queries=with_favourites))
         # first: its dropout draws precede the negatives'
         rank = self._rank(ev, h, batch.num_targets) if "ranking" in self.tasks else None
         out: dict[str, torch.Tensor] = {}
@@ -243,8 +261,9 @@ class UniGRF(RecModel):
         if "retrieval" in self.tasks:
             users = batch.at_targets(batch.users[batch.sequence_index()])
             positives = batch.at_targets(batch.items)
-            queries, positives, users = self._with_favourites(batch, ev, h, self._queries(batch, ev, h), positives,
-                                                              users)
+            queries = self._queries(batch, ev, h)
+            if with_favourites:
+                queries, positives, users = self._with_favourites(batch, ev, h, favourites, queries, positives, users)
             if self.training:  # every rank counts the whole global batch's positives
                 self.item_counts += sum_over_ranks(torch.bincount(positives, minlength=self.num_items + 1)
                                                    .to(self.item_counts))
@@ -269,13 +288,10 @@ class UniGRF(RecModel):
         out["loss"] = sum(parts)
         return out
 
-    def _with_favourites(self, batch: JaggedBatch, ev: Events, h: torch.Tensor, queries: torch.Tensor,
-                         positives: torch.Tensor, users: torch.Tensor):
-        """Append one retrieval row per potential favourite: the query after the window's last event,
-        the favourite as its positive."""
-        fav = self.favourites[batch.users]  # [B, F]
-        if not bool((fav > 0).any()):
-            return queries, positives, users
+    def _with_favourites(self, batch: JaggedBatch, ev: Events, h: torch.Tensor, fav: torch.Tensor,
+                         queries: torch.Tensor, positives: torch.Tensor, users: torch.Tensor):
+        """Append one retrieval row per potential favourite (``fav`` ``[B, F]``, the batch users'; 0:
+        none): the query after the window's last event, the favourite as its positive."""
         row, slot = torch.nonzero(fav > 0, as_tuple=True)
         return (torch.cat([queries, self._end_query(ev, h)[row]]), torch.cat([positives, fav[row, slot]]),
                 torch.cat([users, batch.users[row]]))

@@ -53,10 +53,31 @@ class LlamaBlock(nn.Module):
         self.ffn = SwiGLU(dim, 4 * dim * 2 // 3)  # Llama's 2/3 of 4d keeps the FFN cost of a GELU MLP
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, layout: TokenLayout, outputs_from: int = 0) -> torch.Tensor:
+        """``x`` ``[B, n, D]``, the layout's tokens -> ``[B, n - outputs_from, D]``, the outputs of the
+        tokens from ``outputs_from`` on. A model's last block takes it where its loss reads no earlier
+        token (UniGRF's tokens from the first target's query on): the earlier tokens still give their
+        keys and values, but their queries, attention rows, projection and feed-forward are skipped."""
         b, n, d = x.shape
-        q, k, v = self.qkv(self.norm_attn(x)).view(b, n, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
-        q, k = rotary(q, layout.position), rotary(k, layout.position)  # [B, H, L, Dh]
-        a = self.backend.softmax_attention(q, k, v, layout)  # [B, H, L, Dh]
-        x = x + self.dropout(self.proj(a.transpose(1, 2).reshape(b, n, d)))
+        h = self.norm_attn(x)
+        if outputs_from:
+            q, k, v = self._projections(h, outputs_from)
+        else:
+            q, k, v = self.qkv(h).view(b, n, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
+        q, k = rotary(q, layout.position[:, outputs_from:]), rotary(k, layout.position)  # [B, H, Lq or L, Dh]
+        a = self.backend.softmax_attention(q, k, v, layout, None, outputs_from)  # [B, H, n - outputs_from, Dh]
+        x = x[:, outputs_from:] + self.dropout(self.proj(a.transpose(1, 2).reshape(b, n - outputs_from, d)))
         return x + self.dropout(self.ffn(self.norm_ffn(x)))
+
+    def _projections(self, h: torch.Tensor, start: int) -> tuple[torch.Tensor, ...]:
+        """The queries ``[B, H, n - start, Dh]`` of the tokens from ``start`` only, the keys and values
+        ``[B, H, n, Dh]`` of all: two products with the rows of ``qkv``'s weight they need (its chunks
+        are q, k, v; k's and v's rows are adjacent, one slice)."""
+        b, n, d = h.shape
+        w = self.qkv.weight  # [3D, D], no bias
+
+        def heads(t: torch.Tensor) -> torch.Tensor:
+            return t.view(b, t.shape[1], self.num_heads, d // self.num_heads).transpose(1, 2)
+
+        k, v = F.linear(h, w[d:]).chunk(2, dim=-1)  # [B, n, D] each
+        return heads(F.linear(h[:, start:], w[:d])), heads(k), heads(v)
