@@ -125,3 +125,17 @@ def test_ddp_matches_one_process_for_shared_draws_and_not_for_draws_per_row(tmp_
         Trainer(load(None, [*overrides, f"train.out_dir={tmp_path / model}"])).fit()
         difference = _weights_difference(tmp_path / model, two_dir / model)
         assert (difference < 1e-4) == same, (model, difference)
+
+
+def test_ddp_unigrf_in_batch_negatives_are_the_global_batchs_items(tmp_path, tiny_data, one_thread):
+    """UniGRF's in-batch negatives (with logQ) under DDP are every rank's positives, as in one process
+    over the same global batch (``nn.ranks.gather_over_ranks``); with the per-row draws off (no mined
+    hard negatives, no favourites) 2 ranks train the single process's weights, as SASRec's shared
+    draws do. Each rank's own positives alone would be other negatives and other weights."""
+    unigrf = [f"data.data_dir={tiny_data}", "model=unigrf", *SETTINGS, "model_args.in_batch_negatives=true",
+              "model_args.logq_correction=true", "model_args.hard_negatives=0", "model_args.favourite_threshold=1"]
+    done = run_command([sys.executable, "-m", "genrec", "train", "--nproc", "2", "--out-dir",
+                        str(tmp_path / "two" / "unigrf"), "--set", *unigrf])
+    assert done.returncode == 0, done.stdout[-3000:]
+    Trainer(load(None, [*unigrf, f"train.out_dir={tmp_path / 'unigrf'}"])).fit()
+    assert _weights_difference(tmp_path / "unigrf", tmp_path / "two" / "unigrf") < 1e-4

@@ -43,7 +43,7 @@ from genrec.nn.embeddings import ActionEmbedding
 from genrec.nn.events import Events, append_candidates, interleave, item_action_layout
 from genrec.nn.hstu import HSTUBlock, attention_scale
 from genrec.nn.llama import LlamaBlock
-from genrec.nn.ranks import mean_over_ranks, sum_over_ranks
+from genrec.nn.ranks import gather_over_ranks, mean_over_ranks, sum_over_ranks
 from genrec.ops.dispatch import BackendName, get_backend
 from genrec.settings import DropoutRate, Invalid, NonNegative, Positive, check_heads
 
@@ -300,8 +300,8 @@ class UniGRF(RecModel):
         """Sampled softmax of each query ``[N, D]`` over its positive and ``num_negatives`` negatives:
         ``num_negatives - m`` uniform catalogue items shared by the batch plus the user's ``m`` mined
         hard negatives (uniform draws until mined), plus the batch's other positives if
-        ``in_batch_negatives``. Negatives equal to the row's positive or to one of the user's
-        favourites are masked out."""
+        ``in_batch_negatives`` (under DDP the global batch's, every rank's, as in one process).
+        Negatives equal to the row's positive or to one of the user's favourites are masked out."""
         cfg, table = self.cfg, self.item_emb.weight
         n, device = len(queries), queries.device
         m = cfg.hard_negatives
@@ -312,14 +312,15 @@ class UniGRF(RecModel):
         logits = [queries @ table[uniform].T, torch.einsum("nd,nmd->nm", queries, table[hard])]  # [N, K-m], [N, m]
         ids = [uniform.expand(n, -1), hard]
         if cfg.in_batch_negatives:
-            logits.append(queries @ table[positives].T)  # [N, N]
-            ids.append(positives.expand(n, -1))
+            in_batch = gather_over_ranks(positives)  # [N_global], this rank's rows among them
+            logits.append(queries @ table[in_batch].T)  # [N, N_global]
+            ids.append(in_batch.expand(n, -1))
         if cfg.logq_correction:
-            log_q = self._log_expected_count(n, len(uniform))
+            log_q = self._log_expected_count(len(in_batch) if cfg.in_batch_negatives else n, len(uniform))
             pos_logit = pos_logit - log_q[positives][:, None]
             logits[0] = logits[0] - log_q[uniform]
             if cfg.in_batch_negatives:
-                logits[2] = logits[2] - log_q[positives][None, :]
+                logits[2] = logits[2] - log_q[in_batch][None, :]
         neg_logit, neg_ids = torch.cat(logits, dim=1), torch.cat(ids, dim=1)  # [N, C]
         drop = neg_ids == positives[:, None]
         fav = self.favourites[users]  # [N, F]

@@ -1,10 +1,12 @@
-"""Statistics a model keeps across steps, summed over the data-parallel ranks that train it.
+"""Statistics a model keeps across steps, summed over the data-parallel ranks that train it, and the
+global batch's values a loss reads beside its own rows.
 
 Under DDP each rank's forward sees only its share of the global batch. A running count or loss
 average that a model updates inside ``forward`` must see the whole batch to match one process,
 and DDP's buffer broadcast (rank 0's buffers at each forward) would otherwise keep rank 0's share
-alone. Both functions are the identity outside a process group of several ranks; inside one,
-every rank must call them in the same order (as every rank runs the same forward).
+alone; in-batch negatives must be the whole batch's items. Every function is the identity outside
+a process group of several ranks; inside one, every rank must call them in the same order (as every
+rank runs the same forward).
 """
 
 from __future__ import annotations
@@ -38,3 +40,19 @@ def mean_over_ranks(means: torch.Tensor, counts: Sequence[int | torch.Tensor]) -
     sums = torch.where(counts > 0, means.detach().to(torch.float64) * counts, 0.0)
     both = sum_over_ranks(torch.cat([sums, counts]))
     return (both[: len(means)] / both[len(means):]).to(means.dtype)
+
+
+def gather_over_ranks(values: torch.Tensor) -> torch.Tensor:
+    """``values`` ``[n_r, ...]`` of every rank, concatenated in rank order ``[Σ n_r, ...]`` (ranks may
+    hold different numbers of rows; no gradient flows back through the other ranks' rows: for ids
+    and other values a loss only reads)."""
+    if _world_size() == 1:
+        return values
+    sizes = [torch.zeros(1, dtype=torch.long, device=values.device) for _ in range(_world_size())]
+    dist.all_gather(sizes, torch.tensor([len(values)], device=values.device))
+    longest = int(max(sizes))
+    padded = values.new_zeros((longest, *values.shape[1:]))
+    padded[: len(values)] = values.detach()
+    everyone = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(everyone, padded)
+    return torch.cat([rows[: int(n)] for rows, n in zip(everyone, sizes, strict=True)])
