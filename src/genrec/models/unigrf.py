@@ -43,7 +43,7 @@ from genrec.nn.embeddings import ActionEmbedding
 from genrec.nn.events import Events, append_candidates, interleave, item_action_layout
 from genrec.nn.hstu import HSTUBlock, attention_scale
 from genrec.nn.llama import LlamaBlock
-from genrec.nn.ranks import gather_over_ranks, mean_over_ranks, sum_over_ranks
+from genrec.nn.ranks import gather_over_ranks, mean_over_ranks, rows_weight, sum_over_ranks
 from genrec.ops.dispatch import BackendName, get_backend
 from genrec.settings import DropoutRate, Invalid, NonNegative, Positive, check_heads
 
@@ -269,7 +269,8 @@ class UniGRF(RecModel):
                                                    .to(self.item_counts))
             retrieval = self.retrieval_loss(queries, positives, users)
             out["retrieval_loss"] = retrieval.detach()
-            parts.append(self.cfg.alpha * retrieval)
+            # a mean over the targets and the favourite rows: under DDP weighted by its share of those rows
+            parts.append(self.cfg.alpha * retrieval * rows_weight(len(positives), batch.num_targets, h.device))
         if rank is not None:
             per_task = F.binary_cross_entropy_with_logits(rank.float(), batch.at_targets(batch.signals),
                                                           reduction="none").mean(0)  # [T]
@@ -291,8 +292,10 @@ class UniGRF(RecModel):
     def _with_favourites(self, batch: JaggedBatch, ev: Events, h: torch.Tensor, fav: torch.Tensor,
                          queries: torch.Tensor, positives: torch.Tensor, users: torch.Tensor):
         """Append one retrieval row per potential favourite (``fav`` ``[B, F]``, the batch users'; 0:
-        none): the query after the window's last event, the favourite as its positive."""
-        row, slot = torch.nonzero(fav > 0, as_tuple=True)
+        none) of a window with targets: the query after the window's last event, the favourite as its
+        positive. (Every training window has targets; a DDP rank's ghost window has none and so adds
+        no rows, as it adds no targets.)"""
+        row, slot = torch.nonzero((fav > 0) & ev.target.any(1, keepdim=True), as_tuple=True)
         return (torch.cat([queries, self._end_query(ev, h)[row]]), torch.cat([positives, fav[row, slot]]),
                 torch.cat([users, batch.users[row]]))
 

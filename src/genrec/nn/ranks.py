@@ -56,3 +56,18 @@ def gather_over_ranks(values: torch.Tensor) -> torch.Tensor:
     everyone = [torch.empty_like(padded) for _ in sizes]
     dist.all_gather(everyone, padded)
     return torch.cat([rows[: int(n)] for rows, n in zip(everyone, sizes, strict=True)])
+
+
+def rows_weight(rows: int, targets: int, device: torch.device) -> torch.Tensor | float:
+    """The factor that turns this rank's weight in a data-parallel step, its share of the step's
+    targets (the trainer scales rank r's loss by K·n_r/N: genrec.distributed.strategy), into its share
+    of a loss's ``rows`` when that mean is over more rows than the targets (UniGRF's favourite rows):
+    ``(rows_r / n_r) · (N / R)``, R the rows of every rank. 1 in one process; 0 on a rank without
+    targets, whose loss the trainer weighs by 0."""
+    if _world_size() == 1:
+        return 1.0
+    local = torch.tensor([rows, targets], dtype=torch.float64, device=device)
+    total = sum_over_ranks(local)
+    if targets == 0:
+        return torch.zeros((), device=device)
+    return ((local[0] / local[1]) * (total[1] / total[0])).float()
