@@ -65,3 +65,24 @@ def with_last_targets(batch: JaggedBatch, share: float) -> JaggedBatch:
     lengths = batch.lengths[batch.sequence_index()]  # [T] length of each event's sequence
     last = batch.positions() >= lengths - torch.ceil(share * lengths.double()).long()
     return JaggedBatch(**batch.tensors() | {"target_mask": last})
+
+
+def loss_and_grads(model: torch.nn.Module, batch: JaggedBatch, seed: int | None = None):
+    """``batch``'s training loss and every parameter's gradient; ``seed`` re-seeds the draws first, so
+    that two passes sample the same negatives."""
+    if seed is not None:
+        torch.manual_seed(seed)
+    model.zero_grad()
+    loss = model(batch)["loss"]
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def record_outputs_from(monkeypatch, block_class: type) -> list[int]:
+    """The ``outputs_from`` of every call of a ``block_class`` block from now on, in order (the blocks
+    compute as before): which tokens a model asked its blocks for."""
+    asked: list[int] = []
+    full_forward = block_class.forward
+    monkeypatch.setattr(block_class, "forward", lambda self, x, layout, *args, outputs_from=0: (
+        asked.append(outputs_from) or full_forward(self, x, layout, *args, outputs_from=outputs_from)))
+    return asked

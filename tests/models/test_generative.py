@@ -246,30 +246,21 @@ def test_the_last_block_skips_the_tokens_no_loss_reads_and_changes_no_logit_or_g
     from genrec.models import dfgr, genrank, hstu, sfgr
     from genrec.nn.hstu import HSTUBlock
     from genrec.nn.softmax import SoftmaxBlock
-    from tests.helpers import with_last_targets
+    from tests.helpers import loss_and_grads, record_outputs_from, with_last_targets
 
     model = make_model(name).train()
     batch = with_last_targets(make_batch([13, 30, 7], seed=4), 0.25)  # first target: event 5 of 7
     block = SoftmaxBlock if name == "genrank" else HSTUBlock
     full_forward = block.forward
-
-    def step():
-        model.zero_grad()
-        loss = model(batch)["loss"]
-        loss.backward()
-        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-    asked = []
-    monkeypatch.setattr(block, "forward", lambda self, x, layout, *args, outputs_from=0: (
-        asked.append(outputs_from) or full_forward(self, x, layout, *args, outputs_from=outputs_from)))
-    loss, grads = step()
+    asked = record_outputs_from(monkeypatch, block)
+    loss, grads = loss_and_grads(model, batch)
     n = batch.max_len
     assert asked == [0, {"hstu": 2 * 5, "sfgr": 5, "dfgr": n, "dfgr_sparse": n, "genrank": n}[name]]
     module = {"hstu": hstu, "sfgr": sfgr, "dfgr": dfgr, "dfgr_sparse": dfgr, "genrank": genrank}[name]
     assert module.last_outputs_from(batch) == asked[1]  # the offset the FLOP counts take (benchmarks/speed.py)
     monkeypatch.setattr(block, "forward", lambda self, x, layout, *args, outputs_from=0: (
         full_forward(self, x, layout, *args)[:, outputs_from:]))  # every token's outputs, then sliced
-    want_loss, want_grads = step()
+    want_loss, want_grads = loss_and_grads(model, batch)
     torch.testing.assert_close(loss, want_loss, rtol=1e-12, atol=1e-12)
     assert grads.keys() == want_grads.keys()
     for key, grad in want_grads.items():

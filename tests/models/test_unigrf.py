@@ -248,7 +248,7 @@ def test_the_last_block_skips_the_tokens_no_loss_reads_and_changes_no_loss_or_gr
     from genrec.models import unigrf
     from genrec.nn.hstu import HSTUBlock
     from genrec.nn.llama import LlamaBlock
-    from tests.helpers import with_last_targets
+    from tests.helpers import loss_and_grads, record_outputs_from, with_last_targets
 
     model = make_unigrf(backbone, weighter=False).train()
     batch = with_last_targets(make_batch([13, 30, 7, 3], seed=4), 0.25)  # first target: event 5 of 7
@@ -257,18 +257,8 @@ def test_the_last_block_skips_the_tokens_no_loss_reads_and_changes_no_loss_or_gr
         model.favourites[batch.users[3], 0] = 17  # the short row's end query: its last feedback token
     block = HSTUBlock if backbone == "hstu" else LlamaBlock
     full_forward = block.forward
-
-    def step():
-        torch.manual_seed(1)  # the same sampled negatives in both passes
-        model.zero_grad()
-        loss = model(batch)["loss"]
-        loss.backward()
-        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-    asked = []
-    monkeypatch.setattr(block, "forward", lambda self, x, layout, *args, outputs_from=0: (
-        asked.append(outputs_from) or full_forward(self, x, layout, *args, outputs_from=outputs_from)))
-    loss, grads = step()
+    asked = record_outputs_from(monkeypatch, block)
+    loss, grads = loss_and_grads(model, batch, seed=1)  # the same sampled negatives in both passes
     assert asked == [0, 2 * 3 - 1 if favourites else 2 * 5 - 1]
     assert unigrf.last_outputs_from(batch, end_queries=favourites) == asked[1]
     for read in (model.rank_logits, model.retrieval_queries):  # evaluation reads from the first target's query on
@@ -277,7 +267,7 @@ def test_the_last_block_skips_the_tokens_no_loss_reads_and_changes_no_loss_or_gr
         assert asked == [0, 2 * 5 - 1]
     monkeypatch.setattr(block, "forward", full_forward)
     monkeypatch.setattr(unigrf, "last_outputs_from", lambda *args, **kwargs: 0)  # every block over every token
-    want_loss, want_grads = step()
+    want_loss, want_grads = loss_and_grads(model, batch, seed=1)
     torch.testing.assert_close(loss, want_loss, rtol=1e-12, atol=1e-12)
     assert grads.keys() == want_grads.keys()
     for key, grad in want_grads.items():
