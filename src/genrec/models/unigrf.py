@@ -203,7 +203,7 @@ class UniGRF(RecModel):
         for block in self.blocks[:-1]:
             x = block(x, layout)
         x = self.norm(self.blocks[-1](x, layout, outputs_from=outputs_from))  # [B, 2N + M - outputs_from, D]
-        return F.pad(x, (0, 0, outputs_from, 0))
+        return F.pad(x, (0, 0, outputs_from, 0)) if outputs_from else x
 
     def _rank(self, ev: Events, h: torch.Tensor, num_targets: int) -> torch.Tensor:
         """Ranking logits ``[N_t, T]`` (one per signal) at the target item tokens."""
