@@ -121,9 +121,9 @@ def _backend(dq_separate: bool):
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("seed", SHAPE_SEEDS)
 def test_hstu_attention_matches_reference(kind, dtype, bias, seed):
-    """Random jagged shapes (seeded), the default dQ strategy (at head dim 32: dQ in the dK/dV kernel);
-    without the bias too (a model setting,
-    ``relative_bias``), whose kernels are compiled without its code."""
+    """Random jagged shapes (seeded), the default dQ strategy (at head dim 32: dQ in the dK/dV
+    kernel); without the bias too (a model setting, ``relative_bias``), whose kernels are compiled
+    without its code."""
     _check(_layout(kind, _shape(seed + 7 * len(kind)), seed=len(kind) + int(bias)), dtype, bias)
 
 
