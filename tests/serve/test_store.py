@@ -3,6 +3,8 @@ eviction, request numbering as in preprocessing, and a Parquet snapshot that rou
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -143,3 +145,57 @@ def test_a_snapshot_of_many_users_round_trips_every_field_as_history_build_gives
                                                             table.column("action"))), path)
     with pytest.raises(ValueError, match="'n5' has an id the model does not know: 9.0"):
         UserStore(0).load(path, index, actions, 5)
+
+
+def test_a_store_view_keeps_the_histories_it_opened_with_while_the_store_changes():
+    """A snapshot's view (copy-on-write): replaced histories read as they were when it opened, users
+    added after it are not in it, the order is the LRU order it opened with; once closed, the store
+    keeps nothing for it. One view at a time."""
+    store = UserStore(0)
+    for user in "abc":
+        store.set_history(user, _history([ord(user), ord(user) + 1]))
+    opened = {user: store.users[user].history for user in "abc"}
+    view = store.open_view()
+    with pytest.raises(RuntimeError, match="already open"):
+        store.open_view()
+    store.set_history("b", _history([1_000, 1_001]))  # replaced twice: the first history is the one kept
+    store.set_history("b", _history([2_000, 2_001]))
+    store.set_history("d", _history([3_000, 3_001]))  # new
+    store.get("a")  # touched: most recent now, but the view keeps its order
+    assert view.users == ["a", "b", "c"]
+    assert all(got is opened[u] for u, got in zip(view.users, view.histories(), strict=True))
+    store.close_view(view)
+    assert store.view is None
+    store.set_history("c", _history([4_000, 4_001]))
+    assert view.before.keys() == {"b"} and store.histories()[0] == ["b", "d", "a", "c"]
+
+
+class _ReplacingOnRead(OrderedDict):
+    """The live users as the writer thread reads them while the scoring thread replaces ``user``'s
+    history just before (``when="before"``) or just after (``"after"``) that read."""
+
+    def __init__(self, store: UserStore, user: str, when: str):
+        super().__init__(store.users)
+        self.store, self.user, self.when = store, user, when
+
+    def __getitem__(self, key):
+        if key == self.user and self.when == "before":
+            self.store.set_history(key, _history([9_000, 9_001]))
+        state = super().__getitem__(key)
+        if key == self.user and self.when == "after":
+            self.store.set_history(key, _history([9_000, 9_001]))
+        return state
+
+
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_a_store_view_reads_the_opened_history_whichever_comes_first_the_read_or_the_replacement(when):
+    """The order that makes the view consistent without a lock: the store records the old history
+    before it replaces it, and the view reads the live history before the recorded ones."""
+    store = UserStore(0)
+    store.set_history("a", _history([10, 11]))
+    old = store.users["a"].history
+    view = store.open_view()
+    view._live = _ReplacingOnRead(store, "a", when)
+    store.users = view._live  # the scoring thread's replacements land in the dict the view reads
+    assert view.histories()[0] is old
+    assert store.users["a"].history is not old  # it was replaced during the read

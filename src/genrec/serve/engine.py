@@ -29,7 +29,7 @@ from genrec.serve.journal import Journal, journal_path, prune, replayable
 from genrec.serve.metrics import ServiceMetrics
 from genrec.serve.recommend import top_items
 from genrec.serve.scoring import Scorer
-from genrec.serve.store import History, UserStore, save_histories, snapshot_generation
+from genrec.serve.store import History, StoreView, UserStore, save_histories, snapshot_generation
 
 log = logging.getLogger("genrec.serve")
 
@@ -411,10 +411,11 @@ class Engine:
     def snapshot(self, reason: str = "shutdown", generation: int | None = None, background: bool = False) -> None:
         """Start the journal of the next generation, then write every history as the snapshot of that
         generation and delete the older journals (:mod:`genrec.serve.journal`). Only the switch runs on
-        the calling (scoring) thread: it takes a view of the store (:meth:`UserStore.histories`, one
-        reference per user). The write runs there too, or with ``background`` on the writer thread,
-        while requests go on (a failure there is logged and counted, the journals keep every append);
-        a snapshot written in the background is waited for before the next one starts.
+        the calling (scoring) thread: it opens a copy-on-write view of the store
+        (:meth:`UserStore.open_view`: a copy of the list of users). The write runs there too, or with
+        ``background`` on the writer thread, while requests go on (a failure there is logged and
+        counted, the journals keep every append); a snapshot written in the background is waited for
+        before the next one starts.
 
         If the new journal cannot start, this raises and the current journal goes on taking appends."""
         if self.state_file is None:
@@ -425,16 +426,24 @@ class Engine:
         old, self.journal, self.snapshot_due = self.journal, journal, self.snapshot_every
         if old is not None:
             self._close(old)
-        view = self.store.histories()
+        view = self.store.open_view()
         if background:
-            self.writing = self.writer.submit(self._write_in_background, view, generation, reason)
+            try:
+                self.writing = self.writer.submit(self._write_in_background, view, generation, reason)
+            except BaseException:
+                self.store.close_view(view)
+                raise
         else:
             self._write(view, generation, reason)
 
-    def _write(self, view: tuple[list[str], list[History]], generation: int, reason: str) -> None:
+    def _write(self, view: StoreView, generation: int, reason: str) -> None:
         start = time.perf_counter()
-        save_histories(self.state_file, *view, self.store.seed, self.catalogue.item_raw, self.catalogue.action_values,
-                       generation)
+        try:
+            histories = view.histories()
+        finally:
+            self.store.close_view(view)
+        save_histories(self.state_file, view.users, histories, self.store.seed, self.catalogue.item_raw,
+                       self.catalogue.action_values, generation)
         self.metrics.snapshots.labels(reason).inc()  # on disk: the older journals are no longer needed
         try:
             prune(self.state_file, below=generation)
@@ -444,7 +453,7 @@ class Engine:
                         self.state_file, generation, err)
         self.metrics.snapshot_seconds.set(time.perf_counter() - start)
 
-    def _write_in_background(self, view: tuple[list[str], list[History]], generation: int, reason: str) -> None:
+    def _write_in_background(self, view: StoreView, generation: int, reason: str) -> None:
         try:
             self._write(view, generation, reason)
         except Exception as err:  # noqa: BLE001 - nothing is lost: the journals hold every append

@@ -9,8 +9,9 @@ outlives a model) and :meth:`UserStore.load` reads it back; appends between two 
 by the write-ahead journal (:mod:`genrec.serve.journal`), so neither a restart nor a crash loses any.
 
 The store is not thread-safe: the service touches it from its one scoring thread only. A snapshot
-written in the background reads a view of it (:meth:`UserStore.histories`) and calls its seed (a
-function of the training data), never the store itself.
+written in the background reads a :class:`StoreView` of it, copy-on-write: opening one copies the
+list of users only, and the store keeps each user's history as the view saw it when it replaces
+one while the view is open; the view calls the store's seed (a function of the training data).
 """
 
 from __future__ import annotations
@@ -101,6 +102,26 @@ class StoreStats:
     evictions: int = 0  # caches dropped to stay under the byte budget
 
 
+class StoreView:
+    """Every user of a store and its history as they were when the view opened, read later on another
+    thread while the store goes on changing (a snapshot's write). Opening copies the list of users (a
+    C-level copy of the keys: ~1 ms at 100k users); the store records a user's earlier history in
+    ``before`` before it replaces that history while the view is open, and users added later are not
+    in the view. A :class:`History` is never changed in place, only replaced."""
+
+    def __init__(self, users: OrderedDict[str, UserState]):
+        self.users = list(users)  # [U] least recently used first
+        self.before: dict[str, History] = {}  # user -> its history when the view opened, if replaced since
+        self._live = users
+
+    def histories(self) -> list[History]:
+        """The view's histories, in the order of :attr:`users`. Each user's live history is read
+        before ``before`` is: the store fills ``before`` before it replaces one, so whichever comes
+        first, the history read is the one the view opened with."""
+        live, before = self._live, self.before
+        return [before.get(user, live[user].history) for user in self.users]
+
+
 class UserStore:
     """Users by raw id in least-recently-used order; ``seed(user)`` gives the starting history of a
     user the store does not hold yet (e.g. its training history), or None for an unknown user."""
@@ -114,6 +135,7 @@ class UserStore:
         self.cache_bytes = 0
         self.cached = 0  # users whose cache is held (counted, not recounted per batch: a gauge reads it)
         self.stats = StoreStats()
+        self.view: StoreView | None = None  # the open view (a snapshot being written), which sees no change
 
     def __len__(self) -> int:
         return len(self.users)
@@ -133,6 +155,8 @@ class UserStore:
         """Replace the user's history (and its cache, which must encode exactly this history)."""
         state = self.users.get(user)
         if state is not None:
+            if self.view is not None:  # before the replacement: StoreView.histories reads in that order
+                self.view.before.setdefault(user, state.history)
             self._drop_cache(state)
         self.users[user] = UserState(history)
         self.users.move_to_end(user)
@@ -168,11 +192,24 @@ class UserStore:
         return self.cached
 
     # ------------------------------------------------------------------------------------ snapshot
+    def open_view(self) -> StoreView:
+        """A :class:`StoreView` of the store as it is now, kept unchanged until :meth:`close_view`
+        (one at a time)."""
+        if self.view is not None:
+            raise RuntimeError("a store view is already open: close it first (one snapshot at a time)")
+        self.view = StoreView(self.users)
+        return self.view
+
+    def close_view(self, view: StoreView) -> None:
+        """Stop keeping earlier histories for ``view`` (called from any thread once it is read)."""
+        if self.view is view:
+            self.view = None
+
     def histories(self) -> tuple[list[str], list[History]]:
-        """Every user and its history, least recently used first: a consistent view to save while the
-        store goes on changing (a :class:`History` is never changed in place, only replaced). Two
-        lists of references, not pairs: no object per user to allocate, or for the collector to see."""
-        return list(self.users), [state.history for state in self.users.values()]
+        """Every user and its history, least recently used first (two lists of references, not pairs:
+        no object per user to allocate, or for the collector to see)."""
+        view = StoreView(self.users)
+        return view.users, view.histories()
 
     def save(self, path: Path, item_raw: list[str], action_values: list[float], generation: int = 0) -> int:
         """Write every user's history (:func:`save_histories`). Returns rows."""
