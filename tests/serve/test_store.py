@@ -3,8 +3,6 @@ eviction, request numbering as in preprocessing, and a Parquet snapshot that rou
 
 from __future__ import annotations
 
-from collections import OrderedDict
-
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -170,7 +168,7 @@ def test_a_store_view_keeps_the_histories_it_opened_with_while_the_store_changes
     assert view.before.keys() == {"b"} and store.histories()[0] == ["b", "d", "a", "c"]
 
 
-class _ReplacingOnRead(OrderedDict):
+class _ReplacingOnRead(dict):
     """The live users as the writer thread reads them while the scoring thread replaces ``user``'s
     history just before (``when="before"``) or just after (``"after"``) that read."""
 

@@ -17,7 +17,6 @@ one while the view is open; the view calls the store's seed (a function of the t
 from __future__ import annotations
 
 import os
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -109,7 +108,7 @@ class StoreView:
     ``before`` before it replaces that history while the view is open, and users added later are not
     in the view. A :class:`History` is never changed in place, only replaced."""
 
-    def __init__(self, users: OrderedDict[str, UserState]):
+    def __init__(self, users: dict[str, UserState]):
         self.users = list(users)  # [U] least recently used first
         self.before: dict[str, History] = {}  # user -> its history when the view opened, if replaced since
         self._live = users
@@ -131,7 +130,9 @@ class UserStore:
             raise ValueError(f"cache budget must be >= 0 bytes, got {cache_budget_bytes}")
         self.budget = cache_budget_bytes
         self.seed = seed or (lambda user: None)
-        self.users: OrderedDict[str, UserState] = OrderedDict()
+        # least recently used first: a plain dict (insertion-ordered; a use re-inserts the user at the
+        # end), whose list of keys copies ~10x faster than an OrderedDict's (a snapshot's view copies it)
+        self.users: dict[str, UserState] = {}
         self.cache_bytes = 0
         self.cached = 0  # users whose cache is held (counted, not recounted per batch: a gauge reads it)
         self.stats = StoreStats()
@@ -147,8 +148,9 @@ class UserStore:
             history = self.seed(user)
             if history is None or len(history) == 0:
                 return None
-            state = self.users[user] = UserState(history)
-        self.users.move_to_end(user)
+            state = UserState(history)
+        self.users.pop(user, None)
+        self.users[user] = state
         return state
 
     def set_history(self, user: str, history: History, cache: Any = None, cache_bytes: int = 0) -> list[str]:
@@ -158,8 +160,8 @@ class UserStore:
             if self.view is not None:  # before the replacement: StoreView.histories reads in that order
                 self.view.before.setdefault(user, state.history)
             self._drop_cache(state)
+        self.users.pop(user, None)
         self.users[user] = UserState(history)
-        self.users.move_to_end(user)
         return self.put_cache(user, cache, cache_bytes) if cache is not None else []
 
     def put_cache(self, user: str, cache: Any, cache_bytes: int) -> list[str]:
