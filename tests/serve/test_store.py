@@ -165,35 +165,52 @@ def test_a_store_view_keeps_the_histories_it_opened_with_while_the_store_changes
     store.close_view(view)
     assert store.view is None
     store.set_history("c", _history([4_000, 4_001]))
-    assert view.before.keys() == {"b"} and store.histories()[0] == ["b", "d", "a", "c"]
+    assert view.before.keys() == {"a", "b"} and store.histories()[0] == ["b", "d", "a", "c"]  # "a": touched
 
 
-class _ReplacingOnRead(dict):
-    """The live users as the writer thread reads them while the scoring thread replaces ``user``'s
-    history just before (``when="before"``) or just after (``"after"``) that read."""
+class _Interleaved(dict):
+    """The live users as the writer thread reads them while the scoring thread works on ``user``:
+    replacing its history just before the writer's read (``"before"``) or just after it (``"after"``),
+    or the writer reading every history while the store has the user's key out of the dict, in the
+    middle of moving it to the end of the LRU order (``"key out"``, on a touch and on a replacement)."""
 
     def __init__(self, store: UserStore, user: str, when: str):
         super().__init__(store.users)
-        self.store, self.user, self.when = store, user, when
+        self.store, self.user, self.when, self.read_with_key_out = store, user, when, []
 
-    def __getitem__(self, key):
-        if key == self.user and self.when == "before":
+    def get(self, key, default=None):
+        replace = self.when if key == self.user and self.when in ("before", "after") else None
+        if replace:
+            self.when = None  # once
+        if replace == "before":
             self.store.set_history(key, _history([9_000, 9_001]))
-        state = super().__getitem__(key)
-        if key == self.user and self.when == "after":
+        state = super().get(key, default)
+        if replace == "after":
             self.store.set_history(key, _history([9_000, 9_001]))
         return state
 
+    def __delitem__(self, key):
+        super().__delitem__(key)
+        if self.when == "key out":
+            self.read_with_key_out.append(self.store.view.histories())
 
-@pytest.mark.parametrize("when", ["before", "after"])
-def test_a_store_view_reads_the_opened_history_whichever_comes_first_the_read_or_the_replacement(when):
-    """The order that makes the view consistent without a lock: the store records the old history
-    before it replaces it, and the view reads the live history before the recorded ones."""
+
+@pytest.mark.parametrize("when", ["before", "after", "key out"])
+def test_a_store_view_reads_the_opened_histories_however_the_scoring_thread_interleaves(when):
+    """The order that makes the view consistent without a lock: the store records a user's history
+    before it takes the user's key out of its dict (a replacement, or a move to the LRU end), and the
+    view reads the live state before the recorded ones."""
     store = UserStore(0)
     store.set_history("a", _history([10, 11]))
-    old = store.users["a"].history
+    store.set_history("b", _history([20, 21]))
+    opened = [store.users[u].history for u in ("a", "b")]
+    live = _Interleaved(store, "a", when)
+    store.users = live  # the scoring thread's changes land in the dict the view reads
     view = store.open_view()
-    view._live = _ReplacingOnRead(store, "a", when)
-    store.users = view._live  # the scoring thread's replacements land in the dict the view reads
-    assert view.histories()[0] is old
-    assert store.users["a"].history is not old  # it was replaced during the read
+    if when == "key out":
+        store.get("a")  # a touch: the key goes out and comes back at the end
+        store.set_history("b", _history([30, 31]))  # a replacement
+        assert len(live.read_with_key_out) == 2
+        assert all(got is want for read in live.read_with_key_out for got, want in zip(read, opened, strict=True))
+    assert all(got is want for got, want in zip(view.histories(), opened, strict=True))
+    assert store.users["a"].history is not opened[0] or when == "key out"  # "before"/"after": replaced

@@ -104,9 +104,10 @@ class StoreStats:
 class StoreView:
     """Every user of a store and its history as they were when the view opened, read later on another
     thread while the store goes on changing (a snapshot's write). Opening copies the list of users (a
-    C-level copy of the keys: ~1 ms at 100k users); the store records a user's earlier history in
-    ``before`` before it replaces that history while the view is open, and users added later are not
-    in the view. A :class:`History` is never changed in place, only replaced."""
+    C-level copy of the keys: ~1 ms at 100k users); while the view is open the store records a user's
+    history in ``before`` before it takes the user's key out of its dict (to replace the history, or
+    to move the user to the end of the LRU order), and users added later are not in the view. A
+    :class:`History` is never changed in place, only replaced."""
 
     def __init__(self, users: dict[str, UserState]):
         self.users = list(users)  # [U] least recently used first
@@ -114,11 +115,16 @@ class StoreView:
         self._live = users
 
     def histories(self) -> list[History]:
-        """The view's histories, in the order of :attr:`users`. Each user's live history is read
-        before ``before`` is: the store fills ``before`` before it replaces one, so whichever comes
-        first, the history read is the one the view opened with."""
+        """The view's histories, in the order of :attr:`users`. Each user's live state is read before
+        ``before`` is: the store fills ``before`` before it takes a key out, so whichever comes first
+        (and while the key is out), the history read is the one the view opened with."""
         live, before = self._live, self.before
-        return [before.get(user, live[user].history) for user in self.users]
+        out = []
+        for user in self.users:
+            state = live.get(user)
+            kept = before.get(user)
+            out.append(kept if kept is not None else state.history)
+        return out
 
 
 class UserStore:
@@ -149,19 +155,15 @@ class UserStore:
             if history is None or len(history) == 0:
                 return None
             state = UserState(history)
-        self.users.pop(user, None)
-        self.users[user] = state
+        self._put_last(user, state)
         return state
 
     def set_history(self, user: str, history: History, cache: Any = None, cache_bytes: int = 0) -> list[str]:
         """Replace the user's history (and its cache, which must encode exactly this history)."""
         state = self.users.get(user)
         if state is not None:
-            if self.view is not None:  # before the replacement: StoreView.histories reads in that order
-                self.view.before.setdefault(user, state.history)
             self._drop_cache(state)
-        self.users.pop(user, None)
-        self.users[user] = UserState(history)
+        self._put_last(user, UserState(history))
         return self.put_cache(user, cache, cache_bytes) if cache is not None else []
 
     def put_cache(self, user: str, cache: Any, cache_bytes: int) -> list[str]:
@@ -184,6 +186,17 @@ class UserStore:
         self.cached += 1
         self.stats.evictions += len(evicted)
         return evicted
+
+    def _put_last(self, user: str, state: UserState) -> None:
+        """``user`` with ``state``, last in the LRU order: its key leaves the dict and comes back at the
+        end. An open view is given the user's history first (:meth:`StoreView.histories` reads it
+        there, also while the key is out)."""
+        old = self.users.get(user)
+        if old is not None:
+            if self.view is not None:
+                self.view.before.setdefault(user, old.history)
+            del self.users[user]
+        self.users[user] = state
 
     def _drop_cache(self, state: UserState) -> None:
         self.cached -= state.cache is not None
