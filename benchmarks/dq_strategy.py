@@ -39,8 +39,7 @@ def rows_of(head_dim: int, ns: str) -> list[dict]:
 
     case_args, tiles = FAMILIES[head_dim]
     args = types.SimpleNamespace(ns=ns, head_dim=head_dim, **case_args)
-    large = head_dim >= 128
-    separate = dataclasses.replace(hstu.DEFAULT_CONFIG, **{"dq_separate" if large else "dq_separate_small": True})
+    separate = hstu.DEFAULT_CONFIG.with_dq_separate(head_dim, True)
     rows = []
     for name, leaves, do, layout, tables in tune_hstu_kernel._cases(args):
         def call(config, leaves=leaves, do=do, layout=layout, tables=tables):
@@ -54,8 +53,8 @@ def rows_of(head_dim: int, ns: str) -> list[dict]:
         timed = bench_ms(lambda: call(separate), 50, 200)
         rows.append(shape | {"strategy": "separate", "bwd_tile": str(bwd), "fwd_bwd_ms": timed})
         for tile in tiles:
-            config = dataclasses.replace(separate, **{"dq_separate" if large else "dq_separate_small": False,
-                                                      "bwd_large" if large else "bwd": tile})
+            config = dataclasses.replace(separate.with_dq_separate(head_dim, False),
+                                         **{"bwd_large" if head_dim >= 128 else "bwd": tile})
             got = call(config)
             err = max(float((g.float() - w.float()).abs().max() / w.float().abs().max().clamp_min(1e-12))
                       for g, w in zip(got, want, strict=True))

@@ -924,9 +924,9 @@ def tiles_config(tiles: dict):
     small ones); ``dq`` None: dQ by atomics in the dK/dV kernel."""
     from genrec.ops.triton.hstu import DEFAULT_CONFIG
 
-    family = "_large" if tiles.get("head_dim", 128) >= 128 else ""
-    flag = "dq_separate" if family else "dq_separate_small"
-    return dataclasses.replace(DEFAULT_CONFIG, **{flag: tiles["dq"] is not None,
+    head_dim = tiles.get("head_dim", 128)
+    family = "_large" if head_dim >= 128 else ""
+    return dataclasses.replace(DEFAULT_CONFIG.with_dq_separate(head_dim, tiles["dq"] is not None), **{
         f"fwd{family}": tuple(tiles["fwd"]), f"bwd{family}": tuple(tiles["bwd"]),
         f"dq{family}": tuple(tiles["dq"] or getattr(DEFAULT_CONFIG, f"dq{family}"))})
 

@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         for separate in (False, True):
             for tiles in BWD:
                 for dq in DQ if separate else [None]:
-                    config = dataclasses.replace(default, **{"dq_separate" if large else "dq_separate_small": separate,
+                    config = dataclasses.replace(default.with_dq_separate(args.head_dim, separate), **{
                         field("fwd"): fwd, field("bwd"): tiles, field("dq"): dq or getattr(default, field("dq"))})
                     rows.append(row("fwd+bwd", tiles, str(dq) if dq else "atomic", config, True))
         best = min((r for r in rows if r["part"] == "fwd+bwd"), key=total)

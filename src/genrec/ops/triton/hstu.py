@@ -9,9 +9,10 @@ causal + fake cross-triangle) is one rule among three, so the whole ``[real | fa
 launch.
 
 Backward: one kernel per key tile computes dK and dV in registers; dQ comes from a second kernel per
-query tile (seven matrix products per tile pair, no atomics; the default), or from the first,
-which adds each pair's dQ tile to an fp32 buffer by one TMA bulk reduction (the FlashAttention-2
-split, five products), per head-dim family: :meth:`KernelConfig.separates_dq`.
+query tile (seven matrix products per tile pair, no atomics; the default at head dim >= 128), or
+from the first, which adds each pair's dQ tile to an fp32 buffer by one TMA bulk reduction (the
+FlashAttention-2 split, five products; the default below), per head-dim family:
+:meth:`KernelConfig.separates_dq`.
 The relative bias costs each tile pair only what its extremes require (:func:`_scores`): one value
 where all its distances lie past the position table or all its time differences in one bucket,
 one comparison per pair where they span two buckets, a table read per pair otherwise (its time
@@ -45,7 +46,7 @@ model on this backend as one node per attention call.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
@@ -119,6 +120,10 @@ class KernelConfig:
     def separates_dq(self, head_dim: int) -> bool:
         """Whether dQ comes from its own kernel at this head dim (else from the dK/dV kernel)."""
         return self.dq_separate if head_dim >= 128 else self.dq_separate_small
+
+    def with_dq_separate(self, head_dim: int, separate: bool) -> KernelConfig:
+        """This config with the dQ strategy of ``head_dim``'s family set (the other family's kept)."""
+        return replace(self, **{"dq_separate" if head_dim >= 128 else "dq_separate_small": separate})
 
     def tiles(self, head_dim: int, dtype: torch.dtype = torch.bfloat16) -> tuple[Tile, Tile, Tile]:
         """(forward, dK/dV, dQ) tiles for this head dim and dtype."""
