@@ -281,6 +281,7 @@ def test_a_llama_block_asked_for_its_last_tokens_gives_the_full_blocks_outputs_a
     from genrec.nn.events import Events
     from genrec.nn.llama import LlamaBlock
     from genrec.ops.dispatch import REFERENCE
+    from tests.nn.test_hstu_block import outputs_and_grads
 
     torch.manual_seed(0)
     block = LlamaBlock(16, 2, 0.0, REFERENCE).double()
@@ -289,14 +290,8 @@ def test_a_llama_block_asked_for_its_last_tokens_gives_the_full_blocks_outputs_a
     n = layout.shape[1]
     for start in (1, n // 2, n - 1):
         upstream = torch.randn(x.shape[0], n - start, 16, dtype=torch.float64)
-        grads = []
-        for tail in (False, True):
-            block.zero_grad()
-            x.grad = None
-            y = block(x, layout, outputs_from=start) if tail else block(x, layout)[:, start:]
-            (y * upstream).sum().backward()
-            grads.append((y.detach(), x.grad.clone(), {k: p.grad.clone() for k, p in block.named_parameters()}))
-        (want, want_dx, want_dw), (got, dx, dw) = grads
+        want, want_dx, want_dw = outputs_and_grads(block, block(x, layout)[:, start:], x, upstream)
+        got, dx, dw = outputs_and_grads(block, block(x, layout, outputs_from=start), x, upstream)
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(dx, want_dx, rtol=1e-12, atol=1e-12)
         assert dx[:, :start].abs().sum() > 0

@@ -35,7 +35,8 @@ def block_and_input(kind: str, seed: int = 0):
     return block, layout, x
 
 
-def outputs_and_grads(block: HSTUBlock, out: torch.Tensor, x: torch.Tensor, upstream: torch.Tensor):
+def outputs_and_grads(block: torch.nn.Module, out: torch.Tensor, x: torch.Tensor, upstream: torch.Tensor):
+    """``out`` and the gradients of ``x`` and every weight of ``block`` for the loss ``sum(out * upstream)``."""
     block.zero_grad()
     x.grad = None
     (out * upstream).sum().backward()
