@@ -57,8 +57,9 @@ Three parts, each a table in the result file:
   on and off"). ``--train-profile`` adds to each train row where its step's GPU time goes (3 more
   steps under torch.profiler): all CUDA kernels (``kernels_ms``), the fused attention's
   (``attention_ms``) and each of its four kernels, the bias gradients' (``bias_grad_ms``, both
-  their kernels where the band kernel runs) among them, and the optimizer's and the clipping's
-  passes over every parameter (``optimizer_ms``), and ``host_over_kernels``: ``host_ms`` over
+  their kernels where the band kernel runs) among them, the matrix products' (``matmul_ms``), the
+  optimizer's and the clipping's passes over every parameter (``optimizer_ms``), the costliest
+  kernels by name (``kernels_top_ms``, JSON only), and ``host_over_kernels``: ``host_ms`` over
   ``kernels_ms``. Every train row has ``host_ms``, the host's time to issue one step with the GPU
   idle (:func:`_host_ms`): a short compiled step can take the host longer to issue than the GPU to
   run, and its ``step_ms`` then times the host. ``--train-host-profile`` adds where that host time
@@ -405,22 +406,29 @@ ATTENTION_KERNELS = {"_hstu_fwd": "attention_fwd_ms", "_hstu_bwd": "attention_dk
 
 
 OPTIMIZER_KERNEL = "multi_tensor_apply_kernel"  # fused AdamW and clipping's foreach norm and scaling
+# cuBLAS's matrix products on sm_90 (nvjet, cutlass / xmma kernels) and inductor's own Triton templates
+MATMUL_KERNELS = ("nvjet", "gemm", "cutlass", "xmma", "triton_tem_fused_mm", "triton_tem_fused_addmm")
 
 
-def kernel_fields(device_ms: dict[str, float], steps: int) -> dict[str, float]:
+def kernel_fields(device_ms: dict[str, float], steps: int, top: int = 12) -> dict:
     """Per step: the device's time in kernels and copies (``kernels_ms``), the fused attention's four
-    kernels each and together (``attention_ms``), and the passes over every parameter that the
+    kernels each and together (``attention_ms``), the matrix products' (``matmul_ms``: the linear
+    layers, both models' FLOPs but for attention), the passes over every parameter that the
     optimizer step and the gradient clipping make (``optimizer_ms``: a cost HSTU and DFGR share,
-    set by the item table's size, not by the tokens); ``device_ms``: profiled device milliseconds by
-    kernel name over ``steps`` steps. Kernels the profile lacks count 0 (no bias: no bias-gradient
+    set by the item table's size, not by the tokens), and the ``top`` costliest kernels by name
+    (``kernels_top_ms``: what the rest is); ``device_ms``: profiled device milliseconds by kernel
+    name over ``steps`` steps. Kernels the profile lacks count 0 (no bias: no bias-gradient
     kernel)."""
     fields = dict.fromkeys(ATTENTION_KERNELS.values(), 0.0)
     for name, ms in device_ms.items():
         if name in ATTENTION_KERNELS:
             fields[ATTENTION_KERNELS[name]] += ms / steps
-    optimizer = sum(ms for name, ms in device_ms.items() if OPTIMIZER_KERNEL in name) / steps
-    return {"kernels_ms": sum(device_ms.values()) / steps, "attention_ms": sum(fields.values()), **fields,
-            "optimizer_ms": optimizer}
+    per_step = lambda names: sum(device_ms[n] for n in names) / steps  # noqa: E731
+    costliest = sorted(device_ms, key=device_ms.get, reverse=True)[:top]
+    return {"kernels_ms": per_step(device_ms), "attention_ms": sum(fields.values()), **fields,
+            "matmul_ms": per_step(n for n in device_ms if any(k in n for k in MATMUL_KERNELS)),
+            "optimizer_ms": per_step(n for n in device_ms if OPTIMIZER_KERNEL in n),
+            "kernels_top_ms": {n: device_ms[n] / steps for n in costliest}}
 
 
 def _profiled(run, steps: int) -> dict[str, float]:
@@ -653,6 +661,8 @@ def _train_model_rows(name: str, n: int, share: float, data: list[JaggedBatch], 
     if args.train_profile:
         rows[-1] |= _step_kernels(step_model, planned, args.train_cuda_graphs)
         rows[-1]["host_over_kernels"] = rows[-1]["host_ms"] / rows[-1]["kernels_ms"]
+        print(f"kernels {name} N={n}: {rows[-1]['kernels_ms']:.2f} ms; costliest: "
+              + ", ".join(f"{k[:60]} {v:.2f}" for k, v in rows[-1]["kernels_top_ms"].items()), flush=True)
     if args.train_host_profile:
         rows[-1] |= _host_profile(step_model, planned, args.train_cuda_graphs)
         print(f"host {name} N={n}: {rows[-1]['host_launches']:.0f} launches, {rows[-1]['host_launch_ms']:.2f} ms in "
@@ -779,7 +789,7 @@ def write(rows: list[dict], meta: dict, stem: Path) -> None:
                    "attention_dkdv_ms", "attention_dq_ms", "bias_grad_ms", "error"],
         "train": ["model", "mode", "n", "target_share", "batch", "step_ms", "train_events_per_s", "tflops", "mfu",
                   "peak_mem_gb", "host_ms", "kernels_ms", "host_over_kernels", "attention_ms", "bias_grad_ms",
-                  "optimizer_ms"],
+                  "matmul_ms", "optimizer_ms"],
         "layout": ["model", "n", "target_share", "batch", "step_ms", "step_ms_layout_reused", "layout_in_step_ms",
                    "in_step_share", "step_ms_prepared", "prepared_in_step_share", "prepare_host_ms",
                    "prepare_share_of_step", "layout_ms", "standalone_share_of_step"],
@@ -988,8 +998,9 @@ def main(argv: list[str] | None = None) -> int:
                         "steps per train row, each issued on an idle GPU: its CUDA launch calls (host_launch_ms, "
                         "host_launches) and costliest events (host_top_ms), where a host-bound step's time goes")
     parser.add_argument("--train-profile", action="store_true", help="profile 3 more steps per train row: its "
-                        "CUDA kernels' time, the fused attention's by kernel and the optimizer's (kernels_ms, "
-                        "attention_ms, bias_grad_ms, optimizer_ms)")
+                        "CUDA kernels' time, the fused attention's by kernel, the matrix products' and the optimizer's "
+                        "(kernels_ms, attention_ms, bias_grad_ms, matmul_ms, optimizer_ms) and the costliest kernels "
+                        "(kernels_top_ms)")
     parser.add_argument("--kernel-profile", action="store_true", help="profile 5 more forward + backward calls "
                         "of each genrec kernel row: its four kernels' times (attention_fwd/dkdv/dq_ms, bias_grad_ms)")
     parser.add_argument("--requests", type=int, default=30)

@@ -96,13 +96,15 @@ def test_rows_without_the_relative_bias_pair_with_each_other_and_count_in_the_tr
 def test_a_profiled_steps_kernels_are_grouped_by_the_fused_attentions_kernel_names():
     """``--train-profile``: per-step times from the profiler's device times over 3 steps, the four
     attention kernels by their Triton names (a model without the bias has no bias-gradient kernel),
+    cuBLAS's matrix products, the costliest kernels,
     and the informational bias-gradient share over the profiled train rows only."""
     device_ms = {"_hstu_fwd": 3.0, "_hstu_bwd": 6.0, "_hstu_bwd_rab": 12.0, "_hstu_bwd_dq": 4.5,
                  "nvjet_sm90_tst_256x128": 3.0,
                  "void at::native::(anonymous namespace)::multi_tensor_apply_kernel<at::native::": 1.5}
-    fields = speed.kernel_fields(device_ms, steps=3)
+    fields = speed.kernel_fields(device_ms, steps=3, top=2)
     assert fields == {"kernels_ms": 10.0, "attention_ms": 8.5, "attention_fwd_ms": 1.0, "attention_dkdv_ms": 2.0,
-                      "bias_grad_ms": 4.0, "attention_dq_ms": 1.5, "optimizer_ms": 0.5}
+                      "bias_grad_ms": 4.0, "attention_dq_ms": 1.5, "matmul_ms": 1.0, "optimizer_ms": 0.5,
+                      "kernels_top_ms": {"_hstu_bwd_rab": 4.0, "_hstu_bwd": 2.0}}
     assert speed.kernel_fields({"_hstu_fwd": 3.0, "other": 3.0}, steps=3)["bias_grad_ms"] == 0.0
     banded = speed.kernel_fields(device_ms | {"_hstu_bwd_rab_bands": 6.0}, steps=3)  # head dim <= 64: two kernels
     assert banded["bias_grad_ms"] == 6.0 and banded["attention_ms"] == 10.5 and banded["kernels_ms"] == 12.0
