@@ -249,7 +249,7 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
                       help="continue the run in --out-dir from its last checkpoint, even with changed train.* settings")
     mode.add_argument("--overwrite", action="store_true", help="replace the run in --out-dir")
     p.add_argument("--nproc", type=int, default=None, metavar="K",
-                   help="train on K local processes through torchrun (train.strategy: ddp or fsdp2)")
+                   help="train on K local processes through torchrun (train.strategy: ddp, fsdp2 or torchrec)")
 
 
 @command("train", "train and evaluate a model", _train_arguments)

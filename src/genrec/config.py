@@ -101,8 +101,16 @@ class TrainConfig:
     tensorboard: bool = True  # TensorBoard event files in the run folder
     progress: bool = True  # a progress bar on a terminal, a plain line every progress_every_s otherwise
     progress_every_s: Annotated[float, Range(0, low_open=True)] = 30.0  # seconds between plain progress lines
-    strategy: Literal["ddp", "fsdp2"] = "ddp"  # under torchrun: DDP, or FSDP2 (fully_shard on the blocks);
-    # data.batch_size is the global batch
+    # under torchrun: DDP, FSDP2 (fully_shard on the blocks) or "torchrec": the item and action tables
+    # sharded over the ranks by TorchRec (the genrec[torchrec] extra), the rest in DDP; data.batch_size
+    # is the global batch
+    strategy: Literal["ddp", "fsdp2", "torchrec"] = "ddp"
+    table_sharding: Literal["row_wise", "table_wise"] = "row_wise"  # train.strategy=torchrec: how tables split
+    # train.strategy=torchrec: the tables' optimizer, fused into the backward pass by TorchRec (the ones
+    # its CPU kernels have; no weight decay)
+    table_optimizer: Literal["rowwise_adagrad", "adagrad", "sgd"] = "rowwise_adagrad"
+    # train.strategy=torchrec: the tables' peak learning rate (null: train.lr), on train.lr's schedule
+    table_lr: Annotated[float, Range(0, low_open=True)] | None = None
 
     def check(self) -> None:
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from tests.conftest import write_ml_csv
 
@@ -42,3 +43,12 @@ def tiny_sequences(tiny_data):
 
     seq = prepare("ml-latest-small", tiny_data, PrepConfig(3.0, 0, 3, "drop"), allow_download=False)
     return WindowDataset(seq, windows(seq, "train", SplitConfig("temporal", 0.8, 0.9), 10, None))
+
+
+@pytest.fixture
+def one_thread():
+    """The ranks run one thread each; the single-process side does too, so both use the same kernels."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

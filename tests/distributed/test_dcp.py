@@ -7,7 +7,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -16,12 +15,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from genrec.cli import main
 from genrec.config import load
 from genrec.train import checkpoint
 from tests.distributed.ranks import run_command, run_ranks
+from tests.distributed.runs import assert_same_training, column, cut_at
+from tests.distributed.runs import state as state_of
 
 SETTINGS = ["data.max_len=10", "data.batch_size=4", "data.eval_batch_size=5", "data.split.protocol=temporal",
             "model=hstu", "model_args.d_model=16", "model_args.dropout=0", "train.epochs=2", "train.warmup_steps=2",
@@ -51,10 +51,6 @@ def straight(tmp_path_factory, tiny_data) -> Path:
     return out
 
 
-def _state(folder: Path) -> dict:
-    return json.loads((folder / "state.json").read_text())
-
-
 def _ranks_of(launcher: int) -> dict[int, int]:
     """{rank: pid} of the processes torchrun started under ``launcher``."""
     found, todo = {}, [launcher]
@@ -72,11 +68,6 @@ def _ranks_of(launcher: int) -> dict[int, int]:
     return found
 
 
-def _column(run: Path, name: str) -> list[str]:
-    with open(run / "train_log.csv") as f:
-        return [row[name] for row in csv.DictReader(f)]
-
-
 def test_dcp_killed_rank_resumes_with_nothing_lost(tmp_path, tiny_data, straight):
     expected = json.loads((straight / "metrics.json").read_text())
     killed = tmp_path / "killed"
@@ -85,7 +76,7 @@ def test_dcp_killed_rank_resumes_with_nothing_lost(tmp_path, tiny_data, straight
     deadline = time.time() + 120
     while time.time() < deadline:  # kill rank 1 once a mid-epoch checkpoint of the second epoch exists
         last = checkpoint.latest(killed)
-        if last is not None and _state(last)["epoch"] == 1 and _state(last)["batch_in_epoch"] > 0:
+        if last is not None and state_of(last)["epoch"] == 1 and state_of(last)["batch_in_epoch"] > 0:
             break
         time.sleep(0.01)
     ranks = _ranks_of(proc.pid)
@@ -93,7 +84,7 @@ def test_dcp_killed_rank_resumes_with_nothing_lost(tmp_path, tiny_data, straight
     os.kill(ranks[1], signal.SIGKILL)
     assert proc.wait(timeout=120) != 0  # torchrun stops the job when a rank dies
     assert not (killed / "metrics.json").exists(), "the run finished before a rank could be killed"
-    at = _state(checkpoint.latest(killed))
+    at = state_of(checkpoint.latest(killed))
     assert at["epoch"] == 1 and at["batch_in_epoch"] > 0 and at["world_size"] == 2
 
     resumed = run_command(_train_cmd(killed, tiny_data))
@@ -103,48 +94,23 @@ def test_dcp_killed_rank_resumes_with_nothing_lost(tmp_path, tiny_data, straight
     assert got["steps"] == expected["steps"]
     for split in ("valid", "test"):
         assert got[split] == expected[split], split  # the same numbers to the last bit
-    assert _column(killed, "step") == [str(s) for s in range(1, expected["steps"] + 1)]  # each step logged once
-    assert _column(killed, "loss") == _column(straight, "loss")
-
-
-def _cut_at(run: Path, copy: Path, step: int) -> Path:
-    """A copy of ``run`` as if it had been killed right after its checkpoint at ``step``."""
-    shutil.copytree(run, copy)
-    root = copy / "checkpoints"
-    for folder in root.glob("step-*"):
-        if int(folder.name.split("-")[1]) > step:
-            shutil.rmtree(folder)
-    (root / "latest").write_text(f"step-{step:08d}")
-    for name in ("metrics.json", "best"):
-        shutil.rmtree(copy / name, ignore_errors=True) if name == "best" else (copy / name).unlink()
-    return copy
-
-
-def _assert_same_training(run: Path, reference: Path) -> None:
-    a = load_file(str(run / "best" / "model.safetensors"))
-    b = load_file(str(reference / "best" / "model.safetensors"))
-    for name in b:
-        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6, msg=name)
-    ref = json.loads((reference / "metrics.json").read_text())
-    got = json.loads((run / "metrics.json").read_text())
-    assert got["steps"] == ref["steps"] and got["best_epoch"] == ref["best_epoch"]
-    assert got["valid"]["auc"] == pytest.approx(ref["valid"]["auc"], abs=1e-6)
-    assert _column(run, "step") == _column(reference, "step")
+    assert column(killed, "step") == [str(s) for s in range(1, expected["steps"] + 1)]  # each step logged once
+    assert column(killed, "loss") == column(straight, "loss")
 
 
 def test_dcp_checkpoint_of_two_ranks_resumes_in_one_process(tmp_path, tiny_data, straight):
     from genrec.distributed.run import train
 
-    run = _cut_at(straight, tmp_path / "one", 3)
-    assert _state(run / "checkpoints" / "step-00000003")["world_size"] == 2
+    run = cut_at(straight, tmp_path / "one", 3)
+    assert state_of(run / "checkpoints" / "step-00000003")["world_size"] == 2
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:  # plain `genrec train` (no torchrun) on a DCP checkpoint: a world of one process
         train(load(None, [*_overrides(tiny_data), f"train.out_dir={run}"]))
     finally:
         torch.set_num_threads(threads)
-    assert _state(checkpoint.latest(run))["world_size"] == 1
-    _assert_same_training(run, straight)
+    assert state_of(checkpoint.latest(run))["world_size"] == 1
+    assert_same_training(run, straight)
 
 
 def _resume_fsdp2(rank: int, data: Path, run: Path) -> None:
@@ -154,9 +120,9 @@ def _resume_fsdp2(rank: int, data: Path, run: Path) -> None:
 
 
 def test_dcp_checkpoint_of_ddp_ranks_resumes_on_fsdp2_ranks(tmp_path, tiny_data, straight):
-    run = _cut_at(straight, tmp_path / "fsdp2", 6)
+    run = cut_at(straight, tmp_path / "fsdp2", 6)
     run_ranks(2, _resume_fsdp2, tiny_data, run)
-    _assert_same_training(run, straight)
+    assert_same_training(run, straight)
 
 
 def test_dcp_checkpoint_evaluates_in_one_process_genrec_eval(tmp_path, straight, capsys):

@@ -42,15 +42,6 @@ def two_ranks(tmp_path_factory, tiny_data) -> Path:
     return out
 
 
-@pytest.fixture
-def one_thread():
-    """The ranks run one thread each; the single-process side does too, so both use the same kernels."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_ddp_two_ranks_match_one_process_with_the_same_global_batch(tmp_path, tiny_data, two_ranks, one_thread):
     single = Trainer(tiny_config(tiny_data, tmp_path / "single"))
     first = {k: v.clone() for k, v in single.model.state_dict().items()}

@@ -33,3 +33,18 @@ def test_distributed_group_outside_torchrun_is_one_cpu_process(monkeypatch):
             DataParallel(group).train_loader(None, 0, 0, 0)
     finally:
         launch.shutdown()
+
+
+def test_distributed_torchrec_strategy_without_the_extra_is_a_config_error_naming_the_install(monkeypatch):
+    """Without TorchRec installed, train.strategy=torchrec fails before anything is built, saying how
+    to install the extra (not a ModuleNotFoundError from inside the sharding)."""
+    import importlib.util
+
+    from genrec.config import TrainConfig
+    from genrec.distributed import strategy
+    from genrec.errors import ConfigError
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torchrec" else real(name, *a))
+    with pytest.raises(ConfigError, match=r"TorchRec extra.*--no-deps torchrec"):
+        strategy.strategy_for(launch.ProcessGroup(0, 0, 1, torch.device("cpu")), TrainConfig(strategy="torchrec"))

@@ -9,7 +9,13 @@ model, the dense part, in DDP.
 :class:`TableLookup` is ``nn.Embedding``'s lookup over a one-table ``EmbeddingCollection``, so the
 models keep calling ``self.item_emb(ids)``; :func:`shard_tables` swaps a generative ranker's item and
 action tables for it and shards them. The tables learn through TorchRec's fused optimizer (applied in
-the backward pass; here exact SGD at a fixed learning rate), the dense part through any optimizer.
+the backward pass; exact SGD by default), the dense part through any optimizer. ``train.strategy: torchrec``
+(:class:`genrec.distributed.strategy.ShardedTables`) trains a run this way.
+
+Names: the sharded model's state dict holds each table under TorchRec's key
+(``item_emb.collection.embeddings.item.weight``, a ``ShardedTensor``); :func:`plain_names` and
+:func:`sharded_names` translate to and from the plain model's (``item_emb.weight``), so checkpoints
+and exported weights read as the plain model's, in one process as on any number of ranks.
 
 Gradients: TorchRec divides the table gradients it routes back by the world size (its default
 gradient division), so tables and the DDP part both see the *average* over ranks, and the trainer's
@@ -64,10 +70,29 @@ def _owner(model: nn.Module, path: tuple[str, ...]) -> tuple[nn.Module, str]:
     return model, path[-1]
 
 
-def shard_tables(model: nn.Module, device: torch.device, sharding: str = "row_wise", lr: float = 0.01) -> nn.Module:
+def tables_of(model: nn.Module) -> list[str]:
+    """The tables of :data:`TABLES` that ``model`` holds as ``nn.Embedding`` lookups: the item table
+    (required) and the action table where the actions are one joint code (``action_encoding:
+    joint``, the default; the other encodings keep their small parameters in the dense part)."""
+    found = []
+    for name, path in TABLES.items():
+        try:
+            owner, attr = _owner(model, path)
+        except AttributeError:
+            continue
+        if isinstance(getattr(owner, attr, None), nn.Embedding):
+            found.append(name)
+    if "item" not in found:
+        raise ValueError(f"{type(model).__name__} has no item_emb nn.Embedding table to shard")
+    return found
+
+
+def shard_tables(model: nn.Module, device: torch.device, sharding: str = "row_wise", lr: float = 0.01,
+                 optimizer: str = "sgd") -> nn.Module:
     """``model`` with its item and action tables sharded by DMP (``sharding``: ``row_wise`` or
-    ``table_wise``; tables trained by fused exact SGD at ``lr``) and its dense part in DDP.
-    The tables' current weights carry over. Collective: every rank calls it on the same model."""
+    ``table_wise``; tables trained by the fused ``optimizer`` of :data:`TABLE_OPTIMIZERS` at ``lr``)
+    and its dense part in DDP. The tables' current weights carry over; ``model`` itself holds the
+    sharded tables afterwards. Collective: every rank calls it on the same model."""
     from torchrec.distributed.embedding import EmbeddingCollectionSharder
     from torchrec.distributed.model_parallel import DistributedModelParallel
     from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
@@ -75,17 +100,17 @@ def shard_tables(model: nn.Module, device: torch.device, sharding: str = "row_wi
 
     if sharding not in ("row_wise", "table_wise"):
         raise ValueError(f"sharding must be row_wise or table_wise, got {sharding!r}")
+    if optimizer not in TABLE_OPTIMIZERS:
+        raise ValueError(f"table optimizer must be one of {', '.join(TABLE_OPTIMIZERS)}, got {optimizer!r}")
     weights = {}
-    for name, path in TABLES.items():
-        owner, attr = _owner(model, path)
+    for name in tables_of(model):
+        owner, attr = _owner(model, TABLES[name])
         table = getattr(owner, attr)
-        if not isinstance(table, nn.Embedding):
-            raise ValueError(f"{type(model).__name__}.{'.'.join(path)} is not an nn.Embedding table")
         weights[name] = table.weight.detach().to("cpu", copy=True)
         setattr(owner, attr, TableLookup(name, table.num_embeddings, table.embedding_dim, torch.device("meta")))
     group = dist.group.WORLD
-    sharder = EmbeddingCollectionSharder(fused_params={"optimizer": _exact_sgd(), "learning_rate": lr})
-    constraints = {name: ParameterConstraints(sharding_types=[sharding]) for name in TABLES}
+    sharder = EmbeddingCollectionSharder(fused_params={"optimizer": _fused_optimizer(optimizer), "learning_rate": lr})
+    constraints = {name: ParameterConstraints(sharding_types=[sharding]) for name in weights}
     topology = Topology(world_size=dist.get_world_size(), compute_device=device.type)
     plan = EmbeddingShardingPlanner(topology=topology, constraints=constraints).collective_plan(model, [sharder], group)
     sharded = DistributedModelParallel(model, env=ShardingEnv.from_process_group(group), plan=plan,
@@ -94,14 +119,42 @@ def shard_tables(model: nn.Module, device: torch.device, sharding: str = "row_wi
     return sharded
 
 
-def _exact_sgd():
+# train.table_optimizer -> fbgemm's fused optimizer: those TorchRec's CPU kernels run (its fused Adam
+# kinds are CUDA only, and the CUDA fbgemm-gpu wheel cannot reach the GPU hosts here to test them)
+TABLE_OPTIMIZERS = {"sgd": "EXACT_SGD", "adagrad": "EXACT_ADAGRAD", "rowwise_adagrad": "EXACT_ROWWISE_ADAGRAD"}
+
+
+def _fused_optimizer(name: str):
     from fbgemm_gpu.split_embedding_configs import EmbOptimType
 
-    return EmbOptimType.EXACT_SGD
+    return getattr(EmbOptimType, TABLE_OPTIMIZERS[name])
 
 
 def _table_key(name: str, key: str) -> bool:
     return key.endswith(f"embeddings.{name}.weight")
+
+
+# the plain model's key of each table <-> the sharded model's (TableLookup's collection inside)
+SHARDED_KEYS = {f"{'.'.join(path)}.weight": f"{'.'.join(path)}.collection.embeddings.{name}.weight"
+                for name, path in TABLES.items()}
+PLAIN_KEYS = {v: k for k, v in SHARDED_KEYS.items()}
+
+
+def plain_names(state: dict) -> dict:
+    """A sharded model's state dict (or its optimizer's ``state``) keyed by the plain model's names."""
+    return {PLAIN_KEYS.get(k, k): v for k, v in state.items()}
+
+
+def sharded_names(state: dict) -> dict:
+    """The inverse of :func:`plain_names`."""
+    return {SHARDED_KEYS.get(k, k): v for k, v in state.items()}
+
+
+def dense_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """The named parameters that the tables' fused optimizer does not train: the dense part's."""
+    from torchrec.optim.optimizers import in_backward_optimizer_filter
+
+    return list(in_backward_optimizer_filter(model.named_parameters()))
 
 
 def _copy_into_shards(sharded: nn.Module, weights: dict[str, torch.Tensor]) -> None:
@@ -117,7 +170,8 @@ def _copy_into_shards(sharded: nn.Module, weights: dict[str, torch.Tensor]) -> N
 
 
 def gather_tables(sharded: nn.Module) -> dict[str, torch.Tensor]:
-    """Collective: the full item and action tables, assembled from every rank's shards (on every rank)."""
+    """Collective: the full item and action tables by table name, assembled from every rank's shards
+    (on every rank)."""
     out = {}
     for key, value in sharded.state_dict().items():
         name = next((n for n in TABLES if _table_key(n, key)), None)
@@ -131,3 +185,27 @@ def gather_tables(sharded: nn.Module) -> dict[str, torch.Tensor]:
             full[r: r + t.shape[0], c: c + t.shape[1]] = t
         out[name] = full
     return out
+
+
+def full_weights(sharded: nn.Module) -> dict[str, torch.Tensor]:
+    """Collective: the plain model's full state dict (CPU): the dense part as every rank holds it, the
+    tables gathered (:func:`gather_tables`)."""
+    tables = {f"{'.'.join(TABLES[name])}.weight": t for name, t in gather_tables(sharded).items()}
+    dense = {k: v.detach().cpu() for k, v in plain_names(sharded.state_dict()).items() if k not in tables}
+    return dense | tables
+
+
+def load_full_weights(sharded: nn.Module, weights: dict[str, torch.Tensor]) -> None:
+    """The plain model's full state dict ``weights`` into the sharded model: each rank its rows."""
+    tables = {name: weights[key] for key, name in ((f"{'.'.join(path)}.weight", name)
+                                                   for name, path in TABLES.items()) if key in weights}
+    own = sharded.state_dict()
+    dense = {k: v for k, v in weights.items() if k not in SHARDED_KEYS}
+    missing = sorted(plain_names(own).keys() - weights.keys())
+    unexpected = sorted(dense.keys() - own.keys())
+    if missing or unexpected:
+        raise ValueError(f"weights do not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    with torch.no_grad():
+        for key, value in dense.items():
+            own[key].copy_(value)
+    _copy_into_shards(sharded, tables)

@@ -1,4 +1,4 @@
-"""Data parallel training on torchrun's ranks: DDP (default) or FSDP2, one global batch per step.
+"""Data parallel training on torchrun's ranks: DDP (default), FSDP2, or DDP with TorchRec-sharded tables.
 
 Why the loss is re-weighted: every genrec loss is a mean over the targets of the batch it sees,
 and DDP (and FSDP2's reduce-scatter) *average* the ranks' gradients. When rank r holds n_r of the
@@ -21,22 +21,28 @@ need each rank to draw the global batch's numbers and keep its rows' share.
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from genrec.config import TrainConfig
 from genrec.data.batching import JaggedBatch, WindowDataset
 from genrec.distributed import checkpoint as dcp_checkpoint
 from genrec.distributed.evaluate import sharded_evaluate
 from genrec.distributed.launch import ProcessGroup
 from genrec.distributed.sampler import sharded_loader
+from genrec.errors import ConfigError
 from genrec.models.base import RecModel
+from genrec.models.generative import GenerativeRanker
 from genrec.nn.prepared import LayoutPlan
 from genrec.nn.ranks import mean_over_ranks
 from genrec.train.strategy import Strategy
 
-STRATEGIES = ("ddp", "fsdp2")
+STRATEGIES = ("ddp", "fsdp2")  # DataParallel's kinds; train.strategy=torchrec is ShardedTables
 
 
 def fsdp2(model: nn.Module, device: torch.device) -> nn.Module:
@@ -129,3 +135,102 @@ class DataParallel(Strategy):
 
     def barrier(self) -> None:
         dist.barrier()
+
+
+class ShardedTables(DataParallel):
+    """``train.strategy: torchrec``: one rank of a torchrun job whose item and action tables are
+    sharded over the ranks by TorchRec (:mod:`genrec.distributed.sharded_tables`, the
+    ``genrec[torchrec]`` extra), the dense rest in DDP; batches, loss weighting and evaluation as
+    :class:`DataParallel`'s.
+
+    The tables learn through TorchRec's fused optimizer (``train.table_optimizer``, applied during
+    the backward pass) at ``train.table_lr`` on the trainer's warm-up + cosine schedule, the dense
+    part through the trainer's AdamW; the two are one ``CombinedOptimizer``, so the trainer's
+    ``zero_grad`` (before the forward: that is where the fused update takes its learning rate, and the
+    forward fixes the one the backward's update uses) and ``step`` drive both. Gradient clipping covers the dense part only (the tables' gradients never
+    exist as tensors). Checkpoints are DCP's, the tables and their optimizer state as sharded
+    tensors under the plain model's names, so they reshard to any number of ranks and their weights
+    load into a plain model (``genrec eval``, ``train.init_from``); ``best/`` is the plain model's
+    ``model.safetensors``. Generative rankers only (their tables are looked up, never read whole)."""
+
+    def __init__(self, group: ProcessGroup, train: TrainConfig):
+        if importlib.util.find_spec("torchrec") is None:
+            raise ConfigError("train.strategy=torchrec needs the TorchRec extra, not installed here: pip install -e "
+                              "'.[torchrec]' then pip install --no-deps torchrec==1.8.0 (README, Several GPUs)")
+        if train.compile:
+            raise ConfigError("train.strategy=torchrec: train.compile is not supported with TorchRec's sharded "
+                              "tables (untested); set train.compile=false")
+        super().__init__(group, "ddp")
+        self.kind = "torchrec"
+        self.settings = train
+        self.sharded: nn.Module | None = None
+        self.dense_optimizer = None  # the dense part's AdamW (a TorchRec KeyedOptimizerWrapper)
+
+    def wrap(self, model: nn.Module, device: torch.device) -> nn.Module:
+        from genrec.distributed.sharded_tables import shard_tables
+
+        if not isinstance(model, GenerativeRanker):
+            raise ConfigError(f"train.strategy=torchrec shards the tables of the generative rankers (hstu, dfgr, "
+                              f"genrank, sfgr), not {type(model).__name__}'s; use train.strategy=ddp")
+        t = self.settings
+        self.sharded = shard_tables(model, device, t.table_sharding, lr=t.table_lr or t.lr,
+                                    optimizer=t.table_optimizer)
+        return self.sharded
+
+    def optimizer(self, model: nn.Module, make) -> torch.optim.Optimizer:
+        from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
+
+        from genrec.distributed.sharded_tables import dense_parameters
+
+        dense = dense_parameters(self.sharded)
+        tables = self.sharded.fused_optimizer
+        for group in tables.param_groups:  # the trainer sets lr = schedule x lr_scale every step
+            group["lr_scale"] = (self.settings.table_lr or self.settings.lr) / self.settings.lr
+        self.dense_optimizer = KeyedOptimizerWrapper(dict(dense), lambda _: make(dense))
+        return CombinedOptimizer([tables, self.dense_optimizer])
+
+    def _states(self) -> dcp_checkpoint.StateDicts:
+        from genrec.distributed.sharded_tables import plain_names, sharded_names
+
+        def get(model, optimizer):
+            optim = optimizer.state_dict()
+            return plain_names(self.sharded.state_dict()), optim | {"state": plain_names(optim["state"])}
+
+        def set_(model, optimizer, model_state, optim_state):
+            self.sharded.load_state_dict(sharded_names(model_state))
+            optimizer.load_state_dict(optim_state | {"state": sharded_names(optim_state["state"])})
+
+        return dcp_checkpoint.StateDicts(get, set_, "torchrec")
+
+    def save_checkpoint(self, out_dir, model, optimizer, state, keep):
+        return dcp_checkpoint.save(out_dir, model, optimizer, state, keep, self._states())
+
+    def load_checkpoint(self, folder, model, optimizer) -> dict:
+        # DCP loads in place, into the states it is handed: a fresh AdamW has none until its first step,
+        # so take one with zero gradients at learning rate 0 (what torch's get_state_dict does for DDP)
+        rates = [group["lr"] for group in self.dense_optimizer.param_groups]
+        for group in self.dense_optimizer.param_groups:
+            group["lr"] = 0.0
+        self.dense_optimizer.init_state()
+        for group, rate in zip(self.dense_optimizer.param_groups, rates, strict=True):
+            group["lr"] = rate
+        return dcp_checkpoint.load(folder, model, optimizer, self._states())
+
+    def save_weights(self, model, folder) -> None:
+        from genrec.distributed.sharded_tables import full_weights
+
+        dcp_checkpoint.write_full_weights(full_weights(self.sharded), folder)
+
+    def load_weights(self, model, folder) -> None:
+        from safetensors.torch import load_file
+
+        from genrec.distributed.sharded_tables import load_full_weights
+
+        load_full_weights(self.sharded, load_file(str(Path(folder) / "model.safetensors"), device="cpu"))
+
+
+def strategy_for(group: ProcessGroup, train: TrainConfig) -> DataParallel:
+    """The rank's strategy for ``train.strategy``."""
+    if train.strategy == "torchrec":
+        return ShardedTables(group, train)
+    return DataParallel(group, train.strategy)

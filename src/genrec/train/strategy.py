@@ -45,6 +45,12 @@ class Strategy:
         """The module the training step calls (``model`` itself, or a DDP/FSDP2 wrapper of it)."""
         return model
 
+    def optimizer(self, model: nn.Module, make) -> torch.optim.Optimizer:
+        """The step's optimizer for the wrapped ``model``: ``make(named_parameters)`` (the trainer's
+        AdamW) over every parameter; a strategy whose tables learn inside the backward pass combines
+        it with theirs."""
+        return make(list(model.named_parameters()))
+
     def train_loader(self, dataset: WindowDataset, batch_size: int, seed: int, num_workers: int,
                      prepare: LayoutPlan | None = None, pin_memory: bool = False) -> DataLoader:
         """Batches of the training split, in an order that is a pure function of (seed, epoch); the

@@ -200,16 +200,22 @@ class Trainer:
         self.train_model = self.strategy.wrap(self.model, self.device)
         if t.compile:  # the step's module only: evaluation and checkpoints use the model itself
             self.train_model = torch.compile(self.train_model, options=compile_options(t.cuda_graphs))
-        decay = [p for n, p in self.model.named_parameters() if p.ndim >= 2 and "emb" not in n]
-        other = [p for n, p in self.model.named_parameters() if not (p.ndim >= 2 and "emb" not in n)]
-        # fused on a GPU: a few kernels per step, where the default (foreach) dispatches ~110 ops
-        # for a 4-layer HSTU, each a host launch
-        self.optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": t.weight_decay}, {"params": other, "weight_decay": 0.0}],
-            lr=t.lr, betas=t.betas, fused=self.device.type == "cuda")
+        self.optimizer = self.strategy.optimizer(self.model, self.adamw)
         self.autocast = t.bf16 and self.device.type == "cuda"
         self.record = record(cfg, self.seq.source_digest)
         self.writer = None
+
+    def adamw(self, named: list[tuple[str, torch.nn.Parameter]]) -> torch.optim.AdamW:
+        """AdamW over ``named`` parameters: weight decay on the weight matrices, not on embeddings,
+        norms or biases."""
+        t = self.cfg.train
+        decay = [p for n, p in named if p.ndim >= 2 and "emb" not in n]
+        other = [p for n, p in named if not (p.ndim >= 2 and "emb" not in n)]
+        # fused on a GPU: a few kernels per step, where the default (foreach) dispatches ~110 ops
+        # for a 4-layer HSTU, each a host launch
+        return torch.optim.AdamW(
+            [{"params": decay, "weight_decay": t.weight_decay}, {"params": other, "weight_decay": 0.0}],
+            lr=t.lr, betas=t.betas, fused=self.device.type == "cuda")
 
     def _check_labels(self) -> None:
         """The binary label ``rating > threshold`` must have both classes, or AUC is undefined throughout."""
@@ -376,8 +382,11 @@ class Trainer:
         t0 = time.perf_counter()
         torch.manual_seed(t.seed * 1_000_003 + state["global_step"])
         lr = lr_at(state["global_step"], t.lr, t.warmup_steps, self.total_steps, t.min_lr_ratio)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        for group in self.optimizer.param_groups:  # lr_scale: sharded tables' own peak (train.table_lr)
+            group["lr"] = lr * group.get("lr_scale", 1.0)
+        # before the forward: TorchRec's fused table optimizers take their learning rate here, and
+        # their update (in the backward) uses the one set when the forward ran
+        self.optimizer.zero_grad(set_to_none=True)
         # times checked here on the host batch, so the fused kernels' layout does not read the span
         # back from the device in every forward
         times_checked = host_checked(batch.timestamps)
@@ -397,7 +406,6 @@ class Trainer:
                                   f"({type(inner).__name__}: {cause}); set train.compile=false") from e
         if t.cuda_graphs:  # copies out of the graphs' memory, which the next step's replay overwrites
             losses = {k: v.clone() for k, v in losses.items()}  # before this step's row is read
-        self.optimizer.zero_grad(set_to_none=True)
         (losses["loss"] * self.strategy.loss_scale(batch)).backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
         self.optimizer.step()
