@@ -60,6 +60,9 @@ def _sharded_steps(rank: int, samples: list, info, out: Path) -> None:
         global_loss = (losses["loss"].detach() * scale / 2).reshape(1)
         torch.distributed.all_reduce(global_loss)
         tables = gather_tables(sharded)
+        on_zero = gather_tables(sharded, dst=0)  # what best/ is written from: rank 0 alone holds the tables
+        assert on_zero.keys() == (tables.keys() if rank == 0 else set())
+        assert all(torch.equal(on_zero[name], tables[name]) for name in on_zero)
         if rank == 0:
             weights = {n: p.detach().contiguous() for n, p in model.named_parameters() if ".collection." not in n}
             save_file(weights | {f"table.{k}": v for k, v in tables.items()} | {"loss": global_loss},

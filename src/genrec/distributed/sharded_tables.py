@@ -169,17 +169,24 @@ def _copy_into_shards(sharded: nn.Module, weights: dict[str, torch.Tensor]) -> N
                 shard.tensor.copy_(weights[name][r: r + h, c: c + w])
 
 
-def gather_tables(sharded: nn.Module) -> dict[str, torch.Tensor]:
-    """Collective: the full item and action tables by table name, assembled from every rank's shards
-    (on every rank)."""
+def gather_tables(sharded: nn.Module, dst: int | None = None) -> dict[str, torch.Tensor]:
+    """Collective: the full item and action tables by table name (CPU), assembled from every rank's
+    shards, on every rank or, with ``dst``, on that rank only (the others get ``{}``): a sharded table
+    need not fit a rank, so only the rank that writes it holds it whole."""
     out = {}
     for key, value in sharded.state_dict().items():
         name = next((n for n in TABLES if _table_key(n, key)), None)
         if name is None:
             continue
         pieces = [(s.metadata.shard_offsets, s.tensor.detach().cpu()) for s in value.local_shards()]
-        everyone: list = [None] * dist.get_world_size()
-        dist.all_gather_object(everyone, pieces)
+        everyone: list | None = [None] * dist.get_world_size()
+        if dst is None:
+            dist.all_gather_object(everyone, pieces)
+        else:
+            everyone = everyone if dist.get_rank() == dst else None
+            dist.gather_object(pieces, everyone, dst=dst)
+            if everyone is None:
+                continue
         full = torch.zeros(value.size())
         for (r, c), t in (p for rank in everyone for p in rank):
             full[r: r + t.shape[0], c: c + t.shape[1]] = t
@@ -187,11 +194,11 @@ def gather_tables(sharded: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def full_weights(sharded: nn.Module) -> dict[str, torch.Tensor]:
-    """Collective: the plain model's full state dict (CPU): the dense part as every rank holds it, the
-    tables gathered (:func:`gather_tables`)."""
-    tables = {f"{'.'.join(TABLES[name])}.weight": t for name, t in gather_tables(sharded).items()}
-    dense = {k: v.detach().cpu() for k, v in plain_names(sharded.state_dict()).items() if k not in tables}
+def full_weights(sharded: nn.Module, dst: int | None = None) -> dict[str, torch.Tensor]:
+    """Collective: the plain model's full state dict (CPU), the tables gathered (:func:`gather_tables`)
+    on every rank or on ``dst`` only (the others get the dense part alone)."""
+    tables = {f"{'.'.join(TABLES[name])}.weight": t for name, t in gather_tables(sharded, dst).items()}
+    dense = {k: v.detach().cpu() for k, v in plain_names(sharded.state_dict()).items() if k not in SHARDED_KEYS}
     return dense | tables
 
 

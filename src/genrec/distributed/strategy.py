@@ -147,11 +147,12 @@ class ShardedTables(DataParallel):
     the backward pass) at ``train.table_lr`` on the trainer's warm-up + cosine schedule, the dense
     part through the trainer's AdamW; the two are one ``CombinedOptimizer``, so the trainer's
     ``zero_grad`` (before the forward: that is where the fused update takes its learning rate, and the
-    forward fixes the one the backward's update uses) and ``step`` drive both. Gradient clipping covers the dense part only (the tables' gradients never
-    exist as tensors). Checkpoints are DCP's, the tables and their optimizer state as sharded
-    tensors under the plain model's names, so they reshard to any number of ranks and their weights
-    load into a plain model (``genrec eval``, ``train.init_from``); ``best/`` is the plain model's
-    ``model.safetensors``. Generative rankers only (their tables are looked up, never read whole)."""
+    forward fixes the one the backward's update uses) and ``step`` drive both. Gradient clipping
+    covers the dense part only (the tables' gradients never exist as tensors). Checkpoints are
+    DCP's, the tables and their optimizer state as sharded tensors under the plain model's names, so
+    they reshard to any number of ranks and their weights load into a plain model (``genrec eval``,
+    ``train.init_from``); ``best/`` is the plain model's ``model.safetensors``, the tables gathered on
+    rank 0 alone. Generative rankers only (their tables are looked up, never read whole)."""
 
     def __init__(self, group: ProcessGroup, train: TrainConfig):
         if importlib.util.find_spec("torchrec") is None:
@@ -219,7 +220,7 @@ class ShardedTables(DataParallel):
     def save_weights(self, model, folder) -> None:
         from genrec.distributed.sharded_tables import full_weights
 
-        dcp_checkpoint.write_full_weights(full_weights(self.sharded), folder)
+        dcp_checkpoint.write_full_weights(full_weights(self.sharded, dst=0), folder)  # rank 0 writes it
 
     def load_weights(self, model, folder) -> None:
         from safetensors.torch import load_file
