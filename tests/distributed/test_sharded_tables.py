@@ -116,27 +116,31 @@ def _overrides(data: Path, *extra: str) -> list[str]:
     return [f"data.data_dir={data}", *RUN, *extra]
 
 
-def _train(out: Path, data: Path, nproc: int):
+def _train(out: Path, data: Path, nproc: int, *extra: str):
     return run_command([sys.executable, "-m", "genrec", "train", "--nproc", str(nproc), "--out-dir", str(out),
-                        "--set", *_overrides(data)])
+                        "--set", *_overrides(data, *extra)])
 
 
 @pytest.fixture(scope="module")
-def torchrec_runs(tmp_path_factory, tiny_data) -> tuple[Path, Path]:
-    """The same run with sharded tables on 2 ranks and on 1 (`genrec train --nproc K`)."""
+def torchrec_runs(tmp_path_factory, tiny_data) -> dict[str, Path]:
+    """The same run with sharded tables on 2 ranks, row-wise and table-wise, and on one rank
+    (`genrec train --nproc K`)."""
     root = tmp_path_factory.mktemp("torchrec-runs")
-    for nproc in (2, 1):
-        done = _train(root / f"ranks{nproc}", tiny_data, nproc)
+    runs = {"row_wise": (2, "row_wise"), "table_wise": (2, "table_wise"), "one_rank": (1, "row_wise")}
+    for name, (nproc, sharding) in runs.items():
+        done = _train(root / name, tiny_data, nproc, f"train.table_sharding={sharding}")
         assert done.returncode == 0, done.stdout[-3000:]
-    return root / "ranks2", root / "ranks1"
+    return {name: root / name for name in runs}
 
 
-def test_distributed_torchrec_strategy_on_two_ranks_trains_one_ranks_weights(torchrec_runs, tiny_data):
-    """Row-wise sharded tables on 2 ranks end where 1 rank does (the same global batches), the best
-    weights (the plain model's names, gathered from the shards) moved away from the initial tables."""
-    two, one = torchrec_runs
+@pytest.mark.parametrize("sharding", ["row_wise", "table_wise"])
+def test_distributed_torchrec_strategy_on_two_ranks_trains_one_ranks_weights(torchrec_runs, tiny_data, sharding):
+    """Sharded tables on 2 ranks, row- or table-wise, end where 1 rank does (the same global batches),
+    the best weights (the plain model's names, gathered from the shards) moved away from the initial
+    tables."""
+    two = torchrec_runs[sharding]
     assert state_of(checkpoint.latest(two))["tables"] == "torchrec"
-    assert_same_training(two, one, ATOL)
+    assert_same_training(two, torchrec_runs["one_rank"], ATOL)
     initial = Trainer(load(None, _overrides(tiny_data))).model.state_dict()  # built, not trained
     final = load_file(str(two / "best" / "model.safetensors"))
     assert final.keys() == initial.keys()
@@ -173,7 +177,7 @@ def test_distributed_torchrec_checkpoint_resumes_in_one_process_and_not_as_ddp(t
     resumes to the straight run's end; resumed under train.strategy=ddp it is refused by name."""
     from genrec.distributed.run import train
 
-    two, _ = torchrec_runs
+    two = torchrec_runs["row_wise"]
     refused = cut_at(two, tmp_path / "ddp", 3)
     with pytest.raises(ValueError, match="written with torchrec tables.*train.strategy=torchrec"):
         train(load(None, _overrides(tiny_data, f"train.out_dir={refused}", "train.strategy=ddp")))
@@ -196,7 +200,7 @@ def test_distributed_torchrec_strategy_without_torchrun_is_a_world_of_one(tmp_pa
 def test_distributed_torchrec_checkpoint_evaluates_in_one_plain_process(torchrec_runs, capsys):
     """`genrec eval` (no TorchRec in the model) reads the sharded run's DCP checkpoint and its best/
     weights, and gets the metrics the ranks logged."""
-    two, _ = torchrec_runs
+    two = torchrec_runs["row_wise"]
     logged = list(csv.DictReader(open(two / "val_log.csv")))[-1]
     assert main(["eval", "--checkpoint", str(checkpoint.latest(two)), "--split", "valid", "--json"]) == 0
     metrics = json.loads(capsys.readouterr().out.splitlines()[-1])
