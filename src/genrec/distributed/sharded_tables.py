@@ -134,9 +134,10 @@ def _table_key(name: str, key: str) -> bool:
     return key.endswith(f"embeddings.{name}.weight")
 
 
+TABLE_KEYS = {name: f"{'.'.join(path)}.weight" for name, path in TABLES.items()}  # table -> the plain model's key
 # the plain model's key of each table <-> the sharded model's (TableLookup's collection inside)
-SHARDED_KEYS = {f"{'.'.join(path)}.weight": f"{'.'.join(path)}.collection.embeddings.{name}.weight"
-                for name, path in TABLES.items()}
+SHARDED_KEYS = {key: key.removesuffix(".weight") + f".collection.embeddings.{name}.weight"
+                for name, key in TABLE_KEYS.items()}
 PLAIN_KEYS = {v: k for k, v in SHARDED_KEYS.items()}
 
 
@@ -197,15 +198,14 @@ def gather_tables(sharded: nn.Module, dst: int | None = None) -> dict[str, torch
 def full_weights(sharded: nn.Module, dst: int | None = None) -> dict[str, torch.Tensor]:
     """Collective: the plain model's full state dict (CPU), the tables gathered (:func:`gather_tables`)
     on every rank or on ``dst`` only (the others get the dense part alone)."""
-    tables = {f"{'.'.join(TABLES[name])}.weight": t for name, t in gather_tables(sharded, dst).items()}
+    tables = {TABLE_KEYS[name]: t for name, t in gather_tables(sharded, dst).items()}
     dense = {k: v.detach().cpu() for k, v in plain_names(sharded.state_dict()).items() if k not in SHARDED_KEYS}
     return dense | tables
 
 
 def load_full_weights(sharded: nn.Module, weights: dict[str, torch.Tensor]) -> None:
     """The plain model's full state dict ``weights`` into the sharded model: each rank its rows."""
-    tables = {name: weights[key] for key, name in ((f"{'.'.join(path)}.weight", name)
-                                                   for name, path in TABLES.items()) if key in weights}
+    tables = {name: weights[key] for name, key in TABLE_KEYS.items() if key in weights}
     own = sharded.state_dict()
     dense = {k: v for k, v in weights.items() if k not in SHARDED_KEYS}
     missing = sorted(plain_names(own).keys() - weights.keys())
