@@ -135,7 +135,11 @@ def write_full_weights(full: dict[str, torch.Tensor], folder: Path) -> None:
     dist.barrier()
 
 
+def read_full_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """The full weights of ``folder/model.safetensors`` (:func:`write_full_weights`'s file), on the CPU."""
+    return load_file(str(Path(folder) / "model.safetensors"), device="cpu")
+
+
 def load_full_weights(model: nn.Module, folder: Path) -> None:
     """``model.safetensors`` (full weights) into a possibly sharded model, on every rank."""
-    full = load_file(str(Path(folder) / "model.safetensors"), device="cpu")
-    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True))
+    set_model_state_dict(model, read_full_weights(folder), options=StateDictOptions(full_state_dict=True))

@@ -22,7 +22,6 @@ need each rank to draw the global batch's numbers and keep its rows' share.
 from __future__ import annotations
 
 import importlib.util
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -164,6 +163,7 @@ class ShardedTables(DataParallel):
         super().__init__(group, "ddp")
         self.kind = "torchrec"
         self.settings = train
+        self.table_lr = train.table_lr or train.lr  # the tables' peak learning rate
         self.sharded: nn.Module | None = None
         self.dense_optimizer = None  # the dense part's AdamW (a TorchRec KeyedOptimizerWrapper)
 
@@ -174,8 +174,7 @@ class ShardedTables(DataParallel):
             raise ConfigError(f"train.strategy=torchrec shards the tables of the generative rankers (hstu, dfgr, "
                               f"genrank, sfgr), not {type(model).__name__}'s; use train.strategy=ddp")
         t = self.settings
-        self.sharded = shard_tables(model, device, t.table_sharding, lr=t.table_lr or t.lr,
-                                    optimizer=t.table_optimizer)
+        self.sharded = shard_tables(model, device, t.table_sharding, lr=self.table_lr, optimizer=t.table_optimizer)
         return self.sharded
 
     def optimizer(self, model: nn.Module, make) -> torch.optim.Optimizer:
@@ -186,7 +185,7 @@ class ShardedTables(DataParallel):
         dense = dense_parameters(self.sharded)
         tables = self.sharded.fused_optimizer
         for group in tables.param_groups:  # the trainer sets lr = schedule x lr_scale every step
-            group["lr_scale"] = (self.settings.table_lr or self.settings.lr) / self.settings.lr
+            group["lr_scale"] = self.table_lr / self.settings.lr
         self.dense_optimizer = KeyedOptimizerWrapper(dict(dense), lambda _: make(dense))
         return CombinedOptimizer([tables, self.dense_optimizer])
 
@@ -223,11 +222,9 @@ class ShardedTables(DataParallel):
         dcp_checkpoint.write_full_weights(full_weights(self.sharded, dst=0), folder)  # rank 0 writes it
 
     def load_weights(self, model, folder) -> None:
-        from safetensors.torch import load_file
-
         from genrec.distributed.sharded_tables import load_full_weights
 
-        load_full_weights(self.sharded, load_file(str(Path(folder) / "model.safetensors"), device="cpu"))
+        load_full_weights(self.sharded, dcp_checkpoint.read_full_weights(folder))
 
 
 def strategy_for(group: ProcessGroup, train: TrainConfig) -> DataParallel:
